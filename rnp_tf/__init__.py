@@ -1,0 +1,28 @@
+"""rnp-tf: Runtime Neural Pruning in TensorFlow 2 / Keras 3.
+
+A CNN keeps all of its weights; for every input an LSTM agent decides, layer
+by layer, how many channel groups of the next convolution to compute.
+
+Example:
+
+>>> import rnp_tf
+>>> model = rnp_tf.RNPModel(rnp_tf.backbones.cifar_cnn(), image_shape=(32, 32, 3),
+...                         num_classes=10)
+"""
+
+from rnp_tf import backbones
+from rnp_tf import dqn
+from rnp_tf.agent import DecisionAgent
+from rnp_tf.agent import epsilon_greedy_actions
+from rnp_tf.agent import greedy_actions
+from rnp_tf.backbones import cifar_cnn
+from rnp_tf.backbones import get_backbone
+from rnp_tf.backbones import vgg16
+from rnp_tf.layers import GatedConv2D
+from rnp_tf.metrics import ActionShares
+from rnp_tf.metrics import StdDev
+from rnp_tf.model import RNPModel
+from rnp_tf.reorder import channel_importance
+from rnp_tf.reorder import reorder_channels
+
+__version__ = "0.1.0"

@@ -1,0 +1,180 @@
+"""The RNP decision agent: per-layer encoders, one shared LSTM, Q-value heads.
+
+At prunable layer `t` the agent globally pools the feature map that feeds the
+layer, projects it with encoder `t` to a fixed length, advances one LSTM cell
+shared by all layers (its state carries from layer to layer), and decoder `t`
+outputs `k` Q-values, one per action "compute the first a groups".
+"""
+
+import keras
+import tensorflow as tf
+
+from rnp_tf import validation
+
+
+@keras.saving.register_keras_serializable(package="rnp_tf")
+class DecisionAgent(keras.layers.Layer):
+    """LSTM agent that scores the `k` actions of every prunable layer.
+
+    Args:
+        feature_channels: list of ints, the channel count of the feature map
+            feeding each prunable layer (one entry per layer).
+        groups: number of actions `k`. Defaults to 4.
+        embed_dim: size of each encoder's projection. Defaults to 64.
+        units: size of the shared LSTM cell. Defaults to 64.
+        **kwargs: base `keras.layers.Layer` arguments.
+
+    Input shape (of `call`):
+        a list of `len(feature_channels)` 4D feature maps
+        `(batch, h_t, w_t, c_t)`; each may hold only a channel prefix
+        (sliced execution), the rest being zero.
+
+    Output shape (of `call`):
+        `(batch, num_layers, groups)` Q-values.
+
+    Example:
+
+    >>> agent = DecisionAgent([8, 16], groups=4)
+    >>> state = agent.initial_state(2)
+    >>> q, state = agent.step(0, tf.zeros((2, 5, 5, 8)), state)
+    >>> q.shape
+    TensorShape([2, 4])
+    """
+
+    def __init__(self, feature_channels, groups=4, embed_dim=64, units=64, **kwargs):
+        super().__init__(**kwargs)
+        if not feature_channels:
+            raise ValueError(
+                "`feature_channels` must list at least one prunable layer. "
+                f"Received: feature_channels={feature_channels!r}"
+            )
+        self.feature_channels = [
+            validation.check_positive_int("feature_channels", c) for c in feature_channels
+        ]
+        self.groups = validation.check_positive_int("groups", groups)
+        self.embed_dim = validation.check_positive_int("embed_dim", embed_dim)
+        self.units = validation.check_positive_int("units", units)
+        self.num_layers = len(self.feature_channels)
+        self.encoders = [
+            keras.layers.Dense(self.embed_dim, activation="relu", name=f"encoder_{t}")
+            for t in range(self.num_layers)
+        ]
+        self.cell = keras.layers.LSTMCell(self.units, name="lstm")
+        self.decoders = [
+            keras.layers.Dense(self.groups, name=f"decoder_{t}")
+            for t in range(self.num_layers)
+        ]
+
+    def build(self, input_shape=None):
+        for encoder, channels in zip(self.encoders, self.feature_channels):
+            encoder.build((None, channels))
+        self.cell.build((None, self.embed_dim))
+        for decoder in self.decoders:
+            decoder.build((None, self.units))
+        self.built = True
+
+    def initial_state(self, batch_size):
+        """Zero LSTM state `[h, c]` for a batch.
+
+        Args:
+            batch_size: int or scalar int tensor.
+
+        Returns:
+            A list of two `(batch, units)` zero tensors.
+        """
+        zeros = tf.zeros(tf.stack([batch_size, self.units]), self.compute_dtype)
+        return [zeros, zeros]
+
+    def step(self, t, features, state):
+        """Q-values of layer `t` from the feature map that feeds it.
+
+        Args:
+            t: Python int, index of the prunable layer.
+            features: `(batch, h, w, c)` feature map; when `c` is smaller
+                than `feature_channels[t]` (sliced execution) the missing
+                channels count as zero.
+            state: the LSTM state `[h, c]` carried from layer `t - 1`.
+
+        Returns:
+            `(q_values, new_state)`, q_values of shape `(batch, groups)`.
+        """
+        pooled = tf.reduce_mean(features, axis=[1, 2])
+        missing = self.feature_channels[t] - pooled.shape[-1]
+        if missing:
+            pooled = tf.pad(pooled, [[0, 0], [0, missing]])
+        embedded = self.encoders[t](pooled)
+        output, new_state = self.cell(embedded, state)
+        return self.decoders[t](output), list(new_state)
+
+    def call(self, inputs):
+        """Q-values of every layer for a list of given feature maps."""
+        if len(inputs) != self.num_layers:
+            raise ValueError(
+                f"DecisionAgent expects {self.num_layers} feature maps. "
+                f"Received: {len(inputs)}"
+            )
+        state = self.initial_state(tf.shape(inputs[0])[0])
+        q_values = []
+        for t, features in enumerate(inputs):
+            q, state = self.step(t, features, state)
+            q_values.append(q)
+        return tf.stack(q_values, axis=1)
+
+    def macs(self):
+        """Multiply-accumulates of one sample's decisions (Dense and LSTM)."""
+        encoders = sum(c * self.embed_dim for c in self.feature_channels)
+        lstm = self.num_layers * 4 * self.units * (self.embed_dim + self.units)
+        decoders = self.num_layers * self.units * self.groups
+        return float(encoders + lstm + decoders)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "feature_channels": list(self.feature_channels),
+                "groups": self.groups,
+                "embed_dim": self.embed_dim,
+                "units": self.units,
+            }
+        )
+        return config
+
+
+def greedy_actions(q_values):
+    """Actions with the highest Q-value, in `1..k`.
+
+    Args:
+        q_values: `(batch, k)` tensor.
+
+    Returns:
+        An int32 tensor `(batch,)`.
+
+    Example:
+
+    >>> greedy_actions(tf.constant([[0.1, 0.9, 0.0]])).numpy()
+    array([2], dtype=int32)
+    """
+    return tf.argmax(q_values, axis=-1, output_type=tf.int32) + 1
+
+
+def epsilon_greedy_actions(q_values, epsilon):
+    """Greedy actions, each replaced by a uniform one with probability epsilon.
+
+    Args:
+        q_values: `(batch, k)` tensor.
+        epsilon: exploration rate in [0, 1] (float or scalar tensor).
+
+    Returns:
+        An int32 tensor `(batch,)` with values in `1..k`.
+
+    Example:
+
+    >>> a = epsilon_greedy_actions(tf.zeros((5, 4)), 1.0)
+    >>> bool(tf.reduce_all((a >= 1) & (a <= 4)))
+    True
+    """
+    batch = tf.shape(q_values)[0]
+    k = tf.shape(q_values)[1]
+    random = tf.random.uniform([batch], 1, k + 1, dtype=tf.int32)
+    explore = tf.random.uniform([batch]) < tf.cast(epsilon, tf.float32)
+    return tf.where(explore, random, greedy_actions(q_values))

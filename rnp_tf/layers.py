@@ -1,0 +1,368 @@
+"""Gated group convolution: the prunable building block of an RNP backbone.
+
+A `GatedConv2D` is a 2D convolution followed by BatchNormalization and an
+activation whose output channels are split into `groups` ordered groups.
+Given per-sample actions `a in {1..groups}` it produces the first `a` groups
+and zeros for the others (Lin et al., "Runtime Neural Pruning", 2017).
+
+The layer has two execution paths that give the same numbers:
+
+- the *masked* path (`call`), used for training: the full convolution is
+  computed and multiplied by a channel mask. It is differentiable and handles
+  a different action for every sample, but saves nothing.
+- the *sliced* path (`call_sliced`), used for inference: only the weight
+  prefix `W[:, :, :in_prefix, :out_prefix]` is convolved with an input that
+  holds only its first `in_prefix` channels, so the cost really shrinks.
+
+BatchNorm keeps one set of statistics and affine parameters per *input*
+width (as in slimmable networks): the pre-activation of an output channel
+depends on how many input channels were computed, so a single shared set is
+wrong for every width but one.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from rnp_tf import validation
+
+
+@keras.saving.register_keras_serializable(package="rnp_tf")
+class GatedConv2D(keras.layers.Layer):
+    """Convolution + per-width BatchNorm + activation with prunable groups.
+
+    The output channels are split into `groups` contiguous groups; action `a`
+    computes groups `1..a`. When `gated_input=True` the input channels are
+    split into `groups` groups as well and the previous layer's action says
+    how many of them are non-zero; the layer then keeps `groups` BatchNorm
+    sets, one per input width, and picks one per sample.
+
+    Args:
+        filters: number of output channels; must be divisible by `groups`.
+        kernel_size: int, size of the square kernel. Defaults to 3.
+        groups: number of channel groups `k`. Defaults to 4.
+        strides: int stride. Defaults to 1.
+        gated_input: whether the input width varies with a previous action
+            (every prunable layer but the first). Defaults to `True`.
+        activation: Keras activation applied after BatchNorm. Defaults to
+            `"relu"`.
+        momentum: BatchNorm moving-average momentum. Defaults to 0.9.
+        epsilon: BatchNorm variance epsilon. Defaults to 1e-3.
+        kernel_initializer: initializer of the convolution kernel.
+            Defaults to `"he_normal"`.
+        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        4D tensor `(batch, height, width, in_channels)` for `call`;
+        `(batch, height, width, in_prefix)` for `call_sliced`.
+
+    Output shape:
+        `(batch, new_height, new_width, filters)` for `call` (pruned groups
+        are zero); `(batch, new_height, new_width, out_prefix)` for
+        `call_sliced`.
+
+    Example:
+
+    >>> layer = GatedConv2D(16, groups=4)
+    >>> x = tf.random.normal((2, 8, 8, 8))
+    >>> y = layer(x, in_actions=tf.constant([4, 2]), out_actions=tf.constant([1, 3]))
+    >>> y.shape
+    TensorShape([2, 8, 8, 16])
+    >>> z = layer.call_sliced(x[:1, :, :, :4], in_action=2, out_action=3)
+    >>> z.shape
+    TensorShape([1, 8, 8, 12])
+    """
+
+    def __init__(
+        self,
+        filters,
+        kernel_size=3,
+        groups=4,
+        strides=1,
+        gated_input=True,
+        activation="relu",
+        momentum=0.9,
+        epsilon=1e-3,
+        kernel_initializer="he_normal",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        validation.check_positive_int("filters", filters)
+        validation.check_positive_int("kernel_size", kernel_size)
+        validation.check_positive_int("groups", groups)
+        validation.check_positive_int("strides", strides)
+        if filters % groups:
+            raise ValueError(
+                f"`groups` must divide `filters` so that every group has the "
+                f"same number of channels. Received: filters={filters}, "
+                f"groups={groups}"
+            )
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(
+                f"`momentum` must be in [0, 1). Received: momentum={momentum}"
+            )
+        self.filters = int(filters)
+        self.kernel_size = int(kernel_size)
+        self.groups = int(groups)
+        self.strides = int(strides)
+        self.gated_input = bool(gated_input)
+        self.activation = keras.activations.get(activation)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.group_size = self.filters // self.groups
+        self.num_bn_sets = self.groups if self.gated_input else 1
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(
+                f"{self.name} expects 4D inputs (batch, height, width, "
+                f"channels). Received: input_shape={input_shape}"
+            )
+        in_channels = input_shape[-1]
+        if in_channels is None:
+            raise ValueError(
+                f"The channel dimension of the inputs of {self.name} must be "
+                f"known. Received: input_shape={input_shape}"
+            )
+        if self.gated_input and in_channels % self.groups:
+            raise ValueError(
+                f"`groups` must divide the input channels of a layer with "
+                f"gated_input=True. Received: in_channels={in_channels}, "
+                f"groups={self.groups}"
+            )
+        self.in_channels = int(in_channels)
+        self.in_group_size = (
+            self.in_channels // self.groups if self.gated_input else None
+        )
+        h, w = input_shape[1], input_shape[2]
+        self.output_hw = (
+            None if h is None else -(-h // self.strides),
+            None if w is None else -(-w // self.strides),
+        )
+        k = self.kernel_size
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(k, k, self.in_channels, self.filters),
+            initializer=self.kernel_initializer,
+        )
+        sets = (self.num_bn_sets, self.filters)
+        self.gamma = self.add_weight(name="gamma", shape=sets, initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=sets, initializer="zeros")
+        self.moving_mean = self.add_weight(
+            name="moving_mean",
+            shape=sets,
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+            aggregation="mean",
+        )
+        self.moving_variance = self.add_weight(
+            name="moving_variance",
+            shape=sets,
+            initializer="ones",
+            trainable=False,
+            autocast=False,
+            aggregation="mean",
+        )
+
+    # ----------------------------------------------------------------- helpers
+    def _bn_set(self, in_actions, batch_size):
+        """Index of the BatchNorm set of every sample, shape `[batch]`."""
+        if not self.gated_input or in_actions is None:
+            index = self.num_bn_sets - 1
+            return tf.fill([batch_size], tf.constant(index, tf.int32))
+        return tf.cast(in_actions, tf.int32) - 1
+
+    def _conv(self, x, kernel):
+        return tf.nn.conv2d(x, kernel, strides=self.strides, padding="SAME")
+
+    def channel_mask(self, out_actions):
+        """Per-sample mask of computed output channels, shape `[batch, filters]`.
+
+        Args:
+            out_actions: int tensor `[batch]` with values in `1..groups`.
+
+        Returns:
+            A float tensor, 1 for channels in the first `a` groups, else 0.
+        """
+        limit = tf.cast(out_actions, tf.int32) * self.group_size
+        channels = tf.range(self.filters, dtype=tf.int32)
+        return tf.cast(channels[None, :] < limit[:, None], self.compute_dtype)
+
+    # -------------------------------------------------------------- execution
+    def call(self, inputs, in_actions=None, out_actions=None, training=False):
+        """Masked execution: full convolution, then zero the pruned groups.
+
+        Args:
+            inputs: float tensor `(batch, height, width, in_channels)`; the
+                channels beyond the previous action's prefix must be zero.
+            in_actions: optional int tensor `[batch]`, the previous layer's
+                action for every sample (selects the BatchNorm set). `None`
+                means the full input width.
+            out_actions: optional int tensor `[batch]`, how many groups to
+                compute for every sample. `None` means all groups.
+            training: whether BatchNorm uses batch statistics (per input
+                width) and updates its moving averages.
+
+        Returns:
+            A tensor `(batch, new_height, new_width, filters)`.
+        """
+        batch = tf.shape(inputs)[0]
+        y = self._conv(inputs, self.kernel)
+        sets = self._bn_set(in_actions, batch)
+        onehot = tf.one_hot(sets, self.num_bn_sets, dtype=y.dtype)  # [B, S]
+        if training:
+            mean_s, var_s = self._batch_moments(y, onehot)
+        else:
+            mean_s = tf.cast(self.moving_mean, y.dtype)
+            var_s = tf.cast(self.moving_variance, y.dtype)
+        scale_s = tf.cast(self.gamma, y.dtype) * tf.math.rsqrt(var_s + self.epsilon)
+        shift_s = tf.cast(self.beta, y.dtype) - mean_s * scale_s
+        scale = tf.matmul(onehot, scale_s)[:, None, None, :]
+        shift = tf.matmul(onehot, shift_s)[:, None, None, :]
+        y = self.activation(y * scale + shift)
+        if out_actions is not None:
+            y = y * self.channel_mask(out_actions)[:, None, None, :]
+        return y
+
+    def _batch_moments(self, y, onehot):
+        """Batch mean/variance per BatchNorm set; updates the moving stats."""
+        per_sample_mean = tf.reduce_mean(y, axis=[1, 2])  # [B, C]
+        per_sample_sq = tf.reduce_mean(tf.square(y), axis=[1, 2])
+        counts = tf.reduce_sum(onehot, axis=0)  # [S]
+        safe = tf.maximum(counts, 1.0)[:, None]
+        mean_s = tf.matmul(onehot, per_sample_mean, transpose_a=True) / safe
+        sq_s = tf.matmul(onehot, per_sample_sq, transpose_a=True) / safe
+        var_s = tf.nn.relu(sq_s - tf.square(mean_s))
+        present = (counts > 0)[:, None]
+        m = self.momentum
+        new_mean = tf.where(
+            present, m * self.moving_mean + (1 - m) * tf.cast(mean_s, tf.float32),
+            self.moving_mean,
+        )
+        new_var = tf.where(
+            present,
+            m * self.moving_variance + (1 - m) * tf.cast(var_s, tf.float32),
+            self.moving_variance,
+        )
+        self.moving_mean.assign(new_mean)
+        self.moving_variance.assign(new_var)
+        return mean_s, var_s
+
+    def folded_weights(self, in_action, out_action):
+        """Kernel prefix and bias with inference BatchNorm folded in.
+
+        Args:
+            in_action: int in `1..groups`, the previous layer's action
+                (ignored when `gated_input=False`).
+            out_action: int in `1..groups`, the groups to compute.
+
+        Returns:
+            `(kernel, bias)`: kernel `(k, k, in_prefix, out_prefix)` and bias
+            `(out_prefix,)` such that `activation(conv(x, kernel) + bias)`
+            equals the sliced output.
+        """
+        in_prefix, out_prefix, bn_set = self._prefixes(in_action, out_action)
+        scale = self.gamma[bn_set] * tf.math.rsqrt(
+            self.moving_variance[bn_set] + self.epsilon
+        )
+        bias = self.beta[bn_set] - self.moving_mean[bn_set] * scale
+        kernel = self.kernel[:, :, :in_prefix, :out_prefix] * scale[:out_prefix]
+        return kernel, bias[:out_prefix]
+
+    def _prefixes(self, in_action, out_action):
+        validation.check_action("out_action", out_action, self.groups)
+        if self.gated_input:
+            validation.check_action("in_action", in_action, self.groups)
+            return (
+                int(in_action) * self.in_group_size,
+                int(out_action) * self.group_size,
+                int(in_action) - 1,
+            )
+        return self.in_channels, int(out_action) * self.group_size, 0
+
+    def call_sliced(self, inputs, in_action, out_action):
+        """Sliced inference: convolve only the weight prefix.
+
+        Computes `W[:, :, :in_prefix, :out_prefix]` on an input that holds
+        only its first `in_prefix` channels; BatchNorm (moving statistics of
+        the set for `in_action`) is folded into the kernel. Every sample of
+        the batch shares the two actions.
+
+        Args:
+            inputs: float tensor `(batch, height, width, in_prefix)` where
+                `in_prefix = in_action * in_channels / groups` (or all input
+                channels when `gated_input=False`).
+            in_action: int in `1..groups`, the previous layer's action.
+            out_action: int in `1..groups`, the number of groups to compute.
+
+        Returns:
+            A tensor `(batch, new_height, new_width, out_action * filters /
+            groups)`, equal to the first channels of the masked path.
+        """
+        kernel, bias = self.folded_weights(in_action, out_action)
+        if inputs.shape[-1] != kernel.shape[2]:
+            raise ValueError(
+                f"{self.name}.call_sliced expects {kernel.shape[2]} input "
+                f"channels for in_action={in_action}. Received: "
+                f"inputs.shape={tuple(inputs.shape)}"
+            )
+        y = self._conv(inputs, tf.cast(kernel, inputs.dtype))
+        return self.activation(y + tf.cast(bias, y.dtype))
+
+    # ----------------------------------------------------------------- costs
+    def macs(self, in_actions, out_actions):
+        """Multiply-accumulates of one sample for the given actions.
+
+        Args:
+            in_actions: previous layer's action(s) (int, array or tensor);
+                ignored when `gated_input=False`.
+            out_actions: this layer's action(s), same shape.
+
+        Returns:
+            `out_h * out_w * k * k * in_prefix * out_prefix`, with the same
+            shape as `out_actions` (float64 numpy for numpy/int inputs, a
+            float32 tensor for tensor inputs).
+        """
+        per_pair = self.output_hw[0] * self.output_hw[1] * self.kernel_size**2
+        if tf.is_tensor(out_actions):
+            out_p = tf.cast(out_actions, tf.float32) * self.group_size
+            if self.gated_input:
+                in_p = tf.cast(in_actions, tf.float32) * self.in_group_size
+            else:
+                in_p = float(self.in_channels)
+            return float(per_pair) * in_p * out_p
+        out_p = np.asarray(out_actions, np.float64) * self.group_size
+        if self.gated_input:
+            in_p = np.asarray(in_actions, np.float64) * self.in_group_size
+        else:
+            in_p = float(self.in_channels)
+        return per_pair * in_p * out_p
+
+    @property
+    def full_macs(self):
+        """Multiply-accumulates of one sample with every group computed."""
+        return float(self.macs(self.groups, self.groups))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.output_hw, self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "groups": self.groups,
+                "strides": self.strides,
+                "gated_input": self.gated_input,
+                "activation": keras.activations.serialize(self.activation),
+                "momentum": self.momentum,
+                "epsilon": self.epsilon,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+            }
+        )
+        return config

@@ -1,0 +1,800 @@
+"""`RNPModel`: a backbone of gated convolutions driven by an LSTM agent.
+
+One rollout loop serves training, evaluation and inference::
+
+    image -> stem conv (always full) -> for each prunable layer t:
+        agent step on the feature map feeding t -> action a_t ->
+        gated conv t (a_{t-1} groups in, a_t groups out) -> pooling
+    -> head -> logits
+
+Training follows Algorithm 1 of Lin et al. (2017) as a custom `train_step`,
+so `model.fit` drives it: phases of N1 agent (DQN) steps alternate with N2
+backbone (classification) steps, each with its own optimizer. Because the
+paper's plain recipe collapses to one action for every image (see
+FINDINGS.md), the schedule adds documented options: a first prefix-robust
+("sandwich") backbone phase, an agent warm-up that lasts until epsilon
+reaches its floor, and backbone phases under epsilon-greedy actions mixed
+with full-width samples.
+
+Each phase is compiled into its own train function and the schedule picks
+one per step in Python: choosing the phase with `tf.cond` inside one
+function fails under `MirroredStrategy`.
+"""
+
+import functools
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from rnp_tf import agent as agent_lib
+from rnp_tf import backbones as backbones_lib
+from rnp_tf import dqn
+from rnp_tf import metrics as metrics_lib
+from rnp_tf import validation
+from rnp_tf.layers import GatedConv2D
+
+PHASES = ("full", "robust", "agent", "backbone")
+
+
+def _per_sample_ce(y, logits):
+    return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+
+def _replica_scale(loss):
+    """Divides a loss by the replica count so summed gradients are means."""
+    replicas = tf.distribute.get_replica_context()
+    num = replicas.num_replicas_in_sync if replicas is not None else 1
+    return loss / num if num > 1 else loss
+
+
+@keras.saving.register_keras_serializable(package="rnp_tf")
+class RNPModel(keras.Model):
+    """A CNN whose convolutions are pruned at run time, image by image.
+
+    Args:
+        backbone: a backbone description (see `rnp_tf.backbones`), e.g.
+            `rnp_tf.backbones.cifar_cnn()`.
+        image_shape: `(height, width, channels)` of the inputs.
+        num_classes: number of classes of the classifier head.
+        groups: `k`, the number of channel groups of every prunable conv.
+            Defaults to 4.
+        agent_embed_dim: size of the agent's per-layer encoders. Defaults to 64.
+        agent_units: size of the agent's shared LSTM. Defaults to 64.
+        penalty: `p`, the (negative) reward per extra group. Defaults to -0.1.
+        alpha: weight of the classification loss in the last reward; `None`
+            (default) sets it per batch to `1 / mean(L_cls)` so that
+            `alpha * L_cls` averages 1, as the paper prescribes.
+        gamma: Q-learning discount. Defaults to 1.0.
+        q_loss: `"mse"` (the paper's) or `"huber"`. Defaults to `"mse"`.
+        agent_steps: N1, agent steps per phase. Defaults to 50.
+        backbone_steps: N2, backbone steps per phase. Defaults to 50.
+        robust_steps: length of the first, prefix-robust backbone phase:
+            each step trains the full width, the narrowest width and
+            `robust_random_draws` random per-sample, per-layer widths, the
+            narrower ones distilled from the full one. Defaults to 0.
+        agent_warmup: if True (default) the first agent phase lasts until
+            epsilon reaches its floor (at least N1 steps) before the backbone
+            is touched.
+        epsilon_start: exploration rate at the first agent step. Defaults to 1.0.
+        epsilon_end: exploration floor. Defaults to 0.1.
+        epsilon_decay_steps: agent steps of the linear ramp. Defaults to 300.
+        full_width_fraction: share of samples computed at full width in the
+            backbone phases (the others use the agent's epsilon-greedy
+            actions), so unused widths are not forgotten. Defaults to 0.25.
+        robust_random_draws: random width draws per robust step. Defaults to 2.
+        distill_weight: weight of distillation from the full width in the
+            robust phase (the rest is cross-entropy). Defaults to 0.5.
+        **kwargs: base `keras.Model` arguments (`name`, ...).
+
+    Example:
+
+    >>> model = RNPModel(cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1),
+    ...                  num_classes=10)
+    >>> out = model.rollout(np.zeros((2, 8, 8, 1), "float32"))
+    >>> out["logits"].shape, out["actions"].shape, out["macs"].shape
+    (TensorShape([2, 10]), TensorShape([2, 3]), TensorShape([2]))
+    """
+
+    def __init__(
+        self,
+        backbone,
+        image_shape,
+        num_classes,
+        groups=4,
+        agent_embed_dim=64,
+        agent_units=64,
+        penalty=-0.1,
+        alpha=None,
+        gamma=1.0,
+        q_loss="mse",
+        agent_steps=50,
+        backbone_steps=50,
+        robust_steps=0,
+        agent_warmup=True,
+        epsilon_start=1.0,
+        epsilon_end=0.1,
+        epsilon_decay_steps=300,
+        full_width_fraction=0.25,
+        robust_random_draws=2,
+        distill_weight=0.5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.groups = validation.check_positive_int("groups", groups)
+        self.backbone = backbones_lib.validate_backbone(backbone, self.groups)
+        image_shape = tuple(image_shape)
+        if len(image_shape) != 3 or any(
+            isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in image_shape
+        ):
+            raise ValueError(
+                f"`image_shape` must be (height, width, channels) positive ints. "
+                f"Received: image_shape={image_shape!r}"
+            )
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.num_classes = validation.check_positive_int("num_classes", num_classes)
+        if num_classes < 2:
+            raise ValueError(f"`num_classes` must be >= 2. Received: num_classes={num_classes}")
+        self.agent_embed_dim = agent_embed_dim
+        self.agent_units = agent_units
+        self.penalty = float(penalty)
+        if alpha is not None and not alpha > 0:
+            raise ValueError(f"`alpha` must be positive or None. Received: alpha={alpha}")
+        self.alpha = None if alpha is None else float(alpha)
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"`gamma` must be in [0, 1]. Received: gamma={gamma}")
+        self.gamma = float(gamma)
+        if q_loss not in ("mse", "huber"):
+            raise ValueError(f"`q_loss` must be 'mse' or 'huber'. Received: q_loss={q_loss!r}")
+        self.q_loss = q_loss
+        self.agent_steps = validation.check_non_negative_int("agent_steps", agent_steps)
+        self.backbone_steps = validation.check_non_negative_int("backbone_steps", backbone_steps)
+        self.robust_steps = validation.check_non_negative_int("robust_steps", robust_steps)
+        self.agent_warmup = bool(agent_warmup)
+        for name, value in (("epsilon_start", epsilon_start), ("epsilon_end", epsilon_end)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1]. Received: {name}={value}")
+        self.epsilon_start = float(epsilon_start)
+        self.epsilon_end = float(epsilon_end)
+        self.epsilon_decay_steps = validation.check_non_negative_int(
+            "epsilon_decay_steps", epsilon_decay_steps
+        )
+        if not 0.0 <= full_width_fraction <= 1.0:
+            raise ValueError(
+                f"`full_width_fraction` must be in [0, 1]. Received: "
+                f"full_width_fraction={full_width_fraction}"
+            )
+        self.full_width_fraction = float(full_width_fraction)
+        self.robust_random_draws = validation.check_non_negative_int(
+            "robust_random_draws", robust_random_draws
+        )
+        if not 0.0 <= distill_weight <= 1.0:
+            raise ValueError(f"`distill_weight` must be in [0, 1]. Received: distill_weight={distill_weight}")
+        self.distill_weight = float(distill_weight)
+        self._forced_phase = None
+        self._build_layers()
+        self._build_trackers()
+
+    # ------------------------------------------------------------ structure
+    def _build_layers(self):
+        """Creates and builds every layer from the backbone description."""
+        shape = (None, *self.image_shape)
+        self._plan = []  # ("conv", layer) / ("pool", layer)
+        self.convs = []
+        feature_channels = []
+        for stage in self.backbone["stages"]:
+            if stage["type"] == "conv":
+                stem = not self.convs
+                if not stem:
+                    feature_channels.append(shape[-1])
+                layer = GatedConv2D(
+                    stage["filters"],
+                    kernel_size=stage["kernel_size"],
+                    strides=stage["strides"],
+                    groups=self.groups,
+                    gated_input=not stem,
+                    name="stem" if stem else f"gated_conv_{len(self.convs)}",
+                )
+                layer.build(shape)
+                shape = layer.compute_output_shape(shape)
+                self.convs.append(layer)
+            else:
+                layer = keras.layers.MaxPooling2D(
+                    stage["size"], padding="same", name=f"pool_{len(self._plan)}"
+                )
+                shape = layer.compute_output_shape(shape)
+            self._plan.append((stage["type"], layer))
+        self.stem = self.convs[0]
+        self.prunable = self.convs[1:]
+        self.num_prunable = len(self.prunable)
+        head = self.backbone["head"]
+        self._head_in_shape = tuple(shape[1:])
+        if head["pooling"] == "gap":
+            self._head_spatial = 1
+        else:
+            self._head_spatial = int(shape[1] * shape[2])
+        width = shape[-1] * self._head_spatial
+        self.head_layers = []
+        for i, units in enumerate(head["hidden"]):
+            dense = keras.layers.Dense(units, activation="relu", name=f"fc_{i}")
+            dense.build((None, width))
+            self.head_layers.append(dense)
+            width = units
+        classifier = keras.layers.Dense(self.num_classes, name="classifier")
+        classifier.build((None, width))
+        self.head_layers.append(classifier)
+        self.dropout = keras.layers.Dropout(head["dropout"]) if head["dropout"] else None
+        self.agent = agent_lib.DecisionAgent(
+            feature_channels,
+            groups=self.groups,
+            embed_dim=self.agent_embed_dim,
+            units=self.agent_units,
+            name="agent",
+        )
+        self.agent.build()
+        self._schedule_step = self.add_weight(
+            name="schedule_step", shape=(), dtype="int64", initializer="zeros",
+            trainable=False, aggregation="only_first_replica",
+        )
+        self._agent_updates = self.add_weight(
+            name="agent_updates", shape=(), dtype="int64", initializer="zeros",
+            trainable=False, aggregation="only_first_replica",
+        )
+        self._epsilon = self.add_weight(
+            name="epsilon", shape=(), initializer=keras.initializers.Constant(self.epsilon_start),
+            trainable=False, aggregation="only_first_replica",
+        )
+        # Per-sample MACs: fixed part + per-layer coefficients (see `macs`).
+        last = self.prunable[-1]
+        first_units = self.head_layers[0].units
+        self._head_macs_per_group = float(last.group_size * self._head_spatial * first_units)
+        fixed = self.stem.full_macs
+        for dense in self.head_layers[1:]:
+            fixed += float(dense.kernel.shape[0] * dense.units)
+        self._fixed_macs = fixed
+        full = np.full((1, self.num_prunable), self.groups)
+        self.full_macs = float(self.macs(full)[0])
+        self.built = True
+
+    def build(self, input_shape=None):
+        # Every weight is created in __init__ from `image_shape`.
+        self.built = True
+
+    def _build_trackers(self):
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.compute_tracker = keras.metrics.Mean(name="compute_fraction")
+        self.spread_tracker = metrics_lib.StdDev(name="compute_spread")
+        self.agent_loss_tracker = keras.metrics.Mean(name="agent_loss")
+        self.epsilon_tracker = keras.metrics.Mean(name="epsilon")
+        self.shares_tracker = metrics_lib.ActionShares(self.num_prunable, self.groups)
+
+    @property
+    def metrics(self):
+        return [
+            self.loss_tracker,
+            self.accuracy_tracker,
+            self.compute_tracker,
+            self.spread_tracker,
+            self.agent_loss_tracker,
+            self.epsilon_tracker,
+            self.shares_tracker,
+        ]
+
+    @property
+    def agent_variables(self):
+        """Trainable variables of the decision agent."""
+        return self.agent.trainable_variables
+
+    @property
+    def backbone_variables(self):
+        """Trainable variables of the backbone (everything but the agent)."""
+        agent_ids = {id(v) for v in self.agent.trainable_variables}
+        return [v for v in self.trainable_variables if id(v) not in agent_ids]
+
+    # ---------------------------------------------------------------- costs
+    def macs(self, actions):
+        """Backbone multiply-accumulates per sample for a batch of actions.
+
+        Counts the stem, every prunable conv on its (input prefix, output
+        prefix) and the head's Dense layers, whose first input shrinks with
+        the last action. The agent's own cost is `agent.macs()`.
+
+        Args:
+            actions: int array or tensor `[batch, num_prunable]` in `1..k`.
+
+        Returns:
+            A float32 tensor `[batch]`.
+        """
+        actions = tf.cast(actions, tf.int32)
+        total = tf.fill([tf.shape(actions)[0]], tf.constant(self._fixed_macs, tf.float32))
+        previous = tf.fill([tf.shape(actions)[0]], self.groups)
+        for t, conv in enumerate(self.prunable):
+            total += conv.macs(previous, actions[:, t])
+            previous = actions[:, t]
+        return total + tf.cast(previous, tf.float32) * self._head_macs_per_group
+
+    def compute_fraction(self, actions):
+        """Per-sample MACs as a fraction of the full model's, `[batch]`."""
+        return self.macs(actions) / self.full_macs
+
+    # -------------------------------------------------------------- rollout
+    def _rollout(self, x, choose, training=False, run_agent=True):
+        """The one loop of the model (masked execution).
+
+        Args:
+            x: image batch.
+            choose: `choose(t, q_values) -> int32 [batch]` actions of layer t.
+            training: BatchNorm/dropout mode of the backbone.
+            run_agent: whether the agent computes Q-values (not needed for
+                forced actions).
+
+        Returns:
+            A dict with `logits`, `actions`, `q_values` (None without the
+            agent) and `macs`.
+        """
+        batch = tf.shape(x)[0]
+        previous = tf.fill([batch], self.groups)
+        state = self.agent.initial_state(batch) if run_agent else None
+        actions, q_values = [], []
+        h = x
+        for kind, layer in self._plan:
+            if kind == "pool":
+                h = layer(h)
+            elif layer is self.stem:
+                h = layer(h, training=training)
+            else:
+                t = len(actions)
+                q = None
+                if run_agent:
+                    q, state = self.agent.step(t, h, state)
+                    q_values.append(q)
+                action = choose(t, q)
+                h = layer(h, in_actions=previous, out_actions=action, training=training)
+                actions.append(action)
+                previous = action
+        logits = self._head(h, training)
+        actions = tf.stack(actions, axis=1)
+        return {
+            "logits": logits,
+            "actions": actions,
+            "q_values": tf.stack(q_values, axis=1) if run_agent else None,
+            "macs": self.macs(actions),
+        }
+
+    def _head(self, h, training):
+        if self.backbone["head"]["pooling"] == "gap":
+            h = tf.reduce_mean(h, axis=[1, 2])
+        else:
+            h = tf.reshape(h, [tf.shape(h)[0], -1])
+        for dense in self.head_layers[:-1]:
+            h = dense(h)
+            if self.dropout is not None:
+                h = self.dropout(h, training=training)
+        return self.head_layers[-1](h)
+
+    def rollout(self, x, actions=None, policy="greedy", epsilon=0.0, training=False):
+        """Runs the model and returns logits, actions, Q-values and MACs.
+
+        This is the documented way to see what the agent decided for every
+        image: `call` returns only the logits.
+
+        Args:
+            x: float images `(batch, height, width, channels)`.
+            actions: optional int `[batch, num_prunable]` forced actions in
+                `1..k`; when given, `policy` is ignored and the agent is not
+                run (`q_values` is None).
+            policy: `"greedy"` (inference) or `"epsilon"` (epsilon-greedy).
+            epsilon: exploration rate for `policy="epsilon"`.
+            training: BatchNorm/dropout mode of the backbone.
+
+        Returns:
+            A dict: `logits` `[batch, num_classes]`, `actions` int32
+            `[batch, num_prunable]`, `q_values` `[batch, num_prunable, k]`,
+            `macs` float32 `[batch]` (backbone MACs per image).
+
+        Example:
+
+        >>> out = model.rollout(x_test[:8])
+        >>> out["actions"]  # groups computed at each prunable layer
+        """
+        x = validation.check_images(x, self.image_shape)
+        if actions is not None:
+            actions = validation.check_actions(
+                actions, x.shape[0], self.num_prunable, self.groups
+            )
+            return self._rollout(x, lambda t, q: actions[:, t], training, run_agent=False)
+        if policy == "greedy":
+            choose = lambda t, q: agent_lib.greedy_actions(q)  # noqa: E731
+        elif policy == "epsilon":
+            choose = lambda t, q: agent_lib.epsilon_greedy_actions(q, epsilon)  # noqa: E731
+        else:
+            raise ValueError(f"`policy` must be 'greedy' or 'epsilon'. Received: policy={policy!r}")
+        return self._rollout(x, choose, training)
+
+    def call(self, inputs, training=False):
+        """Logits of the greedy policy (masked execution)."""
+        x = validation.check_images(inputs, self.image_shape)
+        choose = lambda t, q: agent_lib.greedy_actions(q)  # noqa: E731
+        return self._rollout(x, choose, training)["logits"]
+
+    def predict_details(self, x, batch_size=256):
+        """Greedy logits, actions, MACs and compute fractions as numpy arrays.
+
+        Args:
+            x: float images (numpy or tensor) or a `tf.data.Dataset` yielding
+                images or `(images, labels)` batches.
+            batch_size: batch size for arrays.
+
+        Returns:
+            A dict of numpy arrays: `logits`, `actions`, `macs`,
+            `compute_fraction` (and `labels` when the dataset has them).
+
+        Example:
+
+        >>> details = model.predict_details(x_test)
+        >>> details["compute_fraction"].mean()
+        """
+        if not hasattr(self, "_details_fn"):
+            self._details_fn = tf.function(
+                lambda images: self._rollout(
+                    images, lambda t, q: agent_lib.greedy_actions(q)
+                ),
+                reduce_retracing=True,
+            )
+        if isinstance(x, tf.data.Dataset):
+            batches = x
+        else:
+            x = validation.check_images(x, self.image_shape)
+            batches = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+        parts = {"logits": [], "actions": [], "macs": [], "labels": []}
+        for batch in batches:
+            if isinstance(batch, (tuple, list)):
+                images, labels = batch[0], batch[1]
+                parts["labels"].append(np.asarray(labels))
+            else:
+                images = batch
+            images = validation.check_images(images, self.image_shape)
+            out = self._details_fn(images)
+            for key in ("logits", "actions", "macs"):
+                parts[key].append(out[key].numpy())
+        result = {k: np.concatenate(v) for k, v in parts.items() if v}
+        result["compute_fraction"] = result["macs"] / self.full_macs
+        return result
+
+    # ------------------------------------------------------ sliced inference
+    def sliced_rollout(self, x, actions=None):
+        """Inference that computes only the chosen channel prefixes.
+
+        The reference sliced path: each image runs through the network on
+        its own, every prunable conv convolving only
+        `W[:, :, :in_prefix, :out_prefix]` of the narrow feature map, with
+        BatchNorm folded in. It gives the same logits and actions as the
+        masked path; batched execution belongs to the inference engine.
+
+        Args:
+            x: float images `(batch, height, width, channels)`.
+            actions: optional forced int actions `[batch, num_prunable]`;
+                by default the agent chooses greedily.
+
+        Returns:
+            A dict with numpy `logits`, `actions` and `macs`.
+
+        Example:
+
+        >>> out = model.sliced_rollout(x_test[:1])
+        """
+        x = validation.check_images(x, self.image_shape)
+        if actions is not None:
+            actions = validation.check_actions(
+                actions, x.shape[0], self.num_prunable, self.groups
+            ).numpy()
+        logits, chosen = [], []
+        for i in range(x.shape[0]):
+            forced = None if actions is None else actions[i]
+            lg, act = self._sliced_one(x[i : i + 1], forced)
+            logits.append(lg.numpy()[0])
+            chosen.append(act)
+        actions = np.asarray(chosen, np.int32).reshape(-1, self.num_prunable)
+        return {
+            "logits": np.stack(logits),
+            "actions": actions,
+            "macs": self.macs(actions).numpy(),
+        }
+
+    def _sliced_one(self, image, forced=None):
+        state = self.agent.initial_state(1) if forced is None else None
+        previous = self.groups
+        chosen = []
+        h = image
+        for kind, layer in self._plan:
+            if kind == "pool":
+                h = layer(h)
+            elif layer is self.stem:
+                h = layer.call_sliced(h, self.groups, self.groups)
+            else:
+                t = len(chosen)
+                if forced is None:
+                    q, state = self.agent.step(t, h, state)
+                    action = int(agent_lib.greedy_actions(q)[0])
+                else:
+                    action = int(forced[t])
+                h = layer.call_sliced(h, previous, action)
+                chosen.append(action)
+                previous = action
+        return self._head_sliced(h, previous), chosen
+
+    def _head_sliced(self, h, last_action):
+        """The head on a feature map holding only `last_action` groups."""
+        first = self.head_layers[0]
+        channels = h.shape[-1]
+        if self.backbone["head"]["pooling"] == "gap":
+            h = tf.reduce_mean(h, axis=[1, 2])
+            kernel = first.kernel[:channels]
+        else:
+            hf, wf, c = self._head_in_shape
+            h = tf.reshape(h, [tf.shape(h)[0], -1])
+            kernel = tf.reshape(first.kernel, [hf, wf, c, first.units])[:, :, :channels, :]
+            kernel = tf.reshape(kernel, [hf * wf * channels, first.units])
+        h = first.activation(tf.matmul(h, kernel) + first.bias)
+        for dense in self.head_layers[1:]:
+            h = dense(h)
+        return h
+
+    # ------------------------------------------------------------- training
+    def compile(self, optimizer="adam", agent_optimizer=None, loss=None, **kwargs):
+        """Configures the two optimizers of Algorithm 1.
+
+        Args:
+            optimizer: optimizer of the backbone phases (name or instance).
+                Defaults to `"adam"`.
+            agent_optimizer: optimizer of the agent (DQN) phases. Defaults to
+                `keras.optimizers.Adam(1e-3)`.
+            loss: must be None or `"sparse_categorical_crossentropy"`: the
+                model computes cross-entropy on its logits itself.
+            **kwargs: other `keras.Model.compile` arguments
+                (`steps_per_execution`, `jit_compile`, ...). `metrics` is
+                not accepted: the model reports its own.
+        """
+        if loss not in (None, "sparse_categorical_crossentropy"):
+            raise ValueError(
+                "RNPModel computes sparse categorical cross-entropy on its "
+                f"logits itself. Received: loss={loss!r}"
+            )
+        if kwargs.get("metrics"):
+            raise ValueError(
+                "RNPModel reports its own metrics (accuracy, compute_fraction, "
+                f"...). Received: metrics={kwargs['metrics']!r}"
+            )
+        kwargs.pop("metrics", None)
+        optimizer = keras.optimizers.get(optimizer)
+        if agent_optimizer is None:
+            agent_optimizer = keras.optimizers.Adam(1e-3)
+        self.agent_optimizer = keras.optimizers.get(agent_optimizer)
+        super().compile(optimizer=optimizer, **kwargs)
+        self.agent_optimizer.build(self.agent_variables)
+        self.optimizer.build(self.backbone_variables)
+
+    def get_compile_config(self):
+        if not self.compiled:
+            return {}
+        return {
+            "optimizer": keras.optimizers.serialize(self.optimizer),
+            "agent_optimizer": keras.optimizers.serialize(self.agent_optimizer),
+        }
+
+    def compile_from_config(self, config):
+        self.compile(
+            optimizer=keras.optimizers.deserialize(config["optimizer"]),
+            agent_optimizer=keras.optimizers.deserialize(config["agent_optimizer"]),
+        )
+
+    def set_phase(self, phase):
+        """Forces every following train step into one phase (None: schedule).
+
+        Args:
+            phase: `"full"` (plain classification at full width), `"robust"`,
+                `"agent"`, `"backbone"`, or None for the automatic schedule.
+        """
+        if phase is not None and phase not in PHASES:
+            raise ValueError(f"`phase` must be one of {PHASES} or None. Received: phase={phase!r}")
+        self._forced_phase = phase
+
+    @property
+    def warmup_steps(self):
+        """Length of the first agent phase."""
+        if self.agent_warmup:
+            return max(self.agent_steps, self.epsilon_decay_steps)
+        return self.agent_steps
+
+    def current_phase(self):
+        """The phase the next train step will run."""
+        if self._forced_phase is not None:
+            return self._forced_phase
+        if self.agent_steps == 0 and self.backbone_steps == 0 and self.robust_steps == 0:
+            raise ValueError("At least one of agent_steps, backbone_steps, robust_steps must be > 0.")
+        return dqn.phase_at(
+            int(self._schedule_step.numpy()),
+            robust_steps=self.robust_steps,
+            agent_steps=self.agent_steps,
+            backbone_steps=self.backbone_steps,
+            warmup_steps=self.warmup_steps,
+        )
+
+    def current_epsilon(self):
+        """Exploration rate of the next agent step."""
+        return dqn.epsilon_at(
+            int(self._agent_updates.numpy()),
+            self.epsilon_start,
+            self.epsilon_end,
+            self.epsilon_decay_steps,
+        )
+
+    def make_train_function(self, force=False):
+        """One compiled function per phase, chosen per step in Python."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        compiled = {}
+
+        def train_function(iterator):
+            phase = self.current_phase()
+            if phase not in compiled:
+                step = functools.partial(self._train_step_for_phase, phase)
+                compiled[phase] = self._make_function(step)
+            self._epsilon.assign(self.current_epsilon())
+            logs = compiled[phase](iterator)
+            self._schedule_step.assign_add(self.steps_per_execution)
+            if phase == "agent":
+                self._agent_updates.assign_add(self.steps_per_execution)
+            return logs
+
+        self.train_function = train_function
+        return train_function
+
+    def train_step(self, data):
+        """One step of the phase that the schedule gives now."""
+        return self._train_step_for_phase(self.current_phase(), data)
+
+    def _unpack(self, data):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if y is None:
+            raise ValueError("RNPModel.fit needs labels: pass (images, labels).")
+        x = validation.check_images(x, self.image_shape)
+        y = tf.cast(tf.reshape(y, [-1]), tf.int32)
+        return x, y
+
+    def _train_step_for_phase(self, phase, data):
+        x, y = self._unpack(data)
+        if phase == "agent":
+            return self._agent_step(x, y)
+        if phase == "robust":
+            return self._robust_step(x, y)
+        return self._backbone_step(x, y, phase)
+
+    def _update_metrics(self, y, out, ce, actions_visible=True):
+        fraction = out["macs"] / self.full_macs
+        self.loss_tracker.update_state(tf.reduce_mean(ce))
+        self.accuracy_tracker.update_state(y, out["logits"])
+        self.compute_tracker.update_state(fraction)
+        self.spread_tracker.update_state(fraction)
+        if actions_visible:
+            self.shares_tracker.update_state(out["actions"])
+
+    def _td_loss(self, out, ce):
+        ce = tf.stop_gradient(ce)
+        alpha = self.alpha if self.alpha is not None else 1.0 / (tf.reduce_mean(ce) + 1e-6)
+        step_rewards = dqn.rewards(out["actions"], ce, self.penalty, alpha)
+        targets = dqn.td_targets(step_rewards, out["q_values"], self.gamma)
+        return dqn.q_loss(out["q_values"], out["actions"], targets, self.q_loss)
+
+    def _agent_step(self, x, y):
+        epsilon = self._epsilon.value
+        variables = self.agent_variables
+        with tf.GradientTape() as tape:
+            choose = lambda t, q: agent_lib.epsilon_greedy_actions(q, epsilon)  # noqa: E731
+            out = self._rollout(x, choose, training=False)
+            ce = _per_sample_ce(y, out["logits"])
+            loss = self._td_loss(out, ce)
+        grads = tape.gradient(_replica_scale(loss), variables)
+        self.agent_optimizer.apply(grads, variables)
+        self.agent_loss_tracker.update_state(loss)
+        self.epsilon_tracker.update_state(epsilon)
+        self._update_metrics(y, out, ce)
+        return self.get_metrics_result()
+
+    def _backbone_step(self, x, y, phase):
+        variables = self.backbone_variables
+        epsilon = self._epsilon.value
+        with tf.GradientTape() as tape:
+            if phase == "full":
+                out = self._rollout(
+                    x, lambda t, q: tf.fill([tf.shape(x)[0]], self.groups), True, run_agent=False
+                )
+            else:
+                full = tf.random.uniform([tf.shape(x)[0]]) < self.full_width_fraction
+
+                def choose(t, q):
+                    action = agent_lib.epsilon_greedy_actions(q, epsilon)
+                    return tf.where(full, self.groups, action)
+
+                out = self._rollout(x, choose, training=True)
+            ce = _per_sample_ce(y, out["logits"])
+            loss = tf.reduce_mean(ce) + sum(self.losses)
+        grads = tape.gradient(_replica_scale(loss), variables)
+        self.optimizer.apply(grads, variables)
+        self._update_metrics(y, out, ce, actions_visible=phase != "full")
+        return self.get_metrics_result()
+
+    def _robust_step(self, x, y):
+        """Prefix-robust ("sandwich") step: full, narrowest and random widths."""
+        batch = tf.shape(x)[0]
+        shape = [batch, self.num_prunable]
+        draws = [tf.fill(shape, self.groups), tf.ones(shape, tf.int32)]
+        for _ in range(self.robust_random_draws):
+            draws.append(tf.random.uniform(shape, 1, self.groups + 1, dtype=tf.int32))
+        actions = tf.concat(draws, axis=0)
+        xx = tf.concat([x] * len(draws), axis=0)
+        variables = self.backbone_variables
+        with tf.GradientTape() as tape:
+            out = self._rollout(xx, lambda t, q: actions[:, t], True, run_agent=False)
+            logits = tf.split(out["logits"], len(draws), axis=0)
+            ce_full = _per_sample_ce(y, logits[0])
+            loss = tf.reduce_mean(ce_full)
+            teacher = tf.stop_gradient(tf.nn.softmax(logits[0]))
+            for narrow in logits[1:]:
+                ce = tf.reduce_mean(_per_sample_ce(y, narrow))
+                kd = tf.reduce_mean(
+                    keras.losses.categorical_crossentropy(teacher, narrow, from_logits=True)
+                )
+                loss += (1.0 - self.distill_weight) * ce + self.distill_weight * kd
+            loss += sum(self.losses)
+        grads = tape.gradient(_replica_scale(loss), variables)
+        self.optimizer.apply(grads, variables)
+        full_out = {"logits": logits[0], "macs": out["macs"][:batch], "actions": actions[:batch]}
+        self._update_metrics(y, full_out, ce_full, actions_visible=False)
+        return self.get_metrics_result()
+
+    def test_step(self, data):
+        x, y = self._unpack(data)
+        out = self._rollout(x, lambda t, q: agent_lib.greedy_actions(q), training=False)
+        ce = _per_sample_ce(y, out["logits"])
+        self.agent_loss_tracker.update_state(self._td_loss(out, ce))
+        self._update_metrics(y, out, ce)
+        return self.get_metrics_result()
+
+    def predict_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self(x, training=False)
+
+    # ------------------------------------------------------ serialization
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "backbone": self.backbone,
+                "image_shape": list(self.image_shape),
+                "num_classes": self.num_classes,
+                "groups": self.groups,
+                "agent_embed_dim": self.agent_embed_dim,
+                "agent_units": self.agent_units,
+                "penalty": self.penalty,
+                "alpha": self.alpha,
+                "gamma": self.gamma,
+                "q_loss": self.q_loss,
+                "agent_steps": self.agent_steps,
+                "backbone_steps": self.backbone_steps,
+                "robust_steps": self.robust_steps,
+                "agent_warmup": self.agent_warmup,
+                "epsilon_start": self.epsilon_start,
+                "epsilon_end": self.epsilon_end,
+                "epsilon_decay_steps": self.epsilon_decay_steps,
+                "full_width_fraction": self.full_width_fraction,
+                "robust_random_draws": self.robust_random_draws,
+                "distill_weight": self.distill_weight,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

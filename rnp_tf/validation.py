@@ -1,0 +1,181 @@
+"""Argument and input checks shared by every rnp_tf module.
+
+Each check raises a `ValueError` whose message names the argument and the
+value received, in the style of Keras itself.
+"""
+
+import numbers
+
+import numpy as np
+import tensorflow as tf
+
+
+def check_positive_int(name, value):
+    """Raises a ValueError unless `value` is an integer >= 1.
+
+    Args:
+        name: the argument's name, used in the message.
+        value: the value to check.
+
+    Returns:
+        `value` as a Python int.
+
+    Example:
+
+    >>> check_positive_int("groups", 4)
+    4
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value}")
+    return int(value)
+
+
+def check_non_negative_int(name, value):
+    """Raises a ValueError unless `value` is an integer >= 0.
+
+    Args:
+        name: the argument's name.
+        value: the value to check.
+
+    Returns:
+        `value` as a Python int.
+
+    Example:
+
+    >>> check_non_negative_int("backbone_steps", 0)
+    0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(
+            f"`{name}` must be a non-negative integer. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def check_action(name, value, groups):
+    """Raises a ValueError unless `value` is an int action in `1..groups`.
+
+    Args:
+        name: the argument's name.
+        value: the action.
+        groups: the number of channel groups `k`.
+
+    Returns:
+        `value` as a Python int.
+
+    Example:
+
+    >>> check_action("out_action", 3, groups=4)
+    3
+    """
+    try:
+        action = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be an integer in 1..{groups}. Received: {name}={value!r}")
+    if action != value or not 1 <= action <= groups:
+        raise ValueError(f"`{name}` must be an integer in 1..{groups}. Received: {name}={value!r}")
+    return action
+
+
+def check_actions(actions, batch_size, num_layers, groups):
+    """Validates a concrete `[batch, num_layers]` array of forced actions.
+
+    Tensors without a concrete value (inside a traced function) are only
+    shape-checked.
+
+    Args:
+        actions: array-like or tensor of ints.
+        batch_size: expected batch size (or None when unknown).
+        num_layers: number of prunable layers.
+        groups: number of channel groups `k`.
+
+    Returns:
+        An int32 tensor of shape `[batch, num_layers]`.
+
+    Example:
+
+    >>> check_actions([[1, 4]], batch_size=1, num_layers=2, groups=4).shape
+    TensorShape([1, 2])
+    """
+    if not tf.is_tensor(actions):
+        array = np.asarray(actions)
+        if array.dtype.kind not in "iu":
+            raise ValueError(
+                f"`actions` must be integers in 1..{groups}. Received: "
+                f"actions with dtype={array.dtype}"
+            )
+        _check_actions_values(array, groups)
+        actions = tf.constant(array, tf.int32)
+    elif not actions.dtype.is_integer:
+        raise ValueError(
+            f"`actions` must be integers in 1..{groups}. Received: "
+            f"actions with dtype={actions.dtype.name}"
+        )
+    elif tf.executing_eagerly():
+        _check_actions_values(actions.numpy(), groups)
+    shape = actions.shape
+    if shape.rank != 2 or (shape[1] is not None and shape[1] != num_layers):
+        raise ValueError(
+            f"`actions` must have shape [batch, {num_layers}] (one action per "
+            f"prunable layer). Received: actions.shape={tuple(shape)}"
+        )
+    if batch_size is not None and shape[0] is not None and shape[0] != batch_size:
+        raise ValueError(
+            f"`actions` must have one row per input image ({batch_size}). "
+            f"Received: actions.shape={tuple(shape)}"
+        )
+    return tf.cast(actions, tf.int32)
+
+
+def _check_actions_values(array, groups):
+    if array.size and (array.min() < 1 or array.max() > groups):
+        raise ValueError(
+            f"`actions` must be in 1..{groups} (the number of channel groups "
+            f"to compute). Received: values from {array.min()} to {array.max()}"
+        )
+
+
+def check_images(x, input_shape):
+    """Validates a batch of images against the model's `input_shape`.
+
+    Args:
+        x: tensor or array of images, `(batch, height, width, channels)`.
+        input_shape: the model's `(height, width, channels)`.
+
+    Returns:
+        `x` as a tensor.
+
+    Example:
+
+    >>> check_images(np.zeros((2, 8, 8, 1), "float32"), (8, 8, 1)).shape
+    TensorShape([2, 8, 8, 1])
+    """
+    dtype = x.dtype if tf.is_tensor(x) else np.asarray(x).dtype
+    dtype = tf.as_dtype(dtype)
+    if not dtype.is_floating:
+        raise ValueError(
+            f"Inputs must be float images (normalised, as produced by "
+            f"rnp_tf.load_dataset). Received: dtype={dtype.name}"
+        )
+    x = tf.convert_to_tensor(x)
+    shape = x.shape
+    if shape.rank != 4:
+        raise ValueError(
+            f"Inputs must be 4D (batch, height, width, channels) with "
+            f"(height, width, channels)={tuple(input_shape)}. Received: "
+            f"shape={tuple(shape)}"
+        )
+    if shape[-1] != input_shape[-1]:
+        raise ValueError(
+            f"Inputs must have {input_shape[-1]} channels. Received: "
+            f"shape={tuple(shape)}"
+        )
+    for axis in (1, 2):
+        if shape[axis] is not None and shape[axis] != input_shape[axis - 1]:
+            raise ValueError(
+                f"Inputs must be {input_shape[0]}x{input_shape[1]} images. "
+                f"Received: shape={tuple(shape)}"
+            )
+    return x

@@ -1,0 +1,245 @@
+"""RNPModel: rollout, costs, execution paths, training phases, saving, errors."""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import rnp_tf
+from rnp_tf import data
+
+SMALL = rnp_tf.cifar_cnn((8, 8, 16, 16))
+
+
+def small_model(**kwargs):
+    kwargs.setdefault("image_shape", (8, 8, 1))
+    kwargs.setdefault("num_classes", 10)
+    return rnp_tf.RNPModel(SMALL, **kwargs)
+
+
+def randomise_batchnorm(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for conv in model.convs:
+        shape = conv.gamma.shape
+        conv.gamma.assign(rng.uniform(0.5, 1.5, shape))
+        conv.beta.assign(rng.normal(0, 0.2, shape))
+        conv.moving_mean.assign(rng.normal(0, 0.2, shape))
+        conv.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
+
+
+def images(n, shape=(8, 8, 1), seed=0):
+    return np.random.default_rng(seed).normal(size=(n, *shape)).astype("float32")
+
+
+def test_rollout_shapes_and_costs():
+    model = small_model()
+    out = model.rollout(images(5))
+    assert out["logits"].shape == (5, 10)
+    assert out["actions"].shape == (5, 3) and out["actions"].dtype == tf.int32
+    assert out["q_values"].shape == (5, 3, 4)
+    np.testing.assert_allclose(out["macs"], model.macs(out["actions"]))
+    assert np.all((out["actions"].numpy() >= 1) & (out["actions"].numpy() <= 4))
+
+
+def test_mac_count_of_the_whole_model_by_hand():
+    model = small_model()
+    # 8x8x1 -> stem 8 (8x8) -> pool 4x4 -> conv 8 -> conv 16 -> pool 2x2 -> conv 16 -> GAP -> 10
+    def hand(a1, a2, a3):
+        stem = 8 * 8 * 9 * 1 * 8
+        c1 = 4 * 4 * 9 * 8 * (a1 * 2)
+        c2 = 4 * 4 * 9 * (a1 * 2) * (a2 * 4)
+        c3 = 2 * 2 * 9 * (a2 * 4) * (a3 * 4)
+        head = (a3 * 4) * 10
+        return stem + c1 + c2 + c3 + head
+
+    tuples = np.array(list(itertools.product(range(1, 5), repeat=3)))
+    np.testing.assert_allclose(model.macs(tuples).numpy(), [hand(*t) for t in tuples])
+    assert model.full_macs == hand(4, 4, 4)
+    np.testing.assert_allclose(model.compute_fraction([[4, 4, 4]]).numpy(), [1.0])
+
+
+@pytest.mark.parametrize("pooling", ["gap", "flatten"])
+def test_masked_and_sliced_execution_agree_for_every_action(pooling):
+    spec = rnp_tf.cifar_cnn((8, 8, 16, 16))
+    spec["head"] = {"pooling": pooling, "hidden": [12] if pooling == "flatten" else [], "dropout": 0.0}
+    model = rnp_tf.RNPModel(spec, image_shape=(8, 8, 1), num_classes=10)
+    randomise_batchnorm(model)
+    x = images(64, seed=1)
+    tuples = np.array(list(itertools.product(range(1, 5), repeat=3)))
+    masked = model.rollout(x, actions=tuples)
+    sliced = model.sliced_rollout(x, actions=tuples)
+    np.testing.assert_allclose(sliced["logits"], masked["logits"], atol=1e-5)
+    np.testing.assert_allclose(sliced["macs"], masked["macs"])
+
+
+def test_greedy_sliced_matches_masked_actions_and_logits():
+    model = small_model()
+    randomise_batchnorm(model)
+    # spread the decoders so that different images pick different actions
+    for decoder in model.agent.decoders:
+        decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
+    x = images(16, seed=2) * 3
+    masked = model.rollout(x)
+    sliced = model.sliced_rollout(x)
+    np.testing.assert_array_equal(sliced["actions"], masked["actions"])
+    np.testing.assert_allclose(sliced["logits"], masked["logits"], atol=1e-5)
+    assert len({tuple(a) for a in sliced["actions"]}) > 1
+
+
+def test_call_and_predict_return_greedy_logits():
+    model = small_model()
+    x = images(6)
+    np.testing.assert_allclose(model(x), model.rollout(x)["logits"], atol=1e-6)
+    np.testing.assert_allclose(model.predict(x, verbose=0), model.rollout(x)["logits"], atol=1e-5)
+    details = model.predict_details(x, batch_size=4)
+    np.testing.assert_array_equal(details["actions"], model.rollout(x)["actions"])
+    np.testing.assert_allclose(details["compute_fraction"], details["macs"] / model.full_macs)
+
+
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        (np.zeros((8, 8, 1), "float32"), "4D"),
+        (np.zeros((2, 8, 8, 3), "float32"), "channels"),
+        (np.zeros((2, 9, 8, 1), "float32"), "8x8"),
+        (np.zeros((2, 8, 8, 1), "uint8"), "float"),
+        (np.zeros((2, 8, 8, 1), "int32"), "float"),
+    ],
+)
+def test_bad_images_raise(x, match):
+    model = small_model()
+    with pytest.raises(ValueError, match=match):
+        model.rollout(x)
+    with pytest.raises(ValueError, match=match):
+        model(x)
+
+
+@pytest.mark.parametrize(
+    "actions,match",
+    [
+        ([[0, 1, 1], [1, 1, 1]], "1..4"),
+        ([[5, 1, 1], [1, 1, 1]], "1..4"),
+        ([[1, 1], [1, 1]], "shape"),
+        ([[1, 1, 1]], "one row per input"),
+        ([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], "integers"),
+    ],
+)
+def test_bad_actions_raise(actions, match):
+    model = small_model()
+    with pytest.raises(ValueError, match=match):
+        model.rollout(images(2), actions=np.asarray(actions))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"groups": 3}, "groups"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"image_shape": (8, 8)}, "image_shape"),
+        ({"gamma": 1.5}, "gamma"),
+        ({"agent_steps": -1}, "agent_steps"),
+        ({"q_loss": "l1"}, "q_loss"),
+        ({"full_width_fraction": 2.0}, "full_width_fraction"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        small_model(**kwargs)
+
+
+def test_compile_rejects_foreign_loss_and_metrics():
+    model = small_model()
+    with pytest.raises(ValueError, match="loss"):
+        model.compile(loss="mse")
+    with pytest.raises(ValueError, match="metrics"):
+        model.compile(metrics=["accuracy"])
+
+
+def _snapshot(variables):
+    return [v.numpy().copy() for v in variables]
+
+
+def _changed(before, variables):
+    return [not np.array_equal(b, v.numpy()) for b, v in zip(before, variables)]
+
+
+@pytest.fixture(scope="module")
+def fashion(shared_npz):
+    path = shared_npz("fashion_mnist.npz")
+    return data.load_dataset(f"npz:{path}", batch_size=64, max_train_examples=1024)
+
+
+def test_fit_phases_update_only_their_variables(fashion):
+    model = rnp_tf.RNPModel(
+        rnp_tf.cifar_cnn((8, 16, 16, 16)), image_shape=fashion.input_shape, num_classes=10
+    )
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    model.set_phase("full")
+    first = model.fit(fashion.train, epochs=1, steps_per_epoch=4, verbose=0).history["loss"][0]
+    later = model.fit(fashion.train, epochs=2, steps_per_epoch=8, verbose=0).history["loss"][-1]
+    assert later < first - 0.3, (first, later)
+
+    for phase, updated, frozen in (
+        ("agent", model.agent_variables, model.backbone_variables),
+        ("backbone", model.backbone_variables, model.agent_variables),
+        ("robust", model.backbone_variables, model.agent_variables),
+    ):
+        model.set_phase(phase)
+        before_u, before_f = _snapshot(updated), _snapshot(frozen)
+        model.fit(fashion.train, epochs=1, steps_per_epoch=3, verbose=0)
+        assert all(_changed(before_u, updated)), phase
+        assert not any(_changed(before_f, frozen)), phase
+
+
+def test_schedule_runs_the_phases_of_algorithm_1(fashion):
+    model = rnp_tf.RNPModel(
+        rnp_tf.cifar_cnn((8, 16, 16, 16)),
+        image_shape=fashion.input_shape,
+        num_classes=10,
+        robust_steps=2,
+        agent_steps=2,
+        backbone_steps=3,
+        epsilon_decay_steps=4,
+    )
+    model.compile()
+    seen = []
+    original = model._train_step_for_phase
+
+    def spy(phase, batch):
+        seen.append(phase)  # recorded once per trace, i.e. per compiled phase
+        return original(phase, batch)
+
+    model._train_step_for_phase = spy
+    history = model.fit(fashion.train, epochs=1, steps_per_epoch=13, verbose=0)
+    assert sorted(set(seen)) == ["agent", "backbone", "robust"]
+    assert int(model._schedule_step.numpy()) == 13
+    # robust 2, warm-up agent max(2, 4) = 4, backbone 3, agent 2, backbone 2
+    assert int(model._agent_updates.numpy()) == 6
+    assert model.current_phase() == "backbone"
+    assert np.isfinite(history.history["agent_loss"][0])
+
+
+def test_save_and_load_round_trip(tmp_path, fashion):
+    model = rnp_tf.RNPModel(
+        rnp_tf.cifar_cnn((8, 16, 16, 16)),
+        image_shape=fashion.input_shape,
+        num_classes=10,
+        penalty=-0.05,
+        agent_steps=3,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(2e-3))
+    model.fit(fashion.train, epochs=1, steps_per_epoch=4, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, rnp_tf.RNPModel)
+    assert loaded.get_config() == model.get_config()
+    x, _ = fashion.test_arrays()
+    a, b = model.rollout(x[:128]), loaded.rollout(x[:128])
+    np.testing.assert_array_equal(a["actions"], b["actions"])
+    np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-6)
+    assert int(loaded._schedule_step.numpy()) == 4
+    assert loaded.agent_optimizer.learning_rate.numpy() == pytest.approx(1e-3)
+    assert loaded.optimizer.learning_rate.numpy() == pytest.approx(2e-3)
