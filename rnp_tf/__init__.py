@@ -18,6 +18,11 @@ from rnp_tf.agent import greedy_actions
 from rnp_tf.backbones import cifar_cnn
 from rnp_tf.backbones import get_backbone
 from rnp_tf.backbones import vgg16
+from rnp_tf.callbacks import AtomicCheckpoint
+from rnp_tf.callbacks import CompactProgressBar
+from rnp_tf.data import Dataset
+from rnp_tf.data import load_dataset
+from rnp_tf.evaluation import evaluate_model
 from rnp_tf.layers import GatedConv2D
 from rnp_tf.metrics import ActionShares
 from rnp_tf.metrics import StdDev

@@ -418,13 +418,16 @@ class RNPModel(keras.Model):
         choose = lambda t, q: agent_lib.greedy_actions(q)  # noqa: E731
         return self._rollout(x, choose, training)["logits"]
 
-    def predict_details(self, x, batch_size=256):
-        """Greedy logits, actions, MACs and compute fractions as numpy arrays.
+    def predict_details(self, x, batch_size=256, actions=None):
+        """Logits, actions, MACs and compute fractions as numpy arrays.
 
         Args:
             x: float images (numpy or tensor) or a `tf.data.Dataset` yielding
                 images or `(images, labels)` batches.
             batch_size: batch size for arrays.
+            actions: None (default) for the agent's greedy choices, or an int
+                `a` in `1..k` to compute the first `a` groups at every
+                prunable layer (static pruning, no agent).
 
         Returns:
             A dict of numpy arrays: `logits`, `actions`, `macs`,
@@ -435,13 +438,9 @@ class RNPModel(keras.Model):
         >>> details = model.predict_details(x_test)
         >>> details["compute_fraction"].mean()
         """
-        if not hasattr(self, "_details_fn"):
-            self._details_fn = tf.function(
-                lambda images: self._rollout(
-                    images, lambda t, q: agent_lib.greedy_actions(q)
-                ),
-                reduce_retracing=True,
-            )
+        if actions is not None:
+            validation.check_action("actions", actions, self.groups)
+        fn = self._details_function(None if actions is None else int(actions))
         if isinstance(x, tf.data.Dataset):
             batches = x
         else:
@@ -451,16 +450,41 @@ class RNPModel(keras.Model):
         for batch in batches:
             if isinstance(batch, (tuple, list)):
                 images, labels = batch[0], batch[1]
-                parts["labels"].append(np.asarray(labels))
+                parts["labels"].append(np.asarray(labels).reshape(-1))
             else:
                 images = batch
             images = validation.check_images(images, self.image_shape)
-            out = self._details_fn(images)
+            out = fn(tf.cast(images, tf.float32))
             for key in ("logits", "actions", "macs"):
                 parts[key].append(out[key].numpy())
+        if not parts["logits"]:
+            raise ValueError("predict_details received no images.")
         result = {k: np.concatenate(v) for k, v in parts.items() if v}
         result["compute_fraction"] = result["macs"] / self.full_macs
         return result
+
+    def _details_function(self, static_action):
+        """Compiled rollout for `predict_details`: greedy (None) or static width.
+
+        Two traced functions in all, each with a fixed signature, so no
+        batch size or width setting retraces.
+        """
+        cache = self.__dict__.setdefault("_details_functions", {})
+        images_spec = tf.TensorSpec([None, *self.image_shape], tf.float32)
+        if "greedy" not in cache:
+            cache["greedy"] = tf.function(
+                lambda images: self._rollout(images, lambda t, q: agent_lib.greedy_actions(q)),
+                input_signature=[images_spec],
+            )
+            cache["static"] = tf.function(
+                lambda images, action: self._rollout(
+                    images, lambda t, q: tf.fill([tf.shape(images)[0]], action), run_agent=False
+                ),
+                input_signature=[images_spec, tf.TensorSpec([], tf.int32)],
+            )
+        if static_action is None:
+            return cache["greedy"]
+        return lambda images: cache["static"](images, tf.constant(static_action, tf.int32))
 
     # ------------------------------------------------------ sliced inference
     def sliced_rollout(self, x, actions=None):
@@ -595,6 +619,8 @@ class RNPModel(keras.Model):
         Args:
             phase: `"full"` (plain classification at full width), `"robust"`,
                 `"agent"`, `"backbone"`, or None for the automatic schedule.
+                Steps of a forced phase do not advance the schedule (agent
+                steps still advance epsilon's ramp).
         """
         if phase is not None and phase not in PHASES:
             raise ValueError(f"`phase` must be one of {PHASES} or None. Received: phase={phase!r}")
@@ -643,7 +669,8 @@ class RNPModel(keras.Model):
                 compiled[phase] = self._make_function(step)
             self._epsilon.assign(self.current_epsilon())
             logs = compiled[phase](iterator)
-            self._schedule_step.assign_add(self.steps_per_execution)
+            if self._forced_phase is None:
+                self._schedule_step.assign_add(self.steps_per_execution)
             if phase == "agent":
                 self._agent_updates.assign_add(self.steps_per_execution)
             return logs

@@ -179,3 +179,23 @@ def check_images(x, input_shape):
                 f"Received: shape={tuple(shape)}"
             )
     return x
+
+
+def exit_with_error(program, message):
+    """Ends a command-line tool with one line on stderr and exit status 2.
+
+    Used for user mistakes (bad flags, missing or corrupt files), which need
+    the problem named, not a traceback.
+
+    Args:
+        program: the tool's name, e.g. `"rnp_tf.train"`.
+        message: what is wrong.
+
+    Example:
+
+    >>> exit_with_error("rnp_tf.train", "--dataset: unknown dataset 'x'")  # doctest: +SKIP
+    """
+    import sys
+
+    sys.stderr.write(f"{program}: error: {message}\n")
+    sys.exit(2)

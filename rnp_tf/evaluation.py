@@ -1,0 +1,204 @@
+"""Evaluation of a trained RNP model: numbers (`eval.json`) and pictures.
+
+Shared by `python -m rnp_tf.train` (its final stage) and
+`python -m rnp_tf.evaluate`, so both report the same quantities.
+"""
+
+import os
+
+import numpy as np
+
+from rnp_tf import io_utils
+from rnp_tf import report
+
+#: Test images kept in memory for the qualitative figure.
+MAX_FIGURE_IMAGES = 10000
+
+
+def _accuracy(details):
+    return float(np.mean(details["logits"].argmax(axis=1) == details["labels"]))
+
+
+def evaluate_model(model, dataset, static_points=True):
+    """Accuracy and compute of the greedy policy and of static pruning.
+
+    Args:
+        model: a trained `RNPModel`.
+        dataset: an `rnp_tf.data.Dataset` (its `test` split is used).
+        static_points: also evaluate the same width everywhere (`a = 1..k`,
+            no agent): the static operating points to compare with.
+
+    Returns:
+        A dict (JSON-ready) with `accuracy`, `full_accuracy`,
+        `compute_fraction` (mean, std, percentiles), `macs_mean`,
+        `full_macs`, `agent_macs`, `action_shares` (`[layer][action]`),
+        `distinct_action_tuples`, `compute_per_class`,
+        `accuracy_per_class`, `static` (list of operating points), and the
+        raw per-image arrays under the private key `_details`.
+
+    Example:
+
+    >>> results = evaluate_model(model, rnp_tf.load_dataset("digits"))
+    >>> results["accuracy"], results["compute_fraction"]["mean"]
+    """
+    details = model.predict_details(dataset.test)
+    labels = details["labels"]
+    fraction = details["compute_fraction"]
+    actions = details["actions"]
+    shares = np.stack(
+        [np.bincount(actions[:, t] - 1, minlength=model.groups) / len(actions) for t in range(actions.shape[1])]
+    )
+    names = list(dataset.class_names)
+    per_class_compute, per_class_accuracy = {}, {}
+    correct = details["logits"].argmax(axis=1) == labels
+    for c in range(dataset.num_classes):
+        mask = labels == c
+        if mask.any():
+            name = names[c] if c < len(names) else str(c)
+            per_class_compute[name] = float(fraction[mask].mean())
+            per_class_accuracy[name] = float(correct[mask].mean())
+    static = []
+    full_accuracy = None
+    if static_points:
+        for a in range(1, model.groups + 1):
+            point = model.predict_details(dataset.test, actions=a)
+            acc = _accuracy(point)
+            static.append(
+                {"action": a, "accuracy": acc, "compute_fraction": float(point["compute_fraction"].mean())}
+            )
+            if a == model.groups:
+                full_accuracy = acc
+    return {
+        "num_test": int(len(labels)),
+        "accuracy": _accuracy(details),
+        "full_accuracy": full_accuracy,
+        "compute_fraction": {
+            "mean": float(fraction.mean()),
+            "std": float(fraction.std()),
+            "min": float(fraction.min()),
+            "p10": float(np.percentile(fraction, 10)),
+            "p50": float(np.percentile(fraction, 50)),
+            "p90": float(np.percentile(fraction, 90)),
+            "max": float(fraction.max()),
+        },
+        "macs_mean": float(details["macs"].mean()),
+        "full_macs": float(model.full_macs),
+        "agent_macs": float(model.agent.macs()),
+        "action_shares": shares.tolist(),
+        "distinct_action_tuples": int(len({tuple(row) for row in actions})),
+        "compute_per_class": per_class_compute,
+        "accuracy_per_class": per_class_accuracy,
+        "static": static,
+        "_details": details,
+    }
+
+
+def write_pictures(model, dataset, results, out_dir):
+    """Writes the evaluation figures (PNG) into `out_dir`.
+
+    Figures: `compute_histogram.png` (per-image compute),
+    `extreme_images.png` (the test images with the least and the most
+    compute, the paper's qualitative figure), `accuracy_vs_compute.png`
+    (RNP against static widths and the full network) and
+    `action_shares.png` (action shares per layer).
+
+    Args:
+        model: the evaluated `RNPModel`.
+        dataset: the `rnp_tf.data.Dataset` that was evaluated.
+        results: the dict returned by `evaluate_model`.
+        out_dir: an existing directory.
+
+    Returns:
+        A dict figure name -> path.
+    """
+    details = results["_details"]
+    paths = {}
+    paths["compute_histogram"] = report.plot_compute_histogram(
+        details["compute_fraction"],
+        os.path.join(out_dir, "compute_histogram.png"),
+        title=f"Per-image compute on {dataset.name} ({results['num_test']} test images)",
+    )
+    count = min(len(details["labels"]), MAX_FIGURE_IMAGES)
+    images = []
+    seen = 0
+    for batch_images, _ in dataset.test:
+        images.append(batch_images.numpy())
+        seen += len(images[-1])
+        if seen >= count:
+            break
+    images = dataset.denormalize(np.concatenate(images)[:count])
+    paths["extreme_images"] = report.plot_extreme_images(
+        images,
+        details["labels"][:count],
+        details["logits"][:count].argmax(axis=1),
+        details["compute_fraction"][:count],
+        os.path.join(out_dir, "extreme_images.png"),
+        class_names=dataset.class_names,
+    )
+    reference = {"RNP (agent)": (results["compute_fraction"]["mean"], results["accuracy"])}
+    curves = {}
+    if results["static"]:
+        curves["static: same width everywhere"] = [
+            (p["compute_fraction"], p["accuracy"]) for p in results["static"]
+        ]
+        reference["full network"] = (1.0, results["full_accuracy"])
+    else:
+        curves["RNP (agent)"] = [reference.pop("RNP (agent)")]
+    paths["accuracy_vs_compute"] = report.plot_accuracy_vs_compute(
+        curves,
+        os.path.join(out_dir, "accuracy_vs_compute.png"),
+        title=f"Accuracy against compute on {dataset.name}",
+        reference=reference,
+    )
+    paths["action_shares"] = report.plot_action_histogram(
+        np.asarray(results["action_shares"]), os.path.join(out_dir, "action_shares.png")
+    )
+    return paths
+
+
+def write_evaluation(model, dataset, out_dir, json_name="eval.json", pictures=True):
+    """Evaluates, writes `json_name` and the pictures, returns the results.
+
+    Args:
+        model: a trained `RNPModel`.
+        dataset: an `rnp_tf.data.Dataset`.
+        out_dir: existing directory for the outputs.
+        json_name: file name of the JSON results. Defaults to `"eval.json"`.
+        pictures: whether to write the figures. Defaults to True.
+
+    Returns:
+        The JSON-ready results dict (without per-image arrays), with the
+        figure paths under `"pictures"`.
+
+    Example:
+
+    >>> write_evaluation(model, rnp_tf.load_dataset("digits"), "/tmp/run")
+    """
+    results = evaluate_model(model, dataset)
+    figures = write_pictures(model, dataset, results, out_dir) if pictures else {}
+    results = {k: v for k, v in results.items() if not k.startswith("_")}
+    results["dataset"] = dataset.name
+    results["pictures"] = {k: os.path.basename(v) for k, v in figures.items()}
+    io_utils.write_json(os.path.join(out_dir, json_name), results)
+    return results
+
+
+def summary_rows(results):
+    """Rows for `report.format_table`: the full network, static widths, RNP."""
+    rows = []
+    for point in results.get("static", []):
+        rows.append(
+            {
+                "model": f"static a={point['action']}",
+                "accuracy": point["accuracy"],
+                "compute_fraction": point["compute_fraction"],
+            }
+        )
+    rows.append(
+        {
+            "model": "RNP (agent)",
+            "accuracy": results["accuracy"],
+            "compute_fraction": results["compute_fraction"]["mean"],
+        }
+    )
+    return rows

@@ -1,0 +1,190 @@
+"""rnp_tf.train: flag validation, the quickstart run end to end, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+
+from rnp_tf import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, "configs", "quickstart.flags")
+
+
+def parse(*args):
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    fv(["rnp_tf.train", *args])
+    return fv
+
+
+def run_cli(module, *args, timeout=600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_flags_give_a_config(tmp_path):
+    config = train.config_from_flags(parse(f"--flagfile={QUICKSTART}", f"--model_dir={tmp_path / 'run'}"))
+    assert config.dataset == "digits" and config.widths == (16, 32, 32, 32)
+    assert config.robust_epochs > 0 and config.rnp_epochs > 0
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--dataset=imagenet"], "--dataset"),
+        (["--groups=3"], "--groups"),
+        (["--widths=16,32,32"], "--widths"),
+        (["--widths=a,b,c,d"], "--widths"),
+        (["--epsilon_start=0.1", "--epsilon_end=0.5"], "--epsilon_end"),
+        (["--agent_steps=0", "--backbone_steps=0"], "--agent_steps"),
+        (["--init_checkpoint=/nonexistent/m.keras"], "--init_checkpoint"),
+        (["--alpha=-1"], "--alpha"),
+    ],
+)
+def test_bad_flags_name_the_flag(tmp_path, args, match):
+    fv = parse(f"--model_dir={tmp_path / 'run'}", *args)
+    with pytest.raises(ValueError, match=match):
+        train.config_from_flags(fv)
+
+
+def test_model_dir_checks(tmp_path):
+    with pytest.raises(ValueError, match="--model_dir is required"):
+        train.config_from_flags(parse())
+    with pytest.raises(ValueError, match="parent directory"):
+        train.config_from_flags(parse(f"--model_dir={tmp_path / 'missing' / 'run'}"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        train.config_from_flags(parse(f"--model_dir={tmp_path / 'file'}"))
+
+
+@pytest.mark.parametrize("flag", ["--rnp_epochs=-1", "--agent_steps=-5", "--batch_size=0", "--penalty=0.5"])
+def test_out_of_range_numbers_are_rejected_at_parse_time(flag):
+    with pytest.raises(flags.IllegalFlagValueError):
+        parse(flag)
+
+
+def test_cli_bad_flag_is_one_line_and_no_work(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("rnp_tf.train", "--dataset=cifar11", f"--model_dir={run_dir}")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("rnp_tf.train: error")]
+    assert len(lines) == 1 and "--dataset" in lines[0], result.stderr
+    assert result.stderr.rstrip().endswith(lines[0])
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+def test_cli_corrupt_npz_is_a_clear_error(tmp_path):
+    good = tmp_path / "good.npz"
+    np.savez(good, x_train=np.zeros((8, 8, 8), "uint8"), y_train=np.zeros(8, "int64"),
+             x_test=np.zeros((4, 8, 8), "uint8"), y_test=np.zeros(4, "int64"))
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    result = run_cli("rnp_tf.train", f"--dataset=npz:{bad}", f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "not a readable .npz" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """The quickstart config with fewer epochs, through the real CLI."""
+    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
+    result = run_cli(
+        "rnp_tf.train",
+        f"--flagfile={QUICKSTART}",
+        f"--model_dir={run_dir}",
+        "--pretrain_epochs=3",
+        "--robust_epochs=4",
+        "--rnp_epochs=3",
+        "--verbose=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_quickstart_writes_every_output(quickstart_run):
+    run_dir, result = quickstart_run
+    for name in ("model.keras", "metrics.json", "eval.json", "flags.json", "compute_histogram.png",
+                 "extreme_images.png", "accuracy_vs_compute.png", "action_shares.png"):
+        assert (run_dir / name).is_file(), name
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    assert latest["prefix"] == "rnp" and latest["epoch"] == 3
+    assert (run_dir / "checkpoints" / latest["checkpoint"]).is_file()
+    assert any((run_dir / "logs" / "rnp").rglob("events.out.tfevents.*"))
+    assert "| RNP (agent)" in result.stdout  # the summary table
+    assert "share_l1" not in result.stdout  # shares kept out of the console
+
+
+def test_quickstart_metrics(quickstart_run):
+    run_dir, _ = quickstart_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["full_accuracy"] >= 0.9
+    assert metrics["rnp_accuracy"] >= 0.8
+    assert 0.1 < metrics["compute_fraction"] < 1.0
+    shares = np.asarray(metrics["action_shares"])
+    assert shares.shape == (3, 4)
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0, atol=1e-6)
+    assert set(metrics["stage_seconds"]) == {"backbone", "reorder", "robust", "rnp", "evaluate"}
+    assert len(metrics["compute_per_class"]) == 10
+    assert [p["action"] for p in metrics["static"]] == [1, 2, 3, 4]
+    assert metrics["static"][-1]["compute_fraction"] == pytest.approx(1.0)
+    flags_used = json.loads((run_dir / "flags.json").read_text())
+    assert flags_used["rnp_epochs"] == 3 and flags_used["dataset"] == "digits"
+
+
+def test_evaluate_cli_reproduces_the_training_report(quickstart_run, tmp_path):
+    run_dir, _ = quickstart_run
+    result = run_cli("rnp_tf.evaluate", f"--model_dir={run_dir}", f"--output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert evaluated["accuracy"] == pytest.approx(trained["rnp_accuracy"])
+    assert evaluated["compute_fraction"]["mean"] == pytest.approx(trained["compute_fraction"], rel=1e-5)
+    assert evaluated["compute_fraction"]["p10"] <= evaluated["compute_fraction"]["p90"]
+    assert (tmp_path / "extreme_images.png").stat().st_size > 1000
+    assert "distinct action tuples" in result.stdout
+
+
+def test_evaluate_cli_missing_model(tmp_path):
+    result = run_cli("rnp_tf.evaluate", f"--model_dir={tmp_path}")
+    assert result.returncode == 2 and "no model.keras" in result.stderr
+
+
+def test_init_checkpoint_round_trip(quickstart_run, tmp_path):
+    run_dir, _ = quickstart_run
+    config = train.config_from_flags(
+        parse(f"--flagfile={QUICKSTART}", f"--model_dir={tmp_path / 'b'}",
+              f"--init_checkpoint={run_dir / 'model.keras'}")
+    )
+    dataset, model = train.prepare(config)
+    import keras
+
+    source = keras.models.load_model(run_dir / "model.keras")
+    x, _ = dataset.test_arrays()
+    np.testing.assert_allclose(model(x[:32]), source(x[:32]), atol=1e-5)
+    wrong = train.config_from_flags(
+        parse(f"--model_dir={tmp_path / 'c'}", "--widths=8,8,8,8", f"--init_checkpoint={run_dir / 'model.keras'}")
+    )
+    with pytest.raises(ValueError, match="does not match"):
+        train.prepare(wrong)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "cifar10", "cifar100", "imagenet"])
+def test_every_config_parses_and_validates(name, tmp_path):
+    config = train.config_from_flags(
+        parse(f"--flagfile={os.path.join(REPO, 'configs', name + '.flags')}", f"--model_dir={tmp_path / name}")
+    )
+    assert config.rnp_epochs > 0 and config.penalty < 0
