@@ -22,6 +22,9 @@ class DecisionAgent(keras.layers.Layer):
         groups: number of actions `k`. Defaults to 4.
         embed_dim: size of each encoder's projection. Defaults to 64.
         units: size of the shared LSTM cell. Defaults to 64.
+        conditioned: if True every encoder also reads one scalar
+            *condition* per image (rnp_tf uses it for the run-time
+            speed/accuracy knob: a normalised log-penalty). Defaults to False.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Input shape (of `call`):
@@ -41,7 +44,7 @@ class DecisionAgent(keras.layers.Layer):
     TensorShape([2, 4])
     """
 
-    def __init__(self, feature_channels, groups=4, embed_dim=64, units=64, **kwargs):
+    def __init__(self, feature_channels, groups=4, embed_dim=64, units=64, conditioned=False, **kwargs):
         super().__init__(**kwargs)
         if not feature_channels:
             raise ValueError(
@@ -55,6 +58,7 @@ class DecisionAgent(keras.layers.Layer):
         self.embed_dim = validation.check_positive_int("embed_dim", embed_dim)
         self.units = validation.check_positive_int("units", units)
         self.num_layers = len(self.feature_channels)
+        self.conditioned = bool(conditioned)
         self.encoders = [
             keras.layers.Dense(self.embed_dim, activation="relu", name=f"encoder_{t}")
             for t in range(self.num_layers)
@@ -66,8 +70,9 @@ class DecisionAgent(keras.layers.Layer):
         ]
 
     def build(self, input_shape=None):
+        extra = 1 if self.conditioned else 0
         for encoder, channels in zip(self.encoders, self.feature_channels):
-            encoder.build((None, channels))
+            encoder.build((None, channels + extra))
         self.cell.build((None, self.embed_dim))
         for decoder in self.decoders:
             decoder.build((None, self.units))
@@ -85,7 +90,7 @@ class DecisionAgent(keras.layers.Layer):
         zeros = tf.zeros(tf.stack([batch_size, self.units]), self.compute_dtype)
         return [zeros, zeros]
 
-    def step(self, t, features, state):
+    def step(self, t, features, state, condition=None):
         """Q-values of layer `t` from the feature map that feeds it.
 
         Args:
@@ -94,6 +99,8 @@ class DecisionAgent(keras.layers.Layer):
                 than `feature_channels[t]` (sliced execution) the missing
                 channels count as zero.
             state: the LSTM state `[h, c]` carried from layer `t - 1`.
+            condition: `(batch,)` float condition of a conditioned agent
+                (required then, ignored otherwise).
 
         Returns:
             `(q_values, new_state)`, q_values of shape `(batch, groups)`.
@@ -102,11 +109,17 @@ class DecisionAgent(keras.layers.Layer):
         missing = self.feature_channels[t] - pooled.shape[-1]
         if missing:
             pooled = tf.pad(pooled, [[0, 0], [0, missing]])
+        if self.conditioned:
+            if condition is None:
+                raise ValueError("A conditioned DecisionAgent needs `condition` (one value per image).")
+            condition = tf.cast(tf.reshape(condition, [-1, 1]), pooled.dtype)
+            condition = tf.broadcast_to(condition, [tf.shape(pooled)[0], 1])
+            pooled = tf.concat([pooled, condition], axis=-1)
         embedded = self.encoders[t](pooled)
         output, new_state = self.cell(embedded, state)
         return self.decoders[t](output), list(new_state)
 
-    def call(self, inputs):
+    def call(self, inputs, condition=None):
         """Q-values of every layer for a list of given feature maps."""
         if len(inputs) != self.num_layers:
             raise ValueError(
@@ -116,13 +129,14 @@ class DecisionAgent(keras.layers.Layer):
         state = self.initial_state(tf.shape(inputs[0])[0])
         q_values = []
         for t, features in enumerate(inputs):
-            q, state = self.step(t, features, state)
+            q, state = self.step(t, features, state, condition)
             q_values.append(q)
         return tf.stack(q_values, axis=1)
 
     def macs(self):
         """Multiply-accumulates of one sample's decisions (Dense and LSTM)."""
-        encoders = sum(c * self.embed_dim for c in self.feature_channels)
+        extra = 1 if self.conditioned else 0
+        encoders = sum((c + extra) * self.embed_dim for c in self.feature_channels)
         lstm = self.num_layers * 4 * self.units * (self.embed_dim + self.units)
         decoders = self.num_layers * self.units * self.groups
         return float(encoders + lstm + decoders)
@@ -135,6 +149,7 @@ class DecisionAgent(keras.layers.Layer):
                 "groups": self.groups,
                 "embed_dim": self.embed_dim,
                 "units": self.units,
+                "conditioned": self.conditioned,
             }
         )
         return config

@@ -30,9 +30,27 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.", lower_bound=1, **fv)
     flags.DEFINE_string("output_dir", None, "Where eval.json and the pictures go (default: model_dir).", **fv)
     flags.DEFINE_boolean("pictures", True, "Write the pictures.", **fv)
+    flags.DEFINE_float(
+        "penalty", None, "Run-time penalty per extra group (more negative: cheaper); see RNPModel.set_penalty.", **fv
+    )
+    flags.DEFINE_float(
+        "budget", None,
+        "Target mean compute fraction in (0, 1]: calibrated on the test split's first batches, then set.", **fv
+    )
+    flags.DEFINE_float("compute_cap", None, "Hard cap: no image above this compute fraction.", **fv)
 
 
-def evaluate_dir(model_dir, dataset=None, tfds_data_dir=None, batch_size=256, output_dir=None, pictures=True):
+def evaluate_dir(
+    model_dir,
+    dataset=None,
+    tfds_data_dir=None,
+    batch_size=256,
+    output_dir=None,
+    pictures=True,
+    penalty=None,
+    budget=None,
+    compute_cap=None,
+):
     """Loads a trained model directory, evaluates it and writes the report.
 
     Args:
@@ -42,6 +60,10 @@ def evaluate_dir(model_dir, dataset=None, tfds_data_dir=None, batch_size=256, ou
         batch_size: evaluation batch size.
         output_dir: where to write; defaults to `model_dir`.
         pictures: whether to write the figures.
+        penalty: run-time penalty to evaluate at (`RNPModel.set_penalty`).
+        budget: target mean compute fraction: the model is calibrated on
+            the test split (`calibrate_budget`) and `set_budget` applied.
+        compute_cap: hard per-image cap (`RNPModel.set_compute_cap`).
 
     Returns:
         The results dict written to `eval.json`.
@@ -82,6 +104,15 @@ def evaluate_dir(model_dir, dataset=None, tfds_data_dir=None, batch_size=256, ou
             f"--dataset: {dataset!r} has images {data.input_shape} and {data.num_classes} classes, but the "
             f"model expects {model.image_shape} and {model.num_classes}."
         )
+    if penalty is not None and budget is not None:
+        raise ValueError("--penalty and --budget are two ways to set the same knob: give one.")
+    if penalty is not None:
+        model.set_penalty(penalty)
+    if budget is not None:
+        model.calibrate_budget(data.test)
+        model.set_budget(budget)
+    if compute_cap is not None:
+        model.set_compute_cap(compute_cap)
     output_dir = output_dir or model_dir
     os.makedirs(output_dir, exist_ok=True)
     return evaluation.write_evaluation(model, data, output_dir, pictures=pictures)
@@ -98,12 +129,14 @@ def main(argv):
         _fail("--model_dir is required.")
     try:
         results = evaluate_dir(
-            fv.model_dir, fv.dataset, fv.tfds_data_dir, fv.batch_size, fv.output_dir, fv.pictures
+            fv.model_dir, fv.dataset, fv.tfds_data_dir, fv.batch_size, fv.output_dir, fv.pictures,
+            penalty=fv.penalty, budget=fv.budget, compute_cap=fv.compute_cap,
         )
     except (ValueError, FileNotFoundError) as error:
         _fail(error)
     cf = results["compute_fraction"]
     print(report.format_table(evaluation.summary_rows(results), ["model", "accuracy", "compute_fraction"]))
+    print(f"run-time penalty: {results['penalty_setting']:.4f}")
     print(
         f"compute fraction: mean {cf['mean']:.3f}, p10 {cf['p10']:.3f}, p50 {cf['p50']:.3f}, "
         f"p90 {cf['p90']:.3f}; {results['distinct_action_tuples']} distinct action tuples"

@@ -19,7 +19,11 @@ def _accuracy(details):
     return float(np.mean(details["logits"].argmax(axis=1) == details["labels"]))
 
 
-def evaluate_model(model, dataset, static_points=True):
+#: Offsets from the model's setting swept for the RNP curve (see `set_penalty`).
+KNOB_OFFSETS = (1.0, 0.5, 0.2, -0.2, -0.5, -1.0)
+
+
+def evaluate_model(model, dataset, static_points=True, knob_points=True):
     """Accuracy and compute of the greedy policy and of static pruning.
 
     Args:
@@ -27,6 +31,10 @@ def evaluate_model(model, dataset, static_points=True):
         dataset: an `rnp_tf.data.Dataset` (its `test` split is used).
         static_points: also evaluate the same width everywhere (`a = 1..k`,
             no agent): the static operating points to compare with.
+        knob_points: also evaluate the same model at other run-time
+            penalties (`KNOB_OFFSETS` around its setting; inside
+            `penalty_range` for conditioned models): its own
+            accuracy-against-compute curve, no retraining.
 
     Returns:
         A dict (JSON-ready) with `accuracy`, `full_accuracy`,
@@ -68,8 +76,31 @@ def evaluate_model(model, dataset, static_points=True):
             )
             if a == model.groups:
                 full_accuracy = acc
+    knob = []
+    if knob_points:
+        setting = model.penalty_setting
+        if model.penalty_range is not None:
+            low, high = model.penalty_range
+            penalties = -np.geomspace(-high, -low, 6)
+        else:
+            penalties = [setting + d for d in KNOB_OFFSETS]
+        for penalty in penalties:
+            model.set_penalty(float(penalty))
+            try:
+                point = model.predict_details(dataset.test)
+            finally:
+                model.set_penalty(setting)
+            knob.append(
+                {
+                    "penalty": float(penalty),
+                    "accuracy": _accuracy(point),
+                    "compute_fraction": float(point["compute_fraction"].mean()),
+                }
+            )
     return {
         "num_test": int(len(labels)),
+        "penalty_setting": model.penalty_setting,
+        "compute_cap": None if model._cap_macs is None else model._cap_macs / model.full_macs,
         "accuracy": _accuracy(details),
         "full_accuracy": full_accuracy,
         "compute_fraction": {
@@ -89,6 +120,7 @@ def evaluate_model(model, dataset, static_points=True):
         "compute_per_class": per_class_compute,
         "accuracy_per_class": per_class_accuracy,
         "static": static,
+        "knob": knob,
         "_details": details,
     }
 
@@ -142,7 +174,10 @@ def write_pictures(model, dataset, results, out_dir):
             (p["compute_fraction"], p["accuracy"]) for p in results["static"]
         ]
         reference["full network"] = (1.0, results["full_accuracy"])
-    else:
+    if results["knob"]:
+        points = [(p["compute_fraction"], p["accuracy"]) for p in results["knob"]]
+        curves["RNP, one model at other run-time penalties"] = points + [reference["RNP (agent)"]]
+    if not curves:
         curves["RNP (agent)"] = [reference.pop("RNP (agent)")]
     paths["accuracy_vs_compute"] = report.plot_accuracy_vs_compute(
         curves,
@@ -190,6 +225,14 @@ def summary_rows(results):
         rows.append(
             {
                 "model": f"static a={point['action']}",
+                "accuracy": point["accuracy"],
+                "compute_fraction": point["compute_fraction"],
+            }
+        )
+    for point in results.get("knob", []):
+        rows.append(
+            {
+                "model": f"RNP at p={point['penalty']:.3g}",
                 "accuracy": point["accuracy"],
                 "compute_fraction": point["compute_fraction"],
             }

@@ -85,6 +85,12 @@ class RNPModel(keras.Model):
         robust_random_draws: random width draws per robust step. Defaults to 2.
         distill_weight: weight of distillation from the full width in the
             robust phase (the rest is cross-entropy). Defaults to 0.5.
+        penalty_range: `(p_min, p_max)`, both negative, to train ONE model
+            for many operating points: every training image draws its own
+            penalty log-uniformly from the range and the agent sees it as an
+            input; at inference `set_penalty(p)` or `set_budget(fraction)`
+            moves the speed/accuracy balance without retraining. None
+            (default) trains the paper's single-penalty agent.
         **kwargs: base `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -118,6 +124,7 @@ class RNPModel(keras.Model):
         full_width_fraction=0.25,
         robust_random_draws=2,
         distill_weight=0.5,
+        penalty_range=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -171,7 +178,17 @@ class RNPModel(keras.Model):
         if not 0.0 <= distill_weight <= 1.0:
             raise ValueError(f"`distill_weight` must be in [0, 1]. Received: distill_weight={distill_weight}")
         self.distill_weight = float(distill_weight)
+        if penalty_range is not None:
+            low, high = (float(v) for v in penalty_range)
+            if not low < high < 0:
+                raise ValueError(
+                    "`penalty_range` must be (p_min, p_max) with p_min < p_max < 0. "
+                    f"Received: penalty_range={penalty_range!r}"
+                )
+            penalty_range = (low, high)
+        self.penalty_range = penalty_range
         self._forced_phase = None
+        self._cap_macs = None
         self._build_layers()
         self._build_trackers()
 
@@ -229,6 +246,7 @@ class RNPModel(keras.Model):
             groups=self.groups,
             embed_dim=self.agent_embed_dim,
             units=self.agent_units,
+            conditioned=self.penalty_range is not None,
             name="agent",
         )
         self.agent.build()
@@ -238,6 +256,15 @@ class RNPModel(keras.Model):
         )
         self._agent_updates = self.add_weight(
             name="agent_updates", shape=(), dtype="int64", initializer="zeros",
+            trainable=False, aggregation="only_first_replica",
+        )
+        self._penalty_setting = self.add_weight(
+            name="penalty_setting", shape=(), initializer=keras.initializers.Constant(self.penalty),
+            trainable=False, aggregation="only_first_replica",
+        )
+        # Budget calibration: compute fraction measured at a grid of penalties.
+        self._calibration = self.add_weight(
+            name="budget_calibration", shape=(2, 32), initializer="zeros",
             trainable=False, aggregation="only_first_replica",
         )
         self._epsilon = self.add_weight(
@@ -254,6 +281,14 @@ class RNPModel(keras.Model):
         self._fixed_macs = fixed
         full = np.full((1, self.num_prunable), self.groups)
         self.full_macs = float(self.macs(full)[0])
+        self.min_macs = float(self.macs(np.ones((1, self.num_prunable), np.int32))[0])
+        # min_rest[t, a-1]: the least MACs after layer t when layer t took a.
+        actions = np.arange(1, self.groups + 1)
+        rest = np.zeros((self.num_prunable, self.groups))
+        rest[-1] = actions * self._head_macs_per_group
+        for t in range(self.num_prunable - 2, -1, -1):
+            rest[t] = self.prunable[t + 1].macs(actions, 1) + rest[t + 1][0]
+        self._min_rest = rest.astype(np.float32)
         self.built = True
 
     def build(self, input_shape=None):
@@ -319,7 +354,7 @@ class RNPModel(keras.Model):
         return self.macs(actions) / self.full_macs
 
     # -------------------------------------------------------------- rollout
-    def _rollout(self, x, choose, training=False, run_agent=True):
+    def _rollout(self, x, choose, training=False, run_agent=True, penalties=None, cap=False):
         """The one loop of the model (masked execution).
 
         Args:
@@ -328,6 +363,11 @@ class RNPModel(keras.Model):
             training: BatchNorm/dropout mode of the backbone.
             run_agent: whether the agent computes Q-values (not needed for
                 forced actions).
+            penalties: `[batch]` penalties a conditioned agent sees (default:
+                the inference setting `penalty_setting`).
+            cap: greedy inference: apply the run-time knob (re-pricing by
+                `penalty_setting`) and the hard per-image MAC cap set by
+                `set_compute_cap`.
 
         Returns:
             A dict with `logits`, `actions`, `q_values` (None without the
@@ -336,6 +376,12 @@ class RNPModel(keras.Model):
         batch = tf.shape(x)[0]
         previous = tf.fill([batch], self.groups)
         state = self.agent.initial_state(batch) if run_agent else None
+        condition = None
+        if run_agent and self.agent.conditioned:
+            if penalties is None:
+                penalties = tf.fill([batch], self._penalty_setting.value)
+            condition = self.penalty_condition(penalties)
+        spent = tf.fill([batch], tf.constant(self._fixed_macs, tf.float32))
         actions, q_values = [], []
         h = x
         for kind, layer in self._plan:
@@ -347,8 +393,12 @@ class RNPModel(keras.Model):
                 t = len(actions)
                 q = None
                 if run_agent:
-                    q, state = self.agent.step(t, h, state)
+                    q, state = self.agent.step(t, h, state, condition)
                     q_values.append(q)
+                if cap and run_agent:
+                    q = self._repriced(q, penalties)
+                    if self._cap_macs is not None:
+                        q, spent = self._cap_q_values(t, q, previous, spent)
                 action = choose(t, q)
                 h = layer(h, in_actions=previous, out_actions=action, training=training)
                 actions.append(action)
@@ -362,6 +412,44 @@ class RNPModel(keras.Model):
             "macs": self.macs(actions),
         }
 
+    def _repriced(self, q, penalties=None):
+        """Q-values re-priced to the inference penalty (plain agents).
+
+        An agent trained with penalty `p0` learned `Q(s, a)` whose immediate
+        reward is `(a - 1) * p0`; at inference penalty `p` the immediate
+        reward becomes `(a - 1) * p`, i.e. `Q(s, a) + (p - p0) * (a - 1)`.
+        Conditioned agents read the penalty as an input instead.
+        """
+        if self.agent.conditioned:
+            return q
+        if penalties is None:
+            delta = self._penalty_setting.value - self.penalty
+        else:
+            delta = tf.cast(penalties, tf.float32)[:, None] - self.penalty
+        extra = tf.range(self.groups, dtype=q.dtype)[None, :]
+        return q + tf.cast(delta, q.dtype) * extra
+
+    def _cap_q_values(self, t, q, previous, spent):
+        """Masks the actions that would break the per-image MAC cap.
+
+        An action is feasible when the MACs spent so far, this layer's cost
+        and the least possible cost of the remaining layers fit the cap. The
+        narrowest action is always feasible once the first layer was, so the
+        cap holds for every image.
+        """
+        k = self.groups
+        options = tf.range(1, k + 1)
+        cost = self.prunable[t].macs(
+            tf.repeat(previous[:, None], k, axis=1), tf.tile(options[None, :], [tf.shape(q)[0], 1])
+        )
+        total = spent[:, None] + cost + tf.constant(self._min_rest[t])[None, :]
+        feasible = total <= self._cap_macs * (1 + 1e-6)
+        feasible = tf.logical_or(feasible, tf.equal(options, 1)[None, :])
+        masked = tf.where(feasible, q, tf.fill(tf.shape(q), tf.constant(-1e30, q.dtype)))
+        chosen = agent_lib.greedy_actions(masked)
+        spent = spent + tf.gather(cost, chosen - 1, batch_dims=1)
+        return masked, spent
+
     def _head(self, h, training):
         if self.backbone["head"]["pooling"] == "gap":
             h = tf.reduce_mean(h, axis=[1, 2])
@@ -373,7 +461,7 @@ class RNPModel(keras.Model):
                 h = self.dropout(h, training=training)
         return self.head_layers[-1](h)
 
-    def rollout(self, x, actions=None, policy="greedy", epsilon=0.0, training=False):
+    def rollout(self, x, actions=None, policy="greedy", epsilon=0.0, training=False, penalty=None):
         """Runs the model and returns logits, actions, Q-values and MACs.
 
         This is the documented way to see what the agent decided for every
@@ -387,6 +475,8 @@ class RNPModel(keras.Model):
             policy: `"greedy"` (inference) or `"epsilon"` (epsilon-greedy).
             epsilon: exploration rate for `policy="epsilon"`.
             training: BatchNorm/dropout mode of the backbone.
+            penalty: the run-time penalty for this call (default:
+                `penalty_setting`; see `set_penalty`).
 
         Returns:
             A dict: `logits` `[batch, num_classes]`, `actions` int32
@@ -410,13 +500,169 @@ class RNPModel(keras.Model):
             choose = lambda t, q: agent_lib.epsilon_greedy_actions(q, epsilon)  # noqa: E731
         else:
             raise ValueError(f"`policy` must be 'greedy' or 'epsilon'. Received: policy={policy!r}")
-        return self._rollout(x, choose, training)
+        penalties = None
+        if penalty is not None:
+            penalties = tf.fill([tf.shape(x)[0]], tf.constant(float(penalty), tf.float32))
+        return self._rollout(x, choose, training, penalties=penalties, cap=policy == "greedy")
+
+    # ------------------------------------------------------ run-time knob
+    def penalty_condition(self, penalties):
+        """The agent's condition input for penalties: log10(-p) scaled to [-1, 1]."""
+        low, high = self.penalty_range
+        lo, hi = np.log10(-high), np.log10(-low)
+        value = tf.math.log(-tf.cast(penalties, tf.float32)) / np.log(10.0)
+        return 2.0 * (value - lo) / (hi - lo) - 1.0
+
+    def _sample_penalties(self, batch):
+        """Per-image training penalties, log-uniform in `penalty_range`."""
+        if self.penalty_range is None:
+            return None
+        low, high = self.penalty_range
+        u = tf.random.uniform([batch], np.log(-high), np.log(-low))
+        return -tf.exp(u)
+
+    @property
+    def penalty_setting(self):
+        """The penalty the agent is given at inference (a float)."""
+        return float(self._penalty_setting.numpy())
+
+    def set_penalty(self, penalty):
+        """Moves the speed/accuracy balance of a `penalty_range` model.
+
+        `p` is the reward per extra group at inference: a more negative
+        penalty makes every extra group cost more, so the agent computes less
+        (a positive one rewards extra groups). For the paper's agent, trained
+        with one penalty `p0`, the greedy choice re-prices the Q-values:
+        `argmax_a Q(s, a) + (p - p0) * (a - 1)`, exactly the change of the
+        immediate reward (later layers stay priced at `p0`). This knob was
+        chosen by measurement: on Fashion-MNIST one agent trained at
+        `p0 = -0.05` spanned 0.84 to 0.15 of the full MACs, monotonically,
+        while a penalty-conditioned agent trained as long barely responded
+        to its penalty input. A `penalty_range` model reads `p` as an input
+        instead. Saved with the model (`.keras`); used by `call`, `predict`,
+        `evaluate`, `predict_details` and the exporters.
+
+        Args:
+            penalty: a float (within `penalty_range` for conditioned models).
+
+        Example:
+
+        >>> model.set_penalty(-0.2)   # cheaper
+        """
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float, np.floating)) or not np.isfinite(penalty):
+            raise ValueError(f"`penalty` must be a finite float. Received: penalty={penalty!r}")
+        if self.penalty_range is not None:
+            low, high = self.penalty_range
+            if not low <= penalty <= high:
+                raise ValueError(
+                    f"`penalty` must lie in the trained range [{low}, {high}]. Received: penalty={penalty}"
+                )
+        self._penalty_setting.assign(float(penalty))
+
+    def calibrate_budget(self, x, num_points=9):
+        """Measures mean compute at a grid of penalties, for `set_budget`.
+
+        Args:
+            x: images or a `tf.data.Dataset` (a validation split).
+            num_points: number of penalties (<= 32): log-spaced over
+                `penalty_range`, or for the paper's agent `p0 + d` with `d`
+                evenly spaced from +1 to -2 (the scale of `alpha * L_cls`).
+
+        Returns:
+            A list of `(penalty, mean compute fraction)` pairs, penalties
+            from the least to the most negative.
+
+        Example:
+
+        >>> model.calibrate_budget(data.validation)
+        """
+        validation.check_positive_int("num_points", num_points)
+        if not 2 <= num_points <= 32:
+            raise ValueError(f"`num_points` must be in 2..32. Received: num_points={num_points}")
+        if self.penalty_range is not None:
+            low, high = self.penalty_range
+            penalties = -np.geomspace(-high, -low, num_points)
+        else:
+            penalties = self.penalty + np.linspace(1.0, -2.0, num_points)
+        saved = self.penalty_setting
+        fractions = []
+        try:
+            for penalty in penalties:
+                self._penalty_setting.assign(float(penalty))
+                fractions.append(float(self.predict_details(x)["compute_fraction"].mean()))
+        finally:
+            self._penalty_setting.assign(saved)
+        table = np.zeros((2, 32), np.float32)
+        table[0, :num_points] = penalties
+        table[1, :num_points] = fractions
+        self._calibration.assign(table)
+        return list(zip(penalties.tolist(), fractions))
+
+    def set_budget(self, compute_fraction):
+        """Sets the penalty whose measured mean compute is `compute_fraction`.
+
+        Interpolates the calibration of `calibrate_budget` (made monotone:
+        a smaller budget never gets a less negative penalty) and clips to the
+        calibrated range.
+
+        Args:
+            compute_fraction: target mean MACs as a fraction of the full model.
+
+        Returns:
+            The penalty set.
+
+        Example:
+
+        >>> model.calibrate_budget(data.validation)
+        >>> model.set_budget(0.4)
+        """
+        if not 0.0 < compute_fraction <= 1.0:
+            raise ValueError(f"`compute_fraction` must be in (0, 1]. Received: compute_fraction={compute_fraction}")
+        table = self._calibration.numpy()
+        count = int(np.count_nonzero(table[1]))
+        if count < 2:
+            raise ValueError("set_budget needs a calibration: call `model.calibrate_budget(validation_data)` first.")
+        penalties, fractions = table[0, :count], table[1, :count]
+        # penalties fall from the first entry to the last: so must compute
+        fractions = np.minimum.accumulate(fractions)
+        order = np.argsort(fractions, kind="stable")
+        penalty = float(np.interp(compute_fraction, fractions[order], penalties[order]))
+        self._penalty_setting.assign(penalty)
+        return penalty
+
+    def set_compute_cap(self, compute_fraction):
+        """Hard cap: no single image may exceed this share of the full MACs.
+
+        Enforced in the greedy action selection (every layer's choice must
+        leave room for the narrowest completion), so it holds for every
+        image, not on average. `None` removes the cap.
+
+        Args:
+            compute_fraction: the cap as a fraction of the full model's
+                MACs, at least the narrowest network's share, or None.
+
+        Example:
+
+        >>> model.set_compute_cap(0.5)
+        """
+        if compute_fraction is None:
+            self._cap_macs = None
+        else:
+            floor = self.min_macs / self.full_macs
+            if not floor - 1e-9 <= compute_fraction <= 1.0:
+                raise ValueError(
+                    f"`compute_fraction` must lie in [{floor:.4f}, 1] (the narrowest network costs "
+                    f"{floor:.4f}). Received: compute_fraction={compute_fraction}"
+                )
+            self._cap_macs = float(compute_fraction) * self.full_macs
+        self.__dict__.pop("_details_functions", None)
+        self.predict_function = None
 
     def call(self, inputs, training=False):
         """Logits of the greedy policy (masked execution)."""
         x = validation.check_images(inputs, self.image_shape)
         choose = lambda t, q: agent_lib.greedy_actions(q)  # noqa: E731
-        return self._rollout(x, choose, training)["logits"]
+        return self._rollout(x, choose, training, cap=True)["logits"]
 
     def predict_details(self, x, batch_size=256, actions=None):
         """Logits, actions, MACs and compute fractions as numpy arrays.
@@ -473,7 +719,7 @@ class RNPModel(keras.Model):
         images_spec = tf.TensorSpec([None, *self.image_shape], tf.float32)
         if "greedy" not in cache:
             cache["greedy"] = tf.function(
-                lambda images: self._rollout(images, lambda t, q: agent_lib.greedy_actions(q)),
+                lambda images: self._rollout(images, lambda t, q: agent_lib.greedy_actions(q), cap=True),
                 input_signature=[images_spec],
             )
             cache["static"] = tf.function(
@@ -528,6 +774,10 @@ class RNPModel(keras.Model):
 
     def _sliced_one(self, image, forced=None):
         state = self.agent.initial_state(1) if forced is None else None
+        condition = None
+        if self.agent.conditioned:
+            condition = self.penalty_condition(tf.reshape(self._penalty_setting.value, [1]))
+        spent = tf.constant([self._fixed_macs], tf.float32)
         previous = self.groups
         chosen = []
         h = image
@@ -539,7 +789,10 @@ class RNPModel(keras.Model):
             else:
                 t = len(chosen)
                 if forced is None:
-                    q, state = self.agent.step(t, h, state)
+                    q, state = self.agent.step(t, h, state, condition)
+                    q = self._repriced(q)
+                    if self._cap_macs is not None:
+                        q, spent = self._cap_q_values(t, q, tf.constant([previous]), spent)
                     action = int(agent_lib.greedy_actions(q)[0])
                 else:
                     action = int(forced[t])
@@ -707,21 +960,26 @@ class RNPModel(keras.Model):
         if actions_visible:
             self.shares_tracker.update_state(out["actions"])
 
-    def _td_loss(self, out, ce):
+    def _td_loss(self, out, ce, penalties=None):
         ce = tf.stop_gradient(ce)
         alpha = self.alpha if self.alpha is not None else 1.0 / (tf.reduce_mean(ce) + 1e-6)
-        step_rewards = dqn.rewards(out["actions"], ce, self.penalty, alpha)
+        if penalties is None:
+            penalty = self._penalty_setting.value if self.penalty_range is not None else self.penalty
+        else:
+            penalty = penalties[:, None]
+        step_rewards = dqn.rewards(out["actions"], ce, penalty, alpha)
         targets = dqn.td_targets(step_rewards, out["q_values"], self.gamma)
         return dqn.q_loss(out["q_values"], out["actions"], targets, self.q_loss)
 
     def _agent_step(self, x, y):
         epsilon = self._epsilon.value
         variables = self.agent_variables
+        penalties = self._sample_penalties(tf.shape(x)[0])
         with tf.GradientTape() as tape:
             choose = lambda t, q: agent_lib.epsilon_greedy_actions(q, epsilon)  # noqa: E731
-            out = self._rollout(x, choose, training=False)
+            out = self._rollout(x, choose, training=False, penalties=penalties)
             ce = _per_sample_ce(y, out["logits"])
-            loss = self._td_loss(out, ce)
+            loss = self._td_loss(out, ce, penalties)
         grads = tape.gradient(_replica_scale(loss), variables)
         self.agent_optimizer.apply(grads, variables)
         self.agent_loss_tracker.update_state(loss)
@@ -744,7 +1002,8 @@ class RNPModel(keras.Model):
                     action = agent_lib.epsilon_greedy_actions(q, epsilon)
                     return tf.where(full, self.groups, action)
 
-                out = self._rollout(x, choose, training=True)
+                penalties = self._sample_penalties(tf.shape(x)[0])
+                out = self._rollout(x, choose, training=True, penalties=penalties)
             ce = _per_sample_ce(y, out["logits"])
             loss = tf.reduce_mean(ce) + sum(self.losses)
         grads = tape.gradient(_replica_scale(loss), variables)
@@ -783,7 +1042,7 @@ class RNPModel(keras.Model):
 
     def test_step(self, data):
         x, y = self._unpack(data)
-        out = self._rollout(x, lambda t, q: agent_lib.greedy_actions(q), training=False)
+        out = self._rollout(x, lambda t, q: agent_lib.greedy_actions(q), training=False, cap=True)
         ce = _per_sample_ce(y, out["logits"])
         self.agent_loss_tracker.update_state(self._td_loss(out, ce))
         self._update_metrics(y, out, ce)
@@ -818,6 +1077,7 @@ class RNPModel(keras.Model):
                 "full_width_fraction": self.full_width_fraction,
                 "robust_random_draws": self.robust_random_draws,
                 "distill_weight": self.distill_weight,
+                "penalty_range": None if self.penalty_range is None else list(self.penalty_range),
             }
         )
         return config

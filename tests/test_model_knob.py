@@ -1,0 +1,138 @@
+"""The run-time knob of RNPModel: penalty / budget settings and the hard cap."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import rnp_tf
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small model trained on digits (real data bundled with scikit-learn)."""
+    keras.utils.set_random_seed(1)
+    data = rnp_tf.load_dataset("digits", batch_size=64, validation_split=0.2)
+    model = rnp_tf.RNPModel(
+        rnp_tf.cifar_cnn((8, 16, 16, 16)), image_shape=data.input_shape, num_classes=10,
+        robust_steps=120, agent_steps=15, backbone_steps=15, epsilon_decay_steps=60, penalty=-0.05,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    model.fit(data.train, epochs=10, verbose=0)
+    return model, data
+
+
+def test_compute_is_monotone_in_the_penalty(trained):
+    model, data = trained
+    x, _ = data.test_arrays()
+    penalties = model.penalty + np.array([1.0, 0.5, 0.2, 0.0, -0.2, -0.5, -1.0, -2.0])
+    means = [float(model.macs(model.rollout(x, penalty=p)["actions"]).numpy().mean()) for p in penalties]
+    assert all(b <= a for a, b in zip(means, means[1:])), means
+    assert means[0] > 1.3 * means[-1], means  # the knob really moves compute
+
+
+def test_set_penalty_is_what_rollout_call_and_predict_use(trained):
+    model, data = trained
+    x, _ = data.test_arrays()
+    model.set_penalty(model.penalty - 1.0)
+    try:
+        cheap = model.predict_details(x)
+        np.testing.assert_array_equal(cheap["actions"], model.rollout(x)["actions"])
+        np.testing.assert_allclose(model.predict(x, verbose=0), cheap["logits"], atol=1e-5)
+        sliced = model.sliced_rollout(x[:5])
+        np.testing.assert_array_equal(sliced["actions"], cheap["actions"][:5])
+    finally:
+        model.set_penalty(model.penalty)
+    default = model.predict_details(x)
+    assert cheap["compute_fraction"].mean() <= default["compute_fraction"].mean()
+
+
+def test_budget_calibration_and_setting(trained):
+    model, data = trained
+    table = model.calibrate_budget(data.validation, num_points=7)
+    penalties, fractions = zip(*table)
+    assert list(penalties) == sorted(penalties, reverse=True)
+    chosen = [model.set_budget(b) for b in (0.9, 0.6, 0.4, 0.2)]
+    assert chosen == sorted(chosen, reverse=True)  # smaller budget, more negative penalty
+    x, _ = data.validation.map(lambda a, b: (a, b)), None
+    achieved = []
+    for b in (0.9, 0.6, 0.4, 0.2):
+        model.set_budget(b)
+        achieved.append(model.predict_details(data.validation)["compute_fraction"].mean())
+    assert all(b <= a + 1e-6 for a, b in zip(achieved, achieved[1:])), achieved
+    model.set_penalty(model.penalty)
+
+
+def test_knob_survives_saving(trained, tmp_path):
+    model, data = trained
+    model.calibrate_budget(data.validation, num_points=5)
+    model.set_budget(0.5)
+    path = tmp_path / "knob.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.penalty_setting == pytest.approx(model.penalty_setting)
+    np.testing.assert_allclose(loaded._calibration.numpy(), model._calibration.numpy())
+    x, _ = data.test_arrays()
+    np.testing.assert_array_equal(loaded.predict_details(x)["actions"], model.predict_details(x)["actions"])
+    model.set_penalty(model.penalty)
+
+
+def greedy_spender():
+    """An untrained model whose agent prefers the widest actions."""
+    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10)
+    for decoder in model.agent.decoders:
+        decoder.bias.assign([0.0, 1.0, 2.0, 3.0])
+    return model
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.3, 0.6, 1.0])
+def test_hard_cap_is_never_exceeded(share):
+    model = greedy_spender()
+    floor = model.min_macs / model.full_macs
+    cap = floor + share * (1.0 - floor)
+    x = np.random.default_rng(0).normal(size=(256, 8, 8, 1)).astype("float32") * 3
+    uncapped = model.predict_details(x)["compute_fraction"]
+    model.set_compute_cap(cap)
+    capped = model.predict_details(x)
+    assert capped["compute_fraction"].max() <= cap + 1e-6
+    if cap < uncapped.max():
+        assert capped["compute_fraction"].mean() < uncapped.mean()
+    np.testing.assert_array_equal(model.rollout(x[:16])["actions"], capped["actions"][:16])
+    np.testing.assert_array_equal(model.sliced_rollout(x[:4])["actions"], capped["actions"][:4])
+    model.set_compute_cap(None)
+    np.testing.assert_allclose(model.predict_details(x)["compute_fraction"], uncapped)
+
+
+def test_knob_errors():
+    model = greedy_spender()
+    with pytest.raises(ValueError, match="narrowest"):
+        model.set_compute_cap(0.01)
+    with pytest.raises(ValueError, match="finite"):
+        model.set_penalty(float("nan"))
+    with pytest.raises(ValueError, match="calibrate_budget"):
+        model.set_budget(0.5)
+    with pytest.raises(ValueError, match="compute_fraction"):
+        model.set_budget(1.5)
+    with pytest.raises(ValueError, match="penalty_range"):
+        rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10,
+                        penalty_range=(-0.01, -0.5))
+
+
+def test_penalty_conditioned_agent_reads_the_penalty():
+    model = rnp_tf.RNPModel(
+        rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10,
+        penalty_range=(-0.5, -0.005), agent_steps=2, backbone_steps=2, epsilon_decay_steps=2,
+    )
+    assert model.agent.conditioned
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
+    q_cheap = model.rollout(x, penalty=-0.5)["q_values"]
+    q_costly = model.rollout(x, penalty=-0.005)["q_values"]
+    assert not np.allclose(q_cheap, q_costly)
+    with pytest.raises(ValueError, match="trained range"):
+        model.set_penalty(-0.9)
+    model.compile()
+    y = np.arange(4) % 10
+    history = model.fit(x, y, batch_size=2, epochs=1, steps_per_epoch=6, verbose=0)
+    assert np.isfinite(history.history["agent_loss"][0])
+    clone = rnp_tf.RNPModel.from_config(model.get_config())
+    assert clone.penalty_range == (-0.5, -0.005)
