@@ -17,9 +17,13 @@ from rnp_tf.agent import epsilon_greedy_actions
 from rnp_tf.agent import greedy_actions
 from rnp_tf.backbones import cifar_cnn
 from rnp_tf.backbones import get_backbone
+from rnp_tf.backbones import resnet50
 from rnp_tf.backbones import vgg16
 from rnp_tf.callbacks import AtomicCheckpoint
 from rnp_tf.callbacks import CompactProgressBar
+from rnp_tf import convert
+from rnp_tf.convert import ConversionError
+from rnp_tf.convert import from_keras
 from rnp_tf.data import Dataset
 from rnp_tf.data import load_dataset
 from rnp_tf.evaluation import evaluate_model

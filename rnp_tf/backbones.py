@@ -81,14 +81,14 @@ def vgg16(width_multiplier=1.0, hidden=(4096, 4096), dropout=0.5):
     return _from_plan(plan, {"pooling": "flatten", "hidden": list(hidden), "dropout": dropout})
 
 
-BACKBONES = {"cifar_cnn": cifar_cnn, "vgg16": vgg16}
+BACKBONES = {"cifar_cnn": cifar_cnn, "vgg16": vgg16}  # resnet50 added below
 
 
 def get_backbone(name, **kwargs):
     """Looks up a backbone description by name.
 
     Args:
-        name: one of `BACKBONES` (`"cifar_cnn"`, `"vgg16"`).
+        name: one of `BACKBONES` (`"cifar_cnn"`, `"vgg16"`, `"resnet50"`).
         **kwargs: passed to the builder.
 
     Returns:
@@ -104,13 +104,68 @@ def get_backbone(name, **kwargs):
     return BACKBONES[name](**kwargs)
 
 
+def resnet50(expansion=4):
+    """ResNet-50 (v1, as `keras.applications.ResNet50`) as a description.
+
+    The stem (7x7/2 conv, 3x3/2 max-pool) and the last 1x1 conv of every
+    bottleneck (it feeds the residual `Add`) keep their full output; the
+    first two convs of every bottleneck are prunable, as FBS prunes ResNets.
+
+    Args:
+        expansion: output channels of a bottleneck over its inner width.
+
+    Returns:
+        A backbone description dict.
+
+    Example:
+
+    >>> sum(s["type"] == "bottleneck" for s in resnet50()["stages"])
+    16
+    """
+    stages = [
+        {"type": "zeropad", "padding": 3},
+        {"type": "conv", "filters": 64, "kernel_size": 7, "strides": 2, "padding": "valid", "prunable": False},
+        {"type": "zeropad", "padding": 1},
+        {"type": "pool", "size": 3, "strides": 2, "padding": "valid"},
+    ]
+    for filters, blocks, strides in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            stages.append(
+                {
+                    "type": "bottleneck",
+                    "filters": filters,
+                    "strides": strides if i == 0 else 1,
+                    "projection": i == 0,
+                    "expansion": expansion,
+                }
+            )
+    return {"stages": stages, "head": {"pooling": "gap", "hidden": [], "dropout": 0.0}}
+
+
+BACKBONES["resnet50"] = resnet50
+
+_CONV_DEFAULTS = {
+    "kernel_size": 3, "strides": 1, "padding": "same", "normalization": True, "activation": "relu", "bn_epsilon": 1e-3,
+}
+
+
 def validate_backbone(spec, groups):
     """Checks a backbone description and returns a normalised deep copy.
 
+    Stage types: `conv` (`filters`, `kernel_size`=3, `strides`=1,
+    `padding`="same", `normalization`=True, `activation`="relu",
+    `prunable`: default True for every conv but the first, False for a conv
+    whose output feeds a bottleneck's residual sum), `pool` (`size`=2,
+    `strides`=size, `padding`="same", `mode`="max" or "avg"), `zeropad`
+    (`padding`) and `bottleneck` (`filters`, `strides`=1, `projection`,
+    `expansion`=4, `prunable`=[True, True]: 1x1 -> 3x3 -> 1x1 with a
+    residual sum; the first two convs may be pruned, the last feeds the
+    sum). Convs also take `bn_epsilon` (1e-3).
+
     Args:
         spec: a backbone description dict.
-        groups: the number of channel groups `k`; must divide every conv's
-            channels.
+        groups: the number of channel groups `k`; must divide the channels
+            of every prunable conv (and the inputs of gated ones).
 
     Returns:
         The description with defaults filled in.
@@ -124,30 +179,68 @@ def validate_backbone(spec, groups):
         raise ValueError(f"A backbone must be a dict with 'stages' and 'head'. Received: backbone={spec!r}")
     spec = copy.deepcopy(spec)
     stages = spec["stages"]
-    convs = [s for s in stages if s.get("type") == "conv"]
-    if len(convs) < 2:
-        raise ValueError(
-            f"A backbone needs at least 2 conv stages (a stem and a prunable layer). "
-            f"Received: {len(convs)} conv stages"
-        )
-    if stages[0].get("type") != "conv":
-        raise ValueError(f"The first stage must be a conv (the stem). Received: stages[0]={stages[0]!r}")
+    kinds = [s.get("type") for s in stages]
+    if "conv" not in kinds:
+        raise ValueError("A backbone needs a conv stage (the stem). Received: no conv stage")
+    first_conv = kinds.index("conv")
+    if any(kind == "bottleneck" for kind in kinds[:first_conv]):
+        raise ValueError("The first conv (the stem) must come before any bottleneck stage.")
     for i, stage in enumerate(stages):
         kind = stage.get("type")
         if kind == "conv":
+            for key, value in _CONV_DEFAULTS.items():
+                stage.setdefault(key, value)
             validation.check_positive_int(f"stages[{i}].filters", stage.get("filters"))
-            stage.setdefault("kernel_size", 3)
-            stage.setdefault("strides", 1)
-            if stage["filters"] % groups:
+            validation.check_positive_int(f"stages[{i}].kernel_size", stage["kernel_size"])
+            validation.check_positive_int(f"stages[{i}].strides", stage["strides"])
+            feeds_block = next((k for k in kinds[i + 1 :] if k in ("conv", "bottleneck")), None) == "bottleneck"
+            stage.setdefault("prunable", i != first_conv and not feeds_block)
+            if i == first_conv and stage["prunable"]:
+                raise ValueError(f"The stem (stages[{i}]) has no feature map before it and cannot be prunable.")
+            if stage["prunable"] and feeds_block:
                 raise ValueError(
-                    f"`groups` must divide the channels of every conv stage. Received: "
+                    f"stages[{i}] feeds a residual sum (the next bottleneck's shortcut) and cannot be pruned "
+                    "at its output."
+                )
+            if stage["prunable"] and stage["filters"] % groups:
+                raise ValueError(
+                    f"`groups` must divide the channels of every prunable conv stage. Received: "
                     f"groups={groups}, stages[{i}].filters={stage['filters']}"
                 )
         elif kind == "pool":
             stage.setdefault("size", 2)
             validation.check_positive_int(f"stages[{i}].size", stage["size"])
+            stage.setdefault("strides", stage["size"])
+            stage.setdefault("padding", "same")
+            stage.setdefault("mode", "max")
+            if stage["mode"] not in ("max", "avg"):
+                raise ValueError(f"Pool mode must be 'max' or 'avg'. Received: stages[{i}]={stage!r}")
+        elif kind == "zeropad":
+            validation.check_positive_int(f"stages[{i}].padding", stage.get("padding"))
+        elif kind == "bottleneck":
+            validation.check_positive_int(f"stages[{i}].filters", stage.get("filters"))
+            stage.setdefault("strides", 1)
+            stage.setdefault("expansion", 4)
+            stage.setdefault("projection", True)
+            stage.setdefault("bn_epsilon", 1e-3)
+            stage.setdefault("prunable", [True, True])
+            if len(stage["prunable"]) != 2:
+                raise ValueError(f"stages[{i}].prunable must be two booleans (its 1x1 and 3x3 convs).")
+            if any(stage["prunable"]) and stage["filters"] % groups:
+                raise ValueError(
+                    f"`groups` must divide the inner channels of every bottleneck. Received: "
+                    f"groups={groups}, stages[{i}].filters={stage['filters']}"
+                )
         else:
-            raise ValueError(f"Stage type must be 'conv' or 'pool'. Received: stages[{i}]={stage!r}")
+            raise ValueError(
+                f"Stage type must be 'conv', 'pool', 'zeropad' or 'bottleneck'. Received: stages[{i}]={stage!r}"
+            )
+    if not any(
+        s["prunable"] if s["type"] == "conv" else any(s["prunable"])
+        for s in stages
+        if s["type"] in ("conv", "bottleneck")
+    ):
+        raise ValueError("A backbone needs at least one prunable conv (a conv after the stem).")
     head = spec.setdefault("head", {})
     head.setdefault("pooling", "gap")
     head.setdefault("hidden", [])

@@ -42,8 +42,16 @@ class GatedConv2D(keras.layers.Layer):
         kernel_size: int, size of the square kernel. Defaults to 3.
         groups: number of channel groups `k`. Defaults to 4.
         strides: int stride. Defaults to 1.
+        padding: `"same"` or `"valid"`. Defaults to `"same"`.
+        normalization: if True (default) BatchNorm follows the convolution
+            (one set per input width); if False the convolution has a bias
+            and no normalization (VGG-style).
         gated_input: whether the input width varies with a previous action
-            (every prunable layer but the first). Defaults to `True`.
+            (the input is the output of a prunable layer). Defaults to `True`.
+        prunable_output: whether actions may prune the output (then
+            `groups` must divide `filters`); False for convs whose output
+            must keep its width (the stem, a conv feeding a residual sum).
+            Defaults to `True`.
         activation: Keras activation applied after BatchNorm. Defaults to
             `"relu"`.
         momentum: BatchNorm moving-average momentum. Defaults to 0.9.
@@ -79,7 +87,10 @@ class GatedConv2D(keras.layers.Layer):
         kernel_size=3,
         groups=4,
         strides=1,
+        padding="same",
+        normalization=True,
         gated_input=True,
+        prunable_output=True,
         activation="relu",
         momentum=0.9,
         epsilon=1e-3,
@@ -91,12 +102,14 @@ class GatedConv2D(keras.layers.Layer):
         validation.check_positive_int("kernel_size", kernel_size)
         validation.check_positive_int("groups", groups)
         validation.check_positive_int("strides", strides)
-        if filters % groups:
+        if prunable_output and filters % groups:
             raise ValueError(
                 f"`groups` must divide `filters` so that every group has the "
                 f"same number of channels. Received: filters={filters}, "
                 f"groups={groups}"
             )
+        if padding not in ("same", "valid"):
+            raise ValueError(f"`padding` must be 'same' or 'valid'. Received: padding={padding!r}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(
                 f"`momentum` must be in [0, 1). Received: momentum={momentum}"
@@ -105,12 +118,15 @@ class GatedConv2D(keras.layers.Layer):
         self.kernel_size = int(kernel_size)
         self.groups = int(groups)
         self.strides = int(strides)
+        self.padding = padding
+        self.normalization = bool(normalization)
         self.gated_input = bool(gated_input)
+        self.prunable_output = bool(prunable_output)
         self.activation = keras.activations.get(activation)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.group_size = self.filters // self.groups
+        self.group_size = self.filters // self.groups if self.prunable_output else None
         self.num_bn_sets = self.groups if self.gated_input else 1
 
     def build(self, input_shape):
@@ -135,17 +151,29 @@ class GatedConv2D(keras.layers.Layer):
         self.in_group_size = (
             self.in_channels // self.groups if self.gated_input else None
         )
-        h, w = input_shape[1], input_shape[2]
-        self.output_hw = (
-            None if h is None else -(-h // self.strides),
-            None if w is None else -(-w // self.strides),
-        )
         k = self.kernel_size
+
+        def out_size(n):
+            if n is None:
+                return None
+            if self.padding == "same":
+                return -(-n // self.strides)
+            if n < k:
+                raise ValueError(
+                    f"{self.name}: a {k}x{k} 'valid' convolution needs inputs of at least {k} pixels. "
+                    f"Received: input_shape={input_shape}"
+                )
+            return (n - k) // self.strides + 1
+
+        self.output_hw = (out_size(input_shape[1]), out_size(input_shape[2]))
         self.kernel = self.add_weight(
             name="kernel",
             shape=(k, k, self.in_channels, self.filters),
             initializer=self.kernel_initializer,
         )
+        if not self.normalization:
+            self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+            return
         sets = (self.num_bn_sets, self.filters)
         self.gamma = self.add_weight(name="gamma", shape=sets, initializer="ones")
         self.beta = self.add_weight(name="beta", shape=sets, initializer="zeros")
@@ -175,7 +203,7 @@ class GatedConv2D(keras.layers.Layer):
         return tf.cast(in_actions, tf.int32) - 1
 
     def _conv(self, x, kernel):
-        return tf.nn.conv2d(x, kernel, strides=self.strides, padding="SAME")
+        return tf.nn.conv2d(x, kernel, strides=self.strides, padding=self.padding.upper())
 
     def channel_mask(self, out_actions):
         """Per-sample mask of computed output channels, shape `[batch, filters]`.
@@ -210,6 +238,11 @@ class GatedConv2D(keras.layers.Layer):
         """
         batch = tf.shape(inputs)[0]
         y = self._conv(inputs, self.kernel)
+        if not self.normalization:
+            y = self.activation(y + self.bias)
+            if out_actions is not None:
+                y = y * self.channel_mask(out_actions)[:, None, None, :]
+            return y
         sets = self._bn_set(in_actions, batch)
         onehot = tf.one_hot(sets, self.num_bn_sets, dtype=y.dtype)  # [B, S]
         if training:
@@ -264,6 +297,8 @@ class GatedConv2D(keras.layers.Layer):
             equals the sliced output.
         """
         in_prefix, out_prefix, bn_set = self._prefixes(in_action, out_action)
+        if not self.normalization:
+            return self.kernel[:, :, :in_prefix, :out_prefix], self.bias[:out_prefix]
         scale = self.gamma[bn_set] * tf.math.rsqrt(
             self.moving_variance[bn_set] + self.epsilon
         )
@@ -273,14 +308,13 @@ class GatedConv2D(keras.layers.Layer):
 
     def _prefixes(self, in_action, out_action):
         validation.check_action("out_action", out_action, self.groups)
+        if not self.prunable_output and int(out_action) != self.groups:
+            raise ValueError(f"{self.name} keeps its full output. Received: out_action={out_action}")
+        out_prefix = self.filters if int(out_action) == self.groups else int(out_action) * self.group_size
         if self.gated_input:
             validation.check_action("in_action", in_action, self.groups)
-            return (
-                int(in_action) * self.in_group_size,
-                int(out_action) * self.group_size,
-                int(in_action) - 1,
-            )
-        return self.in_channels, int(out_action) * self.group_size, 0
+            return int(in_action) * self.in_group_size, out_prefix, int(in_action) - 1
+        return self.in_channels, out_prefix, 0
 
     def call_sliced(self, inputs, in_action, out_action):
         """Sliced inference: convolve only the weight prefix.
@@ -326,14 +360,15 @@ class GatedConv2D(keras.layers.Layer):
             float32 tensor for tensor inputs).
         """
         per_pair = self.output_hw[0] * self.output_hw[1] * self.kernel_size**2
+        out_per_group = self.filters / self.groups
         if tf.is_tensor(out_actions):
-            out_p = tf.cast(out_actions, tf.float32) * self.group_size
+            out_p = tf.cast(out_actions, tf.float32) * out_per_group
             if self.gated_input:
                 in_p = tf.cast(in_actions, tf.float32) * self.in_group_size
             else:
                 in_p = float(self.in_channels)
             return float(per_pair) * in_p * out_p
-        out_p = np.asarray(out_actions, np.float64) * self.group_size
+        out_p = np.asarray(out_actions, np.float64) * out_per_group
         if self.gated_input:
             in_p = np.asarray(in_actions, np.float64) * self.in_group_size
         else:
@@ -356,7 +391,10 @@ class GatedConv2D(keras.layers.Layer):
                 "kernel_size": self.kernel_size,
                 "groups": self.groups,
                 "strides": self.strides,
+                "padding": self.padding,
+                "normalization": self.normalization,
                 "gated_input": self.gated_input,
+                "prunable_output": self.prunable_output,
                 "activation": keras.activations.serialize(self.activation),
                 "momentum": self.momentum,
                 "epsilon": self.epsilon,

@@ -194,36 +194,97 @@ class RNPModel(keras.Model):
 
     # ------------------------------------------------------------ structure
     def _build_layers(self):
-        """Creates and builds every layer from the backbone description."""
+        """Creates and builds every layer from the backbone description.
+
+        Records, for every conv, which decision sets its input width and its
+        output width (`_conv_info[name] = (decision, in_ref, out_ref)`, a
+        decision index or None for full width): MAC counts, the hard cap,
+        the sliced path and channel reordering all read it.
+        """
         shape = (None, *self.image_shape)
-        self._plan = []  # ("conv", layer) / ("pool", layer)
+        self._plan = []  # ("conv" | "pool" | "zeropad", layer) or ("block", dict)
         self.convs = []
+        self.prunable = []
+        self._conv_info = {}
         feature_channels = []
-        for stage in self.backbone["stages"]:
-            if stage["type"] == "conv":
+        width_ref = None  # decision whose action sets the current feature map's width
+
+        def add_conv(
+            name, filters, kernel_size, strides, padding, prunable, activation="relu", normalization=True, eps=1e-3
+        ):
+            nonlocal shape, width_ref
+            layer = GatedConv2D(
+                filters,
+                kernel_size=kernel_size,
+                strides=strides,
+                padding=padding,
+                normalization=normalization,
+                groups=self.groups,
+                gated_input=width_ref is not None,
+                activation=activation,
+                prunable_output=prunable,
+                epsilon=eps,
+                name=name,
+            )
+            layer.build(shape)
+            decision = None
+            if prunable:
+                decision = len(self.prunable)
+                feature_channels.append(shape[-1])
+                self.prunable.append(layer)
+            self._conv_info[name] = (decision, width_ref, decision)
+            self.convs.append(layer)
+            shape = layer.compute_output_shape(shape)
+            width_ref = decision
+            return layer
+
+        for i, stage in enumerate(self.backbone["stages"]):
+            kind = stage["type"]
+            if kind == "conv":
                 stem = not self.convs
-                if not stem:
-                    feature_channels.append(shape[-1])
-                layer = GatedConv2D(
-                    stage["filters"],
-                    kernel_size=stage["kernel_size"],
-                    strides=stage["strides"],
-                    groups=self.groups,
-                    gated_input=not stem,
-                    name="stem" if stem else f"gated_conv_{len(self.convs)}",
+                name = "stem" if stem else (f"gated_conv_{i}" if stage["prunable"] else f"conv_{i}")
+                layer = add_conv(
+                    name, stage["filters"], stage["kernel_size"], stage["strides"], stage["padding"],
+                    stage["prunable"], stage["activation"], stage["normalization"], stage["bn_epsilon"],
                 )
-                layer.build(shape)
+                self._plan.append(("conv", layer))
+            elif kind == "pool":
+                pool_class = keras.layers.MaxPooling2D if stage["mode"] == "max" else keras.layers.AveragePooling2D
+                layer = pool_class(stage["size"], strides=stage["strides"], padding=stage["padding"], name=f"pool_{i}")
                 shape = layer.compute_output_shape(shape)
-                self.convs.append(layer)
+                self._plan.append(("pool", layer))
+            elif kind == "zeropad":
+                layer = keras.layers.ZeroPadding2D(stage["padding"], name=f"zeropad_{i}")
+                shape = layer.compute_output_shape(shape)
+                self._plan.append(("zeropad", layer))
             else:
-                layer = keras.layers.MaxPooling2D(
-                    stage["size"], padding="same", name=f"pool_{len(self._plan)}"
-                )
-                shape = layer.compute_output_shape(shape)
-            self._plan.append((stage["type"], layer))
+                if width_ref is not None:
+                    raise ValueError(f"stages[{i}]: a bottleneck's input must have full width (it feeds a sum).")
+                block_in = shape
+                f, s, e, eps = stage["filters"], stage["strides"], stage["expansion"], stage["bn_epsilon"]
+                prune_a, prune_b = stage["prunable"]
+                conv_a = add_conv(f"block{i}_a", f, 1, s, "valid", prune_a, eps=eps)
+                conv_b = add_conv(f"block{i}_b", f, 3, 1, "same", prune_b, eps=eps)
+                conv_c = add_conv(f"block{i}_c", f * e, 1, 1, "valid", False, activation="linear", eps=eps)
+                shortcut = None
+                if stage["projection"]:
+                    after = shape
+                    shape, width_ref = block_in, None
+                    shortcut = add_conv(
+                        f"block{i}_shortcut", f * e, 1, s, "valid", False, activation="linear", eps=eps
+                    )
+                    shape = after
+                elif block_in[-1] != f * e or s != 1:
+                    raise ValueError(
+                        f"stages[{i}]: an identity shortcut needs {f * e} input channels and stride 1. "
+                        f"Received: input_shape={block_in}, strides={s}; set projection=True"
+                    )
+                self._plan.append(("block", {"a": conv_a, "b": conv_b, "c": conv_c, "shortcut": shortcut}))
+        if not self.prunable:
+            raise ValueError("The backbone has no prunable conv: nothing for the agent to decide.")
         self.stem = self.convs[0]
-        self.prunable = self.convs[1:]
         self.num_prunable = len(self.prunable)
+        self._head_ref = width_ref
         head = self.backbone["head"]
         self._head_in_shape = tuple(shape[1:])
         if head["pooling"] == "gap":
@@ -271,25 +332,32 @@ class RNPModel(keras.Model):
             name="epsilon", shape=(), initializer=keras.initializers.Constant(self.epsilon_start),
             trainable=False, aggregation="only_first_replica",
         )
-        # Per-sample MACs: fixed part + per-layer coefficients (see `macs`).
-        last = self.prunable[-1]
+        # Per-sample MACs: the head's first Dense shrinks with the width feeding it.
         first_units = self.head_layers[0].units
-        self._head_macs_per_group = float(last.group_size * self._head_spatial * first_units)
-        fixed = self.stem.full_macs
-        for dense in self.head_layers[1:]:
-            fixed += float(dense.kernel.shape[0] * dense.units)
+        fixed = sum(float(d.kernel.shape[0] * d.units) for d in self.head_layers[1:])
+        if self._head_ref is None:
+            fixed += float(width if not head["hidden"] else shape[-1] * self._head_spatial) * first_units
+            self._head_macs_per_group = 0.0
+        else:
+            producer = self.prunable[self._head_ref]
+            self._head_macs_per_group = float(producer.group_size * self._head_spatial * first_units)
         self._fixed_macs = fixed
         full = np.full((1, self.num_prunable), self.groups)
         self.full_macs = float(self.macs(full)[0])
         self.min_macs = float(self.macs(np.ones((1, self.num_prunable), np.int32))[0])
-        # min_rest[t, a-1]: the least MACs after layer t when layer t took a.
-        actions = np.arange(1, self.groups + 1)
-        rest = np.zeros((self.num_prunable, self.groups))
-        rest[-1] = actions * self._head_macs_per_group
-        for t in range(self.num_prunable - 2, -1, -1):
-            rest[t] = self.prunable[t + 1].macs(actions, 1) + rest[t + 1][0]
-        self._min_rest = rest.astype(np.float32)
         self.built = True
+
+    @property
+    def is_chain(self):
+        """True when the backbone is a stem followed by prunable convs and pools only.
+
+        The batched inference engine and the exporters handle such chains
+        (the CIFAR CNN, VGG); residual blocks run on the masked and the
+        reference sliced paths.
+        """
+        return all(kind in ("conv", "pool") for kind, _ in self._plan) and all(
+            self._conv_info[conv.name][0] is not None for conv in self.convs[1:]
+        )
 
     def build(self, input_shape=None):
         # Every weight is created in __init__ from `image_shape`.
@@ -331,9 +399,9 @@ class RNPModel(keras.Model):
     def macs(self, actions):
         """Backbone multiply-accumulates per sample for a batch of actions.
 
-        Counts the stem, every prunable conv on its (input prefix, output
-        prefix) and the head's Dense layers, whose first input shrinks with
-        the last action. The agent's own cost is `agent.macs()`.
+        Counts every conv on its (input prefix, output prefix) and the
+        head's Dense layers, whose first input shrinks when the last conv
+        is prunable. The agent's own cost is `agent.macs()`.
 
         Args:
             actions: int array or tensor `[batch, num_prunable]` in `1..k`.
@@ -342,12 +410,17 @@ class RNPModel(keras.Model):
             A float32 tensor `[batch]`.
         """
         actions = tf.cast(actions, tf.int32)
-        total = tf.fill([tf.shape(actions)[0]], tf.constant(self._fixed_macs, tf.float32))
-        previous = tf.fill([tf.shape(actions)[0]], self.groups)
-        for t, conv in enumerate(self.prunable):
-            total += conv.macs(previous, actions[:, t])
-            previous = actions[:, t]
-        return total + tf.cast(previous, tf.float32) * self._head_macs_per_group
+        batch = tf.shape(actions)[0]
+        full = tf.fill([batch], self.groups)
+        total = tf.fill([batch], tf.constant(self._fixed_macs, tf.float32))
+        for conv in self.convs:
+            _, in_ref, out_ref = self._conv_info[conv.name]
+            in_actions = full if in_ref is None else actions[:, in_ref]
+            out_actions = full if out_ref is None else actions[:, out_ref]
+            total += conv.macs(in_actions, out_actions)
+        if self._head_ref is not None:
+            total += tf.cast(actions[:, self._head_ref], tf.float32) * self._head_macs_per_group
+        return total
 
     def compute_fraction(self, actions):
         """Per-sample MACs as a fraction of the full model's, `[batch]`."""
@@ -374,35 +447,46 @@ class RNPModel(keras.Model):
             agent) and `macs`.
         """
         batch = tf.shape(x)[0]
-        previous = tf.fill([batch], self.groups)
         state = self.agent.initial_state(batch) if run_agent else None
         condition = None
         if run_agent and self.agent.conditioned:
             if penalties is None:
                 penalties = tf.fill([batch], self._penalty_setting.value)
             condition = self.penalty_condition(penalties)
-        spent = tf.fill([batch], tf.constant(self._fixed_macs, tf.float32))
         actions, q_values = [], []
+
+        def decide(h):
+            nonlocal state
+            t = len(actions)
+            q = None
+            if run_agent:
+                q, state = self.agent.step(t, h, state, condition)
+                q_values.append(q)
+            if cap and run_agent:
+                q = self._repriced(q, penalties)
+                if self._cap_macs is not None:
+                    q = self._cap_q_values(t, q, actions)
+            action = choose(t, q)
+            actions.append(action)
+            return action
+
+        def run_conv(conv, h):
+            decision, in_ref, _ = self._conv_info[conv.name]
+            in_actions = None if in_ref is None else actions[in_ref]
+            out_actions = decide(h) if decision is not None else None
+            return conv(h, in_actions=in_actions, out_actions=out_actions, training=training)
+
         h = x
-        for kind, layer in self._plan:
-            if kind == "pool":
-                h = layer(h)
-            elif layer is self.stem:
-                h = layer(h, training=training)
+        for kind, item in self._plan:
+            if kind == "conv":
+                h = run_conv(item, h)
+            elif kind == "block":
+                shortcut = h if item["shortcut"] is None else item["shortcut"](h, training=training)
+                for key in ("a", "b", "c"):
+                    h = run_conv(item[key], h)
+                h = tf.nn.relu(h + shortcut)
             else:
-                t = len(actions)
-                q = None
-                if run_agent:
-                    q, state = self.agent.step(t, h, state, condition)
-                    q_values.append(q)
-                if cap and run_agent:
-                    q = self._repriced(q, penalties)
-                    if self._cap_macs is not None:
-                        q, spent = self._cap_q_values(t, q, previous, spent)
-                action = choose(t, q)
-                h = layer(h, in_actions=previous, out_actions=action, training=training)
-                actions.append(action)
-                previous = action
+                h = item(h)
         logits = self._head(h, training)
         actions = tf.stack(actions, axis=1)
         return {
@@ -429,26 +513,32 @@ class RNPModel(keras.Model):
         extra = tf.range(self.groups, dtype=q.dtype)[None, :]
         return q + tf.cast(delta, q.dtype) * extra
 
-    def _cap_q_values(self, t, q, previous, spent):
+    def _cap_q_values(self, t, q, decided):
         """Masks the actions that would break the per-image MAC cap.
 
-        An action is feasible when the MACs spent so far, this layer's cost
-        and the least possible cost of the remaining layers fit the cap. The
-        narrowest action is always feasible once the first layer was, so the
-        cap holds for every image.
+        Action `a` at decision `t` is feasible when the MACs of the actions
+        decided so far, `a`, and the narrowest action at every later
+        decision fit the cap. The narrowest action is always feasible once
+        the first decision was, so the cap holds for every image.
+
+        Args:
+            t: the decision index.
+            q: `[batch, k]` Q-values.
+            decided: list of `t` int tensors `[batch]`, the earlier actions.
+
+        Returns:
+            The Q-values with infeasible actions set to -1e30.
         """
         k = self.groups
-        options = tf.range(1, k + 1)
-        cost = self.prunable[t].macs(
-            tf.repeat(previous[:, None], k, axis=1), tf.tile(options[None, :], [tf.shape(q)[0], 1])
-        )
-        total = spent[:, None] + cost + tf.constant(self._min_rest[t])[None, :]
-        feasible = total <= self._cap_macs * (1 + 1e-6)
-        feasible = tf.logical_or(feasible, tf.equal(options, 1)[None, :])
-        masked = tf.where(feasible, q, tf.fill(tf.shape(q), tf.constant(-1e30, q.dtype)))
-        chosen = agent_lib.greedy_actions(masked)
-        spent = spent + tf.gather(cost, chosen - 1, batch_dims=1)
-        return masked, spent
+        batch = tf.shape(q)[0]
+        columns = [tf.repeat(a[:, None], k, axis=1) for a in decided]
+        columns.append(tf.tile(tf.range(1, k + 1)[None, :], [batch, 1]))
+        columns += [tf.ones([batch, k], tf.int32)] * (self.num_prunable - t - 1)
+        completions = tf.reshape(tf.stack(columns, axis=-1), [-1, self.num_prunable])
+        cost = tf.reshape(self.macs(completions), [batch, k])
+        feasible = cost <= self._cap_macs * (1 + 1e-6)
+        feasible = tf.logical_or(feasible, tf.equal(tf.range(1, k + 1), 1)[None, :])
+        return tf.where(feasible, q, tf.fill(tf.shape(q), tf.constant(-1e30, q.dtype)))
 
     def _head(self, h, training):
         if self.backbone["head"]["pooling"] == "gap":
@@ -777,29 +867,41 @@ class RNPModel(keras.Model):
         condition = None
         if self.agent.conditioned:
             condition = self.penalty_condition(tf.reshape(self._penalty_setting.value, [1]))
-        spent = tf.constant([self._fixed_macs], tf.float32)
-        previous = self.groups
         chosen = []
+
+        def decide(h):
+            nonlocal state
+            t = len(chosen)
+            if forced is not None:
+                chosen.append(int(forced[t]))
+                return chosen[-1]
+            q, state = self.agent.step(t, h, state, condition)
+            q = self._repriced(q)
+            if self._cap_macs is not None:
+                q = self._cap_q_values(t, q, [tf.constant([a]) for a in chosen])
+            chosen.append(int(agent_lib.greedy_actions(q)[0]))
+            return chosen[-1]
+
+        def run_conv(conv, h):
+            decision, in_ref, _ = self._conv_info[conv.name]
+            in_action = self.groups if in_ref is None else chosen[in_ref]
+            out_action = decide(h) if decision is not None else self.groups
+            return conv.call_sliced(h, in_action, out_action)
+
         h = image
-        for kind, layer in self._plan:
-            if kind == "pool":
-                h = layer(h)
-            elif layer is self.stem:
-                h = layer.call_sliced(h, self.groups, self.groups)
+        for kind, item in self._plan:
+            if kind == "conv":
+                h = run_conv(item, h)
+            elif kind == "block":
+                shortcut = h
+                if item["shortcut"] is not None:
+                    shortcut = item["shortcut"].call_sliced(h, self.groups, self.groups)
+                for key in ("a", "b", "c"):
+                    h = run_conv(item[key], h)
+                h = tf.nn.relu(h + shortcut)
             else:
-                t = len(chosen)
-                if forced is None:
-                    q, state = self.agent.step(t, h, state, condition)
-                    q = self._repriced(q)
-                    if self._cap_macs is not None:
-                        q, spent = self._cap_q_values(t, q, tf.constant([previous]), spent)
-                    action = int(agent_lib.greedy_actions(q)[0])
-                else:
-                    action = int(forced[t])
-                h = layer.call_sliced(h, previous, action)
-                chosen.append(action)
-                previous = action
-        return self._head_sliced(h, previous), chosen
+                h = item(h)
+        return self._head_sliced(h, None), chosen
 
     def _head_sliced(self, h, last_action):
         """The head on a feature map holding only `last_action` groups."""

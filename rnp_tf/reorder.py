@@ -16,7 +16,8 @@ def channel_importance(conv):
     """L1 norm of each output filter with full-width BatchNorm folded in.
 
     The BatchNorm scale multiplies the filter's output, so the folded filter
-    `W[..., c] * gamma_c / sqrt(var_c + eps)` is what produces the channel.
+    `W[..., c] * gamma_c / sqrt(var_c + eps)` is what produces the channel
+    (a conv without BatchNorm uses its kernel as is).
 
     Args:
         conv: a built `GatedConv2D`.
@@ -26,47 +27,58 @@ def channel_importance(conv):
 
     Example:
 
-    >>> channel_importance(model.stem).shape
-    (32,)
+    >>> channel_importance(model.prunable[0]).shape
+    (64,)
     """
+    l1 = np.abs(np.asarray(conv.kernel)).sum(axis=(0, 1, 2))
+    if not conv.normalization:
+        return l1
     full = conv.num_bn_sets - 1
     gamma = np.asarray(conv.gamma)[full]
     variance = np.asarray(conv.moving_variance)[full]
-    scale = np.abs(gamma) / np.sqrt(variance + conv.epsilon)
-    l1 = np.abs(np.asarray(conv.kernel)).sum(axis=(0, 1, 2))
-    return l1 * scale
+    return l1 * np.abs(gamma) / np.sqrt(variance + conv.epsilon)
 
 
 def reorder_channels(model):
-    """Sorts every conv's output channels by importance, in place.
+    """Sorts every prunable conv's output channels by importance, in place.
 
-    Group 1 of every layer then holds its strongest filters. The full-width
-    function of the model (logits and agent Q-values when every action is
-    `k`) is unchanged.
+    Group 1 of every prunable layer then holds its strongest filters. The
+    consumers of each reordered output (the convs that read it, the agent
+    encoder that pools it, the head) are permuted to match, so the
+    full-width function of the model (logits and agent Q-values when every
+    action is `k`) is unchanged.
 
     Args:
         model: an `RNPModel`.
 
     Returns:
-        The list of permutations applied, one per conv (stem first).
+        The list of permutations applied, one per prunable conv.
 
     Example:
 
     >>> perms = reorder_channels(model)
     """
     permutations = []
-    for i, conv in enumerate(model.convs):
+    for t, conv in enumerate(model.prunable):
         perm = np.argsort(-channel_importance(conv), kind="stable")
         permutations.append(perm)
         conv.kernel.assign(np.asarray(conv.kernel)[..., perm])
-        for variable in (conv.gamma, conv.beta, conv.moving_mean, conv.moving_variance):
-            variable.assign(np.asarray(variable)[:, perm])
-        if i + 1 < len(model.convs):
-            following = model.convs[i + 1]
-            following.kernel.assign(np.asarray(following.kernel)[:, :, perm, :])
-            encoder = model.agent.encoders[i]
-            encoder.kernel.assign(np.asarray(encoder.kernel)[perm, :])
+        if conv.normalization:
+            for variable in (conv.gamma, conv.beta, conv.moving_mean, conv.moving_variance):
+                variable.assign(np.asarray(variable)[:, perm])
         else:
+            conv.bias.assign(np.asarray(conv.bias)[perm])
+        for consumer in model.convs:
+            decision, in_ref, _ = model._conv_info[consumer.name]
+            if in_ref != t:
+                continue
+            consumer.kernel.assign(np.asarray(consumer.kernel)[:, :, perm, :])
+            if decision is not None:
+                encoder = model.agent.encoders[decision]
+                kernel = np.asarray(encoder.kernel)
+                kernel[: len(perm)] = kernel[: len(perm)][perm]
+                encoder.kernel.assign(kernel)
+        if model._head_ref == t:
             _permute_head_rows(model, perm)
     return permutations
 

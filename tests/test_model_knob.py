@@ -132,7 +132,7 @@ def test_penalty_conditioned_agent_reads_the_penalty():
         model.set_penalty(-0.9)
     model.compile()
     y = np.arange(4) % 10
-    history = model.fit(x, y, batch_size=2, epochs=1, steps_per_epoch=6, verbose=0)
+    history = model.fit(x, y, batch_size=2, epochs=3, verbose=0)
     assert np.isfinite(history.history["agent_loss"][0])
     clone = rnp_tf.RNPModel.from_config(model.get_config())
     assert clone.penalty_range == (-0.5, -0.005)

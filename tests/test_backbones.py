@@ -1,0 +1,90 @@
+import itertools
+
+import numpy as np
+import pytest
+
+import rnp_tf
+from rnp_tf import backbones
+
+
+def test_cifar_cnn_scale_of_the_paper():
+    model = rnp_tf.RNPModel(backbones.cifar_cnn(), image_shape=(32, 32, 3), num_classes=10)
+    assert model.num_prunable == 3
+    assert 30e6 < model.full_macs < 40e6  # the paper's CIFAR net: tens of millions of MACs
+
+
+def test_vgg16_description():
+    spec = backbones.validate_backbone(backbones.vgg16(), groups=4)
+    convs = [s for s in spec["stages"] if s["type"] == "conv"]
+    assert len(convs) == 13 and [c["prunable"] for c in convs] == [False] + [True] * 12
+    assert spec["head"] == {"pooling": "flatten", "hidden": [4096, 4096], "dropout": 0.5}
+
+
+def test_resnet50_description_and_block_rules():
+    spec = backbones.validate_backbone(backbones.resnet50(), groups=4)
+    blocks = [s for s in spec["stages"] if s["type"] == "bottleneck"]
+    assert len(blocks) == 16 and all(b["prunable"] == [True, True] for b in blocks)
+    bad = {"stages": [{"type": "conv", "filters": 8}, {"type": "conv", "filters": 8, "prunable": True},
+                      {"type": "bottleneck", "filters": 4}], "head": {}}
+    with pytest.raises(ValueError, match="residual sum"):
+        backbones.validate_backbone(bad, groups=4)
+
+
+def small_residual():
+    return {
+        "stages": [
+            {"type": "conv", "filters": 8},
+            {"type": "bottleneck", "filters": 4, "projection": True},
+            {"type": "bottleneck", "filters": 4, "projection": False},
+            {"type": "pool", "size": 2, "mode": "avg"},
+            {"type": "conv", "filters": 8},
+        ],
+        "head": {"pooling": "gap"},
+    }
+
+
+def test_residual_model_masked_equals_sliced_for_every_action():
+    model = rnp_tf.RNPModel(small_residual(), image_shape=(8, 8, 3), num_classes=5, groups=2)
+    assert model.num_prunable == 5 and not model.is_chain
+    x = np.random.default_rng(0).normal(size=(32, 8, 8, 3)).astype("float32")
+    tuples = np.array(list(itertools.product((1, 2), repeat=5)))
+    masked = model.rollout(x, actions=tuples)
+    sliced = model.sliced_rollout(x, actions=tuples)
+    np.testing.assert_allclose(sliced["logits"], masked["logits"], atol=1e-5)
+
+
+def test_residual_mac_count_by_hand():
+    model = rnp_tf.RNPModel(small_residual(), image_shape=(8, 8, 3), num_classes=5, groups=2)
+
+    def hand(a1, b1, a2, b2, c):
+        stem = 64 * 9 * 3 * 8
+        block1 = 64 * (8 * 2 * a1) + 64 * 9 * (2 * a1) * (2 * b1) + 64 * (2 * b1) * 16 + 64 * 8 * 16
+        block2 = 64 * 16 * (2 * a2) + 64 * 9 * (2 * a2) * (2 * b2) + 64 * (2 * b2) * 16
+        last = 16 * 9 * 16 * (4 * c)
+        return stem + block1 + block2 + last + (4 * c) * 5
+
+    tuples = np.array(list(itertools.product((1, 2), repeat=5)))
+    np.testing.assert_allclose(model.macs(tuples).numpy(), [hand(*t) for t in tuples])
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ({"stages": [{"type": "pool"}]}, "conv"),
+        ({"stages": [{"type": "conv", "filters": 8}, {"type": "dense"}]}, "Stage type"),
+        ({"stages": [{"type": "conv", "filters": 8}, {"type": "conv", "filters": 6}]}, "divide"),
+        ({"stages": [{"type": "conv", "filters": 8, "prunable": True}]}, "stem"),
+        ({"stages": [{"type": "conv", "filters": 8}, {"type": "conv", "filters": 8}], "head": {"pooling": "max"}}, "pooling"),
+        ({"stages": [{"type": "conv", "filters": 8}]}, "prunable"),
+        ("vgg", "dict"),
+    ],
+)
+def test_bad_descriptions(spec, match):
+    with pytest.raises(ValueError, match=match):
+        backbones.validate_backbone(spec, groups=4)
+
+
+def test_get_backbone():
+    assert backbones.get_backbone("vgg16", width_multiplier=0.25)["stages"][0]["filters"] == 16
+    with pytest.raises(ValueError, match="Unknown backbone"):
+        backbones.get_backbone("alexnet")
