@@ -48,6 +48,13 @@ def _replica_scale(loss):
     return loss / num if num > 1 else loss
 
 
+def _replica_gradients(tape, loss, variables):
+    """Gradients of the replica-scaled loss; the scaling is recorded on the tape."""
+    with tape:
+        scaled = _replica_scale(loss)
+    return tape.gradient(scaled, variables)
+
+
 @keras.saving.register_keras_serializable(package="rnp_tf")
 class RNPModel(keras.Model):
     """A CNN whose convolutions are pruned at run time, image by image.
@@ -1082,7 +1089,7 @@ class RNPModel(keras.Model):
             out = self._rollout(x, choose, training=False, penalties=penalties)
             ce = _per_sample_ce(y, out["logits"])
             loss = self._td_loss(out, ce, penalties)
-        grads = tape.gradient(_replica_scale(loss), variables)
+        grads = _replica_gradients(tape, loss, variables)
         self.agent_optimizer.apply(grads, variables)
         self.agent_loss_tracker.update_state(loss)
         self.epsilon_tracker.update_state(epsilon)
@@ -1108,7 +1115,7 @@ class RNPModel(keras.Model):
                 out = self._rollout(x, choose, training=True, penalties=penalties)
             ce = _per_sample_ce(y, out["logits"])
             loss = tf.reduce_mean(ce) + sum(self.losses)
-        grads = tape.gradient(_replica_scale(loss), variables)
+        grads = _replica_gradients(tape, loss, variables)
         self.optimizer.apply(grads, variables)
         self._update_metrics(y, out, ce, actions_visible=phase != "full")
         return self.get_metrics_result()
@@ -1136,7 +1143,7 @@ class RNPModel(keras.Model):
                 )
                 loss += (1.0 - self.distill_weight) * ce + self.distill_weight * kd
             loss += sum(self.losses)
-        grads = tape.gradient(_replica_scale(loss), variables)
+        grads = _replica_gradients(tape, loss, variables)
         self.optimizer.apply(grads, variables)
         full_out = {"logits": logits[0], "macs": out["macs"][:batch], "actions": actions[:batch]}
         self._update_metrics(y, full_out, ce_full, actions_visible=False)

@@ -1,0 +1,138 @@
+"""Wall-clock timing shared by every benchmark: warm-up, then interleaved repeats.
+
+Timings on a shared machine drift (other processes, CPU frequency, caches).
+Comparing two functions timed one after the other mixes that drift into the
+comparison; timing them *interleaved* (one sample of each per round, in a
+shuffled order) exposes both to the same conditions, and the median of the
+rounds discards the outliers. Every benchmark times through `measure` so
+that they all do it the same way.
+
+A function is synchronised after each call by materialising its outputs
+(`block`): TensorFlow on CPU runs eagerly-called `tf.function`s to
+completion anyway, and the `.numpy()` of the outputs makes that explicit
+(and works the same on a GPU, where ops are asynchronous).
+"""
+
+import math
+import time
+
+import numpy as np
+
+
+def block(result):
+    """Waits for `result` (tensors, arrays or nests of them) to be computed.
+
+    Args:
+        result: the return value of a timed call: a tensor, a numpy array,
+            a list/tuple/dict of them, or None.
+
+    Returns:
+        None.
+
+    Example:
+
+    >>> block({"logits": tf.zeros((2, 3)), "aux": None})
+    """
+    if result is None:
+        return
+    if isinstance(result, dict):
+        for value in result.values():
+            block(value)
+    elif isinstance(result, (list, tuple)):
+        for value in result:
+            block(value)
+    elif hasattr(result, "numpy"):
+        result.numpy()
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    return value
+
+
+def _summary(samples, number):
+    arr = np.asarray(samples, np.float64)
+    return {
+        "median_s": float(np.median(arr)),
+        "mean_s": float(np.mean(arr)),
+        "min_s": float(np.min(arr)),
+        "p25_s": float(np.percentile(arr, 25)),
+        "p75_s": float(np.percentile(arr, 75)),
+        "samples_s": [float(s) for s in arr],
+        "number": int(number),
+    }
+
+
+def measure(fns, repeats=5, warmup=1, number=None, min_sample_seconds=0.0, seed=0, sync=block):
+    """Times several functions interleaved and summarises each by its median.
+
+    Each function is first called `warmup` times (tracing, allocator and
+    cache warm-up; not timed). Then, for each of `repeats` rounds, every
+    function is timed once, in an order shuffled per round, one *sample*
+    being the mean time of `number` consecutive calls.
+
+    Args:
+        fns: dict `name -> zero-argument callable`.
+        repeats: rounds of timing (samples per function). Defaults to 5.
+        warmup: untimed calls of each function first. Defaults to 1.
+        number: calls per sample; None (default) picks it per function so
+            that a sample lasts at least `min_sample_seconds` (from the
+            duration of the last warm-up call), at least 1.
+        min_sample_seconds: see `number`. Defaults to 0 (one call per
+            sample).
+        seed: seed of the per-round shuffling. Defaults to 0.
+        sync: called on each function's return value to wait for it.
+            Defaults to `block`.
+
+    Returns:
+        A dict `name -> summary` with `median_s`, `mean_s`, `min_s`,
+        `p25_s`, `p75_s` (seconds per call), `samples_s` (every sample) and
+        `number`.
+
+    Example:
+
+    >>> times = measure({"full": lambda: full(x), "rnp": lambda: engine(x)},
+    ...                 repeats=7)
+    >>> times["full"]["median_s"] / times["rnp"]["median_s"]  # speed-up
+    """
+    if not isinstance(fns, dict) or not fns:
+        raise ValueError(f"`fns` must be a non-empty dict name -> callable. Received: fns={fns!r}")
+    for name, fn in fns.items():
+        if not callable(fn):
+            raise ValueError(f"`fns[{name!r}]` must be callable. Received: {fn!r}")
+    _check_positive_int("repeats", repeats)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"`warmup` must be a non-negative integer. Received: warmup={warmup!r}")
+    if number is not None:
+        _check_positive_int("number", number)
+    if not min_sample_seconds >= 0:
+        raise ValueError(
+            f"`min_sample_seconds` must be >= 0. Received: min_sample_seconds={min_sample_seconds!r}"
+        )
+    numbers = {}
+    for name, fn in fns.items():
+        last = 0.0
+        for _ in range(warmup):
+            start = time.perf_counter()
+            sync(fn())
+            last = time.perf_counter() - start
+        if number is not None:
+            numbers[name] = number
+        elif warmup and last > 0 and min_sample_seconds > 0:
+            numbers[name] = max(1, math.ceil(min_sample_seconds / last))
+        else:
+            numbers[name] = 1
+    samples = {name: [] for name in fns}
+    rng = np.random.default_rng(seed)
+    names = list(fns)
+    for _ in range(repeats):
+        for i in rng.permutation(len(names)):
+            name = names[i]
+            fn, count = fns[name], numbers[name]
+            start = time.perf_counter()
+            for _ in range(count):
+                result = fn()
+            sync(result)
+            samples[name].append((time.perf_counter() - start) / count)
+    return {name: _summary(samples[name], numbers[name]) for name in names}

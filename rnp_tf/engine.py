@@ -1,0 +1,640 @@
+"""Inference execution that computes only what the agent chose.
+
+`RNPModel.rollout` (the training path) *masks* pruned channels: it computes
+every convolution in full and multiplies by zero, so it is never faster than
+the unpruned network. `InferenceEngine` runs the same network for inference
+and really skips the work:
+
+- every prunable convolution runs on the BatchNorm-folded weight prefix
+  `W[:, :, :in_prefix, :out_prefix]` chosen by the previous and the current
+  action, and the pooling, the agent and the next layer work on the narrow
+  tensor (nothing is zero-padded back to full width);
+- **batch 1**: the branch, one of the `k * k` (previous action, action)
+  pairs, is chosen inside the graph with `tf.switch_case`;
+- **batch N**: samples are bucketed by their current width and, inside a
+  bucket, sorted by the next action, so that every (previous action, action)
+  group is a zero-copy slice of one tensor and runs one convolution on its
+  weight slice. A bucket is copied at most twice per layer (a concat when
+  several buckets merge, a gather when it is not already in order); when
+  every sample of the batch takes the same action nothing is copied at all
+  and the whole batch runs one convolution. Empty groups are skipped
+  (`tf.cond`), which also keeps oneDNN's empty-batch convolution bug away.
+- The agent (pooling, encoders, LSTM, decoders) runs inside the same graph on
+  the narrow features; its cost counts in every timing. Greedy choices
+  follow the model's inference policy: Q-values re-priced to the run-time
+  penalty, then masked by the per-image MAC cap.
+
+Its outputs equal the masked path's (`model.rollout`) up to float rounding:
+the same actions and logits within 1e-4.
+
+The folded weights are computed once when the engine is built; call
+`refresh()` after the model's weights change (e.g. after training).
+"""
+
+import numbers
+
+import keras
+import tensorflow as tf
+
+from rnp_tf import agent as agent_lib
+from rnp_tf import validation
+
+WEIGHT_CACHES = ("pairs", "sets")
+
+
+def _check_model(model):
+    needed = ("_plan", "stem", "prunable", "head_layers", "agent", "groups", "macs", "_conv_info")
+    missing = [name for name in needed if not hasattr(model, name)]
+    if missing:
+        raise ValueError(
+            f"`model` must be an rnp_tf.RNPModel (missing attributes {missing}). "
+            f"Received: model={type(model).__name__}"
+        )
+    chain = all(kind in ("conv", "pool") for kind, _ in model._plan) and all(
+        model._conv_info[conv.name][0] is not None for conv in model.convs[1:]
+    )
+    if not chain:
+        kinds = sorted({kind for kind, _ in model._plan})
+        raise ValueError(
+            "InferenceEngine runs chain backbones: a stem, then prunable convs and "
+            "pooling only (the CIFAR CNN, VGG-16); residual blocks run on the masked "
+            f"path (`model.rollout`). Received: a backbone with stages {kinds} and "
+            f"{len(model.convs) - 1 - len(model.prunable)} non-prunable conv(s) after the stem"
+        )
+
+
+def _pool(layer, h):
+    """The Keras pooling layer's operation (works on any channel width)."""
+    pool = tf.nn.max_pool2d if isinstance(layer, keras.layers.MaxPooling2D) else tf.nn.avg_pool2d
+    return pool(h, ksize=layer.pool_size, strides=layer.strides, padding=layer.padding.upper())
+
+
+def _conv(layer, h, kernel, bias):
+    """`activation(conv(h, kernel) + bias)`: a fused Conv2D+BiasAdd+ReLU."""
+    y = tf.nn.conv2d(h, kernel, strides=layer.strides, padding=layer.padding.upper())
+    return layer.activation(tf.nn.bias_add(y, bias))
+
+
+def _spatial_mean(h):
+    """Per-sample, per-channel mean over height and width, `[batch, c]`.
+
+    A batched matrix-vector product (`ones / (h * w)` times the map): the
+    same numbers as `reduce_mean(h, [1, 2])` up to summation order, and up
+    to 2x faster on large maps (it uses every core).
+    """
+    batch = tf.shape(h)[0]
+    positions = h.shape[1] * h.shape[2]
+    weights = tf.fill(tf.stack([batch, 1, positions]), 1.0 / positions)
+    flat = tf.reshape(h, tf.stack([batch, positions, tf.shape(h)[3]]))
+    return tf.matmul(weights, flat)[:, 0, :]
+
+
+class _Piece:
+    """Samples that share their current width: features, sample ids, width."""
+
+    __slots__ = ("x", "idx", "width")
+
+    def __init__(self, x, idx, width):
+        self.x, self.idx, self.width = x, idx, width
+
+
+class _FoldedWeights:
+    """BN-folded weights of one model, stored once in non-trainable variables."""
+
+    def __init__(self, model, pairs):
+        self.model = model
+        k = model.groups
+        self.stem = self._variables(*model.stem.folded_weights(k, k), "stem")
+        self.pairs = {}
+        if pairs is None:
+            return
+        for t, layer in enumerate(model.prunable):
+            for p, a in pairs(t):
+                name = f"{layer.name}_{p}_{a}"
+                self.pairs[(t, p, a)] = self._variables(*layer.folded_weights(p, a), name)
+
+    @staticmethod
+    def _variables(kernel, bias, name):
+        return (
+            tf.Variable(tf.cast(kernel, tf.float32), trainable=False, name=f"{name}_kernel"),
+            tf.Variable(tf.cast(bias, tf.float32), trainable=False, name=f"{name}_bias"),
+        )
+
+    def assign(self):
+        k = self.model.groups
+        for var, value in zip(self.stem, self.model.stem.folded_weights(k, k)):
+            var.assign(tf.cast(value, tf.float32))
+        for (t, p, a), variables in self.pairs.items():
+            values = self.model.prunable[t].folded_weights(p, a)
+            for var, value in zip(variables, values):
+                var.assign(tf.cast(value, tf.float32))
+
+
+class InferenceEngine:
+    """Runs an `RNPModel` computing only the channel groups that are used.
+
+    Greedy policy (the agent decides, as `model.rollout(x)`, including the
+    run-time knobs `model.set_penalty` / `set_budget` (read at every call)
+    and `model.set_compute_cap` (a new cap retraces)) or forced actions (as
+    `model.rollout(x, actions=...)`), float32, compiled with `tf.function`:
+    one graph for batch 1 and one, with a dynamic batch size, for every
+    other batch size, per mode. Chain backbones only (a stem, then
+    prunable convs and pooling: the CIFAR CNN, VGG-16).
+
+    Args:
+        model: a built `rnp_tf.RNPModel`.
+        weight_cache: `"pairs"` (default) stores the folded kernel of every
+            (previous action, action) pair of every prunable conv: fastest,
+            `(k + 1)^2 / 4` times the conv weights in memory (6.25x for
+            k = 4). `"sets"` stores one folded kernel per previous action
+            (the input prefix, all outputs; `(k + 1) / 2` times the conv
+            weights) and slices the output prefix at every call, which
+            copies the kernel slice (slower at batch 1, same at large
+            batches).
+        control_flow: if True (default) empty groups are skipped and
+            buckets already in place are not copied, using `tf.cond` /
+            `tf.switch_case`. If False the batch path has no conditionals
+            (every group is gathered and convolved, an empty group padded to
+            one zero sample because of oneDNN's empty-batch bug, then sliced
+            back), batch 1 included: slower, for exporters that reject
+            convolutions inside conditionals.
+
+    Call arguments:
+        x: float images `(batch, height, width, channels)`.
+        actions: optional int `[batch, num_prunable]` forced actions in
+            `1..k`. None (default): the agent chooses greedily.
+        run_agent: whether the agent runs. Defaults to True without forced
+            actions and False with them; `True` with forced actions runs the
+            agent anyway (its Q-values are returned, its choices ignored,
+            and every layer waits for its decision as under a real policy),
+            which is how the latency benchmark times "the agent chose these
+            actions".
+
+    Returns:
+        A dict of tensors: `logits` float32 `[batch, num_classes]`,
+        `actions` int32 `[batch, num_prunable]`, `macs` float32 `[batch]`
+        (backbone MACs per image, as `model.macs`) and `q_values` float32
+        `[batch, num_prunable, k]` (None when the agent did not run).
+
+    Example:
+
+    >>> model = rnp_tf.RNPModel(rnp_tf.cifar_cnn(), image_shape=(32, 32, 3),
+    ...                         num_classes=10)
+    >>> engine = InferenceEngine(model)
+    >>> out = engine(x_test[:64])                       # greedy actions
+    >>> out = engine(x_test[:1], actions=[[1, 2, 4]])   # forced actions
+    >>> out["logits"].shape, out["actions"].shape
+    (TensorShape([1, 10]), TensorShape([1, 3]))
+    >>> # ... after training the model further:
+    >>> engine.refresh()
+    """
+
+    def __init__(self, model, weight_cache="pairs", control_flow=True):
+        _check_model(model)
+        if weight_cache not in WEIGHT_CACHES:
+            raise ValueError(
+                f"`weight_cache` must be one of {WEIGHT_CACHES}. "
+                f"Received: weight_cache={weight_cache!r}"
+            )
+        if not isinstance(control_flow, bool):
+            raise ValueError(
+                f"`control_flow` must be a bool. Received: control_flow={control_flow!r}"
+            )
+        self.model = model
+        self.groups = model.groups
+        self.num_prunable = model.num_prunable
+        self.weight_cache = weight_cache
+        self.control_flow = control_flow
+        k = self.groups
+        if weight_cache == "pairs":
+            pairs = lambda t: [(p, a) for p in self._previous(t) for a in range(1, k + 1)]  # noqa: E731
+        else:
+            pairs = lambda t: [(p, k) for p in self._previous(t)]  # noqa: E731
+        self._weights = _FoldedWeights(model, pairs)
+        self._functions = {}
+
+    # ------------------------------------------------------------ public
+    def refresh(self):
+        """Folds the model's current weights again (after they changed).
+
+        The compiled graphs read the cached weights from variables, so no
+        retracing happens.
+        """
+        self._weights.assign()
+
+    def __call__(self, x, actions=None, run_agent=None):
+        x = validation.check_images(x, self.model.image_shape)
+        x = tf.cast(x, tf.float32)
+        if x.shape[0] == 0:
+            raise ValueError(f"The batch must hold at least one image. Received: shape={tuple(x.shape)}")
+        if actions is not None:
+            actions = validation.check_actions(actions, x.shape[0], self.num_prunable, self.groups)
+        if run_agent is None:
+            run_agent = actions is None
+        if not isinstance(run_agent, bool):
+            raise ValueError(f"`run_agent` must be a bool or None. Received: run_agent={run_agent!r}")
+        if actions is None and not run_agent:
+            raise ValueError(
+                "Without forced `actions` the agent must choose them: "
+                "run_agent=False needs actions. Received: actions=None, run_agent=False"
+            )
+        return self._compiled(x.shape[0] == 1, actions is not None, run_agent)(x, actions)
+
+    def _compiled(self, single, forced, run_agent):
+        """One graph per (batch 1 or N, forced or greedy, agent or not).
+
+        The batch-N graphs have a dynamic batch dimension, so any batch size
+        reuses them without retracing.
+        """
+        single = single and self.control_flow
+        # The MAC cap (`model.set_compute_cap`) is a Python value read when
+        # tracing: a new cap gets a new graph.
+        key = (single, forced, run_agent, getattr(self.model, "_cap_macs", None))
+        if key not in self._functions:
+            batch = 1 if single else None
+            signature = [tf.TensorSpec([batch, *self.model.image_shape], tf.float32)]
+            if forced:
+                signature.append(tf.TensorSpec([batch, self.num_prunable], tf.int32))
+
+            def run(x, actions=None):
+                if single:
+                    return self._run_single(x, actions, run_agent)
+                return self._run_batch(x, actions, run_agent)
+
+            self._functions[key] = tf.function(run, input_signature=signature, autograph=False)
+        return self._functions[key]
+
+    @property
+    def cache_bytes(self):
+        """Bytes of the folded weights this engine holds."""
+        total = 0
+        for var in (*self._weights.stem, *[v for vs in self._weights.pairs.values() for v in vs]):
+            total += var.shape.num_elements() * var.dtype.size
+        return total
+
+    def agent_step(self, t, pieces, state, identity=False, condition=None):
+        """The agent's work at prunable layer `t` on bucketed narrow features.
+
+        Pools every piece, pads the pooled vectors to the layer's full input
+        width, puts them back in sample order and advances the agent (the
+        encoder `t`, the shared LSTM, the decoder `t`). Used inside the
+        engine; public so that the latency benchmark can time the agent
+        alone on the same tensors.
+
+        Args:
+            t: Python int, index of the prunable layer.
+            pieces: list of `(features, sample_ids)`: features
+                `(n_i, h, w, c_i)` (any prefix width `c_i`), `sample_ids`
+                int32 `[n_i]`; together the ids cover `0..batch-1` once.
+            state: the agent's LSTM state for the whole batch.
+            identity: True when `pieces` is one piece whose ids are
+                `0..batch-1` in order (skips the re-ordering).
+            condition: the condition input of a penalty-conditioned agent
+                (`[batch]`), None otherwise.
+
+        Returns:
+            `(q_values [batch, k], new_state)`.
+        """
+        channels = self.model.agent.feature_channels[t]
+        pooled = []
+        for features, _ in pieces:
+            mean = _spatial_mean(features)
+            missing = channels - features.shape[-1] if features.shape[-1] is not None else None
+            if missing is None:
+                mean = tf.pad(mean, [[0, 0], [0, channels - tf.shape(mean)[1]]])
+            elif missing:
+                mean = tf.pad(mean, [[0, 0], [0, missing]])
+            pooled.append(mean)
+        if identity and len(pieces) == 1:
+            merged = pooled[0]
+        else:
+            merged = tf.dynamic_stitch([ids for _, ids in pieces], pooled)
+        merged = tf.reshape(merged, [-1, 1, 1, channels])
+        return self.model.agent.step(t, merged, state, condition)
+
+    def start_agent(self, batch):
+        """The agent's initial LSTM state and condition input for a batch.
+
+        Args:
+            batch: int or scalar int tensor.
+
+        Returns:
+            `(state, condition)`; condition is None unless the agent is
+            penalty-conditioned (then it encodes `model.penalty_setting`).
+        """
+        model = self.model
+        state = model.agent.initial_state(batch)
+        condition = None
+        if getattr(model.agent, "conditioned", False):
+            condition = model.penalty_condition(tf.fill([batch], model._penalty_setting.value))
+        return state, condition
+
+    # ----------------------------------------------------------- weights
+    def _previous(self, t):
+        """Possible previous actions of prunable layer t (k: full input)."""
+        if self.model.prunable[t].gated_input:
+            return range(1, self.groups + 1)
+        return (self.groups,)
+
+    def _folded(self, t, p, a):
+        """(kernel, bias) of prunable layer t for previous action p, action a."""
+        if self.weight_cache == "pairs":
+            kernel, bias = self._weights.pairs[(t, p, a)]
+            return kernel, bias
+        kernel, bias = self._weights.pairs[(t, p, self.groups)]
+        out_prefix = a * self.model.prunable[t].group_size
+        return kernel[..., :out_prefix], bias[:out_prefix]
+
+    def _in_width(self, t, p):
+        layer = self.model.prunable[t]
+        return p * layer.in_group_size if layer.gated_input else layer.in_channels
+
+    # --------------------------------------------------------------- run
+    def _finish(self, logits, chosen, q_values):
+        actions = tf.stack(chosen, axis=1)
+        return {
+            "logits": logits,
+            "actions": actions,
+            "macs": self.model.macs(actions),
+            "q_values": tf.stack(q_values, axis=1) if q_values else None,
+        }
+
+    def _choose(self, t, q, actions, chosen):
+        if actions is None:
+            # The model's greedy inference policy: Q-values re-priced to the
+            # run-time penalty, then masked by the per-image MAC cap.
+            q = self.model._repriced(q)
+            if getattr(self.model, "_cap_macs", None) is not None:
+                q = self.model._cap_q_values(t, q, chosen)
+            return agent_lib.greedy_actions(q)
+        if q is None:
+            return actions[:, t]
+        # Forced actions with the agent running: layer t waits for the
+        # agent's decision, as it does under a real policy.
+        with tf.control_dependencies([q]):
+            return tf.identity(actions[:, t])
+
+    # batch 1 ------------------------------------------------------------
+    def _run_single(self, x, actions, run_agent):
+        k = self.groups
+        state, condition = self.start_agent(1) if run_agent else (None, None)
+        chosen, q_values = [], []
+        previous = tf.constant(k)
+        h = x
+        for kind, layer in self.model._plan:
+            if kind == "pool":
+                h = _pool(layer, h)
+            elif layer is self.model.stem:
+                h = _conv(layer, h, *self._weights.stem)
+            else:
+                t = len(chosen)
+                q = None
+                if run_agent:
+                    q, state = self.agent_step(t, [(h, None)], state, True, condition)
+                    q_values.append(q)
+                action = self._choose(t, q, actions, chosen)
+                chosen.append(action)
+                h = self._switch_conv(t, layer, h, previous, action[0])
+                previous = action[0]
+        logits = tf.switch_case(
+            previous - 1,
+            [lambda w=w: self._head(h, w) for w in range(1, k + 1)],
+        )
+        return self._finish(logits, chosen, q_values)
+
+    def _switch_conv(self, t, layer, h, previous, action):
+        """One conv whose weight slice is picked in the graph by (p, a)."""
+        k = self.groups
+        height, width = h.shape[1], h.shape[2]
+        pairs = [(p, a) for p in self._previous(t) for a in range(1, k + 1)]
+
+        def branch(p, a):
+            narrow = tf.reshape(h, [-1, height, width, self._in_width(t, p)])
+            return _conv(layer, narrow, *self._folded(t, p, a))
+
+        index = action - 1 if len(pairs) == k else (previous - 1) * k + action - 1
+        return tf.switch_case(index, [lambda p=p, a=a: branch(p, a) for p, a in pairs])
+
+    # batch N ------------------------------------------------------------
+    def _run_batch(self, x, actions, run_agent):
+        k = self.groups
+        batch = tf.shape(x)[0]
+        state, condition = self.start_agent(batch) if run_agent else (None, None)
+        chosen, q_values = [], []
+        pieces = None
+        h = x
+        for kind, layer in self.model._plan:
+            if kind == "pool":
+                if pieces is None:
+                    h = _pool(layer, h)
+                else:
+                    pieces = [_Piece(_pool(layer, pc.x), pc.idx, pc.width) for pc in pieces]
+            elif layer is self.model.stem:
+                h = _conv(layer, h, *self._weights.stem)
+            else:
+                t = len(chosen)
+                if pieces is None:
+                    pieces = [_Piece(h, tf.range(batch), k)]
+                q = None
+                if run_agent:
+                    q, state = self.agent_step(
+                        t, [(pc.x, pc.idx) for pc in pieces], state, t == 0, condition
+                    )
+                    q_values.append(q)
+                action = self._choose(t, q, actions, chosen)
+                chosen.append(action)
+                pieces = self._bucketed_conv(t, layer, pieces, action)
+        logits, ids = [], []
+        for w in range(1, k + 1):
+            group = [pc for pc in pieces if pc.width == w]
+            if not group:
+                continue
+            features, idx, _ = self._merge(group, keys=None)
+            logits.append(self._head(features, w))
+            ids.append(idx)
+        logits = tf.dynamic_stitch(ids, logits)
+        return self._finish(logits, chosen, q_values)
+
+    def _bucketed_conv(self, t, layer, pieces, action):
+        """Prunable conv t on per-sample actions; returns the new pieces."""
+        k = self.groups
+        out_h, out_w = layer.output_hw
+        new_pieces = []
+        for p in self._previous(t):
+            group = [pc for pc in pieces if pc.width == p]
+            if not group:
+                continue
+            keys = [tf.gather(action, pc.idx) for pc in group]
+            features, idx, key = self._merge(group, keys)
+            # `features` is sorted by action: each (p, a) group is a slice.
+            counts = tf.math.bincount(
+                key - 1, minlength=k, maxlength=k, dtype=tf.int32
+            )
+            starts = tf.cumsum(counts, exclusive=True)
+            for a in range(1, k + 1):
+                n, start = counts[a - 1], starts[a - 1]
+                rows = tf.slice(features, tf.stack([start, 0, 0, 0]), tf.stack([n, -1, -1, -1]))
+                rows.set_shape([None, *group[0].x.shape[1:]])
+                ids = tf.slice(idx, tf.reshape(start, [1]), tf.reshape(n, [1]))
+                out_channels = a * layer.group_size
+                y = self._group_conv(
+                    t, layer, rows, n, p, a, [out_h, out_w, out_channels]
+                )
+                new_pieces.append(_Piece(y, ids, a))
+        return new_pieces
+
+    def _group_conv(self, t, layer, rows, n, p, a, out_shape):
+        def run():
+            return _conv(layer, rows, *self._folded(t, p, a))
+
+        if self.control_flow:
+            return tf.cond(n > 0, run, lambda: tf.zeros([0, *out_shape], tf.float32))
+        # oneDNN (TF 2.21) returns the input's channel count for a conv on an
+        # empty batch: pad to one zero sample, convolve, keep the first n.
+        pad = tf.maximum(1 - n, 0)
+        padded = tf.concat([rows, tf.zeros(tf.concat([[pad], tf.shape(rows)[1:]], 0))], 0)
+        y = _conv(layer, padded, *self._folded(t, p, a))[:n]
+        return tf.reshape(y, [-1, *out_shape])
+
+    def _merge(self, group, keys):
+        """One tensor for pieces of equal width, sorted by `keys` if given.
+
+        Copies only what must move: a single non-empty piece is passed
+        through (no concat), features already in key order are not gathered.
+
+        Returns:
+            `(features, sample_ids, keys)` (keys None when not given).
+        """
+        xs = [pc.x for pc in group]
+        ids = [pc.idx for pc in group]
+        parts = [xs, ids] + ([keys] if keys is not None else [])
+        if len(group) == 1:
+            merged = [part[0] for part in parts]
+        elif self.control_flow:
+            sizes = tf.stack([tf.shape(i)[0] for i in ids])
+            nonempty = tf.cast(sizes > 0, tf.int32)
+            only = tf.argmax(nonempty, output_type=tf.int32)
+            branch = tf.where(tf.reduce_sum(nonempty) == 1, only, len(group))
+            branches = [lambda j=j: [part[j] for part in parts] for j in range(len(group))]
+            branches.append(lambda: [tf.concat(part, 0) for part in parts])
+            merged = tf.switch_case(branch, branches)
+        else:
+            merged = [tf.concat(part, 0) for part in parts]
+        if keys is None:
+            return merged[0], merged[1], None
+        features, idx, key = merged
+
+        def gather():
+            order = tf.argsort(key, stable=True)
+            return [tf.gather(features, order), tf.gather(idx, order), tf.gather(key, order)]
+
+        if not self.control_flow:
+            return tuple(gather())
+        in_order = tf.reduce_all(key[1:] >= key[:-1])
+        features, idx, key = tf.cond(in_order, lambda: [features, idx, key], gather)
+        return features, idx, key
+
+    # ---------------------------------------------------------------- head
+    def _head(self, h, width_action):
+        """The classifier head on features holding `width_action` groups."""
+        model = self.model
+        first = model.head_layers[0]
+        channels = width_action * model.prunable[-1].group_size
+        kernel = tf.convert_to_tensor(first.kernel)
+        if model.backbone["head"]["pooling"] == "gap":
+            h = tf.reshape(h, [-1, *h.shape[1:3], channels])
+            y = tf.matmul(tf.reduce_mean(h, axis=[1, 2]), kernel[:channels])
+        else:
+            hf, wf, full = model._head_in_shape
+            h = tf.reshape(h, [-1, hf * wf, channels])
+            if channels == full:
+                y = tf.matmul(tf.reshape(h, [-1, hf * wf * full]), kernel)
+            else:
+                # Rows of the flattened kernel are (position, channel): a
+                # channel prefix is one contiguous row block per position,
+                # a zero-copy slice; a strided slice of the whole kernel
+                # would copy it at every call.
+                per_position = tf.unstack(tf.transpose(h, [1, 0, 2]))
+                y = tf.add_n(
+                    [
+                        tf.matmul(part, kernel[s * full : s * full + channels])
+                        for s, part in enumerate(per_position)
+                    ]
+                )
+        y = first.activation(tf.nn.bias_add(y, tf.convert_to_tensor(first.bias)))
+        for dense in model.head_layers[1:]:
+            y = dense(y)
+        return y
+
+
+class DenseRunner:
+    """The unpruned network as a plain graph: the latency baseline.
+
+    Every convolution runs in full on BatchNorm-folded weights (one folded
+    copy of the conv weights), no agent, no branches; the head is the
+    model's own. The numbers equal `model.rollout(x, actions=all k)`.
+
+    Args:
+        model: a built `rnp_tf.RNPModel`.
+
+    Call arguments:
+        x: float images `(batch, height, width, channels)`.
+
+    Returns:
+        float32 logits `[batch, num_classes]`.
+
+    Example:
+
+    >>> full = DenseRunner(model)
+    >>> logits = full(x_test[:64])
+    """
+
+    def __init__(self, model):
+        _check_model(model)
+        self.model = model
+        k = model.groups
+        self._convs = [
+            _FoldedWeights._variables(*conv.folded_weights(k, k), conv.name)
+            for conv in model.convs
+        ]
+        self._function = tf.function(self._run, autograph=False)
+
+    def refresh(self):
+        """Folds the model's current weights again."""
+        k = self.model.groups
+        for conv, variables in zip(self.model.convs, self._convs):
+            for var, value in zip(variables, conv.folded_weights(k, k)):
+                var.assign(tf.cast(value, tf.float32))
+
+    def __call__(self, x):
+        x = validation.check_images(x, self.model.image_shape)
+        return self._function(tf.cast(x, tf.float32))
+
+    def _run(self, x):
+        h = x
+        convs = iter(self._convs)
+        for kind, layer in self.model._plan:
+            h = _pool(layer, h) if kind == "pool" else _conv(layer, h, *next(convs))
+        return self.model._head(h, training=False)
+
+
+def uniform_actions(batch_size, actions):
+    """Forced actions: one tuple repeated for every sample, int32 `[batch, L]`.
+
+    Args:
+        batch_size: positive int.
+        actions: sequence of per-layer actions.
+
+    Returns:
+        An int32 tensor.
+
+    Example:
+
+    >>> uniform_actions(2, [4, 1]).numpy()
+    array([[4, 1],
+           [4, 1]], dtype=int32)
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}")
+    row = tf.constant([list(actions)], tf.int32)
+    return tf.tile(row, [batch_size, 1])
