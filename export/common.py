@@ -1,0 +1,1014 @@
+"""Shared pieces of the exporters.
+
+- `load_checkpoint`: a trained model directory (`model_dir/model.keras`) to an
+  `RNPModel`, with one-line errors for a missing directory, a missing or a
+  corrupt file.
+- `SlicedNetwork`: the network rebuilt from the model's public pieces (the
+  stem, the prunable `GatedConv2D`s with BatchNorm folded by
+  `folded_weights`, the pooling layers, the agent's weights and the head,
+  all as constants) as plain TensorFlow functions that compute only the
+  chosen channel prefixes, deciding as `RNPModel.rollout` does (penalty
+  re-pricing, compute cap). Three forms, one per deployment target:
+
+  * `batched(images, forced_actions)`: any batch size, per-sample actions by
+    gather/scatter (samples grouped by their (previous action, action)
+    pair, one convolution per group on its weight slice, results scattered
+    back). No control flow at all, so it converts to ONNX for onnxruntime
+    and TensorRT and runs in a SavedModel.
+  * `single(image, forced_actions)`: batch 1, the branch picked by a nested
+    binary tree of `tf.cond` on the scalar action (ONNX `If` after freezing
+    with lowered control flow).
+  * `stem` / `segment` / `head`: one function per (segment, previous action,
+    action) for the TFLite signatures driven by `rnp_tf.tflite_runner`.
+
+  `forced_actions` is an int32 `[batch, num_prunable]` (or `[1, num_prunable]`,
+  broadcast) tensor: 0 lets the agent choose greedily, 1..k forces that many
+  groups. It is what lets the parity check run every action at every layer
+  through the exported artifact itself.
+- The parity check shared by every exporter: fixed inputs that drive
+  different actions (`parity_images`), every action tuple or a set that
+  covers every (previous action, action) pair at every layer
+  (`action_tuples`), the reference `model.rollout` in inference mode
+  (`reference`) and `compare`, which raises `ParityError` with the measured
+  difference.
+- `write_artifacts`: all-or-nothing writes through `rnp_tf.io_utils.atomic_write`
+  (each artifact is produced and verified under a temporary name; nothing
+  is renamed into place unless every one of them passed).
+"""
+
+import contextlib
+import dataclasses
+import itertools
+import os
+import sys
+import time
+
+import numpy as np
+
+# Exact parity for float32 artifacts: identical actions, logits within ATOL.
+ATOL = 1e-4
+# MACs are float32 sums of the same integers: equal up to float rounding.
+MACS_RTOL = 1e-5
+# Quantised artifacts (TFLite float16 / dynamic-range int8 weights): logits
+# may differ by up to `rtol * max(1, max |reference logits|)` and the greedy
+# actions may flip on near-ties; the agreement rate is reported and must
+# reach `min_agreement`. Forced-action checks (no flips possible) use the
+# same logit tolerance on every sample.
+QUANTIZED_TOLERANCES = {
+    "float16": {"rtol": 1e-2, "min_agreement": 0.75},
+    "dynamic": {"rtol": 5e-2, "min_agreement": 0.5},
+}
+# Greedy parity inputs are chosen so that the best Q-value beats the second
+# by at least this much at every layer: float32 rounding (about 1e-6) cannot
+# flip them, so "identical actions" is a fair requirement.
+MIN_Q_MARGIN = 1e-3
+
+
+class ExportError(Exception):
+    """An export that cannot be completed; the message is one line."""
+
+
+class CheckpointError(ExportError):
+    """A model directory that is missing or does not hold a loadable model."""
+
+
+class ParityError(ExportError):
+    """An exported artifact whose outputs differ from the Keras model's."""
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= 600 else line[:597] + "..."
+
+
+# --------------------------------------------------------------- checkpoint
+def load_checkpoint(model_dir):
+    """Loads `model_dir/model.keras` (written by `python -m rnp_tf.train`).
+
+    Args:
+        model_dir: a directory holding `model.keras`.
+
+    Returns:
+        The `rnp_tf.RNPModel`.
+
+    Raises:
+        CheckpointError: the directory or the file is missing, the file is
+            not a loadable Keras model, or it is not an RNPModel. The
+            message is one line naming the path.
+
+    Example:
+
+    >>> model = load_checkpoint("/tmp/rnp_quickstart")
+    """
+    if not model_dir:
+        raise CheckpointError("a model directory is required (the positional argument, holding model.keras)")
+    model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise CheckpointError(f"model directory {model_dir!r} does not exist")
+    path = os.path.join(model_dir, "model.keras")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no model.keras in {model_dir!r} (train one with python -m rnp_tf.train)")
+    import keras
+
+    import rnp_tf  # noqa: F401  (registers the custom classes)
+
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as error:  # zip, h5, config and weight errors alike
+        raise CheckpointError(f"{path!r} is not a loadable Keras model ({_first_line(error)})") from None
+    if not isinstance(model, rnp_tf.RNPModel):
+        raise CheckpointError(f"{path!r} holds a {type(model).__name__}, not an rnp_tf.RNPModel")
+    return model
+
+
+def default_output(model_dir, output=None):
+    """`output`, or `<model_dir>/export` when it is not given."""
+    return os.fspath(output) if output else os.path.join(os.fspath(model_dir), "export")
+
+
+@contextlib.contextmanager
+def output_directory(path):
+    """Creates the output directory; removes it again if it was new and the export failed.
+
+    Raises:
+        ExportError: the parent directory is missing or `path` is a file.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ExportError(f"--output: parent directory {parent!r} does not exist")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ExportError(f"--output: {path!r} exists and is not a directory")
+    created = not os.path.exists(path)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only if still empty
+        raise
+
+
+# ----------------------------------------------------------------- writing
+@dataclasses.dataclass
+class Artifact:
+    """One file (or directory) to write: `produce(tmp_path)` writes and verifies it."""
+
+    path: str
+    produce: object
+    directory: bool = False
+
+
+def write_artifacts(artifacts):
+    """Writes several artifacts all-or-nothing through `io_utils.atomic_write`.
+
+    Each `produce(tmp)` writes its artifact under a temporary name (and runs
+    its parity check there); the calls are nested so that nothing is renamed
+    into place until every artifact has been produced and verified. If any
+    of them raises, every temporary is removed and no destination changes.
+
+    Args:
+        artifacts: a list of `Artifact`.
+
+    Returns:
+        The list of destination paths.
+    """
+    from rnp_tf import io_utils
+
+    def chain(i):
+        if i == len(artifacts):
+            return
+        item = artifacts[i]
+
+        def produce(tmp):
+            item.produce(tmp)
+            chain(i + 1)
+
+        io_utils.atomic_write(item.path, produce, directory=item.directory, keep_suffix=not item.directory)
+
+    chain(0)
+    return [a.path for a in artifacts]
+
+
+def write_json(tmp, obj):
+    """Writes a report to `tmp` (numpy values converted; see `rnp_tf.io_utils.write_json`)."""
+    from rnp_tf import io_utils
+
+    io_utils.write_json(tmp, obj)
+
+
+def json_artifact(path, obj):
+    """An `Artifact` writing `obj` as JSON when its turn comes (so late additions to `obj` are kept)."""
+    return Artifact(path, lambda tmp: write_json(tmp, obj))
+
+
+# ------------------------------------------------------------------ parity
+def reference(model, images, actions=None, batch_size=256):
+    """`model.rollout` in inference mode, as numpy (`logits`, `actions`, `macs`, `q_values`)."""
+    parts = {"logits": [], "actions": [], "macs": [], "q_values": []}
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        forced = None if actions is None else np.asarray(actions[start : start + batch_size], np.int32)
+        out = model.rollout(x, actions=forced)
+        for key in parts:
+            if out.get(key) is not None:
+                parts[key].append(out[key].numpy())
+    return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+
+def parity_images(net, count=16, seed=0, pool=None):
+    """A fixed set of images that drive different greedy actions.
+
+    Draws a deterministic pool of candidates (Gaussian images at several
+    scales, plus a constant image), keeps those whose best (re-priced)
+    Q-value beats the second by `MIN_Q_MARGIN` at every layer, so float
+    rounding cannot flip a greedy action, and picks one image per distinct
+    action tuple first, then fills up by margin.
+
+    Args:
+        net: the `SlicedNetwork` of the model (for the re-pricing of its
+            greedy choice).
+        count: how many images.
+        seed: seed of the candidate pool.
+        pool: pool size (default `4 * count`, at least 32).
+
+    Returns:
+        float32 images `[count, H, W, C]`.
+    """
+    model = net.model
+    pool = pool or max(32, 4 * count)
+    rng = np.random.default_rng(seed)
+    shape = tuple(model.image_shape)
+    scales = np.array([0.5, 1.0, 2.0, 3.0], np.float32)
+    candidates = rng.normal(size=(pool, *shape)).astype(np.float32)
+    candidates *= scales[np.arange(pool) % len(scales)].reshape(-1, 1, 1, 1)
+    candidates[0] = 0.5
+    ref = reference(model, candidates)
+    q = np.sort(net.reprice_numpy(ref["q_values"]), axis=-1)
+    margin = (q[..., -1] - q[..., -2]).min(axis=1)
+    order = np.argsort(-margin, kind="stable")
+    safe = [i for i in order if margin[i] >= MIN_Q_MARGIN]
+    ranked = safe + [i for i in order if margin[i] < MIN_Q_MARGIN]
+    chosen, seen = [], set()
+    for i in ranked:
+        key = tuple(ref["actions"][i])
+        if key not in seen:
+            seen.add(key)
+            chosen.append(i)
+    chosen += [i for i in ranked if i not in chosen]
+    return candidates[np.asarray(chosen[:count])]
+
+
+def action_tuples(num_prunable, groups, limit=256):
+    """Forced action tuples that run every action at every layer.
+
+    All `groups ** num_prunable` tuples when there are at most `limit`;
+    otherwise the `groups ** 2` alternating tuples `(i, j, i, j, ...)`, which
+    still run every (previous action, action) pair at every layer (and so
+    every branch of every exported graph), plus every constant tuple.
+
+    Returns:
+        int32 array `[n, num_prunable]`.
+    """
+    if groups**num_prunable <= limit:
+        return np.asarray(list(itertools.product(range(1, groups + 1), repeat=num_prunable)), np.int32)
+    rows = [[(i if t % 2 == 0 else j) for t in range(num_prunable)] for i in range(1, groups + 1) for j in range(1, groups + 1)]
+    return np.asarray(rows, np.int32)
+
+
+def forced_inputs(images, tuples, per_tuple=2):
+    """Repeats parity images so that every tuple runs on `per_tuple` of them."""
+    n = len(tuples) * per_tuple
+    index = np.arange(n) % len(images)
+    return images[index], np.repeat(tuples, per_tuple, axis=0)
+
+
+def compare(label, ref, got, atol=ATOL, rtol=None, min_agreement=1.0, logits_only=False):
+    """Compares an artifact's outputs with the Keras model's.
+
+    Args:
+        label: what was compared (shown in messages), e.g. "onnx rnp.onnx greedy".
+        ref: `reference(...)` output.
+        got: a dict with numpy `logits`, `actions` and `macs`.
+        atol: logit tolerance (float32 artifacts: `ATOL`).
+        rtol: if given, the logit tolerance is `rtol * max(1, max |ref logits|)`
+            (quantised artifacts).
+        min_agreement: share of samples whose whole action tuple must match
+            (1.0: identical actions).
+        logits_only: compare the logits only (the full network: no actions).
+
+    Returns:
+        A dict: `samples`, `action_agreement`, `max_abs_logit_diff` (over the
+        samples whose actions agree), `tolerance`, `max_rel_macs_diff`.
+
+    Raises:
+        ParityError: with the measured numbers, when a limit is exceeded.
+    """
+    ref_actions = np.asarray(ref["actions"]).astype(np.int64)
+    if logits_only:
+        got = dict(got, actions=ref_actions, macs=ref["macs"])
+    got_actions = np.asarray(got["actions"]).astype(np.int64).reshape(ref_actions.shape)
+    same = np.all(ref_actions == got_actions, axis=1)
+    agreement = float(same.mean()) if len(same) else 1.0
+    ref_logits = np.asarray(ref["logits"], np.float64)
+    got_logits = np.asarray(got["logits"], np.float64).reshape(ref_logits.shape)
+    tolerance = atol if rtol is None else rtol * max(1.0, float(np.abs(ref_logits).max()))
+    diff = float(np.abs(ref_logits[same] - got_logits[same]).max()) if same.any() else 0.0
+    ref_macs = np.asarray(ref["macs"], np.float64)
+    got_macs = np.asarray(got["macs"], np.float64).reshape(ref_macs.shape)
+    macs_diff = float((np.abs(ref_macs - got_macs)[same] / np.maximum(ref_macs[same], 1.0)).max()) if same.any() else 0.0
+    result = {
+        "check": label,
+        "samples": int(len(same)),
+        "distinct_action_tuples": int(len({tuple(a) for a in ref_actions})),
+        "action_agreement": agreement,
+        "max_abs_logit_diff": diff,
+        "tolerance": float(tolerance),
+        "max_rel_macs_diff": macs_diff,
+    }
+    problems = []
+    if agreement < min_agreement:
+        first = int(np.argmin(same))
+        problems.append(
+            f"actions agree on {agreement:.1%} of {len(same)} samples (need {min_agreement:.0%}; "
+            f"first mismatch: expected {ref_actions[first].tolist()}, got {got_actions[first].tolist()})"
+        )
+    if diff > tolerance or not np.isfinite(diff):
+        problems.append(f"max |logits diff| = {diff:.3g} > {tolerance:.3g}")
+    if macs_diff > MACS_RTOL:
+        problems.append(f"max relative MACs diff = {macs_diff:.3g} > {MACS_RTOL:g}")
+    if problems:
+        raise ParityError(f"{label}: parity check failed: " + "; ".join(problems))
+    return result
+
+
+def tolerance_for(quantize):
+    """`compare` keyword arguments for an artifact precision (None = float32)."""
+    if quantize in (None, "none", "float32"):
+        return {"atol": ATOL}
+    if quantize not in QUANTIZED_TOLERANCES:
+        raise ValueError(f"`quantize` must be one of None, {sorted(QUANTIZED_TOLERANCES)}. Received: {quantize!r}")
+    return dict(QUANTIZED_TOLERANCES[quantize])
+
+
+def check_artifact(label, model, run, images, tuples, per_tuple=2, quantize=None):
+    """Greedy and forced-action parity of one artifact.
+
+    Args:
+        label: artifact name for messages.
+        model: the Keras RNPModel (the reference).
+        run: `run(images, forced_actions_or_None) -> dict(logits, actions, macs)`
+            running the artifact.
+        images: `parity_images(...)`.
+        tuples: `action_tuples(...)`.
+        per_tuple: images per forced tuple.
+        quantize: None for float32, else a key of `QUANTIZED_TOLERANCES`.
+
+    Returns:
+        `{"greedy": compare(...), "forced": compare(...)}`.
+    """
+    tol = tolerance_for(quantize)
+    forced_tol = {k: v for k, v in tol.items() if k != "min_agreement"}
+    greedy = compare(f"{label} (greedy actions)", reference(model, images), run(images, None), **tol)
+    x, a = forced_inputs(images, tuples, per_tuple)
+    forced = compare(f"{label} (forced actions, {len(tuples)} tuples)", reference(model, x, a), run(x, a), **forced_tol)
+    return {"greedy": greedy, "forced": forced}
+
+
+# ------------------------------------------------------------ the network
+def check_exportable(model):
+    """Raises ExportError unless the model is a chain: stem, prunable convs and pools.
+
+    Residual blocks (and zero-padding stages) run on the model's masked and
+    reference sliced paths only; the exported graphs are chains like the
+    CIFAR CNN and VGG.
+    """
+    kinds = {kind for kind, _ in model._plan}
+    chain = getattr(model, "is_chain", None)
+    if chain is None:
+        chain = kinds <= {"conv", "pool"} and list(model.prunable) == list(model.convs[1:])
+    if not chain:
+        raise ExportError(
+            f"only chain backbones (a stem, then prunable convs and pooling) can be exported; this model "
+            f"has stages {sorted(kinds)} (residual blocks run on rollout / sliced_rollout only)"
+        )
+
+
+class SlicedNetwork:
+    """An RNPModel rebuilt as TensorFlow functions that compute only the chosen prefixes.
+
+    Built from the model's public pieces: `stem`, `prunable` (BatchNorm
+    folded into the kernel with `GatedConv2D.folded_weights`, one folded
+    kernel per input width since each width has its own BatchNorm set), the
+    pooling layers of `_plan`, the agent (`DecisionAgent.step`'s maths:
+    pool, zero-pad a prefix, append the penalty condition of a conditioned
+    agent, encoder, shared LSTM cell, decoder) and `head_layers`. Greedy
+    decisions follow `RNPModel.rollout`: Q-values re-priced to the model's
+    `penalty_setting` and masked by its compute cap (`set_compute_cap`),
+    both read when the network is built. Every weight is a float32
+    constant, so no exported graph holds a variable.
+
+    Every prunable convolution `t` is a *segment*: the convolution on the
+    weight prefix `W[:, :, :in_prefix, :out_prefix]`, its activation and the
+    pooling layers that follow it up to the next prunable convolution (or
+    the head).
+
+    Graph-building methods run inside `with net.constants():` (the
+    top-level functions `batched`, `single` and `full` do it themselves), so
+    that each weight is one constant per graph, sliced where it is used.
+
+    Args:
+        model: a built `rnp_tf.RNPModel` with a chain backbone.
+
+    Example:
+
+    >>> net = SlicedNetwork(model)
+    >>> fn = tf.function(net.batched)
+    >>> out = fn(images, tf.zeros([1, net.num_prunable], tf.int32))  # greedy
+    """
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        check_exportable(model)
+        self._tf = tf
+        self.model = model
+        self.groups = k = int(model.groups)
+        self.num_prunable = int(model.num_prunable)
+        self.image_shape = tuple(int(d) for d in model.image_shape)
+        self.num_classes = int(model.num_classes)
+        # Walk the plan: stem, pools before the first prunable conv, then
+        # each prunable conv with the pools that follow it.
+        self.pre_pools, self.post_pools = [], [[] for _ in range(self.num_prunable)]
+        self.in_hw, self.out_hw = [], []
+        shape = (None, *self.image_shape)
+        t = -1
+        for kind, layer in model._plan:
+            if kind == "conv" and layer is not model.stem:
+                t += 1
+                self.in_hw.append(tuple(shape[1:3]))
+            shape = tuple(layer.compute_output_shape(shape))
+            if kind == "pool":
+                pool = (
+                    "avg" if "average" in type(layer).__name__.lower() else "max",
+                    tuple(layer.pool_size),
+                    tuple(layer.strides),
+                    layer.padding.upper(),
+                )
+                (self.pre_pools if t < 0 else self.post_pools[t]).append(pool)
+            if t >= 0:
+                if len(self.out_hw) <= t:
+                    self.out_hw.append(None)
+                self.out_hw[t] = tuple(shape[1:3])
+        self.head_hw = tuple(shape[1:3])
+        stem = model.stem
+        self.stem_conv = (int(stem.strides), getattr(stem, "padding", "same").upper(), stem.activation)
+        self.stem_channels = int(stem.filters)
+        self.convs = [
+            (int(c.strides), getattr(c, "padding", "same").upper(), c.activation) for c in model.prunable
+        ]
+        self.gated = [bool(c.gated_input) for c in model.prunable]
+        self.full_in = [int(c.in_channels) for c in model.prunable]
+        self.in_group = [int(c.in_group_size) if c.gated_input else None for c in model.prunable]
+        self.out_group = [int(c.group_size) for c in model.prunable]
+        self.out_channels = [int(c.filters) for c in model.prunable]
+        self.flatten = model.backbone["head"]["pooling"] != "gap"
+        self._arrays = self._extract(model)
+        self._decision_settings(model)
+        # MACs of each piece, from the layers' own counts.
+        first = model.head_layers[0]
+        spatial = self.head_hw[0] * self.head_hw[1] if self.flatten else 1
+        g = self.out_group[-1]
+        self.fixed_macs = float(stem.full_macs) + float(
+            sum(int(d.kernel.shape[0]) * int(d.units) for d in model.head_layers[1:])
+        )
+        self.head_macs = {a: float(spatial * a * g * int(first.units)) for a in range(1, k + 1)}
+        self.conv_macs = [
+            {(p, a): float(conv.macs(p, a)) for p, a in self.branches(t)} for t, conv in enumerate(model.prunable)
+        ]
+        self._consts = None
+
+    def _decision_settings(self, model):
+        """The run-time knob of `RNPModel.rollout`'s greedy choice, frozen as constants."""
+        k = self.groups
+        agent = model.agent
+        self.conditioned = bool(getattr(agent, "conditioned", False))
+        setting = getattr(model, "penalty_setting", None)
+        self.penalty_setting = None if setting is None else float(setting)
+        self.condition = None
+        self.reprice = None
+        if self.conditioned:
+            penalties = np.full([1], self.penalty_setting, np.float32)
+            self.condition = float(np.asarray(model.penalty_condition(penalties)).reshape(-1)[0])
+        elif setting is not None:
+            delta = np.float32(self.penalty_setting) - np.float32(model.penalty)
+            if delta != 0:
+                self.reprice = (delta * np.arange(k, dtype=np.float32)).astype(np.float32)
+        cap = getattr(model, "_cap_macs", None)
+        self.cap = None if cap is None else float(cap) * (1 + 1e-6)
+
+    def _extract(self, model):
+        """Every weight as a float32 numpy array (BatchNorm folded)."""
+        k = self.groups
+        arrays = {}
+        kernel, bias = model.stem.folded_weights(k, k)
+        arrays["stem"] = (np.asarray(kernel, np.float32), np.asarray(bias, np.float32))
+        for t, conv in enumerate(model.prunable):
+            for p in self.previous_actions(t):
+                # Full kernel folded with the BatchNorm set of input width p;
+                # (p, a) uses its prefix [:, :, :in_prefix(p), :a * group].
+                kernel, bias = conv.folded_weights(p, k)
+                arrays[("conv", t, p)] = (np.asarray(kernel, np.float32), np.asarray(bias, np.float32))
+        first = model.head_layers[0]
+        kernel = np.asarray(first.kernel, np.float32)
+        hf, wf, c = model._head_in_shape
+        if self.flatten:
+            # Channel-major rows, so that the first a groups are a row prefix.
+            kernel = kernel.reshape(hf, wf, c, -1).transpose(2, 0, 1, 3).reshape(c * hf * wf, -1)
+        arrays["head0"] = (np.ascontiguousarray(kernel), self._bias(first), first.activation)
+        for i, dense in enumerate(model.head_layers[1:]):
+            arrays[("head", i + 1)] = (np.asarray(dense.kernel, np.float32), self._bias(dense), dense.activation)
+        agent = model.agent
+        self.units = int(agent.units)
+        self.agent_channels = [int(c) for c in agent.feature_channels]
+        for t in range(self.num_prunable):
+            for name, layer in (("encoder", agent.encoders[t]), ("decoder", agent.decoders[t])):
+                arrays[(name, t)] = (np.asarray(layer.kernel, np.float32), self._bias(layer), layer.activation)
+        cell = agent.cell
+        arrays["lstm"] = (
+            np.asarray(cell.kernel, np.float32),
+            np.asarray(cell.recurrent_kernel, np.float32),
+            self._bias(cell) if getattr(cell, "use_bias", True) else np.zeros(4 * self.units, np.float32),
+        )
+        self.lstm_activation = cell.activation
+        self.lstm_recurrent_activation = cell.recurrent_activation
+        return arrays
+
+    @staticmethod
+    def _bias(layer):
+        if getattr(layer, "use_bias", True) and getattr(layer, "bias", None) is not None:
+            return np.asarray(layer.bias, np.float32)
+        return np.zeros(int(layer.kernel.shape[-1]), np.float32)
+
+    # ------------------------------------------------------------ helpers
+    @contextlib.contextmanager
+    def constants(self):
+        """Scope of one graph: each weight becomes one constant, created on first use.
+
+        Nested `tf.cond` branches must not create constants (a constant made
+        in one branch cannot be used in another), so `single` creates them
+        all up front.
+        """
+        outer = self._consts
+        self._consts = {}
+        try:
+            yield
+        finally:
+            self._consts = outer
+
+    def _const(self, key, index=0):
+        tf = self._tf
+        if self._consts is None:
+            raise RuntimeError("SlicedNetwork graph methods must run inside `with net.constants():`")
+        if (key, index) not in self._consts:
+            self._consts[(key, index)] = tf.constant(self._arrays[key][index])
+        return self._consts[(key, index)]
+
+    def _all_constants(self):
+        for key, value in self._arrays.items():
+            for index, item in enumerate(value):
+                if isinstance(item, np.ndarray):
+                    self._const(key, index)
+
+    def previous_actions(self, t):
+        """The previous actions that can feed prunable conv `t` (the stem's output is always full)."""
+        return list(range(1, self.groups + 1)) if self.varies(t) else [self.groups]
+
+    def varies(self, t):
+        """Whether the input width of prunable conv `t` follows the previous decision."""
+        return t > 0 and self.gated[t]
+
+    def branches(self, t):
+        """The (previous action, action) pairs of prunable conv `t`."""
+        return [(p, a) for p in self.previous_actions(t) for a in range(1, self.groups + 1)]
+
+    def in_channels(self, t, p):
+        """Input channels of prunable conv `t` after previous action `p`."""
+        return p * self.in_group[t] if self.varies(t) else self.full_in[t]
+
+    def macs_of(self, actions):
+        """MACs per sample for an int array `[n, T]` (numpy float64)."""
+        actions = np.asarray(actions).reshape(-1, self.num_prunable)
+        total = np.full(len(actions), self.fixed_macs)
+        prev = np.full(len(actions), self.groups)
+        for t in range(self.num_prunable):
+            total += [self.conv_macs[t][(int(p) if self.varies(t) else self.groups, int(a))] for p, a in zip(prev, actions[:, t])]
+            prev = actions[:, t]
+        return total + np.asarray([self.head_macs[int(a)] for a in prev])
+
+    def macs_constant(self, values):
+        """MAC counts as an int64 constant.
+
+        The graphs add MACs in int64 and cast the total to float32 at the
+        end: exact, and out of reach of TFLite's float16 quantisation, which
+        would store float constants as float16 (clipped at 65504).
+        """
+        tf = self._tf
+        return tf.constant(np.rint(np.asarray(values, np.float64)).astype(np.int64))
+
+    def head_macs_table(self):
+        """`[k]` MACs of the head's first Dense for last action 1..k."""
+        return np.asarray([self.head_macs[a] for a in range(1, self.groups + 1)])
+
+    def macs_table(self, t):
+        """`[k * k]` MACs of conv `t`, indexed `(previous - 1) * k + action - 1`."""
+        k = self.groups
+        table = np.zeros(k * k)
+        for p in range(1, k + 1):
+            for a in range(1, k + 1):
+                table[(p - 1) * k + a - 1] = self.conv_macs[t][(p if self.varies(t) else k, a)]
+        return table
+
+    def rest_table(self, t):
+        """`[k]`: the least MACs after decision `t` took action a (narrowest later, head)."""
+        k = self.groups
+        rest = np.zeros(k)
+        for a in range(1, k + 1):
+            prev, total = a, 0.0
+            for u in range(t + 1, self.num_prunable):
+                total += self.conv_macs[u][(prev if self.varies(u) else k, 1)]
+                prev = 1
+            rest[a - 1] = total + self.head_macs[prev]
+        return rest
+
+    def _pools(self, h, pools):
+        tf = self._tf
+        for mode, size, strides, padding in pools:
+            pool = tf.nn.max_pool2d if mode == "max" else tf.nn.avg_pool2d
+            h = pool(h, ksize=size, strides=strides, padding=padding)
+        return h
+
+    def _conv(self, h, kernel, bias, conv):
+        tf = self._tf
+        strides, padding, activation = conv
+        y = tf.nn.conv2d(h, kernel, strides=strides, padding=padding)
+        return activation(tf.nn.bias_add(y, bias))
+
+    def _dense(self, x, key, rows=None):
+        tf = self._tf
+        kernel = self._const(key, 0)
+        if rows is not None and rows != self._arrays[key][0].shape[0]:
+            kernel = kernel[:rows]
+        return self._arrays[key][2](tf.matmul(x, kernel) + self._const(key, 1))
+
+    # ------------------------------------------------------------ decisions
+    def initial_state(self, n):
+        """Zero LSTM state `[h, c]` for `n` samples."""
+        tf = self._tf
+        zeros = tf.zeros(tf.stack([n, self.units]), tf.float32)
+        return [zeros, zeros]
+
+    def agent_step(self, t, pooled, state):
+        """`DecisionAgent.step` on pooled features `[n, c]` (a channel prefix is zero-padded).
+
+        Returns `(q_values [n, k], [h, c])` (raw Q-values, before re-pricing).
+        """
+        tf = self._tf
+        missing = self.agent_channels[t] - pooled.shape[-1]
+        if missing:
+            pooled = tf.pad(pooled, [[0, 0], [0, missing]])
+        if self.conditioned:
+            condition = tf.fill(tf.stack([tf.shape(pooled)[0], 1]), tf.constant(self.condition, tf.float32))
+            pooled = tf.concat([pooled, condition], axis=-1)
+        x = self._dense(pooled, ("encoder", t))
+        h, c = state
+        z = tf.matmul(x, self._const("lstm", 0)) + tf.matmul(h, self._const("lstm", 1)) + self._const("lstm", 2)
+        zi, zf, zc, zo = tf.split(z, 4, axis=1)
+        sigma, act = self.lstm_recurrent_activation, self.lstm_activation
+        c = sigma(zf) * c + sigma(zi) * act(zc)
+        h = sigma(zo) * act(c)
+        return self._dense(h, ("decoder", t)), [h, c]
+
+    def start_spent(self, n):
+        """MACs before the first decision's conv (`[n]` int64): the fixed part."""
+        tf = self._tf
+        return tf.fill(tf.stack([n]), self.macs_constant(self.fixed_macs))
+
+    def decide(self, t, q, forced, prev, spent):
+        """Action of decision `t` as `RNPModel.rollout` picks it, unless forced.
+
+        Greedy on the Q-values re-priced to `penalty_setting`, without the
+        actions the compute cap forbids (an action is allowed when the MACs
+        spent so far, its own and the narrowest completion fit the cap; the
+        narrowest action always is); `forced[:, t] > 0` overrides (clipped
+        to 1..k).
+
+        Args:
+            t: decision index.
+            q: `[n, k]` raw Q-values.
+            forced: None or int32 `[n or 1, T]`.
+            prev: int32 `[n]` previous actions (k before the first).
+            spent: int64 `[n]` MACs of the stem, head constants and earlier convs.
+
+        Returns:
+            `(action int32 [n], spent after conv t int64 [n])`.
+        """
+        tf = self._tf
+        k = self.groups
+        if self.reprice is not None:
+            q = q + tf.constant(self.reprice)[None, :]
+        table = self.macs_constant(self.macs_table(t))
+        base = (prev - 1) * k
+        if self.cap is not None:
+            options = base[:, None] + tf.range(k)[None, :]
+            cost = spent[:, None] + tf.gather(table, options) + self.macs_constant(self.rest_table(t))[None, :]
+            # integer costs: cost <= cap  <=>  cost <= floor(cap)
+            cap = self.macs_constant(np.floor(self.cap))
+            feasible = tf.logical_or(cost <= cap, tf.equal(tf.range(k), 0)[None, :])
+            q = tf.where(feasible, q, tf.fill(tf.shape(q), tf.constant(-1e30, tf.float32)))
+        action = tf.argmax(q, axis=-1, output_type=tf.int32) + 1
+        if forced is not None:
+            f = tf.clip_by_value(tf.cast(forced[:, t], tf.int32), 0, k)
+            action = tf.where(f > 0, f, action)
+        return action, spent + tf.gather(table, base + action - 1)
+
+    def reprice_numpy(self, q):
+        """Numpy Q-values `[..., k]` re-priced like `decide` (for choosing parity images)."""
+        return q if self.reprice is None else q + self.reprice
+
+    def pooled(self, h, channels=None):
+        """Global average of a (narrow) map, zero-padded to `channels`."""
+        tf = self._tf
+        p = tf.reduce_mean(h, axis=[1, 2])
+        missing = (channels or h.shape[-1]) - h.shape[-1]
+        return tf.pad(p, [[0, 0], [0, missing]]) if missing else p
+
+    # ------------------------------------------------------------ segments
+    def stem(self, images):
+        """Stem conv (full width) and the pools before the first prunable conv."""
+        h = self._conv(images, self._const("stem", 0), self._const("stem", 1), self.stem_conv)
+        return self._pools(h, self.pre_pools)
+
+    def segment(self, t, h, previous, action):
+        """Prunable conv `t` on `h` (holding exactly `previous` groups), then its pools.
+
+        Returns a map with `action * out_group` channels.
+        """
+        ci, co = self.in_channels(t, previous), action * self.out_group[t]
+        key = ("conv", t, previous if self.varies(t) else self.groups)
+        kernel, bias = self._const(key, 0), self._const(key, 1)
+        if ci != self.full_in[t] or co != self.out_channels[t]:
+            kernel, bias = kernel[:, :, :ci, :co], bias[:co]
+        y = self._conv(h, kernel, bias, self.convs[t])
+        return self._pools(y, self.post_pools[t])
+
+    def head(self, h, action):
+        """Logits from the last feature map, holding `action` groups."""
+        tf = self._tf
+        ch = action * self.out_group[-1]
+        if self.flatten:
+            hf, wf = self.head_hw
+            h = tf.reshape(tf.transpose(h, [0, 3, 1, 2]), [-1, ch * hf * wf])
+            rows = ch * hf * wf
+        else:
+            h = tf.reduce_mean(h, axis=[1, 2])
+            rows = ch
+        h = self._dense(h, "head0", rows)
+        for i in range(1, len(self.model.head_layers)):
+            h = self._dense(h, ("head", i))
+        return h
+
+    # ------------------------------------------------------------- batched
+    def _run_group(self, x, fn, hw, channels):
+        """`fn` on a group of samples; an empty group runs on one zero sample that is dropped.
+
+        Works around oneDNN's empty-batch convolution bug (FINDINGS.md) and
+        keeps every runtime away from zero-sized convolutions; the reshape
+        restores the static inner dims.
+        """
+        tf = self._tf
+        m = tf.shape(x)[0]
+        pad = tf.maximum(1 - m, 0)
+        x = tf.concat([x, tf.zeros(tf.stack([pad, hw[0], hw[1], channels]), x.dtype)], axis=0)
+        x = tf.reshape(x, [-1, hw[0], hw[1], channels])
+        return fn(x)[:m]
+
+    def _indices(self, mask):
+        """int32 indices of the True entries of a `[n]` mask (NonZero on float32, as TensorRT wants)."""
+        tf = self._tf
+        return tf.cast(tf.reshape(tf.where(tf.cast(mask, tf.float32)), [-1]), tf.int32)
+
+    def batched(self, images, forced_actions=None):
+        """Any batch size; per-sample actions by gather/scatter, no control flow.
+
+        At each prunable conv the samples are grouped by their (previous
+        action, action) pair; each group is gathered, narrowed to its input
+        prefix, convolved with its weight slice, zero-padded back to full
+        width and scattered to its rows.
+
+        Args:
+            images: float32 `[n, H, W, C]`.
+            forced_actions: optional int32 `[n or 1, T]`; 0 = the agent's greedy choice.
+
+        Returns:
+            dict: `logits` `[n, classes]`, `actions` int32 `[n, T]`, `macs` float32 `[n]`.
+        """
+        tf = self._tf
+        with self.constants():
+            k = self.groups
+            n = tf.shape(images)[0]
+            h = self.stem(images)
+            state = self.initial_state(n)
+            prev = tf.fill(tf.stack([n]), k)
+            spent = self.start_spent(n)
+            actions = []
+            for t in range(self.num_prunable):
+                q, state = self.agent_step(t, self.pooled(h), state)  # zero beyond each prefix
+                a, spent = self.decide(t, q, forced_actions, prev, spent)
+                outs, index = [], []
+                for p, b in self.branches(t):
+                    chosen = tf.equal(a, b)
+                    if self.varies(t):
+                        chosen = tf.logical_and(tf.equal(prev, p), chosen)
+                    idx = self._indices(chosen)
+                    ci = self.in_channels(t, p)
+                    x = tf.gather(h, idx)
+                    if ci != self.full_in[t]:
+                        x = x[..., :ci]
+                    y = self._run_group(x, lambda z, t=t, p=p, b=b: self.segment(t, z, p, b), self.in_hw[t], ci)
+                    pad = self.out_channels[t] - b * self.out_group[t]
+                    outs.append(tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, pad]]) if pad else y)
+                    index.append(idx)
+                hw = self.out_hw[t]
+                shape = tf.stack([n, hw[0], hw[1], self.out_channels[t]])
+                h = tf.scatter_nd(tf.concat(index, 0)[:, None], tf.concat(outs, 0), shape)
+                actions.append(a)
+                prev = a
+            logits, index = [], []
+            g = self.out_group[-1]
+            for b in range(1, k + 1):
+                idx = self._indices(tf.equal(prev, b))
+                x = tf.gather(h, idx)[..., : b * g]
+                logits.append(self._run_group(x, lambda z, b=b: self.head(z, b), self.head_hw, b * g))
+                index.append(idx)
+            shape = tf.stack([n, self.num_classes])
+            logits = tf.scatter_nd(tf.concat(index, 0)[:, None], tf.concat(logits, 0), shape)
+            macs = tf.cast(spent + tf.gather(self.macs_constant(self.head_macs_table()), prev - 1), tf.float32)
+            return {"logits": logits, "actions": tf.stack(actions, axis=1), "macs": macs}
+
+    # ------------------------------------------------------------- batch 1
+    def _tree(self, index, fns, lo=0, hi=None):
+        """Nested binary `tf.cond` over `fns[index]` (nested ONNX If once frozen and lowered)."""
+        tf = self._tf
+        hi = len(fns) if hi is None else hi
+        if hi - lo == 1:
+            return fns[lo]()
+        mid = (lo + hi) // 2
+        return tf.cond(index < mid, lambda: self._tree(index, fns, lo, mid), lambda: self._tree(index, fns, mid, hi))
+
+    def single(self, images, forced_actions=None):
+        """Batch 1: the (previous action, action) branch chosen by nested `tf.cond`.
+
+        Args:
+            images: float32 `[1, H, W, C]`.
+            forced_actions: optional int32 `[1, T]`; 0 = the agent's greedy choice.
+
+        Returns:
+            dict like `batched`, batch 1.
+        """
+        tf = self._tf
+        with self.constants():
+            self._all_constants()
+            k = self.groups
+            h = self.stem(images)
+            pooled = self.pooled(h)
+            state = self.initial_state(1)
+            prev = tf.constant([k], tf.int32)
+            spent = self.start_spent(1)
+            actions = []
+            for t in range(self.num_prunable):
+                q, state = self.agent_step(t, pooled, state)
+                a, spent = self.decide(t, q, forced_actions, prev, spent)
+                hw, nxt = self.in_hw[t], self.out_channels[t]
+                fns = []
+                for p, b in self.branches(t):
+
+                    def fn(t=t, p=p, b=b, h=h, hw=hw, nxt=nxt):
+                        x = tf.reshape(h, [1, hw[0], hw[1], self.in_channels(t, p)])
+                        y = self.segment(t, x, p, b)
+                        return y, self.pooled(y, nxt)
+
+                    fns.append(fn)
+                index = (prev[0] - 1) * k + (a[0] - 1) if self.varies(t) else a[0] - 1
+                h, pooled = self._tree(index, fns)
+                pooled = tf.reshape(pooled, [1, nxt])
+                actions.append(a)
+                prev = a
+            g = self.out_group[-1]
+            hf, wf = self.head_hw
+            heads = [(lambda b=b: self.head(tf.reshape(h, [1, hf, wf, b * g]), b)) for b in range(1, k + 1)]
+            logits = tf.reshape(self._tree(prev[0] - 1, heads), [1, self.num_classes])
+            macs = tf.cast(spent + tf.gather(self.macs_constant(self.head_macs_table()), prev - 1), tf.float32)
+            return {"logits": logits, "actions": tf.stack(actions, axis=1), "macs": macs}
+
+    # ------------------------------------------------------ full baseline
+    def full(self, images):
+        """The unpruned network (every action k, no agent) with plain convolutions: the baseline."""
+        with self.constants():
+            h = self.stem(images)
+            for t in range(self.num_prunable):
+                h = self.segment(t, h, self.groups, self.groups)
+            return {"logits": self.head(h, self.groups)}
+
+
+# ---------------------------------------------------------- run-time knob
+KNOB_FLAGS = ("penalty", "compute_cap")
+
+
+def define_knob_flags(flag_values):
+    """`--penalty` and `--compute_cap`: the model's run-time knob, frozen into the export."""
+    from absl import flags
+
+    if "compute_cap" in flag_values:
+        return
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_float(
+        "penalty", None,
+        "Run-time penalty baked into the exported decisions (RNPModel.set_penalty; default: the "
+        "penalty setting saved with the model).", **fv,
+    )
+    flags.DEFINE_float(
+        "compute_cap", None,
+        "Hard per-image MAC cap as a fraction of the full model (RNPModel.set_compute_cap); "
+        "default: none.", **fv,
+    )
+
+
+def apply_knob(model, penalty=None, compute_cap=None):
+    """Sets the model's run-time knob before export; a bad value is an ExportError."""
+    try:
+        if penalty is not None:
+            if not hasattr(model, "set_penalty"):
+                raise ExportError("--penalty: this model has no run-time penalty (RNPModel.set_penalty)")
+            model.set_penalty(float(penalty))
+        if compute_cap is not None:
+            if not hasattr(model, "set_compute_cap"):
+                raise ExportError("--compute_cap: this model has no compute cap (RNPModel.set_compute_cap)")
+            model.set_compute_cap(float(compute_cap))
+    except ValueError as error:
+        raise ExportError(_first_line(error)) from None
+    return model
+
+
+def knob_report(net):
+    """The decision settings frozen into an export (for the reports)."""
+    return {
+        "penalty_setting": net.penalty_setting,
+        "conditioned_agent": net.conditioned,
+        "compute_cap_macs": net.cap,
+    }
+
+
+# -------------------------------------------------------------------- CLI
+def exit_with_error(program, message):
+    """One line `program: error: message` on stderr and exit status 2.
+
+    The same form as `rnp_tf.validation.exit_with_error`, without importing
+    the package (and TensorFlow) just to report a bad argument.
+    """
+    sys.stderr.write(f"{program}: error: {message}\n")
+    sys.exit(2)
+
+
+def positional_model_dir(program, argv):
+    """The single positional argument of a CLI (the model directory), or exit 2."""
+    args = argv[1:]
+    if len(args) != 1:
+        exit_with_error(
+            program, f"expected exactly one positional argument, the model directory holding model.keras; got {args}"
+        )
+    return args[0]
+
+
+def fail(program, error):
+    """One line on stderr and exit status 2."""
+    exit_with_error(program, _first_line(error))
+
+
+def timed(fn, *args, repeats=20, warmup=3):
+    """Median wall time of `fn(*args)` in milliseconds."""
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def say(program, message):
+    """A progress line on stdout."""
+    print(f"{program}: {message}", flush=True)

@@ -1,0 +1,479 @@
+r"""Export a trained RNP model to ONNX: `python -m export.onnx ckpt/`.
+
+Writes into `--output` (default `ckpt/export/`):
+
+- `rnp.onnx`: any batch size (dynamic `batch`), per-sample actions with
+  gather/scatter: at each prunable conv the samples are grouped by their
+  (previous action, action) pair (NonZero + Gather), each group convolved on
+  its weight slice and scattered back (ScatterND). No `If` or `Loop`: the
+  form TensorRT accepts (see `export.trt`).
+- `rnp_b1.onnx`: batch 1 only; the branch of every prunable conv is picked
+  by nested `If` nodes on the scalar action (from nested `tf.cond`, frozen
+  with lowered control flow), so only the chosen slice runs: the fast path
+  at batch 1, where `rnp.onnx` would run every group (empty ones on one
+  padding sample).
+- `full.onnx`: the unpruned network (every group, no agent), the baseline
+  for latency comparisons.
+- `onnx.json`: the parity results, the operators used and onnxruntime
+  latencies of the three models.
+
+Inputs and outputs (opset 17):
+    images          float32 [batch, H, W, C]
+    forced_actions  int32 [batch or 1, T], optional (an overridable
+                    initializer, zeros by default): 0 lets the agent
+                    choose; 1..k forces that many groups at that layer
+    logits          float32 [batch, classes]
+    actions         int32 [batch, T]  (groups computed at each prunable conv)
+    macs            float32 [batch]   (multiply-accumulates of each image)
+
+Every model passes `onnx.checker.check_model(full_check=True)` and is run in
+onnxruntime before it is written: greedy actions on fixed images that drive
+different actions, and every action at every layer through
+`forced_actions`, against `model.rollout` (identical actions, max |logits
+difference| <= 1e-4); otherwise nothing is written and the command exits 2
+with the measured difference.
+
+Examples:
+
+    python -m export.onnx /tmp/rnp_quickstart
+    python -m export.onnx /tmp/rnp_quickstart --output=/tmp/onnx --nobatch1
+    python -m export.onnx /tmp/rnp_quickstart --timing_runs=0   # skip the latencies
+
+In Python:
+
+    import onnxruntime as ort
+    sess = ort.InferenceSession("/tmp/rnp_quickstart/export/rnp.onnx")
+    logits, actions, macs = sess.run(["logits", "actions", "macs"], {"images": x})
+"""
+
+import contextlib
+import os
+
+import numpy as np
+from absl import app
+from absl import flags
+
+from export import common
+
+PROGRAM = "export.onnx"
+OPSET = 17
+# tf2onnx's optimisers that matter for these graphs (the transposes around
+# every NHWC convolution, constant folding, duplicates); the others do
+# nothing here but cost a deep copy of the graph each.
+OPTIMIZERS = (
+    "optimize_transpose",
+    "fold_constants",
+    "merge_duplication",
+    "reshape_optimizer",
+    "global_pool_optimizer",
+    "remove_identity",
+    "remove_back_to_back",
+)
+# The batch-1 graph: its many branch subgraphs make merge_duplication slow
+# (10 s on a 3-layer net) for nothing measurable.
+SINGLE_OPTIMIZERS = tuple(name for name in OPTIMIZERS if name != "merge_duplication")
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines the flags of `python -m export.onnx` on `flag_values` (once)."""
+    if "batch1" in flag_values:
+        return
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_string("output", None, "Output directory (default: <model_dir>/export).", **fv)
+    flags.DEFINE_boolean("batch1", True, "Also write rnp_b1.onnx, the batch-1 model with nested If.", **fv)
+    flags.DEFINE_integer("num_parity_images", 16, "Images of the greedy parity check.", lower_bound=1, **fv)
+    flags.DEFINE_integer(
+        "max_forced_tuples", 256,
+        "Check every action tuple when there are at most this many, else a set covering every "
+        "(previous action, action) pair at every layer.", lower_bound=1, **fv,
+    )
+    flags.DEFINE_integer("timing_runs", 20, "onnxruntime timing runs per model and batch (0: skip).", lower_bound=0, **fv)
+    common.define_knob_flags(flag_values)
+    for name in common.KNOB_FLAGS:  # list them in this command's --help
+        flags.declare_key_flag(name, flag_values=flag_values)
+
+
+# ------------------------------------------------------------- conversion
+@contextlib.contextmanager
+def _few_optimizers(names=OPTIMIZERS, catch_errors=False):
+    """Runs tf2onnx with only `names` of its optimisers.
+
+    With `catch_errors=False` tf2onnx does not deep-copy the whole graph
+    before every optimiser (most of its conversion time on these graphs);
+    `_convert` retries with copies if an optimiser fails.
+    """
+    import tf2onnx.optimizer as opt
+    from tf2onnx import constants
+
+    saved = opt._optimizers
+    saved_env = os.environ.get(constants.ENV_TF2ONNX_CATCH_ERRORS)
+    opt._optimizers = type(saved)((k, v) for k, v in saved.items() if k in names)
+    os.environ[constants.ENV_TF2ONNX_CATCH_ERRORS] = "TRUE" if catch_errors else "FALSE"
+    try:
+        yield
+    finally:
+        opt._optimizers = saved
+        if saved_env is None:
+            os.environ.pop(constants.ENV_TF2ONNX_CATCH_ERRORS, None)
+        else:
+            os.environ[constants.ENV_TF2ONNX_CATCH_ERRORS] = saved_env
+
+
+def _convert(convert_fn, names=OPTIMIZERS):
+    """`convert_fn()` under `_few_optimizers`; retried with tf2onnx's own error catching on failure."""
+    try:
+        with _few_optimizers(names, catch_errors=False):
+            return convert_fn()
+    except Exception:  # an optimiser failed on this graph: let tf2onnx skip it
+        with _few_optimizers(names, catch_errors=True):
+            return convert_fn()
+
+
+def _quiet_tf2onnx():
+    import logging
+
+    for name in ("tf2onnx", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _name_dims(model_proto, batch):
+    """Names the batch dimension of the images and every output `batch` (or fixes it to 1)."""
+    graph = model_proto.graph
+    for value in list(graph.input) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if not dims or value.name == "forced_actions":
+            continue
+        if batch == 1:
+            dims[0].dim_value = 1
+        else:
+            dims[0].dim_param = "batch"
+
+
+def _optional_forced_actions(model_proto, num_prunable, batch):
+    """Makes `forced_actions` optional: an overridable initializer of zeros `[1, T]`."""
+    from onnx import numpy_helper
+
+    graph = model_proto.graph
+    graph.initializer.append(numpy_helper.from_array(np.zeros((1, num_prunable), np.int32), "forced_actions"))
+    for value in graph.input:
+        if value.name == "forced_actions":
+            dim = value.type.tensor_type.shape.dim[0]
+            if batch == 1:
+                dim.dim_value = 1
+            else:
+                dim.dim_param = "forced_batch"
+
+
+def bake_greedy(model_proto):
+    """A copy with `forced_actions` removed from the inputs (a constant zeros initializer).
+
+    The TensorRT-bound form: its only input is `images`.
+    """
+    import onnx
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model_proto)
+    keep = [v for v in proto.graph.input if v.name != "forced_actions"]
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep)
+    return proto
+
+
+def _signature(net, batch):
+    import tensorflow as tf
+
+    h, w, c = net.image_shape
+    return [
+        tf.TensorSpec([batch, h, w, c], tf.float32, name="images"),
+        tf.TensorSpec([batch, net.num_prunable], tf.int32, name="forced_actions"),
+    ]
+
+
+def convert_batched(net):
+    """`rnp.onnx`: the gather/scatter graph (`SlicedNetwork.batched`), dynamic batch."""
+    import tensorflow as tf
+    import tf2onnx
+
+    _quiet_tf2onnx()
+    sig = _signature(net, None)
+    fn = tf.function(net.batched, input_signature=sig, autograph=False)
+    proto, _ = _convert(lambda: tf2onnx.convert.from_function(fn, input_signature=sig, opset=OPSET))
+    _name_dims(proto, None)
+    _optional_forced_actions(proto, net.num_prunable, None)
+    proto.graph.name = "rnp_gather_scatter"
+    return check(proto)
+
+
+def convert_single(net):
+    """`rnp_b1.onnx`: nested `tf.cond` frozen with lowered control flow, then `from_graph_def`."""
+    import tensorflow as tf
+    import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    _quiet_tf2onnx()
+    sig = _signature(net, 1)
+    fn = tf.function(net.single, input_signature=sig, autograph=False)
+    concrete = fn.get_concrete_function()
+    frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=True)
+    inputs = [t.name for t in frozen.inputs]
+    outputs = [t.name for t in frozen.outputs]
+    rename = {t.name: name for name, t in zip(("images", "forced_actions"), frozen.inputs)}
+    structured = concrete.structured_outputs
+    for name, tensor in structured.items():
+        rename[outputs[[t.name for t in concrete.outputs].index(tensor.name)]] = name
+    graph_def = frozen.graph.as_graph_def()
+    proto, _ = _convert(
+        lambda: tf2onnx.convert.from_graph_def(
+            graph_def, input_names=inputs, output_names=outputs, opset=OPSET, tensors_to_rename=rename
+        ),
+        SINGLE_OPTIMIZERS,
+    )
+    _name_dims(proto, 1)
+    _optional_forced_actions(proto, net.num_prunable, 1)
+    proto.graph.name = "rnp_batch1_if"
+    return check(proto)
+
+
+def convert_full(net):
+    """`full.onnx`: the unpruned network, dynamic batch."""
+    import tensorflow as tf
+    import tf2onnx
+
+    _quiet_tf2onnx()
+    sig = _signature(net, None)[:1]
+    fn = tf.function(net.full, input_signature=sig, autograph=False)
+    proto, _ = _convert(lambda: tf2onnx.convert.from_function(fn, input_signature=sig, opset=OPSET))
+    _name_dims(proto, None)
+    proto.graph.name = "full"
+    return check(proto)
+
+
+def check(proto):
+    """`onnx.checker` with full (strict) shape inference; returns the proto."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as error:  # onnx raises ValidationError / InferenceError
+        raise common.ExportError(f"the ONNX model fails onnx.checker: {common._first_line(error)}") from None
+    return proto
+
+
+def operators(proto):
+    """Sorted op types of a model, including those inside If/Loop bodies."""
+    found = set()
+
+    def walk(graph):
+        for node in graph.node:
+            found.add(node.op_type)
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.node:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(proto.graph)
+    return sorted(found)
+
+
+# ---------------------------------------------------------------- running
+def session(path_or_bytes):
+    """An onnxruntime CPU session (warnings about the optional input silenced)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def runner(sess, batch1=False, has_forced=True):
+    """`run(images, forced_actions_or_None) -> dict` over an onnxruntime session."""
+    names = [o.name for o in sess.get_outputs()]
+
+    def run_batch(images, forced):
+        feed = {"images": np.ascontiguousarray(images, np.float32)}
+        if forced is not None:
+            if not has_forced:
+                raise ValueError("this model has no forced_actions input")
+            feed["forced_actions"] = np.ascontiguousarray(forced, np.int32)
+        return dict(zip(names, sess.run(names, feed)))
+
+    def run(images, forced=None):
+        if not batch1:
+            return run_batch(images, forced)
+        outs = [run_batch(images[i : i + 1], None if forced is None else forced[i : i + 1]) for i in range(len(images))]
+        return {k: np.concatenate([o[k] for o in outs]) for k in names}
+
+    return run
+
+
+def full_runner(sess):
+    """Parity runner of `full.onnx`: logits only (actions and MACs are those of the full width)."""
+
+    def run(images, forced=None):
+        return {"logits": sess.run(["logits"], {"images": np.ascontiguousarray(images, np.float32)})[0]}
+
+    return run
+
+
+def check_full(label, model, run, images):
+    """The full network's logits against `model.rollout(x, actions=k everywhere)`."""
+    full = np.full((len(images), model.num_prunable), model.groups, np.int32)
+    ref = common.reference(model, images, full)
+    return common.compare(f"{label} (full width)", ref, run(images), logits_only=True)
+
+
+def latency(sess, image_shape, batch, runs):
+    """Median onnxruntime latency in ms at a batch size (random images)."""
+    x = np.random.default_rng(batch).normal(size=(batch, *image_shape)).astype(np.float32)
+    feed = {"images": x}
+    return common.timed(lambda: sess.run(None, feed), repeats=runs, warmup=2)
+
+
+# ----------------------------------------------------------------- export
+def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_forced_tuples=256, timing_runs=20,
+                penalty=None, compute_cap=None, log=None):
+    """Exports `model_dir/model.keras` to `rnp.onnx` (+ `rnp_b1.onnx`, `full.onnx`) and verifies them.
+
+    Args:
+        model_dir: directory holding `model.keras`.
+        output: output directory (default `<model_dir>/export`).
+        batch1: also write the batch-1 `If` model.
+        num_parity_images: images of the greedy parity check.
+        max_forced_tuples: see `common.action_tuples`.
+        timing_runs: onnxruntime timing runs (0: no latencies in the report).
+        penalty, compute_cap: run-time knob applied before export (see
+            `common.apply_knob`).
+        log: `log(message)` for progress lines (default: print).
+
+    Returns:
+        The report dict (also written to `onnx.json`).
+
+    Raises:
+        common.ExportError: missing/corrupt checkpoint, a failed parity check
+            (nothing is written then).
+    """
+    log = log or (lambda m: common.say(PROGRAM, m))
+    model = common.load_checkpoint(model_dir)
+    common.apply_knob(model, penalty, compute_cap)
+    output = common.default_output(model_dir, output)
+    with common.output_directory(output) as out:
+        net = common.SlicedNetwork(model)
+        images = common.parity_images(net, num_parity_images)
+        tuples = common.action_tuples(net.num_prunable, net.groups, max_forced_tuples)
+        log(f"converting the gather/scatter model (opset {OPSET})")
+        protos = {"rnp.onnx": convert_batched(net)}
+        if batch1:
+            log("converting the batch-1 model (nested If)")
+            protos["rnp_b1.onnx"] = convert_single(net)
+        protos["full.onnx"] = convert_full(net)
+        report = {
+            "model_dir": os.path.abspath(model_dir),
+            "opset": OPSET,
+            "groups": net.groups,
+            "num_prunable": net.num_prunable,
+            "full_macs": float(model.full_macs),
+            "knob": common.knob_report(net),
+            "parity": {},
+            "operators": {name: operators(p) for name, p in protos.items()},
+        }
+        sessions = {}
+
+        def producer(name, proto):
+            def produce(tmp):
+                import onnx
+
+                onnx.save(proto, tmp)
+                sess = session(tmp)
+                if name == "full.onnx":
+                    report["parity"][name] = check_full(name, model, full_runner(sess), images)
+                else:
+                    run = runner(sess, batch1=name == "rnp_b1.onnx")
+                    report["parity"][name] = common.check_artifact(name, model, run, images, tuples)
+                    if name == "rnp.onnx":
+                        report["parity"][name]["dynamic_batch"] = check_dynamic_batch(model, run, images)
+                sessions[name] = sess
+                log(f"{name}: parity passed")
+
+            return produce
+
+        artifacts = [common.Artifact(os.path.join(out, n), producer(n, p)) for n, p in protos.items()]
+
+        def write_report(tmp):
+            if timing_runs:
+                report["latency_ms"] = timings(sessions, net.image_shape, timing_runs)
+            common.write_json(tmp, report)
+
+        artifacts.append(common.Artifact(os.path.join(out, "onnx.json"), write_report))
+        common.write_artifacts(artifacts)
+    report["output"] = out
+    return report
+
+
+def check_dynamic_batch(model, run, images, sizes=(1, 7, 64), seed=7):
+    """Batches of 1, 7 and 64 against the model; most (previous action, action) groups are empty.
+
+    The first half of each batch (at least one image) is chosen by the agent
+    on the parity images, the rest runs random forced action tuples.
+
+    Returns:
+        `{str(batch): compare(...)}`.
+    """
+    rng = np.random.default_rng(seed)
+    results = {}
+    for n in sizes:
+        n_agent = max(1, n // 2)
+        x_agent = images[np.arange(n_agent) % len(images)]
+        x_forced = rng.normal(size=(n - n_agent, *model.image_shape)).astype(np.float32)
+        forced = rng.integers(1, model.groups + 1, size=(n - n_agent, model.num_prunable)).astype(np.int32)
+        parts = [common.reference(model, x_agent)]
+        if n > n_agent:
+            parts.append(common.reference(model, x_forced, forced))
+        ref = {k: np.concatenate([p[k] for p in parts]) for k in ("logits", "actions", "macs")}
+        x = np.concatenate([x_agent, x_forced])
+        all_forced = np.concatenate([np.zeros((n_agent, model.num_prunable), np.int32), forced])
+        results[str(n)] = common.compare(f"batch {n}", ref, run(x, all_forced))
+    return results
+
+
+def timings(sessions, image_shape, runs):
+    """onnxruntime latencies (ms, median) of the written models at batch 1 and 64."""
+    out = {}
+    for name, sess in sessions.items():
+        batches = (1,) if name == "rnp_b1.onnx" else (1, 64)
+        out[name] = {str(b): latency(sess, image_shape, b, runs) for b in batches}
+    return out
+
+
+def main(argv):
+    fv = flags.FLAGS
+    model_dir = common.positional_model_dir(PROGRAM, argv)
+    try:
+        report = export_onnx(
+            model_dir, fv.output, fv.batch1, fv.num_parity_images, fv.max_forced_tuples, fv.timing_runs,
+            fv.penalty, fv.compute_cap,
+        )
+    except common.ExportError as error:
+        common.fail(PROGRAM, error)
+    summarize(report)
+
+
+def summarize(report):
+    for name, parity in report["parity"].items():
+        if "greedy" in parity:
+            g, f = parity["greedy"], parity["forced"]
+            print(
+                f"{PROGRAM}: {name}: greedy {g['samples']} images ({g['distinct_action_tuples']} action tuples) "
+                f"max |dlogits| {g['max_abs_logit_diff']:.2e}; forced {f['distinct_action_tuples']} tuples "
+                f"max |dlogits| {f['max_abs_logit_diff']:.2e}"
+            )
+        else:
+            print(f"{PROGRAM}: {name}: full width max |dlogits| {parity['max_abs_logit_diff']:.2e}")
+    for name, lat in report.get("latency_ms", {}).items():
+        print(f"{PROGRAM}: {name}: onnxruntime latency " + ", ".join(f"batch {b}: {v:.3f} ms" for b, v in lat.items()))
+    print(f"{PROGRAM}: wrote {', '.join(sorted(report['operators']))} and onnx.json to {report['output']}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

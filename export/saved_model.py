@@ -1,0 +1,240 @@
+r"""Export a trained RNP model as a TensorFlow SavedModel: `python -m export.saved_model ckpt/`.
+
+Writes into `--output` (default `ckpt/export/`):
+
+- `saved_model/`: a SavedModel (TF Serving ready) with two signatures:
+    * `serving_default(images)`: images float32 `[batch, H, W, C]` ->
+      `logits` float32 `[batch, classes]`, `actions` int32 `[batch, T]`
+      (groups computed at each prunable conv, the agent's greedy policy)
+      and `macs` float32 `[batch]` (multiply-accumulates of each image);
+    * `forced(images, actions)`: the same with the actions given
+      (int32 `[batch, T]`, values 1..k; the sliced graph also takes 0 for
+      "the agent decides"): every action at every layer can be run
+      through the artifact itself.
+- `saved_model.json`: the parity results.
+
+`--graph=masked` (default) exports `model.rollout` itself, the exact
+reference: every convolution is computed in full and the pruned channels
+are zeroed, so it saves nothing at run time. `--graph=sliced` exports the
+gather/scatter graph of `export.common.SlicedNetwork.batched` instead:
+samples are grouped by their (previous action, action) pair at each
+prunable conv and only the chosen weight prefixes are convolved (empty
+groups run on one padding sample; see FINDINGS.md's oneDNN empty-batch
+bug); a batch of one takes a nested `tf.cond` instead, so only the chosen
+branch runs. Both follow the model's run-time knob (penalty setting, compute cap)
+as saved, or as set with `--penalty` / `--compute_cap`.
+
+The SavedModel is reloaded and checked before it is moved into place: greedy
+actions on fixed images that drive different actions and every action tuple
+through `forced`, against `model.rollout` in inference mode (identical
+actions, max |logits difference| <= 1e-4). A failed check writes nothing
+and exits 2 with the measured difference.
+
+Examples:
+
+    python -m export.saved_model /tmp/rnp_quickstart
+    python -m export.saved_model /tmp/rnp_quickstart --graph=sliced --output=/tmp/serving/rnp/1
+
+Serving (TF Serving REST, or in Python):
+
+    loaded = tf.saved_model.load("/tmp/rnp_quickstart/export/saved_model")
+    out = loaded.signatures["serving_default"](images=tf.constant(x))
+    out["logits"], out["actions"], out["macs"]
+"""
+
+import os
+
+import numpy as np
+from absl import app
+from absl import flags
+
+from export import common
+
+PROGRAM = "export.saved_model"
+GRAPHS = ("masked", "sliced")
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines the flags of `python -m export.saved_model` on `flag_values` (once)."""
+    if "graph" in flag_values:
+        return
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_string("output", None, "Output directory (default: <model_dir>/export).", **fv)
+    flags.DEFINE_enum(
+        "graph", "masked", GRAPHS,
+        "masked: model.rollout itself (exact, computes every channel); sliced: gather/scatter on "
+        "weight prefixes (computes only the chosen channels).", **fv,
+    )
+    flags.DEFINE_integer("num_parity_images", 16, "Images of the greedy parity check.", lower_bound=1, **fv)
+    flags.DEFINE_integer(
+        "max_forced_tuples", 256,
+        "Check every action tuple when there are at most this many, else a set covering every "
+        "(previous action, action) pair at every layer.", lower_bound=1, **fv,
+    )
+    common.define_knob_flags(flag_values)
+    for name in common.KNOB_FLAGS:  # list them in this command's --help
+        flags.declare_key_flag(name, flag_values=flag_values)
+
+
+def build_module(model, graph="masked"):
+    """A `tf.Module` holding the model and the two signature functions."""
+    import tensorflow as tf
+
+    h, w, c = model.image_shape
+    images_spec = tf.TensorSpec([None, h, w, c], tf.float32, name="images")
+    actions_spec = tf.TensorSpec([None, model.num_prunable], tf.int32, name="actions")
+    module = tf.Module()
+    keys = ("logits", "actions", "macs")
+    if graph == "masked":
+        module.model = model  # tracks the variables
+
+        def serve(images):
+            out = model.rollout(images)
+            return {k: out[k] for k in keys}
+
+        def forced(images, actions):
+            out = model.rollout(images, actions=actions)
+            return {k: out[k] for k in keys}
+
+    elif graph == "sliced":
+        net = common.SlicedNetwork(model)  # constants only
+
+        def sliced(images, actions):
+            # Batch 1 takes the nested tf.cond path (only the chosen branch
+            # runs); larger batches gather/scatter.
+            one = tf.equal(tf.shape(images)[0], 1)
+            return tf.cond(one, lambda: net.single(images, actions), lambda: net.batched(images, actions))
+
+        forced = sliced
+
+        def serve(images):
+            # one traced graph for both signatures: the agent's choice is forced = 0
+            return module.forced(images, tf.zeros([1, model.num_prunable], tf.int32))
+
+    else:
+        raise common.ExportError(f"--graph must be one of {GRAPHS}, got {graph!r}")
+    module.forced = tf.function(forced, input_signature=[images_spec, actions_spec], autograph=False)
+    module.serve = tf.function(serve, input_signature=[images_spec], autograph=False)
+    return module
+
+
+def save(module, path):
+    """`tf.saved_model.save` with the `serving_default` and `forced` signatures."""
+    import tensorflow as tf
+
+    signatures = {"serving_default": module.serve.get_concrete_function(), "forced": module.forced.get_concrete_function()}
+    tf.saved_model.save(module, path, signatures=signatures)
+
+
+def runner(path_or_loaded, batch1=False):
+    """`run(images, forced_or_None) -> dict` over a (re)loaded SavedModel (`batch1`: one image per call)."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(path_or_loaded) if isinstance(path_or_loaded, (str, os.PathLike)) else path_or_loaded
+    serve, forced_fn = loaded.signatures["serving_default"], loaded.signatures["forced"]
+
+    def run_batch(images, forced=None):
+        x = tf.constant(images, tf.float32)
+        out = serve(images=x) if forced is None else forced_fn(images=x, actions=tf.constant(forced, tf.int32))
+        return {k: v.numpy() for k, v in out.items()}
+
+    def run(images, forced=None):
+        if not batch1:
+            return run_batch(images, forced)
+        outs = [run_batch(images[i : i + 1], None if forced is None else forced[i : i + 1]) for i in range(len(images))]
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    return run
+
+
+def export_saved_model(model_dir, output=None, graph="masked", num_parity_images=16, max_forced_tuples=256,
+                       penalty=None, compute_cap=None, log=None):
+    """Exports `model_dir/model.keras` to `saved_model/` and verifies the reloaded SavedModel.
+
+    Args:
+        model_dir: directory holding `model.keras`.
+        output: output directory (default `<model_dir>/export`).
+        graph: "masked" (model.rollout) or "sliced" (gather/scatter).
+        num_parity_images: images of the greedy parity check.
+        max_forced_tuples: see `common.action_tuples`.
+        penalty, compute_cap: run-time knob applied before export.
+        log: `log(message)` for progress lines.
+
+    Returns:
+        The report dict (also written to `saved_model.json`).
+
+    Raises:
+        common.ExportError: missing/corrupt checkpoint or failed parity check
+            (nothing is written then).
+    """
+    if graph not in GRAPHS:
+        raise common.ExportError(f"--graph must be one of {GRAPHS}, got {graph!r}")
+    log = log or (lambda m: common.say(PROGRAM, m))
+    model = common.load_checkpoint(model_dir)
+    common.apply_knob(model, penalty, compute_cap)
+    output = common.default_output(model_dir, output)
+    with common.output_directory(output) as out:
+        net = common.SlicedNetwork(model) if graph == "sliced" else None
+        images = common.parity_images(net or common.SlicedNetwork(model), num_parity_images)
+        tuples = common.action_tuples(model.num_prunable, model.groups, max_forced_tuples)
+        report = {
+            "model_dir": os.path.abspath(model_dir),
+            "graph": graph,
+            "signatures": {
+                "serving_default": "images float32 [batch, H, W, C] -> logits, actions int32 [batch, T], macs [batch]",
+                "forced": "images, actions int32 [batch, T] (1..k) -> logits, actions, macs",
+            },
+            "full_macs": float(model.full_macs),
+            "parity": {},
+        }
+
+        def produce(tmp):
+            log(f"saving the {graph} graph")
+            save(build_module(model, graph), tmp)
+            import tensorflow as tf
+
+            loaded = tf.saved_model.load(tmp)
+            result = common.check_artifact("saved_model", model, runner(loaded), images, tuples)
+            # one image per call (the batch-1 path of the sliced graph): every
+            # (previous action, action) pair at every layer
+            pairs = common.action_tuples(model.num_prunable, model.groups, limit=model.groups**2)
+            result["batch1"] = common.check_artifact(
+                "saved_model (batch 1)", model, runner(loaded, batch1=True), images[:4], pairs, per_tuple=1
+            )
+            report["parity"]["saved_model"] = result
+            log("saved_model: parity passed")
+
+        common.write_artifacts([
+            common.Artifact(os.path.join(out, "saved_model"), produce, directory=True),
+            common.json_artifact(os.path.join(out, "saved_model.json"), report),
+        ])
+    report["output"] = out
+    return report
+
+
+def summarize(report):
+    parity = report["parity"]["saved_model"]
+    g, f = parity["greedy"], parity["forced"]
+    print(
+        f"{PROGRAM}: {report['graph']} graph: greedy {g['samples']} images ({g['distinct_action_tuples']} action "
+        f"tuples) max |dlogits| {g['max_abs_logit_diff']:.2e}; forced {f['distinct_action_tuples']} tuples "
+        f"max |dlogits| {f['max_abs_logit_diff']:.2e}"
+    )
+    print(f"{PROGRAM}: wrote saved_model/ and saved_model.json to {report['output']}")
+
+
+def main(argv):
+    fv = flags.FLAGS
+    model_dir = common.positional_model_dir(PROGRAM, argv)
+    try:
+        report = export_saved_model(
+            model_dir, fv.output, fv.graph, fv.num_parity_images, fv.max_forced_tuples, fv.penalty, fv.compute_cap
+        )
+    except common.ExportError as error:
+        common.fail(PROGRAM, error)
+    summarize(report)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

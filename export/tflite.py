@@ -1,0 +1,317 @@
+r"""Export a trained RNP model to TFLite for batch-1 CPU inference: `python -m export.tflite ckpt/`.
+
+Writes into `--output` (default `ckpt/export/`):
+
+- `rnp.tflite`: one signature per piece of the network, so that only the
+  chosen channel prefixes are computed and every piece runs through
+  XNNPACK (a single graph with TFLite `IF` branches converts, but its
+  branch subgraphs are not delegated and run slower than the full model;
+  see FINDINGS.md):
+    * `stem`: the stem conv, the pooling before the first prunable conv and
+      the agent's first decision;
+    * `conv{t}_in{p}_out{a}`: prunable conv `t` on the weight prefix for
+      previous action `p` and action `a`, its pooling and the agent's next
+      decision (re-priced to the model's penalty setting and masked by its
+      compute cap, as `RNPModel.rollout` decides);
+    * `head_in{a}`: the classifier on `a` groups;
+    * `full`: the unpruned network, the latency baseline.
+- `rnp_float16.tflite` / `rnp_dynamic.tflite` with `--quantize`: the same
+  with float16 weights or dynamic-range int8 weights.
+- `tflite.json`: parity results and latencies.
+
+Run it with the driver shipped in the package:
+
+    from rnp_tf.tflite_runner import TFLiteRNPRunner
+    runner = TFLiteRNPRunner("ckpt/export/rnp.tflite")
+    logits, actions, macs = runner.run(images)            # images [n, H, W, C]
+
+Every file is checked before it is written, through `TFLiteRNPRunner` and
+the TFLite interpreter: greedy actions on fixed images that drive different
+actions, and every action at every layer (forced), against
+`model.rollout`. float32: identical actions and max |logits difference| <=
+1e-4. float16 / dynamic: logits within the tolerance of
+`export.common.QUANTIZED_TOLERANCES` (relative to the largest logit) and
+greedy actions agreeing on at least its `min_agreement` share of the images
+(the agreement rate is reported). A failed check writes nothing and exits 2.
+
+Examples:
+
+    python -m export.tflite /tmp/rnp_quickstart
+    python -m export.tflite /tmp/rnp_quickstart --quantize=float16
+    python -m export.tflite /tmp/rnp_quickstart --quantize=dynamic --output=/tmp/tfl
+"""
+
+import os
+import tempfile
+
+import numpy as np
+from absl import app
+from absl import flags
+
+from export import common
+
+PROGRAM = "export.tflite"
+QUANTIZE = ("none", "float16", "dynamic")
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines the flags of `python -m export.tflite` on `flag_values` (once)."""
+    if "quantize" in flag_values:
+        return
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_string("output", None, "Output directory (default: <model_dir>/export).", **fv)
+    flags.DEFINE_enum(
+        "quantize", "none", QUANTIZE,
+        "Also write a quantised variant: float16 weights or dynamic-range int8 weights.", **fv,
+    )
+    flags.DEFINE_integer("num_parity_images", 16, "Images of the greedy parity check.", lower_bound=1, **fv)
+    flags.DEFINE_integer(
+        "max_forced_tuples", 256,
+        "Check every action tuple when there are at most this many, else a set covering every "
+        "(previous action, action) pair at every layer.", lower_bound=1, **fv,
+    )
+    flags.DEFINE_integer("timing_runs", 20, "Images timed per model (0: skip).", lower_bound=0, **fv)
+    common.define_knob_flags(flag_values)
+    for name in common.KNOB_FLAGS:  # list them in this command's --help
+        flags.declare_key_flag(name, flag_values=flag_values)
+
+
+def signature_functions(net):
+    """The `tf.function`s of every signature, by name (static batch 1)."""
+    import tensorflow as tf
+
+    k, units = net.groups, net.units
+    h, w, c = net.image_shape
+
+    def state_specs():
+        return [
+            tf.TensorSpec([1, units], tf.float32, name="state_h"),
+            tf.TensorSpec([1, units], tf.float32, name="state_c"),
+        ]
+
+    spent_spec = tf.TensorSpec([1], tf.int64, name="spent")  # MACs so far, exact
+
+    def decision(t, y, state, prev, spent):
+        q, (sh, sc) = net.agent_step(t, net.pooled(y), state)
+        action, _ = net.decide(t, q, None, tf.constant([prev], tf.int32), spent)
+        return {"q": q, "action": action, "state_h": sh, "state_c": sc}
+
+    functions = {}
+
+    @tf.function(input_signature=[tf.TensorSpec([1, h, w, c], tf.float32, name="images")], autograph=False)
+    def stem(images):
+        with net.constants():
+            y = net.stem(images)
+            spent = net.start_spent(1)
+            out = decision(0, y, net.initial_state(1), k, spent)
+            out.update(features=y, spent=spent)
+            return out
+
+    functions["stem"] = stem
+    for t in range(net.num_prunable):
+        hw = net.in_hw[t]
+        for p, a in net.branches(t):
+
+            def make(t=t, p=p, a=a, hw=hw):
+                last = t + 1 == net.num_prunable
+                features = tf.TensorSpec([1, hw[0], hw[1], net.in_channels(t, p)], tf.float32, name="features")
+                cost = float(net.macs_table(t)[(p - 1) * k + a - 1])
+
+                def body(features, spent, state_h=None, state_c=None):
+                    with net.constants():
+                        y = net.segment(t, features, p, a)
+                        spent = spent + net.macs_constant(cost)
+                        out = {"features": y, "spent": spent}
+                        if not last:  # the agent's next decision, fed by this map
+                            out.update(decision(t + 1, y, [state_h, state_c], a, spent))
+                        return out
+
+                specs = [features, spent_spec] + ([] if last else state_specs())
+                return tf.function(body, input_signature=specs, autograph=False)
+
+            functions[f"conv{t}_in{p}_out{a}"] = make()
+    g = net.out_group[-1]
+    for a in range(1, k + 1):
+
+        def make_head(a=a):
+            @tf.function(
+                input_signature=[tf.TensorSpec([1, *net.head_hw, a * g], tf.float32, name="features"), spent_spec],
+                autograph=False,
+            )
+            def head(features, spent):
+                with net.constants():
+                    return {"logits": net.head(features, a), "macs": tf.cast(spent + net.macs_constant(net.head_macs[a]), tf.float32)}
+
+            return head
+
+        functions[f"head_in{a}"] = make_head()
+
+    @tf.function(input_signature=[tf.TensorSpec([1, h, w, c], tf.float32, name="images")], autograph=False)
+    def full(images):
+        return net.full(images)
+
+    functions["full"] = full
+    return functions
+
+
+def convert(net, quantize="none", workdir=None):
+    """The `.tflite` bytes: a multi-signature SavedModel, then `TFLiteConverter.from_saved_model`."""
+    import tensorflow as tf
+
+    functions = signature_functions(net)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".tflite-savedmodel-") as tmp:
+        concrete = {name: fn.get_concrete_function() for name, fn in functions.items()}
+        tf.saved_model.save(tf.Module(), tmp, signatures=concrete)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=list(functions))
+        if quantize == "float16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        elif quantize == "dynamic":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        try:
+            return converter.convert()
+        except Exception as error:  # converter errors are long MLIR dumps
+            raise common.ExportError(f"TFLite conversion failed: {common._first_line(error)}") from None
+
+
+def runner_function(runner):
+    """`run(images, forced_or_None) -> dict` over a `TFLiteRNPRunner` (for `common.check_artifact`)."""
+
+    def run(images, forced=None):
+        logits, actions, macs = runner.run(images, forced)
+        return {"logits": logits, "actions": actions, "macs": macs}
+
+    return run
+
+
+def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16, max_forced_tuples=256,
+                  timing_runs=20, penalty=None, compute_cap=None, log=None):
+    """Exports `model_dir/model.keras` to `rnp.tflite` (+ a quantised variant) and verifies it.
+
+    Args:
+        model_dir: directory holding `model.keras`.
+        output: output directory (default `<model_dir>/export`).
+        quantize: "none", "float16" or "dynamic".
+        num_parity_images: images of the greedy parity check.
+        max_forced_tuples: see `common.action_tuples`.
+        timing_runs: images timed per model (0: no latencies).
+        penalty, compute_cap: run-time knob applied before export (see
+            `common.apply_knob`).
+        log: `log(message)` for progress lines.
+
+    Returns:
+        The report dict (also written to `tflite.json`).
+
+    Raises:
+        common.ExportError: missing/corrupt checkpoint, failed conversion or
+            parity check (nothing is written then).
+    """
+    if quantize not in QUANTIZE:
+        raise common.ExportError(f"--quantize must be one of {QUANTIZE}, got {quantize!r}")
+    log = log or (lambda m: common.say(PROGRAM, m))
+    model = common.load_checkpoint(model_dir)
+    common.apply_knob(model, penalty, compute_cap)
+    from rnp_tf.tflite_runner import TFLiteRNPRunner
+
+    output = common.default_output(model_dir, output)
+    with common.output_directory(output) as out:
+        net = common.SlicedNetwork(model)
+        images = common.parity_images(net, num_parity_images)
+        tuples = common.action_tuples(net.num_prunable, net.groups, max_forced_tuples)
+        variants = ["none"] + ([quantize] if quantize != "none" else [])
+        report = {
+            "model_dir": os.path.abspath(model_dir),
+            "groups": net.groups,
+            "num_prunable": net.num_prunable,
+            "full_macs": float(model.full_macs),
+            "knob": common.knob_report(net),
+            "parity": {},
+            "latency_ms": {},
+        }
+        artifacts = []
+        for variant in variants:
+            name = "rnp.tflite" if variant == "none" else f"rnp_{variant}.tflite"
+            log(f"converting {name} ({'float32' if variant == 'none' else variant})")
+            data = convert(net, variant, workdir=out)
+
+            def produce(tmp, data=data, name=name, variant=variant):
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                runner = TFLiteRNPRunner(tmp)
+                quant = None if variant == "none" else variant
+                result = common.check_artifact(name, model, runner_function(runner), images, tuples, quantize=quant)
+                full = common.compare(
+                    f"{name} (full signature)",
+                    common.reference(model, images, np.full((len(images), net.num_prunable), net.groups)),
+                    {"logits": runner.run_full(images), "actions": None, "macs": None},
+                    **{kk: v for kk, v in common.tolerance_for(quant).items() if kk != "min_agreement"},
+                    logits_only=True,
+                )
+                result["full"] = full
+                result["signatures"] = len(runner.signature_keys)
+                report["parity"][name] = result
+                if timing_runs:
+                    report["latency_ms"][name] = latencies(runner, images, timing_runs)
+                log(f"{name}: parity passed ({len(runner.signature_keys)} signatures)")
+
+            artifacts.append(common.Artifact(os.path.join(out, name), produce))
+        artifacts.append(common.json_artifact(os.path.join(out, "tflite.json"), report))
+        common.write_artifacts(artifacts)
+    report["output"] = out
+    return report
+
+
+def latencies(runner, images, runs):
+    """Median ms per image: the RNP driver (greedy) and the `full` signature, batch 1."""
+    x = images[: max(1, min(len(images), runs))]
+    rnp = common.timed(lambda: runner.run(x), repeats=3, warmup=1) / len(x)
+    full = common.timed(lambda: runner.run_full(x), repeats=3, warmup=1) / len(x)
+    _, actions, macs = runner.run(x)
+    return {
+        "rnp_per_image": rnp,
+        "full_per_image": full,
+        "speedup": full / rnp if rnp else None,
+        "mean_compute_fraction": float(np.mean(macs) / runner_full_macs(runner)),
+    }
+
+
+def runner_full_macs(runner):
+    """MACs of the full width, from the driver itself (every action k)."""
+    x = np.zeros((1, *runner.image_shape), np.float32)
+    _, _, macs = runner.run(x, np.full((1, runner.num_prunable), runner.groups))
+    return float(macs[0])
+
+
+def summarize(report):
+    for name, parity in report["parity"].items():
+        g, f = parity["greedy"], parity["forced"]
+        print(
+            f"{PROGRAM}: {name}: {parity['signatures']} signatures; greedy {g['samples']} images "
+            f"({g['distinct_action_tuples']} action tuples) agreement {g['action_agreement']:.1%} "
+            f"max |dlogits| {g['max_abs_logit_diff']:.2e} (tol {g['tolerance']:.1e}); forced "
+            f"{f['distinct_action_tuples']} tuples max |dlogits| {f['max_abs_logit_diff']:.2e}"
+        )
+    for name, lat in report.get("latency_ms", {}).items():
+        print(
+            f"{PROGRAM}: {name}: batch 1 per image: RNP {lat['rnp_per_image']:.3f} ms "
+            f"(compute {lat['mean_compute_fraction']:.2f} of full), full {lat['full_per_image']:.3f} ms"
+        )
+    print(f"{PROGRAM}: wrote {', '.join(report['parity'])} and tflite.json to {report['output']}")
+
+
+def main(argv):
+    fv = flags.FLAGS
+    model_dir = common.positional_model_dir(PROGRAM, argv)
+    try:
+        report = export_tflite(
+            model_dir, fv.output, fv.quantize, fv.num_parity_images, fv.max_forced_tuples, fv.timing_runs,
+            fv.penalty, fv.compute_cap,
+        )
+    except common.ExportError as error:
+        common.fail(PROGRAM, error)
+    summarize(report)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,181 @@
+"""Runs an RNP model exported by `python -m export.tflite` (batch 1, CPU).
+
+The exported `.tflite` file holds one signature per piece of the network:
+
+- `stem`: the stem (always full width), the pooling before the first
+  prunable conv and the agent's first decision;
+- `conv{t}_in{p}_out{a}`: prunable conv `t` on the weight prefix for
+  previous action `p` and action `a`, its pooling, and the agent's next
+  decision (each signature is its own subgraph, so XNNPACK runs it; a
+  single graph with `IF` branches would not be delegated);
+- `head_in{a}`: the classifier on a feature map of `a` groups;
+- `full`: the unpruned network, for latency comparisons.
+
+`TFLiteRNPRunner` is the small driver that chains them: it runs `stem`,
+reads the action the agent chose (already re-priced and capped like
+`RNPModel.rollout`), calls the signature of that branch, and so on to the
+head. Only the chosen channel prefixes are ever computed.
+
+Example:
+
+>>> runner = TFLiteRNPRunner("/tmp/rnp_quickstart/export/rnp.tflite")
+>>> logits, actions, macs = runner.run(images)          # [n, H, W, C] float32
+>>> logits, actions, macs = runner.run(images, actions=[[4, 1, 2]] * len(images))
+"""
+
+import re
+import warnings
+
+import numpy as np
+
+_CONV = re.compile(r"^conv(\d+)_in(\d+)_out(\d+)$")
+_HEAD = re.compile(r"^head_in(\d+)$")
+
+
+def _interpreter_class():
+    """The LiteRT interpreter if installed, else tflite_runtime's, else TensorFlow's."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        pass
+    import tensorflow as tf
+
+    return tf.lite.Interpreter
+
+
+class TFLiteRNPRunner:
+    """Chains the signatures of an exported RNP `.tflite` file, one image at a time.
+
+    Args:
+        model_path: path of the `.tflite` file written by `export.tflite`.
+        num_threads: interpreter threads (default: the runtime's choice).
+
+    Attributes:
+        groups: `k`, channel groups per prunable conv.
+        num_prunable: number of decisions `T`.
+        image_shape: `(H, W, C)` of one input image.
+        num_classes: number of logits.
+
+    Example:
+
+    >>> runner = TFLiteRNPRunner("rnp.tflite")
+    >>> logits, actions, macs = runner.run(x_test[:8])
+    """
+
+    def __init__(self, model_path, num_threads=None):
+        Interpreter = _interpreter_class()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+            self.interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
+        signatures = self.interpreter.get_signature_list()
+        convs = {}
+        heads = []
+        for name in signatures:
+            match = _CONV.match(name)
+            if match:
+                convs[tuple(int(v) for v in match.groups())] = name
+            elif _HEAD.match(name):
+                heads.append(int(_HEAD.match(name).group(1)))
+        if "stem" not in signatures or not convs or not heads:
+            raise ValueError(
+                f"{model_path!r} is not an RNP TFLite export (expected signatures 'stem', "
+                f"'conv<t>_in<p>_out<a>', 'head_in<a>'). Received signatures: {sorted(signatures)}"
+            )
+        self.groups = max(heads)
+        self.num_prunable = 1 + max(t for t, _, _ in convs)
+        self._convs = convs
+        self._runners = {}
+        self._input_names = {}
+        stem_input = self._runner("stem").get_input_details()["images"]
+        self.image_shape = tuple(int(d) for d in stem_input["shape"][1:])
+        head = self._runner(f"head_in{self.groups}").get_output_details()["logits"]
+        self.num_classes = int(head["shape"][-1])
+        self.signature_keys = sorted(signatures)
+
+    def _runner(self, key):
+        if key not in self._runners:
+            self._runners[key] = self.interpreter.get_signature_runner(key)
+        return self._runners[key]
+
+    def _inputs(self, key):
+        if key not in self._input_names:
+            self._input_names[key] = list(self._runner(key).get_input_details())
+        return self._input_names[key]
+
+    def _conv_key(self, t, previous, action):
+        key = (t, previous, action)
+        if key not in self._convs:
+            key = (t, self.groups, action)  # the first conv's input is always full
+        return self._convs[key]
+
+    def run_one(self, image, actions=None):
+        """One image `[H, W, C]` or `[1, H, W, C]`.
+
+        Args:
+            image: float32 image.
+            actions: optional `T` ints; 0 lets the agent choose, 1..k forces.
+
+        Returns:
+            `(logits [num_classes], actions int32 [T], macs float32)`.
+        """
+        x = np.asarray(image, np.float32).reshape(1, *self.image_shape)
+        out = self._runner("stem")(images=x)
+        chosen = []
+        previous = self.groups
+        for t in range(self.num_prunable):
+            action = int(out["action"][0])
+            if actions is not None and int(actions[t]) > 0:
+                action = int(actions[t])
+            chosen.append(action)
+            key = self._conv_key(t, previous, action)
+            out = self._runner(key)(**{name: out[name] for name in self._inputs(key)})
+            previous = action
+        head = self._runner(f"head_in{previous}")(features=out["features"], spent=out["spent"])
+        return head["logits"][0], np.asarray(chosen, np.int32), np.float32(head["macs"][0])
+
+    def run(self, images, actions=None):
+        """A batch of images, one at a time (batch 1 is what this format is for).
+
+        Args:
+            images: float32 `[n, H, W, C]` (or one `[H, W, C]` image).
+            actions: optional int `[n, T]`: 0 lets the agent choose, 1..k forces
+                that many groups.
+
+        Returns:
+            `(logits float32 [n, classes], actions int32 [n, T], macs float32 [n])`.
+        """
+        images = np.asarray(images, np.float32)
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"Inputs must be float images [n, {', '.join(map(str, self.image_shape))}]. "
+                f"Received: shape={images.shape}"
+            )
+        if actions is not None:
+            actions = np.asarray(actions)
+            if actions.shape != (len(images), self.num_prunable) or actions.min() < 0 or actions.max() > self.groups:
+                raise ValueError(
+                    f"`actions` must be ints in 0..{self.groups} of shape [{len(images)}, {self.num_prunable}]. "
+                    f"Received: shape={actions.shape}"
+                )
+        logits = np.zeros((len(images), self.num_classes), np.float32)
+        chosen = np.zeros((len(images), self.num_prunable), np.int32)
+        macs = np.zeros(len(images), np.float32)
+        for i, image in enumerate(images):
+            logits[i], chosen[i], macs[i] = self.run_one(image, None if actions is None else actions[i])
+        return logits, chosen, macs
+
+    def run_full(self, images):
+        """Logits of the unpruned network (the `full` signature), one image at a time."""
+        images = np.asarray(images, np.float32).reshape(-1, *self.image_shape)
+        full = self._runner("full")
+        return np.stack([full(images=images[i : i + 1])["logits"][0] for i in range(len(images))])

@@ -1,0 +1,93 @@
+"""python -m export.saved_model: serving_default + forced signatures, verified after reload."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import rnp_tf
+from export import common
+from export import saved_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_checkpoint(directory, seed=0):
+    """A small model with varied greedy actions, saved as directory/model.keras."""
+    keras.utils.set_random_seed(seed)
+    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10)
+    rng = np.random.default_rng(seed)
+    for conv in model.convs:
+        if hasattr(conv, "gamma"):
+            shape = conv.gamma.shape
+            conv.gamma.assign(rng.uniform(0.5, 1.5, shape))
+            conv.beta.assign(rng.normal(0, 0.2, shape))
+            conv.moving_mean.assign(rng.normal(0, 0.2, shape))
+            conv.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
+    for decoder in model.agent.decoders:
+        decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
+    if hasattr(model, "set_penalty"):
+        model.set_penalty(0.3)
+    os.makedirs(directory, exist_ok=True)
+    model.save(os.path.join(directory, "model.keras"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ckpt")
+    write_checkpoint(directory)
+    return directory
+
+
+@pytest.mark.parametrize("graph", ["masked", "sliced"])
+def test_export_verifies_every_action_tuple(checkpoint, graph, tmp_path):
+    out = tmp_path / "export"
+    report = saved_model.export_saved_model(checkpoint, out, graph=graph, num_parity_images=8, log=lambda m: None)
+    parity = report["parity"]["saved_model"]
+    assert parity["greedy"]["action_agreement"] == 1.0
+    assert parity["forced"]["distinct_action_tuples"] == 64
+    assert parity["forced"]["max_abs_logit_diff"] <= common.ATOL
+    assert sorted(os.listdir(out)) == ["saved_model", "saved_model.json"]
+    assert json.loads((out / "saved_model.json").read_text())["graph"] == graph
+    loaded = tf.saved_model.load(str(out / "saved_model"))
+    serve = loaded.signatures["serving_default"]
+    assert set(serve.structured_outputs) == {"logits", "actions", "macs"}
+    x = np.random.default_rng(1).normal(size=(5, 8, 8, 1)).astype("float32")
+    got = serve(images=tf.constant(x))
+    assert got["actions"].dtype == tf.int32 and got["actions"].shape == (5, 3)
+    assert got["macs"].shape == (5,) and got["logits"].shape == (5, 10)
+    forced = loaded.signatures["forced"](images=tf.constant(x), actions=tf.constant(np.full((5, 3), 2, np.int32)))
+    model = keras.models.load_model(checkpoint / "model.keras")
+    ref = model.rollout(x, actions=np.full((5, 3), 2))
+    np.testing.assert_allclose(forced["logits"], ref["logits"], atol=1e-4)
+    np.testing.assert_array_equal(forced["actions"], ref["actions"])
+
+
+def test_failed_parity_writes_nothing(checkpoint, tmp_path, monkeypatch):
+    real = saved_model.runner
+
+    def broken(loaded, batch1=False):
+        run = real(loaded, batch1)
+        return lambda images, forced=None: dict(run(images, forced), logits=run(images, forced)["logits"] + 1e-3)
+
+    monkeypatch.setattr(saved_model, "runner", broken)
+    with pytest.raises(common.ParityError, match=r"max \|logits diff\| = 0.001"):
+        saved_model.export_saved_model(checkpoint, tmp_path / "export", num_parity_images=4, log=lambda m: None)
+    assert os.listdir(tmp_path) == []
+
+
+def test_corrupt_checkpoint_cli_exits_2(tmp_path):
+    (tmp_path / "model.keras").write_bytes(b"PK\x03\x04 truncated")
+    proc = subprocess.run(
+        [sys.executable, "-m", "export.saved_model", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("export.saved_model: error: ") and "is not a loadable Keras model" in last
+    assert os.listdir(tmp_path) == ["model.keras"]

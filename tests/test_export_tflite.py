@@ -1,0 +1,99 @@
+"""python -m export.tflite: one signature per branch, driven by rnp_tf.tflite_runner, checked in the interpreter."""
+
+import itertools
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import rnp_tf
+from export import common
+from export import tflite
+from rnp_tf.tflite_runner import TFLiteRNPRunner
+
+
+def write_checkpoint(directory, seed=0):
+    """A small model with varied greedy actions, saved as directory/model.keras."""
+    keras.utils.set_random_seed(seed)
+    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10)
+    rng = np.random.default_rng(seed)
+    for conv in model.convs:
+        if hasattr(conv, "gamma"):
+            shape = conv.gamma.shape
+            conv.gamma.assign(rng.uniform(0.5, 1.5, shape))
+            conv.beta.assign(rng.normal(0, 0.2, shape))
+            conv.moving_mean.assign(rng.normal(0, 0.2, shape))
+            conv.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
+    for decoder in model.agent.decoders:
+        decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
+    if hasattr(model, "set_penalty"):
+        model.set_penalty(0.3)
+    os.makedirs(directory, exist_ok=True)
+    model.save(os.path.join(directory, "model.keras"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    model = write_checkpoint(ckpt)
+    report = tflite.export_tflite(ckpt, quantize="float16", num_parity_images=8, timing_runs=2, log=lambda m: None)
+    return model, ckpt / "export", report
+
+
+def test_files_report_and_signatures(exported):
+    _, out, report = exported
+    assert sorted(os.listdir(out)) == ["rnp.tflite", "rnp_float16.tflite", "tflite.json"]
+    assert json.loads((out / "tflite.json").read_text())["parity"]["rnp.tflite"]["greedy"]["action_agreement"] == 1.0
+    runner = TFLiteRNPRunner(out / "rnp.tflite")
+    # stem + conv0 (input always full: 4) + 2 x 16 (previous, action) pairs + 4 heads + full
+    assert len(runner.signature_keys) == 1 + 4 + 32 + 4 + 1
+    assert (runner.groups, runner.num_prunable, runner.image_shape, runner.num_classes) == (4, 3, (8, 8, 1), 10)
+    float16 = report["parity"]["rnp_float16.tflite"]
+    assert float16["greedy"]["tolerance"] > common.ATOL and 0.75 <= float16["greedy"]["action_agreement"] <= 1.0
+    assert report["latency_ms"]["rnp.tflite"]["rnp_per_image"] > 0
+
+
+def test_runner_matches_rollout_for_every_action_tuple(exported):
+    model, out, _ = exported
+    runner = TFLiteRNPRunner(out / "rnp.tflite")
+    tuples = np.asarray(list(itertools.product(range(1, 5), repeat=3)), np.int32)
+    x = np.random.default_rng(5).normal(size=(len(tuples), 8, 8, 1)).astype("float32")
+    logits, actions, macs = runner.run(x, tuples)
+    ref = model.rollout(x, actions=tuples)
+    np.testing.assert_array_equal(actions, tuples)
+    np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
+    np.testing.assert_allclose(macs, ref["macs"], rtol=1e-5)
+    # greedy, one image and a batch
+    net = common.SlicedNetwork(model)
+    images = common.parity_images(net, 8)
+    logits, actions, macs = runner.run(images)
+    ref = model.rollout(images)
+    np.testing.assert_array_equal(actions, ref["actions"])
+    np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
+    assert len({tuple(a) for a in actions}) > 1
+    one = runner.run_one(images[0])
+    np.testing.assert_allclose(one[0], logits[0], atol=1e-6)
+
+
+def test_runner_rejects_bad_inputs(exported):
+    _, out, _ = exported
+    runner = TFLiteRNPRunner(out / "rnp.tflite")
+    with pytest.raises(ValueError, match="float images"):
+        runner.run(np.zeros((2, 9, 8, 1), "float32"))
+    with pytest.raises(ValueError, match="actions"):
+        runner.run(np.zeros((2, 8, 8, 1), "float32"), actions=[[5, 1, 1], [1, 1, 1]])
+
+
+def test_dynamic_range_variant_within_its_tolerance(exported, tmp_path):
+    model, _, _ = exported
+    net = common.SlicedNetwork(model)
+    path = tmp_path / "rnp_dynamic.tflite"
+    path.write_bytes(tflite.convert(net, "dynamic"))
+    run = tflite.runner_function(TFLiteRNPRunner(path))
+    images = common.parity_images(net, 8)
+    result = common.check_artifact("dynamic", model, run, images, common.action_tuples(3, 4), quantize="dynamic")
+    assert result["greedy"]["action_agreement"] >= common.QUANTIZED_TOLERANCES["dynamic"]["min_agreement"]
+    assert 0 < result["forced"]["max_abs_logit_diff"] <= result["forced"]["tolerance"]

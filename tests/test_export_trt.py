@@ -1,0 +1,206 @@
+"""python -m export.trt: TensorRT-ready ONNX (static operator check, no If), exit 2 without TensorRT."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+
+import keras
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+from onnx import helper
+
+import rnp_tf
+from export import onnx as onnx_export
+from export import trt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_checkpoint(directory, seed=0):
+    """A small model with varied greedy actions, saved as directory/model.keras."""
+    keras.utils.set_random_seed(seed)
+    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10)
+    rng = np.random.default_rng(seed)
+    for conv in model.convs:
+        if hasattr(conv, "gamma"):
+            shape = conv.gamma.shape
+            conv.gamma.assign(rng.uniform(0.5, 1.5, shape))
+            conv.beta.assign(rng.normal(0, 0.2, shape))
+            conv.moving_mean.assign(rng.normal(0, 0.2, shape))
+            conv.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
+    for decoder in model.agent.decoders:
+        decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
+    if hasattr(model, "set_penalty"):
+        model.set_penalty(0.3)
+    os.makedirs(directory, exist_ok=True)
+    model.save(os.path.join(directory, "model.keras"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """`python -m export.trt ckpt --output=out` on this machine (no TensorRT)."""
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is importable here: the no-TensorRT path does not apply")
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    model = write_checkpoint(ckpt)
+    out = tmp_path_factory.mktemp("trt") / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "export.trt", str(ckpt), f"--output={out}", "--num_parity_images=8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    return model, out, proc
+
+
+def test_without_tensorrt_exits_2_with_the_onnx_written(cli_run):
+    _, out, proc = cli_run
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("export.trt:")]
+    assert len(errors) == 1
+    assert "TensorRT is not installed" in errors[0] and "rnp_trt.onnx" in errors[0]
+    assert sorted(os.listdir(out)) == ["full.onnx", "rnp_trt.onnx", "trt.json"]
+
+
+def test_tensorrt_onnx_uses_only_supported_ops_and_no_if(cli_run):
+    model, out, _ = cli_run
+    for name in ("rnp_trt.onnx", "full.onnx"):
+        proto = onnx.load(str(out / name))
+        onnx.checker.check_model(proto, full_check=True)
+        ops = onnx_export.operators(proto)
+        assert set(ops) <= set(trt.TRT_ONNX_OPERATORS), set(ops) - set(trt.TRT_ONNX_OPERATORS)
+        assert not set(ops) & set(trt.FORBIDDEN_AT_BATCH)
+        assert trt.check_tensorrt_compatible(proto) == []
+        assert [v.name for v in proto.graph.input] == ["images"]
+    # and it runs, with the agent's actions, at batch 1 and 64
+    sess = onnx_export.session(str(out / "rnp_trt.onnx"))
+    for n in (1, 64):
+        x = np.random.default_rng(n).normal(size=(n, 8, 8, 1)).astype("float32")
+        logits, actions = sess.run(["logits", "actions"], {"images": x})
+        ref = model.rollout(x)
+        np.testing.assert_array_equal(actions, ref["actions"])
+        np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
+
+
+def test_static_check_names_each_problem():
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, [4])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [4])])
+    nodes = [
+        helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then, else_branch=other),
+        helper.make_node("Greater", ["x", "x"], ["m"], name="mask"),
+        helper.make_node("NonZero", ["m"], ["idx"], name="nonzero_on_bool"),
+        helper.make_node("Unique", ["x"], ["u"], name="unique"),
+    ]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None) for n in ("y", "idx", "u")]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [cond, x], outputs), opset_imports=[helper.make_opsetid("", 17)])
+    problems = trt.check_tensorrt_compatible(proto)
+    assert any(p.startswith("branch: If") for p in problems)
+    assert any(p.startswith("nonzero_on_bool: NonZero on BOOL") for p in problems)
+    assert any(p.startswith("unique: Unique is not supported") for p in problems)
+
+
+class FakeTensorRT(types.SimpleNamespace):
+    """The slice of the TensorRT 10 Python API that `build_engine` uses, recording calls."""
+
+    def __init__(self):
+        calls = []
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level):
+                self.level = level
+
+        class Tensor:
+            def __init__(self, name, shape):
+                self.name, self.shape = name, shape
+
+        class Network:
+            def __init__(self):
+                self.inputs = []
+
+            @property
+            def num_inputs(self):
+                return len(self.inputs)
+
+            def get_input(self, i):
+                return self.inputs[i]
+
+        class OnnxParser:
+            def __init__(self, network, logger):
+                self.network, self.num_errors = network, 0
+
+            def parse(self, data):
+                graph = onnx.load_from_string(data).graph
+                weights = {i.name for i in graph.initializer}
+                for value in graph.input:
+                    if value.name not in weights:
+                        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+                        self.network.inputs.append(Tensor(value.name, tuple(dims)))
+                return True
+
+        class Profile:
+            def set_shape(self, name, low, opt, high):
+                calls.append(("set_shape", name, low, opt, high))
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                calls.append(("pool", pool, size))
+
+            def set_flag(self, flag):
+                calls.append(("set_flag", flag))
+
+            def clear_flag(self, flag):
+                calls.append(("clear_flag", flag))
+
+            def add_optimization_profile(self, profile):
+                calls.append(("add_profile",))
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                calls.append(("create_network", flags))
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                calls.append(("build",))
+                return b"engine"
+
+        super().__init__(
+            calls=calls, Logger=Logger, Builder=Builder, OnnxParser=OnnxParser,
+            MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
+            BuilderFlag=types.SimpleNamespace(FP16="FP16", TF32="TF32"),
+        )
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_build_engine_uses_the_tensorrt_10_calls(cli_run, fp16):
+    _, out, _ = cli_run
+    fake = FakeTensorRT()
+    data = (out / "rnp_trt.onnx").read_bytes()
+    assert trt.build_engine(fake, data, max_batch=64, opt_batch=32, fp16=fp16, workspace_mb=256) == b"engine"
+    assert ("create_network", 0) in fake.calls
+    assert ("set_shape", "images", (1, 8, 8, 1), (32, 8, 8, 1), (64, 8, 8, 1)) in fake.calls
+    assert ("pool", "WORKSPACE", 256 << 20) in fake.calls
+    assert (("set_flag", "FP16") in fake.calls) == fp16
+    assert (("clear_flag", "TF32") in fake.calls) == (not fp16)
+    assert fake.calls[-1] == ("build",)
+
+
+def test_probe_says_what_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(trt.TensorRTUnavailable, match="TensorRT is not installed"):
+        trt.probe_tensorrt()
