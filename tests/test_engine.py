@@ -1,0 +1,293 @@
+"""InferenceEngine: same numbers as the masked path, batch 1 / N, empty groups, errors."""
+
+import itertools
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import rnp_tf
+from rnp_tf.engine import DenseRunner
+from rnp_tf.engine import InferenceEngine
+from rnp_tf.engine import uniform_actions
+
+# `bench` is a top-level package of the repository, not of the installed one.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+WIDTHS = (8, 8, 16, 16)
+ATOL = 1e-4
+
+
+def make_model(image_shape=(8, 8, 1), pooling="gap", seed=0):
+    """Small CNN with random BN statistics and spread agent weights (diverse actions)."""
+    spec = rnp_tf.cifar_cnn(WIDTHS)
+    if pooling == "flatten":
+        spec["head"] = {"pooling": "flatten", "hidden": [12], "dropout": 0.5}
+    model = rnp_tf.RNPModel(spec, image_shape=image_shape, num_classes=10)
+    rng = np.random.default_rng(seed)
+    for conv in model.convs:
+        shape = conv.gamma.shape
+        conv.gamma.assign(rng.uniform(0.5, 1.5, shape))
+        conv.beta.assign(rng.normal(0, 0.2, shape))
+        conv.moving_mean.assign(rng.normal(0, 0.2, shape))
+        conv.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
+    for layer in (*model.agent.encoders, *model.agent.decoders):
+        layer.kernel.assign(rng.normal(0, 10.0, layer.kernel.shape))
+    return model
+
+
+def images(n, shape=(8, 8, 1), seed=0):
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.2, 3.0, size=(n, 1, 1, 1))
+    return (rng.normal(size=(n, *shape)) * scale).astype("float32")
+
+
+def random_actions(n, num_layers=3, seed=0):
+    return np.random.default_rng(seed).integers(1, 5, size=(n, num_layers)).astype("int32")
+
+
+def assert_same(out, ref):
+    np.testing.assert_array_equal(out["actions"].numpy(), ref["actions"].numpy())
+    np.testing.assert_allclose(out["logits"].numpy(), ref["logits"].numpy(), atol=ATOL)
+    np.testing.assert_allclose(out["macs"].numpy(), ref["macs"].numpy(), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return InferenceEngine(model)
+
+
+# The conftest's per-test `tf.random.set_seed` clears TensorFlow's kernel
+# cache, so every test re-instantiates its graphs (~1-3 s each): checks that
+# share a graph share a test.
+EMPTY_GROUP_CASES = [
+    [[4, 4, 4]] * 6,  # one group: the fast path, nothing copied
+    [[1, 1, 1]] * 6,
+    [[2, 3, 1]] * 3 + [[2, 3, 4]] * 3,  # one group until the last layer
+    [[1, 4, 1], [4, 1, 4]] * 3,  # most (prev, a) groups empty
+    [[3, 2, 2], [3, 2, 2], [1, 2, 2], [4, 2, 2], [4, 2, 2], [3, 2, 2]],  # buckets merge
+    [[3, 1, 2], [1, 1, 2], [3, 1, 2], [2, 1, 2], [1, 1, 2]],  # one bucket, out of order
+]
+
+
+def test_forced_actions_match_masked_path(model, engine):
+    for batch in (1, 7, 64):  # random mixed actions
+        x = images(batch, seed=batch)
+        actions = random_actions(batch, seed=batch)
+        out = engine(x, actions=actions)
+        assert_same(out, model.rollout(x, actions=actions))
+        assert out["q_values"] is None
+        assert out["logits"].dtype == tf.float32 and out["actions"].dtype == tf.int32
+    # every action at every layer: all k^L tuples in one batch, and one by one
+    tuples = np.array(list(itertools.product(range(1, 5), repeat=3)), "int32")
+    x = images(len(tuples), seed=7)
+    assert_same(engine(x, actions=tuples), model.rollout(x, actions=tuples))
+    for i in range(0, len(tuples), 3):  # every (prev, a) pair at every layer
+        assert_same(engine(x[i : i + 1], actions=tuples[i : i + 1]),
+                    model.rollout(x[i : i + 1], actions=tuples[i : i + 1]))
+    # batches whose (previous action, action) groups are mostly empty
+    for actions in EMPTY_GROUP_CASES:
+        x = images(len(actions), seed=3)
+        assert_same(engine(x, actions=actions), model.rollout(x, actions=actions))
+
+
+def test_greedy_actions_match_masked_path(model, engine):
+    for batch in (1, 7, 64):
+        x = images(batch, seed=100 + batch)
+        ref = model.rollout(x)
+        out = engine(x)
+        assert_same(out, ref)
+        np.testing.assert_allclose(out["q_values"].numpy(), ref["q_values"].numpy(), rtol=1e-5, atol=ATOL)
+    # the test is only meaningful if the agent's choices differ
+    assert len({tuple(a) for a in ref["actions"].numpy()}) > 3
+
+
+@pytest.mark.parametrize("weight_cache,control_flow", [("sets", True), ("pairs", False)])
+def test_other_modes_match(model, weight_cache, control_flow):
+    engine = InferenceEngine(model, weight_cache=weight_cache, control_flow=control_flow)
+    for batch in (1, 7):
+        x = images(batch, seed=20 + batch)
+        actions = random_actions(batch, seed=20 + batch)
+        actions[0] = [1, 4, 1]  # make some groups empty at batch 7
+        assert_same(engine(x, actions=actions), model.rollout(x, actions=actions))
+    x = images(7, seed=21)
+    assert_same(engine(x), model.rollout(x))
+    if weight_cache == "sets":
+        assert engine.cache_bytes < InferenceEngine(model).cache_bytes
+
+
+def test_flatten_head_and_rgb_images():
+    model = make_model(image_shape=(16, 16, 3), pooling="flatten", seed=1)
+    engine = InferenceEngine(model)
+    for batch in (1, 7):
+        x = images(batch, shape=(16, 16, 3), seed=batch)
+        actions = random_actions(batch, seed=30 + batch)
+        assert_same(engine(x, actions=actions), model.rollout(x, actions=actions))
+    assert_same(engine(x), model.rollout(x))
+    x = images(4, shape=(16, 16, 3))
+    full = model.rollout(x, actions=np.full((4, 3), 4))
+    np.testing.assert_allclose(DenseRunner(model)(x).numpy(), full["logits"].numpy(), atol=ATOL)
+
+
+def test_runtime_knobs_penalty_and_compute_cap():
+    model = make_model(seed=3)
+    engine = InferenceEngine(model)
+    x = images(7, seed=11)
+    model.set_penalty(-1.5)
+    model.set_compute_cap(0.4)
+    for batch in (1, 7):
+        ref = model.rollout(x[:batch])
+        assert np.all(ref["macs"].numpy() <= 0.4 * model.full_macs * (1 + 1e-6))
+        assert_same(engine(x[:batch]), ref)
+
+
+def test_conditioned_agent_and_other_chain_stages():
+    spec = {
+        "stages": [
+            {"type": "conv", "filters": 8},
+            {"type": "pool", "size": 2, "mode": "avg"},
+            {"type": "conv", "filters": 8, "padding": "valid", "normalization": False},
+            {"type": "pool", "size": 3, "strides": 1, "padding": "valid"},
+            {"type": "conv", "filters": 16, "strides": 2},
+        ],
+        "head": {"pooling": "gap", "hidden": [], "dropout": 0.0},
+    }
+    model = rnp_tf.RNPModel(spec, image_shape=(16, 16, 3), num_classes=5, penalty_range=(-0.5, -0.01))
+    rng = np.random.default_rng(5)
+    for layer in (*model.agent.encoders, *model.agent.decoders):
+        layer.kernel.assign(rng.normal(0, 10.0, layer.kernel.shape))
+    engine = InferenceEngine(model)
+    x = images(7, shape=(16, 16, 3), seed=40)
+    actions = random_actions(7, num_layers=2, seed=40)
+    assert_same(engine(x, actions=actions), model.rollout(x, actions=actions))
+    for batch in (1, 7):
+        assert_same(engine(x[:batch]), model.rollout(x[:batch]))
+
+
+def test_residual_backbones_are_refused():
+    model = rnp_tf.RNPModel(
+        {
+            "stages": [
+                {"type": "conv", "filters": 8},
+                {"type": "bottleneck", "filters": 4, "projection": True, "expansion": 2},
+            ],
+            "head": {"pooling": "gap"},
+        },
+        image_shape=(8, 8, 1),
+        num_classes=3,
+    )
+    with pytest.raises(ValueError, match="chain"):
+        InferenceEngine(model)
+
+
+def test_run_agent_with_forced_actions_and_refresh():
+    model = make_model(seed=2)
+    engine = InferenceEngine(model)
+    x = images(3, seed=5)
+    actions = random_actions(3, seed=9)
+    out = engine(x, actions=actions, run_agent=True)
+    assert_same(out, model.rollout(x, actions=actions))
+    # the first decision only sees the stem's output: the same as greedy's
+    np.testing.assert_allclose(out["q_values"].numpy()[:, 0], model.rollout(x)["q_values"].numpy()[:, 0],
+                               rtol=1e-5, atol=ATOL)
+    # the folded weights are cached until refresh()
+    before = engine(x, actions=actions, run_agent=True)["logits"].numpy()
+    conv = model.prunable[1]
+    conv.kernel.assign(conv.kernel * 2.0)
+    conv.moving_mean.assign(conv.moving_mean + 0.5)
+    np.testing.assert_allclose(engine(x, actions=actions, run_agent=True)["logits"].numpy(), before)
+    engine.refresh()
+    assert_same(engine(x, actions=actions, run_agent=True), model.rollout(x, actions=actions))
+
+
+def test_uniform_actions_helper():
+    np.testing.assert_array_equal(uniform_actions(2, [4, 1]).numpy(), [[4, 1], [4, 1]])
+    with pytest.raises(ValueError, match="batch_size"):
+        uniform_actions(0, [1])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"weight_cache": "all"}, "weight_cache"),
+        ({"control_flow": "yes"}, "control_flow"),
+    ],
+)
+def test_bad_engine_arguments_raise(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InferenceEngine(model, **kwargs)
+
+
+def test_bad_calls_raise(engine):
+    with pytest.raises(ValueError, match="RNPModel"):
+        InferenceEngine(object())
+    with pytest.raises(ValueError, match="8x8"):
+        engine(np.zeros((2, 9, 8, 1), "float32"))
+    with pytest.raises(ValueError, match="1..4"):
+        engine(images(2), actions=[[0, 1, 1], [1, 1, 1]])
+    with pytest.raises(ValueError, match="one row per input"):
+        engine(images(2), actions=[[1, 1, 1]])
+    with pytest.raises(ValueError, match="run_agent"):
+        engine(images(2), run_agent=False)
+    with pytest.raises(ValueError, match="at least one image"):
+        engine(np.zeros((0, 8, 8, 1), "float32"))
+
+
+# ---------------------------------------------------------------- benchmark
+def test_latency_benchmark_quick_schema(tmp_path):
+    from bench import latency
+    from bench import timing
+
+    config = latency.default_config(
+        quick=True, batch_sizes=[1, 4], targets=[3.0], repeats=1, warmup=1,
+        min_sample_seconds=0.0, memory=False, no_agent_variant=False,
+    )
+    assert config["models"] == ["cifar_cnn"]
+    result = latency.run_benchmark(config, log=lambda line: None)
+    paths = latency.write_outputs(result, tmp_path)
+    data = json.loads(open(paths["json"], encoding="utf-8").read())
+    assert data["complete"] is True
+    for key in ("schema_version", "date", "machine", "config", "rows", "targets", "paper_gpu"):
+        assert key in data
+    assert len(data["rows"]) == 1 + 2  # batch 1: uniform; batch 4: uniform + mixed
+    for row in data["rows"]:
+        assert set(latency.ROW_KEYS) <= set(row)
+        assert row["full_ms"] > 0 and row["rnp_ms"] > 0 and row["agent_ms"] >= 0
+        assert row["efficiency"] == pytest.approx(row["measured_speedup"] / row["theoretical_speedup"])
+    modes = {(r["batch_size"], r["mode"]) for r in data["rows"]}
+    assert modes == {(1, "uniform"), (4, "uniform"), (4, "mixed")}
+    mixed = [r for r in data["rows"] if r["mode"] == "mixed" and r["target_speedup"] == 3.0][0]
+    uniform = [r for r in data["rows"] if r["mode"] == "uniform" and r["batch_size"] == 4
+               and r["target_speedup"] == 3.0][0]
+    assert mixed["theoretical_speedup"] == pytest.approx(uniform["theoretical_speedup"], rel=0.01)
+    assert all(t["met"] is None for t in data["targets"])  # no VGG rows
+    text = open(paths["markdown"], encoding="utf-8").read()
+    assert "| cifar_cnn" in text and "Targets" in text
+    assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the shared timing helper
+    times = timing.measure({"a": lambda: tf.zeros(3), "b": lambda: None}, repeats=3, warmup=0)
+    assert set(times) == {"a", "b"} and len(times["a"]["samples_s"]) == 3
+    with pytest.raises(ValueError, match="repeats"):
+        timing.measure({"a": lambda: None}, repeats=0)
+
+
+def test_operating_points_and_mixed_actions():
+    from bench import latency
+
+    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn(), image_shape=(32, 32, 3), num_classes=10)
+    points = latency.operating_points(model, [1.0, 2.0, 4.0])
+    assert points[0]["actions"] == [4, 4, 4] and points[0]["theoretical_speedup"] == pytest.approx(1.0)
+    for point in points[1:]:
+        assert abs(np.log(point["theoretical_speedup"] / point["target"])) < 0.15
+    mixed = latency.mixed_actions(model, points[2]["actions"], 64, seed=0)
+    assert mixed.shape == (64, 3) and len({tuple(a) for a in mixed}) > 5
+    mean = model.macs(mixed).numpy().mean()
+    assert mean == pytest.approx(float(model.macs([points[2]["actions"]])[0]), rel=0.006)
