@@ -1,10 +1,285 @@
-"""Keras callbacks of rnp_tf."""
+"""Keras callbacks of rnp_tf, and the resumable training state they write.
 
+- `AtomicCheckpoint`: a `.keras` model file per epoch (for people: load it
+  with `keras.models.load_model`).
+- `ResumableCheckpoint`: the complete training state per epoch (every model
+  variable, including the schedule counters and epsilon, and both
+  optimizers' variables), atomically, with a manifest of sizes and SHA-256
+  digests so that a truncated or foreign checkpoint is reported, never
+  loaded. `write_training_state` / `read_training_state` do the work.
+- `EpochSeeder`: sets every random seed at the start of each epoch from
+  `(seed, stage, epoch)`, so that an epoch's random draws do not depend on
+  whether the process was restarted before it.
+- `CompactProgressBar`: the progress bar without the per-action columns.
+
+Why not `keras.callbacks.BackupAndRestore`? Measured with Keras 3.15: its
+`model.save_weights` does cover both optimizers (`optimizer` and
+`agent_optimizer`), but not the LSTM's seed-generator state, it writes the
+weights file and then the epoch number without atomicity (a kill between the
+two resumes the wrong epoch; a kill during the write leaves a truncated
+file), and it neither detects a corrupt file nor a different configuration.
+A plain `tf.train.Checkpoint(model=model)` is worse: it silently misses
+every layer held in a Python list (the gated convs, the head, the agent's
+encoders), so the state here is checkpointed as explicit variable lists.
+"""
+
+import hashlib
 import os
 
 import keras
+import numpy as np
 
 from rnp_tf import io_utils
+
+STATE_PREFIX = "state"
+MANIFEST = "manifest.json"
+_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A training-state checkpoint that is missing, corrupt or from another model."""
+
+
+def derive_seed(seed, *keys):
+    """A 31-bit seed derived from `seed` and integer `keys` (stage, epoch, ...).
+
+    Example:
+
+    >>> derive_seed(0, 2, 5) == derive_seed(0, 2, 5) != derive_seed(0, 2, 6)
+    True
+    """
+    return int(np.random.SeedSequence([int(seed), *[int(k) for k in keys]]).generate_state(1)[0] >> 1)
+
+
+def state_groups(model, optimizers=True):
+    """The variables a training checkpoint holds, as named lists.
+
+    `model`: `model.variables` (weights, BatchNorm statistics, the schedule
+    counters `schedule_step` / `agent_updates`, `epsilon`, seed-generator
+    states; not the metrics, which restart every epoch). With `optimizers`:
+    `optimizer` and, for an `RNPModel`, `agent_optimizer` (their iteration
+    counters, learning rates and slots).
+    """
+    groups = {"model": list(model.variables)}
+    if optimizers:
+        if getattr(model, "optimizer", None) is None:
+            raise ValueError("The model must be compiled to checkpoint its optimizers.")
+        groups["optimizer"] = list(model.optimizer.variables)
+        agent_optimizer = getattr(model, "agent_optimizer", None)
+        if agent_optimizer is not None:
+            groups["agent_optimizer"] = list(agent_optimizer.variables)
+    return groups
+
+
+def _describe(variables):
+    return [[v.path, [int(d) for d in v.shape], str(np.dtype(v.dtype))] for v in variables]
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_training_state(model, path, optimizers=True, extra=None):
+    """Writes the model's (and optimizers') variables to directory `path`, atomically.
+
+    The checkpoint is written into a hidden temporary directory, then a
+    `manifest.json` (variable paths, shapes and dtypes; size and SHA-256 of
+    every file; `extra`) and the directory is renamed into place: a crash
+    leaves either the previous state or the new one, never a mix.
+
+    Args:
+        model: a built (and, with `optimizers`, compiled) Keras model.
+        path: destination directory (its parent must exist).
+        optimizers: also save the optimizers' variables.
+        extra: JSON-serialisable dict stored in the manifest.
+
+    Returns:
+        The manifest dict.
+
+    Example:
+
+    >>> write_training_state(model, "/tmp/run/state/rnp-0003", extra={"epoch": 3})
+    """
+    import tensorflow as tf
+
+    groups = state_groups(model, optimizers)
+    manifest = {
+        "format": _FORMAT,
+        "groups": {name: _describe(variables) for name, variables in groups.items()},
+        "extra": extra or {},
+    }
+
+    def write(tmp):
+        from absl import logging as absl_logging
+
+        verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.WARNING)  # the saver logs an INFO line per write
+        try:
+            tf.train.Checkpoint(**groups).write(os.path.join(tmp, STATE_PREFIX))
+        finally:
+            absl_logging.set_verbosity(verbosity)
+        manifest["files"] = {
+            name: {"size": os.path.getsize(os.path.join(tmp, name)), "sha256": _sha256(os.path.join(tmp, name))}
+            for name in sorted(os.listdir(tmp))
+        }
+        io_utils.write_json(os.path.join(tmp, MANIFEST), manifest)
+
+    io_utils.atomic_write(path, write, directory=True)
+    return manifest
+
+
+def read_manifest(path):
+    """Reads and checks a checkpoint directory's manifest and files.
+
+    Raises:
+        CheckpointError: one line naming the missing, truncated or altered file.
+    """
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is missing.")
+    try:
+        manifest = io_utils.read_json(manifest_path)
+    except (FileNotFoundError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its {MANIFEST} is unreadable ({error}).")
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT or "files" not in manifest:
+        raise CheckpointError(f"checkpoint {path} is corrupt or of an unknown format (bad {MANIFEST}).")
+    for name, expected in manifest["files"].items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing.")
+        size = os.path.getsize(file)
+        if size != expected["size"]:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: {name} has {size} bytes, {expected['size']} were written (truncated?)."
+            )
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its SHA-256 digest.")
+    return manifest
+
+
+def read_training_state(model, path, optimizers=True):
+    """Restores what `write_training_state` wrote into `model` (and its optimizers).
+
+    The manifest is checked first (every file's size and digest, then every
+    variable's shape and dtype against the model's), so a corrupt checkpoint
+    or one of another model is reported and nothing is assigned.
+
+    Args:
+        model: a model built like the one that wrote the checkpoint (and,
+            with `optimizers`, compiled with the same optimizers).
+        path: the checkpoint directory.
+        optimizers: also restore the optimizers (the checkpoint must hold them).
+
+    Returns:
+        The manifest's `extra` dict.
+
+    Raises:
+        CheckpointError: one line saying what is wrong.
+
+    Example:
+
+    >>> read_training_state(model, "/tmp/run/state/rnp-0003")["epoch"]
+    3
+    """
+    import tensorflow as tf
+
+    manifest = read_manifest(path)
+    groups = state_groups(model, optimizers)
+    for name, variables in groups.items():
+        saved = manifest["groups"].get(name)
+        if saved is None:
+            raise CheckpointError(f"checkpoint {path} holds no {name} state.")
+        current = _describe(variables)
+        if len(saved) != len(current):
+            raise CheckpointError(
+                f"checkpoint {path} was written by another model: {len(saved)} {name} variables, "
+                f"the flags build {len(current)}."
+            )
+        for (saved_path, saved_shape, saved_dtype), (now_path, now_shape, now_dtype) in zip(saved, current):
+            if saved_shape != now_shape or saved_dtype != now_dtype:
+                raise CheckpointError(
+                    f"checkpoint {path} was written by another model: {name} variable {saved_path} is "
+                    f"{saved_dtype}{saved_shape} there, {now_path} is {now_dtype}{now_shape} here."
+                )
+    try:
+        status = tf.train.Checkpoint(**groups).read(os.path.join(path, STATE_PREFIX))
+        status.assert_existing_objects_matched()
+    except (tf.errors.OpError, AssertionError, ValueError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read ({message}).")
+    status.expect_partial()
+    return manifest.get("extra", {})
+
+
+class ResumableCheckpoint(keras.callbacks.Callback):
+    """Writes the full training state after every epoch (see `write_training_state`).
+
+    Each epoch writes `{directory}/{stage}-{epoch:04d}/`; then
+    `on_saved(name, epochs_done, logs)` is called (the training CLI records
+    the checkpoint in its `progress.json` there and deletes older ones).
+
+    Args:
+        directory: existing directory for the checkpoints.
+        stage: name prefix (the training stage).
+        on_saved: optional callable `(name, epochs_done, logs)`.
+        write: False on non-chief workers of a multi-worker run: they only
+            call `on_saved`.
+
+    Example:
+
+    >>> model.fit(ds, epochs=3, callbacks=[ResumableCheckpoint("run/state", "rnp")])
+    """
+
+    def __init__(self, directory, stage, on_saved=None, write=True):
+        super().__init__()
+        if write and not os.path.isdir(directory):
+            raise FileNotFoundError(f"Checkpoint directory does not exist. Received: directory={directory!r}")
+        self.directory = directory
+        self.stage = stage
+        self.on_saved = on_saved
+        self.write = bool(write)
+
+    def on_epoch_end(self, epoch, logs=None):
+        name = f"{self.stage}-{epoch + 1:04d}"
+        if self.write:
+            write_training_state(
+                self.model, os.path.join(self.directory, name), extra={"stage": self.stage, "epoch": epoch + 1}
+            )
+        if self.on_saved is not None:
+            self.on_saved(name, epoch + 1, dict(logs or {}))
+
+
+class EpochSeeder(keras.callbacks.Callback):
+    """Seeds every random generator at each epoch from `(seed, stage, epoch)`.
+
+    `keras.utils.set_random_seed(derive_seed(seed, stage, epoch))` at every
+    epoch start; with `rebuild=True` the model's train function is also
+    rebuilt, because TensorFlow's stateful random ops inside a compiled step
+    keep their own position that no seed resets and no checkpoint holds. A
+    run resumed at epoch e then draws exactly the random numbers an
+    uninterrupted run draws in epoch e, at the cost of re-tracing each
+    training phase once per epoch (seconds).
+
+    Args:
+        seed: the run's seed.
+        stage: an integer identifying the training stage.
+        rebuild: rebuild the train function at each epoch.
+    """
+
+    def __init__(self, seed, stage, rebuild=True):
+        super().__init__()
+        self.seed = int(seed)
+        self.stage = int(stage)
+        self.rebuild = bool(rebuild)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        keras.utils.set_random_seed(derive_seed(self.seed, self.stage, epoch))
+        if self.rebuild:
+            self.model.make_train_function(force=True)
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -36,12 +311,19 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self.directory = directory
         self.prefix = prefix
         self.keep = int(keep)
-        self.saved = []
+        # Files of this prefix from an earlier (interrupted) run count too.
+        self.saved = sorted(
+            os.path.join(directory, name)
+            for name in os.listdir(directory)
+            if name.startswith(f"{prefix}-") and name.endswith(".keras") and name[len(prefix) + 1 : -6].isdigit()
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         name = f"{self.prefix}-{epoch + 1:03d}.keras"
         path = os.path.join(self.directory, name)
         io_utils.save_model_atomic(self.model, path)
+        if path in self.saved:
+            self.saved.remove(path)
         io_utils.write_json(
             os.path.join(self.directory, "latest.json"),
             {"checkpoint": name, "prefix": self.prefix, "epoch": epoch + 1},

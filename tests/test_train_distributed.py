@@ -1,0 +1,325 @@
+"""rnp_tf.train beyond one device and one uninterrupted process.
+
+- kill -9 in the middle of a stage, re-run the same command: the final state
+  (every model variable, both optimizers, the schedule counters) equals an
+  uninterrupted run's, bit for bit (`--reseed_every_epoch`);
+- a truncated checkpoint or other flags: one line, exit status 2, nothing
+  overwritten;
+- MirroredStrategy on the two logical CPUs of the test session and
+  MultiWorkerMirroredStrategy with two worker processes on 127.0.0.1: every
+  phase, finite losses, identical weights on both workers;
+- the ImageNet path: Keras VGG16 weights onto our VGG-16, `--backbone_weights`.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from rnp_tf import callbacks
+from rnp_tf import distribute
+from rnp_tf import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A small run through every stage: 1 full-width epoch, reorder, 2 robust
+# epochs, 1 Algorithm-1 epoch (3 agent warm-up steps, 2 backbone, 2 agent,
+# 1 backbone), 8 steps each.
+SMALL = [
+    "--dataset=digits", "--widths=8,8,8,8", "--batch_size=64", "--pretrain_epochs=1", "--robust_epochs=2",
+    "--rnp_epochs=1", "--steps_per_epoch=8", "--agent_steps=2", "--backbone_steps=2", "--epsilon_decay_steps=3",
+    "--evaluate=false", "--tensorboard=false", "--verbose=2",
+]
+
+
+def parse(*args):
+    fv = flags.FlagValues()
+    train.define_flags(fv)
+    fv(["rnp_tf.train", *args])
+    return fv
+
+
+def config_of(*args):
+    return train.config_from_flags(parse(*args))
+
+
+def env():
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "rnp_tf.train", *args], cwd=REPO, capture_output=True, text=True,
+        timeout=timeout, env=env(),
+    )
+
+
+def state(path):
+    """Every tensor of a training-state checkpoint directory, by name."""
+    reader = tf.train.load_checkpoint(os.path.join(path, callbacks.STATE_PREFIX))
+    names = [n for n, _ in tf.train.list_variables(os.path.join(path, callbacks.STATE_PREFIX))]
+    return {n: reader.get_tensor(n) for n in names if n.endswith("VARIABLE_VALUE")}
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("rnp_tf.train: error")]
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """One run killed (SIGKILL) inside the robust stage and resumed; one uninterrupted, in this process."""
+    root = tmp_path_factory.mktemp("resume")
+    killed = root / "killed"
+    args = [*SMALL, "--reseed_every_epoch=true", f"--model_dir={killed}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnp_tf.train", *args], cwd=REPO, env=env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    marker = killed / "state" / "robust-0001"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the first robust epoch never completed"
+    at_kill = json.loads((killed / "progress.json").read_text())
+    snapshot = root / "snapshot"
+    shutil.copytree(killed, snapshot)
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    reference = root / "uninterrupted"
+    config = config_of(*SMALL, "--reseed_every_epoch=true", f"--model_dir={reference}", "--verbose=0")
+    metrics = train.run(config)
+    return {"killed": killed, "reference": reference, "at_kill": at_kill, "snapshot": snapshot,
+            "resumed": resumed, "metrics": metrics, "args": args}
+
+
+def test_sigkill_mid_stage_then_resume_equals_uninterrupted(killed_and_resumed):
+    r = killed_and_resumed
+    # Killed inside the robust stage: backbone and reorder done, robust epoch 2 of 2 running.
+    stages = r["at_kill"]["stages"]
+    assert stages["backbone"]["epochs_done"] == 1 and stages["reorder"]["epochs_done"] == 1
+    assert stages["robust"]["epochs_done"] == 1 and stages["rnp"]["epochs_done"] == 0
+    assert "resuming" in r["resumed"].stdout and "stage robust (2 epochs, from epoch 2)" in r["resumed"].stdout
+    assert "stage backbone" not in r["resumed"].stdout  # completed stages are skipped
+
+    resumed = json.loads((r["killed"] / "metrics.json").read_text())
+    reference = r["metrics"]
+    # Same number of steps: the schedule counters are model weights.
+    assert resumed["schedule_step"] == reference["schedule_step"] == 8
+    assert resumed["agent_updates"] == reference["agent_updates"]
+    for stage in ("backbone", "robust", "rnp"):
+        assert resumed["history"][stage]["loss"] == pytest.approx(reference["history"][stage]["loss"], abs=0)
+
+    # Bit-identical final state: model variables and both optimizers (incl. the agent's).
+    final_resumed, final_reference = state(r["killed"] / "state" / "rnp-0001"), state(r["reference"] / "state" / "rnp-0001")
+    assert final_resumed.keys() == final_reference.keys()
+    assert any(k.startswith("agent_optimizer/") for k in final_resumed)
+    for name, value in final_reference.items():
+        np.testing.assert_array_equal(final_resumed[name], value, err_msg=name)
+    # Older states are pruned; the .keras checkpoints are there as before.
+    assert sorted(os.listdir(r["killed"] / "state")) == ["rnp-0001", "robust-0002"]
+    assert json.loads((r["killed"] / "checkpoints" / "latest.json").read_text())["epoch"] == 1
+
+
+def test_rerunning_a_complete_run_does_nothing(killed_and_resumed, capsys):
+    config = config_of(*killed_and_resumed["args"])
+    before = (killed_and_resumed["killed"] / "metrics.json").read_text()
+    assert train.run(config) == json.loads(before)
+    assert "nothing to do" in capsys.readouterr().out
+    assert (killed_and_resumed["killed"] / "metrics.json").read_text() == before
+
+
+def test_truncated_checkpoint_is_one_clear_line_and_nothing_is_overwritten(killed_and_resumed):
+    run_dir = killed_and_resumed["snapshot"]
+    checkpoint = run_dir / "state" / "robust-0001"
+    data = next(p for p in checkpoint.iterdir() if ".data-" in p.name)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    result = run_cli(*killed_and_resumed["args"][:-1], f"--model_dir={run_dir}")
+    assert result.returncode == 2
+    lines = error_lines(result)
+    assert len(lines) == 1 and "corrupt" in lines[0] and "robust-0001" in lines[0], result.stderr[-2000:]
+    assert "truncated" in lines[0] and "Traceback" not in result.stderr
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_other_flags_or_resume_false_are_refused(killed_and_resumed):
+    run_dir = killed_and_resumed["snapshot"]
+    config = config_of(*SMALL, "--reseed_every_epoch=true", f"--model_dir={run_dir}", "--rnp_epochs=3")
+    dataset, model = train.prepare(config)
+    with pytest.raises(ValueError, match=r"other flags \(--rnp_epochs=1 there, 3 now\)"):
+        train.resume_point(config, model)
+    config = config_of(*SMALL, "--reseed_every_epoch=true", f"--model_dir={run_dir}", "--resume=false")
+    with pytest.raises(ValueError, match="never overwritten"):
+        train.resume_point(config, model)
+    # Where it runs may change: --strategy, --verbose, --tensorboard, ...
+    config = config_of(*SMALL, "--reseed_every_epoch=true", f"--model_dir={run_dir}", "--verbose=0")
+    with pytest.raises(callbacks.CheckpointError, match="truncated|corrupt"):
+        train.resume_point(config, model)  # gets as far as the (corrupted) checkpoint
+
+
+# ---------------------------------------------------------------- strategies
+def _history_finite(metrics):
+    for stage, history in metrics["history"].items():
+        for key in ("loss",) + (("agent_loss",) if stage == "rnp" else ()):
+            assert history[key] and np.all(np.isfinite(history[key])), (stage, key)
+
+
+def test_mirrored_strategy_runs_every_stage_on_two_replicas(tmp_path):
+    strategy = distribute.get_strategy("mirrored")
+    assert strategy.num_replicas_in_sync == 2  # the two logical CPUs of conftest.py
+    config = config_of(*SMALL, "--strategy=mirrored", "--robust_epochs=1", "--rnp_epochs=1", "--steps_per_epoch=7",
+                       f"--model_dir={tmp_path / 'run'}", "--verbose=0")
+    dataset, model = train.prepare(config, strategy)
+    assert model.distribute_strategy is strategy
+    metrics = train.run(config, dataset, model, strategy=strategy)
+    assert metrics["replicas"] == 2
+    _history_finite(metrics)
+    # Algorithm 1: warm-up 3 agent steps, 2 backbone, 2 agent.
+    assert metrics["schedule_step"] == 7 and metrics["agent_updates"] == 5
+    assert model.current_phase() == "backbone"
+    for variable in (model._schedule_step, model.stem.kernel, model.agent_variables[0]):
+        copies = [v.numpy() for v in variable.value.values]
+        np.testing.assert_array_equal(copies[0], copies[1])  # the replicas agree
+
+
+def test_global_batch_must_split_evenly(tmp_path):
+    strategy = distribute.get_strategy("mirrored")
+    config = config_of(*SMALL, "--batch_size=63", f"--model_dir={tmp_path / 'run'}")
+    with pytest.raises(ValueError, match="divisible by the 2 replicas"):
+        train.prepare(config, strategy)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_WORKER = """
+import sys, numpy as np
+from absl import flags
+from rnp_tf import distribute, train
+fv = flags.FlagValues(); train.define_flags(fv); fv(["w", *sys.argv[2:]])
+config = train.config_from_flags(fv)
+strategy = distribute.get_strategy(config.strategy)
+dataset, model = train.prepare(config, strategy)
+metrics = train.run(config, dataset, model, strategy=strategy)
+np.savez(sys.argv[1], *[v.numpy() for v in model.variables], *[v.numpy() for v in model.agent_optimizer.variables],
+         *[v.numpy() for v in model.optimizer.variables])
+print("HISTORY", __import__("json").dumps(metrics["history"]))
+"""
+
+
+def test_multi_worker_two_processes_every_phase(tmp_path):
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    args = [*SMALL, "--strategy=multi_worker", "--robust_epochs=1", "--rnp_epochs=1", "--steps_per_epoch=6",
+            "--batch_size=32", f"--model_dir={tmp_path / 'run'}"]
+    procs = []
+    for index in range(2):
+        worker_env = dict(env(), TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(tmp_path / f"w{index}.npz"), *args], cwd=REPO, env=worker_env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    histories = [json.loads(out.split("HISTORY", 1)[1]) for out, _ in outputs]
+    for stage in ("backbone", "robust", "rnp"):
+        assert np.all(np.isfinite(histories[0][stage]["loss"]))
+    assert np.all(np.isfinite(histories[0]["rnp"]["agent_loss"]))
+    assert histories[0] == histories[1]  # metrics reduced over both workers
+    w0, w1 = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
+    for key in w0.files:
+        np.testing.assert_array_equal(w0[key], w1[key])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())  # written by the chief only
+    assert metrics["replicas"] == 2 and metrics["schedule_step"] == 6 and metrics["agent_updates"] == 4
+
+
+# ------------------------------------------------------------ ImageNet path
+def test_keras_vgg16_maps_exactly_onto_our_vgg16():
+    from rnp_tf import RNPModel
+    from rnp_tf import backbones
+
+    keras.utils.set_random_seed(1)
+    source = keras.applications.VGG16(weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None)
+    ours = RNPModel(backbones.vgg16(), image_shape=(32, 32, 3), num_classes=10)
+    assert train.map_keras_vgg16(source, ours) is True
+    x = np.random.default_rng(0).uniform(-2, 2, (3, 32, 32, 3)).astype("float32")
+    full = np.full((3, ours.num_prunable), ours.groups)
+    logits = ours.rollout(x, actions=full)["logits"].numpy()
+    expected = source(x, training=False).numpy()
+    scale = np.abs(expected).max()
+    assert scale > 0 and np.std(expected) > 0  # not a trivially flat output
+    np.testing.assert_allclose(logits, expected, atol=1e-4 * scale)
+
+    # Keras' caffe preprocessing folded into the first conv: our normalised
+    # input gives the logits Keras gives on its own preprocessing, up to the
+    # one-pixel border of the first conv (measured, bounded here).
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    folded = RNPModel(backbones.vgg16(), image_shape=(32, 32, 3), num_classes=10)
+    train.map_keras_vgg16(source, folded, input_mean=mean, input_std=std)
+    pixels = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    ours_in = ((pixels / 255.0 - mean) / std).astype("float32")
+    keras_in = keras.applications.vgg16.preprocess_input(pixels.copy())
+    got = folded.rollout(ours_in, actions=full)["logits"].numpy()
+    want = source(keras_in, training=False).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max())  # measured 3e-4
+
+
+def test_backbone_weights_from_a_file_and_the_offline_message(tmp_path, monkeypatch):
+    keras.utils.set_random_seed(2)
+    source = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
+    weights = tmp_path / "vgg16_notop.weights.h5"
+    source.save_weights(weights)
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, x_train=images, y_train=np.arange(8) % 4, x_test=images[:4], y_test=np.arange(4))
+    config = config_of(f"--dataset=npz:{npz}", "--backbone=vgg16", f"--backbone_weights={weights}",
+                       f"--model_dir={tmp_path / 'run'}", "--batch_size=4")
+    _, model = train.prepare(config)
+    np.testing.assert_array_equal(model.convs[4].kernel.numpy(), source.get_layer("block3_conv1").kernel.numpy())
+    np.testing.assert_array_equal(model.convs[4].beta.numpy()[2], source.get_layer("block3_conv1").bias.numpy())
+
+    # No cached ImageNet file and no network: one clear message, before any work.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setattr(keras.utils, "get_file", _offline)
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", _offline)
+    config = config_of(f"--dataset=npz:{npz}", "--backbone=vgg16", "--backbone_weights=imagenet",
+                       f"--model_dir={tmp_path / 'run2'}", "--batch_size=4")
+    with pytest.raises(ValueError, match=r"not in .*keras_home/models/vgg16_weights_tf_dim_ordering_tf_kernels_notop"
+                                         r"\.h5 and could not be downloaded"):
+        train.prepare(config)
+
+
+def _offline(*args, **kwargs):
+    raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--backbone_weights=imagenet"], "needs --backbone=vgg16"),
+        (["--backbone=vgg16", "--backbone_weights=/no/such.h5"], "existing weights file"),
+        (["--backbone=vgg16", "--width_multiplier=0.5", "--backbone_weights=imagenet"], "width_multiplier"),
+        (["--tpu=grpc://10.0.0.1:8470"], "only used with --strategy=tpu"),
+    ],
+)
+def test_bad_distribution_and_weights_flags(tmp_path, args, match):
+    with pytest.raises(ValueError, match=match):
+        config_of(f"--model_dir={tmp_path / 'run'}", *args)
