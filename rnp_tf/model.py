@@ -470,9 +470,7 @@ class RNPModel(keras.Model):
                 q, state = self.agent.step(t, h, state, condition)
                 q_values.append(q)
             if cap and run_agent:
-                q = self._repriced(q, penalties)
-                if self._cap_macs is not None:
-                    q = self._cap_q_values(t, q, actions)
+                q = self.greedy_q(t, q, actions, penalties)
             action = choose(t, q)
             actions.append(action)
             return action
@@ -503,6 +501,46 @@ class RNPModel(keras.Model):
             "macs": self.macs(actions),
         }
 
+    def greedy_q(self, t, q, decided, penalties=None):
+        """Q-values the greedy policy maximises at decision `t`: the run-time knob applied.
+
+        Re-prices the agent's raw Q-values to the inference penalty (the
+        paper's single-penalty agent: `Q(s, a) + (p - p0) * (a - 1)`, see
+        `set_penalty`; a penalty-conditioned agent reads the penalty as an
+        input instead, so its Q-values are returned as they are), then
+        gives the actions the hard per-image MAC cap forbids
+        (`set_compute_cap`) the value -1e30. The greedy action is
+        `argmax(greedy_q(...)) + 1`: `rollout`, `sliced_rollout` and the
+        exporters all choose through this method.
+
+        Args:
+            t: the decision index, `0 <= t < num_prunable`.
+            q: float `[batch, k]` raw Q-values of decision `t`.
+            decided: list of the `t` earlier actions, each an int32 tensor
+                `[batch]` (only read under a compute cap).
+            penalties: the inference penalty: None (the model's
+                `penalty_setting`, a variable read), a float (a constant,
+                as the exporters freeze it) or a float `[batch]` tensor.
+
+        Returns:
+            A `[batch, k]` tensor of the same dtype as `q`.
+
+        Example:
+
+        >>> out = model.rollout(x, policy="epsilon", epsilon=1.0)
+        >>> q = model.greedy_q(0, out["q_values"][:, 0], [])
+        """
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.num_prunable:
+            raise ValueError(f"`t` must be a decision index in [0, {self.num_prunable}). Received: t={t!r}")
+        if len(decided) != t:
+            raise ValueError(
+                f"`decided` must hold the {t} earlier actions of decision {t}. Received: {len(decided)} actions"
+            )
+        q = self._repriced(q, penalties)
+        if self._cap_macs is not None:
+            q = self._cap_q_values(t, q, decided)
+        return q
+
     def _repriced(self, q, penalties=None):
         """Q-values re-priced to the inference penalty (plain agents).
 
@@ -516,7 +554,8 @@ class RNPModel(keras.Model):
         if penalties is None:
             delta = self._penalty_setting.value - self.penalty
         else:
-            delta = tf.cast(penalties, tf.float32)[:, None] - self.penalty
+            delta = tf.cast(penalties, tf.float32)
+            delta = (delta[:, None] if delta.shape.rank else delta) - self.penalty
         extra = tf.range(self.groups, dtype=q.dtype)[None, :]
         return q + tf.cast(delta, q.dtype) * extra
 
@@ -883,9 +922,7 @@ class RNPModel(keras.Model):
                 chosen.append(int(forced[t]))
                 return chosen[-1]
             q, state = self.agent.step(t, h, state, condition)
-            q = self._repriced(q)
-            if self._cap_macs is not None:
-                q = self._cap_q_values(t, q, [tf.constant([a]) for a in chosen])
+            q = self.greedy_q(t, q, [tf.constant([a]) for a in chosen])
             chosen.append(int(agent_lib.greedy_actions(q)[0]))
             return chosen[-1]
 

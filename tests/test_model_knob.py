@@ -136,3 +136,32 @@ def test_penalty_conditioned_agent_reads_the_penalty():
     assert np.isfinite(history.history["agent_loss"][0])
     clone = rnp_tf.RNPModel.from_config(model.get_config())
     assert clone.penalty_range == (-0.5, -0.005)
+
+
+def test_greedy_q_is_the_knob_the_rollout_applies():
+    """`greedy_q` re-prices by (p - p0) * (a - 1), masks what the cap forbids, and its argmax is rollout's choice."""
+    model = greedy_spender()
+    x = np.random.default_rng(1).normal(size=(32, 8, 8, 1)).astype("float32") * 3
+    raw = model.rollout(x, policy="epsilon", epsilon=1.0)["q_values"]  # raw, at random actions
+    model.set_penalty(model.penalty - 0.7)
+    np.testing.assert_allclose(
+        model.greedy_q(0, raw[:, 0], []), raw[:, 0] - 0.7 * np.arange(4.0)[None], rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(  # a float penalty is the same knob without the variable
+        model.greedy_q(0, raw[:, 0], [], model.penalty_setting), model.greedy_q(0, raw[:, 0], []), atol=1e-6
+    )
+    model.set_penalty(model.penalty)  # the spender wants every group: the cap binds
+    model.set_compute_cap(0.35)
+    out = model.rollout(x)
+    decided = [out["actions"][:, u] for u in range(model.num_prunable)]
+    masked = 0
+    for t in range(model.num_prunable):
+        q = model.greedy_q(t, out["q_values"][:, t], decided[:t]).numpy()
+        np.testing.assert_array_equal(np.argmax(q, axis=-1) + 1, out["actions"][:, t])
+        masked += int((q <= -1e29).sum())
+    assert masked > 0  # the cap forbade some wide actions
+    model.set_compute_cap(None)
+    with pytest.raises(ValueError, match="decision index"):
+        model.greedy_q(model.num_prunable, raw[:, 0], [])
+    with pytest.raises(ValueError, match="earlier actions"):
+        model.greedy_q(1, raw[:, 0], [])
