@@ -970,3 +970,92 @@ def _imagenet_eval_image(image_bytes):
     )
     image.set_shape((IMAGENET_IMAGE_SIZE, IMAGENET_IMAGE_SIZE, 3))
     return image
+
+
+# ---------------------------------------------------------------------------
+# A tiny ImageNet-shaped TFDS directory, for smoke runs of the ImageNet path.
+
+
+def write_imagenet2012_sample(
+    data_dir,
+    *,
+    num_train: int = 8,
+    num_validation: int = 4,
+    num_classes: int = 1000,
+    seed: int = 0,
+    min_side: int = 160,
+    max_side: int = 320,
+) -> str:
+    """Writes a tiny `imagenet2012` TFDS directory of random JPEG images.
+
+    The directory has the layout `tfds build imagenet2012` produces
+    (`DATA_DIR/imagenet2012/VERSION/` with TFRecord shards,
+    `dataset_info.json` and `features.json`), written with the builder's own
+    feature encoding and `tfds.folder_dataset.write_metadata`, so
+    `load_dataset("imagenet2012", tfds_data_dir=data_dir)` reads it exactly
+    like the real dataset: JPEG bytes decoded in parallel, random-resized
+    crops, 1000 classes. The images are smooth random colour fields of random
+    sizes between `min_side` and `max_side` pixels; labels are random class
+    ids. Use it to check that the ImageNet configuration runs end to end
+    (and how fast the input pipeline is) before spending hours on the real
+    data; it teaches a model nothing.
+
+    Args:
+        data_dir: the TFDS data directory to write into (created if absent).
+        num_train: number of `train` examples.
+        num_validation: number of `validation` examples.
+        num_classes: labels are drawn from `0..num_classes - 1` (at most
+            1000, the dataset's classes).
+        seed: seed of the images and labels.
+        min_side, max_side: range of the image heights and widths.
+
+    Returns:
+        The version directory written, `DATA_DIR/imagenet2012/VERSION`.
+
+    Example:
+
+    ```python
+    write_imagenet2012_sample("/tmp/tfds", num_train=16)
+    ds = load_dataset("imagenet2012", tfds_data_dir="/tmp/tfds", batch_size=2)
+    ```
+    """
+    import io
+
+    import tensorflow_datasets as tfds
+
+    for key, value in (("num_train", num_train), ("num_validation", num_validation)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{key} must be a positive integer. Received: {key}={value!r}")
+    if not _is_int(num_classes) or not 1 <= num_classes <= 1000:
+        raise ValueError(f"num_classes must be in 1..1000. Received: num_classes={num_classes!r}")
+    if not (_is_int(min_side) and _is_int(max_side) and 1 <= min_side <= max_side):
+        raise ValueError(
+            f"min_side and max_side must be integers with 1 <= min_side <= max_side. "
+            f"Received: min_side={min_side!r}, max_side={max_side!r}"
+        )
+    builder = tfds.builder("imagenet2012", data_dir=os.fspath(data_dir))
+    version_dir = os.fspath(builder.data_dir)
+    features = builder.info.features
+    rng = np.random.default_rng(seed)
+    tf.io.gfile.makedirs(version_dir)
+    for split, count in (("train", num_train), ("validation", num_validation)):
+        path = os.path.join(version_dir, f"imagenet2012-{split}.tfrecord-00000-of-00001")
+        with tf.io.TFRecordWriter(path) as writer:
+            for i in range(count):
+                height, width = (int(s) for s in rng.integers(min_side, max_side + 1, 2))
+                coarse = rng.uniform(0, 255, (1, 8, 8, 3)).astype(np.float32)
+                image = tf.cast(tf.image.resize(coarse, (height, width))[0], tf.uint8)
+                example = {
+                    "image": io.BytesIO(tf.io.encode_jpeg(image, quality=90).numpy()),
+                    "label": int(rng.integers(num_classes)),
+                    "file_name": f"{split}_{i:08d}.JPEG",
+                }
+                writer.write(features.serialize_example(example))
+    tfds.folder_dataset.write_metadata(
+        data_dir=version_dir,
+        features=features,
+        split_infos=None,
+        filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+        check_data=False,
+    )
+    return version_dir

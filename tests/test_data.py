@@ -487,3 +487,21 @@ def test_tfds_prepared_imagenet_preprocessing(tmp_path):
     np.testing.assert_allclose(_collect(ds.test)[0], x_test)  # deterministic
     shown = ds.denormalize(x_test)
     assert 0.0 <= shown.min() and shown.max() <= 1.0
+
+
+def test_generated_imagenet2012_sample_reads_like_imagenet(tmp_path):
+    version_dir = data.write_imagenet2012_sample(tmp_path, num_train=6, num_validation=3, num_classes=5, seed=1)
+    assert (pathlib.Path(version_dir) / "dataset_info.json").is_file()
+    ds = data.load_dataset("imagenet2012", tfds_data_dir=str(tmp_path), batch_size=4)
+    assert (ds.num_train, ds.num_test, ds.num_classes) == (6, 3, 1000)
+    assert ds.input_shape == (224, 224, 3)
+    x1, y1 = _collect(ds.train)
+    x2, y2 = _collect(ds.train)
+    assert x1.shape == (6, 224, 224, 3) and x1.dtype == np.float32
+    assert sorted(y1.tolist()) == sorted(y2.tolist()) and y1.max() < 5
+    assert not np.array_equal(np.sort(x1.reshape(6, -1), 0), np.sort(x2.reshape(6, -1), 0))  # new crops
+    x_test, y_test = ds.test_arrays()
+    assert x_test.shape == (3, 224, 224, 3)
+    np.testing.assert_array_equal(_collect(ds.test)[0], x_test)  # evaluation: deterministic center crops
+    with pytest.raises(ValueError, match="num_classes must be in 1..1000"):
+        data.write_imagenet2012_sample(tmp_path / "other", num_classes=1001)
