@@ -228,8 +228,8 @@ def parity_images(net, count=16, seed=0, pool=None):
     action tuple first, then fills up by margin.
 
     Args:
-        net: the `SlicedNetwork` of the model (for the re-pricing of its
-            greedy choice).
+        net: the `SlicedNetwork` of the model (for the knob settings of
+            its greedy choice).
         count: how many images.
         seed: seed of the candidate pool.
         pool: pool size (default `4 * count`, at least 32).
@@ -246,7 +246,7 @@ def parity_images(net, count=16, seed=0, pool=None):
     candidates *= scales[np.arange(pool) % len(scales)].reshape(-1, 1, 1, 1)
     candidates[0] = 0.5
     ref = reference(model, candidates)
-    q = np.sort(net.reprice_numpy(ref["q_values"]), axis=-1)
+    q = np.sort(net.greedy_q_numpy(ref["q_values"], ref["actions"]), axis=-1)
     margin = (q[..., -1] - q[..., -2]).min(axis=1)
     order = np.argsort(-margin, kind="stable")
     safe = [i for i in order if margin[i] >= MIN_Q_MARGIN]
@@ -405,10 +405,11 @@ class SlicedNetwork:
     pooling layers of `_plan`, the agent (`DecisionAgent.step`'s maths:
     pool, zero-pad a prefix, append the penalty condition of a conditioned
     agent, encoder, shared LSTM cell, decoder) and `head_layers`. Greedy
-    decisions follow `RNPModel.rollout`: Q-values re-priced to the model's
-    `penalty_setting` and masked by its compute cap (`set_compute_cap`),
-    both read when the network is built. Every weight is a float32
-    constant, so no exported graph holds a variable.
+    decisions go through `RNPModel.greedy_q` (the run-time knob: Q-values
+    re-priced to the model's `penalty_setting`, masked by its compute cap),
+    with the penalty setting read when the network is built and passed as
+    a constant. Every weight is a float32 constant, so no exported graph
+    holds a variable.
 
     Every prunable convolution `t` is a *segment*: the convolution on the
     weight prefix `W[:, :, :in_prefix, :out_prefix]`, its activation and the
@@ -421,6 +422,12 @@ class SlicedNetwork:
 
     Args:
         model: a built `rnp_tf.RNPModel` with a chain backbone.
+        action_tuples: optional int `[n, T]` action tuples: build only the
+            (previous action, action) branches and heads they use (a
+            benchmark of a few operating points on a large network, where
+            all `k * k` weight slices per layer would weigh too much).
+            Other actions then have no branch: force only these tuples.
+            None (default): every branch.
 
     Example:
 
@@ -429,7 +436,7 @@ class SlicedNetwork:
     >>> out = fn(images, tf.zeros([1, net.num_prunable], tf.int32))  # greedy
     """
 
-    def __init__(self, model):
+    def __init__(self, model, action_tuples=None):
         import tensorflow as tf
 
         check_exportable(model)
@@ -475,6 +482,7 @@ class SlicedNetwork:
         self.out_group = [int(c.group_size) for c in model.prunable]
         self.out_channels = [int(c.filters) for c in model.prunable]
         self.flatten = model.backbone["head"]["pooling"] != "gap"
+        self._pairs, self._heads = self._restriction(action_tuples)
         self._arrays = self._extract(model)
         self._decision_settings(model)
         # MACs of each piece, from the layers' own counts.
@@ -486,28 +494,39 @@ class SlicedNetwork:
         )
         self.head_macs = {a: float(spatial * a * g * int(first.units)) for a in range(1, k + 1)}
         self.conv_macs = [
-            {(p, a): float(conv.macs(p, a)) for p, a in self.branches(t)} for t, conv in enumerate(model.prunable)
+            {(p, a): float(conv.macs(p, a)) for p in self.previous_actions(t) for a in range(1, k + 1)}
+            for t, conv in enumerate(model.prunable)
         ]
         self._consts = None
 
+    def _restriction(self, action_tuples):
+        """Per layer, the (previous action, action) pairs of `action_tuples`; the last actions."""
+        if action_tuples is None:
+            return None, None
+        k, T = self.groups, self.num_prunable
+        tuples = np.asarray(action_tuples)
+        if tuples.ndim != 2 or tuples.shape[1] != T or len(tuples) == 0 or tuples.min() < 1 or tuples.max() > k:
+            raise ValueError(
+                f"`action_tuples` must be ints in 1..{k} of shape [n, {T}]. Received: action_tuples={action_tuples!r}"
+            )
+        previous = np.concatenate([np.full((len(tuples), 1), k), tuples[:, :-1]], axis=1)
+        pairs = [
+            sorted({(int(p) if self.varies(t) else k, int(a)) for p, a in zip(previous[:, t], tuples[:, t])})
+            for t in range(T)
+        ]
+        return pairs, sorted({int(a) for a in tuples[:, -1]})
+
     def _decision_settings(self, model):
         """The run-time knob of `RNPModel.rollout`'s greedy choice, frozen as constants."""
-        k = self.groups
         agent = model.agent
         self.conditioned = bool(getattr(agent, "conditioned", False))
-        setting = getattr(model, "penalty_setting", None)
-        self.penalty_setting = None if setting is None else float(setting)
+        self.penalty_setting = float(model.penalty_setting)
         self.condition = None
-        self.reprice = None
         if self.conditioned:
             penalties = np.full([1], self.penalty_setting, np.float32)
             self.condition = float(np.asarray(model.penalty_condition(penalties)).reshape(-1)[0])
-        elif setting is not None:
-            delta = np.float32(self.penalty_setting) - np.float32(model.penalty)
-            if delta != 0:
-                self.reprice = (delta * np.arange(k, dtype=np.float32)).astype(np.float32)
         cap = getattr(model, "_cap_macs", None)
-        self.cap = None if cap is None else float(cap) * (1 + 1e-6)
+        self.cap = None if cap is None else float(cap)
 
     def _extract(self, model):
         """Every weight as a float32 numpy array (BatchNorm folded)."""
@@ -516,7 +535,8 @@ class SlicedNetwork:
         kernel, bias = model.stem.folded_weights(k, k)
         arrays["stem"] = (np.asarray(kernel, np.float32), np.asarray(bias, np.float32))
         for t, conv in enumerate(model.prunable):
-            for p in self.previous_actions(t):
+            # the full width's set always: `full` runs it
+            for p in sorted({p for p, _ in self.branches(t)} | {k}):
                 # Full kernel folded with the BatchNorm set of input width p;
                 # (p, a) uses its prefix [:, :, :in_prefix(p), :a * group].
                 kernel, bias = conv.folded_weights(p, k)
@@ -557,9 +577,12 @@ class SlicedNetwork:
     def constants(self):
         """Scope of one graph: each weight becomes one constant, created on first use.
 
-        Nested `tf.cond` branches must not create constants (a constant made
-        in one branch cannot be used in another), so `single` creates them
-        all up front.
+        A constant made in one `tf.cond` branch cannot be used in another,
+        so `single` creates the shared ones up front; what one branch alone
+        uses (its conv's weight slice, its head's row prefix) is created in
+        that branch, so that it is a constant of the branch itself: a slice
+        of an outer constant would be computed at run time (onnxruntime
+        then slices, transposes and re-packs the weights at every call).
         """
         outer = self._consts
         self._consts = {}
@@ -579,6 +602,8 @@ class SlicedNetwork:
     def _all_constants(self):
         for key, value in self._arrays.items():
             for index, item in enumerate(value):
+                if isinstance(key, tuple) and key[0] == "conv" or key == "head0" and index == 0:
+                    continue  # one branch each: made in the branch (`segment`, `_dense`)
                 if isinstance(item, np.ndarray):
                     self._const(key, index)
 
@@ -591,8 +616,26 @@ class SlicedNetwork:
         return t > 0 and self.gated[t]
 
     def branches(self, t):
-        """The (previous action, action) pairs of prunable conv `t`."""
+        """The (previous action, action) pairs of prunable conv `t` (those built)."""
+        if self._pairs is not None:
+            return list(self._pairs[t])
         return [(p, a) for p in self.previous_actions(t) for a in range(1, self.groups + 1)]
+
+    def heads(self):
+        """The last actions whose head is built."""
+        return list(self._heads) if self._heads is not None else list(range(1, self.groups + 1))
+
+    def _branch_index(self, t, prev, action):
+        """int32 scalar: position of `(prev, action)` in `branches(t)` (for `single`'s tree)."""
+        tf = self._tf
+        k = self.groups
+        key = (prev - 1) * k + action - 1 if self.varies(t) else (k - 1) * k + action - 1
+        if self._pairs is None:
+            return key if self.varies(t) else action - 1
+        lookup = np.zeros(k * k, np.int32)
+        for i, (p, a) in enumerate(self.branches(t)):
+            lookup[(p - 1) * k + a - 1] = i
+        return tf.gather(tf.constant(lookup), key)
 
     def in_channels(self, t, p):
         """Input channels of prunable conv `t` after previous action `p`."""
@@ -631,18 +674,6 @@ class SlicedNetwork:
                 table[(p - 1) * k + a - 1] = self.conv_macs[t][(p if self.varies(t) else k, a)]
         return table
 
-    def rest_table(self, t):
-        """`[k]`: the least MACs after decision `t` took action a (narrowest later, head)."""
-        k = self.groups
-        rest = np.zeros(k)
-        for a in range(1, k + 1):
-            prev, total = a, 0.0
-            for u in range(t + 1, self.num_prunable):
-                total += self.conv_macs[u][(prev if self.varies(u) else k, 1)]
-                prev = 1
-            rest[a - 1] = total + self.head_macs[prev]
-        return rest
-
     def _pools(self, h, pools):
         tf = self._tf
         for mode, size, strides, padding in pools:
@@ -658,9 +689,16 @@ class SlicedNetwork:
 
     def _dense(self, x, key, rows=None):
         tf = self._tf
-        kernel = self._const(key, 0)
-        if rows is not None and rows != self._arrays[key][0].shape[0]:
-            kernel = kernel[:rows]
+        full = self._arrays[key][0]
+        if rows is None or rows == full.shape[0]:
+            kernel = self._const(key, 0)
+        else:
+            # the row prefix as its own constant (see `constants`); a graph
+            # holding the whole kernel once per head (VGG-16: 411 MB) would
+            # also pass protobuf's 2 GB
+            if (key, "rows", rows) not in self._consts:
+                self._consts[(key, "rows", rows)] = tf.constant(full[:rows])
+            kernel = self._consts[(key, "rows", rows)]
         return self._arrays[key][2](tf.matmul(x, kernel) + self._const(key, 1))
 
     # ------------------------------------------------------------ decisions
@@ -696,20 +734,18 @@ class SlicedNetwork:
         tf = self._tf
         return tf.fill(tf.stack([n]), self.macs_constant(self.fixed_macs))
 
-    def decide(self, t, q, forced, prev, spent):
+    def decide(self, t, q, forced, decided, spent):
         """Action of decision `t` as `RNPModel.rollout` picks it, unless forced.
 
-        Greedy on the Q-values re-priced to `penalty_setting`, without the
-        actions the compute cap forbids (an action is allowed when the MACs
-        spent so far, its own and the narrowest completion fit the cap; the
-        narrowest action always is); `forced[:, t] > 0` overrides (clipped
-        to 1..k).
+        Greedy on `RNPModel.greedy_q` (Q-values re-priced to the frozen
+        `penalty_setting`, actions the compute cap forbids masked);
+        `forced[:, t] > 0` overrides (clipped to 1..k).
 
         Args:
             t: decision index.
             q: `[n, k]` raw Q-values.
             forced: None or int32 `[n or 1, T]`.
-            prev: int32 `[n]` previous actions (k before the first).
+            decided: list of the `t` earlier actions, int32 `[n]` each.
             spent: int64 `[n]` MACs of the stem, head constants and earlier convs.
 
         Returns:
@@ -717,26 +753,32 @@ class SlicedNetwork:
         """
         tf = self._tf
         k = self.groups
-        if self.reprice is not None:
-            q = q + tf.constant(self.reprice)[None, :]
-        table = self.macs_constant(self.macs_table(t))
-        base = (prev - 1) * k
-        if self.cap is not None:
-            options = base[:, None] + tf.range(k)[None, :]
-            cost = spent[:, None] + tf.gather(table, options) + self.macs_constant(self.rest_table(t))[None, :]
-            # integer costs: cost <= cap  <=>  cost <= floor(cap)
-            cap = self.macs_constant(np.floor(self.cap))
-            feasible = tf.logical_or(cost <= cap, tf.equal(tf.range(k), 0)[None, :])
-            q = tf.where(feasible, q, tf.fill(tf.shape(q), tf.constant(-1e30, tf.float32)))
+        q = self.model.greedy_q(t, q, decided, self.penalty_setting)
         action = tf.argmax(q, axis=-1, output_type=tf.int32) + 1
         if forced is not None:
             f = tf.clip_by_value(tf.cast(forced[:, t], tf.int32), 0, k)
             action = tf.where(f > 0, f, action)
-        return action, spent + tf.gather(table, base + action - 1)
+        prev = decided[-1] if decided else tf.fill(tf.shape(action), k)
+        table = self.macs_constant(self.macs_table(t))
+        return action, spent + tf.gather(table, (prev - 1) * k + action - 1)
 
-    def reprice_numpy(self, q):
-        """Numpy Q-values `[..., k]` re-priced like `decide` (for choosing parity images)."""
-        return q if self.reprice is None else q + self.reprice
+    def greedy_q_numpy(self, q, actions):
+        """`RNPModel.greedy_q` of every decision, numpy `[n, T, k]` (for choosing parity images).
+
+        Args:
+            q: raw Q-values `[n, T, k]`.
+            actions: the int actions `[n, T]` taken.
+        """
+        import tensorflow as tf
+
+        actions = tf.constant(np.asarray(actions, np.int32))
+        return np.stack(
+            [
+                self.model.greedy_q(t, tf.constant(q[:, t]), [actions[:, u] for u in range(t)], self.penalty_setting).numpy()
+                for t in range(self.num_prunable)
+            ],
+            axis=1,
+        )
 
     def pooled(self, h, channels=None):
         """Global average of a (narrow) map, zero-padded to `channels`."""
@@ -756,11 +798,13 @@ class SlicedNetwork:
 
         Returns a map with `action * out_group` channels.
         """
+        tf = self._tf
         ci, co = self.in_channels(t, previous), action * self.out_group[t]
         key = ("conv", t, previous if self.varies(t) else self.groups)
-        kernel, bias = self._const(key, 0), self._const(key, 1)
-        if ci != self.full_in[t] or co != self.out_channels[t]:
-            kernel, bias = kernel[:, :, :ci, :co], bias[:co]
+        if (key, ci, co) not in self._consts:  # the branch's own slice (see `constants`)
+            kernel, bias = self._arrays[key]
+            self._consts[(key, ci, co)] = (tf.constant(kernel[:, :, :ci, :co]), tf.constant(bias[:co]))
+        kernel, bias = self._consts[(key, ci, co)]
         y = self._conv(h, kernel, bias, self.convs[t])
         return self._pools(y, self.post_pools[t])
 
@@ -826,7 +870,7 @@ class SlicedNetwork:
             actions = []
             for t in range(self.num_prunable):
                 q, state = self.agent_step(t, self.pooled(h), state)  # zero beyond each prefix
-                a, spent = self.decide(t, q, forced_actions, prev, spent)
+                a, spent = self.decide(t, q, forced_actions, actions, spent)
                 outs, index = [], []
                 for p, b in self.branches(t):
                     chosen = tf.equal(a, b)
@@ -848,7 +892,7 @@ class SlicedNetwork:
                 prev = a
             logits, index = [], []
             g = self.out_group[-1]
-            for b in range(1, k + 1):
+            for b in self.heads():
                 idx = self._indices(tf.equal(prev, b))
                 x = tf.gather(h, idx)[..., : b * g]
                 logits.append(self._run_group(x, lambda z, b=b: self.head(z, b), self.head_hw, b * g))
@@ -890,7 +934,7 @@ class SlicedNetwork:
             actions = []
             for t in range(self.num_prunable):
                 q, state = self.agent_step(t, pooled, state)
-                a, spent = self.decide(t, q, forced_actions, prev, spent)
+                a, spent = self.decide(t, q, forced_actions, actions, spent)
                 hw, nxt = self.in_hw[t], self.out_channels[t]
                 fns = []
                 for p, b in self.branches(t):
@@ -901,15 +945,18 @@ class SlicedNetwork:
                         return y, self.pooled(y, nxt)
 
                     fns.append(fn)
-                index = (prev[0] - 1) * k + (a[0] - 1) if self.varies(t) else a[0] - 1
-                h, pooled = self._tree(index, fns)
+                h, pooled = self._tree(self._branch_index(t, prev[0], a[0]), fns)
                 pooled = tf.reshape(pooled, [1, nxt])
                 actions.append(a)
                 prev = a
             g = self.out_group[-1]
             hf, wf = self.head_hw
-            heads = [(lambda b=b: self.head(tf.reshape(h, [1, hf, wf, b * g]), b)) for b in range(1, k + 1)]
-            logits = tf.reshape(self._tree(prev[0] - 1, heads), [1, self.num_classes])
+            built = self.heads()
+            heads = [(lambda b=b: self.head(tf.reshape(h, [1, hf, wf, b * g]), b)) for b in built]
+            lookup = np.zeros(k, np.int32)
+            lookup[np.asarray(built) - 1] = np.arange(len(built))
+            index = prev[0] - 1 if self._heads is None else tf.gather(tf.constant(lookup), prev[0] - 1)
+            logits = tf.reshape(self._tree(index, heads), [1, self.num_classes])
             macs = tf.cast(spent + tf.gather(self.macs_constant(self.head_macs_table()), prev - 1), tf.float32)
             return {"logits": logits, "actions": tf.stack(actions, axis=1), "macs": macs}
 

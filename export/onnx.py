@@ -277,12 +277,19 @@ def operators(proto):
 
 
 # ---------------------------------------------------------------- running
-def session(path_or_bytes):
-    """An onnxruntime CPU session (warnings about the optional input silenced)."""
+def session(path_or_bytes, num_threads=None):
+    """An onnxruntime CPU session (warnings about the optional input silenced).
+
+    Args:
+        path_or_bytes: an `.onnx` path or the serialised model.
+        num_threads: intra-op threads (default: onnxruntime's choice).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if num_threads:
+        options.intra_op_num_threads = int(num_threads)
     return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
 
 

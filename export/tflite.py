@@ -76,8 +76,14 @@ def define_flags(flag_values=flags.FLAGS):
         flags.declare_key_flag(name, flag_values=flag_values)
 
 
-def signature_functions(net):
-    """The `tf.function`s of every signature, by name (static batch 1)."""
+def signature_functions(net, parts=("rnp", "full")):
+    """The `tf.function`s of every signature, by name (static batch 1).
+
+    Args:
+        net: the `common.SlicedNetwork`.
+        parts: "rnp" (stem, branch and head signatures) and/or "full" (the
+            unpruned network, for latency comparisons).
+    """
     import tensorflow as tf
 
     k, units = net.groups, net.units
@@ -90,20 +96,32 @@ def signature_functions(net):
         ]
 
     spent_spec = tf.TensorSpec([1], tf.int64, name="spent")  # MACs so far, exact
+    # Under a compute cap a decision needs every earlier action: the runner
+    # feeds them as `actions` (0 for decisions still to come).
+    actions_spec = tf.TensorSpec([1, net.num_prunable], tf.int32, name="actions")
 
-    def decision(t, y, state, prev, spent):
+    def decision(t, y, state, decided, spent):
         q, (sh, sc) = net.agent_step(t, net.pooled(y), state)
-        action, _ = net.decide(t, q, None, tf.constant([prev], tf.int32), spent)
+        action, _ = net.decide(t, q, None, decided, spent)
         return {"q": q, "action": action, "state_h": sh, "state_c": sc}
 
     functions = {}
+    if "full" in parts:
+
+        @tf.function(input_signature=[tf.TensorSpec([1, h, w, c], tf.float32, name="images")], autograph=False)
+        def full(images):
+            return net.full(images)
+
+        functions["full"] = full
+    if "rnp" not in parts:
+        return functions
 
     @tf.function(input_signature=[tf.TensorSpec([1, h, w, c], tf.float32, name="images")], autograph=False)
     def stem(images):
         with net.constants():
             y = net.stem(images)
             spent = net.start_spent(1)
-            out = decision(0, y, net.initial_state(1), k, spent)
+            out = decision(0, y, net.initial_state(1), [], spent)
             out.update(features=y, spent=spent)
             return out
 
@@ -117,21 +135,26 @@ def signature_functions(net):
                 features = tf.TensorSpec([1, hw[0], hw[1], net.in_channels(t, p)], tf.float32, name="features")
                 cost = float(net.macs_table(t)[(p - 1) * k + a - 1])
 
-                def body(features, spent, state_h=None, state_c=None):
+                fed = net.cap is not None and t > 0 and not last
+
+                def body(features, spent, state_h=None, state_c=None, actions=None):
                     with net.constants():
                         y = net.segment(t, features, p, a)
                         spent = spent + net.macs_constant(cost)
                         out = {"features": y, "spent": spent}
                         if not last:  # the agent's next decision, fed by this map
-                            out.update(decision(t + 1, y, [state_h, state_c], a, spent))
+                            # earlier actions: fed under a cap, else unread placeholders
+                            decided = [actions[:, u] if fed else tf.zeros([1], tf.int32) for u in range(t)]
+                            decided.append(tf.constant([a], tf.int32))
+                            out.update(decision(t + 1, y, [state_h, state_c], decided, spent))
                         return out
 
-                specs = [features, spent_spec] + ([] if last else state_specs())
+                specs = [features, spent_spec] + ([] if last else state_specs()) + ([actions_spec] if fed else [])
                 return tf.function(body, input_signature=specs, autograph=False)
 
             functions[f"conv{t}_in{p}_out{a}"] = make()
     g = net.out_group[-1]
-    for a in range(1, k + 1):
+    for a in net.heads():
 
         def make_head(a=a):
             @tf.function(
@@ -145,20 +168,21 @@ def signature_functions(net):
             return head
 
         functions[f"head_in{a}"] = make_head()
-
-    @tf.function(input_signature=[tf.TensorSpec([1, h, w, c], tf.float32, name="images")], autograph=False)
-    def full(images):
-        return net.full(images)
-
-    functions["full"] = full
     return functions
 
 
-def convert(net, quantize="none", workdir=None):
-    """The `.tflite` bytes: a multi-signature SavedModel, then `TFLiteConverter.from_saved_model`."""
+def convert(net, quantize="none", workdir=None, parts=("rnp", "full")):
+    """The `.tflite` bytes: a multi-signature SavedModel, then `TFLiteConverter.from_saved_model`.
+
+    Args:
+        net: the `common.SlicedNetwork`.
+        quantize: "none", "float16" or "dynamic".
+        workdir: where the temporary SavedModel goes.
+        parts: see `signature_functions`.
+    """
     import tensorflow as tf
 
-    functions = signature_functions(net)
+    functions = signature_functions(net, parts)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".tflite-savedmodel-") as tmp:
         concrete = {name: fn.get_concrete_function() for name, fn in functions.items()}
         tf.saved_model.save(tf.Module(), tmp, signatures=concrete)

@@ -24,6 +24,7 @@ Example:
 """
 
 import re
+import time
 import warnings
 
 import numpy as np
@@ -89,14 +90,16 @@ class TFLiteRNPRunner:
                 f"{model_path!r} is not an RNP TFLite export (expected signatures 'stem', "
                 f"'conv<t>_in<p>_out<a>', 'head_in<a>'). Received signatures: {sorted(signatures)}"
             )
-        self.groups = max(heads)
+        # the first prunable conv always reads the stem's full width: its
+        # signatures say k, also in an export restricted to a few branches
+        self.groups = max([max(p, a) for _, p, a in convs] + heads)
         self.num_prunable = 1 + max(t for t, _, _ in convs)
         self._convs = convs
         self._runners = {}
         self._input_names = {}
         stem_input = self._runner("stem").get_input_details()["images"]
         self.image_shape = tuple(int(d) for d in stem_input["shape"][1:])
-        head = self._runner(f"head_in{self.groups}").get_output_details()["logits"]
+        head = self._runner(f"head_in{max(heads)}").get_output_details()["logits"]
         self.num_classes = int(head["shape"][-1])
         self.signature_keys = sorted(signatures)
 
@@ -113,21 +116,32 @@ class TFLiteRNPRunner:
     def _conv_key(self, t, previous, action):
         key = (t, previous, action)
         if key not in self._convs:
-            key = (t, self.groups, action)  # the first conv's input is always full
+            key = (t, self.groups, action)  # an input that does not follow the previous action
+        if key not in self._convs:
+            raise ValueError(
+                f"This file has no branch for layer {t} after action {previous} with action {action} (an export "
+                f"restricted to some action tuples). Received: actions so far ending in {action}"
+            )
         return self._convs[key]
 
-    def run_one(self, image, actions=None):
+    def run_one(self, image, actions=None, timings=None):
         """One image `[H, W, C]` or `[1, H, W, C]`.
 
         Args:
             image: float32 image.
             actions: optional `T` ints; 0 lets the agent choose, 1..k forces.
+            timings: optional dict: receives the seconds of each signature
+                call under the keys "stem", "conv<t>" and "head".
 
         Returns:
             `(logits [num_classes], actions int32 [T], macs float32)`.
         """
         x = np.asarray(image, np.float32).reshape(1, *self.image_shape)
+        clock = time.perf_counter if timings is not None else None
+        start = clock and clock()
         out = self._runner("stem")(images=x)
+        if clock:
+            timings["stem"], start = clock() - start, clock()
         chosen = []
         previous = self.groups
         for t in range(self.num_prunable):
@@ -136,9 +150,15 @@ class TFLiteRNPRunner:
                 action = int(actions[t])
             chosen.append(action)
             key = self._conv_key(t, previous, action)
-            out = self._runner(key)(**{name: out[name] for name in self._inputs(key)})
+            # `actions` (the decisions so far) is an input only under a compute cap
+            feeds = dict(out, actions=np.asarray([chosen + [0] * (self.num_prunable - len(chosen))], np.int32))
+            out = self._runner(key)(**{name: feeds[name] for name in self._inputs(key)})
+            if clock:
+                timings[f"conv{t}"], start = clock() - start, clock()
             previous = action
         head = self._runner(f"head_in{previous}")(features=out["features"], spent=out["spent"])
+        if clock:
+            timings["head"] = clock() - start
         return head["logits"][0], np.asarray(chosen, np.int32), np.float32(head["macs"][0])
 
     def run(self, images, actions=None):

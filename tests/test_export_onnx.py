@@ -108,3 +108,22 @@ def test_full_model_is_the_unpruned_network(exported):
     sess = onnx_export.session(str(out / "full.onnx"))
     ref = model.rollout(x, actions=np.full((7, 3), 4))
     np.testing.assert_allclose(sess.run(["logits"], {"images": x})[0], ref["logits"], atol=1e-4)
+
+
+def test_compute_cap_holds_in_onnxruntime(exported):
+    """Both graphs choose through `RNPModel.greedy_q`, so the cap is frozen into them."""
+    model, _, _ = exported
+    images = common.parity_images(common.SlicedNetwork(model), 8)
+    cap = 0.45
+    assert common.reference(model, images)["macs"].max() > cap * model.full_macs  # the cap binds
+    model.set_compute_cap(cap)
+    try:
+        net = common.SlicedNetwork(model)
+        ref = common.reference(model, images)
+        for proto, batch1 in ((onnx_export.convert_batched(net), False), (onnx_export.convert_single(net), True)):
+            got = onnx_export.runner(onnx_export.session(proto.SerializeToString()), batch1=batch1)(images)
+            np.testing.assert_array_equal(got["actions"], ref["actions"])
+            np.testing.assert_allclose(got["logits"], ref["logits"], atol=1e-4)
+            assert got["macs"].max() <= cap * model.full_macs * (1 + 1e-5)
+    finally:
+        model.set_compute_cap(None)

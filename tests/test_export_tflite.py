@@ -97,3 +97,28 @@ def test_dynamic_range_variant_within_its_tolerance(exported, tmp_path):
     result = common.check_artifact("dynamic", model, run, images, common.action_tuples(3, 4), quantize="dynamic")
     assert result["greedy"]["action_agreement"] >= common.QUANTIZED_TOLERANCES["dynamic"]["min_agreement"]
     assert 0 < result["forced"]["max_abs_logit_diff"] <= result["forced"]["tolerance"]
+
+
+@pytest.mark.parametrize("quantize", ["none", "float16"])
+def test_compute_cap_holds_in_the_interpreter(exported, tmp_path, quantize):
+    """The cap's feasibility test (`RNPModel.greedy_q`) runs inside the signatures, fed the earlier actions."""
+    model, _, _ = exported
+    net = common.SlicedNetwork(model)
+    images = common.parity_images(net, 8)
+    cap = 0.45
+    assert common.reference(model, images)["macs"].max() > cap * model.full_macs  # the cap binds
+    model.set_compute_cap(cap)
+    try:
+        net = common.SlicedNetwork(model)
+        path = tmp_path / "capped.tflite"
+        path.write_bytes(tflite.convert(net, quantize))
+        runner = TFLiteRNPRunner(path)
+        assert "actions" in runner._inputs("conv1_in2_out3")
+        quant = None if quantize == "none" else quantize
+        result = common.check_artifact("capped", model, tflite.runner_function(runner), images,
+                                       common.action_tuples(3, 4), quantize=quant)
+        assert result["greedy"]["action_agreement"] == 1.0
+        _, _, macs = runner.run(images)
+        assert macs.max() <= cap * model.full_macs * (1 + 1e-5)
+    finally:
+        model.set_compute_cap(None)
