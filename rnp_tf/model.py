@@ -30,6 +30,7 @@ import tensorflow as tf
 from rnp_tf import agent as agent_lib
 from rnp_tf import backbones as backbones_lib
 from rnp_tf import dqn
+from rnp_tf import engine as engine_lib
 from rnp_tf import metrics as metrics_lib
 from rnp_tf import validation
 from rnp_tf.layers import GatedConv2D
@@ -98,6 +99,13 @@ class RNPModel(keras.Model):
             input; at inference `set_penalty(p)` or `set_budget(fraction)`
             moves the speed/accuracy balance without retraining. None
             (default) trains the paper's single-penalty agent.
+        inference_engine: if True (default), `predict` and `predict_details`
+            run through `rnp_tf.engine.InferenceEngine`, which computes only
+            the channel groups the agent chose (really faster than the
+            masked path), on chain backbones (residual backbones and
+            `jit_compile=True` use the masked path). False: always the
+            masked path. Either can be overridden per call
+            (`predict(x, engine=...)`).
         **kwargs: base `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -132,6 +140,7 @@ class RNPModel(keras.Model):
         robust_random_draws=2,
         distill_weight=0.5,
         penalty_range=None,
+        inference_engine=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -194,6 +203,11 @@ class RNPModel(keras.Model):
                 )
             penalty_range = (low, high)
         self.penalty_range = penalty_range
+        if not isinstance(inference_engine, bool):
+            raise ValueError(
+                f"`inference_engine` must be a bool. Received: inference_engine={inference_engine!r}"
+            )
+        self.inference_engine = inference_engine
         self._forced_phase = None
         self._cap_macs = None
         self._build_layers()
@@ -800,7 +814,7 @@ class RNPModel(keras.Model):
         choose = lambda t, q: agent_lib.greedy_actions(q)  # noqa: E731
         return self._rollout(x, choose, training, cap=True)["logits"]
 
-    def predict_details(self, x, batch_size=256, actions=None):
+    def predict_details(self, x, batch_size=256, actions=None, engine=None):
         """Logits, actions, MACs and compute fractions as numpy arrays.
 
         Args:
@@ -810,6 +824,9 @@ class RNPModel(keras.Model):
             actions: None (default) for the agent's greedy choices, or an int
                 `a` in `1..k` to compute the first `a` groups at every
                 prunable layer (static pruning, no agent).
+            engine: as for `predict`: None (default) follows
+                `inference_engine` (the engine on chain backbones), False
+                runs the masked path, True requires the engine.
 
         Returns:
             A dict of numpy arrays: `logits`, `actions`, `macs`,
@@ -822,7 +839,16 @@ class RNPModel(keras.Model):
         """
         if actions is not None:
             validation.check_action("actions", actions, self.groups)
-        fn = self._details_function(None if actions is None else int(actions))
+        runner = self._engine_for(engine)
+        if runner is None:
+            fn = self._details_function(None if actions is None else int(actions))
+        elif actions is None:
+            fn = runner
+        else:
+            static = [int(actions)] * self.num_prunable
+            fn = lambda images: runner(  # noqa: E731
+                images, actions=engine_lib.uniform_actions(int(images.shape[0]), static)
+            )
         if isinstance(x, tf.data.Dataset):
             batches = x
         else:
@@ -1196,7 +1222,84 @@ class RNPModel(keras.Model):
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        # Set by `predict` / `predict_on_batch` before the function is traced.
+        runner = self.__dict__.get("_predict_engine")
+        if runner is not None:
+            return runner.logits(x)
         return self(x, training=False)
+
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None, engine=None):
+        """Greedy logits of the inputs, computed by the inference engine.
+
+        `keras.Model.predict` with one difference: by default (see
+        `inference_engine`) every batch of a chain backbone runs through
+        `rnp_tf.engine.InferenceEngine`, which computes only the channel
+        groups the agent chose. Its logits equal the masked path's
+        (`model(x)`) within 1e-4, with the same actions, and it follows the
+        run-time knobs (`set_penalty`, `set_budget`, `set_compute_cap`).
+        The engine's folded weights are checked against the model's weights
+        at every call (`InferenceEngine.sync`), so predicting right after
+        training or loading weights is safe.
+
+        Args:
+            x: input images (arrays, tensors, `tf.data.Dataset`, ...), as
+                for `keras.Model.predict`.
+            batch_size: as for `keras.Model.predict`.
+            verbose: as for `keras.Model.predict`.
+            steps: as for `keras.Model.predict`.
+            callbacks: as for `keras.Model.predict`.
+            engine: None (default) follows `inference_engine`; False runs
+                the masked path; True requires the engine.
+
+        Returns:
+            Numpy logits `[num_samples, num_classes]`.
+
+        Example:
+
+        >>> logits = model.predict(x_test, batch_size=64)   # the engine
+        >>> masked = model.predict(x_test, engine=False)    # masked path
+        """
+        self._prepare_predict(engine)
+        return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
+
+    def predict_on_batch(self, x):
+        """`keras.Model.predict_on_batch`, through the engine as `predict`."""
+        self._prepare_predict(None)
+        return super().predict_on_batch(x)
+
+    def _prepare_predict(self, engine):
+        runner = self._engine_for(engine)
+        if runner is not self.__dict__.get("_predict_engine"):
+            self.__dict__["_predict_engine"] = runner
+            self.predict_function = None  # `predict_step` reads it when traced
+
+    def _engine_for(self, engine):
+        """The up-to-date `InferenceEngine` for inference, or None (masked path).
+
+        Args:
+            engine: None (follow `inference_engine`, falling back to the
+                masked path where the engine does not apply), True (the
+                engine or a ValueError) or False.
+        """
+        if engine is not None and not isinstance(engine, bool):
+            raise ValueError(f"`engine` must be True, False or None. Received: engine={engine!r}")
+        if not (self.inference_engine if engine is None else engine):
+            return None
+        reason = None
+        if not self.is_chain:
+            reason = "the backbone has residual blocks (the engine runs chain backbones)"
+        elif self.jit_compile and not self.run_eagerly:
+            reason = "the model uses jit_compile=True (XLA cannot compile data-dependent group sizes)"
+        if reason is not None:
+            if engine:
+                raise ValueError(f"The inference engine cannot run this model: {reason}. Received: engine=True")
+            return None
+        runner = self.__dict__.get("_engine")
+        if runner is None:
+            runner = self.__dict__["_engine"] = engine_lib.InferenceEngine(self)
+        else:
+            runner.sync()
+        return runner
 
     # ------------------------------------------------------ serialization
     def get_config(self):
@@ -1224,6 +1327,7 @@ class RNPModel(keras.Model):
                 "robust_random_draws": self.robust_random_draws,
                 "distill_weight": self.distill_weight,
                 "penalty_range": None if self.penalty_range is None else list(self.penalty_range),
+                "inference_engine": self.inference_engine,
             }
         )
         return config

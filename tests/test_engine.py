@@ -105,7 +105,10 @@ def test_greedy_actions_match_masked_path(model, engine):
         ref = model.rollout(x)
         out = engine(x)
         assert_same(out, ref)
-        np.testing.assert_allclose(out["q_values"].numpy(), ref["q_values"].numpy(), rtol=1e-5, atol=ATOL)
+        # The agent's 10x-scaled test weights make Q-values of magnitude
+        # 10-60 that amplify float32 rounding (a different summation order
+        # per thread split): 1e-5 relative flaked at 3e-5 under load.
+        np.testing.assert_allclose(out["q_values"].numpy(), ref["q_values"].numpy(), rtol=1e-4, atol=ATOL)
     # the test is only meaningful if the agent's choices differ
     assert len({tuple(a) for a in ref["actions"].numpy()}) > 3
 
@@ -172,8 +175,8 @@ def test_conditioned_agent_and_other_chain_stages():
         assert_same(engine(x[:batch]), model.rollout(x[:batch]))
 
 
-def test_residual_backbones_are_refused():
-    model = rnp_tf.RNPModel(
+def residual_model():
+    return rnp_tf.RNPModel(
         {
             "stages": [
                 {"type": "conv", "filters": 8},
@@ -184,8 +187,11 @@ def test_residual_backbones_are_refused():
         image_shape=(8, 8, 1),
         num_classes=3,
     )
+
+
+def test_residual_backbones_are_refused():
     with pytest.raises(ValueError, match="chain"):
-        InferenceEngine(model)
+        InferenceEngine(residual_model())
 
 
 def test_run_agent_with_forced_actions_and_refresh():
@@ -239,6 +245,67 @@ def test_bad_calls_raise(engine):
         engine(images(2), run_agent=False)
     with pytest.raises(ValueError, match="at least one image"):
         engine(np.zeros((0, 8, 8, 1), "float32"))
+
+
+# ------------------------------------------------------------ model.predict
+def test_predict_runs_through_the_engine():
+    model = make_model(seed=4)
+    x = images(9, seed=30)
+    # batches of 4, 4 and 1 (Keras traces with an unknown batch size)
+    np.testing.assert_allclose(model.predict(x, batch_size=4, verbose=0), model.rollout(x)["logits"].numpy(),
+                               atol=ATOL)
+    engine = model.__dict__["_engine"]
+    assert isinstance(engine, InferenceEngine)
+    # The engine really computes predict's output: spoil its cached stem
+    # weights (the model's own weights are untouched, so `sync` keeps them).
+    stem_kernel = engine._weights.stem[0]
+    stem_kernel.assign(tf.zeros_like(stem_kernel))
+    spoiled = model.predict(x, batch_size=4, verbose=0)
+    assert np.abs(spoiled - model.rollout(x)["logits"].numpy()).max() > 1e-2
+    # A change of the model's weights is seen: predict folds them again.
+    conv = model.prunable[1]
+    conv.kernel.assign(conv.kernel * 2.0)
+    conv.moving_mean.assign(conv.moving_mean + 0.5)
+    ref = model.rollout(x)
+    np.testing.assert_allclose(model.predict(x, batch_size=4, verbose=0), ref["logits"].numpy(), atol=ATOL)
+    assert not engine.sync()  # up to date now
+    details = model.predict_details(x, batch_size=4)
+    np.testing.assert_array_equal(details["actions"], ref["actions"].numpy())
+    np.testing.assert_allclose(details["logits"], ref["logits"].numpy(), atol=ATOL)
+    static = model.predict_details(x, actions=2)
+    np.testing.assert_allclose(
+        static["logits"], model.rollout(x, actions=np.full((9, 3), 2))["logits"].numpy(), atol=ATOL
+    )
+    assert np.all(static["actions"] == 2)
+    # The run-time knobs: a penalty (read at every call) and a MAC cap (retraces).
+    model.set_penalty(-1.5)
+    cheaper = model.rollout(x)
+    assert cheaper["macs"].numpy().mean() < ref["macs"].numpy().mean()
+    np.testing.assert_allclose(model.predict(x, batch_size=4, verbose=0), cheaper["logits"].numpy(), atol=ATOL)
+    model.set_compute_cap(0.4)
+    capped = model.rollout(x)
+    assert np.all(capped["macs"].numpy() <= 0.4 * model.full_macs * (1 + 1e-6))
+    assert capped["macs"].numpy().max() < cheaper["macs"].numpy().max()
+    np.testing.assert_allclose(model.predict(x, batch_size=9, verbose=0), capped["logits"].numpy(), atol=ATOL)
+
+
+def test_predict_falls_back_to_the_masked_path():
+    model = residual_model()
+    x = images(5, seed=31)
+    np.testing.assert_allclose(model.predict(x, verbose=0), model(x).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        model.predict(x, engine=True, verbose=0)
+    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn(WIDTHS), image_shape=(8, 8, 1), num_classes=10)
+    np.testing.assert_allclose(model.predict(x, engine=False, verbose=0), model(x).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="engine"):
+        model.predict(x, engine="yes", verbose=0)
+    config = {**model.get_config(), "inference_engine": False}
+    model = rnp_tf.RNPModel.from_config(config)
+    assert model.get_config()["inference_engine"] is False
+    np.testing.assert_allclose(model.predict(x, verbose=0), model(x).numpy(), atol=1e-6)
+    assert "_engine" not in model.__dict__  # never built
+    with pytest.raises(ValueError, match="inference_engine"):
+        rnp_tf.RNPModel.from_config({**config, "inference_engine": 1})
 
 
 # ---------------------------------------------------------------- benchmark
