@@ -104,15 +104,19 @@ def get_backbone(name, **kwargs):
     return BACKBONES[name](**kwargs)
 
 
-def resnet50(expansion=4):
+def resnet50(expansion=4, bn_epsilon=1.001e-5):
     """ResNet-50 (v1, as `keras.applications.ResNet50`) as a description.
 
     The stem (7x7/2 conv, 3x3/2 max-pool) and the last 1x1 conv of every
     bottleneck (it feeds the residual `Add`) keep their full output; the
     first two convs of every bottleneck are prunable, as FBS prunes ResNets.
+    BatchNorm's epsilon is Keras' (1.001e-5), so the weights of
+    `rnp_tf.from_keras(keras.applications.ResNet50(...))` load exactly into
+    a model of this description (`rnp_tf.train --init_checkpoint`).
 
     Args:
         expansion: output channels of a bottleneck over its inner width.
+        bn_epsilon: BatchNormalization epsilon of every conv.
 
     Returns:
         A backbone description dict.
@@ -124,7 +128,8 @@ def resnet50(expansion=4):
     """
     stages = [
         {"type": "zeropad", "padding": 3},
-        {"type": "conv", "filters": 64, "kernel_size": 7, "strides": 2, "padding": "valid", "prunable": False},
+        {"type": "conv", "filters": 64, "kernel_size": 7, "strides": 2, "padding": "valid", "prunable": False,
+         "bn_epsilon": bn_epsilon},
         {"type": "zeropad", "padding": 1},
         {"type": "pool", "size": 3, "strides": 2, "padding": "valid"},
     ]
@@ -137,6 +142,7 @@ def resnet50(expansion=4):
                     "strides": strides if i == 0 else 1,
                     "projection": i == 0,
                     "expansion": expansion,
+                    "bn_epsilon": bn_epsilon,
                 }
             )
     return {"stages": stages, "head": {"pooling": "gap", "hidden": [], "dropout": 0.0}}

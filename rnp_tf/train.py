@@ -47,7 +47,7 @@ from rnp_tf import validation
 
 from rnp_tf import data as data_lib
 
-BACKBONE_CHOICES = ("cifar_cnn", "vgg16")
+BACKBONE_CHOICES = ("cifar_cnn", "vgg16", "resnet50")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 # Training stages in order; the integer identifies the stage in derived seeds.
 STAGES = {"backbone": 0, "reorder": 1, "robust": 2, "rnp": 3}
@@ -136,7 +136,11 @@ def define_flags(flag_values=flags.FLAGS):
         **fv,
     )
     flags.DEFINE_string("tfds_data_dir", None, "tensorflow-datasets data_dir (prepared datasets).", **fv)
-    flags.DEFINE_enum("backbone", d.backbone, BACKBONE_CHOICES, "Backbone description.", **fv)
+    flags.DEFINE_enum(
+        "backbone", d.backbone, BACKBONE_CHOICES,
+        "Backbone description: cifar_cnn (--widths), vgg16 (--width_multiplier) or resnet50 (bottleneck blocks, "
+        "the inner convs prunable).", **fv,
+    )
     flags.DEFINE_list("widths", [str(w) for w in d.widths], "cifar_cnn: channels of its 4 convs.", **fv)
     flags.DEFINE_float("width_multiplier", d.width_multiplier, "vgg16: channel multiplier.", lower_bound=0.01, **fv)
     flags.DEFINE_integer("groups", d.groups, "k, channel groups per prunable conv.", lower_bound=1, **fv)
@@ -264,6 +268,10 @@ def config_from_flags(flag_values=flags.FLAGS):
         raise ValueError(f"--alpha must be positive. Received: --alpha={fv.alpha}")
     if fv.tpu and fv.strategy != "tpu":
         raise ValueError(f"--tpu is only used with --strategy=tpu. Received: --strategy={fv.strategy}")
+    if fv.backbone == "resnet50" and fv.width_multiplier != 1.0:
+        raise ValueError(
+            f"--width_multiplier scales --backbone=vgg16 only. Received: --width_multiplier={fv.width_multiplier}"
+        )
     weights = fv.backbone_weights
     if weights != "none":
         if fv.backbone != "vgg16":
@@ -291,6 +299,8 @@ def _backbone_spec(config):
 
     if config.backbone == "cifar_cnn":
         return backbones.cifar_cnn(config.widths)
+    if config.backbone == "resnet50":
+        return backbones.resnet50()
     return backbones.vgg16(width_multiplier=config.width_multiplier)
 
 
@@ -761,7 +771,7 @@ def _validation_input(config, dataset, strategy):
     return validation.with_options(distribute.distribute_options(strategy, in_memory))
 
 
-def run(config, dataset=None, model=None, strategy=None, resume=None):
+def run(config, dataset=None, model=None, strategy=None, resume=None, callbacks=None):
     """Runs (or resumes) every enabled stage of a training run and writes its outputs.
 
     Args:
@@ -771,6 +781,8 @@ def run(config, dataset=None, model=None, strategy=None, resume=None):
         strategy: a `tf.distribute.Strategy` (default: the current one).
         resume: the `resume_point(config, model, strategy)`; computed here
             when omitted.
+        callbacks: extra Keras callbacks, added after rnp_tf's own to the
+            `model.fit` of every trained stage (backbone, robust, rnp).
 
     Returns:
         The dict written to `metrics.json` (on the chief; other workers of
@@ -794,6 +806,7 @@ def run(config, dataset=None, model=None, strategy=None, resume=None):
     from rnp_tf.callbacks import write_training_state
     from rnp_tf.reorder import reorder_channels
 
+    extra_callbacks = list(callbacks or [])
     strategy = strategy or tf.distribute.get_strategy()
     if dataset is None or model is None:
         dataset, model = prepare(config, strategy)
@@ -860,6 +873,7 @@ def run(config, dataset=None, model=None, strategy=None, resume=None):
         callbacks.append(CompactProgressBar(config.verbose if chief else 0))
         if config.tensorboard and chief:
             callbacks.append(keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs", stage)))
+        callbacks.extend(extra_callbacks)
         model.fit(
             stream,
             epochs=epochs,

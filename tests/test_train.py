@@ -188,3 +188,40 @@ def test_every_config_parses_and_validates(name, tmp_path):
         parse(f"--flagfile={os.path.join(REPO, 'configs', name + '.flags')}", f"--model_dir={tmp_path / name}")
     )
     assert config.rnp_epochs > 0 and config.penalty < 0
+
+
+def test_resnet50_backbone_trains_from_converted_keras_resnet50_weights(tmp_path):
+    """--backbone=resnet50 (the choice configs/imagenet.flags offers besides vgg16) through train.run: the
+    weights of a keras.applications.ResNet50 converted by rnp_tf.from_keras fit it exactly (what
+    --init_checkpoint loads; the .keras round trip itself is tested in test_convert.py), then one
+    Algorithm-1 backbone step on 32x32 images (the smallest ResNet-50 takes)."""
+    import keras
+
+    import rnp_tf
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, x_train=images, y_train=np.arange(8) % 4, x_test=images[:4], y_test=np.arange(4))
+    config = train.config_from_flags(parse(
+        f"--dataset=npz:{npz}", "--backbone=resnet50", "--batch_size=4", "--steps_per_epoch=1", "--reorder=false",
+        "--robust_epochs=0", "--rnp_epochs=1", "--agent_steps=0", "--agent_warmup=false", "--backbone_steps=1",
+        "--evaluate=false", "--tensorboard=false", "--verbose=0", f"--model_dir={tmp_path / 'run'}",
+    ))
+    dataset, model = train.prepare(config)
+    assert model.num_prunable == 32  # the inner 1x1 and 3x3 convs of the 16 bottlenecks
+    keras.utils.set_random_seed(3)
+    resnet = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=4)
+    converted = rnp_tf.from_keras(resnet, k=4)
+    model.set_weights(converted.get_weights())  # as train --init_checkpoint does
+    x = dataset.test_arrays()[0][:2]
+    full = np.full((2, model.num_prunable), model.groups)
+    np.testing.assert_array_equal(
+        model.rollout(x, actions=full)["logits"].numpy(), converted.rollout(x, actions=full)["logits"].numpy()
+    )
+    before = model.convs[5].kernel.numpy()
+    metrics = train.run(config, dataset, model)
+    assert metrics["schedule_step"] == 1 and metrics["agent_updates"] == 0
+    assert np.isfinite(metrics["history"]["rnp"]["loss"]).all()
+    assert not np.array_equal(model.convs[5].kernel.numpy(), before)  # the backbone step trained the convs
+    assert os.path.getsize(tmp_path / "run" / "model.keras") > 0

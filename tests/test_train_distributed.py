@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -75,23 +74,40 @@ def error_lines(result):
     return [line for line in result.stderr.splitlines() if line.startswith("rnp_tf.train: error")]
 
 
+# The killed run: the CLI's code with one extra callback that SIGKILLs the
+# process after the 4th of the 8 steps of the second robust epoch (the only
+# stage with two epochs), a fixed point whatever the machine's load.
+_KILLED_RUN = """
+import os, signal, sys
+import keras
+from absl import flags
+from rnp_tf import train
+
+class KillMidEpoch(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == 1 and batch == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+fv = flags.FlagValues(); train.define_flags(fv); fv(["rnp_tf.train", *sys.argv[1:]])
+train.run(train.config_from_flags(fv), callbacks=[KillMidEpoch()])
+"""
+
+
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
     """One run killed (SIGKILL) inside the robust stage and resumed; one uninterrupted, in this process."""
     root = tmp_path_factory.mktemp("resume")
     killed = root / "killed"
     args = [*SMALL, "--reseed_every_epoch=true", f"--model_dir={killed}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rnp_tf.train", *args], cwd=REPO, env=env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_RUN, *args], cwd=REPO, env=env(), capture_output=True, text=True,
+        timeout=600,
     )
-    marker = killed / "state" / "robust-0001"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the first robust epoch never completed"
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (killed / "state" / "robust-0001").exists(), "the first robust epoch never completed"
     at_kill = json.loads((killed / "progress.json").read_text())
     snapshot = root / "snapshot"
     shutil.copytree(killed, snapshot)
@@ -318,8 +334,54 @@ def _offline(*args, **kwargs):
         (["--backbone=vgg16", "--backbone_weights=/no/such.h5"], "existing weights file"),
         (["--backbone=vgg16", "--width_multiplier=0.5", "--backbone_weights=imagenet"], "width_multiplier"),
         (["--tpu=grpc://10.0.0.1:8470"], "only used with --strategy=tpu"),
+        (["--backbone=resnet50", "--backbone_weights=imagenet"], "needs --backbone=vgg16"),
+        (["--backbone=resnet50", "--width_multiplier=0.5"], "vgg16 only"),
     ],
 )
 def test_bad_distribution_and_weights_flags(tmp_path, args, match):
     with pytest.raises(ValueError, match=match):
         config_of(f"--model_dir={tmp_path / 'run'}", *args)
+
+
+IMAGENET_FLAGS = os.path.join(REPO, "configs", "imagenet.flags")
+
+
+def test_imagenet_config_short_run_on_a_generated_tfds_directory(tmp_path):
+    """configs/imagenet.flags end to end on 8 generated ImageNet JPEGs: the tfds reader, parallel JPEG
+    decoding with random-resized crops to 224x224, VGG-16 (at 1/8 width to fit a test's time; the same
+    13-conv, flatten, 2x4096 structure), batch 2, reorder, the robust stage and both Algorithm-1 phases."""
+    from rnp_tf import data
+
+    data.write_imagenet2012_sample(tmp_path / "tfds", num_train=8, num_validation=2)
+    config = config_of(
+        f"--flagfile={IMAGENET_FLAGS}", f"--tfds_data_dir={tmp_path / 'tfds'}", f"--model_dir={tmp_path / 'run'}",
+        "--backbone_weights=none", "--width_multiplier=0.125", "--batch_size=2", "--steps_per_epoch=2",
+        "--robust_epochs=1", "--rnp_epochs=1", "--agent_steps=1", "--backbone_steps=1", "--epsilon_decay_steps=1",
+        "--evaluate=false", "--tensorboard=false", "--verbose=0",
+    )
+    assert (config.dataset, config.backbone, config.optimizer, config.reorder) == ("imagenet2012", "vgg16", "rmsprop", True)
+    dataset, model = train.prepare(config)
+    assert dataset.input_shape == (224, 224, 3) and dataset.num_classes == 1000 and dataset.num_train == 8
+    assert model.num_prunable == 12 and model.head_layers[0].units == 4096
+    x, y = next(iter(dataset.train))
+    assert x.shape == (2, 224, 224, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
+    metrics = train.run(config, dataset, model)
+    _history_finite(metrics)
+    assert metrics["schedule_step"] == 2 and metrics["agent_updates"] == 1  # one agent, one backbone step
+    assert set(metrics["history"]) == {"robust", "rnp"}
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert progress["complete"] and progress["stages"]["robust"]["epochs_done"] == 1
+    assert (tmp_path / "run" / "model.keras").stat().st_size > 0
+
+
+def test_imagenet_config_offline_stops_at_once_with_what_to_do(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "rnp_tf.train", f"--flagfile={IMAGENET_FLAGS}", f"--model_dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(env(), TFDS_DATA_DIR=str(tmp_path / "tfds")),
+    )
+    assert result.returncode == 2
+    lines = error_lines(result)
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "'imagenet2012' is not prepared" in lines[0] and "downloads/manual" in lines[0]
+    assert "tfds build imagenet2012" in lines[0] and "never downloads" in lines[0]
+    assert not (tmp_path / "run").exists()
