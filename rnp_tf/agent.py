@@ -60,12 +60,12 @@ class DecisionAgent(keras.layers.Layer):
         self.num_layers = len(self.feature_channels)
         self.conditioned = bool(conditioned)
         self.encoders = [
-            keras.layers.Dense(self.embed_dim, activation="relu", name=f"encoder_{t}")
+            keras.layers.Dense(self.embed_dim, activation="relu", name=f"encoder_{t}", dtype=self.dtype_policy)
             for t in range(self.num_layers)
         ]
-        self.cell = keras.layers.LSTMCell(self.units, name="lstm")
+        self.cell = keras.layers.LSTMCell(self.units, name="lstm", dtype=self.dtype_policy)
         self.decoders = [
-            keras.layers.Dense(self.groups, name=f"decoder_{t}")
+            keras.layers.Dense(self.groups, name=f"decoder_{t}", dtype=self.dtype_policy)
             for t in range(self.num_layers)
         ]
 
@@ -105,7 +105,7 @@ class DecisionAgent(keras.layers.Layer):
         Returns:
             `(q_values, new_state)`, q_values of shape `(batch, groups)`.
         """
-        pooled = tf.reduce_mean(features, axis=[1, 2])
+        pooled = tf.reduce_mean(tf.cast(features, self.compute_dtype), axis=[1, 2])
         missing = self.feature_channels[t] - pooled.shape[-1]
         if missing:
             pooled = tf.pad(pooled, [[0, 0], [0, missing]])

@@ -319,7 +319,7 @@ class RNPModel(keras.Model):
             dense.build((None, width))
             self.head_layers.append(dense)
             width = units
-        classifier = keras.layers.Dense(self.num_classes, name="classifier")
+        classifier = keras.layers.Dense(self.num_classes, name="classifier", dtype="float32")  # float32 logits
         classifier.build((None, width))
         self.head_layers.append(classifier)
         self.dropout = keras.layers.Dropout(head["dropout"]) if head["dropout"] else None
@@ -329,6 +329,8 @@ class RNPModel(keras.Model):
             embed_dim=self.agent_embed_dim,
             units=self.agent_units,
             conditioned=self.penalty_range is not None,
+            # Q-values, rewards and TD targets stay float32 under mixed precision.
+            dtype="float32",
             name="agent",
         )
         self.agent.build()

@@ -225,3 +225,21 @@ def test_resnet50_backbone_trains_from_converted_keras_resnet50_weights(tmp_path
     assert np.isfinite(metrics["history"]["rnp"]["loss"]).all()
     assert not np.array_equal(model.convs[5].kernel.numpy(), before)  # the backbone step trained the convs
     assert os.path.getsize(tmp_path / "run" / "model.keras") > 0
+
+
+def test_mixed_precision_trains_every_phase(tmp_path):
+    # mixed_float16: convolutions in float16, the agent and the logits in float32
+    # (the agent's TD targets once met float16 Q-values in the first agent step).
+    run = tmp_path / "run"
+    result = run_cli(
+        "rnp_tf.train", f"--flagfile={QUICKSTART}", f"--model_dir={run}", "--mixed_precision",
+        "--pretrain_epochs=1", "--robust_epochs=1", "--rnp_epochs=1", "--steps_per_epoch=2",
+        "--agent_steps=1", "--backbone_steps=1", "--epsilon_decay_steps=1", "--pictures=false",
+        "--tensorboard=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["agent_updates"] >= 1
+    for stage in metrics["history"].values():
+        for name, values in stage.items():
+            assert np.all(np.isfinite(values)), (name, values)
