@@ -180,22 +180,40 @@ def convert(net, quantize="none", workdir=None, parts=("rnp", "full")):
         workdir: where the temporary SavedModel goes.
         parts: see `signature_functions`.
     """
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".tflite-savedmodel-") as tmp:
+        keys = save_signatures(net, tmp, parts)
+        return convert_saved(tmp, keys, quantize)
+
+
+def save_signatures(net, path, parts=("rnp", "full")):
+    """Writes the signatures of `signature_functions` as a SavedModel; returns their keys.
+
+    `convert` = `save_signatures` + `convert_saved`; apart, the conversion
+    can run in a process that never held the model (a large network's
+    converter needs many times its weights in memory).
+    """
     import tensorflow as tf
 
     functions = signature_functions(net, parts)
-    with tempfile.TemporaryDirectory(dir=workdir, prefix=".tflite-savedmodel-") as tmp:
-        concrete = {name: fn.get_concrete_function() for name, fn in functions.items()}
-        tf.saved_model.save(tf.Module(), tmp, signatures=concrete)
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=list(functions))
-        if quantize == "float16":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.target_spec.supported_types = [tf.float16]
-        elif quantize == "dynamic":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        try:
-            return converter.convert()
-        except Exception as error:  # converter errors are long MLIR dumps
-            raise common.ExportError(f"TFLite conversion failed: {common._first_line(error)}") from None
+    concrete = {name: fn.get_concrete_function() for name, fn in functions.items()}
+    tf.saved_model.save(tf.Module(), path, signatures=concrete)
+    return list(functions)
+
+
+def convert_saved(path, signature_keys, quantize="none"):
+    """The `.tflite` bytes of a SavedModel written by `save_signatures`."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(path, signature_keys=list(signature_keys))
+    if quantize == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    try:
+        return converter.convert()
+    except Exception as error:  # converter errors are long MLIR dumps
+        raise common.ExportError(f"TFLite conversion failed: {common._first_line(error)}") from None
 
 
 def runner_function(runner):

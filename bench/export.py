@@ -1,0 +1,897 @@
+"""Latency of the exported RNP model against the exported full model: `python -m bench.export`.
+
+For the CIFAR CNN (32x32) and VGG-16 (random weights, as in
+`bench.latency`), the models are exported with the exporters' own code
+(`export.common.SlicedNetwork`, `export.tflite`, `export.onnx.convert_batched`
+/ `convert_single` / `convert_full`) and timed in their runtimes at the
+operating points of `bench.latency.operating_points` (forced action tuples
+of theoretical speed-up about 2x, 3x, 4x, 5x, the theoretical speed-up being
+the MAC ratio of the backbone):
+
+- TFLite, batch 1, XNNPACK (the interpreter's default delegate): the RNP
+  file driven by the shipped `rnp_tf.tflite_runner.TFLiteRNPRunner` (stem,
+  one signature per (layer, previous action, action), head) against
+  `full.tflite` (the unpruned network, one signature);
+- onnxruntime, batch 1: `rnp_b1.onnx` (nested `If`) against `full.onnx`;
+- onnxruntime, batch 64: `rnp.onnx` (gather/scatter, every sample the same
+  actions) against `full.onnx`.
+
+The agent runs in every RNP call (forced actions override its choice after
+it made it), so its cost is included. For each runtime and batch size the
+full model and every operating point are timed interleaved in the same
+rounds (`bench.timing.measure`, shuffled order per round) and reported as
+the median of the rounds; *paired* ratios take the median of the per-round
+ratios. Efficiency = measured speed-up / theoretical speed-up. With
+`--breakdown`, the batch-1 time is also split: per TFLite signature, and per
+onnxruntime operator type (its profiler).
+
+Size and memory: an export with every (previous action, action) weight
+slice of VGG-16 holds each conv kernel about 6.25 times and the 411 MB
+first dense layer 2.5 times (1.6 GB per file, computed and recorded), so
+only the models in `--all_branches_models` (default: the CIFAR CNN) are
+exported whole; the others get one TFLite file per operating point
+(`rnp_point<i>.tflite`; TFLite runs each signature as its own subgraph, so
+a point's latency does not depend on the other signatures in its file) and
+ONNX files with the branches of the timed points only. Each conversion runs
+in its own process (`--isolate`; for TFLite the SavedModel is written by one
+process and converted by another), whose peak RSS is recorded: the
+converters need 20 to 50 times the weights' size. onnxruntime's VGG-16
+runs at `--ort_vgg_size` (default 112): tf2onnx was killed for want of
+memory converting the 224x224 model on the 24 GB machine shared with other
+jobs. Before timing, every file's logits at every point are compared with
+the Keras model's (`model.rollout`, first 8 images).
+
+Outputs (in `--output`): `export.json` (rows, operating points, file sizes,
+converter peaks, load averages, breakdown), `export.md` and `export.png`.
+
+Usage:
+
+    python -m bench.export                  # full run (about 30 min on 2 cores)
+    python -m bench.export --quick          # CIFAR CNN smoke run
+    python -m bench.export --models=vgg16 --repeats=9 --workdir=/tmp/bx  # keep/reuse the files
+"""
+
+import datetime
+import gc
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+from bench import latency
+
+# An own flag registry: `bench.latency` (imported for its helpers) defines
+# flags of the same names in the global one.
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("help", False, "Show this help.", flag_values=FLAGS)
+flags.DEFINE_bool("quick", False, "Smoke run: CIFAR CNN, 2x/4x, ORT batch 1 and 8, 3 repeats.", flag_values=FLAGS)
+flags.DEFINE_string("output", "bench/results", "Directory of export.json / .md / .png.", flag_values=FLAGS)
+flags.DEFINE_list("models", ["vgg16", "cifar_cnn"], "Models: vgg16, cifar_cnn.", flag_values=FLAGS)
+flags.DEFINE_list("targets", ["2", "3", "4", "5"], "Theoretical speed-ups to aim at.", flag_values=FLAGS)
+flags.DEFINE_list("ort_batch_sizes", ["1", "64"], "onnxruntime batch sizes (TFLite: batch 1).", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 7, "Timed rounds (the median is reported).", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 2, "Untimed calls of each function first.", flag_values=FLAGS)
+flags.DEFINE_float("min_sample_seconds", 0.05, "Fast calls are repeated until a sample lasts this long.",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("threads", 1, "Threads of the TFLite interpreter and of onnxruntime (1: on a shared machine a "
+                     "second thread waits on the busiest core).", flag_values=FLAGS)
+flags.DEFINE_integer("vgg_size", 224, "VGG-16 input resolution (TFLite).", flag_values=FLAGS)
+flags.DEFINE_integer("ort_vgg_size", 112, "VGG-16 input resolution for onnxruntime: tf2onnx was killed for want of "
+                     "memory (over 10 GB) converting the 224x224 model (0.5 GB of weights, most in the dense "
+                     "layers) on the 24 GB machine shared with other jobs.", flag_values=FLAGS)
+flags.DEFINE_list("all_branches_models", ["cifar_cnn"],
+                  "Models exported with every branch (others: the timed points' branches only).",
+                  flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "Where the exported files go (default: a temporary directory, "
+                    "deleted at the end).", flag_values=FLAGS)
+flags.DEFINE_bool("isolate", True, "Convert each file in its own process (frees the converters' memory; "
+                  "measures its peak).", flag_values=FLAGS)
+flags.DEFINE_bool("breakdown", True, "Also time the pieces: TFLite per signature, onnxruntime per operator "
+                  "type (profiling).", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of weights and inputs.", flag_values=FLAGS)
+
+SCHEMA_VERSION = 1
+ROW_KEYS = (
+    "model", "image_size", "runtime", "artifact", "batch_size", "target_speedup", "theoretical_speedup",
+    "actions", "full_ms", "rnp_ms", "measured_speedup", "paired_speedup", "efficiency", "paired_efficiency",
+    "full_ms_p25", "full_ms_p75", "rnp_ms_p25", "rnp_ms_p75", "max_abs_logit_diff",
+)
+
+
+# --------------------------------------------------------------------- config
+def default_config(**overrides):
+    """The benchmark's settings as a dict (the flags' defaults).
+
+    Args:
+        **overrides: settings to change (same names as the flags).
+
+    Returns:
+        A dict.
+
+    Example:
+
+    >>> default_config(quick=True)["models"]
+    ['cifar_cnn']
+    """
+    config = {
+        "quick": False,
+        "models": ["vgg16", "cifar_cnn"],
+        "targets": [2.0, 3.0, 4.0, 5.0],
+        "ort_batch_sizes": [1, 64],
+        "repeats": 7,
+        "warmup": 2,
+        "min_sample_seconds": 0.05,
+        "threads": 1,
+        "vgg_size": 224,
+        "ort_vgg_size": 112,
+        "all_branches_models": ["cifar_cnn"],
+        "workdir": None,
+        "isolate": True,
+        "breakdown": True,
+        "seed": 0,
+    }
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise ValueError(f"Unknown benchmark settings {sorted(unknown)}. Expected some of {sorted(config)}")
+    config.update(overrides)
+    if config["quick"]:
+        quick = {"models": ["cifar_cnn"], "targets": [2.0, 4.0], "ort_batch_sizes": [1, 8], "repeats": 3,
+                 "warmup": 1, "min_sample_seconds": 0.02, "isolate": False, "all_branches_models": [],
+                 "breakdown": False}
+        for key, value in quick.items():
+            if key not in overrides:
+                config[key] = value
+    for name in list(config["models"]) + list(config["all_branches_models"]):
+        if name not in latency.NUM_CLASSES:
+            raise ValueError(
+                f"Unknown model. Expected some of {sorted(latency.NUM_CLASSES)}. Received: models={name!r}"
+            )
+    if not config["ort_batch_sizes"] or any(int(b) < 1 for b in config["ort_batch_sizes"]):
+        raise ValueError(f"`ort_batch_sizes` must be positive ints. Received: {config['ort_batch_sizes']}")
+    if not config["targets"] or any(float(t) < 1.0 for t in config["targets"]):
+        raise ValueError(f"`targets` must be speed-ups >= 1. Received: {config['targets']}")
+    for name in ("repeats", "threads"):
+        if int(config[name]) < 1:
+            raise ValueError(f"`{name}` must be >= 1. Received: {name}={config[name]}")
+    config["ort_batch_sizes"] = [int(b) for b in config["ort_batch_sizes"]]
+    config["targets"] = [float(t) for t in config["targets"]]
+    return config
+
+
+# -------------------------------------------------------------------- export
+def artifact_plan(points, all_branches):
+    """The files to write: name -> (kind, action tuples the network is restricted to, or None).
+
+    TFLite: `rnp.tflite` with every branch, or one `rnp_point<i>.tflite` per
+    operating point (TFLite runs each signature as its own subgraph, so a
+    point's latency does not depend on the other signatures in its file,
+    and converting one point at a time keeps the converter's memory low),
+    and `full.tflite`. ONNX: `rnp.onnx` (gather/scatter), `rnp_b1.onnx`
+    (nested `If`) over the branches of all points, and `full.onnx`.
+    """
+    tuples = [p["actions"] for p in points]
+    plan = {}
+    if all_branches:
+        plan["rnp.tflite"] = ("tflite_rnp", None)
+    else:
+        for i, point in enumerate(points):
+            plan[f"rnp_point{i}.tflite"] = ("tflite_rnp", [point["actions"]])
+    plan["full.tflite"] = ("tflite_full", "full")
+    plan["rnp.onnx"] = ("onnx_batched", None if all_branches else tuples)
+    plan["rnp_b1.onnx"] = ("onnx_single", None if all_branches else tuples)
+    plan["full.onnx"] = ("onnx_full", "full")
+    return plan
+
+
+def convert_artifact(model, kind, tuples, path, saved_only=False):
+    """Writes one file of `artifact_plan` to `path`.
+
+    With `saved_only`, a TFLite file is only prepared: its SavedModel is
+    written to `path + ".savedmodel"` and the signature keys are returned,
+    for kind "tflite_saved" (tuples = the keys) to convert it.
+    """
+    from export import common
+    from export import onnx as onnx_export
+    from export import tflite
+
+    if kind == "tflite_saved":  # the second half of an isolated TFLite conversion
+        data = tflite.convert_saved(path + ".savedmodel", tuples)
+        shutil.rmtree(path + ".savedmodel")
+        with open(path, "wb") as f:
+            f.write(data)
+        return None
+    if tuples == "full":  # the full network needs the full-width weights only
+        tuples = [[model.groups] * model.num_prunable]
+    net = common.SlicedNetwork(model, action_tuples=tuples)
+    directory = os.path.dirname(path)
+    parts = {"tflite_rnp": ("rnp",), "tflite_full": ("full",)}.get(kind)
+    if parts and saved_only:
+        return tflite.save_signatures(net, path + ".savedmodel", parts)
+    if parts:
+        data = tflite.convert(net, workdir=directory, parts=parts)
+    elif kind == "onnx_batched":
+        data = onnx_export.convert_batched(net).SerializeToString()
+    elif kind == "onnx_single":
+        data = onnx_export.convert_single(net).SerializeToString()
+    elif kind == "onnx_full":
+        data = onnx_export.convert_full(net).SerializeToString()
+    else:
+        raise ValueError(f"Unknown artifact kind. Received: kind={kind!r}")
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _peak_rss_mb():
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def _worker(spec_path):
+    """Subprocess entry: rebuilds the model (same seed), converts one artifact, writes its peak RSS."""
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    if spec["kind"] == "tflite_saved":
+        convert_artifact(None, spec["kind"], spec["tuples"], spec["path"])
+        result = {}
+    else:
+        model = latency.build_model(spec["model"], spec["config"])
+        keys = convert_artifact(model, spec["kind"], spec["tuples"], spec["path"], saved_only=True)
+        result = {"all_branches_estimate_mb": estimate_megabytes(model), "signature_keys": keys}
+    with open(spec_path + ".out", "w", encoding="utf-8") as f:
+        json.dump(dict(result, peak_rss_mb=_peak_rss_mb()), f)
+
+
+def _isolated(model_name, config, kind, tuples, path, name):
+    """`_worker` in a subprocess; returns what it reported."""
+    spec_path = path + ".spec.json"
+    with open(spec_path, "w", encoding="utf-8") as f:
+        json.dump({"model": model_name, "config": config, "kind": kind, "tuples": tuples, "path": path}, f)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(latency.REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from bench import export; export._worker(sys.argv[1])", spec_path],
+        cwd=latency.REPO, env=env, capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"converting {name} ({kind}) failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    with open(spec_path + ".out", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def export_artifacts(model_name, model, plan, directory, config, log=print):
+    """Writes the files of `artifact_plan` into `directory`.
+
+    With `config["isolate"]` each conversion runs in its own process (the
+    model rebuilt from the same seed), so that the converters' memory is
+    returned after each file and its peak is measured.
+
+    Args:
+        model_name: "vgg16" or "cifar_cnn".
+        model: the `RNPModel` (None with `config["isolate"]`).
+        plan: name -> (kind, tuples), part of `artifact_plan`.
+        directory: output directory.
+        config: the benchmark settings.
+        log: progress printer.
+
+    Returns:
+        A dict: `paths` (name -> path), `size_mb`, `seconds`,
+        `converter_peak_rss_mb` (isolated runs), `all_branches`,
+        `all_branches_estimate_mb`.
+    """
+    all_branches = model_name in config["all_branches_models"]
+    out = {"paths": {}, "size_mb": {}, "seconds": {}, "converter_peak_rss_mb": {}, "all_branches": all_branches}
+    for name, (kind, tuples) in plan.items():
+        path = os.path.join(directory, name)
+        start = time.time()
+        reuse = config["workdir"] and os.path.exists(path + ".spec.json.out")
+        if reuse:  # converted by an earlier run into the same --workdir
+            with open(path + ".spec.json", encoding="utf-8") as f:
+                reuse = json.load(f)["tuples"] == tuples
+        if reuse:
+            with open(path + ".spec.json.out", encoding="utf-8") as f:
+                worker = json.load(f)
+            out["converter_peak_rss_mb"][name] = worker["peak_rss_mb"]
+            out["all_branches_estimate_mb"] = worker["all_branches_estimate_mb"]
+        elif config["isolate"]:
+            worker = _isolated(model_name, config, kind, tuples, path, name)
+            if worker.get("signature_keys"):  # TFLite: convert the SavedModel in a process of its own
+                peak = worker["peak_rss_mb"]
+                os.replace(path + ".spec.json.out", path + ".save.json.out")
+                worker = dict(_isolated(model_name, config, "tflite_saved", worker["signature_keys"], path, name),
+                              all_branches_estimate_mb=worker["all_branches_estimate_mb"])
+                worker["peak_rss_mb"] = max(peak, worker["peak_rss_mb"])
+                with open(path + ".spec.json", "w", encoding="utf-8") as f:  # what `reuse` compares
+                    json.dump({"tuples": tuples}, f)
+                with open(path + ".spec.json.out", "w", encoding="utf-8") as f:
+                    json.dump(worker, f)
+            out["converter_peak_rss_mb"][name] = worker["peak_rss_mb"]
+            out["all_branches_estimate_mb"] = worker["all_branches_estimate_mb"]
+        else:
+            convert_artifact(model, kind, tuples, path)
+            out["all_branches_estimate_mb"] = estimate_megabytes(model)
+            gc.collect()
+        out["paths"][name] = path
+        out["size_mb"][name] = os.path.getsize(path) / 2**20
+        out["seconds"][name] = time.time() - start
+        peak = out["converter_peak_rss_mb"].get(name)
+        log(f"  {name}: {out['size_mb'][name]:.1f} MB in {out['seconds'][name]:.0f} s"
+            + ("" if peak is None else f" (converter peak RSS {peak:.0f} MB)"))
+    return out
+
+
+def estimate_megabytes(model):
+    """`all_branches_megabytes` of `model` (built on a network restricted to one tuple: cheap)."""
+    from export import common
+
+    return all_branches_megabytes(common.SlicedNetwork(model, action_tuples=[[1] * model.num_prunable]))
+
+
+def all_branches_megabytes(net):
+    """Weights of an RNP export with every branch (MB): each (previous action, action) conv slice, each head.
+
+    What a file pays when every slice is its own constant, as in the
+    TFLite signatures and after tf2onnx folds the slices (plus the `full`
+    network once in the TFLite file).
+    """
+    k = net.groups
+    total = 0
+    for t in range(net.num_prunable):
+        for p in net.previous_actions(t):
+            for a in range(1, k + 1):
+                ci, co = net.in_channels(t, p), a * net.out_group[t]
+                total += 9 * ci * co + co
+    rows_per_group = net.out_group[-1] * (net.head_hw[0] * net.head_hw[1] if net.flatten else 1)
+    head0 = net._arrays["head0"][0]
+    rest = sum(net._arrays[key][0].size + net._arrays[key][1].size for key in net._arrays if key[0] == "head")
+    for a in range(1, k + 1):
+        total += a * rows_per_group * head0.shape[1] + head0.shape[1] + rest
+    return 4 * total / 2**20
+
+
+# -------------------------------------------------------------------- timing
+def check_logits(label, got, ref, atol=1e-4):
+    """Max abs difference of exported logits to the Keras model's; raises past `atol * max(1, max |ref|)`."""
+    import numpy as np
+
+    diff = float(np.max(np.abs(np.asarray(got) - ref)))
+    tolerance = atol * max(1.0, float(np.max(np.abs(ref))))
+    if not diff <= tolerance:
+        raise RuntimeError(f"{label}: logits differ from the Keras model's by {diff:.3g} (tolerance {tolerance:.3g})")
+    return diff
+
+
+def _rows(model_name, image_size, runtime, artifact, batch, points, times, diffs):
+    import numpy as np
+
+    rows = []
+    full = times["full"]
+    for i, point in enumerate(points):
+        rnp = times[f"rnp{i}"]
+        theoretical = point["theoretical_speedup"]
+        full_ms, rnp_ms = 1e3 * full["median_s"], 1e3 * rnp["median_s"]
+        paired = float(np.median(np.asarray(full["samples_s"]) / np.asarray(rnp["samples_s"])))
+        row = dict.fromkeys(ROW_KEYS)
+        row.update(
+            {
+                "model": model_name,
+                "image_size": image_size,
+                "runtime": runtime,
+                "artifact": artifact,
+                "batch_size": batch,
+                "target_speedup": point["target"],
+                "theoretical_speedup": theoretical,
+                "actions": point["actions"],
+                "full_ms": full_ms,
+                "rnp_ms": rnp_ms,
+                "measured_speedup": full_ms / rnp_ms,
+                "paired_speedup": paired,
+                "efficiency": full_ms / rnp_ms / theoretical,
+                "paired_efficiency": paired / theoretical,
+                "full_ms_p25": 1e3 * full["p25_s"],
+                "full_ms_p75": 1e3 * full["p75_s"],
+                "rnp_ms_p25": 1e3 * rnp["p25_s"],
+                "rnp_ms_p75": 1e3 * rnp["p75_s"],
+                "max_abs_logit_diff": diffs[i],
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def _measure(fns, config):
+    from bench import timing
+
+    return timing.measure(
+        fns, repeats=config["repeats"], warmup=config["warmup"],
+        min_sample_seconds=config["min_sample_seconds"], seed=config["seed"],
+    )
+
+
+def time_tflite(model_name, image_size, paths, points, references, x, config):
+    """TFLite batch 1: `TFLiteRNPRunner.run_one` at each forced point vs `full.tflite`."""
+    import warnings
+
+    from rnp_tf import tflite_runner
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        interpreter = tflite_runner._interpreter_class()(model_path=paths["full.tflite"], num_threads=config["threads"])
+    full = interpreter.get_signature_runner("full")
+    image = x[:1]
+    check_logits("full.tflite", full(images=image)["logits"], references["full"][:1])
+    runners, diffs = [], []
+    for i, (point, ref) in enumerate(zip(points, references["points"])):
+        name = "rnp.tflite" if "rnp.tflite" in paths else f"rnp_point{i}.tflite"
+        if not runners or name != "rnp.tflite":
+            runners.append(tflite_runner.TFLiteRNPRunner(paths[name], num_threads=config["threads"]))
+        runner = runners[-1]
+        logits, actions, _ = runner.run_one(image, point["actions"])
+        if list(actions) != list(point["actions"]):
+            raise RuntimeError(f"{name} ran actions {actions.tolist()} instead of {point['actions']}")
+        diffs.append(check_logits(f"{name} at {point['actions']}", logits, ref[0]))
+    fns = {"full": lambda: full(images=image)}
+    for i, point in enumerate(points):
+        runner = runners[min(i, len(runners) - 1)]
+        fns[f"rnp{i}"] = lambda a=point["actions"], runner=runner: runner.run_one(image, a)
+    times = _measure(fns, config)
+    artifact = "rnp.tflite" if "rnp.tflite" in paths else "rnp_point<i>.tflite"
+    del runners, full, interpreter, fns
+    gc.collect()
+    return _rows(model_name, image_size, "tflite", f"{artifact} (TFLiteRNPRunner)", 1, points, times, diffs)
+
+
+def time_onnxruntime(model_name, image_size, paths, points, references, x, batch, config):
+    """onnxruntime at one batch size: `rnp_b1.onnx` at batch 1, `rnp.onnx` above, vs `full.onnx`."""
+    import numpy as np
+
+    from export import onnx as onnx_export
+
+    name = "rnp_b1.onnx" if batch == 1 else "rnp.onnx"
+    rnp = onnx_export.session(paths[name], num_threads=config["threads"])
+    full = onnx_export.session(paths["full.onnx"], num_threads=config["threads"])
+    images = np.ascontiguousarray(x[:batch])
+    feeds = [
+        {"images": images, "forced_actions": np.tile(np.asarray(p["actions"], np.int32), (batch, 1))} for p in points
+    ]
+    check_logits("full.onnx", full.run(["logits"], {"images": images})[0][:8], references["full"][:batch])
+    diffs = []
+    for feed, ref, point in zip(feeds, references["points"], points):
+        logits, actions = rnp.run(["logits", "actions"], feed)
+        if not (actions == np.asarray(point["actions"])[None]).all():
+            raise RuntimeError(f"{name} ran other actions than {point['actions']}")
+        diffs.append(check_logits(f"{name} at {point['actions']}", logits[:8], ref[:batch]))
+    fns = {"full": lambda: full.run(["logits"], {"images": images})}
+    for i, feed in enumerate(feeds):
+        fns[f"rnp{i}"] = lambda feed=feed: rnp.run(["logits"], feed)
+    times = _measure(fns, config)
+    del rnp, full, fns
+    gc.collect()
+    return _rows(model_name, image_size, "onnxruntime", name, batch, points, times, diffs)
+
+
+# ----------------------------------------------------------------- breakdown
+def tflite_breakdown(paths, points, image, config, runs=7):
+    """Median ms of each signature call (`stem`, `conv<t>` with the agent's next decision, `head`), batch 1.
+
+    With every branch in one file (`rnp.tflite`), the full width through
+    the same runner is the reference for each piece.
+    """
+    import numpy as np
+
+    from rnp_tf import tflite_runner
+
+    def pieces(path, actions):
+        runner = tflite_runner.TFLiteRNPRunner(path, num_threads=config["threads"])
+        samples = []
+        for i in range(runs + 1):
+            timings = {}
+            runner.run_one(image, actions, timings=timings)
+            if i:  # the first call warms up
+                samples.append(timings)
+        return {key: 1e3 * float(np.median([s[key] for s in samples])) for key in samples[0]}
+
+    out = {}
+    if "rnp.tflite" in paths:
+        runner = tflite_runner.TFLiteRNPRunner(paths["rnp.tflite"], num_threads=config["threads"])
+        out["full_width"] = pieces(paths["rnp.tflite"], [runner.groups] * runner.num_prunable)
+        del runner
+    for i, point in enumerate(points):
+        path = paths.get("rnp.tflite", paths.get(f"rnp_point{i}.tflite"))
+        out[f"{point['target']:g}x"] = pieces(path, point["actions"])
+    return out
+
+
+def ort_breakdown(path, feed, config, directory, runs=5):
+    """ms per run by operator type, from onnxruntime's profiler (first run dropped).
+
+    Nodes inside `If` branches are reported under their own types; the
+    `If` entry is the time of the `If` kernels themselves (which includes
+    their branches), so it is not added to the rest.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = config["threads"]
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(directory, "ort_profile")
+    sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):
+        sess.run(None, feed)
+    profile = sess.end_profiling()
+    with open(profile, encoding="utf-8") as f:
+        events = json.load(f)
+    os.remove(profile)
+    runs_seen = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    first_end = runs_seen[0]["ts"] + runs_seen[0]["dur"] if runs_seen else 0
+    by_op = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= first_end:
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3 / runs
+    total = sum(e["dur"] for e in runs_seen[1:]) / 1e3 / max(1, len(runs_seen) - 1)
+    return {"total_ms": total, "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
+
+
+def breakdown(paths, points, x, directory, config):
+    """Where the batch-1 time goes, for the TFLite runner and onnxruntime."""
+    import numpy as np
+
+    image = np.ascontiguousarray(x[:1])
+    out = {}
+    if any(name.endswith(".tflite") for name in paths):
+        out["tflite_ms_per_signature"] = tflite_breakdown(paths, points, image, config)
+    if "rnp_b1.onnx" not in paths:
+        return out
+    out["onnxruntime_b1"] = {"full.onnx": ort_breakdown(paths["full.onnx"], {"images": image}, config, directory)}
+    for point in points:
+        feed = {"images": image, "forced_actions": np.asarray([point["actions"]], np.int32)}
+        out["onnxruntime_b1"][f"rnp_b1.onnx {point['target']:g}x"] = ort_breakdown(
+            paths["rnp_b1.onnx"], feed, config, directory
+        )
+    return out
+
+
+def jobs(config):
+    """(model name, its settings, runtimes) to run: VGG-16 twice when `ort_vgg_size` differs from `vgg_size`."""
+    out = []
+    for name in config["models"]:
+        if name == "vgg16" and config["ort_vgg_size"] != config["vgg_size"]:
+            out.append((name, config, ("tflite",)))
+            out.append((name, dict(config, vgg_size=config["ort_vgg_size"]), ("onnxruntime",)))
+        else:
+            out.append((name, config, ("tflite", "onnxruntime")))
+    return out
+
+
+def run_benchmark(config, log=print, progress=None):
+    """Exports and times every configured model.
+
+    Args:
+        config: a dict from `default_config`.
+        log: progress printer.
+        progress: optional callable given the partial result dict (with
+            `"complete": False`) after every model and runtime.
+
+    Returns:
+        The result dict written to `export.json`.
+    """
+    import numpy as np
+
+    started = time.time()
+    rows, models_out = [], {}
+    workdir = config["workdir"] or tempfile.mkdtemp(prefix="rnp-bench-export-")
+    try:
+        for model_name, job_config, runtimes in jobs(config):
+            load_before = list(os.getloadavg())
+            model = latency.build_model(model_name, job_config)
+            points = latency.operating_points(model, config["targets"], seed=config["seed"])
+            size = int(model.image_shape[0])
+            directory = os.path.join(workdir, f"{model_name}_{size}")
+            os.makedirs(directory, exist_ok=True)
+            batch = max([1] + config["ort_batch_sizes"])
+            x = np.random.default_rng(config["seed"]).normal(size=(batch, *model.image_shape)).astype(np.float32)
+            # the Keras model's logits (masked execution) on the first 8 images, at every point
+            full_tuple = np.full((len(x[:8]), model.num_prunable), model.groups)
+            references = {
+                "points": [model.rollout(x[:8], actions=np.tile(p["actions"], (len(x[:8]), 1)))["logits"].numpy()
+                           for p in points],
+                "full": model.rollout(x[:8], actions=full_tuple)["logits"].numpy(),
+            }
+            info = {
+                "image_shape": list(model.image_shape),
+                "full_macs": float(model.full_macs),
+                "operating_points": points,
+                "artifacts": {},
+                "load_average_before": load_before,
+            }
+            models_out[f"{model_name} {size}px"] = info
+            if config["isolate"]:  # the converting processes rebuild it: free the memory meanwhile
+                del model
+                gc.collect()
+                model = None
+            scope = "every branch" if model_name in config["all_branches_models"] else "the points only"
+            log(f"{model_name}: exporting ({scope})")
+            plan = artifact_plan(points, model_name in config["all_branches_models"])
+            larger = [b for b in config["ort_batch_sizes"] if b > 1]
+            # each runtime is timed as soon as its files exist
+            stages = []
+            if "tflite" in runtimes:
+                stages.append(([n for n in plan if n.endswith(".tflite")],
+                               lambda paths: time_tflite(model_name, size, paths, points, references, x, config)))
+            if "onnxruntime" in runtimes and 1 in config["ort_batch_sizes"]:
+                stages.append((["full.onnx", "rnp_b1.onnx"], lambda paths: time_onnxruntime(
+                    model_name, size, paths, points, references, x, 1, config)))
+            if "onnxruntime" in runtimes and larger:
+                stages.append((["full.onnx", "rnp.onnx"], lambda paths: [
+                    row for b in larger
+                    for row in time_onnxruntime(model_name, size, paths, points, references, x, b, config)
+                ]))
+            artifacts = {}
+            for names, timer in stages:
+                todo = {n: plan[n] for n in names if n not in artifacts.get("paths", {})}
+                for key, value in export_artifacts(model_name, model, todo, directory, job_config, log=log).items():
+                    if isinstance(value, dict):
+                        artifacts.setdefault(key, {}).update(value)
+                    else:
+                        artifacts[key] = value
+                info["artifacts"] = {k: v for k, v in artifacts.items() if k != "paths"}
+                model_rows = timer(artifacts["paths"])
+                _log_rows(log, model_rows)
+                rows.extend(model_rows)
+                if progress is not None:
+                    progress(_result(config, rows, models_out, started, False))
+            if config["breakdown"]:
+                info["breakdown"] = breakdown(artifacts["paths"], points, x, directory, config)
+                if progress is not None:
+                    progress(_result(config, rows, models_out, started, False))
+            info["load_average_after"] = list(os.getloadavg())
+            if not config["workdir"]:
+                shutil.rmtree(directory, ignore_errors=True)
+            del model, references
+            gc.collect()
+    finally:
+        if not config["workdir"]:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return _result(config, rows, models_out, started, True)
+
+
+def _log_rows(log, rows):
+    for r in rows:
+        log(
+            f"  {r['model']} {r['runtime']} b{r['batch_size']} theo {r['theoretical_speedup']:.2f}x: "
+            f"full {r['full_ms']:.2f} ms, rnp {r['rnp_ms']:.2f} ms -> {r['measured_speedup']:.2f}x "
+            f"(eff {r['efficiency']:.2f}, paired {r['paired_efficiency']:.2f}), |dlogits| {r['max_abs_logit_diff']:.1e}"
+        )
+
+
+def _result(config, rows, models_out, started, complete):
+    import onnxruntime
+
+    machine = latency.machine_info()
+    machine["onnxruntime"] = onnxruntime.__version__
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "complete": complete,
+        "benchmark": "export",
+        "command": "python -m bench.export " + " ".join(sys.argv[1:]) if sys.argv and "export" in sys.argv[0] else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "config": config,
+        "models": models_out,
+        "rows": rows,
+        "targets": evaluate_targets(rows),
+        "tensorrt": "not run: TensorRT cannot be installed on this machine and there is no GPU "
+                    "(export.trt writes the TensorRT-ready ONNX and exits 2)",
+        "seconds": time.time() - started,
+    }
+
+
+# ------------------------------------------------------------------ targets
+def evaluate_targets(rows, threshold=0.8):
+    """The issue's target: VGG-16 batch-1 efficiency >= 0.8 in TFLite and onnxruntime, at every point.
+
+    Evaluated at 224x224; where a runtime has no 224x224 rows, at its
+    largest VGG-16 size (the name says which).
+
+    Returns:
+        A list of dicts: `name`, `threshold`, `value` (the worst point's
+        efficiency, None when no row applies), `value_paired`, `points`, `met`.
+    """
+    out = []
+    for runtime in ("tflite", "onnxruntime"):
+        candidates = [r for r in rows if r["model"] == "vgg16" and r["batch_size"] == 1 and r["runtime"] == runtime]
+        sizes = {r["image_size"] for r in candidates}
+        size = 224 if 224 in sizes or not sizes else max(sizes)
+        selected = [r for r in candidates if r["image_size"] == size]
+        name = f"VGG-16 {size}px batch 1 {runtime}: efficiency at every point"
+        if not selected:
+            out.append({"name": name, "threshold": threshold, "value": None, "value_paired": None, "points": 0,
+                        "met": None})
+            continue
+        value = min(r["efficiency"] for r in selected)
+        out.append(
+            {
+                "name": name,
+                "threshold": threshold,
+                "value": value,
+                "value_paired": min(r["paired_efficiency"] for r in selected),
+                "points": len(selected),
+                "met": bool(value >= threshold),
+            }
+        )
+    return out
+
+
+# ------------------------------------------------------------------ outputs
+TABLE_COLUMNS = ["model", "runtime", "batch", "target", "theoretical", "full ms", "rnp ms", "measured",
+                 "efficiency", "paired eff.", "max abs dlogits"]
+
+
+def table_rows(rows):
+    """Rows of the Markdown table (rounded, short column names)."""
+    return [
+        {
+            "model": f"{r['model']} {r['image_size']}px",
+            "runtime": r["runtime"] if r["runtime"] == "tflite" else f"ORT {r['artifact']}",
+            "batch": r["batch_size"],
+            "target": f"{r['target_speedup']:g}x",
+            "theoretical": f"{r['theoretical_speedup']:.2f}x",
+            "full ms": round(r["full_ms"], 2),
+            "rnp ms": round(r["rnp_ms"], 2),
+            "measured": f"{r['measured_speedup']:.2f}x",
+            "efficiency": round(r["efficiency"], 2),
+            "paired eff.": round(r["paired_efficiency"], 2),
+            "max abs dlogits": f"{r['max_abs_logit_diff']:.1e}",
+        }
+        for r in rows
+    ]
+
+
+def format_markdown(result):
+    """The Markdown report: command, machine, table, targets, artifacts."""
+    from rnp_tf import report
+
+    m, c = result["machine"], result["config"]
+    memory = "" if m["memory_gb"] is None else f"{m['memory_gb']:.0f} GiB, "
+    lines = [
+        "# Export benchmark: exported RNP model against the exported full model",
+        "",
+        f"Command: `{result['command'] or 'python -m bench.export'}`  ",
+        f"Date: {result['date']}  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {memory}{m['platform']}, Python {m['python']}, "
+        f"TensorFlow {m['tensorflow']} (TFLite interpreter, XNNPACK), onnxruntime {m['onnxruntime']}, "
+        f"{m['gpus']} GPU(s); load average at the end {[round(v, 2) for v in m['load_average']]}  ",
+        f"Settings: {c['threads']} threads per runtime; median of {c['repeats']} interleaved rounds after "
+        f"{c['warmup']} warm-up calls; float32; random weights; forced actions with the agent running.",
+        "",
+        report.format_table(table_rows(result["rows"]), TABLE_COLUMNS),
+        "",
+        "*theoretical* = full MACs / MACs of the forced actions; *measured* = full ms / rnp ms; "
+        "*efficiency* = measured / theoretical; *paired eff.* = median over rounds of the per-round ratio, "
+        "over theoretical; *max abs dlogits* = exported RNP logits against the Keras model's.",
+        "",
+        "## Targets",
+        "",
+    ]
+    for target in result["targets"]:
+        if target["met"] is None:
+            status = "not evaluated (no matching rows)"
+        else:
+            status = (f"{'met' if target['met'] else 'MISSED'}: worst {target['value']:.2f} over "
+                      f"{target['points']} points (paired: {target['value_paired']:.2f})")
+        lines.append(f"- {target['name']} >= {target['threshold']:g}: {status}")
+    lines += ["", "## Artifacts", ""]
+    for name, info in result["models"].items():
+        a = info["artifacts"]
+        sizes = ", ".join(f"{k} {v:.1f} MB ({a['seconds'][k]:.0f} s)" for k, v in a["size_mb"].items())
+        scope = "every branch" if a["all_branches"] else "only the timed points' branches"
+        lines.append(
+            f"- {name}: {scope}: {sizes}; weights of an export with every branch: "
+            f"{a['all_branches_estimate_mb']:.0f} MB per RNP file; load average before / after "
+            f"{[round(v, 2) for v in info['load_average_before']]} / "
+            f"{[round(v, 2) for v in info.get('load_average_after', [])]}"
+        )
+    lines += ["", f"TensorRT: {result['tensorrt']}.", ""]
+    return "\n".join(lines)
+
+
+def plot_speedups(result, path):
+    """Measured against theoretical speed-up per model, runtime and batch size."""
+    from rnp_tf import report
+
+    rows = result["rows"]
+    models = sorted({r["model"] for r in rows}) or ["none"]
+    fig = report._new_figure((5.2 * len(models), 4.4))
+    for i, model_name in enumerate(models):
+        ax = fig.add_subplot(1, len(models), i + 1)
+        chosen = [r for r in rows if r["model"] == model_name]
+        top = max([r["theoretical_speedup"] for r in chosen] + [5.0]) * 1.1
+        ax.plot([1, top], [1, top], color="grey", linestyle="--", label="ideal")
+        ax.plot([1, top], [0.8, 0.8 * top], color="grey", linestyle=":", label="efficiency 0.8")
+        series = {}
+        for r in chosen:
+            key = f"{r['runtime']} b{r['batch_size']} ({r['image_size']}px)"
+            series.setdefault(key, []).append((r["theoretical_speedup"], r["measured_speedup"]))
+        for key, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
+        ax.set_xlabel("theoretical speed-up (MACs)")
+        ax.set_ylabel("measured speed-up (wall clock)")
+        ax.set_title(f"{model_name}: exported RNP vs exported full")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    return report._save_figure(fig, path)
+
+
+def write_outputs(result, output_dir):
+    """Writes export.json, export.md and export.png; returns their paths."""
+    from rnp_tf import io_utils
+
+    output_dir = pathlib.Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": io_utils.write_json(output_dir / "export.json", result),
+        "markdown": io_utils.atomic_write(
+            output_dir / "export.md",
+            lambda tmp: pathlib.Path(tmp).write_text(format_markdown(result) + "\n", encoding="utf-8"),
+        ),
+        "plot": plot_speedups(result, output_dir / "export.png"),
+    }
+    return {k: str(v) for k, v in paths.items()}
+
+
+# ---------------------------------------------------------------------- CLI
+def parse_flags(argv):
+    """Parses `argv` into this module's own `FLAGS`; `--help` prints them and exits."""
+    flags.FLAGS(argv[:1])  # the global registry (absl's own flags) at its defaults
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as error:
+        sys.stderr.write(f"{error}\nPass --help for the flags.\n")
+        sys.exit(1)
+    if FLAGS.help:
+        print(__doc__)
+        print(FLAGS.get_help())
+        sys.exit(0)
+    return rest
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    names = ("models", "targets", "ort_batch_sizes", "repeats", "warmup", "min_sample_seconds", "threads",
+             "vgg_size", "ort_vgg_size", "all_branches_models", "workdir", "isolate", "breakdown", "seed")
+    try:
+        config = default_config(
+            quick=FLAGS.quick,
+            **{name: getattr(FLAGS, name) for name in names if not FLAGS.quick or FLAGS[name].present},
+        )
+    except ValueError as e:
+        raise app.UsageError(str(e))
+    from rnp_tf import io_utils
+
+    output = pathlib.Path(FLAGS.output)
+    output.mkdir(parents=True, exist_ok=True)
+    result = run_benchmark(
+        config,
+        log=lambda line: print(line, flush=True),
+        progress=lambda partial: io_utils.write_json(output / "export.json", partial),
+    )
+    paths = write_outputs(result, output)
+    print(format_markdown(result))
+    print(json.dumps(paths))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,70 @@
+"""python -m bench.export: a real --quick run (CIFAR CNN exported and timed in TFLite and onnxruntime)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from bench import export as bench_export
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_writes_the_table_json_and_plot(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.export", "--quick", f"--output={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "export.json").read_text())
+    assert result["complete"] and result["benchmark"] == "export"
+    assert result["config"]["models"] == ["cifar_cnn"] and result["config"]["targets"] == [2.0, 4.0]
+    assert len(result["machine"]["load_average"]) == 3 and result["machine"]["onnxruntime"]
+    info = result["models"]["cifar_cnn 32px"]
+    assert [p["target"] for p in info["operating_points"]] == [2.0, 4.0]
+    sizes = info["artifacts"]["size_mb"]
+    assert set(sizes) == {"rnp_point0.tflite", "rnp_point1.tflite", "full.tflite", "rnp.onnx", "rnp_b1.onnx",
+                          "full.onnx"}
+    assert all(v > 0 for v in sizes.values())
+    assert info["artifacts"]["all_branches_estimate_mb"] > 0
+    rows = result["rows"]
+    # TFLite at batch 1, onnxruntime at batch 1 and 8; two points each
+    assert sorted((r["runtime"], r["batch_size"]) for r in rows) == sorted(
+        [("tflite", 1)] * 2 + [("onnxruntime", 1)] * 2 + [("onnxruntime", 8)] * 2
+    )
+    for r in rows:
+        assert set(r) == set(bench_export.ROW_KEYS)
+        assert r["full_ms"] > 0 and r["rnp_ms"] > 0
+        assert r["measured_speedup"] == pytest.approx(r["full_ms"] / r["rnp_ms"])
+        assert r["efficiency"] == pytest.approx(r["measured_speedup"] / r["theoretical_speedup"])
+        assert r["max_abs_logit_diff"] <= 1e-4
+        assert 1.5 < r["theoretical_speedup"] < 5.0
+    assert [t["met"] for t in result["targets"]] == [None, None]  # no VGG-16 rows in a quick run
+    table = (tmp_path / "export.md").read_text()
+    assert "| cifar_cnn 32px | tflite" in table and "ORT rnp_b1.onnx" in table
+    assert (tmp_path / "export.png").stat().st_size > 1000
+
+
+def test_targets_take_the_worst_vgg16_batch1_point():
+    def row(runtime, batch, efficiency, model="vgg16"):
+        return {"model": model, "image_size": 224, "runtime": runtime, "batch_size": batch,
+                "efficiency": efficiency, "paired_efficiency": efficiency}
+
+    rows = [row("tflite", 1, 0.9), row("tflite", 1, 0.79), row("onnxruntime", 1, 0.85),
+            row("onnxruntime", 64, 0.1), row("tflite", 1, 0.1, model="cifar_cnn"),
+            dict(row("tflite", 1, 0.1), image_size=112)]
+    tflite, ort = bench_export.evaluate_targets(rows)
+    assert (tflite["value"], tflite["met"], tflite["points"]) == (0.79, False, 2)
+    assert (ort["value"], ort["met"], ort["points"]) == (0.85, True, 1)
+    # without 224x224 rows, the largest size measured, named
+    ort = bench_export.evaluate_targets([dict(row("onnxruntime", 1, 0.7), image_size=112)])[1]
+    assert (ort["value"], ort["met"], ort["name"]) == (0.7, False, "VGG-16 112px batch 1 onnxruntime: efficiency at every point")
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="Unknown model"):
+        bench_export.default_config(models=["resnet"])
+    with pytest.raises(ValueError, match="targets"):
+        bench_export.default_config(targets=[0.5])
