@@ -71,6 +71,7 @@ flags.DEFINE_enum("weight_cache", "pairs", ["pairs", "sets"], "InferenceEngine w
 flags.DEFINE_bool("memory", True, "Measure peak RSS in subprocesses.")
 flags.DEFINE_bool("no_agent_variant", True, "Also time the engine without the agent.")
 flags.DEFINE_integer("seed", 0, "Seed of weights, inputs and mixed actions.")
+flags.DEFINE_bool("stages", False, "Instead of the benchmark: time every stage of batch-1 inference (stem, each conv, each pool, the head) alone, full and at every operating point; writes latency_stages.json.")
 
 PAPER_GPU = {
     "source": "Lin et al. 2017, VGG-16, Titan X (Pascal), batch 64 (authors' poster)",
@@ -515,6 +516,89 @@ def time_point(model_name, model, engine, full, x, actions, target, config):
     return row
 
 
+def stage_times(model, engine, points, config):
+    """Batch-1 time of every stage alone, at full width and at each operating point.
+
+    Each stage (the stem, every prunable conv on its BatchNorm-folded weight
+    slice, every pooling layer, the classifier head) runs as its own
+    `tf.function` on a random input shaped as in the engine, and all are
+    timed interleaved (`bench.timing.measure`). A conv's *ideal* time is its
+    full-width time scaled by its MAC fraction: comparing the two shows
+    which layers fall short of MAC scaling, and the stages that do not
+    shrink (stem, pools, head) bound the speed-up.
+
+    Args:
+        model: an `RNPModel` (chain backbone).
+        engine: its `InferenceEngine`.
+        points: operating points (`operating_points`); the first must be
+            the full width (all actions k).
+        config: benchmark settings (`repeats`, `warmup`,
+            `min_sample_seconds`, `seed`).
+
+    Returns:
+        A dict: `stages_ms` (stage name -> median ms) and `points`, one dict
+        per point: `target`, `theoretical_speedup`, `actions`, `stem_ms`,
+        `conv_ms`, `conv_ideal_ms`, `pool_ms`, `head_ms`, `total_ms`.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from bench import timing
+    from rnp_tf import engine as engine_lib
+
+    k = model.groups
+    if list(points[0]["actions"]) != [k] * model.num_prunable:
+        raise ValueError(f"The first point must be the full width. Received: actions={points[0]['actions']}")
+    fns, macs = {}, {}
+
+    def add(name, fn, shape):
+        if name not in fns:
+            x = tf.random.normal(shape, seed=config["seed"])
+            compiled = tf.function(fn, autograph=False)
+            fns[name] = lambda: compiled(x)
+        return name
+
+    per_point = []
+    for point in points:
+        acts = list(point["actions"])
+        names, hw, width, t = [], model.image_shape[:2], model.image_shape[2], 0
+        for kind, layer in model._plan:
+            if kind == "pool":
+                names.append(add(f"pool_{len(names)}_{width}", lambda x, l=layer: engine_lib._pool(l, x), [1, *hw, width]))
+                hw = tuple(engine_lib._pool(layer, tf.zeros([1, *hw, 1])).shape[1:3])
+            elif layer is model.stem:
+                names.append(add("stem", lambda x: engine_lib._conv(model.stem, x, *engine._weights.stem), [1, *hw, width]))
+                hw, width = layer.output_hw, layer.filters
+            else:
+                p, a = (acts[t - 1] if t else k), acts[t]
+                if not layer.gated_input:
+                    p = k
+                weights = engine._folded(t, p, a)
+                name = add(f"conv_{t}_{p}_{a}", lambda x, l=layer, w=weights: engine_lib._conv(l, x, *w),
+                           [1, *hw, engine._in_width(t, p)])
+                macs[name] = float(layer.macs(p, a)) / float(layer.macs(k, k))
+                names.append(name)
+                hw, width, t = layer.output_hw, a * layer.group_size, t + 1
+        names.append(add(f"head_{acts[-1]}", lambda x, a=acts[-1]: engine._head(x, a), [1, *hw, width]))
+        per_point.append((point, names))
+    times = timing.measure(fns, repeats=config["repeats"], warmup=config["warmup"],
+                           min_sample_seconds=config["min_sample_seconds"], seed=config["seed"])
+    ms = {name: 1e3 * times[name]["median_s"] for name in fns}
+    full_names = per_point[0][1]
+    full_conv = {n.split("_")[1]: ms[n] for n in full_names if n.startswith("conv")}
+    out = []
+    for point, names in per_point:
+        kinds = {kind: sum(ms[n] for n in names if n.startswith(kind)) for kind in ("stem", "conv", "pool", "head")}
+        ideal = sum(full_conv[n.split("_")[1]] * macs[n] for n in names if n.startswith("conv"))
+        out.append({
+            "target": point["target"], "theoretical_speedup": point["theoretical_speedup"],
+            "actions": [int(a) for a in point["actions"]],
+            "stem_ms": kinds["stem"], "conv_ms": kinds["conv"], "conv_ideal_ms": float(np.float64(ideal)),
+            "pool_ms": kinds["pool"], "head_ms": kinds["head"], "total_ms": sum(kinds.values()),
+        })
+    return {"stages_ms": ms, "points": out}
+
+
 def run_benchmark(config, log=print, progress=None):
     """Runs every configured model, batch size, operating point and mode.
 
@@ -804,6 +888,27 @@ def write_outputs(result, output_dir):
     return {k: str(v) for k, v in paths.items()}
 
 
+def run_stages(config, output):
+    """`--stages`: `stage_times` at batch 1 for every model; writes latency_stages.json."""
+    from rnp_tf import engine as engine_lib
+    from rnp_tf import io_utils
+
+    result = {"benchmark": "latency_stages", "command": "python -m bench.latency " + " ".join(sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "models": {}}
+    for name in config["models"]:
+        model = build_model(name, config)
+        points = operating_points(model, sorted(set([1.0] + config["targets"])), seed=config["seed"])
+        stages = stage_times(model, engine_lib.InferenceEngine(model), points, config)
+        result["models"][name] = stages
+        full = stages["points"][0]["total_ms"]
+        for p in stages["points"]:
+            print(f"{name} b1 {p['theoretical_speedup']:.2f}x: stages {p['total_ms']:.1f} ms ({full / p['total_ms']:.2f}x): "
+                  f"stem {p['stem_ms']:.1f}, convs {p['conv_ms']:.1f} (ideal {p['conv_ideal_ms']:.1f}), "
+                  f"pools {p['pool_ms']:.1f}, head {p['head_ms']:.1f}", flush=True)
+    result["machine"] = machine_info()
+    io_utils.write_json(output / "latency_stages.json", result)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -825,6 +930,9 @@ def main(argv):
 
     output = pathlib.Path(FLAGS.output)
     output.mkdir(parents=True, exist_ok=True)
+    if FLAGS.stages:
+        run_stages(config, output)
+        return
     result = run_benchmark(
         config,
         log=lambda line: print(line, flush=True),

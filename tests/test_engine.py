@@ -358,3 +358,29 @@ def test_operating_points_and_mixed_actions():
     assert mixed.shape == (64, 3) and len({tuple(a) for a in mixed}) > 5
     mean = model.macs(mixed).numpy().mean()
     assert mean == pytest.approx(float(model.macs([points[2]["actions"]])[0]), rel=0.006)
+
+
+def test_stage_times_scale_convs_by_their_macs():
+    from bench import latency
+
+    model = make_model()
+    engine = InferenceEngine(model)
+    config = latency.default_config(quick=True, repeats=1, warmup=1, min_sample_seconds=0.0)
+    points = latency.operating_points(model, [1.0, 2.0, 4.0])
+    out = latency.stage_times(model, engine, points, config)
+    stages = out["stages_ms"]
+    full, *others = out["points"]
+    assert full["conv_ideal_ms"] == full["conv_ms"]
+    for point in others:
+        acts = point["actions"]
+        # the first prunable conv reads the unpruned stem: only its output shrinks
+        fractions = [acts[0] / 4] + [acts[t - 1] * acts[t] / 16 for t in range(1, 3)]
+        expected = sum(stages[f"conv_{t}_4_4"] * f for t, f in enumerate(fractions))
+        assert point["conv_ideal_ms"] == pytest.approx(expected)
+        assert point["conv_ideal_ms"] < full["conv_ms"]
+        assert point["stem_ms"] == full["stem_ms"]  # the stem is never pruned
+        parts = point["stem_ms"] + point["conv_ms"] + point["pool_ms"] + point["head_ms"]
+        assert point["total_ms"] == pytest.approx(parts)
+    assert {"stem", "head_4", f"head_{others[-1]['actions'][-1]}"} <= set(stages)
+    with pytest.raises(ValueError, match="full width"):
+        latency.stage_times(model, engine, points[1:], config)
