@@ -41,6 +41,7 @@ Usage:
     python -m bench.latency                       # full run (~30+ min on 2 cores)
     python -m bench.latency --quick               # CIFAR CNN smoke run (~1 min)
     python -m bench.latency --models=vgg16 --batch_sizes=1 --repeats=9
+    python -m bench.latency --stages --models=vgg16  # batch-1 time of every stage
 """
 
 import datetime
