@@ -104,11 +104,21 @@ def test_greedy_actions_match_masked_path(model, engine):
         x = images(batch, seed=100 + batch)
         ref = model.rollout(x)
         out = engine(x)
-        assert_same(out, ref)
         # The agent's 10x-scaled test weights make Q-values of magnitude
         # 10-60 that amplify float32 rounding (a different summation order
-        # per thread split): 1e-5 relative flaked at 3e-5 under load.
-        np.testing.assert_allclose(out["q_values"].numpy(), ref["q_values"].numpy(), rtol=1e-4, atol=ATOL)
+        # per thread split): 1e-5 relative flaked at 3e-5 under load. An
+        # image whose best two Q-values are that close at some layer may
+        # legitimately flip its argmax, so identical actions are required of
+        # the others (the check below keeps them the vast majority).
+        q = np.sort(ref["q_values"].numpy(), axis=-1)
+        decisive = np.min(q[..., -1] - q[..., -2], axis=-1) > 1e-3 * np.abs(q).max()
+        assert decisive.mean() > 0.8, decisive
+        for name in ("actions", "logits", "macs", "q_values"):
+            got, want = out[name].numpy()[decisive], ref[name].numpy()[decisive]
+            if name == "actions":
+                np.testing.assert_array_equal(got, want)
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=ATOL, err_msg=name)
     # the test is only meaningful if the agent's choices differ
     assert len({tuple(a) for a in ref["actions"].numpy()}) > 3
 
