@@ -66,6 +66,7 @@ from absl import app
 from absl import flags
 
 from bench import latency
+from bench import timing
 
 # An own flag registry: `bench.latency` (imported for its helpers) defines
 # flags of the same names in the global one.
@@ -408,7 +409,6 @@ def _rows(model_name, image_size, runtime, artifact, batch, points, times, diffs
 
 
 def _measure(fns, config):
-    from bench import timing
 
     return timing.measure(
         fns, repeats=config["repeats"], warmup=config["warmup"],
@@ -822,33 +822,14 @@ def plot_speedups(result, path):
         for r in chosen:
             key = f"{r['runtime']} b{r['batch_size']} ({r['image_size']}px)"
             series.setdefault(key, []).append((r["theoretical_speedup"], r["measured_speedup"]))
-        for key, points in sorted(series.items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
-        ax.set_xlabel("theoretical speed-up (MACs)")
-        ax.set_ylabel("measured speed-up (wall clock)")
-        ax.set_title(f"{model_name}: exported RNP vs exported full")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper left", fontsize=7)
+        timing.draw_speedups(ax, series, f"{model_name}: exported RNP vs exported full")
     fig.tight_layout()
     return report._save_figure(fig, path)
 
 
 def write_outputs(result, output_dir):
     """Writes export.json, export.md and export.png; returns their paths."""
-    from rnp_tf import io_utils
-
-    output_dir = pathlib.Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": io_utils.write_json(output_dir / "export.json", result),
-        "markdown": io_utils.atomic_write(
-            output_dir / "export.md",
-            lambda tmp: pathlib.Path(tmp).write_text(format_markdown(result) + "\n", encoding="utf-8"),
-        ),
-        "plot": plot_speedups(result, output_dir / "export.png"),
-    }
-    return {k: str(v) for k, v in paths.items()}
+    return timing.write_outputs(result, output_dir, "export", format_markdown, plot_speedups)
 
 
 # ---------------------------------------------------------------------- CLI

@@ -48,6 +48,8 @@ import time
 import keras
 from absl import flags
 
+from bench import timing
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 DEFAULT_ARGS = (
@@ -318,16 +320,7 @@ def format_markdown(result):
 
 def write_outputs(result, output_dir):
     """Writes input.json and input.md; returns their paths."""
-    from rnp_tf import io_utils
-
-    output_dir = pathlib.Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    io_utils.write_json(output_dir / "input.json", result)
-    io_utils.atomic_write(
-        output_dir / "input.md",
-        lambda tmp: pathlib.Path(tmp).write_text(format_markdown(result) + "\n", encoding="utf-8"),
-    )
-    return {"json": str(output_dir / "input.json"), "markdown": str(output_dir / "input.md")}
+    return timing.write_outputs(result, output_dir, "input", format_markdown)
 
 
 def main(argv=None):

@@ -58,6 +58,8 @@ import time
 from absl import app
 from absl import flags
 
+from bench import timing
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Smoke run: CIFAR CNN, batch 1 and 16, 1x/2x/4x, 3 repeats.")
 flags.DEFINE_string("output", "bench/results", "Directory of latency.json / .md / .png.")
@@ -455,7 +457,6 @@ def time_point(model_name, model, engine, full, x, actions, target, config):
     import numpy as np
     import tensorflow as tf
 
-    from bench import timing
 
     actions_t = tf.constant(actions, tf.int32)
     agent, call = agent_alone_function(engine, actions)
@@ -544,7 +545,6 @@ def stage_times(model, engine, points, config):
     import numpy as np
     import tensorflow as tf
 
-    from bench import timing
     from rnp_tf import engine as engine_lib
 
     k = model.groups
@@ -860,33 +860,14 @@ def plot_speedups(result, path):
     for r in rows:
         key = f"{r['model']} {r['image_size']}px b{r['batch_size']} {r['mode']}"
         series.setdefault(key, []).append((r["theoretical_speedup"], r["measured_speedup"]))
-    for key, points in sorted(series.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
-    ax.set_xlabel("theoretical speed-up (MACs)")
-    ax.set_ylabel("measured speed-up (wall clock)")
-    ax.set_title("InferenceEngine vs full model (CPU)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", fontsize=7)
+    timing.draw_speedups(ax, series, "InferenceEngine vs full model (CPU)")
     fig.tight_layout()
     return report._save_figure(fig, path)
 
 
 def write_outputs(result, output_dir):
     """Writes latency.json, latency.md and latency.png; returns their paths."""
-    from rnp_tf import io_utils
-
-    output_dir = pathlib.Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": io_utils.write_json(output_dir / "latency.json", result),
-        "markdown": io_utils.atomic_write(
-            output_dir / "latency.md",
-            lambda tmp: pathlib.Path(tmp).write_text(format_markdown(result) + "\n", encoding="utf-8"),
-        ),
-        "plot": plot_speedups(result, output_dir / "latency.png"),
-    }
-    return {k: str(v) for k, v in paths.items()}
+    return timing.write_outputs(result, output_dir, "latency", format_markdown, plot_speedups)
 
 
 def run_stages(config, output):

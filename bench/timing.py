@@ -136,3 +136,59 @@ def measure(fns, repeats=5, warmup=1, number=None, min_sample_seconds=0.0, seed=
             sync(result)
             samples[name].append((time.perf_counter() - start) / count)
     return {name: _summary(samples[name], numbers[name]) for name in names}
+
+
+def write_outputs(result, output_dir, stem, markdown, plot=None):
+    """Writes a benchmark's `STEM.json`, `STEM.md` and (with `plot`) `STEM.png`, atomically.
+
+    Args:
+        result: the JSON-serialisable result dictionary.
+        output_dir: directory to write into (created when missing).
+        stem: file name without extension, e.g. `"latency"`.
+        markdown: function `result -> str`, the Markdown report.
+        plot: optional function `(result, path) -> path` that draws the picture.
+
+    Returns:
+        A dict `{"json": path, "markdown": path[, "plot": path]}` of strings.
+
+    Example:
+
+    >>> import tempfile
+    >>> paths = write_outputs({"x": 1}, tempfile.mkdtemp(), "demo", lambda r: "# demo")
+    >>> sorted(paths)
+    ['json', 'markdown']
+    """
+    import pathlib
+
+    from rnp_tf import io_utils
+
+    output_dir = pathlib.Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown(result) + "\n"
+    paths = {
+        "json": io_utils.write_json(output_dir / f"{stem}.json", result),
+        "markdown": io_utils.atomic_write(
+            output_dir / f"{stem}.md", lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8")
+        ),
+    }
+    if plot is not None:
+        paths["plot"] = plot(result, output_dir / f"{stem}.png")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def draw_speedups(ax, series, title):
+    """Draws measured against theoretical speed-up curves on a matplotlib axis.
+
+    Args:
+        ax: the axis (the ideal and reference lines are the caller's).
+        series: dict `label -> [(theoretical, measured), ...]`.
+        title: the axis title.
+    """
+    for key, points in sorted(series.items()):
+        points = sorted(points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
+    ax.set_xlabel("theoretical speed-up (MACs)")
+    ax.set_ylabel("measured speed-up (wall clock)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=7)
