@@ -1,6 +1,5 @@
 """rnp_tf.from_keras: exact conversion of Keras CNNs, reports, training, errors."""
 
-import itertools
 
 import keras
 import numpy as np

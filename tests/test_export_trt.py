@@ -6,43 +6,20 @@ import subprocess
 import sys
 import types
 
-import keras
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto
 from onnx import helper
 
-import rnp_tf
 from export import onnx as onnx_export
 from export import trt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_checkpoint(directory, seed=0):
-    """A small model with varied greedy actions, saved as directory/model.keras."""
-    keras.utils.set_random_seed(seed)
-    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10)
-    rng = np.random.default_rng(seed)
-    for conv in model.convs:
-        if hasattr(conv, "gamma"):
-            shape = conv.gamma.shape
-            conv.gamma.assign(rng.uniform(0.5, 1.5, shape))
-            conv.beta.assign(rng.normal(0, 0.2, shape))
-            conv.moving_mean.assign(rng.normal(0, 0.2, shape))
-            conv.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
-    for decoder in model.agent.decoders:
-        decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
-    if hasattr(model, "set_penalty"):
-        model.set_penalty(0.3)
-    os.makedirs(directory, exist_ok=True)
-    model.save(os.path.join(directory, "model.keras"))
-    return model
-
-
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
+def cli_run(tmp_path_factory, write_checkpoint):
     """`python -m export.trt ckpt --output=out` on this machine (no TensorRT)."""
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is importable here: the no-TensorRT path does not apply")
