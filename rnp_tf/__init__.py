@@ -21,11 +21,13 @@ from rnp_tf.backbones import resnet50
 from rnp_tf.backbones import vgg16
 from rnp_tf.callbacks import AtomicCheckpoint
 from rnp_tf.callbacks import CompactProgressBar
+from rnp_tf.callbacks import ResumableCheckpoint
 from rnp_tf import convert
 from rnp_tf.convert import ConversionError
 from rnp_tf.convert import from_keras
 from rnp_tf.data import Dataset
 from rnp_tf.data import load_dataset
+from rnp_tf.engine import InferenceEngine
 from rnp_tf.evaluation import evaluate_model
 from rnp_tf.layers import GatedConv2D
 from rnp_tf.metrics import ActionShares
@@ -33,5 +35,6 @@ from rnp_tf.metrics import StdDev
 from rnp_tf.model import RNPModel
 from rnp_tf.reorder import channel_importance
 from rnp_tf.reorder import reorder_channels
+from rnp_tf.tflite_runner import TFLiteRNPRunner
 
 __version__ = "0.1.0"
