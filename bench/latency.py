@@ -61,20 +61,26 @@ from absl import flags
 from bench import timing
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "Smoke run: CIFAR CNN, batch 1 and 16, 1x/2x/4x, 3 repeats.")
-flags.DEFINE_string("output", "bench/results", "Directory of latency.json / .md / .png.")
-flags.DEFINE_list("models", ["vgg16", "cifar_cnn"], "Models to time: vgg16, cifar_cnn.")
-flags.DEFINE_list("batch_sizes", ["1", "64"], "Batch sizes.")
-flags.DEFINE_list("targets", ["1", "2", "3", "4", "5", "10"], "Theoretical speed-ups to aim at.")
-flags.DEFINE_integer("repeats", 5, "Timed rounds per point (the median is reported).")
-flags.DEFINE_integer("warmup", 2, "Untimed calls of each function first (the first traces).")
-flags.DEFINE_float("min_sample_seconds", 0.05, "Fast calls are repeated until a sample lasts this long.")
-flags.DEFINE_integer("vgg_size", 224, "VGG-16 input resolution.")
-flags.DEFINE_enum("weight_cache", "pairs", ["pairs", "sets"], "InferenceEngine weight cache.")
-flags.DEFINE_bool("memory", True, "Measure peak RSS in subprocesses.")
-flags.DEFINE_bool("no_agent_variant", True, "Also time the engine without the agent.")
-flags.DEFINE_integer("seed", 0, "Seed of weights, inputs and mixed actions.")
-flags.DEFINE_bool("stages", False, "Instead of the benchmark: time every stage of batch-1 inference (stem, each conv, each pool, the head) alone, full and at every operating point; writes latency_stages.json.")
+
+
+def define_flags(flag_values=FLAGS):
+    """Defines the command-line flags (only when run as a script: other benchmarks share the registry)."""
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_bool("quick", False, "Smoke run: CIFAR CNN, batch 1 and 16, 1x/2x/4x, 3 repeats.", **fv)
+    flags.DEFINE_string("output", "bench/results", "Directory of latency.json / .md / .png.", **fv)
+    flags.DEFINE_list("models", ["vgg16", "cifar_cnn"], "Models to time: vgg16, cifar_cnn.", **fv)
+    flags.DEFINE_list("batch_sizes", ["1", "64"], "Batch sizes.", **fv)
+    flags.DEFINE_list("targets", ["1", "2", "3", "4", "5", "10"], "Theoretical speed-ups to aim at.", **fv)
+    flags.DEFINE_integer("repeats", 5, "Timed rounds per point (the median is reported).", **fv)
+    flags.DEFINE_integer("warmup", 2, "Untimed calls of each function first (the first traces).", **fv)
+    flags.DEFINE_float("min_sample_seconds", 0.05, "Fast calls are repeated until a sample lasts this long.", **fv)
+    flags.DEFINE_integer("vgg_size", 224, "VGG-16 input resolution.", **fv)
+    flags.DEFINE_enum("weight_cache", "pairs", ["pairs", "sets"], "InferenceEngine weight cache.", **fv)
+    flags.DEFINE_bool("memory", True, "Measure peak RSS in subprocesses.", **fv)
+    flags.DEFINE_bool("no_agent_variant", True, "Also time the engine without the agent.", **fv)
+    flags.DEFINE_integer("seed", 0, "Seed of weights, inputs and mixed actions.", **fv)
+    flags.DEFINE_bool("stages", False, "Instead of the benchmark: time every stage of batch-1 inference (stem, each conv, each pool, the head) alone, full and at every operating point; writes latency_stages.json.", **fv)
+
 
 PAPER_GPU = {
     "source": "Lin et al. 2017, VGG-16, Titan X (Pascal), batch 64 (authors' poster)",
@@ -926,4 +932,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
