@@ -130,6 +130,9 @@ def _local_tpu_available():
     return any(os.path.exists(f"/dev/accel{i}") for i in range(8)) or os.path.isdir("/dev/vfio")
 
 
+_MIRRORED = {}
+
+
 def get_strategy(name, tpu=None):
     """The `tf.distribute.Strategy` a `--strategy` flag names.
 
@@ -140,6 +143,8 @@ def get_strategy(name, tpu=None):
 
     Returns:
         A strategy. Build and compile the model inside its `scope()`.
+        `"mirrored"` returns the same strategy object on every call in a
+        process (see the comment in the code).
 
     Raises:
         ValueError: one line naming the problem (unknown name, no TF_CONFIG,
@@ -161,8 +166,14 @@ def get_strategy(name, tpu=None):
         return tf.distribute.get_strategy()
     if name == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
-        return tf.distribute.MirroredStrategy(devices)
+        devices = tuple(d.name for d in (gpus or tf.config.list_logical_devices("CPU")))
+        # One strategy per device set and process: the collective ops of two
+        # MirroredStrategy objects over the same devices draw the same
+        # instance keys, and a second run in the process then fails with
+        # "Shape mismatch in the collective instance" (measured, TF 2.21).
+        if devices not in _MIRRORED:
+            _MIRRORED[devices] = tf.distribute.MirroredStrategy(list(devices))
+        return _MIRRORED[devices]
     if name == "multi_worker":
         read_tf_config()
         return tf.distribute.MultiWorkerMirroredStrategy()

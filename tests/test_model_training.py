@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import rnp_tf
 from rnp_tf import data
+from rnp_tf import distribute
 from rnp_tf import dqn
 
 WIDTHS = (16, 32, 32, 32)  # a = 1 keeps 4 / 8 / 8 / 8 channels
@@ -129,7 +130,7 @@ def _changed(before, variables):
 def test_every_phase_trains_under_mirrored_strategy():
     ds = data.load_dataset("digits", batch_size=64)  # bundled with scikit-learn: never skipped
     x, y = ds.test_arrays()
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.get_strategy("mirrored")  # the process's one strategy over both logical CPUs
     assert strategy.num_replicas_in_sync == 2
     keras.utils.set_random_seed(0)
     # alpha fixed and epsilon ending at 0 so that the last check can compare
