@@ -44,14 +44,14 @@ def _seed():
     keras.utils.set_random_seed(0)
 
 
-def _write_checkpoint(directory, seed=0):
-    """A small model with varied greedy actions, saved as directory/model.keras."""
+def _small_model(backbone=None, seed=0, penalty=0.3, **kwargs):
+    """The exporters' test model: random BatchNorm statistics and spread decoders so actions vary."""
     import keras
 
     import rnp_tf
 
     keras.utils.set_random_seed(seed)
-    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10)
+    model = rnp_tf.RNPModel(backbone or rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10, **kwargs)
     rng = np.random.default_rng(seed)
     for conv in model.convs:
         if hasattr(conv, "gamma"):
@@ -62,11 +62,23 @@ def _write_checkpoint(directory, seed=0):
             conv.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
     for decoder in model.agent.decoders:
         decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
-    if hasattr(model, "set_penalty"):
-        model.set_penalty(0.3)
+    if penalty is not None:
+        model.set_penalty(penalty)  # a saved run-time knob the exports must follow
+    return model
+
+
+def _write_checkpoint(directory, seed=0):
+    """`_small_model(seed=seed)` saved as directory/model.keras."""
+    model = _small_model(seed=seed)
     os.makedirs(directory, exist_ok=True)
     model.save(os.path.join(directory, "model.keras"))
     return model
+
+
+@pytest.fixture(scope="session")
+def export_model():
+    """Returns `make(backbone=None, seed=0, penalty=0.3, **kwargs)`: the exporters' small RNPModel."""
+    return _small_model
 
 
 @pytest.fixture(scope="session")

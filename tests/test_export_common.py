@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -14,25 +13,6 @@ import rnp_tf
 from export import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_model(backbone=None, seed=0, penalty=0.3, **kwargs):
-    """The test model: random BatchNorm statistics and spread decoders so actions vary."""
-    keras.utils.set_random_seed(seed)
-    model = rnp_tf.RNPModel(backbone or rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10, **kwargs)
-    rng = np.random.default_rng(seed)
-    for conv in model.convs:
-        if hasattr(conv, "gamma"):
-            shape = conv.gamma.shape
-            conv.gamma.assign(rng.uniform(0.5, 1.5, shape))
-            conv.beta.assign(rng.normal(0, 0.2, shape))
-            conv.moving_mean.assign(rng.normal(0, 0.2, shape))
-            conv.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
-    for decoder in model.agent.decoders:
-        decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
-    if penalty is not None and hasattr(model, "set_penalty"):
-        model.set_penalty(penalty)  # a saved run-time knob the exports must follow
-    return model
 
 
 def run_tf(net, fn_name):
@@ -56,8 +36,8 @@ def run_tf(net, fn_name):
     return run
 
 
-def test_batched_and_single_graphs_match_rollout_for_every_action_tuple():
-    model = small_model()
+def test_batched_and_single_graphs_match_rollout_for_every_action_tuple(export_model):
+    model = export_model()
     net = common.SlicedNetwork(model)
     images = common.parity_images(net, 12)
     tuples = common.action_tuples(net.num_prunable, net.groups)
@@ -70,7 +50,7 @@ def test_batched_and_single_graphs_match_rollout_for_every_action_tuple():
         assert result["forced"]["max_abs_logit_diff"] <= common.ATOL
 
 
-def test_flatten_head_and_compute_cap_follow_rollout():
+def test_flatten_head_and_compute_cap_follow_rollout(export_model):
     backbone = {
         "stages": [
             {"type": "conv", "filters": 8},
@@ -82,7 +62,7 @@ def test_flatten_head_and_compute_cap_follow_rollout():
         ],
         "head": {"pooling": "flatten", "hidden": [16], "dropout": 0.5},
     }
-    model = small_model(backbone, seed=1)
+    model = export_model(backbone, seed=1)
     if hasattr(model, "set_compute_cap"):
         model.set_compute_cap(0.45)
     net = common.SlicedNetwork(model)
@@ -95,8 +75,8 @@ def test_flatten_head_and_compute_cap_follow_rollout():
         assert macs.max() <= 0.45 * model.full_macs * (1 + 1e-6)
 
 
-def test_mac_tables_equal_model_macs():
-    model = small_model()
+def test_mac_tables_equal_model_macs(export_model):
+    model = export_model()
     net = common.SlicedNetwork(model)
     tuples = np.asarray(list(itertools.product(range(1, 5), repeat=3)))
     np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
