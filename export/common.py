@@ -1039,6 +1039,46 @@ def positional_model_dir(program, argv):
     return args[0]
 
 
+def run_cli(program, argv, export):
+    """The body of an exporter's `main`: `export(model_dir)`, errors as one line and exit 2.
+
+    Args:
+        program: the command's name, e.g. `"export.onnx"`.
+        argv: the arguments absl left (the program and one model directory).
+        export: function `model_dir -> report`.
+
+    Returns:
+        The report.
+    """
+    model_dir = positional_model_dir(program, argv)
+    try:
+        return export(model_dir)
+    except ExportError as error:
+        fail(program, error)
+
+
+def open_checkpoint(program, model_dir, output=None, penalty=None, compute_cap=None, log=None):
+    """What every exporter starts with: the model with its knob set, the output directory, a logger.
+
+    Args:
+        program: the command's name (prefix of the progress lines).
+        model_dir: the directory holding `model.keras`.
+        output: the output directory (default: `model_dir/export`).
+        penalty, compute_cap: optional run-time knob settings (`apply_knob`).
+        log: optional `log(message)`; default: a progress line on stdout.
+
+    Returns:
+        `(model, output, log)`.
+
+    Raises:
+        ExportError: a missing or corrupt checkpoint, or a bad knob setting.
+    """
+    log = log or (lambda m: say(program, m))
+    model = load_checkpoint(model_dir)
+    apply_knob(model, penalty, compute_cap)
+    return model, default_output(model_dir, output), log
+
+
 def fail(program, error):
     """One line on stderr and exit status 2."""
     exit_with_error(program, _first_line(error))

@@ -360,10 +360,7 @@ def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_f
         common.ExportError: missing/corrupt checkpoint, a failed parity check
             (nothing is written then).
     """
-    log = log or (lambda m: common.say(PROGRAM, m))
-    model = common.load_checkpoint(model_dir)
-    common.apply_knob(model, penalty, compute_cap)
-    output = common.default_output(model_dir, output)
+    model, output, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log)
     with common.output_directory(output) as out:
         net = common.SlicedNetwork(model)
         images = common.parity_images(net, num_parity_images)
@@ -454,14 +451,10 @@ def timings(sessions, image_shape, runs):
 
 def main(argv):
     fv = flags.FLAGS
-    model_dir = common.positional_model_dir(PROGRAM, argv)
-    try:
-        report = export_onnx(
-            model_dir, fv.output, fv.batch1, fv.num_parity_images, fv.max_forced_tuples, fv.timing_runs,
-            fv.penalty, fv.compute_cap,
-        )
-    except common.ExportError as error:
-        common.fail(PROGRAM, error)
+    report = common.run_cli(PROGRAM, argv, lambda model_dir: export_onnx(
+        model_dir, fv.output, fv.batch1, fv.num_parity_images, fv.max_forced_tuples, fv.timing_runs,
+        fv.penalty, fv.compute_cap,
+    ))
     summarize(report)
 
 

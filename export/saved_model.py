@@ -169,10 +169,7 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
     """
     if graph not in GRAPHS:
         raise common.ExportError(f"--graph must be one of {GRAPHS}, got {graph!r}")
-    log = log or (lambda m: common.say(PROGRAM, m))
-    model = common.load_checkpoint(model_dir)
-    common.apply_knob(model, penalty, compute_cap)
-    output = common.default_output(model_dir, output)
+    model, output, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log)
     with common.output_directory(output) as out:
         net = common.SlicedNetwork(model) if graph == "sliced" else None
         images = common.parity_images(net or common.SlicedNetwork(model), num_parity_images)
@@ -225,13 +222,9 @@ def summarize(report):
 
 def main(argv):
     fv = flags.FLAGS
-    model_dir = common.positional_model_dir(PROGRAM, argv)
-    try:
-        report = export_saved_model(
-            model_dir, fv.output, fv.graph, fv.num_parity_images, fv.max_forced_tuples, fv.penalty, fv.compute_cap
-        )
-    except common.ExportError as error:
-        common.fail(PROGRAM, error)
+    report = common.run_cli(PROGRAM, argv, lambda model_dir: export_saved_model(
+        model_dir, fv.output, fv.graph, fv.num_parity_images, fv.max_forced_tuples, fv.penalty, fv.compute_cap
+    ))
     summarize(report)
 
 

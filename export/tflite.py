@@ -250,12 +250,9 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
     """
     if quantize not in QUANTIZE:
         raise common.ExportError(f"--quantize must be one of {QUANTIZE}, got {quantize!r}")
-    log = log or (lambda m: common.say(PROGRAM, m))
-    model = common.load_checkpoint(model_dir)
-    common.apply_knob(model, penalty, compute_cap)
+    model, output, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log)
     from rnp_tf.tflite_runner import TFLiteRNPRunner
 
-    output = common.default_output(model_dir, output)
     with common.output_directory(output) as out:
         net = common.SlicedNetwork(model)
         images = common.parity_images(net, num_parity_images)
@@ -343,14 +340,10 @@ def summarize(report):
 
 def main(argv):
     fv = flags.FLAGS
-    model_dir = common.positional_model_dir(PROGRAM, argv)
-    try:
-        report = export_tflite(
-            model_dir, fv.output, fv.quantize, fv.num_parity_images, fv.max_forced_tuples, fv.timing_runs,
-            fv.penalty, fv.compute_cap,
-        )
-    except common.ExportError as error:
-        common.fail(PROGRAM, error)
+    report = common.run_cli(PROGRAM, argv, lambda model_dir: export_tflite(
+        model_dir, fv.output, fv.quantize, fv.num_parity_images, fv.max_forced_tuples, fv.timing_runs,
+        fv.penalty, fv.compute_cap,
+    ))
     summarize(report)
 
 

@@ -307,10 +307,7 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
 
     from export import onnx as onnx_export
 
-    log = log or (lambda m: common.say(PROGRAM, m))
-    model = common.load_checkpoint(model_dir)
-    common.apply_knob(model, penalty, compute_cap)
-    output = common.default_output(model_dir, output)
+    model, output, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log)
     with common.output_directory(output) as out:
         net = common.SlicedNetwork(model)
         images = common.parity_images(net, num_parity_images)
@@ -406,14 +403,10 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
 
 def main(argv):
     fv = flags.FLAGS
-    model_dir = common.positional_model_dir(PROGRAM, argv)
-    try:
-        report = export_trt(
-            model_dir, fv.output, fv.fp16, fv.benchmark, fv.max_batch, fv.opt_batch, fv.workspace_mb,
-            fv.timing_runs, fv.num_parity_images, fv.penalty, fv.compute_cap,
-        )
-    except common.ExportError as error:
-        common.fail(PROGRAM, error)
+    report = common.run_cli(PROGRAM, argv, lambda model_dir: export_trt(
+        model_dir, fv.output, fv.fp16, fv.benchmark, fv.max_batch, fv.opt_batch, fv.workspace_mb,
+        fv.timing_runs, fv.num_parity_images, fv.penalty, fv.compute_cap,
+    ))
     print(f"{PROGRAM}: wrote the engines and trt.json to {report['output']}")
     if "benchmark_ms" in report:
         b = report["benchmark_ms"]
