@@ -8,14 +8,17 @@
   `folded_weights`, the pooling layers, the agent's weights and the head,
   all as constants) as plain TensorFlow functions that compute only the
   chosen channel prefixes, deciding as `RNPModel.rollout` does (penalty
-  re-pricing, compute cap). Three forms, one per deployment target:
+  re-pricing, compute cap). The penalty is a run-time input of every form
+  (`penalty`, default: the model's penalty setting when the network was
+  built), so one artifact serves every operating point; the compute cap is
+  frozen in. Three forms, one per deployment target:
 
-  * `batched(images, forced_actions)`: any batch size, per-sample actions by
+  * `batched(images, forced_actions, penalty)`: any batch size, per-sample actions by
     gather/scatter (samples grouped by their (previous action, action)
     pair, one convolution per group on its weight slice, results scattered
     back). No control flow at all, so it converts to ONNX for onnxruntime
     and TensorRT and runs in a SavedModel.
-  * `single(image, forced_actions)`: batch 1, the branch picked by a nested
+  * `single(image, forced_actions, penalty)`: batch 1, the branch picked by a nested
     binary tree of `tf.cond` on the scalar action (ONNX `If` after freezing
     with lowered control flow).
   * `stem` / `segment` / `head`: one function per (segment, previous action,
@@ -30,7 +33,9 @@
   covers every (previous action, action) pair at every layer
   (`action_tuples`), the reference `model.rollout` in inference mode
   (`reference`) and `compare`, which raises `ParityError` with the measured
-  difference.
+  difference; the greedy check runs again at two penalties fed to the
+  artifact (`knob_inputs`: the saved setting and a cheaper one at which the
+  actions differ) against `model.set_penalty(p)` + `model.rollout`.
 - `write_artifacts`: all-or-nothing writes through `rnp_tf.io_utils.atomic_write`
   (each artifact is produced and verified under a temporary name; nothing
   is renamed into place unless every one of them passed).
@@ -218,14 +223,24 @@ def reference(model, images, actions=None, batch_size=256):
     return {k: np.concatenate(v) for k, v in parts.items() if v}
 
 
-def parity_images(net, count=16, seed=0, pool=None):
+def candidate_images(image_shape, pool, seed=0):
+    """A deterministic pool of images: Gaussian at several scales, the first one constant."""
+    rng = np.random.default_rng(seed)
+    scales = np.array([0.5, 1.0, 2.0, 3.0], np.float32)
+    candidates = rng.normal(size=(pool, *tuple(image_shape))).astype(np.float32)
+    candidates *= scales[np.arange(pool) % len(scales)].reshape(-1, 1, 1, 1)
+    candidates[0] = 0.5
+    return candidates
+
+
+def parity_images(net, count=16, seed=0, pool=None, penalty=None):
     """A fixed set of images that drive different greedy actions.
 
-    Draws a deterministic pool of candidates (Gaussian images at several
-    scales, plus a constant image), keeps those whose best (re-priced)
-    Q-value beats the second by `MIN_Q_MARGIN` at every layer, so float
-    rounding cannot flip a greedy action, and picks one image per distinct
-    action tuple first, then fills up by margin.
+    Draws a deterministic pool of candidates (`candidate_images`), keeps
+    those whose best (re-priced) Q-value beats the second by
+    `MIN_Q_MARGIN` at every layer, so float rounding cannot flip a greedy
+    action, and picks one image per distinct action tuple first, then
+    fills up by margin.
 
     Args:
         net: the `SlicedNetwork` of the model (for the knob settings of
@@ -233,20 +248,18 @@ def parity_images(net, count=16, seed=0, pool=None):
         count: how many images.
         seed: seed of the candidate pool.
         pool: pool size (default `4 * count`, at least 32).
+        penalty: the run-time penalty the margins are measured at
+            (default: `net.penalty_setting`, the artifact's default).
 
     Returns:
         float32 images `[count, H, W, C]`.
     """
     model = net.model
     pool = pool or max(32, 4 * count)
-    rng = np.random.default_rng(seed)
-    shape = tuple(model.image_shape)
-    scales = np.array([0.5, 1.0, 2.0, 3.0], np.float32)
-    candidates = rng.normal(size=(pool, *shape)).astype(np.float32)
-    candidates *= scales[np.arange(pool) % len(scales)].reshape(-1, 1, 1, 1)
-    candidates[0] = 0.5
-    ref = reference(model, candidates)
-    q = np.sort(net.greedy_q_numpy(ref["q_values"], ref["actions"]), axis=-1)
+    candidates = candidate_images(model.image_shape, pool, seed)
+    with penalty_scope(model, net.penalty_setting if penalty is None else penalty):
+        ref = reference(model, candidates)
+        q = np.sort(net.greedy_q_numpy(ref["q_values"], ref["actions"], penalty), axis=-1)
     margin = (q[..., -1] - q[..., -2]).min(axis=1)
     order = np.argsort(-margin, kind="stable")
     safe = [i for i in order if margin[i] >= MIN_Q_MARGIN]
@@ -353,28 +366,174 @@ def tolerance_for(quantize):
     return dict(QUANTIZED_TOLERANCES[quantize])
 
 
-def check_artifact(label, model, run, images, tuples, per_tuple=2, quantize=None):
-    """Greedy and forced-action parity of one artifact.
+def check_artifact(label, model, run, images, tuples, per_tuple=2, quantize=None, knob=None):
+    """Greedy and forced-action parity of one artifact, and greedy parity at run-time penalties.
 
     Args:
         label: artifact name for messages.
         model: the Keras RNPModel (the reference).
-        run: `run(images, forced_actions_or_None) -> dict(logits, actions, macs)`
-            running the artifact.
+        run: `run(images, forced_actions_or_None, penalty=None) -> dict(logits,
+            actions, macs)` running the artifact (`penalty`: a float fed to
+            the artifact's penalty input; None: its default).
         images: `parity_images(...)`.
         tuples: `action_tuples(...)`.
         per_tuple: images per forced tuple.
         quantize: None for float32, else a key of `QUANTIZED_TOLERANCES`.
+        knob: optional `knob_inputs(...)`: the greedy check again at each
+            of its penalties, fed to the artifact, against the model after
+            `set_penalty(penalty)`.
 
     Returns:
-        `{"greedy": compare(...), "forced": compare(...)}`.
+        `{"greedy": compare(...), "forced": compare(...)}`, and with `knob`
+        `"knob"`: one `compare(...)` per penalty, with `penalty`,
+        `mean_macs` and `actions_differ` (from the setting's actions).
     """
     tol = tolerance_for(quantize)
     forced_tol = {k: v for k, v in tol.items() if k != "min_agreement"}
     greedy = compare(f"{label} (greedy actions)", reference(model, images), run(images, None), **tol)
     x, a = forced_inputs(images, tuples, per_tuple)
     forced = compare(f"{label} (forced actions, {len(tuples)} tuples)", reference(model, x, a), run(x, a), **forced_tol)
-    return {"greedy": greedy, "forced": forced}
+    result = {"greedy": greedy, "forced": forced}
+    if knob:
+        result["knob"] = check_knob(label, model, lambda x, p: run(x, None, penalty=p), knob, quantize)
+    return result
+
+
+def check_knob(label, model, run, knob, quantize=None):
+    """Greedy parity of an artifact with its penalty input fed, at every penalty of `knob`.
+
+    Args:
+        label: artifact name for messages.
+        model: the Keras RNPModel; the reference is `model.rollout` after
+            `model.set_penalty(penalty)` (the setting is restored).
+        run: `run(images, penalty) -> dict(logits, actions, macs)`.
+        knob: `knob_inputs(...)`.
+        quantize: None for float32, else a key of `QUANTIZED_TOLERANCES`.
+
+    Returns:
+        A list: `compare(...)` per penalty, with `penalty`, `mean_macs` (of
+        the reference) and `actions_differ`.
+
+    Raises:
+        ParityError: the artifact differs from the model at a penalty (an
+            ignored penalty input fails at the second one).
+    """
+    results = []
+    for point in knob:
+        penalty = point["penalty"]
+        with penalty_scope(model, penalty):
+            ref = reference(model, point["images"])
+        got = run(point["images"], penalty)
+        checked = compare(f"{label} (greedy actions, penalty input {penalty:g})", ref, got, **tolerance_for(quantize))
+        checked.update(penalty=penalty, mean_macs=float(np.mean(ref["macs"])), actions_differ=point["actions_differ"])
+        results.append(checked)
+    return results
+
+
+# ------------------------------------------------------------ knob parity
+@contextlib.contextmanager
+def penalty_scope(model, penalty):
+    """`model.set_penalty(penalty)` for the block; the model's setting is restored afterwards.
+
+    Example:
+
+    >>> with penalty_scope(model, -0.5):
+    ...     ref = reference(model, images)
+    """
+    variable = model._penalty_setting
+    saved = variable.numpy()
+    # the setting is stored as float32: a penalty read back from it may lie
+    # a rounding outside `penalty_range`, where set_penalty would refuse it
+    if np.float32(penalty) != saved:
+        model.set_penalty(float(penalty))
+    try:
+        yield model
+    finally:
+        variable.assign(saved)  # exactly as it was
+
+
+def penalty_candidates(model, setting):
+    """Penalties cheaper than `setting` (more negative), nearest first.
+
+    The paper's agent: `setting - 0.05 * 2**i`. A penalty-conditioned agent:
+    log-spaced towards the low end of `penalty_range`, or towards its high
+    end when the setting is already the cheapest.
+    """
+    if model.penalty_range is None:
+        return [setting - 0.05 * 2.0**i for i in range(14)]
+    low, high = model.penalty_range
+    end = low if not np.isclose(setting, low) else high
+    return [float(np.clip(-np.exp(v), low, high)) for v in np.linspace(np.log(-setting), np.log(-end), 6)[1:]]
+
+
+def cheaper_penalty(model, images, setting=None, min_changed=0.25):
+    """A second run-time penalty at which the greedy actions on `images` clearly differ.
+
+    Tries `penalty_candidates` nearest first and returns the first at which
+    at least `min_changed` of the images change their action tuple and the
+    mean MACs drop; otherwise the candidate that changed the most images.
+
+    Args:
+        model: the RNPModel.
+        images: float32 images.
+        setting: the reference penalty (default: `model.penalty_setting`).
+        min_changed: share of images whose action tuple must change.
+
+    Returns:
+        `(penalty, changed)`: a float and the share of images it changed.
+    """
+    setting = model.penalty_setting if setting is None else float(setting)
+    with penalty_scope(model, setting):
+        base = reference(model, images)
+    best = None
+    for penalty in penalty_candidates(model, setting):
+        with penalty_scope(model, penalty):
+            ref = reference(model, images)
+        changed = float(np.mean(np.any(ref["actions"] != base["actions"], axis=1)))
+        if changed >= min_changed and ref["macs"].mean() < base["macs"].mean():
+            return float(penalty), changed
+        if best is None or changed > best[1]:
+            best = (float(penalty), changed)
+    return best
+
+
+def knob_inputs(net, count=16, seed=0):
+    """The two run-time penalties every exporter checks, each with its own parity images.
+
+    The artifact's default (`net.penalty_setting`) and `cheaper_penalty`;
+    at each, `parity_images` measured at that penalty (so rounding cannot
+    flip a greedy action there either).
+
+    Args:
+        net: the `SlicedNetwork` (its `penalty_setting` is the artifact's default).
+        count: images per penalty.
+        seed: seed of the candidate pools.
+
+    Returns:
+        A list of two dicts: `penalty`, `images`, `actions_differ` (whether
+        the model's actions at this penalty differ from those at the
+        setting on the candidate pool).
+    """
+    model, setting = net.model, net.penalty_setting
+    pool = candidate_images(model.image_shape, max(32, 4 * count), seed)
+    other, changed = cheaper_penalty(model, pool, setting)
+    return [
+        {"penalty": setting, "images": parity_images(net, count, seed, penalty=setting), "actions_differ": False},
+        {"penalty": other, "images": parity_images(net, count, seed, penalty=other), "actions_differ": changed > 0},
+    ]
+
+
+def knob_subset(knob, count):
+    """`knob_inputs` with the first `count` images of each penalty (the slower batch-1 checks)."""
+    return [dict(point, images=point["images"][:count]) for point in knob]
+
+
+def knob_summary(parity):
+    """One phrase on the penalty-input checks of a `check_artifact` result (for the CLI summaries)."""
+    points = parity.get("knob") or []
+    return "penalty input: " + ", ".join(
+        f"{p['penalty']:g} -> mean MACs {p['mean_macs']:.4g} (max |dlogits| {p['max_abs_logit_diff']:.2e})" for p in points
+    )
 
 
 # ------------------------------------------------------------ the network
@@ -406,10 +565,14 @@ class SlicedNetwork:
     pool, zero-pad a prefix, append the penalty condition of a conditioned
     agent, encoder, shared LSTM cell, decoder) and `head_layers`. Greedy
     decisions go through `RNPModel.greedy_q` (the run-time knob: Q-values
-    re-priced to the model's `penalty_setting`, masked by its compute cap),
-    with the penalty setting read when the network is built and passed as
-    a constant. Every weight is a float32 constant, so no exported graph
-    holds a variable.
+    re-priced to the penalty, masked by the compute cap). The penalty is
+    an input of the graphs (`penalty`: a float32 scalar, `[1]` or
+    `[batch]` tensor; a conditioned agent reads it through
+    `RNPModel.penalty_condition`); when it is not given, the model's
+    `penalty_setting` when the network was built (`penalty_setting`) is
+    used. The compute cap is read when the network is built and frozen in.
+    Every weight is a float32 constant, so no exported graph holds a
+    variable.
 
     Every prunable convolution `t` is a *segment*: the convolution on the
     weight prefix `W[:, :, :in_prefix, :out_prefix]`, its activation and the
@@ -434,6 +597,7 @@ class SlicedNetwork:
     >>> net = SlicedNetwork(model)
     >>> fn = tf.function(net.batched)
     >>> out = fn(images, tf.zeros([1, net.num_prunable], tf.int32))  # greedy
+    >>> out = fn(images, tf.zeros([1, net.num_prunable], tf.int32), tf.constant([-0.5]))  # cheaper
     """
 
     def __init__(self, model, action_tuples=None):
@@ -517,14 +681,10 @@ class SlicedNetwork:
         return pairs, sorted({int(a) for a in tuples[:, -1]})
 
     def _decision_settings(self, model):
-        """The run-time knob of `RNPModel.rollout`'s greedy choice, frozen as constants."""
+        """The run-time knob of `RNPModel.rollout`'s greedy choice: the default penalty, the frozen cap."""
         agent = model.agent
         self.conditioned = bool(getattr(agent, "conditioned", False))
         self.penalty_setting = float(model.penalty_setting)
-        self.condition = None
-        if self.conditioned:
-            penalties = np.full([1], self.penalty_setting, np.float32)
-            self.condition = float(np.asarray(model.penalty_condition(penalties)).reshape(-1)[0])
         cap = getattr(model, "_cap_macs", None)
         self.cap = None if cap is None else float(cap)
 
@@ -708,8 +868,29 @@ class SlicedNetwork:
         zeros = tf.zeros(tf.stack([n, self.units]), tf.float32)
         return [zeros, zeros]
 
-    def agent_step(self, t, pooled, state):
+    def penalties(self, penalty, n):
+        """The run-time penalty of each sample, float32 `[n]`.
+
+        Args:
+            penalty: None (the default, `penalty_setting`), a float, or a
+                float tensor of shape `[]`, `[1]` or `[n]`.
+            n: the batch size (an int or a scalar int32 tensor).
+        """
+        tf = self._tf
+        if penalty is None:
+            penalty = self.penalty_setting
+        penalty = tf.reshape(tf.cast(penalty, tf.float32), [-1])
+        return penalty + tf.zeros(tf.stack([n]), tf.float32)
+
+    def agent_step(self, t, pooled, state, penalties=None):
         """`DecisionAgent.step` on pooled features `[n, c]` (a channel prefix is zero-padded).
+
+        Args:
+            t: decision index.
+            pooled: `[n, c]` pooled features (`c` up to the agent's width).
+            state: `[h, c]` LSTM state.
+            penalties: float32 `[n]` run-time penalties (`penalties(...)`),
+                read by a conditioned agent only; None: `penalty_setting`.
 
         Returns `(q_values [n, k], [h, c])` (raw Q-values, before re-pricing).
         """
@@ -718,7 +899,9 @@ class SlicedNetwork:
         if missing:
             pooled = tf.pad(pooled, [[0, 0], [0, missing]])
         if self.conditioned:
-            condition = tf.fill(tf.stack([tf.shape(pooled)[0], 1]), tf.constant(self.condition, tf.float32))
+            if penalties is None:
+                penalties = self.penalties(None, tf.shape(pooled)[0])
+            condition = tf.reshape(self.model.penalty_condition(penalties), [-1, 1])
             pooled = tf.concat([pooled, condition], axis=-1)
         x = self._dense(pooled, ("encoder", t))
         h, c = state
@@ -734,11 +917,11 @@ class SlicedNetwork:
         tf = self._tf
         return tf.fill(tf.stack([n]), self.macs_constant(self.fixed_macs))
 
-    def decide(self, t, q, forced, decided, spent):
+    def decide(self, t, q, forced, decided, spent, penalties=None):
         """Action of decision `t` as `RNPModel.rollout` picks it, unless forced.
 
-        Greedy on `RNPModel.greedy_q` (Q-values re-priced to the frozen
-        `penalty_setting`, actions the compute cap forbids masked);
+        Greedy on `RNPModel.greedy_q` (Q-values re-priced to the run-time
+        penalty, actions the frozen compute cap forbids masked);
         `forced[:, t] > 0` overrides (clipped to 1..k).
 
         Args:
@@ -747,13 +930,15 @@ class SlicedNetwork:
             forced: None or int32 `[n or 1, T]`.
             decided: list of the `t` earlier actions, int32 `[n]` each.
             spent: int64 `[n]` MACs of the stem, head constants and earlier convs.
+            penalties: float32 `[n]` run-time penalties (`penalties(...)`);
+                None: the constant `penalty_setting`.
 
         Returns:
             `(action int32 [n], spent after conv t int64 [n])`.
         """
         tf = self._tf
         k = self.groups
-        q = self.model.greedy_q(t, q, decided, self.penalty_setting)
+        q = self.model.greedy_q(t, q, decided, self.penalty_setting if penalties is None else penalties)
         action = tf.argmax(q, axis=-1, output_type=tf.int32) + 1
         if forced is not None:
             f = tf.clip_by_value(tf.cast(forced[:, t], tf.int32), 0, k)
@@ -762,19 +947,21 @@ class SlicedNetwork:
         table = self.macs_constant(self.macs_table(t))
         return action, spent + tf.gather(table, (prev - 1) * k + action - 1)
 
-    def greedy_q_numpy(self, q, actions):
+    def greedy_q_numpy(self, q, actions, penalty=None):
         """`RNPModel.greedy_q` of every decision, numpy `[n, T, k]` (for choosing parity images).
 
         Args:
             q: raw Q-values `[n, T, k]`.
             actions: the int actions `[n, T]` taken.
+            penalty: the run-time penalty (default: `penalty_setting`).
         """
         import tensorflow as tf
 
         actions = tf.constant(np.asarray(actions, np.int32))
+        penalty = self.penalty_setting if penalty is None else float(penalty)
         return np.stack(
             [
-                self.model.greedy_q(t, tf.constant(q[:, t]), [actions[:, u] for u in range(t)], self.penalty_setting).numpy()
+                self.model.greedy_q(t, tf.constant(q[:, t]), [actions[:, u] for u in range(t)], penalty).numpy()
                 for t in range(self.num_prunable)
             ],
             axis=1,
@@ -844,7 +1031,7 @@ class SlicedNetwork:
         tf = self._tf
         return tf.cast(tf.reshape(tf.where(tf.cast(mask, tf.float32)), [-1]), tf.int32)
 
-    def batched(self, images, forced_actions=None):
+    def batched(self, images, forced_actions=None, penalty=None):
         """Any batch size; per-sample actions by gather/scatter, no control flow.
 
         At each prunable conv the samples are grouped by their (previous
@@ -855,6 +1042,8 @@ class SlicedNetwork:
         Args:
             images: float32 `[n, H, W, C]`.
             forced_actions: optional int32 `[n or 1, T]`; 0 = the agent's greedy choice.
+            penalty: optional float32 run-time penalty, `[]`, `[1]` or `[n]`
+                (default: `penalty_setting`).
 
         Returns:
             dict: `logits` `[n, classes]`, `actions` int32 `[n, T]`, `macs` float32 `[n]`.
@@ -863,14 +1052,15 @@ class SlicedNetwork:
         with self.constants():
             k = self.groups
             n = tf.shape(images)[0]
+            penalties = self.penalties(penalty, n)
             h = self.stem(images)
             state = self.initial_state(n)
             prev = tf.fill(tf.stack([n]), k)
             spent = self.start_spent(n)
             actions = []
             for t in range(self.num_prunable):
-                q, state = self.agent_step(t, self.pooled(h), state)  # zero beyond each prefix
-                a, spent = self.decide(t, q, forced_actions, actions, spent)
+                q, state = self.agent_step(t, self.pooled(h), state, penalties)  # zero beyond each prefix
+                a, spent = self.decide(t, q, forced_actions, actions, spent, penalties)
                 outs, index = [], []
                 for p, b in self.branches(t):
                     chosen = tf.equal(a, b)
@@ -912,12 +1102,14 @@ class SlicedNetwork:
         mid = (lo + hi) // 2
         return tf.cond(index < mid, lambda: self._tree(index, fns, lo, mid), lambda: self._tree(index, fns, mid, hi))
 
-    def single(self, images, forced_actions=None):
+    def single(self, images, forced_actions=None, penalty=None):
         """Batch 1: the (previous action, action) branch chosen by nested `tf.cond`.
 
         Args:
             images: float32 `[1, H, W, C]`.
             forced_actions: optional int32 `[1, T]`; 0 = the agent's greedy choice.
+            penalty: optional float32 run-time penalty, `[]` or `[1]`
+                (default: `penalty_setting`).
 
         Returns:
             dict like `batched`, batch 1.
@@ -926,6 +1118,7 @@ class SlicedNetwork:
         with self.constants():
             self._all_constants()
             k = self.groups
+            penalties = self.penalties(penalty, 1)
             h = self.stem(images)
             pooled = self.pooled(h)
             state = self.initial_state(1)
@@ -933,8 +1126,8 @@ class SlicedNetwork:
             spent = self.start_spent(1)
             actions = []
             for t in range(self.num_prunable):
-                q, state = self.agent_step(t, pooled, state)
-                a, spent = self.decide(t, q, forced_actions, actions, spent)
+                q, state = self.agent_step(t, pooled, state, penalties)
+                a, spent = self.decide(t, q, forced_actions, actions, spent, penalties)
                 hw, nxt = self.in_hw[t], self.out_channels[t]
                 fns = []
                 for p, b in self.branches(t):
@@ -975,7 +1168,7 @@ KNOB_FLAGS = ("penalty", "compute_cap")
 
 
 def define_knob_flags(flag_values):
-    """`--penalty` and `--compute_cap`: the model's run-time knob, frozen into the export."""
+    """`--penalty` (the artifacts' default penalty input) and `--compute_cap` (frozen into the export)."""
     from absl import flags
 
     if "compute_cap" in flag_values:
@@ -983,13 +1176,14 @@ def define_knob_flags(flag_values):
     fv = {"flag_values": flag_values}
     flags.DEFINE_float(
         "penalty", None,
-        "Run-time penalty baked into the exported decisions (RNPModel.set_penalty; default: the "
-        "penalty setting saved with the model).", **fv,
+        "Default of the exported artifacts' run-time penalty input (RNPModel.set_penalty; default: "
+        "the penalty setting saved with the model). Every artifact takes the penalty as an input, so "
+        "a deployed model can be switched at run time; this is the value used when it is not fed.", **fv,
     )
     flags.DEFINE_float(
         "compute_cap", None,
-        "Hard per-image MAC cap as a fraction of the full model (RNPModel.set_compute_cap); "
-        "default: none.", **fv,
+        "Hard per-image MAC cap as a fraction of the full model (RNPModel.set_compute_cap), frozen "
+        "into the export (not a run-time input); default: the cap saved with the model, if any.", **fv,
     )
 
 
@@ -1010,9 +1204,10 @@ def apply_knob(model, penalty=None, compute_cap=None):
 
 
 def knob_report(net):
-    """The decision settings frozen into an export (for the reports)."""
+    """The decision settings of an export (for the reports): the default penalty input, the frozen cap."""
     return {
         "penalty_setting": net.penalty_setting,
+        "penalty_input": "run-time input 'penalty' (float32); penalty_setting is its default",
         "conditioned_agent": net.conditioned,
         "compute_cap_macs": net.cap,
     }

@@ -85,3 +85,52 @@ def export_model():
 def write_checkpoint():
     """Returns `write(directory, seed=0)`: saves a small exportable RNPModel (the exporters' tests)."""
     return _write_checkpoint
+
+
+# The exporters' run-time knob: the small model's saved setting and a cheaper
+# penalty at which its greedy actions differ on `_knob_images()`.
+KNOB_PENALTIES = (0.3, -0.2)
+
+
+def _knob_images(count=16, seed=11):
+    return (np.random.default_rng(seed).normal(size=(count, 8, 8, 1)) * 2).astype("float32")
+
+
+def _check_penalty_input(model, run, penalties=KNOB_PENALTIES, atol=1e-4):
+    """An artifact fed each penalty reproduces `model.set_penalty(p)` + `model.rollout`, and the input matters.
+
+    Args:
+        model: the Keras model (its setting is restored).
+        run: `run(images, penalty) -> (logits, actions, macs)` running the artifact.
+        penalties: `(setting, cheaper)`.
+
+    Returns:
+        The artifact's mean MACs at each penalty.
+    """
+    x = _knob_images()
+    saved = model.penalty_setting
+    refs = []
+    try:
+        for penalty in penalties:
+            model.set_penalty(penalty)
+            refs.append({k: v.numpy() for k, v in model.rollout(x).items() if v is not None})
+    finally:
+        model.set_penalty(saved)
+    # the Keras model itself switches: an artifact ignoring its input cannot pass
+    assert (refs[0]["actions"] != refs[1]["actions"]).any(axis=1).mean() >= 0.25
+    assert refs[1]["macs"].mean() < refs[0]["macs"].mean()
+    means = []
+    for penalty, ref in zip(penalties, refs):
+        logits, actions, macs = run(x, penalty)
+        np.testing.assert_array_equal(actions, ref["actions"], err_msg=f"penalty {penalty}")
+        np.testing.assert_allclose(logits, ref["logits"], atol=atol, err_msg=f"penalty {penalty}")
+        np.testing.assert_allclose(macs, ref["macs"], rtol=1e-5, err_msg=f"penalty {penalty}")
+        means.append(float(np.mean(macs)))
+    assert means[1] < means[0]
+    return means
+
+
+@pytest.fixture(scope="session")
+def check_penalty_input():
+    """Returns `check(model, run, penalties=KNOB_PENALTIES)`: the exporters' knob parity at two penalties."""
+    return _check_penalty_input

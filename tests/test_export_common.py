@@ -16,21 +16,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_tf(net, fn_name):
-    """`run(images, forced)` over a traced SlicedNetwork function."""
+    """`run(images, forced, penalty=None)` over a traced SlicedNetwork function (penalty an input)."""
     t = net.num_prunable
     h, w, c = net.image_shape
     batch = None if fn_name == "batched" else 1
     fn = tf.function(
         getattr(net, fn_name),
-        input_signature=[tf.TensorSpec([batch, h, w, c], tf.float32), tf.TensorSpec([batch, t], tf.int32)],
+        input_signature=[
+            tf.TensorSpec([batch, h, w, c], tf.float32),
+            tf.TensorSpec([batch, t], tf.int32),
+            tf.TensorSpec([None], tf.float32),
+        ],
         autograph=False,
     )
 
-    def run(images, forced=None):
+    def run(images, forced=None, penalty=None):
+        p = np.full([1], net.penalty_setting if penalty is None else penalty, np.float32)
         if batch is None:
             f = np.zeros((1, t), np.int32) if forced is None else forced
-            return {k: v.numpy() for k, v in fn(images, f).items()}
-        outs = [fn(images[i : i + 1], np.zeros((1, t), np.int32) if forced is None else forced[i : i + 1]) for i in range(len(images))]
+            return {k: v.numpy() for k, v in fn(images, f, p).items()}
+        zeros = np.zeros((1, t), np.int32)
+        outs = [fn(images[i : i + 1], zeros if forced is None else forced[i : i + 1], p) for i in range(len(images))]
         return {k: np.concatenate([o[k].numpy() for o in outs]) for k in outs[0]}
 
     return run
@@ -48,6 +54,28 @@ def test_batched_and_single_graphs_match_rollout_for_every_action_tuple(export_m
         assert result["greedy"]["distinct_action_tuples"] > 1
         assert result["forced"]["distinct_action_tuples"] == 64
         assert result["forced"]["max_abs_logit_diff"] <= common.ATOL
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_penalty_is_an_input_of_both_graphs(export_model, conditioned):
+    """Re-pricing (the paper's agent) or the condition input (a `penalty_range` agent) follows a tensor penalty."""
+    if conditioned:
+        model = export_model(penalty_range=(-1.0, -0.01), penalty=-0.1)
+        assert model.agent.conditioned
+    else:
+        model = export_model()
+    net = common.SlicedNetwork(model)
+    knob = common.knob_inputs(net, 8)
+    assert knob[0]["penalty"] == pytest.approx(model.penalty_setting)
+    assert knob[1]["penalty"] != pytest.approx(knob[0]["penalty"]) and knob[1]["actions_differ"]
+    if not conditioned:  # the paper's agent is monotone in the penalty: a cheaper one is found
+        assert knob[1]["penalty"] < knob[0]["penalty"]
+        assert common.cheaper_penalty(model, knob[0]["images"])[1] >= 0.25
+    tuples = common.action_tuples(net.num_prunable, net.groups)[:8]
+    for name in ("batched", "single"):
+        result = common.check_artifact(name, model, run_tf(net, name), knob[0]["images"], tuples, knob=knob)
+        assert [r["action_agreement"] for r in result["knob"]] == [1.0, 1.0]
+    assert model.penalty_setting == pytest.approx(knob[0]["penalty"])  # restored after the checks
 
 
 def test_flatten_head_and_compute_cap_follow_rollout(export_model):
