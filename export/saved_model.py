@@ -2,11 +2,17 @@ r"""Export a trained RNP model as a TensorFlow SavedModel: `python -m export.sav
 
 Writes into `--output` (default `ckpt/export/`):
 
-- `saved_model/`: a SavedModel (TF Serving ready) with two signatures:
+- `saved_model/`: a SavedModel (TF Serving ready) with three signatures:
     * `serving_default(images)`: images float32 `[batch, H, W, C]` ->
       `logits` float32 `[batch, classes]`, `actions` int32 `[batch, T]`
       (groups computed at each prunable conv, the agent's greedy policy)
-      and `macs` float32 `[batch]` (multiply-accumulates of each image);
+      and `macs` float32 `[batch]` (multiply-accumulates of each image),
+      at the default penalty (`--penalty`, else the model's saved setting);
+    * `serving_knob(images, penalty)`: the same at a run-time penalty,
+      float32 scalar, `[1]` or `[batch]` (one per image): the knob of
+      `RNPModel.set_penalty`, so one deployed model serves every
+      operating point (more negative: cheaper). A signature cannot have
+      an optional input, hence the second signature;
     * `forced(images, actions)`: the same with the actions given
       (int32 `[batch, T]`, values 1..k; the sliced graph also takes 0 for
       "the agent decides"): every action at every layer can be run
@@ -21,14 +27,18 @@ samples are grouped by their (previous action, action) pair at each
 prunable conv and only the chosen weight prefixes are convolved (empty
 groups run on one padding sample; see FINDINGS.md's oneDNN empty-batch
 bug); a batch of one takes a nested `tf.cond` instead, so only the chosen
-branch runs. Both follow the model's run-time knob (penalty setting, compute cap)
-as saved, or as set with `--penalty` / `--compute_cap`.
+branch runs. Both follow the model's run-time knob: the penalty is an input
+(`serving_knob`; `serving_default` uses the saved setting or `--penalty`),
+the hard per-image compute cap (saved with the model, or `--compute_cap`) is
+frozen in.
 
 The SavedModel is reloaded and checked before it is moved into place: greedy
 actions on fixed images that drive different actions and every action tuple
 through `forced`, against `model.rollout` in inference mode (identical
-actions, max |logits difference| <= 1e-4). A failed check writes nothing
-and exits 2 with the measured difference.
+actions, max |logits difference| <= 1e-4), and the greedy actions through
+`serving_knob` at two penalties (the default and a cheaper one at which the
+actions differ) against `model.set_penalty(p)` + `model.rollout`. A failed
+check writes nothing and exits 2 with the measured difference.
 
 Examples:
 
@@ -40,6 +50,7 @@ Serving (TF Serving REST, or in Python):
     loaded = tf.saved_model.load("/tmp/rnp_quickstart/export/saved_model")
     out = loaded.signatures["serving_default"](images=tf.constant(x))
     out["logits"], out["actions"], out["macs"]
+    cheap = loaded.signatures["serving_knob"](images=tf.constant(x), penalty=tf.constant(-0.5))
 """
 
 import os
@@ -77,12 +88,25 @@ def define_flags(flag_values=flags.FLAGS):
 
 
 def build_module(model, graph="masked"):
-    """A `tf.Module` holding the model and the two signature functions."""
+    """A `tf.Module` holding the model and the three signature functions.
+
+    Args:
+        model: the RNPModel, its knob set (its `penalty_setting` is the
+            default of `serve` and `forced`).
+        graph: "masked" or "sliced".
+
+    Returns:
+        A `tf.Module` with the `tf.function`s `serve(images)`,
+        `knob(images, penalty)` and `forced(images, actions)`.
+    """
     import tensorflow as tf
+
+    from rnp_tf import agent as agent_lib
 
     h, w, c = model.image_shape
     images_spec = tf.TensorSpec([None, h, w, c], tf.float32, name="images")
     actions_spec = tf.TensorSpec([None, model.num_prunable], tf.int32, name="actions")
+    penalty_spec = tf.TensorSpec(None, tf.float32, name="penalty")  # scalar, [1] or [batch]
     module = tf.Module()
     keys = ("logits", "actions", "macs")
     if graph == "masked":
@@ -92,56 +116,98 @@ def build_module(model, graph="masked"):
             out = model.rollout(images)
             return {k: out[k] for k in keys}
 
+        def knob(images, penalty):
+            # `rollout(penalty=)` takes a Python float; its loop takes a tensor
+            n = tf.shape(images)[0]
+            penalties = tf.reshape(penalty, [-1]) + tf.zeros(tf.stack([n]), tf.float32)
+            out = model._rollout(images, lambda t, q: agent_lib.greedy_actions(q), penalties=penalties, cap=True)
+            return {k: out[k] for k in keys}
+
         def forced(images, actions):
             out = model.rollout(images, actions=actions)
             return {k: out[k] for k in keys}
 
     elif graph == "sliced":
         net = common.SlicedNetwork(model)  # constants only
+        spec = [images_spec, actions_spec, penalty_spec]
 
-        def sliced(images, actions):
+        @tf.function(input_signature=spec, autograph=False)
+        def sliced(images, actions, penalty):
             # Batch 1 takes the nested tf.cond path (only the chosen branch
             # runs); larger batches gather/scatter.
             one = tf.equal(tf.shape(images)[0], 1)
-            return tf.cond(one, lambda: net.single(images, actions), lambda: net.batched(images, actions))
+            return tf.cond(
+                one, lambda: net.single(images, actions, penalty), lambda: net.batched(images, actions, penalty)
+            )
 
-        forced = sliced
+        module.sliced = sliced  # one traced graph for the three signatures
+        greedy = tf.zeros([1, model.num_prunable], tf.int32)  # forced = 0: the agent decides
+        default = tf.constant(net.penalty_setting, tf.float32)
 
         def serve(images):
-            # one traced graph for both signatures: the agent's choice is forced = 0
-            return module.forced(images, tf.zeros([1, model.num_prunable], tf.int32))
+            return module.sliced(images, greedy, default)
+
+        def knob(images, penalty):
+            return module.sliced(images, greedy, penalty)
+
+        def forced(images, actions):
+            return module.sliced(images, actions, default)
 
     else:
         raise common.ExportError(f"--graph must be one of {GRAPHS}, got {graph!r}")
     module.forced = tf.function(forced, input_signature=[images_spec, actions_spec], autograph=False)
+    module.knob = tf.function(knob, input_signature=[images_spec, penalty_spec], autograph=False)
     module.serve = tf.function(serve, input_signature=[images_spec], autograph=False)
     return module
 
 
 def save(module, path):
-    """`tf.saved_model.save` with the `serving_default` and `forced` signatures."""
+    """`tf.saved_model.save` with the `serving_default`, `serving_knob` and `forced` signatures."""
     import tensorflow as tf
 
-    signatures = {"serving_default": module.serve.get_concrete_function(), "forced": module.forced.get_concrete_function()}
+    signatures = {
+        "serving_default": module.serve.get_concrete_function(),
+        "serving_knob": module.knob.get_concrete_function(),
+        "forced": module.forced.get_concrete_function(),
+    }
     tf.saved_model.save(module, path, signatures=signatures)
 
 
 def runner(path_or_loaded, batch1=False):
-    """`run(images, forced_or_None) -> dict` over a (re)loaded SavedModel (`batch1`: one image per call)."""
+    """`run(images, forced=None, penalty=None) -> dict` over a (re)loaded SavedModel.
+
+    Args:
+        path_or_loaded: the SavedModel directory or `tf.saved_model.load`'s result.
+        batch1: one image per call.
+
+    Returns:
+        `run`: `forced` goes through the `forced` signature, `penalty` (a
+        float) through `serving_knob`, neither through `serving_default`.
+    """
     import tensorflow as tf
 
     loaded = tf.saved_model.load(path_or_loaded) if isinstance(path_or_loaded, (str, os.PathLike)) else path_or_loaded
-    serve, forced_fn = loaded.signatures["serving_default"], loaded.signatures["forced"]
+    signatures = loaded.signatures
 
-    def run_batch(images, forced=None):
+    def run_batch(images, forced=None, penalty=None):
         x = tf.constant(images, tf.float32)
-        out = serve(images=x) if forced is None else forced_fn(images=x, actions=tf.constant(forced, tf.int32))
+        if forced is not None:
+            out = signatures["forced"](images=x, actions=tf.constant(forced, tf.int32))
+        elif penalty is not None:
+            out = signatures["serving_knob"](images=x, penalty=tf.constant(penalty, tf.float32))
+        else:
+            out = signatures["serving_default"](images=x)
         return {k: v.numpy() for k, v in out.items()}
 
-    def run(images, forced=None):
+    def run(images, forced=None, penalty=None):
+        if forced is not None and penalty is not None:
+            raise ValueError(f"Give forced actions or a penalty, not both. Received: penalty={penalty}")
         if not batch1:
-            return run_batch(images, forced)
-        outs = [run_batch(images[i : i + 1], None if forced is None else forced[i : i + 1]) for i in range(len(images))]
+            return run_batch(images, forced, penalty)
+        outs = [
+            run_batch(images[i : i + 1], None if forced is None else forced[i : i + 1], penalty)
+            for i in range(len(images))
+        ]
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
     return run
@@ -171,16 +237,19 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
         raise common.ExportError(f"--graph must be one of {GRAPHS}, got {graph!r}")
     model, output, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log)
     with common.output_directory(output) as out:
-        net = common.SlicedNetwork(model) if graph == "sliced" else None
-        images = common.parity_images(net or common.SlicedNetwork(model), num_parity_images)
+        net = common.SlicedNetwork(model)
+        images = common.parity_images(net, num_parity_images)
+        knob = common.knob_inputs(net, num_parity_images)
         tuples = common.action_tuples(model.num_prunable, model.groups, max_forced_tuples)
         report = {
             "model_dir": os.path.abspath(model_dir),
             "graph": graph,
             "signatures": {
                 "serving_default": "images float32 [batch, H, W, C] -> logits, actions int32 [batch, T], macs [batch]",
+                "serving_knob": "images, penalty float32 [] or [1] or [batch] -> logits, actions, macs",
                 "forced": "images, actions int32 [batch, T] (1..k) -> logits, actions, macs",
             },
+            "knob": common.knob_report(net),
             "full_macs": float(model.full_macs),
             "parity": {},
         }
@@ -191,12 +260,13 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
             import tensorflow as tf
 
             loaded = tf.saved_model.load(tmp)
-            result = common.check_artifact("saved_model", model, runner(loaded), images, tuples)
+            result = common.check_artifact("saved_model", model, runner(loaded), images, tuples, knob=knob)
             # one image per call (the batch-1 path of the sliced graph): every
             # (previous action, action) pair at every layer
             pairs = common.action_tuples(model.num_prunable, model.groups, limit=model.groups**2)
             result["batch1"] = common.check_artifact(
-                "saved_model (batch 1)", model, runner(loaded, batch1=True), images[:4], pairs, per_tuple=1
+                "saved_model (batch 1)", model, runner(loaded, batch1=True), images[:4], pairs, per_tuple=1,
+                knob=common.knob_subset(knob, 4),
             )
             report["parity"]["saved_model"] = result
             log("saved_model: parity passed")
@@ -215,7 +285,7 @@ def summarize(report):
     print(
         f"{PROGRAM}: {report['graph']} graph: greedy {g['samples']} images ({g['distinct_action_tuples']} action "
         f"tuples) max |dlogits| {g['max_abs_logit_diff']:.2e}; forced {f['distinct_action_tuples']} tuples "
-        f"max |dlogits| {f['max_abs_logit_diff']:.2e}"
+        f"max |dlogits| {f['max_abs_logit_diff']:.2e}; {common.knob_summary(parity)}"
     )
     print(f"{PROGRAM}: wrote saved_model/ and saved_model.json to {report['output']}")
 

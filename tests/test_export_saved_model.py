@@ -1,4 +1,4 @@
-"""python -m export.saved_model: serving_default + forced signatures, verified after reload."""
+"""python -m export.saved_model: serving_default, serving_knob and forced signatures, verified after reload."""
 
 import json
 import os
@@ -23,10 +23,24 @@ def checkpoint(tmp_path_factory, write_checkpoint):
     return directory
 
 
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    """Returns `get(graph) -> (output directory, report)`, exporting each graph once."""
+    cache = {}
+
+    def get(graph):
+        if graph not in cache:
+            out = tmp_path_factory.mktemp(graph) / "export"
+            report = saved_model.export_saved_model(checkpoint, out, graph=graph, num_parity_images=8, log=lambda m: None)
+            cache[graph] = (out, report)
+        return cache[graph]
+
+    return get
+
+
 @pytest.mark.parametrize("graph", ["masked", "sliced"])
-def test_export_verifies_every_action_tuple(checkpoint, graph, tmp_path):
-    out = tmp_path / "export"
-    report = saved_model.export_saved_model(checkpoint, out, graph=graph, num_parity_images=8, log=lambda m: None)
+def test_export_verifies_every_action_tuple(checkpoint, exported, graph):
+    out, report = exported(graph)
     parity = report["parity"]["saved_model"]
     assert parity["greedy"]["action_agreement"] == 1.0
     assert parity["forced"]["distinct_action_tuples"] == 64
@@ -45,6 +59,36 @@ def test_export_verifies_every_action_tuple(checkpoint, graph, tmp_path):
     ref = model.rollout(x, actions=np.full((5, 3), 2))
     np.testing.assert_allclose(forced["logits"], ref["logits"], atol=1e-4)
     np.testing.assert_array_equal(forced["actions"], ref["actions"])
+
+
+@pytest.mark.parametrize("graph", ["masked", "sliced"])
+def test_penalty_is_a_run_time_input(checkpoint, exported, graph, check_penalty_input):
+    """`serving_knob(images, penalty)` at two penalties is `set_penalty(p)` + `rollout`; the default is the setting."""
+    out, report = exported(graph)
+    checks = report["parity"]["saved_model"]["knob"]  # the export's own check ran at two penalties
+    assert checks[0]["penalty"] == pytest.approx(0.3) and checks[1]["penalty"] < 0.3 and checks[1]["actions_differ"]
+    assert len(report["parity"]["saved_model"]["batch1"]["knob"]) == 2
+    loaded = tf.saved_model.load(str(out / "saved_model"))
+    knob = loaded.signatures["serving_knob"]
+    assert set(knob.structured_input_signature[1]) == {"images", "penalty"}
+    model = keras.models.load_model(checkpoint / "model.keras")
+
+    def run(x, penalty):  # a scalar penalty
+        got = knob(images=tf.constant(x), penalty=tf.constant(penalty, tf.float32))
+        return got["logits"].numpy(), got["actions"].numpy(), got["macs"].numpy()
+
+    check_penalty_input(model, run)
+    x = np.random.default_rng(11).normal(size=(16, 8, 8, 1)).astype("float32") * 2
+    setting, cheap = run(x, 0.3), run(x, -0.2)
+    default = loaded.signatures["serving_default"](images=tf.constant(x))
+    np.testing.assert_array_equal(default["actions"], setting[1])
+    # one penalty per image ([batch]), and batch 1 (the sliced graph's tf.cond path) with a [1] penalty
+    per_image = np.where(np.arange(16) % 2 == 0, 0.3, -0.2).astype("float32")
+    got = knob(images=tf.constant(x), penalty=tf.constant(per_image))["actions"].numpy()
+    np.testing.assert_array_equal(got, np.where((np.arange(16) % 2 == 0)[:, None], setting[1], cheap[1]))
+    for i in range(3):
+        one = knob(images=tf.constant(x[i : i + 1]), penalty=tf.constant([-0.2]))
+        np.testing.assert_array_equal(one["actions"][0], cheap[1][i])
 
 
 def test_failed_parity_writes_nothing(checkpoint, tmp_path, monkeypatch):
