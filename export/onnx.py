@@ -22,6 +22,15 @@ Inputs and outputs (opset 17):
     forced_actions  int32 [batch or 1, T], optional (an overridable
                     initializer, zeros by default): 0 lets the agent
                     choose; 1..k forces that many groups at that layer
+    penalty         float32 [1] (rnp.onnx: [1] or [batch], one per image),
+                    optional (an overridable initializer holding the
+                    default, `--penalty` or the model's saved setting):
+                    the run-time knob of `RNPModel.set_penalty`, so one
+                    deployed model serves every operating point (more
+                    negative: cheaper). Also in the model's metadata
+                    (`penalty_setting`). The hard compute cap
+                    (`--compute_cap`, or the one saved with the model) is
+                    frozen in, not an input.
     logits          float32 [batch, classes]
     actions         int32 [batch, T]  (groups computed at each prunable conv)
     macs            float32 [batch]   (multiply-accumulates of each image)
@@ -30,8 +39,10 @@ Every model passes `onnx.checker.check_model(full_check=True)` and is run in
 onnxruntime before it is written: greedy actions on fixed images that drive
 different actions, and every action at every layer through
 `forced_actions`, against `model.rollout` (identical actions, max |logits
-difference| <= 1e-4); otherwise nothing is written and the command exits 2
-with the measured difference.
+difference| <= 1e-4), and the greedy actions with `penalty` fed at two
+settings (the default and a cheaper one at which the actions differ)
+against `model.set_penalty(p)` + `model.rollout`; otherwise nothing is
+written and the command exits 2 with the measured difference.
 
 Examples:
 
@@ -44,6 +55,7 @@ In Python:
     import onnxruntime as ort
     sess = ort.InferenceSession("/tmp/rnp_quickstart/export/rnp.onnx")
     logits, actions, macs = sess.run(["logits", "actions", "macs"], {"images": x})
+    cheap = sess.run(["logits", "actions", "macs"], {"images": x, "penalty": np.array([-0.5], np.float32)})
 """
 
 import contextlib
@@ -136,12 +148,16 @@ def _quiet_tf2onnx():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# The optional inputs of the RNP models; each gets an overridable initializer.
+OPTIONAL_INPUTS = ("forced_actions", "penalty")
+
+
 def _name_dims(model_proto, batch):
     """Names the batch dimension of the images and every output `batch` (or fixes it to 1)."""
     graph = model_proto.graph
     for value in list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
-        if not dims or value.name == "forced_actions":
+        if not dims or value.name in OPTIONAL_INPUTS:
             continue
         if batch == 1:
             dims[0].dim_value = 1
@@ -149,25 +165,60 @@ def _name_dims(model_proto, batch):
             dims[0].dim_param = "batch"
 
 
-def _optional_forced_actions(model_proto, num_prunable, batch):
-    """Makes `forced_actions` optional: an overridable initializer of zeros `[1, T]`."""
+def _optional_inputs(model_proto, net, batch):
+    """Makes `forced_actions` and `penalty` optional: overridable initializers with their defaults.
+
+    `forced_actions`: zeros `[1, T]` (the agent decides); `penalty`:
+    `[net.penalty_setting]`. An initializer with the name of a graph input
+    is ONNX's default value of that input. The default penalty is also
+    written to the metadata (`penalty_setting`).
+    """
     from onnx import numpy_helper
 
     graph = model_proto.graph
-    graph.initializer.append(numpy_helper.from_array(np.zeros((1, num_prunable), np.int32), "forced_actions"))
+    defaults = {
+        "forced_actions": (np.zeros((1, net.num_prunable), np.int32), "forced_batch"),
+        "penalty": (np.full([1], net.penalty_setting, np.float32), "penalty_batch"),
+    }
+    for name, (value, _) in defaults.items():
+        graph.initializer.append(numpy_helper.from_array(value, name))
     for value in graph.input:
-        if value.name == "forced_actions":
+        if value.name in defaults:
             dim = value.type.tensor_type.shape.dim[0]
             if batch == 1:
                 dim.dim_value = 1
             else:
-                dim.dim_param = "forced_batch"
+                dim.dim_param = defaults[value.name][1]
+    _set_metadata(model_proto, penalty_setting=repr(net.penalty_setting))
+
+
+def _set_metadata(model_proto, **entries):
+    """Sets `metadata_props` entries (string values) of a model."""
+    props = {p.key: p for p in model_proto.metadata_props}
+    for key, value in entries.items():
+        if key not in props:
+            props[key] = model_proto.metadata_props.add(key=key)
+        props[key].value = str(value)
+
+
+def default_penalty(sess_or_proto):
+    """The default run-time penalty written into an RNP ONNX model (its `penalty_setting` metadata), or None."""
+    if hasattr(sess_or_proto, "get_modelmeta"):
+        value = sess_or_proto.get_modelmeta().custom_metadata_map.get("penalty_setting")
+    else:
+        value = {p.key: p.value for p in sess_or_proto.metadata_props}.get("penalty_setting")
+    return None if value is None else float(value)
 
 
 def bake_greedy(model_proto):
-    """A copy with `forced_actions` removed from the inputs (a constant zeros initializer).
+    """The TensorRT-bound form: inputs `images` and `penalty` (required, `[1]`).
 
-    The TensorRT-bound form: its only input is `images`.
+    `forced_actions` is removed from the inputs (a constant zeros
+    initializer: the agent always decides). `penalty` loses its
+    initializer: TensorRT's ONNX parser imports an input that has an
+    initializer as a constant weight, which would freeze the knob, so it
+    is a required input of static shape `[1]`; its default stays in the
+    metadata (`default_penalty`).
     """
     import onnx
 
@@ -176,6 +227,12 @@ def bake_greedy(model_proto):
     keep = [v for v in proto.graph.input if v.name != "forced_actions"]
     del proto.graph.input[:]
     proto.graph.input.extend(keep)
+    inits = [i for i in proto.graph.initializer if i.name != "penalty"]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(inits)
+    for value in proto.graph.input:
+        if value.name == "penalty":
+            value.type.tensor_type.shape.dim[0].dim_value = 1
     return proto
 
 
@@ -186,6 +243,7 @@ def _signature(net, batch):
     return [
         tf.TensorSpec([batch, h, w, c], tf.float32, name="images"),
         tf.TensorSpec([batch, net.num_prunable], tf.int32, name="forced_actions"),
+        tf.TensorSpec([batch], tf.float32, name="penalty"),
     ]
 
 
@@ -199,7 +257,7 @@ def convert_batched(net):
     fn = tf.function(net.batched, input_signature=sig, autograph=False)
     proto, _ = _convert(lambda: tf2onnx.convert.from_function(fn, input_signature=sig, opset=OPSET))
     _name_dims(proto, None)
-    _optional_forced_actions(proto, net.num_prunable, None)
+    _optional_inputs(proto, net, None)
     proto.graph.name = "rnp_gather_scatter"
     return check(proto)
 
@@ -217,7 +275,7 @@ def convert_single(net):
     frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=True)
     inputs = [t.name for t in frozen.inputs]
     outputs = [t.name for t in frozen.outputs]
-    rename = {t.name: name for name, t in zip(("images", "forced_actions"), frozen.inputs)}
+    rename = {t.name: name for name, t in zip(("images", "forced_actions", "penalty"), frozen.inputs)}
     structured = concrete.structured_outputs
     for name, tensor in structured.items():
         rename[outputs[[t.name for t in concrete.outputs].index(tensor.name)]] = name
@@ -229,9 +287,9 @@ def convert_single(net):
         SINGLE_OPTIMIZERS,
     )
     _name_dims(proto, 1)
-    _optional_forced_actions(proto, net.num_prunable, 1)
+    _optional_inputs(proto, net, 1)
     proto.graph.name = "rnp_batch1_if"
-    return check(proto)
+    return check(_scalar_gemm_betas(proto))
 
 
 def convert_full(net):
@@ -246,6 +304,49 @@ def convert_full(net):
     _name_dims(proto, None)
     proto.graph.name = "full"
     return check(proto)
+
+
+def _scalar_gemm_betas(proto):
+    """Repairs tf2onnx's `Gemm` nodes whose `beta` is a vector (invalid ONNX); returns the proto.
+
+    tf2onnx rewrites `A @ B + c * C` into `Gemm(A, B, C, beta=c)` without
+    checking that the constant `c` is a scalar. The penalty re-pricing of
+    the batch-1 graph, `Q + (p - p0) * [0, 1, .., k-1]` after a linear
+    decoder, has that form with a vector `c`: such a node gets
+    `C := Mul(C, c)` (a Constant and a Mul beside it) and `beta = 1`.
+    """
+    from onnx import helper
+
+    count = 0
+
+    def walk(graph):
+        nonlocal count
+        nodes = list(graph.node)
+        del graph.node[:]
+        for node in nodes:
+            beta = next((a for a in node.attribute if a.name == "beta" and a.floats), None)
+            if node.op_type == "Gemm" and beta is not None and len(node.input) == 3:
+                count += 1
+                name = f"{node.name}__beta_vector_{count}"
+                values = np.asarray(list(beta.floats), np.float32)
+                graph.node.append(
+                    helper.make_node("Constant", [], [name + "_value"], name=name + "_value",
+                                     value=helper.make_tensor(name + "_value", 1, values.shape, values))
+                )
+                graph.node.append(helper.make_node("Mul", [node.input[2], name + "_value"], [name], name=name))
+                node.input[2] = name
+                beta.ClearField("floats")
+                beta.type = helper.AttributeProto.FLOAT
+                beta.f = 1.0
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+            graph.node.append(node)
+
+    walk(proto.graph)
+    return proto
 
 
 def check(proto):
@@ -294,21 +395,35 @@ def session(path_or_bytes, num_threads=None):
 
 
 def runner(sess, batch1=False, has_forced=True):
-    """`run(images, forced_actions_or_None) -> dict` over an onnxruntime session."""
-    names = [o.name for o in sess.get_outputs()]
+    """`run(images, forced_actions=None, penalty=None) -> dict` over an onnxruntime session.
 
-    def run_batch(images, forced):
+    `penalty` (a float) is fed as the `[1]` input `penalty`; when it is
+    None and the model requires it (`rnp_trt.onnx`), its default from the
+    metadata is fed.
+    """
+    names = [o.name for o in sess.get_outputs()]
+    required = {i.name for i in sess.get_inputs()}
+    default = default_penalty(sess)
+
+    def run_batch(images, forced, penalty):
         feed = {"images": np.ascontiguousarray(images, np.float32)}
         if forced is not None:
             if not has_forced:
-                raise ValueError("this model has no forced_actions input")
+                raise ValueError("This model has no forced_actions input. Received: forced actions")
             feed["forced_actions"] = np.ascontiguousarray(forced, np.int32)
+        if penalty is None and "penalty" in required:
+            penalty = default
+        if penalty is not None:
+            feed["penalty"] = np.full([1], penalty, np.float32)
         return dict(zip(names, sess.run(names, feed)))
 
-    def run(images, forced=None):
+    def run(images, forced=None, penalty=None):
         if not batch1:
-            return run_batch(images, forced)
-        outs = [run_batch(images[i : i + 1], None if forced is None else forced[i : i + 1]) for i in range(len(images))]
+            return run_batch(images, forced, penalty)
+        outs = [
+            run_batch(images[i : i + 1], None if forced is None else forced[i : i + 1], penalty)
+            for i in range(len(images))
+        ]
         return {k: np.concatenate([o[k] for o in outs]) for k in names}
 
     return run
@@ -331,9 +446,11 @@ def check_full(label, model, run, images):
 
 
 def latency(sess, image_shape, batch, runs):
-    """Median onnxruntime latency in ms at a batch size (random images)."""
+    """Median onnxruntime latency in ms at a batch size (random images, default penalty)."""
     x = np.random.default_rng(batch).normal(size=(batch, *image_shape)).astype(np.float32)
     feed = {"images": x}
+    if "penalty" in {i.name for i in sess.get_inputs()}:  # a required input (rnp_trt.onnx)
+        feed["penalty"] = np.full([1], default_penalty(sess), np.float32)
     return common.timed(lambda: sess.run(None, feed), repeats=runs, warmup=2)
 
 
@@ -364,6 +481,7 @@ def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_f
     with common.output_directory(output) as out:
         net = common.SlicedNetwork(model)
         images = common.parity_images(net, num_parity_images)
+        knob = common.knob_inputs(net, num_parity_images)
         tuples = common.action_tuples(net.num_prunable, net.groups, max_forced_tuples)
         log(f"converting the gather/scatter model (opset {OPSET})")
         protos = {"rnp.onnx": convert_batched(net)}
@@ -393,7 +511,7 @@ def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_f
                     report["parity"][name] = check_full(name, model, full_runner(sess), images)
                 else:
                     run = runner(sess, batch1=name == "rnp_b1.onnx")
-                    report["parity"][name] = common.check_artifact(name, model, run, images, tuples)
+                    report["parity"][name] = common.check_artifact(name, model, run, images, tuples, knob=knob)
                     if name == "rnp.onnx":
                         report["parity"][name]["dynamic_batch"] = check_dynamic_batch(model, run, images)
                 sessions[name] = sess
@@ -465,7 +583,7 @@ def summarize(report):
             print(
                 f"{PROGRAM}: {name}: greedy {g['samples']} images ({g['distinct_action_tuples']} action tuples) "
                 f"max |dlogits| {g['max_abs_logit_diff']:.2e}; forced {f['distinct_action_tuples']} tuples "
-                f"max |dlogits| {f['max_abs_logit_diff']:.2e}"
+                f"max |dlogits| {f['max_abs_logit_diff']:.2e}; {common.knob_summary(parity)}"
             )
         else:
             print(f"{PROGRAM}: {name}: full width max |dlogits| {parity['max_abs_logit_diff']:.2e}")

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from export import common
 from export import onnx as onnx_export
@@ -38,13 +39,35 @@ def test_interface_names_and_dynamic_batch(exported):
     _, out, _ = exported
     proto = onnx.load(str(out / "rnp.onnx"))
     inputs = {v.name: v for v in proto.graph.input}
-    assert set(inputs) == {"images", "forced_actions"}
+    assert set(inputs) == {"images", "forced_actions", "penalty"}
     assert inputs["images"].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert {o.name for o in proto.graph.output} == {"actions", "logits", "macs"}
     for output in proto.graph.output:
         assert output.type.tensor_type.shape.dim[0].dim_param == "batch"
     sess = onnx_export.session(str(out / "rnp.onnx"))
-    assert [i.name for i in sess.get_inputs()] == ["images"]  # forced_actions is optional
+    assert [i.name for i in sess.get_inputs()] == ["images"]  # forced_actions and penalty are optional
+
+
+def test_penalty_input_in_both_models(exported, check_penalty_input):
+    """`penalty` fed at two settings is `set_penalty(p)` + `rollout`; its default (initializer) is the setting."""
+    model, out, report = exported
+    for name in ("rnp.onnx", "rnp_b1.onnx"):
+        checks = report["parity"][name]["knob"]  # the export's own check ran at two penalties
+        assert checks[0]["penalty"] == pytest.approx(0.3) and checks[1]["penalty"] < 0.3 and checks[1]["actions_differ"]
+        proto = onnx.load(str(out / name))
+        defaults = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+        np.testing.assert_allclose(defaults["penalty"], [0.3], rtol=1e-6)
+        assert onnx_export.default_penalty(proto) == pytest.approx(0.3)
+        run = onnx_export.runner(onnx_export.session(str(out / name)), batch1=name == "rnp_b1.onnx")
+        check_penalty_input(model, lambda x, p, run=run: tuple(run(x, penalty=p)[k] for k in ("logits", "actions", "macs")))
+    # rnp.onnx: one penalty per image
+    sess = onnx_export.session(str(out / "rnp.onnx"))
+    x = np.random.default_rng(11).normal(size=(16, 8, 8, 1)).astype("float32") * 2
+    per_image = np.where(np.arange(16) % 2 == 0, 0.3, -0.2).astype("float32")
+    (got,) = sess.run(["actions"], {"images": x, "penalty": per_image})
+    (setting,) = sess.run(["actions"], {"images": x})
+    (cheap,) = sess.run(["actions"], {"images": x, "penalty": np.array([-0.2], np.float32)})
+    np.testing.assert_array_equal(got, np.where((np.arange(16) % 2 == 0)[:, None], setting, cheap))
 
 
 def test_every_action_tuple_in_both_models(exported):
