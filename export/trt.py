@@ -5,11 +5,18 @@ Writes into `--output` (default `ckpt/export/`):
 - `rnp_trt.onnx`: the TensorRT-ready ONNX: the gather/scatter graph of
   `export.onnx` (per-sample actions by NonZero/Gather/ScatterND, no `If`
   or `Loop`: TensorRT's `If` needs a scalar condition, so per-sample
-  choices at batch > 1 cannot be branches), with `images` as its only
-  input (the agent always decides). It is checked statically against
+  choices at batch > 1 cannot be branches), with two inputs: `images`
+  and `penalty` (float32 `[1]`, required: the run-time knob of
+  `RNPModel.set_penalty`; TensorRT would freeze an input that has a
+  default, so its default, `--penalty` or the model's saved setting, is in
+  the model's metadata `penalty_setting` and `TRTRunner` feeds it when no
+  penalty is given). The agent always decides; the hard compute cap
+  (`--compute_cap`, or the one saved with the model) is frozen in. It is
+  checked statically against
   the ONNX operators TensorRT 10's parser supports (`TRT_ONNX_OPERATORS`,
   with their data types) and run in onnxruntime against `model.rollout`
-  before it is written.
+  before it is written, also at a second, cheaper penalty (against
+  `model.set_penalty(p)`), as the engine is after it is built.
 - `full.onnx`: the unpruned network (the baseline engine).
 - `rnp.engine`, `full.engine` (`rnp_fp16.engine`, `full_fp16.engine` with
   `--fp16`): serialized engines built with the TensorRT 10 Python API
@@ -216,6 +223,8 @@ def build_engine(trt, onnx_bytes, max_batch=64, opt_batch=64, fp16=False, worksp
     opt_batch = min(opt_batch, max_batch)
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
+        if -1 not in tuple(tensor.shape):
+            continue  # a static input (`penalty`, [1]) needs no profile
         inner = tuple(tensor.shape)[1:]
         profile.set_shape(tensor.name, (1, *inner), (opt_batch, *inner), (max_batch, *inner))
     config.add_optimization_profile(profile)
@@ -226,10 +235,18 @@ def build_engine(trt, onnx_bytes, max_batch=64, opt_batch=64, fp16=False, worksp
 
 
 class TRTRunner:
-    """Runs a serialized engine on numpy batches (device buffers with cuda-python)."""
+    """Runs a serialized engine on numpy batches (device buffers with cuda-python).
 
-    def __init__(self, trt, cudart, engine_bytes, logger=None):
+    Args:
+        trt, cudart: the modules of `probe_tensorrt`.
+        engine_bytes: a serialized engine.
+        logger: a `trt.Logger` (default WARNING).
+        penalty: the default of the engine's `penalty` input, if it has one.
+    """
+
+    def __init__(self, trt, cudart, engine_bytes, logger=None, penalty=None):
         self.trt, self.cudart = trt, cudart
+        self.penalty = penalty
         self.runtime = trt.Runtime(logger or trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
@@ -246,11 +263,23 @@ class TRTRunner:
             raise common.ExportError(f"CUDA error {err}")
         return result[1] if isinstance(result, tuple) and len(result) > 1 else None
 
-    def run(self, images):
-        """`{output name: numpy array}` for float32 images `[n, H, W, C]`."""
+    def run(self, images, penalty=None):
+        """`{output name: numpy array}` for float32 images `[n, H, W, C]`.
+
+        Args:
+            images: float32 `[n, H, W, C]`.
+            penalty: the run-time penalty (a float) for an engine with a
+                `penalty` input; default: the runner's `penalty`.
+        """
         cudart, trt = self.cudart, self.trt
         host = {"images": np.ascontiguousarray(images, np.float32)}
-        self.context.set_input_shape("images", host["images"].shape)
+        if "penalty" in self.inputs:
+            penalty = self.penalty if penalty is None else penalty
+            if penalty is None:
+                raise ValueError("This engine has a `penalty` input and the runner no default. Received: penalty=None")
+            host["penalty"] = np.full([1], penalty, np.float32)
+        for name in self.inputs:
+            self.context.set_input_shape(name, host[name].shape)
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
             host[name] = np.empty(shape, trt.nptype(self.engine.get_tensor_dtype(name)))
@@ -260,7 +289,8 @@ class TRTRunner:
                 device[name] = self._check(cudart.cudaMalloc(max(array.nbytes, 1)))
                 self.context.set_tensor_address(name, device[name])
             h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-            self._check(cudart.cudaMemcpyAsync(device["images"], host["images"].ctypes.data, host["images"].nbytes, h2d, self.stream))
+            for name in self.inputs:
+                self._check(cudart.cudaMemcpyAsync(device[name], host[name].ctypes.data, host[name].nbytes, h2d, self.stream))
             if not self.context.execute_async_v3(self.stream):
                 raise common.ExportError("TensorRT execution failed")
             d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -311,6 +341,7 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
     with common.output_directory(output) as out:
         net = common.SlicedNetwork(model)
         images = common.parity_images(net, num_parity_images)
+        knob = common.knob_inputs(net, num_parity_images)
         log(f"converting the gather/scatter model for TensorRT (opset {onnx_export.OPSET})")
         protos = {
             "rnp_trt.onnx": onnx_export.bake_greedy(onnx_export.convert_batched(net)),
@@ -341,6 +372,9 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
                     report["onnx_parity"][name] = common.compare(f"{name} (greedy)", common.reference(model, images), run(images))
                     x = images[np.arange(64) % len(images)]
                     report["onnx_parity"][name + " batch 64"] = common.compare(f"{name} (batch 64)", common.reference(model, x), run(x))
+                    report["onnx_parity"][name + " knob"] = common.check_knob(
+                        name, model, lambda x, p: run(x, penalty=p), knob
+                    )
                 log(f"{name}: TensorRT operator check and onnxruntime parity passed")
 
             return produce
@@ -364,11 +398,12 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
             stem = "rnp" if name == "rnp_trt.onnx" else "full"
             log(f"building {stem}{suffix}.engine (batch 1..{max_batch}{', FP16' if fp16 else ''})")
             engines[stem] = build_engine(trt, proto.SerializeToString(), max_batch, opt_batch, fp16, workspace_mb)
-            runners[stem] = TRTRunner(trt, cudart, engines[stem])
+            runners[stem] = TRTRunner(trt, cudart, engines[stem], penalty=net.penalty_setting)
         tol = common.tolerance_for(quant)
         got = runners["rnp"].run(images)
         report["engine_parity"] = {
             "rnp": common.compare("rnp engine", common.reference(model, images), got, **tol),
+            "rnp_knob": common.check_knob("rnp engine", model, lambda x, p: runners["rnp"].run(x, p), knob, quant),
             "full": common.compare(
                 "full engine",
                 common.reference(model, images, np.full((len(images), model.num_prunable), model.groups)),

@@ -1,6 +1,7 @@
 """python -m export.trt: TensorRT-ready ONNX (static operator check, no If), exit 2 without TensorRT."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -51,15 +52,28 @@ def test_tensorrt_onnx_uses_only_supported_ops_and_no_if(cli_run):
         assert set(ops) <= set(trt.TRT_ONNX_OPERATORS), set(ops) - set(trt.TRT_ONNX_OPERATORS)
         assert not set(ops) & set(trt.FORBIDDEN_AT_BATCH)
         assert trt.check_tensorrt_compatible(proto) == []
-        assert [v.name for v in proto.graph.input] == ["images"]
+    # the penalty is a required input: TensorRT would freeze one with a default
+    proto = onnx.load(str(out / "rnp_trt.onnx"))
+    assert [v.name for v in proto.graph.input] == ["images", "penalty"]
+    assert "penalty" not in {i.name for i in proto.graph.initializer}
+    assert [v.name for v in onnx.load(str(out / "full.onnx")).graph.input] == ["images"]
     # and it runs, with the agent's actions, at batch 1 and 64
     sess = onnx_export.session(str(out / "rnp_trt.onnx"))
+    default = np.array([onnx_export.default_penalty(sess)], np.float32)
     for n in (1, 64):
         x = np.random.default_rng(n).normal(size=(n, 8, 8, 1)).astype("float32")
-        logits, actions = sess.run(["logits", "actions"], {"images": x})
+        logits, actions = sess.run(["logits", "actions"], {"images": x, "penalty": default})
         ref = model.rollout(x)
         np.testing.assert_array_equal(actions, ref["actions"])
         np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
+
+
+def test_tensorrt_onnx_penalty_input(cli_run, check_penalty_input):
+    model, out, _ = cli_run
+    checks = json.loads((out / "trt.json").read_text())["onnx_parity"]["rnp_trt.onnx knob"]
+    assert checks[0]["penalty"] == pytest.approx(0.3) and checks[1]["penalty"] < 0.3 and checks[1]["actions_differ"]
+    run = onnx_export.runner(onnx_export.session(str(out / "rnp_trt.onnx")), has_forced=False)
+    check_penalty_input(model, lambda x, p: tuple(run(x, penalty=p)[k] for k in ("logits", "actions", "macs")))
 
 
 def test_static_check_names_each_problem():
@@ -171,6 +185,7 @@ def test_build_engine_uses_the_tensorrt_10_calls(cli_run, fp16):
     assert trt.build_engine(fake, data, max_batch=64, opt_batch=32, fp16=fp16, workspace_mb=256) == b"engine"
     assert ("create_network", 0) in fake.calls
     assert ("set_shape", "images", (1, 8, 8, 1), (32, 8, 8, 1), (64, 8, 8, 1)) in fake.calls
+    assert not [c for c in fake.calls if c[:2] == ("set_shape", "penalty")]  # static [1]: no profile
     assert ("pool", "WORKSPACE", 256 << 20) in fake.calls
     assert (("set_flag", "FP16") in fake.calls) == fp16
     assert (("clear_flag", "TF32") in fake.calls) == (not fp16)
