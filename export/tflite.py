@@ -11,10 +11,19 @@ Writes into `--output` (default `ckpt/export/`):
       the agent's first decision;
     * `conv{t}_in{p}_out{a}`: prunable conv `t` on the weight prefix for
       previous action `p` and action `a`, its pooling and the agent's next
-      decision (re-priced to the model's penalty setting and masked by its
+      decision (re-priced to the run-time penalty and masked by the
       compute cap, as `RNPModel.rollout` decides);
     * `head_in{a}`: the classifier on `a` groups;
-    * `full`: the unpruned network, the latency baseline.
+    * `full`: the unpruned network, the latency baseline;
+    * `penalty_setting`: no inputs; the default penalty (`--penalty`, else
+      the model's saved setting).
+
+  Every signature that decides (`stem` and every `conv` but the last)
+  takes the run-time penalty as an input (`penalty`, float32 `[1]`, the
+  knob of `RNPModel.set_penalty`), so one file serves every operating
+  point; `TFLiteRNPRunner` feeds its `penalty` (default: the
+  `penalty_setting` signature's). The hard compute cap (`--compute_cap`,
+  or the one saved with the model) is frozen in.
 - `rnp_float16.tflite` / `rnp_dynamic.tflite` with `--quantize`: the same
   with float16 weights or dynamic-range int8 weights.
 - `tflite.json`: parity results and latencies.
@@ -24,11 +33,16 @@ Run it with the driver shipped in the package:
     from rnp_tf.tflite_runner import TFLiteRNPRunner
     runner = TFLiteRNPRunner("ckpt/export/rnp.tflite")
     logits, actions, macs = runner.run(images)            # images [n, H, W, C]
+    runner.set_penalty(-0.5)                              # cheaper, from now on
+    logits, actions, macs = runner.run(images, penalty=-0.5)   # or for one call
 
 Every file is checked before it is written, through `TFLiteRNPRunner` and
 the TFLite interpreter: greedy actions on fixed images that drive different
 actions, and every action at every layer (forced), against
-`model.rollout`. float32: identical actions and max |logits difference| <=
+`model.rollout`, and the greedy actions at two penalties fed to the
+signatures (the default and a cheaper one at which the actions differ)
+against `model.set_penalty(p)` + `model.rollout`. float32: identical
+actions and max |logits difference| <=
 1e-4. float16 / dynamic: logits within the tolerance of
 `export.common.QUANTIZED_TOLERANCES` (relative to the largest logit) and
 greedy actions agreeing on at least its `min_agreement` share of the images
@@ -99,10 +113,12 @@ def signature_functions(net, parts=("rnp", "full")):
     # Under a compute cap a decision needs every earlier action: the runner
     # feeds them as `actions` (0 for decisions still to come).
     actions_spec = tf.TensorSpec([1, net.num_prunable], tf.int32, name="actions")
+    penalty_spec = tf.TensorSpec([1], tf.float32, name="penalty")  # the run-time knob
 
-    def decision(t, y, state, decided, spent):
-        q, (sh, sc) = net.agent_step(t, net.pooled(y), state)
-        action, _ = net.decide(t, q, None, decided, spent)
+    def decision(t, y, state, decided, spent, penalty):
+        penalties = net.penalties(penalty, 1)
+        q, (sh, sc) = net.agent_step(t, net.pooled(y), state, penalties)
+        action, _ = net.decide(t, q, None, decided, spent, penalties)
         return {"q": q, "action": action, "state_h": sh, "state_c": sc}
 
     functions = {}
@@ -116,12 +132,20 @@ def signature_functions(net, parts=("rnp", "full")):
     if "rnp" not in parts:
         return functions
 
-    @tf.function(input_signature=[tf.TensorSpec([1, h, w, c], tf.float32, name="images")], autograph=False)
-    def stem(images):
+    @tf.function(input_signature=[], autograph=False)
+    def penalty_setting():
+        return {"penalty_setting": tf.constant([net.penalty_setting], tf.float32)}
+
+    functions["penalty_setting"] = penalty_setting
+
+    @tf.function(
+        input_signature=[tf.TensorSpec([1, h, w, c], tf.float32, name="images"), penalty_spec], autograph=False
+    )
+    def stem(images, penalty):
         with net.constants():
             y = net.stem(images)
             spent = net.start_spent(1)
-            out = decision(0, y, net.initial_state(1), [], spent)
+            out = decision(0, y, net.initial_state(1), [], spent, penalty)
             out.update(features=y, spent=spent)
             return out
 
@@ -137,7 +161,7 @@ def signature_functions(net, parts=("rnp", "full")):
 
                 fed = net.cap is not None and t > 0 and not last
 
-                def body(features, spent, state_h=None, state_c=None, actions=None):
+                def body(features, spent, state_h=None, state_c=None, penalty=None, actions=None):
                     with net.constants():
                         y = net.segment(t, features, p, a)
                         spent = spent + net.macs_constant(cost)
@@ -146,10 +170,11 @@ def signature_functions(net, parts=("rnp", "full")):
                             # earlier actions: fed under a cap, else unread placeholders
                             decided = [actions[:, u] if fed else tf.zeros([1], tf.int32) for u in range(t)]
                             decided.append(tf.constant([a], tf.int32))
-                            out.update(decision(t + 1, y, [state_h, state_c], decided, spent))
+                            out.update(decision(t + 1, y, [state_h, state_c], decided, spent, penalty))
                         return out
 
-                specs = [features, spent_spec] + ([] if last else state_specs()) + ([actions_spec] if fed else [])
+                specs = [features, spent_spec] + ([] if last else state_specs() + [penalty_spec])
+                specs += [actions_spec] if fed else []
                 return tf.function(body, input_signature=specs, autograph=False)
 
             functions[f"conv{t}_in{p}_out{a}"] = make()
@@ -217,10 +242,10 @@ def convert_saved(path, signature_keys, quantize="none"):
 
 
 def runner_function(runner):
-    """`run(images, forced_or_None) -> dict` over a `TFLiteRNPRunner` (for `common.check_artifact`)."""
+    """`run(images, forced=None, penalty=None) -> dict` over a `TFLiteRNPRunner` (for `common.check_artifact`)."""
 
-    def run(images, forced=None):
-        logits, actions, macs = runner.run(images, forced)
+    def run(images, forced=None, penalty=None):
+        logits, actions, macs = runner.run(images, forced, penalty=penalty)
         return {"logits": logits, "actions": actions, "macs": macs}
 
     return run
@@ -256,6 +281,7 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
     with common.output_directory(output) as out:
         net = common.SlicedNetwork(model)
         images = common.parity_images(net, num_parity_images)
+        knob = common.knob_inputs(net, num_parity_images)
         tuples = common.action_tuples(net.num_prunable, net.groups, max_forced_tuples)
         variants = ["none"] + ([quantize] if quantize != "none" else [])
         report = {
@@ -278,7 +304,9 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
                     f.write(data)
                 runner = TFLiteRNPRunner(tmp)
                 quant = None if variant == "none" else variant
-                result = common.check_artifact(name, model, runner_function(runner), images, tuples, quantize=quant)
+                result = common.check_artifact(
+                    name, model, runner_function(runner), images, tuples, quantize=quant, knob=knob
+                )
                 full = common.compare(
                     f"{name} (full signature)",
                     common.reference(model, images, np.full((len(images), net.num_prunable), net.groups)),
@@ -328,7 +356,8 @@ def summarize(report):
             f"{PROGRAM}: {name}: {parity['signatures']} signatures; greedy {g['samples']} images "
             f"({g['distinct_action_tuples']} action tuples) agreement {g['action_agreement']:.1%} "
             f"max |dlogits| {g['max_abs_logit_diff']:.2e} (tol {g['tolerance']:.1e}); forced "
-            f"{f['distinct_action_tuples']} tuples max |dlogits| {f['max_abs_logit_diff']:.2e}"
+            f"{f['distinct_action_tuples']} tuples max |dlogits| {f['max_abs_logit_diff']:.2e}; "
+            f"{common.knob_summary(parity)}"
         )
     for name, lat in report.get("latency_ms", {}).items():
         print(

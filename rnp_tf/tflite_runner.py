@@ -9,18 +9,26 @@ The exported `.tflite` file holds one signature per piece of the network:
   decision (each signature is its own subgraph, so XNNPACK runs it; a
   single graph with `IF` branches would not be delegated);
 - `head_in{a}`: the classifier on a feature map of `a` groups;
-- `full`: the unpruned network, for latency comparisons.
+- `full`: the unpruned network, for latency comparisons;
+- `penalty_setting`: the default run-time penalty (no inputs).
 
 `TFLiteRNPRunner` is the small driver that chains them: it runs `stem`,
 reads the action the agent chose (already re-priced and capped like
 `RNPModel.rollout`), calls the signature of that branch, and so on to the
 head. Only the chosen channel prefixes are ever computed.
 
+The deciding signatures take the run-time penalty (`penalty`, float32
+`[1]`, the knob of `RNPModel.set_penalty`) as an input: the runner feeds
+its `penalty` (the file's `penalty_setting` until `set_penalty` changes
+it), or the `penalty=` of one call.
+
 Example:
 
 >>> runner = TFLiteRNPRunner("/tmp/rnp_quickstart/export/rnp.tflite")
 >>> logits, actions, macs = runner.run(images)          # [n, H, W, C] float32
 >>> logits, actions, macs = runner.run(images, actions=[[4, 1, 2]] * len(images))
+>>> runner.set_penalty(-0.5)                             # cheaper from now on
+>>> logits, actions, macs = runner.run(images, penalty=-0.2)  # one call
 """
 
 import re
@@ -58,20 +66,27 @@ class TFLiteRNPRunner:
     Args:
         model_path: path of the `.tflite` file written by `export.tflite`.
         num_threads: interpreter threads (default: the runtime's choice).
+        penalty: the run-time penalty fed to the agent's decisions
+            (default: the file's `penalty_setting`, the exported model's
+            setting); see `set_penalty`.
 
     Attributes:
         groups: `k`, channel groups per prunable conv.
         num_prunable: number of decisions `T`.
         image_shape: `(H, W, C)` of one input image.
         num_classes: number of logits.
+        penalty: the current run-time penalty (None for a file exported
+            before the penalty was an input: its penalty is frozen).
+        penalty_setting: the file's default penalty (or None).
 
     Example:
 
     >>> runner = TFLiteRNPRunner("rnp.tflite")
     >>> logits, actions, macs = runner.run(x_test[:8])
+    >>> runner = TFLiteRNPRunner("rnp.tflite", penalty=-0.5)  # cheaper
     """
 
-    def __init__(self, model_path, num_threads=None):
+    def __init__(self, model_path, num_threads=None, penalty=None):
         Interpreter = _interpreter_class()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
@@ -102,6 +117,37 @@ class TFLiteRNPRunner:
         head = self._runner(f"head_in{max(heads)}").get_output_details()["logits"]
         self.num_classes = int(head["shape"][-1])
         self.signature_keys = sorted(signatures)
+        self.penalty_setting = None
+        if "penalty_setting" in signatures:
+            self.penalty_setting = float(self._runner("penalty_setting")()["penalty_setting"][0])
+        self.penalty = self.penalty_setting
+        if penalty is not None:
+            self.set_penalty(penalty)
+
+    def set_penalty(self, penalty):
+        """Sets the run-time penalty of the following calls (more negative: cheaper).
+
+        The same knob as `RNPModel.set_penalty`; the file does not know a
+        penalty-conditioned model's trained range, so keep within it.
+
+        Args:
+            penalty: a finite float.
+
+        Example:
+
+        >>> runner.set_penalty(-0.5)
+        """
+        self.penalty = self._checked_penalty(penalty)
+
+    def _checked_penalty(self, penalty):
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float, np.floating)) or not np.isfinite(penalty):
+            raise ValueError(f"`penalty` must be a finite float. Received: penalty={penalty!r}")
+        if self.penalty_setting is None:
+            raise ValueError(
+                "This file was exported with its penalty frozen (no `penalty_setting` signature): re-export it "
+                f"to switch the penalty at run time. Received: penalty={penalty!r}"
+            )
+        return float(penalty)
 
     def _runner(self, key):
         if key not in self._runners:
@@ -124,7 +170,7 @@ class TFLiteRNPRunner:
             )
         return self._convs[key]
 
-    def run_one(self, image, actions=None, timings=None):
+    def run_one(self, image, actions=None, timings=None, penalty=None):
         """One image `[H, W, C]` or `[1, H, W, C]`.
 
         Args:
@@ -132,14 +178,17 @@ class TFLiteRNPRunner:
             actions: optional `T` ints; 0 lets the agent choose, 1..k forces.
             timings: optional dict: receives the seconds of each signature
                 call under the keys "stem", "conv<t>" and "head".
+            penalty: the run-time penalty of this call (default: `penalty`).
 
         Returns:
             `(logits [num_classes], actions int32 [T], macs float32)`.
         """
         x = np.asarray(image, np.float32).reshape(1, *self.image_shape)
+        penalty = self.penalty if penalty is None else self._checked_penalty(penalty)
+        knob = {} if penalty is None else {"penalty": np.full([1], penalty, np.float32)}
         clock = time.perf_counter if timings is not None else None
         start = clock and clock()
-        out = self._runner("stem")(images=x)
+        out = self._runner("stem")(images=x, **knob)
         if clock:
             timings["stem"], start = clock() - start, clock()
         chosen = []
@@ -151,7 +200,7 @@ class TFLiteRNPRunner:
             chosen.append(action)
             key = self._conv_key(t, previous, action)
             # `actions` (the decisions so far) is an input only under a compute cap
-            feeds = dict(out, actions=np.asarray([chosen + [0] * (self.num_prunable - len(chosen))], np.int32))
+            feeds = dict(out, actions=np.asarray([chosen + [0] * (self.num_prunable - len(chosen))], np.int32), **knob)
             out = self._runner(key)(**{name: feeds[name] for name in self._inputs(key)})
             if clock:
                 timings[f"conv{t}"], start = clock() - start, clock()
@@ -161,13 +210,15 @@ class TFLiteRNPRunner:
             timings["head"] = clock() - start
         return head["logits"][0], np.asarray(chosen, np.int32), np.float32(head["macs"][0])
 
-    def run(self, images, actions=None):
+    def run(self, images, actions=None, penalty=None):
         """A batch of images, one at a time (batch 1 is what this format is for).
 
         Args:
             images: float32 `[n, H, W, C]` (or one `[H, W, C]` image).
             actions: optional int `[n, T]`: 0 lets the agent choose, 1..k forces
                 that many groups.
+            penalty: the run-time penalty of this call (default: `penalty`,
+                see `set_penalty`).
 
         Returns:
             `(logits float32 [n, classes], actions int32 [n, T], macs float32 [n])`.
@@ -187,11 +238,12 @@ class TFLiteRNPRunner:
                     f"`actions` must be ints in 0..{self.groups} of shape [{len(images)}, {self.num_prunable}]. "
                     f"Received: shape={actions.shape}"
                 )
+        penalty = None if penalty is None else self._checked_penalty(penalty)
         logits = np.zeros((len(images), self.num_classes), np.float32)
         chosen = np.zeros((len(images), self.num_prunable), np.int32)
         macs = np.zeros(len(images), np.float32)
         for i, image in enumerate(images):
-            logits[i], chosen[i], macs[i] = self.run_one(image, None if actions is None else actions[i])
+            logits[i], chosen[i], macs[i] = self.run_one(image, None if actions is None else actions[i], penalty=penalty)
         return logits, chosen, macs
 
     def run_full(self, images):

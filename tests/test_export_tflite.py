@@ -25,8 +25,8 @@ def test_files_report_and_signatures(exported):
     assert sorted(os.listdir(out)) == ["rnp.tflite", "rnp_float16.tflite", "tflite.json"]
     assert json.loads((out / "tflite.json").read_text())["parity"]["rnp.tflite"]["greedy"]["action_agreement"] == 1.0
     runner = TFLiteRNPRunner(out / "rnp.tflite")
-    # stem + conv0 (input always full: 4) + 2 x 16 (previous, action) pairs + 4 heads + full
-    assert len(runner.signature_keys) == 1 + 4 + 32 + 4 + 1
+    # stem + conv0 (input always full: 4) + 2 x 16 (previous, action) pairs + 4 heads + full + penalty_setting
+    assert len(runner.signature_keys) == 1 + 4 + 32 + 4 + 1 + 1
     assert (runner.groups, runner.num_prunable, runner.image_shape, runner.num_classes) == (4, 3, (8, 8, 1), 10)
     float16 = report["parity"]["rnp_float16.tflite"]
     assert float16["greedy"]["tolerance"] > common.ATOL and 0.75 <= float16["greedy"]["action_agreement"] <= 1.0
@@ -53,6 +53,26 @@ def test_runner_matches_rollout_for_every_action_tuple(exported):
     assert len({tuple(a) for a in actions}) > 1
     one = runner.run_one(images[0])
     np.testing.assert_allclose(one[0], logits[0], atol=1e-6)
+
+
+def test_runner_penalty_switches_operating_points(exported, check_penalty_input):
+    """The deciding signatures take the penalty; the runner feeds `penalty=`, `set_penalty` or the file's default."""
+    model, out, report = exported
+    for name in ("rnp.tflite", "rnp_float16.tflite"):
+        checks = report["parity"][name]["knob"]  # the export's own check ran at two penalties
+        assert checks[0]["penalty"] == pytest.approx(0.3) and checks[1]["penalty"] < 0.3 and checks[1]["actions_differ"]
+    runner = TFLiteRNPRunner(out / "rnp.tflite")
+    assert runner.penalty == runner.penalty_setting == pytest.approx(0.3)
+    assert "penalty" in runner._inputs("stem") and "penalty" in runner._inputs("conv0_in4_out2")
+    assert "penalty" not in runner._inputs("conv2_in2_out2")  # the last conv decides nothing
+    check_penalty_input(model, lambda x, p: runner.run(x, penalty=p))
+    x = np.random.default_rng(11).normal(size=(4, 8, 8, 1)).astype("float32") * 2
+    cheap = runner.run(x, penalty=-0.2)
+    runner.set_penalty(-0.2)
+    np.testing.assert_array_equal(runner.run(x)[1], cheap[1])
+    np.testing.assert_array_equal(TFLiteRNPRunner(out / "rnp.tflite", penalty=-0.2).run(x)[1], cheap[1])
+    with pytest.raises(ValueError, match="finite float"):
+        runner.set_penalty(float("nan"))
 
 
 def test_runner_rejects_bad_inputs(exported):
