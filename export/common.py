@@ -542,8 +542,14 @@ def check_exportable(model):
 
     Residual blocks (and zero-padding stages) run on the model's masked and
     reference sliced paths only; the exported graphs are chains like the
-    CIFAR CNN and VGG.
+    CIFAR CNN and VGG. `late_decision` models (two passes, the second
+    steered by the first's confidence) are not exported either.
     """
+    if getattr(model, "late_decision", False):
+        raise ExportError(
+            "late_decision models (a narrow pass, then an agent reading its confidence) are not exported yet; "
+            "train with late_decision=False (the paper's agent) to export"
+        )
     kinds = {kind for kind, _ in model._plan}
     chain = getattr(model, "is_chain", None)
     if chain is None:

@@ -25,6 +25,9 @@ class DecisionAgent(keras.layers.Layer):
         conditioned: if True every encoder also reads one scalar
             *condition* per image (rnp_tf uses it for the run-time
             speed/accuracy knob: a normalised log-penalty). Defaults to False.
+        extra_inputs: number of further per-image scalars every encoder
+            reads (`RNPModel(late_decision=True)` feeds the narrowest
+            network's softmax confidence: 3 values). Defaults to 0.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Input shape (of `call`):
@@ -44,7 +47,9 @@ class DecisionAgent(keras.layers.Layer):
     TensorShape([2, 4])
     """
 
-    def __init__(self, feature_channels, groups=4, embed_dim=64, units=64, conditioned=False, **kwargs):
+    def __init__(
+        self, feature_channels, groups=4, embed_dim=64, units=64, conditioned=False, extra_inputs=0, **kwargs
+    ):
         super().__init__(**kwargs)
         if not feature_channels:
             raise ValueError(
@@ -59,6 +64,7 @@ class DecisionAgent(keras.layers.Layer):
         self.units = validation.check_positive_int("units", units)
         self.num_layers = len(self.feature_channels)
         self.conditioned = bool(conditioned)
+        self.extra_inputs = validation.check_non_negative_int("extra_inputs", extra_inputs)
         self.encoders = [
             keras.layers.Dense(self.embed_dim, activation="relu", name=f"encoder_{t}", dtype=self.dtype_policy)
             for t in range(self.num_layers)
@@ -70,13 +76,17 @@ class DecisionAgent(keras.layers.Layer):
         ]
 
     def build(self, input_shape=None):
-        extra = 1 if self.conditioned else 0
+        extra = self._extra_width
         for encoder, channels in zip(self.encoders, self.feature_channels):
             encoder.build((None, channels + extra))
         self.cell.build((None, self.embed_dim))
         for decoder in self.decoders:
             decoder.build((None, self.units))
         self.built = True
+
+    @property
+    def _extra_width(self):
+        return (1 if self.conditioned else 0) + self.extra_inputs
 
     def initial_state(self, batch_size):
         """Zero LSTM state `[h, c]` for a batch.
@@ -90,7 +100,7 @@ class DecisionAgent(keras.layers.Layer):
         zeros = tf.zeros(tf.stack([batch_size, self.units]), self.compute_dtype)
         return [zeros, zeros]
 
-    def step(self, t, features, state, condition=None):
+    def step(self, t, features, state, condition=None, extra=None):
         """Q-values of layer `t` from the feature map that feeds it.
 
         Args:
@@ -101,6 +111,8 @@ class DecisionAgent(keras.layers.Layer):
             state: the LSTM state `[h, c]` carried from layer `t - 1`.
             condition: `(batch,)` float condition of a conditioned agent
                 (required then, ignored otherwise).
+            extra: `(batch, extra_inputs)` further inputs (required when
+                `extra_inputs > 0`, ignored otherwise).
 
         Returns:
             `(q_values, new_state)`, q_values of shape `(batch, groups)`.
@@ -115,11 +127,18 @@ class DecisionAgent(keras.layers.Layer):
             condition = tf.cast(tf.reshape(condition, [-1, 1]), pooled.dtype)
             condition = tf.broadcast_to(condition, [tf.shape(pooled)[0], 1])
             pooled = tf.concat([pooled, condition], axis=-1)
+        if self.extra_inputs:
+            if extra is None:
+                raise ValueError(
+                    f"This DecisionAgent reads {self.extra_inputs} extra inputs per image: pass `extra`."
+                )
+            extra = tf.cast(tf.reshape(extra, [-1, self.extra_inputs]), pooled.dtype)
+            pooled = tf.concat([pooled, extra], axis=-1)
         embedded = self.encoders[t](pooled)
         output, new_state = self.cell(embedded, state)
         return self.decoders[t](output), list(new_state)
 
-    def call(self, inputs, condition=None):
+    def call(self, inputs, condition=None, extra=None):
         """Q-values of every layer for a list of given feature maps."""
         if len(inputs) != self.num_layers:
             raise ValueError(
@@ -129,14 +148,13 @@ class DecisionAgent(keras.layers.Layer):
         state = self.initial_state(tf.shape(inputs[0])[0])
         q_values = []
         for t, features in enumerate(inputs):
-            q, state = self.step(t, features, state, condition)
+            q, state = self.step(t, features, state, condition, extra)
             q_values.append(q)
         return tf.stack(q_values, axis=1)
 
     def macs(self):
         """Multiply-accumulates of one sample's decisions (Dense and LSTM)."""
-        extra = 1 if self.conditioned else 0
-        encoders = sum((c + extra) * self.embed_dim for c in self.feature_channels)
+        encoders = sum((c + self._extra_width) * self.embed_dim for c in self.feature_channels)
         lstm = self.num_layers * 4 * self.units * (self.embed_dim + self.units)
         decoders = self.num_layers * self.units * self.groups
         return float(encoders + lstm + decoders)
@@ -150,6 +168,7 @@ class DecisionAgent(keras.layers.Layer):
                 "embed_dim": self.embed_dim,
                 "units": self.units,
                 "conditioned": self.conditioned,
+                "extra_inputs": self.extra_inputs,
             }
         )
         return config
@@ -193,3 +212,29 @@ def epsilon_greedy_actions(q_values, epsilon):
     random = tf.random.uniform([batch], 1, k + 1, dtype=tf.int32)
     explore = tf.random.uniform([batch]) < tf.cast(epsilon, tf.float32)
     return tf.where(explore, random, greedy_actions(q_values))
+
+
+def confidence_features(logits):
+    """How sure a classifier is of each answer: the late-decision agent's extra inputs.
+
+    Three values per image from its logits: the top softmax probability,
+    the margin between the two highest probabilities, and the entropy
+    divided by `log(num_classes)` (0 = certain, 1 = uniform).
+
+    Args:
+        logits: float tensor `[batch, num_classes]`.
+
+    Returns:
+        A float32 tensor `[batch, 3]`.
+
+    Example:
+
+    >>> confidence_features(tf.constant([[10.0, 0.0, 0.0]])).numpy().round(2)
+    array([[1.  , 1.  , 0.  ]], dtype=float32)
+    """
+    logits = tf.cast(logits, tf.float32)
+    probs = tf.nn.softmax(logits)
+    top2 = tf.math.top_k(probs, k=2).values
+    num_classes = tf.cast(tf.shape(logits)[-1], tf.float32)
+    entropy = -tf.reduce_sum(probs * tf.nn.log_softmax(logits), axis=-1) / tf.math.log(num_classes)
+    return tf.stack([top2[:, 0], top2[:, 0] - top2[:, 1], entropy], axis=-1)

@@ -55,6 +55,12 @@ def _check_model(model):
             f"`model` must be an rnp_tf.RNPModel (missing attributes {missing}). "
             f"Received: model={type(model).__name__}"
         )
+    if getattr(model, "late_decision", False):
+        raise ValueError(
+            "InferenceEngine runs one pass per image; a late_decision model runs two "
+            "(use `model.rollout` or `model.predict`, which fall back to the masked path). "
+            "Received: late_decision=True"
+        )
     chain = all(kind in ("conv", "pool") for kind, _ in model._plan) and all(
         model._conv_info[conv.name][0] is not None for conv in model.convs[1:]
     )

@@ -106,6 +106,22 @@ class RNPModel(keras.Model):
             `jit_compile=True` use the masked path). False: always the
             masked path. Either can be overridden per call
             (`predict(x, engine=...)`).
+        late_decision: if True, decide after a look at the answer (an
+            option; False, the paper's agent, is the default). Every image
+            first runs the narrowest network (one group at every layer);
+            the agent then sees, next to each layer's pooled features, how
+            sure that narrow answer was (`agent.confidence_features`: top
+            probability, margin, entropy). The all-ones action tuple means
+            "stop": the narrow answer stands and nothing more is computed;
+            any other tuple runs that mix, at the cost of both passes. Why:
+            pooled early feature maps barely predict which images need more
+            width, while the narrow network's confidence does (see
+            `bench.accuracy` and the README). Runs on the masked path
+            (`rollout`, `predict`, `fit`) and `sliced_rollout`; the engine
+            and the exporters refuse it. No compute cap.
+        compute_cap: the hard per-image MAC cap (`set_compute_cap`) as a
+            fraction of the full model, or None (default). Saved with the
+            model.
         **kwargs: base `keras.Model` arguments (`name`, ...).
 
     Example:
@@ -141,6 +157,8 @@ class RNPModel(keras.Model):
         distill_weight=0.5,
         penalty_range=None,
         inference_engine=True,
+        late_decision=False,
+        compute_cap=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -208,10 +226,15 @@ class RNPModel(keras.Model):
                 f"`inference_engine` must be a bool. Received: inference_engine={inference_engine!r}"
             )
         self.inference_engine = inference_engine
+        if not isinstance(late_decision, bool):
+            raise ValueError(f"`late_decision` must be a bool. Received: late_decision={late_decision!r}")
+        self.late_decision = late_decision
         self._forced_phase = None
         self._cap_macs = None
         self._build_layers()
         self._build_trackers()
+        if compute_cap is not None:
+            self.set_compute_cap(compute_cap)
 
     # ------------------------------------------------------------ structure
     def _build_layers(self):
@@ -329,6 +352,7 @@ class RNPModel(keras.Model):
             embed_dim=self.agent_embed_dim,
             units=self.agent_units,
             conditioned=self.penalty_range is not None,
+            extra_inputs=3 if self.late_decision else 0,
             # Q-values, rewards and TD targets stay float32 under mixed precision.
             dtype="float32",
             name="agent",
@@ -467,15 +491,31 @@ class RNPModel(keras.Model):
 
         Returns:
             A dict with `logits`, `actions`, `q_values` (None without the
-            agent) and `macs`.
+            agent) and `macs`. With `late_decision` and the agent running,
+            `macs` counts the narrow first pass too and `stopped` says which
+            images kept its answer.
         """
         batch = tf.shape(x)[0]
-        state = self.agent.initial_state(batch) if run_agent else None
         condition = None
         if run_agent and self.agent.conditioned:
             if penalties is None:
                 penalties = tf.fill([batch], self._penalty_setting.value)
             condition = self.penalty_condition(penalties)
+        if not (run_agent and self.late_decision):
+            return self._pass(x, choose, training, run_agent, condition, penalties, cap)
+        ones = tf.ones([batch], tf.int32)
+        narrow = self._pass(x, lambda t, q: ones, training, False, None, None, False)
+        extra = agent_lib.confidence_features(narrow["logits"])
+        out = self._pass(x, choose, training, True, condition, penalties, cap, extra)
+        stopped = tf.reduce_all(tf.equal(out["actions"], 1), axis=1)
+        out["logits"] = tf.where(stopped[:, None], narrow["logits"], out["logits"])
+        out["macs"] = self.min_macs + tf.where(stopped, 0.0, out["macs"])
+        out["stopped"] = stopped
+        return out
+
+    def _pass(self, x, choose, training, run_agent, condition, penalties, cap, extra=None):
+        """One pass through the backbone, deciding layer by layer (see `_rollout`)."""
+        state = self.agent.initial_state(tf.shape(x)[0]) if run_agent else None
         actions, q_values = [], []
 
         def decide(h):
@@ -483,7 +523,7 @@ class RNPModel(keras.Model):
             t = len(actions)
             q = None
             if run_agent:
-                q, state = self.agent.step(t, h, state, condition)
+                q, state = self.agent.step(t, h, state, condition, extra)
                 q_values.append(q)
             if cap and run_agent:
                 q = self.greedy_q(t, q, actions, penalties)
@@ -750,15 +790,22 @@ class RNPModel(keras.Model):
         self._calibration.assign(table)
         return list(zip(penalties.tolist(), fractions))
 
-    def set_budget(self, compute_fraction):
+    def set_budget(self, compute_fraction, x=None, tolerance=0.01, max_iterations=12):
         """Sets the penalty whose measured mean compute is `compute_fraction`.
 
         Interpolates the calibration of `calibrate_budget` (made monotone:
         a smaller budget never gets a less negative penalty) and clips to the
-        calibrated range.
+        calibrated range. With images `x` (the calibration set), it then
+        bisects the penalty on them until their mean compute is within
+        `tolerance` of the budget (mean compute falls as the penalty falls),
+        keeping the closest penalty seen: the interpolation alone can miss
+        by more than 5% where the agent's compute moves in steps.
 
         Args:
             compute_fraction: target mean MACs as a fraction of the full model.
+            x: optional images or `tf.data.Dataset` to refine on.
+            tolerance: absolute tolerance of the refinement. Defaults to 0.01.
+            max_iterations: bisection steps at most. Defaults to 12.
 
         Returns:
             The penalty set.
@@ -766,9 +813,9 @@ class RNPModel(keras.Model):
         Example:
 
         >>> model.calibrate_budget(data.validation)
-        >>> model.set_budget(0.4)
+        >>> model.set_budget(0.4, data.validation)
         """
-        if not 0.0 < compute_fraction <= 1.0:
+        if isinstance(compute_fraction, bool) or not 0.0 < compute_fraction <= 1.0:
             raise ValueError(f"`compute_fraction` must be in (0, 1]. Received: compute_fraction={compute_fraction}")
         table = self._calibration.numpy()
         count = int(np.count_nonzero(table[1]))
@@ -779,8 +826,31 @@ class RNPModel(keras.Model):
         fractions = np.minimum.accumulate(fractions)
         order = np.argsort(fractions, kind="stable")
         penalty = float(np.interp(compute_fraction, fractions[order], penalties[order]))
+        if x is not None:
+            penalty = self._refine_budget(compute_fraction, x, penalty, penalties, fractions, tolerance, max_iterations)
         self._penalty_setting.assign(penalty)
         return penalty
+
+    def _refine_budget(self, target, x, penalty, penalties, fractions, tolerance, max_iterations):
+        """Bisects the penalty on `x` towards mean compute `target` (see `set_budget`)."""
+        # Bracket: `high` (less negative) computes at least the target, `low` at most.
+        above = penalties[fractions >= target]
+        below = penalties[fractions <= target]
+        high = float(above.min()) if above.size else float(penalties[0])
+        low = float(below.max()) if below.size else float(penalties[-1])
+        best = (np.inf, penalty)
+        for _ in range(max_iterations):
+            self._penalty_setting.assign(penalty)
+            measured = float(self.predict_details(x)["compute_fraction"].mean())
+            best = min(best, (abs(measured - target), penalty))
+            if best[0] <= tolerance:
+                break
+            if measured > target:
+                high = penalty
+            else:
+                low = penalty
+            penalty = 0.5 * (high + low)
+        return best[1]
 
     def set_compute_cap(self, compute_fraction):
         """Hard cap: no single image may exceed this share of the full MACs.
@@ -799,6 +869,11 @@ class RNPModel(keras.Model):
         """
         if compute_fraction is None:
             self._cap_macs = None
+        elif self.late_decision:
+            raise ValueError(
+                "A late_decision model has no compute cap (its narrow first pass is always paid). "
+                f"Received: compute_fraction={compute_fraction}"
+            )
         else:
             floor = self.min_macs / self.full_macs
             if not floor - 1e-9 <= compute_fraction <= 1.0:
@@ -809,6 +884,11 @@ class RNPModel(keras.Model):
             self._cap_macs = float(compute_fraction) * self.full_macs
         self.__dict__.pop("_details_functions", None)
         self.predict_function = None
+
+    @property
+    def compute_cap(self):
+        """The hard per-image cap as a fraction of the full MACs, or None."""
+        return None if self._cap_macs is None else self._cap_macs / self.full_macs
 
     def call(self, inputs, training=False):
         """Logits of the greedy policy (masked execution)."""
@@ -923,20 +1003,27 @@ class RNPModel(keras.Model):
             actions = validation.check_actions(
                 actions, x.shape[0], self.num_prunable, self.groups
             ).numpy()
+        late = self.late_decision and actions is None
         logits, chosen = [], []
         for i in range(x.shape[0]):
+            image = x[i : i + 1]
+            extra = None
+            if late:
+                narrow, _ = self._sliced_one(image, [1] * self.num_prunable)
+                extra = agent_lib.confidence_features(narrow)
             forced = None if actions is None else actions[i]
-            lg, act = self._sliced_one(x[i : i + 1], forced)
+            lg, act = self._sliced_one(image, forced, extra)
+            if late and max(act) == 1:
+                lg = narrow
             logits.append(lg.numpy()[0])
             chosen.append(act)
         actions = np.asarray(chosen, np.int32).reshape(-1, self.num_prunable)
-        return {
-            "logits": np.stack(logits),
-            "actions": actions,
-            "macs": self.macs(actions).numpy(),
-        }
+        macs = self.macs(actions).numpy()
+        if late:
+            macs = self.min_macs + np.where(actions.max(axis=1) == 1, 0.0, macs).astype(np.float32)
+        return {"logits": np.stack(logits), "actions": actions, "macs": macs}
 
-    def _sliced_one(self, image, forced=None):
+    def _sliced_one(self, image, forced=None, extra=None):
         state = self.agent.initial_state(1) if forced is None else None
         condition = None
         if self.agent.conditioned:
@@ -949,7 +1036,7 @@ class RNPModel(keras.Model):
             if forced is not None:
                 chosen.append(int(forced[t]))
                 return chosen[-1]
-            q, state = self.agent.step(t, h, state, condition)
+            q, state = self.agent.step(t, h, state, condition, extra)
             q = self.greedy_q(t, q, [tf.constant([a]) for a in chosen])
             chosen.append(int(agent_lib.greedy_actions(q)[0]))
             return chosen[-1]
@@ -1288,7 +1375,9 @@ class RNPModel(keras.Model):
         if not (self.inference_engine if engine is None else engine):
             return None
         reason = None
-        if not self.is_chain:
+        if self.late_decision:
+            reason = "late_decision models run two passes (the engine runs one)"
+        elif not self.is_chain:
             reason = "the backbone has residual blocks (the engine runs chain backbones)"
         elif self.jit_compile and not self.run_eagerly:
             reason = "the model uses jit_compile=True (XLA cannot compile data-dependent group sizes)"
@@ -1330,6 +1419,8 @@ class RNPModel(keras.Model):
                 "distill_weight": self.distill_weight,
                 "penalty_range": None if self.penalty_range is None else list(self.penalty_range),
                 "inference_engine": self.inference_engine,
+                "late_decision": self.late_decision,
+                "compute_cap": self.compute_cap,
             }
         )
         return config

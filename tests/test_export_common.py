@@ -184,3 +184,9 @@ def test_residual_backbones_are_refused():
         pytest.skip("this RNPModel has no residual blocks")
     with pytest.raises(common.ExportError, match="only chain backbones"):
         common.SlicedNetwork(model)
+
+
+def test_late_decision_models_are_refused():
+    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10, late_decision=True)
+    with pytest.raises(common.ExportError, match="late_decision"):
+        common.SlicedNetwork(model)
