@@ -47,7 +47,7 @@ from rnp_tf import validation
 
 from rnp_tf import data as data_lib
 
-BACKBONE_CHOICES = ("cifar_cnn", "vgg16", "resnet50")
+BACKBONE_CHOICES = ("cifar_cnn", "vgg_cifar", "vgg16", "resnet50")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 # Training stages in order; the integer identifies the stage in derived seeds.
 STAGES = {"backbone": 0, "reorder": 1, "robust": 2, "rnp": 3}
@@ -115,6 +115,7 @@ class TrainConfig:
     reseed_every_epoch: bool = False
     backbone_weights: str = "none"
     mixed_precision: bool = False
+    late_decision: bool = False
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -138,8 +139,9 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_string("tfds_data_dir", None, "tensorflow-datasets data_dir (prepared datasets).", **fv)
     flags.DEFINE_enum(
         "backbone", d.backbone, BACKBONE_CHOICES,
-        "Backbone description: cifar_cnn (--widths), vgg16 (--width_multiplier) or resnet50 (bottleneck blocks, "
-        "the inner convs prunable).", **fv,
+        "Backbone description: cifar_cnn (--widths), vgg_cifar (a VGG-style 32x32 CNN, first width 48 x "
+        "--width_multiplier), vgg16 (--width_multiplier) or resnet50 (bottleneck blocks, the inner convs "
+        "prunable).", **fv,
     )
     flags.DEFINE_list("widths", [str(w) for w in d.widths], "cifar_cnn: channels of its 4 convs.", **fv)
     flags.DEFINE_float("width_multiplier", d.width_multiplier, "vgg16: channel multiplier.", lower_bound=0.01, **fv)
@@ -183,6 +185,12 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_float(
         "full_width_fraction", d.full_width_fraction, "Share of full-width samples in backbone phases.",
         0.0, 1.0, **fv,
+    )
+    flags.DEFINE_boolean(
+        "late_decision", d.late_decision,
+        "Decide after a look at the answer: run the narrowest network first and feed its softmax confidence "
+        "to the agent; the all-ones tuple keeps the narrow answer (RNPModel late_decision; an option, the "
+        "paper's agent is the default).", **fv,
     )
     flags.DEFINE_integer("agent_units", d.agent_units, "LSTM size.", lower_bound=1, **fv)
     flags.DEFINE_integer("agent_embed_dim", d.agent_embed_dim, "Encoder size.", lower_bound=1, **fv)
@@ -270,7 +278,7 @@ def config_from_flags(flag_values=flags.FLAGS):
         raise ValueError(f"--tpu is only used with --strategy=tpu. Received: --strategy={fv.strategy}")
     if fv.backbone == "resnet50" and fv.width_multiplier != 1.0:
         raise ValueError(
-            f"--width_multiplier scales --backbone=vgg16 only. Received: --width_multiplier={fv.width_multiplier}"
+            f"--width_multiplier scales --backbone=vgg16 and vgg_cifar only. Received: --width_multiplier={fv.width_multiplier}"
         )
     weights = fv.backbone_weights
     if weights != "none":
@@ -301,6 +309,8 @@ def _backbone_spec(config):
         return backbones.cifar_cnn(config.widths)
     if config.backbone == "resnet50":
         return backbones.resnet50()
+    if config.backbone == "vgg_cifar":
+        return backbones.vgg_cifar(max(1, int(round(48 * config.width_multiplier))))
     return backbones.vgg16(width_multiplier=config.width_multiplier)
 
 
@@ -335,6 +345,7 @@ def build_model(config, dataset):
         epsilon_end=config.epsilon_end,
         epsilon_decay_steps=config.epsilon_decay_steps,
         full_width_fraction=config.full_width_fraction,
+        late_decision=config.late_decision,
     )
 
 

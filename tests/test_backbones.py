@@ -88,3 +88,14 @@ def test_get_backbone():
     assert backbones.get_backbone("vgg16", width_multiplier=0.25)["stages"][0]["filters"] == 16
     with pytest.raises(ValueError, match="Unknown backbone"):
         backbones.get_backbone("alexnet")
+
+
+def test_vgg_cifar_is_a_wider_deeper_chain():
+    spec = rnp_tf.vgg_cifar()
+    assert [s["filters"] for s in spec["stages"] if s["type"] == "conv"] == [48, 48, 96, 96, 192, 192]
+    model = rnp_tf.RNPModel(spec, image_shape=(32, 32, 3), num_classes=10)
+    small = rnp_tf.RNPModel(rnp_tf.cifar_cnn(), image_shape=(32, 32, 3), num_classes=10)
+    assert model.num_prunable == 5 and model.is_chain
+    assert 2.0 < model.full_macs / small.full_macs < 3.0
+    with pytest.raises(ValueError, match="width"):
+        rnp_tf.vgg_cifar(0)
