@@ -1,32 +1,41 @@
 r"""Accuracy against compute on real data: `python -m bench.accuracy`.
 
-Does the agent beat static pruning at equal cost? For every dataset and
-seed, from the SAME prefix-robust backbone, this script measures:
+Does the agent beat static pruning at equal cost? For every dataset,
+backbone and seed, from the SAME prefix-robust backbone, this script
+measures:
 
 1. the full network;
-2. the static curve: every per-layer mix of widths, the Pareto front chosen
-   on validation and read on test, interpolated between mixes;
-3. static fine-tuned: the front's mixes nearest the RNP points fine-tuned
-   for as many steps as the agent's training;
-4. thin networks of about the same MACs trained from scratch ("vanilla");
-5. RNP at operating points from about 1.5x to 6x fewer MACs (the run-time
-   knob of one trained model, `RNPModel.set_budget`), and optionally
-   separately trained agents at fixed penalties (`--separate_penalties`);
+2. the static curve: every per-layer mix of widths (a seeded sample of at
+   most `--max_mixes` of them, plus the uniform ones, for deeper nets), the
+   Pareto front chosen on validation and read on test, interpolated;
+3. static fine-tuned: the front's mix nearest each budget fine-tuned for as
+   many steps as the agent's training;
+4. thin networks of about each budget's MACs trained from scratch
+   ("vanilla") for as many epochs as the backbone;
+5. RNP at every budget of `--budgets` (about 1.5x to 6x fewer MACs), by the
+   run-time knob of one trained model (`RNPModel.set_budget`, refined on
+   validation), for every agent of `--policies`: `paper` (the paper's LSTM
+   agent on pooled features) and `late` (`late_decision=True`: the agent
+   also sees the narrowest network's softmax confidence and may stop
+   there); optionally separately trained paper agents at fixed penalties
+   (`--separate_penalties`, issue 7's comparison);
 6. controls for every RNP point: its action tuples shuffled across test
-   images (same compute, isolates the per-image choice), and the oracle
+   images (same compute: isolates the per-image choice), and the oracle
    bounds (cheapest mix that classifies the image correctly; cheapest mix
    whose loss is within `--soft_margin` of the full network's);
 7. a confidence cascade: the narrowest mix, re-run at full width when its
    top softmax probability is below a threshold.
 
-It also tests the paper's second claim (Spearman correlation between
-per-image compute and the full network's loss; compute per class). Output:
-`accuracy.json`, `accuracy.md` and `accuracy.png` in `--output`.
+It also tests the paper's second claim: Spearman correlation between
+per-image compute and the full network's loss, compute per class, and the
+16 test images with the least and the most compute (a picture per policy).
+Output in `--output`: `accuracy.json`, `accuracy.md` (table, targets met or
+missed) and `accuracy_<dataset>_<backbone>.png` (all curves).
 
 Example:
 
     python -m bench.accuracy --quick                      # smoke run, ~2 min
-    python -m bench.accuracy --datasets=cifar10_subset --seeds=0,1,2
+    python -m bench.accuracy --datasets=cifar10_subset --backbones=cifar_cnn --seeds=0,1,2
 """
 
 import itertools
@@ -43,22 +52,32 @@ DATASETS = {
     "cifar10_subset": "cifar10_subset.npz",
     "fashion_mnist": "fashion_mnist.npz",
 }
+BACKBONES = ("cifar_cnn", "vgg_cifar")
+POLICIES = ("paper", "late")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["cifar10_subset", "fashion_mnist"], "Datasets: " + ", ".join(DATASETS) + ", digits.")
+flags.DEFINE_list("backbones", ["cifar_cnn", "vgg_cifar"], "Backbones: " + ", ".join(BACKBONES) + ".")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one full pipeline per seed).")
 flags.DEFINE_list("widths", ["32", "64", "128", "128"], "cifar_cnn widths.")
-flags.DEFINE_integer("pretrain_epochs", 15, "Full-width epochs of the backbone.")
-flags.DEFINE_integer("robust_epochs", 10, "Prefix-robust epochs.")
-flags.DEFINE_integer("rnp_epochs", 8, "Algorithm 1 epochs.")
+flags.DEFINE_integer("vgg_width", 48, "vgg_cifar: channels of its first convs.")
+flags.DEFINE_list("policies", list(POLICIES), "Agents trained from each backbone: " + ", ".join(POLICIES) + ".")
+flags.DEFINE_integer("pretrain_epochs", 10, "Full-width epochs of the backbone.")
+flags.DEFINE_integer("robust_epochs", 8, "Prefix-robust epochs.")
+flags.DEFINE_integer("rnp_epochs", 6, "Algorithm 1 epochs (per agent).")
 flags.DEFINE_integer("validation", 1000, "Training images held out for validation.")
-flags.DEFINE_integer("max_train_examples", None, "Cap on training images (smoke runs).")
-flags.DEFINE_float("penalty", -0.05, "Training penalty p0 of the agent.")
+flags.DEFINE_integer("max_train_examples", 8000, "Cap on training images (Fashion-MNIST has 60,000).")
+flags.DEFINE_float("penalty", -0.05, "Training penalty p0 of the agents.")
 flags.DEFINE_list("budgets", ["0.67", "0.4", "0.25", "0.17"], "RNP operating points (mean compute fractions).")
-flags.DEFINE_list("separate_penalties", [], "Also train one agent per penalty here (issue 7's comparison).")
+flags.DEFINE_list("separate_penalties", [], "Also train one paper agent per penalty (issue 7's comparison).")
+flags.DEFINE_list("knob_budgets", ["0.9", "0.8", "0.55", "0.33", "0.2", "0.12"],
+                  "With --separate_penalties: more budgets of the paper agent's knob (accuracy and compute only).")
+flags.DEFINE_integer("max_mixes", 256, "Static mixes evaluated at most (a seeded sample beyond).")
 flags.DEFINE_float("soft_margin", 0.1, "Soft oracle: loss within this of the full network's.")
 flags.DEFINE_boolean("quick", False, "Smoke run: digits, one seed, few epochs.")
 flags.DEFINE_string("output", "bench/results", "Output directory.")
+flags.DEFINE_string("stem", None, "Output file stem (default: accuracy, or accuracy_quick with --quick).")
+flags.DEFINE_list("merge", [], "Instead of running: merge these JSON outputs (runs split over processes) into one report.")
 
 
 def _load(name, seed, batch_size=128):
@@ -69,11 +88,11 @@ def _load(name, seed, batch_size=128):
     path = SHARED / DATASETS[name]
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the benchmark reads ../shared/data/{DATASETS[name]}")
-    ds = rnp_tf.load_dataset(f"npz:{path}", batch_size=batch_size, seed=seed, max_train_examples=FLAGS.max_train_examples)
-    fraction = FLAGS.validation / (ds.num_train if FLAGS.max_train_examples is None else FLAGS.max_train_examples)
+    cap = FLAGS.max_train_examples
+    ds = rnp_tf.load_dataset(f"npz:{path}", batch_size=batch_size, seed=seed, max_train_examples=cap)
+    fraction = FLAGS.validation / ds.num_train
     return rnp_tf.load_dataset(
-        f"npz:{path}", batch_size=batch_size, seed=seed, validation_split=min(0.5, fraction),
-        max_train_examples=FLAGS.max_train_examples,
+        f"npz:{path}", batch_size=batch_size, seed=seed, validation_split=min(0.5, fraction), max_train_examples=cap,
     )
 
 
@@ -85,12 +104,18 @@ def _arrays(split):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _new_model(widths, data, **kwargs):
+def _spec(backbone, scale=1.0):
     import rnp_tf
 
-    return rnp_tf.RNPModel(
-        rnp_tf.cifar_cnn(tuple(widths)), image_shape=data.input_shape, num_classes=data.num_classes, **kwargs
-    )
+    if backbone == "vgg_cifar":
+        return rnp_tf.vgg_cifar(max(4, int(round(FLAGS.vgg_width * scale / 4)) * 4))
+    return rnp_tf.cifar_cnn(tuple(max(4, int(round(int(w) * scale / 4)) * 4) for w in FLAGS.widths))
+
+
+def _new_model(spec, data, **kwargs):
+    import rnp_tf
+
+    return rnp_tf.RNPModel(spec, image_shape=data.input_shape, num_classes=data.num_classes, **kwargs)
 
 
 def _fit(model, data, phase, epochs, lr, agent_lr=1e-3):
@@ -105,42 +130,72 @@ def _fit(model, data, phase, epochs, lr, agent_lr=1e-3):
     return time.time() - start
 
 
-def _clone(model):
+def _clone(model, **overrides):
+    """A copy of `model` (config + weights); with `overrides`, only the backbone's weights are copied."""
     import rnp_tf
 
-    copy = rnp_tf.RNPModel.from_config(model.get_config())
-    copy.set_weights(model.get_weights())
+    copy = rnp_tf.RNPModel.from_config({**model.get_config(), **overrides})
+    if not overrides:
+        copy.set_weights(model.get_weights())
+        return copy
+    def layers_of(m):  # the layers' weights: not the agent's, not the model's own counters
+        return {v.path: v for v in m.weights if not v.path.startswith(("agent/", m.name + "/"))}
+
+    source, target = layers_of(model), layers_of(copy)
+    if set(source) != set(target):
+        raise ValueError(f"Cannot copy the backbone: weights differ ({sorted(set(source) ^ set(target))[:4]})")
+    for path, variable in target.items():
+        variable.assign(source[path])
     return copy
 
 
 def _per_image(model, x, y, actions):
-    """Logits-derived per-image correctness and loss for forced actions."""
+    """Correctness, loss and logits of every image under forced actions `[1 or n, num_prunable]`."""
     import tensorflow as tf
 
-    out = model.predict_details(x) if actions is None else None
-    if out is None:
-        logits = []
-        for start in range(0, len(x), 512):
-            a = np.broadcast_to(actions, (len(x), model.num_prunable))[start : start + 512]
-            logits.append(model.rollout(x[start : start + 512], actions=np.ascontiguousarray(a))["logits"].numpy())
-        logits = np.concatenate(logits)
-    else:
-        logits = out["logits"]
+    logits = []
+    for start in range(0, len(x), 512):
+        a = np.broadcast_to(actions, (len(x), model.num_prunable))[start : start + 512]
+        logits.append(model.rollout(x[start : start + 512], actions=np.ascontiguousarray(a))["logits"].numpy())
+    logits = np.concatenate(logits)
     loss = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True).numpy()
     return logits.argmax(1) == y, loss, logits
 
 
-def _mix_table(model, x, y):
-    """Correctness, loss and compute of every static per-layer mix."""
-    mixes = np.array(list(itertools.product(range(1, model.groups + 1), repeat=model.num_prunable)))
+def candidate_mixes(num_prunable, groups, max_mixes, seed=0):
+    """Every per-layer width mix, or the uniform mixes plus a seeded sample of the others.
+
+    Args:
+        num_prunable: decisions per image.
+        groups: `k`.
+        max_mixes: most mixes returned.
+        seed: sampling seed.
+
+    Returns:
+        int array `[mixes, num_prunable]`, the full network last.
+    """
+    total = groups**num_prunable
+    if total <= max_mixes:
+        return np.array(list(itertools.product(range(1, groups + 1), repeat=num_prunable)))
+    uniform = [np.full(num_prunable, a) for a in range(1, groups + 1)]
+    rng = np.random.default_rng(seed)
+    chosen = {tuple(m) for m in uniform}
+    while len(chosen) < max_mixes:
+        chosen.add(tuple(rng.integers(1, groups + 1, num_prunable)))
+    full = (groups,) * num_prunable
+    chosen.discard(full)
+    return np.array(sorted(chosen) + [full])
+
+
+def _mix_table(model, mixes, x, y):
+    """Correctness, loss and top probability of every image under every static mix."""
     correct, losses, probs = [], [], []
     for mix in mixes:
         c, l, logits = _per_image(model, x, y, mix[None, :])
         correct.append(c)
         losses.append(l)
         probs.append(_softmax(logits).max(1))
-    fractions = model.compute_fraction(mixes).numpy()
-    return mixes, fractions, np.stack(correct), np.stack(losses), np.stack(probs)
+    return np.stack(correct), np.stack(losses), np.stack(probs)
 
 
 def oracle_choice(ok, fractions, fallback):
@@ -222,78 +277,100 @@ def _train_forced(model, data, actions, steps, lr):
                 break
 
 
-def _thin_widths(widths, target_fraction, full_macs, data):
-    """Channel counts of a uniformly thinner cifar_cnn with about the target MACs."""
+def _thin_spec(backbone, target_fraction, full_macs, data):
+    """A uniformly thinner backbone of about the target MACs, and its compute fraction."""
     best = None
     for scale in np.linspace(0.1, 1.0, 91):
-        w = [max(4, int(round(c * scale / 4)) * 4) for c in widths]
-        macs = _new_model(w, data).full_macs
+        spec = _spec(backbone, scale)
+        macs = _new_model(spec, data).full_macs
         gap = abs(macs / full_macs - target_fraction)
         if best is None or gap < best[0]:
-            best = (gap, w, macs / full_macs)
+            best = (gap, spec, macs / full_macs)
     return best[1], best[2]
 
 
-def run_one(name, seed):
-    import keras
+def _forced_correct(model, x, y, actions):
+    """Correctness of every image under its own forced action tuple (late models: all-ones = the narrow answer)."""
+    correct, _, _ = _per_image(model, x, y, actions)
+    return correct
 
-    keras.utils.set_random_seed(seed)
-    data = _load(name, seed)
-    widths = [int(w) for w in FLAGS.widths]
-    timing = {}
-    model = _new_model(widths, data, penalty=FLAGS.penalty, agent_steps=50, backbone_steps=50,
-                       epsilon_decay_steps=200, full_width_fraction=0.25)
-    from rnp_tf.reorder import reorder_channels
 
-    timing["pretrain"] = _fit(model, data, "full", FLAGS.pretrain_epochs, 2e-3)
-    reorder_channels(model)
-    timing["robust"] = _fit(model, data, "robust", FLAGS.robust_epochs, 1e-3)
-    backbone = _clone(model)
-    xv, yv = _arrays(data.validation)
-    xt, yt = _arrays(data.test)
-
-    # 1-2: full network and the static curve (front chosen on validation, read on test)
-    start = time.time()
-    mixes, fractions, val_correct, _, _ = _mix_table(backbone, xv, yv)
-    _, _, test_correct, test_loss, test_conf = _mix_table(backbone, xt, yt)
-    timing["static_curve"] = time.time() - start
-    front = _pareto(fractions, val_correct.mean(1))
-    static_curve = [(float(fractions[i]), float(test_correct[i].mean())) for i in front]
-    full_index = len(mixes) - 1
-    full_accuracy = float(test_correct[full_index].mean())
-
-    # 5: RNP: Algorithm 1 from the same backbone, then the knob at several budgets
-    steps_per_epoch = int(np.ceil(data.num_train / 128))
-    timing["rnp"] = _fit(model, data, None, FLAGS.rnp_epochs, 3e-4)
+def _evaluate_policy(model, data, xv, xt, yt, full_loss, seed):
+    """RNP points of one trained agent: knob at every budget, controls, difficulty correlation."""
     model.calibrate_budget(xv, num_points=13)
-    rnp_points = []
+    points = []
     for budget in [float(b) for b in FLAGS.budgets]:
-        penalty = model.set_budget(budget)
+        penalty = model.set_budget(budget, xv)
         details = model.predict_details(xt)
         correct = details["logits"].argmax(1) == yt
         actions = details["actions"]
-        # shuffled control: the same action tuples, permuted across images
         shuffled = shuffle_actions(actions, seed)
-        shuffled_correct, _, _ = _per_image(model, xt, yt, shuffled)
         frac = details["compute_fraction"]
-        rnp_points.append(
+        points.append(
             {
                 "budget": budget,
                 "penalty": penalty,
                 "accuracy": float(correct.mean()),
                 "compute_fraction": float(frac.mean()),
                 "compute_p90": float(np.percentile(frac, 90)),
-                "shuffled_accuracy": float(shuffled_correct.mean()),
-                "static_at_same_compute": _interp(static_curve, float(frac.mean())),
+                "shuffled_accuracy": float(_forced_correct(model, xt, yt, shuffled).mean()),
                 "distinct_action_tuples": int(len({tuple(a) for a in actions})),
-                "spearman_compute_vs_full_loss": _spearman(frac, test_loss[full_index]),
+                "stopped_share": float((actions.max(1) == 1).mean()) if model.late_decision else None,
+                "spearman_compute_vs_full_loss": _spearman(frac, full_loss),
                 "compute_per_class": {
                     data.class_names[c]: float(frac[yt == c].mean()) for c in range(data.num_classes) if (yt == c).any()
                 },
+                "least_compute": np.argsort(frac, kind="stable")[:16].tolist(),
+                "most_compute": np.argsort(-frac, kind="stable")[:16].tolist(),
+                "_frac": frac,
+                "_pred": details["logits"].argmax(1),
             }
         )
     model.set_penalty(model.penalty)
-    rnp_steps = FLAGS.rnp_epochs * steps_per_epoch
+    return points
+
+
+def run_one(name, backbone, seed):
+    import keras
+
+    from rnp_tf.reorder import reorder_channels
+
+    keras.utils.set_random_seed(seed)
+    data = _load(name, seed)
+    timing = {}
+    model = _new_model(_spec(backbone), data, penalty=FLAGS.penalty, agent_steps=50, backbone_steps=50,
+                       epsilon_decay_steps=200, full_width_fraction=0.25)
+    timing["pretrain"] = _fit(model, data, "full", FLAGS.pretrain_epochs, 2e-3)
+    reorder_channels(model)
+    timing["robust"] = _fit(model, data, "robust", FLAGS.robust_epochs, 1e-3)
+    backbone_model = _clone(model)
+    xv, yv = _arrays(data.validation)
+    xt, yt = _arrays(data.test)
+
+    # 1-2: full network and the static curve (front chosen on validation, read on test)
+    start = time.time()
+    mixes = candidate_mixes(model.num_prunable, model.groups, FLAGS.max_mixes, seed)
+    fractions = backbone_model.compute_fraction(mixes).numpy()
+    val_correct, _, _ = _mix_table(backbone_model, mixes, xv, yv)
+    test_correct, test_loss, test_conf = _mix_table(backbone_model, mixes, xt, yt)
+    timing["static_curve"] = time.time() - start
+    front = _pareto(fractions, val_correct.mean(1))
+    static_curve = [(float(fractions[i]), float(test_correct[i].mean())) for i in front]
+    full_index = len(mixes) - 1
+    full_accuracy = float(test_correct[full_index].mean())
+    steps = FLAGS.rnp_epochs * int(np.ceil(data.num_train / 128))
+
+    # 5: every agent from the same backbone, Algorithm 1 for the same epochs
+    policies, agent_models = {}, {}
+    for policy in FLAGS.policies:
+        agent_model = _clone(backbone_model, late_decision=policy == "late")
+        start = time.time()
+        _fit(agent_model, data, None, FLAGS.rnp_epochs, 3e-4)
+        points = _evaluate_policy(agent_model, data, xv, xt, yt, test_loss[full_index], seed)
+        for point in points:
+            point["static_at_same_compute"] = _interp(static_curve, point["compute_fraction"])
+        timing[f"rnp_{policy}"] = time.time() - start
+        policies[policy], agent_models[policy] = points, agent_model
 
     # 6: oracle bounds (hard and soft) on test
     oracle_rows = []
@@ -302,156 +379,308 @@ def run_one(name, seed):
         ("soft_oracle", test_loss <= test_loss[full_index][None, :] + FLAGS.soft_margin),
     ):
         chosen = oracle_choice(ok, fractions, full_index)
-        oracle_rows.append(
-            {
-                "kind": kind,
-                "accuracy": float(test_correct[chosen, np.arange(len(yt))].mean()),
-                "compute_fraction": float(fractions[chosen].mean()),
-            }
-        )
+        oracle_rows.append({"kind": kind, "accuracy": float(test_correct[chosen, np.arange(len(yt))].mean()),
+                            "compute_fraction": float(fractions[chosen].mean())})
 
     # 7: confidence cascade (narrowest mix, escalate to full width when unsure)
-    narrow = 0
+    narrow = int(np.argmin(fractions))
     cascade = []
-    for threshold in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99):
+    for threshold in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
         escalate = test_conf[narrow] < threshold
         correct = np.where(escalate, test_correct[full_index], test_correct[narrow])
         cost = fractions[narrow] + escalate * fractions[full_index]
-        cascade.append({"threshold": threshold, "accuracy": float(correct.mean()), "compute_fraction": float(cost.mean())})
+        cascade.append({"threshold": threshold, "accuracy": float(correct.mean()),
+                        "compute_fraction": float(cost.mean())})
 
-    # 3: static fine-tuned at the front mixes nearest each RNP point, same steps as RNP
+    # 3-4: static fine-tuned and thin from scratch at every budget
+    budgets = [float(b) for b in FLAGS.budgets]
     start = time.time()
     finetuned = []
-    for point in rnp_points:
-        i = min(front, key=lambda j: abs(fractions[j] - point["compute_fraction"]))
-        tuned = _clone(backbone)
-        _train_forced(tuned, data, mixes[i], rnp_steps, 3e-4)
+    for budget in budgets:
+        i = min(front, key=lambda j: abs(fractions[j] - budget))
+        tuned = _clone(backbone_model)
+        _train_forced(tuned, data, mixes[i], steps, 3e-4)
         correct, _, _ = _per_image(tuned, xt, yt, mixes[i][None, :])
-        finetuned.append({"mix": mixes[i].tolist(), "compute_fraction": float(fractions[i]),
+        finetuned.append({"budget": budget, "mix": mixes[i].tolist(), "compute_fraction": float(fractions[i]),
                           "accuracy": float(correct.mean())})
     timing["static_finetuned"] = time.time() - start
-
-    # 4: thin networks from scratch, same epochs as the backbone
     start = time.time()
     thin = []
-    for point in rnp_points:
-        thin_widths, fraction = _thin_widths(widths, point["compute_fraction"], backbone.full_macs, data)
-        net = _new_model(thin_widths, data)
+    for budget in budgets:
+        spec, fraction = _thin_spec(backbone, budget, backbone_model.full_macs, data)
+        net = _new_model(spec, data)
         _fit(net, data, "full", FLAGS.pretrain_epochs + FLAGS.robust_epochs, 2e-3)
         correct, _, _ = _per_image(net, xt, yt, np.full((1, net.num_prunable), net.groups))
-        thin.append({"widths": thin_widths, "compute_fraction": fraction, "accuracy": float(correct.mean())})
+        thin.append({"budget": budget, "widths": [s["filters"] for s in spec["stages"] if s["type"] == "conv"],
+                     "compute_fraction": fraction, "accuracy": float(correct.mean())})
     timing["thin"] = time.time() - start
 
-    # issue 7: separately trained agents at fixed penalties, from the same backbone
-    separate = []
+    # issue 7: separately trained paper agents at fixed penalties, from the same backbone
+    separate, sweep = [], []
+    if FLAGS.separate_penalties and "paper" in policies:
+        knob_model = agent_models["paper"]
+        for budget in sorted({float(b) for b in FLAGS.knob_budgets + FLAGS.budgets}, reverse=True):
+            penalty = knob_model.set_budget(budget, xv)
+            details = knob_model.predict_details(xt)
+            sweep.append({"budget": budget, "penalty": penalty,
+                          "accuracy": float((details["logits"].argmax(1) == yt).mean()),
+                          "compute_fraction": float(details["compute_fraction"].mean())})
+        knob_model.set_penalty(knob_model.penalty)
+    knob = [(p["compute_fraction"], p["accuracy"]) for p in sweep]
     for penalty in [float(p) for p in FLAGS.separate_penalties]:
-        agent_model = _clone(backbone)
-        agent_model.penalty = penalty
-        agent_model._penalty_setting.assign(penalty)
+        start = time.time()
+        agent_model = _clone(backbone_model, penalty=penalty)
         _fit(agent_model, data, None, FLAGS.rnp_epochs, 3e-4)
         details = agent_model.predict_details(xt)
-        one_model = _interp(
-            [(p["compute_fraction"], p["accuracy"]) for p in rnp_points], float(details["compute_fraction"].mean())
-        )
-        separate.append(
-            {
-                "penalty": penalty,
-                "accuracy": float((details["logits"].argmax(1) == yt).mean()),
-                "compute_fraction": float(details["compute_fraction"].mean()),
-                "one_model_at_same_compute": one_model,
-            }
-        )
+        fraction = float(details["compute_fraction"].mean())
+        inside = bool(knob) and min(k[0] for k in knob) <= fraction <= max(k[0] for k in knob)
+        separate.append({"penalty": penalty, "accuracy": float((details["logits"].argmax(1) == yt).mean()),
+                         "compute_fraction": fraction,
+                         "one_model_at_same_compute": _interp(knob, fraction) if inside else None,
+                         "seconds": time.time() - start})
 
     return {
         "dataset": name,
+        "backbone": backbone,
         "seed": seed,
+        "num_train": data.num_train,
+        "mixes_evaluated": int(len(mixes)),
         "full_accuracy": full_accuracy,
         "static_curve": static_curve,
-        "rnp": rnp_points,
+        "policies": policies,
         "oracle": oracle_rows,
         "cascade": cascade,
         "static_finetuned": finetuned,
         "thin": thin,
         "separate_agents": separate,
+        "knob_sweep": sweep,
         "seconds": timing,
+        "_test": (xt, yt, data.class_names),
     }
 
 
+def _stats(values):
+    values = [v for v in values if v is not None]
+    return (float(np.mean(values)), float(np.std(values))) if values else (None, None)
+
+
 def summarise(runs):
-    """Mean and std over seeds, per dataset and RNP budget."""
+    """Mean and std over seeds, per dataset, backbone and budget."""
     rows = []
-    for name in sorted({r["dataset"] for r in runs}):
-        group = [r for r in runs if r["dataset"] == name]
-        full = [r["full_accuracy"] for r in group]
-        rows.append({"dataset": name, "method": "full network", "accuracy": np.mean(full), "std": np.std(full),
-                     "compute": 1.0, "p90": 1.0})
-        for i, budget in enumerate(group[0]["rnp"]):
-            points = [r["rnp"][i] for r in group]
-            for label, key in (("RNP", "accuracy"), ("shuffled control", "shuffled_accuracy"),
-                               ("static curve", "static_at_same_compute")):
-                values = [p[key] for p in points]
-                rows.append({"dataset": name, "method": f"{label} @{budget['budget']}", "accuracy": np.mean(values),
-                             "std": np.std(values), "compute": np.mean([p["compute_fraction"] for p in points]),
-                             "p90": np.mean([p["compute_p90"] for p in points])})
-            for label, key in (("static fine-tuned", "static_finetuned"), ("thin from scratch", "thin")):
-                values = [r[key][i]["accuracy"] for r in group]
-                rows.append({"dataset": name, "method": f"{label} @{budget['budget']}", "accuracy": np.mean(values),
-                             "std": np.std(values), "compute": np.mean([r[key][i]["compute_fraction"] for r in group]),
-                             "p90": None})
+    for name, backbone in sorted({(r["dataset"], r["backbone"]) for r in runs}):
+        group = [r for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)]
+
+        def row(method, values, compute, p90=None, spearman=None):
+            mean, std = _stats(values)
+            rows.append({"dataset": name, "backbone": backbone, "method": method, "accuracy": mean, "std": std,
+                         "compute": _stats(compute)[0], "p90": p90, "spearman": spearman})
+
+        row("full network", [r["full_accuracy"] for r in group], [1.0])
+        for i, budget in enumerate(float(b) for b in FLAGS.budgets):
+            tag = f"@{budget:g}"
+            for policy in group[0]["policies"]:
+                points = [r["policies"][policy][i] for r in group]
+                compute = [p["compute_fraction"] for p in points]
+                row(f"RNP {policy} {tag}", [p["accuracy"] for p in points], compute,
+                    p90=_stats([p["compute_p90"] for p in points])[0],
+                    spearman=_stats([p["spearman_compute_vs_full_loss"] for p in points])[0])
+                row(f"shuffled {policy} {tag}", [p["shuffled_accuracy"] for p in points], compute)
+                row(f"static curve at RNP {policy} {tag}", [p["static_at_same_compute"] for p in points], compute)
+            row(f"static fine-tuned {tag}", [r["static_finetuned"][i]["accuracy"] for r in group],
+                [r["static_finetuned"][i]["compute_fraction"] for r in group])
+            row(f"thin from scratch {tag}", [r["thin"][i]["accuracy"] for r in group],
+                [r["thin"][i]["compute_fraction"] for r in group])
+            cascade = [_cascade_at(r, budget) for r in group]
+            if all(c is not None for c in cascade):
+                row(f"cascade {tag}", cascade, [budget])
         for i, oracle in enumerate(group[0]["oracle"]):
-            values = [r["oracle"][i]["accuracy"] for r in group]
-            rows.append({"dataset": name, "method": oracle["kind"], "accuracy": np.mean(values), "std": np.std(values),
-                         "compute": np.mean([r["oracle"][i]["compute_fraction"] for r in group]), "p90": None})
+            row(oracle["kind"], [r["oracle"][i]["accuracy"] for r in group],
+                [r["oracle"][i]["compute_fraction"] for r in group])
+        for i, sep in enumerate(group[0]["separate_agents"]):
+            row(f"separate agent p={sep['penalty']:g}", [r["separate_agents"][i]["accuracy"] for r in group],
+                [r["separate_agents"][i]["compute_fraction"] for r in group])
+            row(f"one model (knob) at its compute, p={sep['penalty']:g}",
+                [r["separate_agents"][i]["one_model_at_same_compute"] for r in group],
+                [r["separate_agents"][i]["compute_fraction"] for r in group])
     return rows
 
 
-def plot(runs, path):
+def _cascade_at(run, budget):
+    curve = [(c["compute_fraction"], c["accuracy"]) for c in run["cascade"]]
+    xs = [c[0] for c in curve]
+    return _interp(curve, budget) if min(xs) <= budget <= max(xs) else None
+
+
+def targets(runs):
+    """The issue's targets, per dataset, backbone and policy: lines saying MET or MISSED with the numbers."""
+    lines = []
+    budgets = [float(b) for b in FLAGS.budgets]
+    for name, backbone in sorted({(r["dataset"], r["backbone"]) for r in runs}):
+        group = [r for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)]
+        full = np.mean([r["full_accuracy"] for r in group])
+        for policy in group[0]["policies"]:
+            label = f"{name} / {backbone} / {policy}"
+            acc = np.array([[r["policies"][policy][i]["accuracy"] for i in range(len(budgets))] for r in group])
+            static = np.array([[r["policies"][policy][i]["static_at_same_compute"] for i in range(len(budgets))]
+                               for r in group])
+            shuffled = np.array([[r["policies"][policy][i]["shuffled_accuracy"] for i in range(len(budgets))]
+                                 for r in group])
+            compute = np.array([[r["policies"][policy][i]["compute_fraction"] for i in range(len(budgets))]
+                                for r in group]).mean(0)
+            gain, spread = (acc - static).mean(0), acc.std(0)
+            ok = bool(np.all(gain > spread))
+            lines.append(f"- {label}: beats the static curve by more than the seed std at every budget: "
+                         f"{'MET' if ok else 'MISSED'} (gain {_pts(gain)}; std {_pts(spread)})")
+            over_shuffle = (acc - shuffled).mean(0)
+            lines.append(f"- {label}: beats its shuffled control at every budget: "
+                         f"{'MET' if np.all(over_shuffle > 0) else 'MISSED'} (gain {_pts(over_shuffle)})")
+            cheap = compute <= 1 / 3 + 1e-9
+            if cheap.any():
+                best = acc.mean(0)[cheap].max()
+                lines.append(f"- {label}: within 1.0 point of the full network at >= 3x fewer MACs: "
+                             f"{'MET' if full - best <= 0.01 else 'MISSED'} (best {100 * best:.1f}% against "
+                             f"{100 * full:.1f}%)")
+            deep = compute <= 1 / 5 + 1e-9
+            if deep.any():
+                i = int(np.argmin(compute))
+                thin = np.mean([r["thin"][i]["accuracy"] for r in group])
+                margin = min(acc.mean(0)[i] - static.mean(0)[i], acc.mean(0)[i] - thin)
+                lines.append(f"- {label}: at {1 / compute[i]:.1f}x fewer MACs, >= 3 points above static and thin: "
+                             f"{'MET' if margin >= 0.03 else 'MISSED'} (RNP {100 * acc.mean(0)[i]:.1f}%, static "
+                             f"{100 * static.mean(0)[i]:.1f}%, thin {100 * thin:.1f}%)")
+            rho = np.mean([[p["spearman_compute_vs_full_loss"] for p in r["policies"][policy]] for r in group])
+            lines.append(f"- {label}: harder images get more compute (Spearman > 0): "
+                         f"{'MET' if rho > 0 else 'MISSED'} (mean rho {rho:+.2f})")
+            miss = np.abs(compute / np.array(budgets) - 1)
+            lines.append(f"- {label}: mean compute within 5% of the requested budget (issue 7): "
+                         f"{'MET' if np.all(miss <= 0.05) else 'MISSED'} (off by {_pts(miss)}%)")
+        if group[0].get("separate_agents"):
+            gaps = [np.mean([r["separate_agents"][i]["accuracy"] - r["separate_agents"][i]["one_model_at_same_compute"]
+                             for r in group if r["separate_agents"][i]["one_model_at_same_compute"] is not None] or [np.nan])
+                    for i in range(len(group[0]["separate_agents"]))]
+            gaps = [g for g in gaps if np.isfinite(g)]
+            if gaps:
+                lines.append(f"- {name} / {backbone}: one model within 1.0 point of separately trained agents at "
+                             f"matched compute (issue 7, {len(gaps)} agents inside the knob's range): "
+                             f"{'MET' if max(gaps) <= 0.01 else 'MISSED'} (separate minus one model {_pts(gaps)})")
+    return lines
+
+
+def _pts(values):
+    return "/".join(f"{100 * v:+.1f}" for v in values)
+
+
+def plot(runs, output, stem):
+    """One picture per dataset and backbone (first seed's curves), plus the extreme images."""
     from rnp_tf import report
 
-    curves, reference = {}, {}
-    for name in sorted({r["dataset"] for r in runs}):
-        run = [r for r in runs if r["dataset"] == name][0]
-        curves[f"{name}: static curve"] = run["static_curve"]
-        curves[f"{name}: RNP (one model, knob)"] = [(p["compute_fraction"], p["accuracy"]) for p in run["rnp"]]
-        curves[f"{name}: shuffled control"] = [(p["compute_fraction"], p["shuffled_accuracy"]) for p in run["rnp"]]
+    paths = []
+    for name, backbone in sorted({(r["dataset"], r["backbone"]) for r in runs}):
+        run = [r for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)][0]
+        curves = {"static curve": run["static_curve"]}
+        for policy, points in run["policies"].items():
+            curves[f"RNP {policy} (one model, knob)"] = [(p["compute_fraction"], p["accuracy"]) for p in points]
+            curves[f"shuffled {policy}"] = [(p["compute_fraction"], p["shuffled_accuracy"]) for p in points]
         cascade = [(c["compute_fraction"], c["accuracy"]) for c in run["cascade"] if c["compute_fraction"] <= 1.0]
         if cascade:  # a cascade that escalates often costs more than the full network
-            curves[f"{name}: cascade"] = cascade
-        curves[f"{name}: thin from scratch"] = [(t["compute_fraction"], t["accuracy"]) for t in run["thin"]]
-        curves[f"{name}: static fine-tuned"] = [(t["compute_fraction"], t["accuracy"]) for t in run["static_finetuned"]]
+            curves["cascade"] = cascade
+        curves["thin from scratch"] = [(t["compute_fraction"], t["accuracy"]) for t in run["thin"]]
+        curves["static fine-tuned"] = [(t["compute_fraction"], t["accuracy"]) for t in run["static_finetuned"]]
+        if run.get("knob_sweep"):
+            curves["RNP paper, knob sweep (issue 7)"] = [(k["compute_fraction"], k["accuracy"])
+                                                         for k in run["knob_sweep"]]
         if run["separate_agents"]:
-            curves[f"{name}: separately trained agents"] = [
-                (s["compute_fraction"], s["accuracy"]) for s in run["separate_agents"]
-            ]
-        for oracle in run["oracle"]:
-            reference[f"{name}: {oracle['kind']}"] = (oracle["compute_fraction"], oracle["accuracy"])
-    return report.plot_accuracy_vs_compute(curves, path, title="Accuracy against compute (seed of the first run)",
-                                           reference=reference)
+            curves["separately trained agents"] = [(s["compute_fraction"], s["accuracy"])
+                                                   for s in run["separate_agents"]]
+        reference = {o["kind"]: (o["compute_fraction"], o["accuracy"]) for o in run["oracle"]}
+        reference["full network"] = (1.0, run["full_accuracy"])
+        path = os.path.join(output, f"{stem}_{name}_{backbone}.png")
+        paths.append(report.plot_accuracy_vs_compute(
+            curves, path, title=f"{name}, {backbone}: accuracy against compute (seed {run['seed']})",
+            reference=reference))
+        if "_test" not in run:  # merged from JSON: the pictures of the images were drawn by the run itself
+            continue
+        xt, yt, class_names = run["_test"]
+        for policy, points in run["policies"].items():
+            point = points[len(points) // 2]
+            path = os.path.join(output, f"{stem}_{name}_{backbone}_{policy}_extremes.png")
+            paths.append(report.plot_extreme_images(
+                np.clip(xt, 0, 1), yt, point["_pred"], np.clip(point["_frac"], 0, 1), path,
+                class_names=class_names))
+    return paths
+
+
+def _public(runs):
+    """The runs without their private arrays (for JSON)."""
+    clean = []
+    for run in runs:
+        run = {k: v for k, v in run.items() if not k.startswith("_")}
+        run["policies"] = {p: [{k: v for k, v in point.items() if not k.startswith("_")} for point in points]
+                           for p, points in run["policies"].items()}
+        clean.append(run)
+    return clean
+
+
+def write_report(runs, output, stem, extra=None):
+    """`<stem>.json`, `<stem>.md` (table and targets) and the pictures."""
+    from rnp_tf import io_utils
+    from rnp_tf import report
+
+    rows = summarise(runs)
+    goals = targets(runs)
+    keys = ("datasets", "backbones", "seeds", "widths", "vgg_width", "policies", "pretrain_epochs", "robust_epochs",
+            "rnp_epochs", "max_train_examples", "penalty", "budgets", "separate_penalties", "knob_budgets", "max_mixes")
+    result = {"flags": {k: FLAGS[k].value for k in keys}, "runs": _public(runs), "summary": rows, "targets": goals,
+              **(extra or {})}
+    io_utils.write_json(os.path.join(output, f"{stem}.json"), result)
+    table = report.format_table(rows, ["dataset", "backbone", "method", "accuracy", "std", "compute", "p90", "spearman"])
+    text = table + "\n\n## Targets (mean over seeds)\n\n" + "\n".join(goals) + "\n"
+    io_utils.atomic_write(os.path.join(output, f"{stem}.md"), lambda p: pathlib.Path(p).write_text(text))
+    plot(runs, output, stem)
+    return text
+
+
+def _merge(paths):
+    import json
+
+    runs, seconds = [], 0.0
+    for path in paths:
+        if not os.path.isfile(path):
+            raise app.UsageError(f"--merge: no such file {path}")
+        data = json.loads(pathlib.Path(path).read_text())
+        if data["flags"]["budgets"] != FLAGS.budgets:
+            raise app.UsageError(f"--merge: {path} used --budgets={data['flags']['budgets']}, not {FLAGS.budgets}")
+        runs += data["runs"]
+        seconds += data.get("seconds", 0.0)
+    return runs, seconds
 
 
 def main(argv):
     del argv
-    from rnp_tf import io_utils
-    from rnp_tf import report
-
     if FLAGS.quick:
-        FLAGS.datasets, FLAGS.seeds = ["digits"], ["0"]
+        FLAGS.datasets, FLAGS.seeds, FLAGS.backbones = ["digits"], ["0"], ["cifar_cnn"]
         FLAGS.widths = ["8", "16", "16", "16"]
         FLAGS.pretrain_epochs, FLAGS.robust_epochs, FLAGS.rnp_epochs = 1, 1, 1
         FLAGS.budgets = ["0.6", "0.3"]
+    for name, values, allowed in (("backbones", FLAGS.backbones, BACKBONES), ("policies", FLAGS.policies, POLICIES),
+                                  ("datasets", FLAGS.datasets, (*DATASETS, "digits"))):
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            raise app.UsageError(f"--{name}: unknown {unknown}; expected some of {', '.join(allowed)}.")
     os.makedirs(FLAGS.output, exist_ok=True)
+    stem = FLAGS.stem or ("accuracy_quick" if FLAGS.quick else "accuracy")
+    if FLAGS.merge:
+        runs, seconds = _merge(FLAGS.merge)
+        print(write_report(runs, FLAGS.output, stem, {"seconds": seconds, "merged_from": FLAGS.merge}))
+        return
     start = time.time()
-    runs = [run_one(name, int(seed)) for name in FLAGS.datasets for seed in FLAGS.seeds]
-    rows = summarise(runs)
-    result = {"flags": {k: FLAGS[k].value for k in ("datasets", "seeds", "widths", "pretrain_epochs", "robust_epochs",
-                                                   "rnp_epochs", "penalty", "budgets", "separate_penalties")},
-              "runs": runs, "summary": rows, "seconds": time.time() - start}
-    stem = "accuracy_quick" if FLAGS.quick else "accuracy"
-    io_utils.write_json(os.path.join(FLAGS.output, f"{stem}.json"), result)
-    table = report.format_table(rows, ["dataset", "method", "accuracy", "std", "compute", "p90"])
-    io_utils.atomic_write(os.path.join(FLAGS.output, f"{stem}.md"), lambda p: pathlib.Path(p).write_text(table + "\n"))
-    plot(runs, os.path.join(FLAGS.output, f"{stem}.png"))
-    print(table)
+    runs = []
+    for name in FLAGS.datasets:
+        for backbone in FLAGS.backbones:
+            for seed in FLAGS.seeds:
+                runs.append(run_one(name, backbone, int(seed)))
+                print(f"{name} {backbone} seed {seed}: {runs[-1]['seconds']}", flush=True)
+    print(write_report(runs, FLAGS.output, stem, {"seconds": time.time() - start}))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,33 @@ def test_pareto_front():
     assert accuracy._pareto(np.array([0.5, 0.2, 1.0, 0.3]), np.array([0.7, 0.6, 0.9, 0.5])) == [1, 0, 2]
 
 
+def test_candidate_mixes_all_or_a_sample_with_the_uniform_ones():
+    every = accuracy.candidate_mixes(3, 4, max_mixes=64)
+    assert len(every) == 64 and len({tuple(m) for m in every}) == 64
+    sample = accuracy.candidate_mixes(5, 4, max_mixes=40, seed=1)
+    assert len(sample) == 40 and len({tuple(m) for m in sample}) == 40
+    assert sample.min() >= 1 and sample.max() <= 4
+    for a in range(1, 5):
+        assert any((m == a).all() for m in sample)
+    np.testing.assert_array_equal(sample[-1], [4] * 5)  # the full network last
+
+
+def test_reported_macs_equal_the_engines_counted_macs():
+    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10)
+    rng = np.random.default_rng(0)
+    for decoder in model.agent.decoders:  # a random agent with strong weights: varied actions
+        decoder.kernel.assign(rng.normal(scale=20.0, size=decoder.kernel.shape))
+    x = rng.uniform(size=(64, 8, 8, 1)) * rng.uniform(0.0, 5.0, size=(64, 1, 1, 1))  # different brightness
+    x = x.astype("float32")
+    details = model.predict_details(x)  # what the benchmark reports (the engine on this chain)
+    engine = rnp_tf.InferenceEngine(model)
+    counted = engine(x)
+    np.testing.assert_array_equal(details["actions"], counted["actions"].numpy())
+    np.testing.assert_allclose(details["macs"], counted["macs"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(details["macs"], model.macs(details["actions"]).numpy(), rtol=1e-6)
+    assert len({tuple(a) for a in details["actions"]}) > 1
+
+
 def test_quick_run_writes_the_documented_json(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "bench.accuracy", "--quick", f"--output={tmp_path}"],
@@ -49,14 +76,30 @@ def test_quick_run_writes_the_documented_json(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "accuracy_quick.json").read_text())
     run = data["runs"][0]
-    for key in ("full_accuracy", "static_curve", "rnp", "oracle", "cascade", "static_finetuned", "thin", "seconds"):
+    for key in ("full_accuracy", "static_curve", "policies", "oracle", "cascade", "static_finetuned", "thin",
+                "seconds", "mixes_evaluated"):
         assert key in run
-    assert len(run["rnp"]) == 2
-    for point in run["rnp"]:
-        for key in ("accuracy", "compute_fraction", "shuffled_accuracy", "static_at_same_compute",
-                    "spearman_compute_vs_full_loss", "compute_per_class"):
-            assert key in point
-        assert 0 < point["compute_fraction"] <= 1
+    assert set(run["policies"]) == {"paper", "late"}
+    for points in run["policies"].values():
+        assert len(points) == 2
+        for point in points:
+            for key in ("accuracy", "compute_fraction", "compute_p90", "shuffled_accuracy", "static_at_same_compute",
+                        "spearman_compute_vs_full_loss", "compute_per_class", "least_compute", "most_compute"):
+                assert key in point
+            assert 0 < point["compute_fraction"] <= 1.5  # a late model may pay both passes
+            assert len(point["least_compute"]) == 16
     assert {o["kind"] for o in run["oracle"]} == {"oracle", "soft_oracle"}
-    assert (tmp_path / "accuracy_quick.png").stat().st_size > 1000
-    assert "| dataset" in (tmp_path / "accuracy_quick.md").read_text()
+    assert {"pretrain", "robust", "static_curve", "rnp_paper", "rnp_late", "thin"} <= set(run["seconds"])
+    assert any("Spearman" in line for line in data["targets"])
+    assert (tmp_path / "accuracy_quick_digits_cifar_cnn.png").stat().st_size > 1000
+    assert (tmp_path / "accuracy_quick_digits_cifar_cnn_late_extremes.png").stat().st_size > 1000
+    text = (tmp_path / "accuracy_quick.md").read_text()
+    assert "| dataset" in text and "## Targets" in text
+    # the merge mode re-reads the JSON into the same report
+    merged = subprocess.run(
+        [sys.executable, "-m", "bench.accuracy", "--budgets=0.6,0.3", f"--output={tmp_path}", "--stem=merged",
+         f"--merge={tmp_path / 'accuracy_quick.json'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert json.loads((tmp_path / "merged.json").read_text())["summary"] == data["summary"]
