@@ -62,7 +62,8 @@ def evaluate_dir(
         pictures: whether to write the figures.
         penalty: run-time penalty to evaluate at (`RNPModel.set_penalty`).
         budget: target mean compute fraction: the model is calibrated on
-            the test split (`calibrate_budget`) and `set_budget` applied.
+            the test split (`calibrate_budget`) and `set_budget` bisects
+            the penalty on it until the mean compute is within 0.01.
         compute_cap: hard per-image cap (`RNPModel.set_compute_cap`).
 
     Returns:
@@ -110,7 +111,7 @@ def evaluate_dir(
         model.set_penalty(penalty)
     if budget is not None:
         model.calibrate_budget(data.test)
-        model.set_budget(budget)
+        model.set_budget(budget, data.test)
     if compute_cap is not None:
         model.set_compute_cap(compute_cap)
     output_dir = output_dir or model_dir
