@@ -592,6 +592,14 @@ def plot(runs, output, stem):
         if run["separate_agents"]:
             curves["separately trained agents"] = [(s["compute_fraction"], s["accuracy"])
                                                    for s in run["separate_agents"]]
+        if run.get("knob_sweep") and run["separate_agents"]:  # issue 7: one model against separate agents
+            knob = {"one model, run-time knob": [(k["compute_fraction"], k["accuracy"]) for k in run["knob_sweep"]],
+                    "separately trained agents": [(a["compute_fraction"], a["accuracy"])
+                                                  for a in run["separate_agents"]]}
+            path = os.path.join(output, f"{stem}_{name}_{backbone}_knob.png")
+            paths.append(report.plot_accuracy_vs_compute(
+                knob, path, title=f"{name}, {backbone}: one model's knob against separate agents (seed {run['seed']})",
+                reference={"full network": (1.0, run["full_accuracy"])}))
         reference = {o["kind"]: (o["compute_fraction"], o["accuracy"]) for o in run["oracle"]}
         reference["full network"] = (1.0, run["full_accuracy"])
         path = os.path.join(output, f"{stem}_{name}_{backbone}.png")
@@ -657,6 +665,8 @@ def _merge(paths):
 
 def main(argv):
     del argv
+    from rnp_tf import io_utils
+
     if FLAGS.quick:
         FLAGS.datasets, FLAGS.seeds, FLAGS.backbones = ["digits"], ["0"], ["cifar_cnn"]
         FLAGS.widths = ["8", "16", "16", "16"]
@@ -680,6 +690,9 @@ def main(argv):
             for seed in FLAGS.seeds:
                 runs.append(run_one(name, backbone, int(seed)))
                 print(f"{name} {backbone} seed {seed}: {runs[-1]['seconds']}", flush=True)
+                # what is done so far survives a crash or a stop (`--merge` reads it)
+                io_utils.write_json(os.path.join(FLAGS.output, f"{stem}.partial.json"),
+                                    {"flags": {"budgets": FLAGS.budgets}, "runs": _public(runs)})
     print(write_report(runs, FLAGS.output, stem, {"seconds": time.time() - start}))
 
 
