@@ -58,6 +58,7 @@ import time
 from absl import app
 from absl import flags
 
+from bench import models
 from bench import timing
 
 FLAGS = flags.FLAGS
@@ -154,8 +155,6 @@ def default_config(**overrides):
 
 def build_model(name, config):
     """The model to time, with random weights (and random BatchNorm statistics)."""
-    import numpy as np
-
     import rnp_tf
 
     if name == "vgg16":
@@ -167,14 +166,7 @@ def build_model(name, config):
 
     keras.utils.set_random_seed(config["seed"])
     model = rnp_tf.RNPModel(spec, image_shape=shape, num_classes=NUM_CLASSES[name])
-    rng = np.random.default_rng(config["seed"])
-    for conv in model.convs:
-        sets = conv.gamma.shape
-        conv.gamma.assign(rng.uniform(0.5, 1.5, sets))
-        conv.beta.assign(rng.normal(0.0, 0.1, sets))
-        conv.moving_mean.assign(rng.normal(0.0, 0.1, sets))
-        conv.moving_variance.assign(rng.uniform(0.5, 2.0, sets))
-    return model
+    return models.randomise_batchnorm(model, config["seed"], spread=0.1)
 
 
 # ------------------------------------------------------------ operating points

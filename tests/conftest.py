@@ -9,6 +9,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench.models import randomise_batchnorm  # noqa: E402
+
 # MirroredStrategy tests need two devices; logical devices must be configured
 # before TensorFlow initialises its runtime, i.e. before any test runs.
 _cpus = tf.config.list_physical_devices("CPU")
@@ -52,14 +54,7 @@ def _small_model(backbone=None, seed=0, penalty=0.3, **kwargs):
 
     keras.utils.set_random_seed(seed)
     model = rnp_tf.RNPModel(backbone or rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10, **kwargs)
-    rng = np.random.default_rng(seed)
-    for conv in model.convs:
-        if hasattr(conv, "gamma"):
-            shape = conv.gamma.shape
-            conv.gamma.assign(rng.uniform(0.5, 1.5, shape))
-            conv.beta.assign(rng.normal(0, 0.2, shape))
-            conv.moving_mean.assign(rng.normal(0, 0.2, shape))
-            conv.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
+    randomise_batchnorm(model, seed)
     for decoder in model.agent.decoders:
         decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
     if penalty is not None:

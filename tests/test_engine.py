@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import rnp_tf
+from bench.models import randomise_batchnorm
 from rnp_tf.engine import DenseRunner
 from rnp_tf.engine import InferenceEngine
 from rnp_tf.engine import uniform_actions
@@ -28,12 +29,7 @@ def make_model(image_shape=(8, 8, 1), pooling="gap", seed=0):
         spec["head"] = {"pooling": "flatten", "hidden": [12], "dropout": 0.5}
     model = rnp_tf.RNPModel(spec, image_shape=image_shape, num_classes=10)
     rng = np.random.default_rng(seed)
-    for conv in model.convs:
-        shape = conv.gamma.shape
-        conv.gamma.assign(rng.uniform(0.5, 1.5, shape))
-        conv.beta.assign(rng.normal(0, 0.2, shape))
-        conv.moving_mean.assign(rng.normal(0, 0.2, shape))
-        conv.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
+    randomise_batchnorm(model, rng)
     for layer in (*model.agent.encoders, *model.agent.decoders):
         layer.kernel.assign(rng.normal(0, 10.0, layer.kernel.shape))
     return model

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import rnp_tf
+from bench.models import randomise_batchnorm
 from rnp_tf import data
 
 SMALL = rnp_tf.cifar_cnn((8, 8, 16, 16))
@@ -17,16 +18,6 @@ def small_model(**kwargs):
     kwargs.setdefault("image_shape", (8, 8, 1))
     kwargs.setdefault("num_classes", 10)
     return rnp_tf.RNPModel(SMALL, **kwargs)
-
-
-def randomise_batchnorm(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for conv in model.convs:
-        shape = conv.gamma.shape
-        conv.gamma.assign(rng.uniform(0.5, 1.5, shape))
-        conv.beta.assign(rng.normal(0, 0.2, shape))
-        conv.moving_mean.assign(rng.normal(0, 0.2, shape))
-        conv.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
 
 
 def images(n, shape=(8, 8, 1), seed=0):
