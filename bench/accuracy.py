@@ -612,8 +612,10 @@ def plot(runs, output, stem):
         for policy, points in run["policies"].items():
             point = points[len(points) // 2]
             path = os.path.join(output, f"{stem}_{name}_{backbone}_{policy}_extremes.png")
+            low = xt.min(axis=(1, 2, 3), keepdims=True)  # standardised inputs: stretch each image to [0, 1]
+            shown = (xt - low) / np.maximum(xt.max(axis=(1, 2, 3), keepdims=True) - low, 1e-6)
             paths.append(report.plot_extreme_images(
-                np.clip(xt, 0, 1), yt, point["_pred"], np.clip(point["_frac"], 0, 1), path,
+                shown, yt, point["_pred"], np.clip(point["_frac"], 0, 1), path,
                 class_names=class_names))
     return paths
 
