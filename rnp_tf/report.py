@@ -363,21 +363,37 @@ def plot_accuracy_vs_compute(curves, path, *, title=None, reference=None):
                 (str(name), _check_range(pt, arg, hint=_FRACTION_HINT))
             )
 
-    fig = _new_figure((6.4, 4.6))
+    crowded = len(parsed) + len(refs) > 6  # then the legend goes beside the axes
+    fig = _new_figure((9.6, 4.8) if crowded else (6.4, 4.6))
     ax = fig.add_subplot(1, 1, 1)
-    for name, pts in parsed:
-        ax.plot(pts[:, 0], 100.0 * pts[:, 1], marker="o", label=name)
-    for name, pt in refs:
-        ax.plot([pt[0]], [100.0 * pt[1]], marker="*", markersize=15,
+    markers = "osD^vP"  # 20 colours x 6 markers: no two curves look alike
+    cycle = plt_colors(len(parsed) + len(refs))
+    for i, (name, pts) in enumerate(parsed):
+        ax.plot(pts[:, 0], 100.0 * pts[:, 1], marker=markers[i // 10 % len(markers)], color=cycle[i], label=name)
+    for j, (name, pt) in enumerate(refs):
+        ax.plot([pt[0]], [100.0 * pt[1]], marker="*", markersize=15, color=cycle[len(parsed) + j],
                 linestyle="none", label=name)
     ax.set_xlabel(COMPUTE_LABEL)
     ax.set_ylabel("accuracy (%)")
     if title is not None:
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best")
+    if crowded:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    else:
+        ax.legend(loc="best")
     fig.tight_layout()
     return _save_figure(fig, path)
+
+
+def plt_colors(n):
+    """`n` distinct colours: matplotlib's tab10, then tab20's lighter shades."""
+    import matplotlib
+
+    base = list(matplotlib.colormaps["tab10"].colors)
+    light = list(matplotlib.colormaps["tab20"].colors)[1::2]
+    colours = base + light
+    return [colours[i % len(colours)] for i in range(n)]
 
 
 def plot_action_histogram(shares, path, *, layer_names=None, title=None):
