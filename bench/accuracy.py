@@ -505,6 +505,30 @@ def summarise(runs):
     return rows
 
 
+def compact(rows):
+    """One line per dataset, backbone and budget: every method's test accuracy (mean ± std over seeds, %)."""
+    columns = [("RNP paper", "RNP paper"), ("shuffled paper", "shuffled paper"), ("RNP late", "RNP late"),
+               ("shuffled late", "shuffled late"), ("static curve", "static curve at RNP paper"),
+               ("static fine-tuned", "static fine-tuned"), ("thin", "thin from scratch"), ("cascade", "cascade")]
+    index = {(r["dataset"], r["backbone"], r["method"]): r for r in rows}
+    lines = ["| data / backbone | budget | compute (paper / late) | " + " | ".join(c for c, _ in columns) + " |",
+             "| --- | ---: | --- | " + " | ".join("---:" for _ in columns) + " |"]
+
+    def cell(row):
+        return "" if row is None or row["accuracy"] is None else f"{100 * row['accuracy']:.1f} ± {100 * row['std']:.1f}"
+
+    for name, backbone in sorted({(r["dataset"], r["backbone"]) for r in rows}):
+        full = index[(name, backbone, "full network")]
+        lines.append(f"| {name} / {backbone} | full | 1.0 | full network {cell(full)} |" + " |" * (len(columns) - 1))
+        for budget in FLAGS.budgets:
+            tag = f"@{float(budget):g}"
+            paper, late = (index.get((name, backbone, f"RNP {p} {tag}")) for p in ("paper", "late"))
+            compute = " / ".join(f"{r['compute']:.3f}" if r else "-" for r in (paper, late))
+            cells = [cell(index.get((name, backbone, f"{key} {tag}"))) for _, key in columns]
+            lines.append(f"| {name} / {backbone} | {float(budget):g} | {compute} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _cascade_at(run, budget):
     curve = [(c["compute_fraction"], c["accuracy"]) for c in run["cascade"]]
     xs = [c[0] for c in curve]
@@ -644,7 +668,8 @@ def write_report(runs, output, stem, extra=None):
               **(extra or {})}
     io_utils.write_json(os.path.join(output, f"{stem}.json"), result)
     table = report.format_table(rows, ["dataset", "backbone", "method", "accuracy", "std", "compute", "p90", "spearman"])
-    text = table + "\n\n## Targets (mean over seeds)\n\n" + "\n".join(goals) + "\n"
+    text = (table + "\n\n## Compact (test accuracy %, mean ± std over seeds)\n\n" + compact(rows)
+            + "\n\n## Targets (mean over seeds)\n\n" + "\n".join(goals) + "\n")
     io_utils.atomic_write(os.path.join(output, f"{stem}.md"), lambda p: pathlib.Path(p).write_text(text))
     plot(runs, output, stem)
     return text
