@@ -335,7 +335,7 @@ def _offline(*args, **kwargs):
         (["--backbone=vgg16", "--width_multiplier=0.5", "--backbone_weights=imagenet"], "width_multiplier"),
         (["--tpu=grpc://10.0.0.1:8470"], "only used with --strategy=tpu"),
         (["--backbone=resnet50", "--backbone_weights=imagenet"], "needs --backbone=vgg16"),
-        (["--backbone=resnet50", "--width_multiplier=0.5"], "vgg16 only"),
+        (["--backbone=resnet50", "--width_multiplier=0.5"], "vgg16 and vgg_cifar only"),
     ],
 )
 def test_bad_distribution_and_weights_flags(tmp_path, args, match):
