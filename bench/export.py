@@ -138,31 +138,18 @@ def default_config(**overrides):
         "breakdown": True,
         "seed": 0,
     }
-    unknown = set(overrides) - set(config)
-    if unknown:
-        raise ValueError(f"Unknown benchmark settings {sorted(unknown)}. Expected some of {sorted(config)}")
-    config.update(overrides)
-    if config["quick"]:
-        quick = {"models": ["cifar_cnn"], "targets": [2.0, 4.0], "ort_batch_sizes": [1, 8], "repeats": 3,
-                 "warmup": 1, "min_sample_seconds": 0.02, "isolate": False, "all_branches_models": [],
-                 "breakdown": False}
-        for key, value in quick.items():
-            if key not in overrides:
-                config[key] = value
+    quick = {"models": ["cifar_cnn"], "targets": [2.0, 4.0], "ort_batch_sizes": [1, 8], "repeats": 3,
+             "warmup": 1, "min_sample_seconds": 0.02, "isolate": False, "all_branches_models": [],
+             "breakdown": False}
+    config = timing.settings(config, overrides, quick, "ort_batch_sizes")
     for name in list(config["models"]) + list(config["all_branches_models"]):
         if name not in latency.NUM_CLASSES:
             raise ValueError(
                 f"Unknown model. Expected some of {sorted(latency.NUM_CLASSES)}. Received: models={name!r}"
             )
-    if not config["ort_batch_sizes"] or any(int(b) < 1 for b in config["ort_batch_sizes"]):
-        raise ValueError(f"`ort_batch_sizes` must be positive ints. Received: {config['ort_batch_sizes']}")
-    if not config["targets"] or any(float(t) < 1.0 for t in config["targets"]):
-        raise ValueError(f"`targets` must be speed-ups >= 1. Received: {config['targets']}")
     for name in ("repeats", "threads"):
         if int(config[name]) < 1:
             raise ValueError(f"`{name}` must be >= 1. Received: {name}={config[name]}")
-    config["ort_batch_sizes"] = [int(b) for b in config["ort_batch_sizes"]]
-    config["targets"] = [float(t) for t in config["targets"]]
     return config
 
 

@@ -130,26 +130,13 @@ def default_config(**overrides):
         "no_agent_variant": True,
         "seed": 0,
     }
-    unknown = set(overrides) - set(config)
-    if unknown:
-        raise ValueError(f"Unknown benchmark settings {sorted(unknown)}. Expected some of {sorted(config)}")
-    config.update(overrides)
-    if config["quick"]:
-        quick = {"models": ["cifar_cnn"], "batch_sizes": [1, 16], "targets": [1.0, 2.0, 4.0], "repeats": 3}
-        for key, value in quick.items():
-            if key not in overrides:
-                config[key] = value
+    quick = {"models": ["cifar_cnn"], "batch_sizes": [1, 16], "targets": [1.0, 2.0, 4.0], "repeats": 3}
+    config = timing.settings(config, overrides, quick, "batch_sizes")
     for name in config["models"]:
         if name not in NUM_CLASSES:
             raise ValueError(f"Unknown model. Expected some of {sorted(NUM_CLASSES)}. Received: models={config['models']}")
-    if not config["batch_sizes"] or any(int(b) < 1 for b in config["batch_sizes"]):
-        raise ValueError(f"`batch_sizes` must be positive ints. Received: {config['batch_sizes']}")
-    if not config["targets"] or any(float(t) < 1.0 for t in config["targets"]):
-        raise ValueError(f"`targets` must be speed-ups >= 1. Received: {config['targets']}")
     if int(config["repeats"]) < 1:
         raise ValueError(f"`repeats` must be >= 1. Received: {config['repeats']}")
-    config["batch_sizes"] = [int(b) for b in config["batch_sizes"]]
-    config["targets"] = [float(t) for t in config["targets"]]
     return config
 
 

@@ -138,6 +138,42 @@ def measure(fns, repeats=5, warmup=1, number=None, min_sample_seconds=0.0, seed=
     return {name: _summary(samples[name], numbers[name]) for name in names}
 
 
+def settings(defaults, overrides, quick, batch_key):
+    """A benchmark's settings: defaults, then overrides, then the `--quick` values not overridden.
+
+    Also checks what every timing benchmark has: speed-up targets >= 1 and
+    positive batch sizes (under `batch_key`), and converts them to floats
+    and ints.
+
+    Args:
+        defaults: dict of every setting and its default.
+        overrides: dict of settings to change (names from `defaults`).
+        quick: dict of the smoke-run values used when `quick` is set.
+        batch_key: the name of the batch-size list.
+
+    Returns:
+        A new dict.
+
+    Example:
+
+    >>> settings({"quick": False, "targets": [2.0], "b": [1]}, {}, {}, "b")["targets"]
+    [2.0]
+    """
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise ValueError(f"Unknown benchmark settings {sorted(unknown)}. Expected some of {sorted(defaults)}")
+    config = {**defaults, **overrides}
+    if config["quick"]:
+        config.update({key: value for key, value in quick.items() if key not in overrides})
+    if not config[batch_key] or any(int(b) < 1 for b in config[batch_key]):
+        raise ValueError(f"`{batch_key}` must be positive ints. Received: {config[batch_key]}")
+    if not config["targets"] or any(float(t) < 1.0 for t in config["targets"]):
+        raise ValueError(f"`targets` must be speed-ups >= 1. Received: {config['targets']}")
+    config[batch_key] = [int(b) for b in config[batch_key]]
+    config["targets"] = [float(t) for t in config["targets"]]
+    return config
+
+
 def write_outputs(result, output_dir, stem, markdown, plot=None):
     """Writes a benchmark's `STEM.json`, `STEM.md` and (with `plot`) `STEM.png`, atomically.
 
