@@ -22,6 +22,23 @@ if tf.config.get_logical_device_configuration(_cpus[0]) is None:
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def run_module():
+    """`run_module(module, *args, timeout=600)`: `python -m module args` from the repo, output captured."""
+    import subprocess
+    import sys
+
+    def run(module, *args, timeout=600):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout, env=env)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def shared_npz():
     """Returns `find(name)`: the path of ../shared/data/name, or skips the test."""

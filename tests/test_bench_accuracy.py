@@ -1,16 +1,11 @@
 """bench.accuracy: its pieces on hand-made cases, and a tiny real run."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 
 import rnp_tf
 from bench import accuracy
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_oracle_picks_the_cheapest_qualifying_mix():
@@ -68,11 +63,8 @@ def test_reported_macs_equal_the_engines_counted_macs():
     assert len({tuple(a) for a in details["actions"]}) > 1
 
 
-def test_quick_run_writes_the_documented_json(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.accuracy", "--quick", f"--output={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
+def test_quick_run_writes_the_documented_json(tmp_path, run_module):
+    result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "accuracy_quick.json").read_text())
     run = data["runs"][0]
@@ -96,10 +88,7 @@ def test_quick_run_writes_the_documented_json(tmp_path):
     text = (tmp_path / "accuracy_quick.md").read_text()
     assert "| dataset" in text and "## Targets" in text
     # the merge mode re-reads the JSON into the same report
-    merged = subprocess.run(
-        [sys.executable, "-m", "bench.accuracy", "--budgets=0.6,0.3", f"--output={tmp_path}", "--stem=merged",
-         f"--merge={tmp_path / 'accuracy_quick.json'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    merged = run_module("bench.accuracy", "--budgets=0.6,0.3", f"--output={tmp_path}", "--stem=merged",
+                        f"--merge={tmp_path / 'accuracy_quick.json'}", timeout=300)
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert json.loads((tmp_path / "merged.json").read_text())["summary"] == data["summary"]

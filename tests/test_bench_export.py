@@ -1,22 +1,14 @@
 """python -m bench.export: a real --quick run (CIFAR CNN exported and timed in TFLite and onnxruntime)."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from bench import export as bench_export
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-
-def test_quick_run_writes_the_table_json_and_plot(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.export", "--quick", f"--output={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
+def test_quick_run_writes_the_table_json_and_plot(tmp_path, run_module):
+    done = run_module("bench.export", "--quick", f"--output={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "export.json").read_text())
     assert result["complete"] and result["benchmark"] == "export"

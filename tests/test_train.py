@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,18 +18,6 @@ def parse(*args):
     train.define_flags(fv)
     fv(["rnp_tf.train", *args])
     return fv
-
-
-def run_cli(module, *args, timeout=600):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 def test_flags_give_a_config(tmp_path):
@@ -75,9 +61,9 @@ def test_out_of_range_numbers_are_rejected_at_parse_time(flag):
         parse(flag)
 
 
-def test_cli_bad_flag_is_one_line_and_no_work(tmp_path):
+def test_cli_bad_flag_is_one_line_and_no_work(tmp_path, run_module):
     run_dir = tmp_path / "run"
-    result = run_cli("rnp_tf.train", "--dataset=cifar11", f"--model_dir={run_dir}")
+    result = run_module("rnp_tf.train", "--dataset=cifar11", f"--model_dir={run_dir}")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("rnp_tf.train: error")]
     assert len(lines) == 1 and "--dataset" in lines[0], result.stderr
@@ -86,23 +72,23 @@ def test_cli_bad_flag_is_one_line_and_no_work(tmp_path):
     assert not run_dir.exists()
 
 
-def test_cli_corrupt_npz_is_a_clear_error(tmp_path):
+def test_cli_corrupt_npz_is_a_clear_error(tmp_path, run_module):
     good = tmp_path / "good.npz"
     np.savez(good, x_train=np.zeros((8, 8, 8), "uint8"), y_train=np.zeros(8, "int64"),
              x_test=np.zeros((4, 8, 8), "uint8"), y_test=np.zeros(4, "int64"))
     bad = tmp_path / "bad.npz"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    result = run_cli("rnp_tf.train", f"--dataset=npz:{bad}", f"--model_dir={tmp_path / 'run'}")
+    result = run_module("rnp_tf.train", f"--dataset=npz:{bad}", f"--model_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert "not a readable .npz" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory):
+def quickstart_run(tmp_path_factory, run_module):
     """The quickstart config with fewer epochs, through the real CLI."""
     run_dir = tmp_path_factory.mktemp("quickstart") / "run"
-    result = run_cli(
+    result = run_module(
         "rnp_tf.train",
         f"--flagfile={QUICKSTART}",
         f"--model_dir={run_dir}",
@@ -145,9 +131,9 @@ def test_quickstart_metrics(quickstart_run):
     assert flags_used["rnp_epochs"] == 3 and flags_used["dataset"] == "digits"
 
 
-def test_evaluate_cli_reproduces_the_training_report(quickstart_run, tmp_path):
+def test_evaluate_cli_reproduces_the_training_report(quickstart_run, tmp_path, run_module):
     run_dir, _ = quickstart_run
-    result = run_cli("rnp_tf.evaluate", f"--model_dir={run_dir}", f"--output_dir={tmp_path}")
+    result = run_module("rnp_tf.evaluate", f"--model_dir={run_dir}", f"--output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     trained = json.loads((run_dir / "metrics.json").read_text())
@@ -158,8 +144,8 @@ def test_evaluate_cli_reproduces_the_training_report(quickstart_run, tmp_path):
     assert "distinct action tuples" in result.stdout
 
 
-def test_evaluate_cli_missing_model(tmp_path):
-    result = run_cli("rnp_tf.evaluate", f"--model_dir={tmp_path}")
+def test_evaluate_cli_missing_model(tmp_path, run_module):
+    result = run_module("rnp_tf.evaluate", f"--model_dir={tmp_path}")
     assert result.returncode == 2 and "no model.keras" in result.stderr
 
 
@@ -227,11 +213,11 @@ def test_resnet50_backbone_trains_from_converted_keras_resnet50_weights(tmp_path
     assert os.path.getsize(tmp_path / "run" / "model.keras") > 0
 
 
-def test_mixed_precision_trains_every_phase(tmp_path):
+def test_mixed_precision_trains_every_phase(tmp_path, run_module):
     # mixed_float16: convolutions in float16, the agent and the logits in float32
     # (the agent's TD targets once met float16 Q-values in the first agent step).
     run = tmp_path / "run"
-    result = run_cli(
+    result = run_module(
         "rnp_tf.train", f"--flagfile={QUICKSTART}", f"--model_dir={run}", "--mixed_precision",
         "--pretrain_epochs=1", "--robust_epochs=1", "--rnp_epochs=1", "--steps_per_epoch=2",
         "--agent_steps=1", "--backbone_steps=1", "--epsilon_decay_steps=1", "--pictures=false",
