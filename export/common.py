@@ -668,6 +668,7 @@ class SlicedNetwork:
             for t, conv in enumerate(model.prunable)
         ]
         self._consts = None
+        self._kernel_mode = None  # see `kernels_as_inputs`
 
     def _restriction(self, action_tuples):
         """Per layer, the (previous action, action) pairs of `action_tuples`; the last actions."""
@@ -757,6 +758,65 @@ class SlicedNetwork:
         finally:
             self._consts = outer
 
+    def _kernel(self, name, array):
+        """A conv or dense kernel: a constant, or under `kernels_as_inputs` the input standing in for it."""
+        tf = self._tf
+        mode = self._kernel_mode
+        if mode is None:
+            return tf.constant(array)
+        if mode["tensors"] is None:  # discovering: record it, stand in with a cheap tensor of its shape
+            mode["arrays"][name] = array
+            return tf.zeros(array.shape, tf.float32)
+        return mode["tensors"][name]
+
+    def kernels_as_inputs(self, method, input_signature):
+        """`method` traced with every conv and dense kernel as an extra input instead of a constant.
+
+        For converters that copy every constant many times (tf2onnx held 20
+        to 50 times the weights at its peak, so VGG-16 at 224x224 did not
+        convert in 24 GB): the graph they convert holds no large weight,
+        and `export.onnx.bind_kernels` puts the arrays back into the
+        converted model as initializers. Inputs are named after the
+        kernels (`kernel_conv<t>_p<previous>_in<ci>_out<co>`,
+        `kernel_head0_rows<rows>`, ...). `method` is traced twice: once to
+        find the kernels it uses, once with them as inputs.
+
+        Args:
+            method: a graph method, for example `net.batched`.
+            input_signature: its `tf.TensorSpec`s.
+
+        Returns:
+            `(fn, signature, kernels)`: a `tf.function` taking the original
+            inputs followed by the kernels, its full signature, and the
+            kernels as `{name: float32 array}` in input order.
+
+        Example:
+
+        >>> fn, sig, kernels = net.kernels_as_inputs(net.full, [tf.TensorSpec([None, 32, 32, 3])])
+        >>> out = fn(images, *kernels.values())  # the same as net.full(images)
+        """
+        tf = self._tf
+        mode = {"arrays": {}, "tensors": None}
+        self._kernel_mode = mode
+        try:
+            tf.function(method, input_signature=input_signature, autograph=False).get_concrete_function()
+        finally:
+            self._kernel_mode = None
+        kernels = mode["arrays"]
+        n = len(input_signature)
+        signature = list(input_signature) + [
+            tf.TensorSpec(array.shape, tf.float32, name=name) for name, array in kernels.items()
+        ]
+
+        def fn(*args):
+            self._kernel_mode = {"arrays": {}, "tensors": dict(zip(kernels, args[n:]))}
+            try:
+                return method(*args[:n])
+            finally:
+                self._kernel_mode = None
+
+        return tf.function(fn, input_signature=signature, autograph=False), signature, kernels
+
     def _const(self, key, index=0):
         tf = self._tf
         if self._consts is None:
@@ -768,9 +828,11 @@ class SlicedNetwork:
     def _all_constants(self):
         for key, value in self._arrays.items():
             for index, item in enumerate(value):
-                if isinstance(key, tuple) and key[0] == "conv" or key == "head0" and index == 0:
-                    continue  # one branch each: made in the branch (`segment`, `_dense`)
-                if isinstance(item, np.ndarray):
+                if isinstance(key, tuple) and key[0] == "conv" or key in ("head0", "stem") and index == 0:
+                    continue  # one branch each: made in the branch (`segment`, `_dense`), or the stem's
+                if isinstance(key, tuple) and key[0] == "head" and index == 0:
+                    self._dense_kernel(key)  # shared by every head branch
+                elif isinstance(item, np.ndarray):
                     self._const(key, index)
 
     def previous_actions(self, t):
@@ -855,17 +917,21 @@ class SlicedNetwork:
 
     def _dense(self, x, key, rows=None):
         tf = self._tf
+        return self._arrays[key][2](tf.matmul(x, self._dense_kernel(key, rows)) + self._const(key, 1))
+
+    def _dense_kernel(self, key, rows=None):
+        """The kernel of a head Dense layer, or its first `rows` rows, made once per graph.
+
+        A row prefix is its own constant (see `constants`); a graph holding
+        the whole kernel once per head (VGG-16: 411 MB) would also pass
+        protobuf's 2 GB.
+        """
         full = self._arrays[key][0]
-        if rows is None or rows == full.shape[0]:
-            kernel = self._const(key, 0)
-        else:
-            # the row prefix as its own constant (see `constants`); a graph
-            # holding the whole kernel once per head (VGG-16: 411 MB) would
-            # also pass protobuf's 2 GB
-            if (key, "rows", rows) not in self._consts:
-                self._consts[(key, "rows", rows)] = tf.constant(full[:rows])
-            kernel = self._consts[(key, "rows", rows)]
-        return self._arrays[key][2](tf.matmul(x, kernel) + self._const(key, 1))
+        rows = full.shape[0] if rows is None else rows
+        if (key, "rows", rows) not in self._consts:
+            name = "kernel_" + (key if isinstance(key, str) else "_".join(map(str, key))) + f"_rows{rows}"
+            self._consts[(key, "rows", rows)] = self._kernel(name, full[:rows])
+        return self._consts[(key, "rows", rows)]
 
     # ------------------------------------------------------------ decisions
     def initial_state(self, n):
@@ -983,7 +1049,9 @@ class SlicedNetwork:
     # ------------------------------------------------------------ segments
     def stem(self, images):
         """Stem conv (full width) and the pools before the first prunable conv."""
-        h = self._conv(images, self._const("stem", 0), self._const("stem", 1), self.stem_conv)
+        if ("stem", "kernel") not in self._consts:
+            self._consts[("stem", "kernel")] = self._kernel("kernel_stem", self._arrays["stem"][0])
+        h = self._conv(images, self._consts[("stem", "kernel")], self._const("stem", 1), self.stem_conv)
         return self._pools(h, self.pre_pools)
 
     def segment(self, t, h, previous, action):
@@ -996,7 +1064,8 @@ class SlicedNetwork:
         key = ("conv", t, previous if self.varies(t) else self.groups)
         if (key, ci, co) not in self._consts:  # the branch's own slice (see `constants`)
             kernel, bias = self._arrays[key]
-            self._consts[(key, ci, co)] = (tf.constant(kernel[:, :, :ci, :co]), tf.constant(bias[:co]))
+            name = f"kernel_conv{t}_p{key[2]}_in{ci}_out{co}"
+            self._consts[(key, ci, co)] = (self._kernel(name, kernel[:, :, :ci, :co]), tf.constant(bias[:co]))
         kernel, bias = self._consts[(key, ci, co)]
         y = self._conv(h, kernel, bias, self.convs[t])
         return self._pools(y, self.post_pools[t])

@@ -249,13 +249,12 @@ def _signature(net, batch):
 
 def convert_batched(net):
     """`rnp.onnx`: the gather/scatter graph (`SlicedNetwork.batched`), dynamic batch."""
-    import tensorflow as tf
     import tf2onnx
 
     _quiet_tf2onnx()
-    sig = _signature(net, None)
-    fn = tf.function(net.batched, input_signature=sig, autograph=False)
+    fn, sig, kernels = net.kernels_as_inputs(net.batched, _signature(net, None))
     proto, _ = _convert(lambda: tf2onnx.convert.from_function(fn, input_signature=sig, opset=OPSET))
+    bind_kernels(proto, kernels)
     _name_dims(proto, None)
     _optional_inputs(proto, net, None)
     proto.graph.name = "rnp_gather_scatter"
@@ -264,18 +263,17 @@ def convert_batched(net):
 
 def convert_single(net):
     """`rnp_b1.onnx`: nested `tf.cond` frozen with lowered control flow, then `from_graph_def`."""
-    import tensorflow as tf
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     _quiet_tf2onnx()
-    sig = _signature(net, 1)
-    fn = tf.function(net.single, input_signature=sig, autograph=False)
+    fn, sig, kernels = net.kernels_as_inputs(net.single, _signature(net, 1))
     concrete = fn.get_concrete_function()
     frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=True)
     inputs = [t.name for t in frozen.inputs]
     outputs = [t.name for t in frozen.outputs]
-    rename = {t.name: name for name, t in zip(("images", "forced_actions", "penalty"), frozen.inputs)}
+    names = ("images", "forced_actions", "penalty", *kernels)
+    rename = {t.name: name for name, t in zip(names, frozen.inputs)}
     structured = concrete.structured_outputs
     for name, tensor in structured.items():
         rename[outputs[[t.name for t in concrete.outputs].index(tensor.name)]] = name
@@ -286,6 +284,7 @@ def convert_single(net):
         ),
         SINGLE_OPTIMIZERS,
     )
+    bind_kernels(proto, kernels)
     _name_dims(proto, 1)
     _optional_inputs(proto, net, 1)
     proto.graph.name = "rnp_batch1_if"
@@ -294,16 +293,77 @@ def convert_single(net):
 
 def convert_full(net):
     """`full.onnx`: the unpruned network, dynamic batch."""
-    import tensorflow as tf
     import tf2onnx
 
     _quiet_tf2onnx()
-    sig = _signature(net, None)[:1]
-    fn = tf.function(net.full, input_signature=sig, autograph=False)
+    fn, sig, kernels = net.kernels_as_inputs(net.full, _signature(net, None)[:1])
     proto, _ = _convert(lambda: tf2onnx.convert.from_function(fn, input_signature=sig, opset=OPSET))
+    bind_kernels(proto, kernels)
     _name_dims(proto, None)
     proto.graph.name = "full"
     return check(proto)
+
+
+def graphs(graph):
+    """`graph` and every subgraph in it (If branches, Loop bodies), outermost first.
+
+    Example:
+
+    >>> ops = {node.op_type for g in graphs(proto.graph) for node in g.node}
+    """
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from graphs(attr.g)
+            for sub in attr.graphs:
+                yield from graphs(sub)
+
+
+def bind_kernels(proto, kernels):
+    """Turns the kernel inputs of a model converted from `SlicedNetwork.kernels_as_inputs` into initializers.
+
+    Each kernel becomes an initializer of the (sub)graph that uses it, so
+    that a kernel used only inside one `If` branch is a constant of that
+    branch (onnxruntime pre-packs it; a weight from an outer scope would be
+    re-packed at every call). A kernel whose only use is a `Transpose`
+    (tf2onnx's HWIO -> OIHW for `Conv`) is stored transposed instead. A
+    kernel used in several subgraphs goes to the main graph.
+
+    Args:
+        proto: the converted `onnx.ModelProto` (changed in place).
+        kernels: `{input name: float32 array}`.
+
+    Returns:
+        The proto.
+    """
+    from onnx import numpy_helper
+
+    every = list(graphs(proto.graph))
+    users = {}
+    for graph in every:
+        for node in graph.node:
+            for name in node.input:
+                if name in kernels:
+                    users.setdefault(name, []).append((graph, node))
+    keep = [value for value in proto.graph.input if value.name not in kernels]
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep)
+    for name, array in kernels.items():
+        found = users.get(name, [])
+        if not found:
+            continue
+        graph, node = found[0]
+        if len(found) == 1 and node.op_type == "Transpose" and len(node.input) == 1:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(np.transpose(array, perm)),
+                                                             node.output[0]))
+            graph.node.remove(node)
+            continue
+        if any(g is not graph for g, _ in found):
+            graph = proto.graph
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    return proto
 
 
 def _scalar_gemm_betas(proto):
@@ -318,9 +378,7 @@ def _scalar_gemm_betas(proto):
     from onnx import helper
 
     count = 0
-
-    def walk(graph):
-        nonlocal count
+    for graph in list(graphs(proto.graph)):
         nodes = list(graph.node)
         del graph.node[:]
         for node in nodes:
@@ -338,14 +396,7 @@ def _scalar_gemm_betas(proto):
                 beta.ClearField("floats")
                 beta.type = helper.AttributeProto.FLOAT
                 beta.f = 1.0
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    walk(attr.g)
-                for sub in attr.graphs:
-                    walk(sub)
             graph.node.append(node)
-
-    walk(proto.graph)
     return proto
 
 
@@ -362,19 +413,7 @@ def check(proto):
 
 def operators(proto):
     """Sorted op types of a model, including those inside If/Loop bodies."""
-    found = set()
-
-    def walk(graph):
-        for node in graph.node:
-            found.add(node.op_type)
-            for attr in node.attribute:
-                if attr.g is not None and attr.g.node:
-                    walk(attr.g)
-                for g in attr.graphs:
-                    walk(g)
-
-    walk(proto.graph)
-    return sorted(found)
+    return sorted({node.op_type for graph in graphs(proto.graph) for node in graph.node})
 
 
 # ---------------------------------------------------------------- running

@@ -150,7 +150,9 @@ def check_tensorrt_compatible(proto):
     for init in graph.initializer:
         types[init.name] = init.data_type
 
-    def walk(g):
+    from export.onnx import graphs
+
+    for g in graphs(graph):
         for node in g.node:
             if node.domain not in ("", "ai.onnx"):
                 problems.append(f"{node.name}: custom-domain op {node.domain}::{node.op_type}")
@@ -163,11 +165,6 @@ def check_tensorrt_compatible(proto):
                 kind = _ONNX_TYPES.get(types[node.input[0]], str(types[node.input[0]]))
                 if kind not in TRT_ONNX_OPERATORS[node.op_type]:
                     problems.append(f"{node.name}: {node.op_type} on {kind} (TensorRT supports {TRT_ONNX_OPERATORS[node.op_type]})")
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    walk(sub)
-
-    walk(graph)
     return problems
 
 

@@ -127,3 +127,40 @@ def test_compute_cap_holds_in_onnxruntime(exported):
             assert got["macs"].max() <= cap * model.full_macs * (1 + 1e-5)
     finally:
         model.set_compute_cap(None)
+
+
+def test_kernels_are_bound_where_they_are_used(exported):
+    """tf2onnx converts a graph without large weights; each branch's kernel is an initializer of its own `If` branch."""
+    model, out, _ = exported
+    net = common.SlicedNetwork(model)
+    import tensorflow as tf
+
+    fn, sig, kernels = net.kernels_as_inputs(net.full, [tf.TensorSpec([None, 8, 8, 1], tf.float32)])
+    # every prunable conv and every dense kernel is an input, nothing large is a constant
+    assert sorted(kernels) == sorted(
+        ["kernel_stem"] + [f"kernel_conv{t}_p4_in{net.in_channels(t, 4)}_out{net.out_channels[t]}" for t in range(3)]
+        + [f"kernel_head0_rows{net._arrays['head0'][0].shape[0]}"]
+        + [f"kernel_head_{i}_rows{net._arrays[('head', i)][0].shape[0]}" for i in range(1, len(model.head_layers))]
+    )
+    graph = fn.get_concrete_function().graph.as_graph_def()
+    const_shapes = {
+        tuple(d.size for d in node.attr["value"].tensor.tensor_shape.dim) for node in graph.node if node.op == "Const"
+    }
+    assert not const_shapes & {a.shape for a in kernels.values()}
+    x = np.random.default_rng(5).normal(size=(3, 8, 8, 1)).astype("float32")
+    with net.constants():
+        np.testing.assert_allclose(fn(x, *kernels.values())["logits"], net.full(x)["logits"], atol=1e-5)
+
+    proto = onnx.load(str(out / "rnp_b1.onnx"))
+    assert not [v.name for v in proto.graph.input if v.name.startswith("kernel_")]
+    nested = [i for g in list(onnx_export.graphs(proto.graph))[1:] for i in g.initializer]
+    # a conv kernel of one branch: stored transposed (OIHW) in that branch, not in the main graph
+    conv_kernels = [i for i in nested if len(i.dims) == 4]
+    assert len(conv_kernels) == sum(len(net.branches(t)) for t in range(3))
+    assert len([i for i in proto.graph.initializer if len(i.dims) == 4]) == 1  # the stem's
+    # no Transpose is left on a kernel: each Conv reads its weight initializer directly
+    for g in onnx_export.graphs(proto.graph):
+        inits = {i.name: i for i in g.initializer}
+        for node in g.node:
+            if node.op_type == "Conv":
+                assert node.input[1] in inits and len(inits[node.input[1]].dims) == 4
