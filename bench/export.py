@@ -34,11 +34,12 @@ exported whole; the others get one TFLite file per operating point
 a point's latency does not depend on the other signatures in its file) and
 ONNX files with the branches of the timed points only. Each conversion runs
 in its own process (`--isolate`; for TFLite the SavedModel is written by one
-process and converted by another), whose peak RSS is recorded: the
-converters need 20 to 50 times the weights' size. onnxruntime's VGG-16
-runs at `--ort_vgg_size` (default 112): tf2onnx was killed for want of
-memory converting the 224x224 model on the 24 GB machine shared with other
-jobs. Before timing, every file's logits at every point are compared with
+process and converted by another), whose peak RSS is recorded: the TFLite
+converter needs 20 to 30 times the weights' size; tf2onnx converts a graph
+whose kernels are inputs (`SlicedNetwork.kernels_as_inputs`, bound back as
+initializers afterwards) and peaks at about 9 times the file's size, the
+checks and onnxruntime included. onnxruntime's VGG-16 runs at
+`--ort_vgg_size` (default 224, as TFLite). Before timing, every file's logits at every point are compared with
 the Keras model's (`model.rollout`, first 8 images).
 
 Outputs (in `--output`): `export.json` (rows, operating points, file sizes,
@@ -84,9 +85,8 @@ flags.DEFINE_float("min_sample_seconds", 0.05, "Fast calls are repeated until a 
 flags.DEFINE_integer("threads", 1, "Threads of the TFLite interpreter and of onnxruntime (1: on a shared machine a "
                      "second thread waits on the busiest core).", flag_values=FLAGS)
 flags.DEFINE_integer("vgg_size", 224, "VGG-16 input resolution (TFLite).", flag_values=FLAGS)
-flags.DEFINE_integer("ort_vgg_size", 112, "VGG-16 input resolution for onnxruntime: tf2onnx was killed for want of "
-                     "memory (over 10 GB) converting the 224x224 model (0.5 GB of weights, most in the dense "
-                     "layers) on the 24 GB machine shared with other jobs.", flag_values=FLAGS)
+flags.DEFINE_integer("ort_vgg_size", 224, "VGG-16 input resolution for onnxruntime (a smaller one converts and runs "
+                     "faster).", flag_values=FLAGS)
 flags.DEFINE_list("all_branches_models", ["cifar_cnn"],
                   "Models exported with every branch (others: the timed points' branches only).",
                   flag_values=FLAGS)
@@ -131,7 +131,7 @@ def default_config(**overrides):
         "min_sample_seconds": 0.05,
         "threads": 1,
         "vgg_size": 224,
-        "ort_vgg_size": 112,
+        "ort_vgg_size": 224,
         "all_branches_models": ["cifar_cnn"],
         "workdir": None,
         "isolate": True,
@@ -431,7 +431,7 @@ def time_tflite(model_name, image_size, paths, points, references, x, config):
         fns[f"rnp{i}"] = lambda a=point["actions"], runner=runner: runner.run_one(image, a)
     times = _measure(fns, config)
     artifact = "rnp.tflite" if "rnp.tflite" in paths else "rnp_point<i>.tflite"
-    del runners, full, interpreter, fns
+    runners = full = interpreter = fns = None  # free the interpreters before the next stage
     gc.collect()
     return _rows(model_name, image_size, "tflite", f"{artifact} (TFLiteRNPRunner)", 1, points, times, diffs)
 
@@ -460,7 +460,7 @@ def time_onnxruntime(model_name, image_size, paths, points, references, x, batch
     for i, feed in enumerate(feeds):
         fns[f"rnp{i}"] = lambda feed=feed: rnp.run(["logits"], feed)
     times = _measure(fns, config)
-    del rnp, full, fns
+    rnp = full = fns = None  # free the sessions before the next stage
     gc.collect()
     return _rows(model_name, image_size, "onnxruntime", name, batch, points, times, diffs)
 
@@ -644,7 +644,7 @@ def run_benchmark(config, log=print, progress=None):
             info["load_average_after"] = list(os.getloadavg())
             if not config["workdir"]:
                 shutil.rmtree(directory, ignore_errors=True)
-            del model, references
+            model = references = None  # free them before the next model
             gc.collect()
     finally:
         if not config["workdir"]:
