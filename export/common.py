@@ -769,6 +769,27 @@ class SlicedNetwork:
             return tf.zeros(array.shape, tf.float32)
         return mode["tensors"][name]
 
+    @contextlib.contextmanager
+    def recording_kernels(self):
+        """Within it, graphs built record their kernels and hold zeros (a `Fill` op) in their place.
+
+        Yields:
+            A dict, filled as graphs are built: kernel name -> float32
+            array (a view of the network's weights).
+
+        Example:
+
+        >>> with net.recording_kernels() as kernels:
+        ...     tf.function(net.full).get_concrete_function(tf.TensorSpec([1, 32, 32, 3]))
+        >>> megabytes = sum(a.nbytes for a in kernels.values()) / 2**20
+        """
+        mode = {"arrays": {}, "tensors": None}
+        self._kernel_mode = mode
+        try:
+            yield mode["arrays"]
+        finally:
+            self._kernel_mode = None
+
     def kernels_as_inputs(self, method, input_signature):
         """`method` traced with every conv and dense kernel as an extra input instead of a constant.
 
@@ -796,13 +817,8 @@ class SlicedNetwork:
         >>> out = fn(images, *kernels.values())  # the same as net.full(images)
         """
         tf = self._tf
-        mode = {"arrays": {}, "tensors": None}
-        self._kernel_mode = mode
-        try:
+        with self.recording_kernels() as kernels:
             tf.function(method, input_signature=input_signature, autograph=False).get_concrete_function()
-        finally:
-            self._kernel_mode = None
-        kernels = mode["arrays"]
         n = len(input_signature)
         signature = list(input_signature) + [
             tf.TensorSpec(array.shape, tf.float32, name=name) for name, array in kernels.items()

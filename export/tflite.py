@@ -28,6 +28,15 @@ Writes into `--output` (default `ckpt/export/`):
   with float16 weights or dynamic-range int8 weights.
 - `tflite.json`: parity results and latencies.
 
+Large models are converted in pieces of at most `CHUNK_MB` of weights, each
+by a process of its own (the converter needs 17 to 30 times what it
+converts), and merged into one file whose weights follow the flatbuffer
+(`merge_models`, TFLite's buffer offsets; the interpreter of TensorFlow
+2.21 reads it): the single SavedModel of VGG-16 with every branch (2.2 GB
+of constants) could not even be written (protobuf's 2 GB limit). The
+largest single signature sets the converter's peak (VGG-16's `full`: 528 MB
+of weights, about 9 GB).
+
 Run it with the driver shipped in the package:
 
     from rnp_tf.tflite_runner import TFLiteRNPRunner
@@ -55,6 +64,7 @@ Examples:
     python -m export.tflite /tmp/rnp_quickstart --quantize=dynamic --output=/tmp/tfl
 """
 
+import gc
 import os
 import tempfile
 
@@ -196,26 +206,185 @@ def signature_functions(net, parts=("rnp", "full")):
     return functions
 
 
-def convert(net, quantize="none", workdir=None, parts=("rnp", "full")):
-    """The `.tflite` bytes: a multi-signature SavedModel, then `TFLiteConverter.from_saved_model`.
+# Weights per converter call. The TFLite converter peaks at 17 to 30 times
+# the weights it converts (VGG-16's 528 MB full network: 8.9 GB), and a
+# SavedModel whose constants pass 2 GB cannot be written: an export with
+# every branch of VGG-16 (2.2 GB) is converted in pieces and merged.
+CHUNK_MB = 256
+
+
+def convert(net, quantize="none", workdir=None, parts=("rnp", "full"), chunk_mb=CHUNK_MB):
+    """The `.tflite` bytes: multi-signature SavedModels, `TFLiteConverter.from_saved_model`, merged.
+
+    Signatures are converted together while their weights stay under
+    `chunk_mb`. When that takes more than one piece, each piece is
+    converted in a process of its own (the converter's memory goes back to
+    the system after each) and the pieces are merged into one file by
+    `merge_models` (weights stored after the flatbuffer, as TFLite's
+    buffer offsets allow).
 
     Args:
         net: the `common.SlicedNetwork`.
         quantize: "none", "float16" or "dynamic".
-        workdir: where the temporary SavedModel goes.
+        workdir: where the temporary SavedModels go.
         parts: see `signature_functions`.
+        chunk_mb: weights (MB) per converter call.
     """
+    sizes = {}
+    for name, fn in signature_functions(net, parts).items():  # traced with zeros for kernels: no weight held
+        with net.recording_kernels() as kernels:
+            fn.get_concrete_function()
+        sizes[name] = sum(array.nbytes for array in kernels.values()) / 2**20
+    chunks, size = [[]], 0.0
+    for name, megabytes in sizes.items():
+        if chunks[-1] and size + megabytes > chunk_mb:
+            chunks.append([])
+            size = 0.0
+        chunks[-1].append(name)
+        size += megabytes
+    blobs = [_convert_chunk(net, parts, names, quantize, workdir, isolate=len(chunks) > 1) for names in chunks]
+    return blobs[0] if len(blobs) == 1 else merge_models(blobs)
+
+
+def _convert_chunk(net, parts, names, quantize, workdir, isolate):
+    """The `.tflite` bytes of the signatures `names`; with `isolate`, converted by a child process."""
+    import subprocess
+    import sys
+
+    import tensorflow as tf
+
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".tflite-savedmodel-") as tmp:
-        keys = save_signatures(net, tmp, parts)
-        return convert_saved(tmp, keys, quantize)
+        functions = signature_functions(net, parts)
+        signatures = {name: functions[name].get_concrete_function() for name in names}
+        tf.saved_model.save(tf.Module(), tmp, signatures=signatures)
+        del functions, signatures
+        gc.collect()
+        if not isolate:
+            return convert_saved(tmp, names, quantize)
+        target = os.path.join(tmp, "piece.tflite")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        code = "import sys; from export import tflite; tflite._convert_to_file(*sys.argv[1:])"
+        done = subprocess.run([sys.executable, "-c", code, tmp, ",".join(names), quantize, target],
+                              env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()] or [f"exit status {done.returncode}"]
+            raise common.ExportError(f"TFLite conversion of {len(names)} signatures failed: {lines[-1]}")
+        with open(target, "rb") as f:
+            return f.read()
+
+
+def _convert_to_file(path, names, quantize, target):
+    """Child-process entry of `_convert_chunk`: exits 2 with the converter's error."""
+    import sys
+
+    try:
+        data = convert_saved(path, names.split(","), quantize)
+    except common.ExportError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    with open(target, "wb") as f:
+        f.write(data)
+
+
+# Operators whose options name other subgraphs: their indices would need
+# remapping, and no signature here uses them.
+_SUBGRAPH_OPTIONS = ("IfOptions", "WhileOptions", "CallOnceOptions", "CallOptions")
+
+
+def merge_models(blobs, alignment=64):
+    """One `.tflite` file holding every subgraph and signature of several.
+
+    Operator codes are shared, buffers and subgraphs appended (their
+    indices shifted) and signatures kept; metadata is the first file's.
+    Every weight is stored after the flatbuffer at an `alignment`-byte
+    boundary (`Buffer.offset` / `size`), so the file may pass the 2 GB that
+    a flatbuffer can address. The TFLite interpreter of TensorFlow 2.21
+    reads this layout (older runtimes may not).
+
+    Args:
+        blobs: `.tflite` files as bytes.
+        alignment: byte alignment of each weight.
+
+    Returns:
+        The merged file as bytes.
+
+    Example:
+
+    >>> data = merge_models([convert(net, parts=("rnp",)), convert(net, parts=("full",))])
+    """
+    import flatbuffers
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    models = [flatbuffer_utils.read_model_from_bytearray(bytearray(b)) for b in blobs]
+    merged = models[0]
+    option_names = {getattr(schema.BuiltinOptions, n) for n in _SUBGRAPH_OPTIONS if hasattr(schema.BuiltinOptions, n)}
+
+    def code_key(code):
+        return code.builtinCode, code.deprecatedBuiltinCode, code.customCode, code.version
+
+    codes = {code_key(c): i for i, c in enumerate(merged.operatorCodes)}
+    for index, model in enumerate(models):
+        buffer_shift, subgraph_shift = (0, 0) if index == 0 else (len(merged.buffers), len(merged.subgraphs))
+        remap = []
+        for code in model.operatorCodes:
+            if code_key(code) not in codes:
+                codes[code_key(code)] = len(merged.operatorCodes)
+                merged.operatorCodes.append(code)
+            remap.append(codes[code_key(code)])
+        for subgraph in model.subgraphs:
+            for op in subgraph.operators:
+                if op.builtinOptionsType in option_names:
+                    raise common.ExportError("cannot merge TFLite models with control flow between subgraphs")
+        if index == 0:
+            continue
+        merged.buffers.extend(model.buffers)
+        for subgraph in model.subgraphs:
+            for tensor in subgraph.tensors:
+                tensor.buffer += buffer_shift
+            for op in subgraph.operators:
+                op.opcodeIndex = remap[op.opcodeIndex]
+            merged.subgraphs.append(subgraph)
+        for signature in model.signatureDefs:
+            signature.subgraphIndex += subgraph_shift
+            merged.signatureDefs.append(signature)
+
+    weights = []
+    for buffer in merged.buffers:
+        if buffer.data is not None and len(buffer.data):
+            weights.append((buffer, np.asarray(buffer.data, np.uint8)))
+            buffer.data, buffer.offset, buffer.size = None, 1, 1  # non-zero: the fields are written
+
+    def pack():
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(merged.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+    def aligned(n):
+        return -(-n // alignment) * alignment
+
+    size = len(pack())
+    position = aligned(size)
+    for buffer, data in weights:
+        buffer.offset, buffer.size = position, len(data)
+        position = aligned(position + len(data))
+    head = pack()
+    if len(head) != size:  # the offsets are fixed-width fields: the layout cannot move
+        raise common.ExportError(f"merging TFLite models: flatbuffer size changed from {size} to {len(head)}")
+    parts, end = [head], len(head)
+    for buffer, data in weights:
+        parts += [bytes(buffer.offset - end), data.tobytes()]
+        end = buffer.offset + len(data)
+    return b"".join(parts)
 
 
 def save_signatures(net, path, parts=("rnp", "full")):
     """Writes the signatures of `signature_functions` as a SavedModel; returns their keys.
 
-    `convert` = `save_signatures` + `convert_saved`; apart, the conversion
-    can run in a process that never held the model (a large network's
-    converter needs many times its weights in memory).
+    `save_signatures` + `convert_saved` is `convert` in one piece; apart,
+    the conversion can run in a process that never held the model (a large
+    network's converter needs many times its weights in memory).
     """
     import tensorflow as tf
 

@@ -119,3 +119,42 @@ def test_compute_cap_holds_in_the_interpreter(exported, tmp_path, quantize):
         assert macs.max() <= cap * model.full_macs * (1 + 1e-5)
     finally:
         model.set_compute_cap(None)
+
+
+def test_large_export_is_converted_in_pieces_and_merged(exported, tmp_path):
+    """With a small `chunk_mb` the signatures are converted in pieces (child processes); the merged file is the same model."""
+    model, out, _ = exported
+    net = common.SlicedNetwork(model)
+    path = tmp_path / "merged.tflite"
+    with net.recording_kernels() as kernels:
+        for fn in tflite.signature_functions(net).values():
+            fn.get_concrete_function()
+    total = sum(a.nbytes for a in kernels.values()) / 2**20
+    path.write_bytes(tflite.convert(net, chunk_mb=total / 3))  # three pieces, three child processes
+    merged, whole = TFLiteRNPRunner(path), TFLiteRNPRunner(out / "rnp.tflite")
+    assert merged.signature_keys == whole.signature_keys
+    # the weights sit after the flatbuffer, each at a 64-byte boundary
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    data = path.read_bytes()
+    buffers = [b for b in schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0)).buffers if b.size]
+    assert len(buffers) > 20 and all(b.offset % 64 == 0 and b.offset + b.size <= len(data) for b in buffers)
+    images = common.parity_images(net, 8)
+    result = common.check_artifact("merged", model, tflite.runner_function(merged), images, common.action_tuples(3, 4))
+    assert result["greedy"]["action_agreement"] == 1.0
+    np.testing.assert_allclose(merged.run_full(images), whole.run_full(images), atol=1e-6)
+    for name in ("stem", "conv1_in2_out3", "head_in2"):
+        assert merged._inputs(name) == whole._inputs(name)
+
+
+def test_merge_refuses_control_flow(tmp_path):
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([1], tf.float32, name="x")])
+    def branchy(x):
+        return {"y": tf.cond(x[0] > 0, lambda: x * 2.0, lambda: x - 1.0)}
+
+    tf.saved_model.save(tf.Module(), str(tmp_path / "sm"), signatures={"branchy": branchy.get_concrete_function()})
+    data = tflite.convert_saved(str(tmp_path / "sm"), ["branchy"])
+    with pytest.raises(common.ExportError, match="control flow"):
+        tflite.merge_models([data, data])
