@@ -585,6 +585,20 @@ def targets(runs):
     return lines
 
 
+def stage_times(runs):
+    """Markdown table: wall time of each stage (minutes), mean over seeds, per dataset and backbone."""
+    stages = list(dict.fromkeys(stage for r in runs for stage in r.get("seconds", {})))
+    lines = ["| data / backbone | seeds | " + " | ".join(stages) + " | total |",
+             "| --- | ---: | " + " | ".join("---:" for _ in stages) + " | ---: |"]
+    for name, backbone in sorted({(r["dataset"], r["backbone"]) for r in runs}):
+        group = [r.get("seconds", {}) for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)]
+        means = [np.mean([g[s] for g in group if s in g]) / 60 if any(s in g for g in group) else None for s in stages]
+        cells = ["" if m is None else f"{m:.1f}" for m in means]
+        total = np.mean([sum(g.values()) for g in group]) / 60
+        lines.append(f"| {name} / {backbone} | {len(group)} | " + " | ".join(cells) + f" | {total:.1f} |")
+    return "\n".join(lines)
+
+
 def _pts(values):
     return "/".join(f"{100 * v:+.1f}" for v in values)
 
@@ -664,7 +678,8 @@ def write_report(runs, output, stem, extra=None):
     io_utils.write_json(os.path.join(output, f"{stem}.json"), result)
     table = report.format_table(rows, ["dataset", "backbone", "method", "accuracy", "std", "compute", "p90", "spearman"])
     text = (table + "\n\n## Compact (test accuracy %, mean ± std over seeds)\n\n" + compact(rows)
-            + "\n\n## Targets (mean over seeds)\n\n" + "\n".join(goals) + "\n")
+            + "\n\n## Targets (mean over seeds)\n\n" + "\n".join(goals)
+            + "\n\n## Wall time of each stage (minutes, mean over seeds; one process)\n\n" + stage_times(runs) + "\n")
     io_utils.atomic_write(os.path.join(output, f"{stem}.md"), lambda p: pathlib.Path(p).write_text(text))
     plot(runs, output, stem)
     return text

@@ -87,6 +87,9 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
     assert (tmp_path / "accuracy_quick_digits_cifar_cnn_late_extremes.png").stat().st_size > 1000
     text = (tmp_path / "accuracy_quick.md").read_text()
     assert "| dataset" in text and "## Targets" in text
+    # wall time of each stage, one row per dataset and backbone
+    stages = [line for line in text.split("## Wall time of each stage")[1].splitlines() if line.startswith("|")]
+    assert "rnp_paper" in stages[0] and stages[2].startswith("| digits / cifar_cnn | 1 |") and len(stages) == 3
     # the merge mode re-reads the JSON into the same report
     merged = run_module("bench.accuracy", "--budgets=0.6,0.3", f"--output={tmp_path}", "--stem=merged",
                         f"--merge={tmp_path / 'accuracy_quick.json'}", timeout=300)
