@@ -53,7 +53,6 @@ def test_budget_calibration_and_setting(trained):
     assert list(penalties) == sorted(penalties, reverse=True)
     chosen = [model.set_budget(b) for b in (0.9, 0.6, 0.4, 0.2)]
     assert chosen == sorted(chosen, reverse=True)  # smaller budget, more negative penalty
-    x, _ = data.validation.map(lambda a, b: (a, b)), None
     achieved = []
     for b in (0.9, 0.6, 0.4, 0.2):
         model.set_budget(b)

@@ -54,7 +54,6 @@ def test_reordering_keeps_the_agents_full_width_decisions():
     for decoder in model.agent.decoders:
         decoder.kernel.assign(np.random.default_rng(3).normal(0, 1, decoder.kernel.shape))
     x = np.random.default_rng(4).normal(size=(8, 8, 8, 1)).astype("float32")
-    full = np.full((8, 3), 4)
     greedy_before = model.rollout(x)["q_values"].numpy()[:, 0]  # first decision sees the stem output only
     reorder_channels(model)
     np.testing.assert_allclose(model.rollout(x)["q_values"].numpy()[:, 0], greedy_before, atol=1e-5)
