@@ -39,8 +39,9 @@ converter needs 20 to 30 times the weights' size; tf2onnx converts a graph
 whose kernels are inputs (`SlicedNetwork.kernels_as_inputs`, bound back as
 initializers afterwards) and peaks at about 9 times the file's size, the
 checks and onnxruntime included. onnxruntime's VGG-16 runs at
-`--ort_vgg_size` (default 224, as TFLite). Before timing, every file's logits at every point are compared with
-the Keras model's (`model.rollout`, first 8 images).
+`--ort_vgg_size` (default 224, as TFLite). Before timing, every file's
+logits at every point are compared with the Keras model's
+(`model.rollout`, first 8 images).
 
 Outputs (in `--output`): `export.json` (rows, operating points, file sizes,
 converter peaks, load averages, breakdown), `export.md` and `export.png`.

@@ -759,15 +759,23 @@ class SlicedNetwork:
             self._consts = outer
 
     def _kernel(self, name, array):
-        """A conv or dense kernel: a constant, or under `kernels_as_inputs` the input standing in for it."""
+        """A conv or dense kernel, made once per graph (see `constants`) under its unique `name`.
+
+        A constant, or under `kernels_as_inputs` the input standing in for
+        it, or under `recording_kernels` zeros of its shape.
+        """
         tf = self._tf
-        mode = self._kernel_mode
-        if mode is None:
-            return tf.constant(array)
-        if mode["tensors"] is None:  # discovering: record it, stand in with a cheap tensor of its shape
-            mode["arrays"][name] = array
-            return tf.zeros(array.shape, tf.float32)
-        return mode["tensors"][name]
+        if ("kernel", name) not in self._consts:
+            mode = self._kernel_mode
+            if mode is None:
+                tensor = tf.constant(array)
+            elif mode["tensors"] is None:  # recording: no weight in the graph
+                mode["arrays"][name] = array
+                tensor = tf.zeros(array.shape, tf.float32)
+            else:
+                tensor = mode["tensors"][name]
+            self._consts[("kernel", name)] = tensor
+        return self._consts[("kernel", name)]
 
     @contextlib.contextmanager
     def recording_kernels(self):
@@ -944,10 +952,8 @@ class SlicedNetwork:
         """
         full = self._arrays[key][0]
         rows = full.shape[0] if rows is None else rows
-        if (key, "rows", rows) not in self._consts:
-            name = "kernel_" + (key if isinstance(key, str) else "_".join(map(str, key))) + f"_rows{rows}"
-            self._consts[(key, "rows", rows)] = self._kernel(name, full[:rows])
-        return self._consts[(key, "rows", rows)]
+        name = "kernel_" + (key if isinstance(key, str) else "_".join(map(str, key))) + f"_rows{rows}"
+        return self._kernel(name, full[:rows])
 
     # ------------------------------------------------------------ decisions
     def initial_state(self, n):
@@ -1065,9 +1071,8 @@ class SlicedNetwork:
     # ------------------------------------------------------------ segments
     def stem(self, images):
         """Stem conv (full width) and the pools before the first prunable conv."""
-        if ("stem", "kernel") not in self._consts:
-            self._consts[("stem", "kernel")] = self._kernel("kernel_stem", self._arrays["stem"][0])
-        h = self._conv(images, self._consts[("stem", "kernel")], self._const("stem", 1), self.stem_conv)
+        h = self._conv(images, self._kernel("kernel_stem", self._arrays["stem"][0]), self._const("stem", 1),
+                       self.stem_conv)
         return self._pools(h, self.pre_pools)
 
     def segment(self, t, h, previous, action):
@@ -1078,12 +1083,12 @@ class SlicedNetwork:
         tf = self._tf
         ci, co = self.in_channels(t, previous), action * self.out_group[t]
         key = ("conv", t, previous if self.varies(t) else self.groups)
-        if (key, ci, co) not in self._consts:  # the branch's own slice (see `constants`)
-            kernel, bias = self._arrays[key]
-            name = f"kernel_conv{t}_p{key[2]}_in{ci}_out{co}"
-            self._consts[(key, ci, co)] = (self._kernel(name, kernel[:, :, :ci, :co]), tf.constant(bias[:co]))
-        kernel, bias = self._consts[(key, ci, co)]
-        y = self._conv(h, kernel, bias, self.convs[t])
+        kernel, bias = self._arrays[key]
+        # the branch's own slice (see `constants`)
+        kernel = self._kernel(f"kernel_conv{t}_p{key[2]}_in{ci}_out{co}", kernel[:, :, :ci, :co])
+        if (key, ci, co) not in self._consts:
+            self._consts[(key, ci, co)] = tf.constant(bias[:co])
+        y = self._conv(h, kernel, self._consts[(key, ci, co)], self.convs[t])
         return self._pools(y, self.post_pools[t])
 
     def head(self, h, action):

@@ -251,14 +251,9 @@ def _convert_chunk(net, parts, names, quantize, workdir, isolate):
     import subprocess
     import sys
 
-    import tensorflow as tf
-
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".tflite-savedmodel-") as tmp:
-        functions = signature_functions(net, parts)
-        signatures = {name: functions[name].get_concrete_function() for name in names}
-        tf.saved_model.save(tf.Module(), tmp, signatures=signatures)
-        del functions, signatures
-        gc.collect()
+        save_signatures(net, tmp, parts, names)
+        gc.collect()  # the traced constants, before the converter needs its memory
         if not isolate:
             return convert_saved(tmp, names, quantize)
         target = os.path.join(tmp, "piece.tflite")
@@ -379,8 +374,8 @@ def merge_models(blobs, alignment=64):
     return b"".join(parts)
 
 
-def save_signatures(net, path, parts=("rnp", "full")):
-    """Writes the signatures of `signature_functions` as a SavedModel; returns their keys.
+def save_signatures(net, path, parts=("rnp", "full"), names=None):
+    """Writes the signatures of `signature_functions` (or those in `names`) as a SavedModel; returns their keys.
 
     `save_signatures` + `convert_saved` is `convert` in one piece; apart,
     the conversion can run in a process that never held the model (a large
@@ -389,9 +384,9 @@ def save_signatures(net, path, parts=("rnp", "full")):
     import tensorflow as tf
 
     functions = signature_functions(net, parts)
-    concrete = {name: fn.get_concrete_function() for name, fn in functions.items()}
-    tf.saved_model.save(tf.Module(), path, signatures=concrete)
-    return list(functions)
+    keys = list(functions) if names is None else list(names)
+    tf.saved_model.save(tf.Module(), path, signatures={name: functions[name].get_concrete_function() for name in keys})
+    return keys
 
 
 def convert_saved(path, signature_keys, quantize="none"):
