@@ -17,8 +17,12 @@ measures:
    validation), for every agent of `--policies`: `paper` (the paper's LSTM
    agent on pooled features) and `late` (`late_decision=True`: the agent
    also sees the narrowest network's softmax confidence and may stop
-   there); optionally separately trained paper agents at fixed penalties
-   (`--separate_penalties`, issue 7's comparison);
+   there); `knob` (optional: the paper's agent whose backbone phases act
+   under penalties drawn from `--knob_backbone_penalties`, i.e.
+   `RNPModel(backbone_penalty_range=...)`, so its backbone is fine-tuned for
+   every setting of the run-time knob); optionally separately trained paper
+   agents at fixed penalties (`--separate_penalties`, issue 7's comparison:
+   the knob of `knob` if trained, else of `paper`, against them);
 6. controls for every RNP point: its action tuples shuffled across test
    images (same compute: isolates the per-image choice), and the oracle
    bounds (cheapest mix that classifies the image correctly; cheapest mix
@@ -53,7 +57,8 @@ DATASETS = {
     "fashion_mnist": "fashion_mnist.npz",
 }
 BACKBONES = ("cifar_cnn", "vgg_cifar")
-POLICIES = ("paper", "late")
+POLICIES = ("paper", "late", "knob")
+STAGES = ("static_finetuned", "thin")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["cifar10_subset", "fashion_mnist"], "Datasets: " + ", ".join(DATASETS) + ", digits.")
@@ -61,7 +66,7 @@ flags.DEFINE_list("backbones", ["cifar_cnn", "vgg_cifar"], "Backbones: " + ", ".
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one full pipeline per seed).")
 flags.DEFINE_list("widths", ["32", "64", "128", "128"], "cifar_cnn widths.")
 flags.DEFINE_integer("vgg_width", 48, "vgg_cifar: channels of its first convs.")
-flags.DEFINE_list("policies", list(POLICIES), "Agents trained from each backbone: " + ", ".join(POLICIES) + ".")
+flags.DEFINE_list("policies", ["paper", "late"], "Agents trained from each backbone: " + ", ".join(POLICIES) + ".")
 flags.DEFINE_integer("pretrain_epochs", 10, "Full-width epochs of the backbone.")
 flags.DEFINE_integer("robust_epochs", 8, "Prefix-robust epochs.")
 flags.DEFINE_integer("rnp_epochs", 6, "Algorithm 1 epochs (per agent).")
@@ -72,6 +77,10 @@ flags.DEFINE_list("budgets", ["0.67", "0.4", "0.25", "0.17"], "RNP operating poi
 flags.DEFINE_list("separate_penalties", [], "Also train one paper agent per penalty (issue 7's comparison).")
 flags.DEFINE_list("knob_budgets", ["0.9", "0.8", "0.55", "0.33", "0.2", "0.12"],
                   "With --separate_penalties: more budgets of the paper agent's knob (accuracy and compute only).")
+flags.DEFINE_list("knob_backbone_penalties", ["-0.3", "0.05"],
+                  "Policy `knob`: (p_min, p_max) of the penalties its backbone phases act under.")
+flags.DEFINE_integer("knob_epochs", None, "Policy `knob`: Algorithm 1 epochs (default: --rnp_epochs).")
+flags.DEFINE_list("skip", [], "Stages not run (e.g. for issue 7's comparison alone): " + ", ".join(STAGES) + ".")
 flags.DEFINE_integer("max_mixes", 256, "Static mixes evaluated at most (a seeded sample beyond).")
 flags.DEFINE_float("soft_margin", 0.1, "Soft oracle: loss within this of the full network's.")
 flags.DEFINE_boolean("quick", False, "Smoke run: digits, one seed, few epochs.")
@@ -358,9 +367,13 @@ def run_one(name, backbone, seed):
     # 5: every agent from the same backbone, Algorithm 1 for the same epochs
     policies, agent_models = {}, {}
     for policy in FLAGS.policies:
-        agent_model = _clone(backbone_model, late_decision=policy == "late")
+        options, epochs = {"late_decision": policy == "late"}, FLAGS.rnp_epochs
+        if policy == "knob":
+            options["backbone_penalty_range"] = [float(p) for p in FLAGS.knob_backbone_penalties]
+            epochs = FLAGS.knob_epochs or FLAGS.rnp_epochs
+        agent_model = _clone(backbone_model, **options)
         start = time.time()
-        _fit(agent_model, data, None, FLAGS.rnp_epochs, 3e-4)
+        _fit(agent_model, data, None, epochs, 3e-4)
         points = _evaluate_policy(agent_model, data, xv, xt, yt, test_loss[full_index], seed)
         for point in points:
             point["static_at_same_compute"] = _interp(static_curve, point["compute_fraction"])
@@ -391,7 +404,7 @@ def run_one(name, backbone, seed):
     budgets = [float(b) for b in FLAGS.budgets]
     start = time.time()
     finetuned = []
-    for budget in budgets:
+    for budget in budgets if "static_finetuned" not in FLAGS.skip else []:
         i = min(front, key=lambda j: abs(fractions[j] - budget))
         tuned = _clone(backbone_model)
         _train_forced(tuned, data, mixes[i], steps, 3e-4)
@@ -401,7 +414,7 @@ def run_one(name, backbone, seed):
     timing["static_finetuned"] = time.time() - start
     start = time.time()
     thin = []
-    for budget in budgets:
+    for budget in budgets if "thin" not in FLAGS.skip else []:
         spec, fraction = _thin_spec(backbone, budget, backbone_model.full_macs, data)
         net = _new_model(spec, data)
         _fit(net, data, "full", FLAGS.pretrain_epochs + FLAGS.robust_epochs, 2e-3)
@@ -410,28 +423,35 @@ def run_one(name, backbone, seed):
                      "compute_fraction": fraction, "accuracy": float(correct.mean())})
     timing["thin"] = time.time() - start
 
-    # issue 7: separately trained paper agents at fixed penalties, from the same backbone
-    separate, sweep = [], []
-    if FLAGS.separate_penalties and "paper" in policies:
-        knob_model = agent_models["paper"]
+    # issue 7: separately trained paper agents at fixed penalties, from the same backbone, against the
+    # run-time knob of every single-penalty agent (`knob` first: the comparison's one model)
+    separate, sweeps = [], {}
+    knob_policies = [p for p in ("knob", "paper") if p in policies] if FLAGS.separate_penalties else []
+    for policy in knob_policies:
+        knob_model, sweeps[policy] = agent_models[policy], []
         for budget in sorted({float(b) for b in FLAGS.knob_budgets + FLAGS.budgets}, reverse=True):
             penalty = knob_model.set_budget(budget, xv)
             details = knob_model.predict_details(xt)
-            sweep.append({"budget": budget, "penalty": penalty,
-                          "accuracy": float((details["logits"].argmax(1) == yt).mean()),
-                          "compute_fraction": float(details["compute_fraction"].mean())})
+            sweeps[policy].append({"budget": budget, "penalty": penalty,
+                                   "accuracy": float((details["logits"].argmax(1) == yt).mean()),
+                                   "compute_fraction": float(details["compute_fraction"].mean())})
         knob_model.set_penalty(knob_model.penalty)
-    knob = [(p["compute_fraction"], p["accuracy"]) for p in sweep]
+
+    def at_compute(sweep, fraction):
+        knob = [(p["compute_fraction"], p["accuracy"]) for p in sweep]
+        return _interp(knob, fraction) if min(k[0] for k in knob) <= fraction <= max(k[0] for k in knob) else None
+
     for penalty in [float(p) for p in FLAGS.separate_penalties]:
         start = time.time()
         agent_model = _clone(backbone_model, penalty=penalty)
         _fit(agent_model, data, None, FLAGS.rnp_epochs, 3e-4)
         details = agent_model.predict_details(xt)
         fraction = float(details["compute_fraction"].mean())
-        inside = bool(knob) and min(k[0] for k in knob) <= fraction <= max(k[0] for k in knob)
+        by_policy = {policy: at_compute(sweep, fraction) for policy, sweep in sweeps.items()}
         separate.append({"penalty": penalty, "accuracy": float((details["logits"].argmax(1) == yt).mean()),
                          "compute_fraction": fraction,
-                         "one_model_at_same_compute": _interp(knob, fraction) if inside else None,
+                         "one_model_at_same_compute": by_policy[knob_policies[0]] if knob_policies else None,
+                         "one_model_by_policy": by_policy,
                          "seconds": time.time() - start})
 
     return {
@@ -448,7 +468,9 @@ def run_one(name, backbone, seed):
         "static_finetuned": finetuned,
         "thin": thin,
         "separate_agents": separate,
-        "knob_sweep": sweep,
+        "knob_policy": knob_policies[0] if knob_policies else None,
+        "knob_sweep": sweeps[knob_policies[0]] if knob_policies else [],
+        "knob_sweeps": sweeps,
         "seconds": timing,
         "_test": (xt, yt, data.class_names),
     }
@@ -481,10 +503,10 @@ def summarise(runs):
                     spearman=_stats([p["spearman_compute_vs_full_loss"] for p in points])[0])
                 row(f"shuffled {policy} {tag}", [p["shuffled_accuracy"] for p in points], compute)
                 row(f"static curve at RNP {policy} {tag}", [p["static_at_same_compute"] for p in points], compute)
-            row(f"static fine-tuned {tag}", [r["static_finetuned"][i]["accuracy"] for r in group],
-                [r["static_finetuned"][i]["compute_fraction"] for r in group])
-            row(f"thin from scratch {tag}", [r["thin"][i]["accuracy"] for r in group],
-                [r["thin"][i]["compute_fraction"] for r in group])
+            for label, stage in (("static fine-tuned", "static_finetuned"), ("thin from scratch", "thin")):
+                if all(r[stage] for r in group):  # not skipped (`--skip`)
+                    row(f"{label} {tag}", [r[stage][i]["accuracy"] for r in group],
+                        [r[stage][i]["compute_fraction"] for r in group])
             cascade = [_cascade_at(r, budget) for r in group]
             if all(c is not None for c in cascade):
                 row(f"cascade {tag}", cascade, [budget])
@@ -494,10 +516,24 @@ def summarise(runs):
         for i, sep in enumerate(group[0]["separate_agents"]):
             row(f"separate agent p={sep['penalty']:g}", [r["separate_agents"][i]["accuracy"] for r in group],
                 [r["separate_agents"][i]["compute_fraction"] for r in group])
-            row(f"one model (knob) at its compute, p={sep['penalty']:g}",
-                [r["separate_agents"][i]["one_model_at_same_compute"] for r in group],
-                [r["separate_agents"][i]["compute_fraction"] for r in group])
+            for policy, label in _knob_labels(group):
+                row(f"one model ({label}) at its compute, p={sep['penalty']:g}",
+                    [_one_model(r["separate_agents"][i], policy) for r in group],
+                    [r["separate_agents"][i]["compute_fraction"] for r in group])
     return rows
+
+
+def _knob_labels(group):
+    """(policy, row label) of every knob compared with the separate agents (older runs: the paper agent's)."""
+    policies = group[0].get("knob_sweeps") or {"paper": None}
+    return [(p, "knob" if "knob_sweeps" not in group[0] else f"RNP {p}") for p in policies]
+
+
+def _one_model(separate_agent, policy):
+    """The one model's accuracy at a separate agent's compute (None outside its knob's range)."""
+    if "one_model_by_policy" in separate_agent:
+        return separate_agent["one_model_by_policy"].get(policy)
+    return separate_agent["one_model_at_same_compute"]
 
 
 def compact(rows):
@@ -560,7 +596,7 @@ def targets(runs):
                              f"{'MET' if full - best <= 0.01 else 'MISSED'} (best {100 * best:.1f}% against "
                              f"{100 * full:.1f}%)")
             deep = compute <= 1 / 5 + 1e-9
-            if deep.any():
+            if deep.any() and all(r["thin"] for r in group):
                 i = int(np.argmin(compute))
                 thin = np.mean([r["thin"][i]["accuracy"] for r in group])
                 margin = min(acc.mean(0)[i] - static.mean(0)[i], acc.mean(0)[i] - thin)
@@ -573,14 +609,16 @@ def targets(runs):
             miss = np.abs(compute / np.array(budgets) - 1)
             lines.append(f"- {label}: mean compute within 5% of the requested budget (issue 7): "
                          f"{'MET' if np.all(miss <= 0.05) else 'MISSED'} (off by {_pts(miss)}%)")
-        if group[0].get("separate_agents"):
-            gaps = [np.mean([r["separate_agents"][i]["accuracy"] - r["separate_agents"][i]["one_model_at_same_compute"]
-                             for r in group if r["separate_agents"][i]["one_model_at_same_compute"] is not None] or [np.nan])
-                    for i in range(len(group[0]["separate_agents"]))]
+        for policy, label in _knob_labels(group) if group[0].get("separate_agents") else []:
+            gaps = []
+            for i in range(len(group[0]["separate_agents"])):
+                pairs = [(r["separate_agents"][i]["accuracy"], _one_model(r["separate_agents"][i], policy))
+                         for r in group]
+                gaps.append(np.mean([a - b for a, b in pairs if b is not None] or [np.nan]))
             gaps = [g for g in gaps if np.isfinite(g)]
             if gaps:
-                lines.append(f"- {name} / {backbone}: one model within 1.0 point of separately trained agents at "
-                             f"matched compute (issue 7, {len(gaps)} agents inside the knob's range): "
+                lines.append(f"- {name} / {backbone}: one model ({label}) within 1.0 point of separately trained "
+                             f"agents at matched compute (issue 7, {len(gaps)} agents inside the knob's range): "
                              f"{'MET' if max(gaps) <= 0.01 else 'MISSED'} (separate minus one model {_pts(gaps)})")
     return lines
 
@@ -617,18 +655,20 @@ def plot(runs, output, stem):
         cascade = [(c["compute_fraction"], c["accuracy"]) for c in run["cascade"] if c["compute_fraction"] <= 1.0]
         if cascade:  # a cascade that escalates often costs more than the full network
             curves["cascade"] = cascade
-        curves["thin from scratch"] = [(t["compute_fraction"], t["accuracy"]) for t in run["thin"]]
-        curves["static fine-tuned"] = [(t["compute_fraction"], t["accuracy"]) for t in run["static_finetuned"]]
-        if run.get("knob_sweep"):
-            curves["RNP paper, knob sweep (issue 7)"] = [(k["compute_fraction"], k["accuracy"])
-                                                         for k in run["knob_sweep"]]
+        for label, stage in (("thin from scratch", "thin"), ("static fine-tuned", "static_finetuned")):
+            if run[stage]:
+                curves[label] = [(t["compute_fraction"], t["accuracy"]) for t in run[stage]]
+        sweeps = run.get("knob_sweeps") or ({"paper": run["knob_sweep"]} if run.get("knob_sweep") else {})
+        for policy, sweep in sweeps.items():
+            curves[f"RNP {policy}, knob sweep (issue 7)"] = [(k["compute_fraction"], k["accuracy"]) for k in sweep]
         if run["separate_agents"]:
             curves["separately trained agents"] = [(s["compute_fraction"], s["accuracy"])
                                                    for s in run["separate_agents"]]
-        if run.get("knob_sweep") and run["separate_agents"]:  # issue 7: one model against separate agents
-            knob = {"one model, run-time knob": [(k["compute_fraction"], k["accuracy"]) for k in run["knob_sweep"]],
-                    "separately trained agents": [(a["compute_fraction"], a["accuracy"])
-                                                  for a in run["separate_agents"]]}
+        if sweeps and run["separate_agents"]:  # issue 7: one model against separate agents
+            knob = {f"one model ({policy}), run-time knob": [(k["compute_fraction"], k["accuracy"]) for k in sweep]
+                    for policy, sweep in sweeps.items()}
+            knob["separately trained agents"] = [(a["compute_fraction"], a["accuracy"])
+                                                 for a in run["separate_agents"]]
             path = os.path.join(output, f"{stem}_{name}_{backbone}_knob.png")
             paths.append(report.plot_accuracy_vs_compute(
                 knob, path, title=f"{name}, {backbone}: one model's knob against separate agents (seed {run['seed']})",
@@ -672,7 +712,8 @@ def write_report(runs, output, stem, extra=None):
     rows = summarise(runs)
     goals = targets(runs)
     keys = ("datasets", "backbones", "seeds", "widths", "vgg_width", "policies", "pretrain_epochs", "robust_epochs",
-            "rnp_epochs", "max_train_examples", "penalty", "budgets", "separate_penalties", "knob_budgets", "max_mixes")
+            "rnp_epochs", "max_train_examples", "penalty", "budgets", "separate_penalties", "knob_budgets", "max_mixes",
+            "knob_backbone_penalties", "knob_epochs", "skip")
     result = {"flags": {k: FLAGS[k].value for k in keys}, "runs": _public(runs), "summary": rows, "targets": goals,
               **(extra or {})}
     io_utils.write_json(os.path.join(output, f"{stem}.json"), result)
@@ -710,10 +751,12 @@ def main(argv):
         FLAGS.pretrain_epochs, FLAGS.robust_epochs, FLAGS.rnp_epochs = 1, 1, 1
         FLAGS.budgets = ["0.6", "0.3"]
     for name, values, allowed in (("backbones", FLAGS.backbones, BACKBONES), ("policies", FLAGS.policies, POLICIES),
-                                  ("datasets", FLAGS.datasets, (*DATASETS, "digits"))):
+                                  ("datasets", FLAGS.datasets, (*DATASETS, "digits")), ("skip", FLAGS.skip, STAGES)):
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             raise app.UsageError(f"--{name}: unknown {unknown}; expected some of {', '.join(allowed)}.")
+    if "knob" in FLAGS.policies and len(FLAGS.knob_backbone_penalties) != 2:
+        raise app.UsageError(f"--knob_backbone_penalties: expected p_min,p_max. Received: {FLAGS.knob_backbone_penalties}")
     os.makedirs(FLAGS.output, exist_ok=True)
     stem = FLAGS.stem or ("accuracy_quick" if FLAGS.quick else "accuracy")
     if FLAGS.merge:

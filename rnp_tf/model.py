@@ -99,6 +99,15 @@ class RNPModel(keras.Model):
             input; at inference `set_penalty(p)` or `set_budget(fraction)`
             moves the speed/accuracy balance without retraining. None
             (default) trains the paper's single-penalty agent.
+        backbone_penalty_range: `(p_min, p_max)` for the paper's
+            single-penalty agent: in the backbone phases of Algorithm 1 each
+            image's epsilon-greedy choice is made on the Q-values re-priced
+            (as `set_penalty` does at inference) to a penalty drawn uniformly
+            from this range, so the backbone is fine-tuned under the action
+            distributions of the whole run-time knob, not only of `penalty`.
+            The agent's own updates keep `penalty`. None (default): the
+            paper's backbone phases. A `penalty_range` model already draws a
+            penalty per image and takes no `backbone_penalty_range`.
         inference_engine: if True (default), `predict` and `predict_details`
             run through `rnp_tf.engine.InferenceEngine`, which computes only
             the channel groups the agent chose (really faster than the
@@ -156,6 +165,7 @@ class RNPModel(keras.Model):
         robust_random_draws=2,
         distill_weight=0.5,
         penalty_range=None,
+        backbone_penalty_range=None,
         inference_engine=True,
         late_decision=False,
         compute_cap=None,
@@ -221,6 +231,20 @@ class RNPModel(keras.Model):
                 )
             penalty_range = (low, high)
         self.penalty_range = penalty_range
+        if backbone_penalty_range is not None:
+            low, high = (float(v) for v in backbone_penalty_range)
+            if not (np.isfinite(low) and np.isfinite(high) and low < high):
+                raise ValueError(
+                    "`backbone_penalty_range` must be (p_min, p_max), finite, with p_min < p_max. "
+                    f"Received: backbone_penalty_range={backbone_penalty_range!r}"
+                )
+            if penalty_range is not None:
+                raise ValueError(
+                    "`backbone_penalty_range` is for the single-penalty agent; a `penalty_range` model "
+                    f"already draws a penalty per image. Received: backbone_penalty_range={backbone_penalty_range!r}"
+                )
+            backbone_penalty_range = (low, high)
+        self.backbone_penalty_range = backbone_penalty_range
         if not isinstance(inference_engine, bool):
             raise ValueError(
                 f"`inference_engine` must be a bool. Received: inference_engine={inference_engine!r}"
@@ -1259,7 +1283,14 @@ class RNPModel(keras.Model):
             else:
                 full = tf.random.uniform([tf.shape(x)[0]]) < self.full_width_fraction
 
+                repriced = None
+                if self.backbone_penalty_range is not None:
+                    low, high = self.backbone_penalty_range
+                    repriced = tf.random.uniform([tf.shape(x)[0]], low, high)
+
                 def choose(t, q):
+                    if repriced is not None:
+                        q = self._repriced(q, repriced)
                     action = agent_lib.epsilon_greedy_actions(q, epsilon)
                     return tf.where(full, self.groups, action)
 
@@ -1418,6 +1449,9 @@ class RNPModel(keras.Model):
                 "robust_random_draws": self.robust_random_draws,
                 "distill_weight": self.distill_weight,
                 "penalty_range": None if self.penalty_range is None else list(self.penalty_range),
+                "backbone_penalty_range": (
+                    None if self.backbone_penalty_range is None else list(self.backbone_penalty_range)
+                ),
                 "inference_engine": self.inference_engine,
                 "late_decision": self.late_decision,
                 "compute_cap": self.compute_cap,

@@ -64,14 +64,21 @@ def test_reported_macs_equal_the_engines_counted_macs():
 
 
 def test_quick_run_writes_the_documented_json(tmp_path, run_module):
-    result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}")
+    result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--policies=paper,late,knob",
+                        "--separate_penalties=-0.1", "--knob_budgets=0.5")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "accuracy_quick.json").read_text())
     run = data["runs"][0]
     for key in ("full_accuracy", "static_curve", "policies", "oracle", "cascade", "static_finetuned", "thin",
                 "seconds", "mixes_evaluated"):
         assert key in run
-    assert set(run["policies"]) == {"paper", "late"}
+    assert set(run["policies"]) == {"paper", "late", "knob"}
+    # issue 7: the knob of both single-penalty agents against the separately trained one, at its compute
+    assert run["knob_policy"] == "knob" and set(run["knob_sweeps"]) == {"knob", "paper"}
+    assert [s["budget"] for s in run["knob_sweeps"]["knob"]] == [0.6, 0.5, 0.3]
+    (separate,) = run["separate_agents"]
+    assert set(separate["one_model_by_policy"]) == {"knob", "paper"}
+    assert separate["one_model_at_same_compute"] == separate["one_model_by_policy"]["knob"]
     for points in run["policies"].values():
         assert len(points) == 2
         for point in points:
@@ -87,6 +94,7 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
     assert (tmp_path / "accuracy_quick_digits_cifar_cnn_late_extremes.png").stat().st_size > 1000
     text = (tmp_path / "accuracy_quick.md").read_text()
     assert "| dataset" in text and "## Targets" in text
+    assert "one model (RNP knob) at its compute, p=-0.1" in text and "one model (RNP paper)" in text
     # wall time of each stage, one row per dataset and backbone
     stages = [line for line in text.split("## Wall time of each stage")[1].splitlines() if line.startswith("|")]
     assert "rnp_paper" in stages[0] and stages[2].startswith("| digits / cifar_cnn | 1 |") and len(stages) == 3
@@ -95,3 +103,11 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
                         f"--merge={tmp_path / 'accuracy_quick.json'}", timeout=300)
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert json.loads((tmp_path / "merged.json").read_text())["summary"] == data["summary"]
+    # stages left out with --skip leave no rows, and the report still builds
+    data["runs"][0]["thin"] = data["runs"][0]["static_finetuned"] = []
+    (tmp_path / "skipped_in.json").write_text(json.dumps(data))
+    merged = run_module("bench.accuracy", "--budgets=0.6,0.3", f"--output={tmp_path}", "--stem=skipped",
+                        f"--merge={tmp_path / 'skipped_in.json'}", timeout=300)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    methods = {row["method"] for row in json.loads((tmp_path / "skipped.json").read_text())["summary"]}
+    assert "RNP knob @0.3" in methods and not any(m.startswith(("thin", "static fine-tuned")) for m in methods)

@@ -191,3 +191,35 @@ def test_greedy_q_is_the_knob_the_rollout_applies():
         model.greedy_q(model.num_prunable, raw[:, 0], [])
     with pytest.raises(ValueError, match="earlier actions"):
         model.greedy_q(1, raw[:, 0], [])
+
+
+@pytest.mark.parametrize("penalties, action", [((-50.0, -40.0), 1), ((40.0, 50.0), 4)])
+def test_backbone_phases_act_under_the_backbone_penalty_range(penalties, action):
+    """The backbone phase's choice is re-priced to the drawn penalty; the agent phase keeps `penalty`."""
+    keras.utils.set_random_seed(0)
+    model = rnp_tf.RNPModel(
+        rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10, penalty=-0.1,
+        backbone_penalty_range=penalties, full_width_fraction=0.0, epsilon_start=0.0, epsilon_end=0.0,
+    )
+    model.compile()
+    x = np.random.default_rng(0).normal(size=(32, 8, 8, 1)).astype("float32")
+    y = np.arange(32) % 10
+    model.set_phase("backbone")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    shares = model.shares_tracker.shares()
+    np.testing.assert_array_equal(shares[:, action - 1], 1.0)  # every image, every layer
+    model.set_phase("agent")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert model.shares_tracker.shares()[:, action - 1].min() < 1.0  # greedy on the raw Q-values: some other action
+    clone = rnp_tf.RNPModel.from_config(model.get_config())
+    assert clone.backbone_penalty_range == penalties
+
+
+def test_backbone_penalty_range_errors():
+    for bad in ((-0.1, -0.3), (float("nan"), 0.0)):
+        with pytest.raises(ValueError, match="backbone_penalty_range"):
+            rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10,
+                            backbone_penalty_range=bad)
+    with pytest.raises(ValueError, match="already draws a penalty"):
+        rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10,
+                        penalty_range=(-0.5, -0.01), backbone_penalty_range=(-0.3, 0.0))
