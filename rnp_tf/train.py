@@ -102,6 +102,7 @@ class TrainConfig:
     gamma: float = 1.0
     q_loss: str = "mse"
     full_width_fraction: float = 0.25
+    backbone_penalty_range: tuple | None = None
     agent_units: int = 64
     agent_embed_dim: int = 64
     evaluate: bool = True
@@ -185,6 +186,12 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_float(
         "full_width_fraction", d.full_width_fraction, "Share of full-width samples in backbone phases.",
         0.0, 1.0, **fv,
+    )
+    flags.DEFINE_list(
+        "backbone_penalty_range", [],
+        "p_min,p_max: backbone phases of Algorithm 1 act under the agent's choice re-priced to a penalty drawn "
+        "per image from this range, so the backbone is fine-tuned for the whole run-time knob "
+        "(RNPModel backbone_penalty_range; default: the paper's, at --penalty only).", **fv,
     )
     flags.DEFINE_boolean(
         "late_decision", d.late_decision,
@@ -294,9 +301,22 @@ def config_from_flags(flag_values=flags.FLAGS):
             raise ValueError(
                 f"--backbone_weights must be 'imagenet', 'none' or an existing weights file. Received: {weights!r}"
             )
+    spread = None
+    if fv.backbone_penalty_range:
+        try:
+            spread = tuple(float(p) for p in fv.backbone_penalty_range)
+        except ValueError:
+            spread = ()
+        if len(spread) != 2 or not spread[0] < spread[1]:
+            raise ValueError(
+                "--backbone_penalty_range must be p_min,p_max with p_min < p_max. "
+                f"Received: --backbone_penalty_range={','.join(fv.backbone_penalty_range)}"
+            )
+    own = ("widths", "backbone_penalty_range")
     config = TrainConfig(
-        **{f.name: getattr(fv, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "widths"},
+        **{f.name: getattr(fv, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in own},
         widths=widths,
+        backbone_penalty_range=spread,
     )
     _check_backbone(config)
     return config
@@ -345,6 +365,7 @@ def build_model(config, dataset):
         epsilon_end=config.epsilon_end,
         epsilon_decay_steps=config.epsilon_decay_steps,
         full_width_fraction=config.full_width_fraction,
+        backbone_penalty_range=config.backbone_penalty_range,
         late_decision=config.late_decision,
     )
 

@@ -24,6 +24,14 @@ def test_flags_give_a_config(tmp_path):
     config = train.config_from_flags(parse(f"--flagfile={QUICKSTART}", f"--model_dir={tmp_path / 'run'}"))
     assert config.dataset == "digits" and config.widths == (16, 32, 32, 32)
     assert config.robust_epochs > 0 and config.rnp_epochs > 0
+    assert config.backbone_penalty_range is None
+    config = train.config_from_flags(parse(f"--flagfile={QUICKSTART}", f"--model_dir={tmp_path / 'run'}",
+                                           "--backbone_penalty_range=-0.3,0.05"))
+    assert config.backbone_penalty_range == (-0.3, 0.05)
+    from rnp_tf import data
+
+    model = train.build_model(config, data.load_dataset("digits", batch_size=32))
+    assert model.backbone_penalty_range == (-0.3, 0.05)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +45,9 @@ def test_flags_give_a_config(tmp_path):
         (["--agent_steps=0", "--backbone_steps=0"], "--agent_steps"),
         (["--init_checkpoint=/nonexistent/m.keras"], "--init_checkpoint"),
         (["--alpha=-1"], "--alpha"),
+        (["--backbone_penalty_range=-0.1"], "--backbone_penalty_range"),
+        (["--backbone_penalty_range=0.1,-0.3"], "--backbone_penalty_range"),
+        (["--backbone_penalty_range=a,b"], "--backbone_penalty_range"),
     ],
 )
 def test_bad_flags_name_the_flag(tmp_path, args, match):
