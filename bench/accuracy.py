@@ -207,6 +207,15 @@ def _mix_table(model, mixes, x, y):
     return np.stack(correct), np.stack(losses), np.stack(probs)
 
 
+def _static_curve(model, mixes, fractions, xv, yv, xt, yt):
+    """The static curve of `model`'s weights: the front chosen on validation, read on test; plus the test tables."""
+    val_correct, _, _ = _mix_table(model, mixes, xv, yv)
+    test_correct, test_loss, test_conf = _mix_table(model, mixes, xt, yt)
+    front = _pareto(fractions, val_correct.mean(1))
+    return front, [(float(fractions[i]), float(test_correct[i].mean())) for i in front], (test_correct, test_loss,
+                                                                                          test_conf)
+
+
 def oracle_choice(ok, fractions, fallback):
     """For every image, the cheapest mix for which `ok[mix, image]` holds.
 
@@ -355,11 +364,9 @@ def run_one(name, backbone, seed):
     start = time.time()
     mixes = candidate_mixes(model.num_prunable, model.groups, FLAGS.max_mixes, seed)
     fractions = backbone_model.compute_fraction(mixes).numpy()
-    val_correct, _, _ = _mix_table(backbone_model, mixes, xv, yv)
-    test_correct, test_loss, test_conf = _mix_table(backbone_model, mixes, xt, yt)
+    front, static_curve, (test_correct, test_loss, test_conf) = _static_curve(
+        backbone_model, mixes, fractions, xv, yv, xt, yt)
     timing["static_curve"] = time.time() - start
-    front = _pareto(fractions, val_correct.mean(1))
-    static_curve = [(float(fractions[i]), float(test_correct[i].mean())) for i in front]
     full_index = len(mixes) - 1
     full_accuracy = float(test_correct[full_index].mean())
     steps = FLAGS.rnp_epochs * int(np.ceil(data.num_train / 128))
@@ -375,8 +382,11 @@ def run_one(name, backbone, seed):
         start = time.time()
         _fit(agent_model, data, None, epochs, 3e-4)
         points = _evaluate_policy(agent_model, data, xv, xt, yt, test_loss[full_index], seed)
+        # the static curve of the agent's own fine-tuned backbone: what the per-image choice adds to its weights
+        _, own_curve, _ = _static_curve(agent_model, mixes, fractions, xv, yv, xt, yt)
         for point in points:
             point["static_at_same_compute"] = _interp(static_curve, point["compute_fraction"])
+            point["own_static_at_same_compute"] = _interp(own_curve, point["compute_fraction"])
         timing[f"rnp_{policy}"] = time.time() - start
         policies[policy], agent_models[policy] = points, agent_model
 
@@ -503,6 +513,9 @@ def summarise(runs):
                     spearman=_stats([p["spearman_compute_vs_full_loss"] for p in points])[0])
                 row(f"shuffled {policy} {tag}", [p["shuffled_accuracy"] for p in points], compute)
                 row(f"static curve at RNP {policy} {tag}", [p["static_at_same_compute"] for p in points], compute)
+                if all("own_static_at_same_compute" in p for p in points):  # runs before 2026-11-21 lack it
+                    row(f"own static curve at RNP {policy} {tag}", [p["own_static_at_same_compute"] for p in points],
+                        compute)
             for label, stage in (("static fine-tuned", "static_finetuned"), ("thin from scratch", "thin")):
                 if all(r[stage] for r in group):  # not skipped (`--skip`)
                     row(f"{label} {tag}", [r[stage][i]["accuracy"] for r in group],
@@ -589,6 +602,11 @@ def targets(runs):
             over_shuffle = (acc - shuffled).mean(0)
             lines.append(f"- {label}: beats its shuffled control at every budget: "
                          f"{'MET' if np.all(over_shuffle > 0) else 'MISSED'} (gain {_pts(over_shuffle)})")
+            if all("own_static_at_same_compute" in p for r in group for p in r["policies"][policy]):
+                own = np.array([[p["own_static_at_same_compute"] for p in r["policies"][policy]] for r in group])
+                over_own = (acc - own).mean(0)
+                lines.append(f"- {label}: beats the static curve of its own fine-tuned backbone at every budget: "
+                             f"{'MET' if np.all(over_own > 0) else 'MISSED'} (gain {_pts(over_own)})")
             cheap = compute <= 1 / 3 + 1e-9
             if cheap.any():
                 best = acc.mean(0)[cheap].max()

@@ -83,7 +83,8 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
         assert len(points) == 2
         for point in points:
             for key in ("accuracy", "compute_fraction", "compute_p90", "shuffled_accuracy", "static_at_same_compute",
-                        "spearman_compute_vs_full_loss", "compute_per_class", "least_compute", "most_compute"):
+                        "own_static_at_same_compute", "spearman_compute_vs_full_loss", "compute_per_class",
+                        "least_compute", "most_compute"):
                 assert key in point
             assert 0 < point["compute_fraction"] <= 1.5  # a late model may pay both passes
             assert len(point["least_compute"]) == 16
@@ -94,6 +95,7 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
     assert (tmp_path / "accuracy_quick_digits_cifar_cnn_late_extremes.png").stat().st_size > 1000
     text = (tmp_path / "accuracy_quick.md").read_text()
     assert "| dataset" in text and "## Targets" in text
+    assert "own static curve at RNP knob @0.3" in text and "static curve of its own fine-tuned backbone" in text
     assert "one model (RNP knob) at its compute, p=-0.1" in text and "one model (RNP paper)" in text
     # wall time of each stage, one row per dataset and backbone
     stages = [line for line in text.split("## Wall time of each stage")[1].splitlines() if line.startswith("|")]
