@@ -680,16 +680,16 @@ def plot(runs, output, stem):
         for policy, sweep in sweeps.items():
             curves[f"RNP {policy}, knob sweep (issue 7)"] = [(k["compute_fraction"], k["accuracy"]) for k in sweep]
         if run["separate_agents"]:
-            curves["separately trained agents"] = [(s["compute_fraction"], s["accuracy"])
-                                                   for s in run["separate_agents"]]
+            curves["separately trained agents"] = sorted((s["compute_fraction"], s["accuracy"])
+                                                         for s in run["separate_agents"])
         if sweeps and run["separate_agents"]:  # issue 7: one model against separate agents
             knob = {f"one model ({policy}), run-time knob": [(k["compute_fraction"], k["accuracy"]) for k in sweep]
                     for policy, sweep in sweeps.items()}
-            knob["separately trained agents"] = [(a["compute_fraction"], a["accuracy"])
-                                                 for a in run["separate_agents"]]
+            knob["separately trained agents"] = sorted((a["compute_fraction"], a["accuracy"])
+                                                       for a in run["separate_agents"])
             path = os.path.join(output, f"{stem}_{name}_{backbone}_knob.png")
             paths.append(report.plot_accuracy_vs_compute(
-                knob, path, title=f"{name}, {backbone}: one model's knob against separate agents (seed {run['seed']})",
+                knob, path, title=f"{name}, {backbone}: knob vs separate agents (seed {run['seed']})",
                 reference={"full network": (1.0, run["full_accuracy"])}))
         reference = {o["kind"]: (o["compute_fraction"], o["accuracy"]) for o in run["oracle"]}
         reference["full network"] = (1.0, run["full_accuracy"])
