@@ -260,6 +260,12 @@ def _interp(curve, fraction):
     return float(np.interp(fraction, xs, ys))
 
 
+def _interp_inside(curve, fraction):
+    """`_interp` where `fraction` lies within the curve's compute range, else None (no extrapolation)."""
+    xs = [c[0] for c in curve]
+    return _interp(curve, fraction) if min(xs) <= fraction <= max(xs) else None
+
+
 def _spearman(a, b):
     from scipy import stats
 
@@ -447,17 +453,14 @@ def run_one(name, backbone, seed):
                                    "compute_fraction": float(details["compute_fraction"].mean())})
         knob_model.set_penalty(knob_model.penalty)
 
-    def at_compute(sweep, fraction):
-        knob = [(p["compute_fraction"], p["accuracy"]) for p in sweep]
-        return _interp(knob, fraction) if min(k[0] for k in knob) <= fraction <= max(k[0] for k in knob) else None
-
     for penalty in [float(p) for p in FLAGS.separate_penalties]:
         start = time.time()
         agent_model = _clone(backbone_model, penalty=penalty)
         _fit(agent_model, data, None, FLAGS.rnp_epochs, 3e-4)
         details = agent_model.predict_details(xt)
         fraction = float(details["compute_fraction"].mean())
-        by_policy = {policy: at_compute(sweep, fraction) for policy, sweep in sweeps.items()}
+        by_policy = {policy: _interp_inside([(p["compute_fraction"], p["accuracy"]) for p in sweep], fraction)
+                     for policy, sweep in sweeps.items()}
         separate.append({"penalty": penalty, "accuracy": float((details["logits"].argmax(1) == yt).mean()),
                          "compute_fraction": fraction,
                          "one_model_at_same_compute": by_policy[knob_policies[0]] if knob_policies else None,
@@ -574,9 +577,7 @@ def compact(rows):
 
 
 def _cascade_at(run, budget):
-    curve = [(c["compute_fraction"], c["accuracy"]) for c in run["cascade"]]
-    xs = [c[0] for c in curve]
-    return _interp(curve, budget) if min(xs) <= budget <= max(xs) else None
+    return _interp_inside([(c["compute_fraction"], c["accuracy"]) for c in run["cascade"]], budget)
 
 
 def targets(runs):

@@ -765,7 +765,7 @@ class SlicedNetwork:
         it, or under `recording_kernels` zeros of its shape.
         """
         tf = self._tf
-        if ("kernel", name) not in self._consts:
+        if ("kernel", name) not in self._graph_consts():
             mode = self._kernel_mode
             if mode is None:
                 tensor = tf.constant(array)
@@ -841,11 +841,15 @@ class SlicedNetwork:
 
         return tf.function(fn, input_signature=signature, autograph=False), signature, kernels
 
-    def _const(self, key, index=0):
-        tf = self._tf
+    def _graph_consts(self):
+        """The constants of the graph being traced (see `constants`)."""
         if self._consts is None:
             raise RuntimeError("SlicedNetwork graph methods must run inside `with net.constants():`")
-        if (key, index) not in self._consts:
+        return self._consts
+
+    def _const(self, key, index=0):
+        tf = self._tf
+        if (key, index) not in self._graph_consts():
             self._consts[(key, index)] = tf.constant(self._arrays[key][index])
         return self._consts[(key, index)]
 
