@@ -20,7 +20,11 @@ measures:
    there); `knob` (optional: the paper's agent whose backbone phases act
    under penalties drawn from `--knob_backbone_penalties`, i.e.
    `RNPModel(backbone_penalty_range=...)`, so its backbone is fine-tuned for
-   every setting of the run-time knob); optionally separately trained paper
+   every setting of the run-time knob); `imitate` (optional: the paper's
+   agent first taught to imitate the soft oracle's mix of every training
+   image, `rnp_tf.imitation`, for `--imitate_epochs`, then refined by
+   Algorithm 1 from epsilon 0.1; its points before the refinement are
+   reported as `imitate_only`); optionally separately trained paper
    agents at fixed penalties (`--separate_penalties`, issue 7's comparison:
    the knob of `knob` if trained, else of `paper`, against them);
 6. controls for every RNP point: its action tuples shuffled across test
@@ -42,7 +46,6 @@ Example:
     python -m bench.accuracy --datasets=cifar10_subset --backbones=cifar_cnn --seeds=0,1,2
 """
 
-import itertools
 import os
 import pathlib
 import time
@@ -57,7 +60,7 @@ DATASETS = {
     "fashion_mnist": "fashion_mnist.npz",
 }
 BACKBONES = ("cifar_cnn", "vgg_cifar")
-POLICIES = ("paper", "late", "knob")
+POLICIES = ("paper", "late", "knob", "imitate")
 STAGES = ("static_finetuned", "thin")
 
 FLAGS = flags.FLAGS
@@ -80,6 +83,7 @@ flags.DEFINE_list("knob_budgets", ["0.9", "0.8", "0.55", "0.33", "0.2", "0.12"],
 flags.DEFINE_list("knob_backbone_penalties", ["-0.3", "0.05"],
                   "Policy `knob`: (p_min, p_max) of the penalties its backbone phases act under.")
 flags.DEFINE_integer("knob_epochs", None, "Policy `knob`: Algorithm 1 epochs (default: --rnp_epochs).")
+flags.DEFINE_integer("imitate_epochs", 5, "Policy `imitate`: epochs of imitating the soft oracle before Algorithm 1.")
 flags.DEFINE_list("skip", [], "Stages not run (e.g. for issue 7's comparison alone): " + ", ".join(STAGES) + ".")
 flags.DEFINE_integer("max_mixes", 256, "Static mixes evaluated at most (a seeded sample beyond).")
 flags.DEFINE_float("soft_margin", 0.1, "Soft oracle: loss within this of the full network's.")
@@ -160,40 +164,10 @@ def _clone(model, **overrides):
 
 def _per_image(model, x, y, actions):
     """Correctness, loss and logits of every image under forced actions `[1 or n, num_prunable]`."""
-    import tensorflow as tf
+    from rnp_tf.imitation import per_image_loss
 
-    logits = []
-    for start in range(0, len(x), 512):
-        a = np.broadcast_to(actions, (len(x), model.num_prunable))[start : start + 512]
-        logits.append(model.rollout(x[start : start + 512], actions=np.ascontiguousarray(a))["logits"].numpy())
-    logits = np.concatenate(logits)
-    loss = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True).numpy()
+    loss, logits = per_image_loss(model, x, y, actions)
     return logits.argmax(1) == y, loss, logits
-
-
-def candidate_mixes(num_prunable, groups, max_mixes, seed=0):
-    """Every per-layer width mix, or the uniform mixes plus a seeded sample of the others.
-
-    Args:
-        num_prunable: decisions per image.
-        groups: `k`.
-        max_mixes: most mixes returned.
-        seed: sampling seed.
-
-    Returns:
-        int array `[mixes, num_prunable]`, the full network last.
-    """
-    total = groups**num_prunable
-    if total <= max_mixes:
-        return np.array(list(itertools.product(range(1, groups + 1), repeat=num_prunable)))
-    uniform = [np.full(num_prunable, a) for a in range(1, groups + 1)]
-    rng = np.random.default_rng(seed)
-    chosen = {tuple(m) for m in uniform}
-    while len(chosen) < max_mixes:
-        chosen.add(tuple(rng.integers(1, groups + 1, num_prunable)))
-    full = (groups,) * num_prunable
-    chosen.discard(full)
-    return np.array(sorted(chosen) + [full])
 
 
 def _mix_table(model, mixes, x, y):
@@ -214,24 +188,6 @@ def _static_curve(model, mixes, fractions, xv, yv, xt, yt):
     front = _pareto(fractions, val_correct.mean(1))
     return front, [(float(fractions[i]), float(test_correct[i].mean())) for i in front], (test_correct, test_loss,
                                                                                           test_conf)
-
-
-def oracle_choice(ok, fractions, fallback):
-    """For every image, the cheapest mix for which `ok[mix, image]` holds.
-
-    Args:
-        ok: bool array `[mixes, images]`.
-        fractions: compute fraction of every mix.
-        fallback: mix index used where no mix qualifies (the full network).
-
-    Returns:
-        int array `[images]` of mix indices.
-    """
-    order = np.argsort(fractions, kind="stable")
-    sorted_ok = ok[order]
-    first = sorted_ok.argmax(axis=0)
-    chosen = order[first]
-    return np.where(sorted_ok.any(axis=0), chosen, fallback)
 
 
 def shuffle_actions(actions, seed):
@@ -352,6 +308,9 @@ def _evaluate_policy(model, data, xv, xt, yt, full_loss, seed):
 def run_one(name, backbone, seed):
     import keras
 
+    from rnp_tf import imitation
+    from rnp_tf.imitation import candidate_mixes
+    from rnp_tf.imitation import oracle_choice
     from rnp_tf.reorder import reorder_channels
 
     keras.utils.set_random_seed(seed)
@@ -378,21 +337,37 @@ def run_one(name, backbone, seed):
     steps = FLAGS.rnp_epochs * int(np.ceil(data.num_train / 128))
 
     # 5: every agent from the same backbone, Algorithm 1 for the same epochs
-    policies, agent_models = {}, {}
+    policies, agent_models, imitation_log = {}, {}, None
+
+    def evaluate(agent_model, own_curve):
+        points = _evaluate_policy(agent_model, data, xv, xt, yt, test_loss[full_index], seed)
+        for point in points:
+            point["static_at_same_compute"] = _interp(static_curve, point["compute_fraction"])
+            point["own_static_at_same_compute"] = _interp(own_curve, point["compute_fraction"])
+        return points
+
     for policy in FLAGS.policies:
         options, epochs = {"late_decision": policy == "late"}, FLAGS.rnp_epochs
         if policy == "knob":
             options["backbone_penalty_range"] = [float(p) for p in FLAGS.knob_backbone_penalties]
             epochs = FLAGS.knob_epochs or FLAGS.rnp_epochs
+        if policy == "imitate":  # the refinement starts from the imitated policy, not from random actions
+            options["epsilon_start"] = 0.1
         agent_model = _clone(backbone_model, **options)
         start = time.time()
+        if policy == "imitate":
+            # the soft oracle's mix of every training image, imitated by the agent, then Algorithm 1
+            xtr, ytr = _arrays(data.train)
+            targets = imitation.soft_oracle_actions(agent_model, xtr, ytr, mixes, FLAGS.soft_margin)
+            history = imitation.imitate(agent_model, xtr, targets, epochs=FLAGS.imitate_epochs, seed=seed)
+            imitation_log = {"oracle_compute_fraction": float(agent_model.compute_fraction(targets).numpy().mean()),
+                             "distinct_targets": int(len({tuple(a) for a in targets})), **history}
+            policies["imitate_only"] = evaluate(agent_model, static_curve)  # before the Q-learning refinement
+            timing["imitation"] = time.time() - start
         _fit(agent_model, data, None, epochs, 3e-4)
-        points = _evaluate_policy(agent_model, data, xv, xt, yt, test_loss[full_index], seed)
         # the static curve of the agent's own fine-tuned backbone: what the per-image choice adds to its weights
         _, own_curve, _ = _static_curve(agent_model, mixes, fractions, xv, yv, xt, yt)
-        for point in points:
-            point["static_at_same_compute"] = _interp(static_curve, point["compute_fraction"])
-            point["own_static_at_same_compute"] = _interp(own_curve, point["compute_fraction"])
+        points = evaluate(agent_model, own_curve)
         timing[f"rnp_{policy}"] = time.time() - start
         policies[policy], agent_models[policy] = points, agent_model
 
@@ -476,6 +451,7 @@ def run_one(name, backbone, seed):
         "full_accuracy": full_accuracy,
         "static_curve": static_curve,
         "policies": policies,
+        "imitation": imitation_log,
         "oracle": oracle_rows,
         "cascade": cascade,
         "static_finetuned": finetuned,

@@ -8,12 +8,6 @@ import rnp_tf
 from bench import accuracy
 
 
-def test_oracle_picks_the_cheapest_qualifying_mix():
-    fractions = np.array([1.0, 0.2, 0.5])
-    ok = np.array([[1, 1, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0]], bool)  # [mixes, images]
-    np.testing.assert_array_equal(accuracy.oracle_choice(ok, fractions, fallback=0), [2, 1, 0, 0])
-
-
 def test_shuffle_preserves_compute_exactly():
     model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10)
     actions = np.random.default_rng(0).integers(1, 5, size=(200, 3))
@@ -36,17 +30,6 @@ def test_pareto_front():
     assert accuracy._pareto(np.array([0.5, 0.2, 1.0, 0.3]), np.array([0.7, 0.6, 0.9, 0.5])) == [1, 0, 2]
 
 
-def test_candidate_mixes_all_or_a_sample_with_the_uniform_ones():
-    every = accuracy.candidate_mixes(3, 4, max_mixes=64)
-    assert len(every) == 64 and len({tuple(m) for m in every}) == 64
-    sample = accuracy.candidate_mixes(5, 4, max_mixes=40, seed=1)
-    assert len(sample) == 40 and len({tuple(m) for m in sample}) == 40
-    assert sample.min() >= 1 and sample.max() <= 4
-    for a in range(1, 5):
-        assert any((m == a).all() for m in sample)
-    np.testing.assert_array_equal(sample[-1], [4] * 5)  # the full network last
-
-
 def test_reported_macs_equal_the_engines_counted_macs():
     model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10)
     rng = np.random.default_rng(0)
@@ -64,15 +47,18 @@ def test_reported_macs_equal_the_engines_counted_macs():
 
 
 def test_quick_run_writes_the_documented_json(tmp_path, run_module):
-    result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--policies=paper,late,knob",
-                        "--separate_penalties=-0.1", "--knob_budgets=0.5")
+    result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--policies=paper,late,knob,imitate",
+                        "--separate_penalties=-0.1", "--knob_budgets=0.5", "--imitate_epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "accuracy_quick.json").read_text())
     run = data["runs"][0]
     for key in ("full_accuracy", "static_curve", "policies", "oracle", "cascade", "static_finetuned", "thin",
                 "seconds", "mixes_evaluated"):
         assert key in run
-    assert set(run["policies"]) == {"paper", "late", "knob"}
+    assert set(run["policies"]) == {"paper", "late", "knob", "imitate", "imitate_only"}
+    # imitation of the soft oracle: its targets' compute and one epoch's loss and agreement
+    assert 0 < run["imitation"]["oracle_compute_fraction"] <= 1 and run["imitation"]["distinct_targets"] >= 1
+    assert len(run["imitation"]["loss"]) == 1 and 0 <= run["imitation"]["agreement"][0] <= 1
     # issue 7: the knob of both single-penalty agents against the separately trained one, at its compute
     assert run["knob_policy"] == "knob" and set(run["knob_sweeps"]) == {"knob", "paper"}
     assert [s["budget"] for s in run["knob_sweeps"]["knob"]] == [0.6, 0.5, 0.3]
@@ -89,7 +75,8 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
             assert 0 < point["compute_fraction"] <= 1.5  # a late model may pay both passes
             assert len(point["least_compute"]) == 16
     assert {o["kind"] for o in run["oracle"]} == {"oracle", "soft_oracle"}
-    assert {"pretrain", "robust", "static_curve", "rnp_paper", "rnp_late", "thin"} <= set(run["seconds"])
+    assert {"pretrain", "robust", "static_curve", "rnp_paper", "rnp_late", "rnp_imitate", "imitation",
+            "thin"} <= set(run["seconds"])
     assert any("Spearman" in line for line in data["targets"])
     assert (tmp_path / "accuracy_quick_digits_cifar_cnn.png").stat().st_size > 1000
     assert (tmp_path / "accuracy_quick_digits_cifar_cnn_late_extremes.png").stat().st_size > 1000
