@@ -470,8 +470,18 @@ def _stats(values):
     return (float(np.mean(values)), float(np.std(values))) if values else (None, None)
 
 
+def _by_policy(group):
+    """(policy, the runs that trained it) for every policy of a group, in order of first appearance.
+
+    Runs merged from separate processes may have trained different agents (e.g. seeds 0-2 with `late`, seeds
+    3-5 with `imitate`): each policy is summarised over the seeds that have it.
+    """
+    policies = dict.fromkeys(p for r in group for p in r["policies"])
+    return [(p, [r for r in group if p in r["policies"]]) for p in policies]
+
+
 def summarise(runs):
-    """Mean and std over seeds, per dataset, backbone and budget."""
+    """Mean and std over seeds, per dataset, backbone and budget (`seeds`: how many runs each row averages)."""
     rows = []
     for name, backbone in sorted({(r["dataset"], r["backbone"]) for r in runs}):
         group = [r for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)]
@@ -479,13 +489,14 @@ def summarise(runs):
         def row(method, values, compute, p90=None, spearman=None):
             mean, std = _stats(values)
             rows.append({"dataset": name, "backbone": backbone, "method": method, "accuracy": mean, "std": std,
-                         "compute": _stats(compute)[0], "p90": p90, "spearman": spearman})
+                         "compute": _stats(compute)[0], "p90": p90, "spearman": spearman,
+                         "seeds": len([v for v in values if v is not None])})
 
         row("full network", [r["full_accuracy"] for r in group], [1.0])
         for i, budget in enumerate(float(b) for b in FLAGS.budgets):
             tag = f"@{budget:g}"
-            for policy in group[0]["policies"]:
-                points = [r["policies"][policy][i] for r in group]
+            for policy, trained in _by_policy(group):
+                points = [r["policies"][policy][i] for r in trained]
                 compute = [p["compute_fraction"] for p in points]
                 row(f"RNP {policy} {tag}", [p["accuracy"] for p in points], compute,
                     p90=_stats([p["compute_p90"] for p in points])[0],
@@ -562,16 +573,18 @@ def targets(runs):
     budgets = [float(b) for b in FLAGS.budgets]
     for name, backbone in sorted({(r["dataset"], r["backbone"]) for r in runs}):
         group = [r for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)]
-        full = np.mean([r["full_accuracy"] for r in group])
-        for policy in group[0]["policies"]:
+        for policy, trained in _by_policy(group):
             label = f"{name} / {backbone} / {policy}"
-            acc = np.array([[r["policies"][policy][i]["accuracy"] for i in range(len(budgets))] for r in group])
+            if len(trained) < len(group):
+                label += f" ({len(trained)} of {len(group)} seeds)"
+            full = np.mean([r["full_accuracy"] for r in trained])
+            acc = np.array([[r["policies"][policy][i]["accuracy"] for i in range(len(budgets))] for r in trained])
             static = np.array([[r["policies"][policy][i]["static_at_same_compute"] for i in range(len(budgets))]
-                               for r in group])
+                               for r in trained])
             shuffled = np.array([[r["policies"][policy][i]["shuffled_accuracy"] for i in range(len(budgets))]
-                                 for r in group])
+                                 for r in trained])
             compute = np.array([[r["policies"][policy][i]["compute_fraction"] for i in range(len(budgets))]
-                                for r in group]).mean(0)
+                                for r in trained]).mean(0)
             gain, spread = (acc - static).mean(0), acc.std(0)
             ok = bool(np.all(gain > spread))
             lines.append(f"- {label}: beats the static curve by more than the seed std at every budget: "
@@ -579,8 +592,8 @@ def targets(runs):
             over_shuffle = (acc - shuffled).mean(0)
             lines.append(f"- {label}: beats its shuffled control at every budget: "
                          f"{'MET' if np.all(over_shuffle > 0) else 'MISSED'} (gain {_pts(over_shuffle)})")
-            if all("own_static_at_same_compute" in p for r in group for p in r["policies"][policy]):
-                own = np.array([[p["own_static_at_same_compute"] for p in r["policies"][policy]] for r in group])
+            if all("own_static_at_same_compute" in p for r in trained for p in r["policies"][policy]):
+                own = np.array([[p["own_static_at_same_compute"] for p in r["policies"][policy]] for r in trained])
                 over_own = (acc - own).mean(0)
                 lines.append(f"- {label}: beats the static curve of its own fine-tuned backbone at every budget: "
                              f"{'MET' if np.all(over_own > 0) else 'MISSED'} (gain {_pts(over_own)})")
@@ -591,14 +604,14 @@ def targets(runs):
                              f"{'MET' if full - best <= 0.01 else 'MISSED'} (best {100 * best:.1f}% against "
                              f"{100 * full:.1f}%)")
             deep = compute <= 1 / 5 + 1e-9
-            if deep.any() and all(r["thin"] for r in group):
+            if deep.any() and all(r["thin"] for r in trained):
                 i = int(np.argmin(compute))
-                thin = np.mean([r["thin"][i]["accuracy"] for r in group])
+                thin = np.mean([r["thin"][i]["accuracy"] for r in trained])
                 margin = min(acc.mean(0)[i] - static.mean(0)[i], acc.mean(0)[i] - thin)
                 lines.append(f"- {label}: at {1 / compute[i]:.1f}x fewer MACs, >= 3 points above static and thin: "
                              f"{'MET' if margin >= 0.03 else 'MISSED'} (RNP {100 * acc.mean(0)[i]:.1f}%, static "
                              f"{100 * static.mean(0)[i]:.1f}%, thin {100 * thin:.1f}%)")
-            rho = np.mean([[p["spearman_compute_vs_full_loss"] for p in r["policies"][policy]] for r in group])
+            rho = np.mean([[p["spearman_compute_vs_full_loss"] for p in r["policies"][policy]] for r in trained])
             lines.append(f"- {label}: harder images get more compute (Spearman > 0): "
                          f"{'MET' if rho > 0 else 'MISSED'} (mean rho {rho:+.2f})")
             miss = np.abs(compute / np.array(budgets) - 1)
@@ -712,7 +725,8 @@ def write_report(runs, output, stem, extra=None):
     result = {"flags": {k: FLAGS[k].value for k in keys}, "runs": _public(runs), "summary": rows, "targets": goals,
               **(extra or {})}
     io_utils.write_json(os.path.join(output, f"{stem}.json"), result)
-    table = report.format_table(rows, ["dataset", "backbone", "method", "accuracy", "std", "compute", "p90", "spearman"])
+    table = report.format_table(rows, ["dataset", "backbone", "method", "accuracy", "std", "compute", "p90", "spearman",
+                                     "seeds"])
     text = (table + "\n\n## Compact (test accuracy %, mean ± std over seeds)\n\n" + compact(rows)
             + "\n\n## Targets (mean over seeds)\n\n" + "\n".join(goals)
             + "\n\n## Wall time of each stage (minutes, mean over seeds; one process)\n\n" + stage_times(runs) + "\n")

@@ -87,13 +87,22 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
     # wall time of each stage, one row per dataset and backbone
     stages = [line for line in text.split("## Wall time of each stage")[1].splitlines() if line.startswith("|")]
     assert "rnp_paper" in stages[0] and stages[2].startswith("| digits / cifar_cnn | 1 |") and len(stages) == 3
-    # the merge mode re-reads the JSON into the same report; stages left out (`--skip`) leave no rows
+    # the merge mode re-reads the JSON into the same report; stages left out (`--skip`) leave no rows, and
+    # a run that trained fewer agents (here: a second copy without `late`) counts only for the ones it has
     skipped = json.loads(json.dumps(data))
     skipped["runs"][0]["thin"] = skipped["runs"][0]["static_finetuned"] = []
     (tmp_path / "skipped_in.json").write_text(json.dumps(skipped))
+    del skipped["runs"][0]["policies"]["late"]
+    (tmp_path / "no_late.json").write_text(json.dumps(skipped))
     merged = run_module("bench.accuracy", "--budgets=0.6,0.3", f"--output={tmp_path}", "--stem=merged",
-                        f"--merge={tmp_path / 'skipped_in.json'}", timeout=300)
+                        f"--merge={tmp_path / 'skipped_in.json'},{tmp_path / 'no_late.json'}", timeout=300)
     assert merged.returncode == 0, merged.stderr[-3000:]
     kept = [row for row in data["summary"] if not row["method"].startswith(("thin", "static fine-tuned"))]
     assert len(kept) < len(data["summary"])
-    assert json.loads((tmp_path / "merged.json").read_text())["summary"] == kept
+    rows = json.loads((tmp_path / "merged.json").read_text())["summary"]
+    assert [row["method"] for row in rows] == [row["method"] for row in kept]
+    for row, one in zip(rows, kept):
+        expected = 0 if one["accuracy"] is None else 1 if " late " in row["method"] else 2  # None: outside a knob
+        assert row["seeds"] == expected, row
+        assert row["accuracy"] == one["accuracy"] and row["compute"] == one["compute"]  # two identical copies
+    assert "late (1 of 2 seeds)" in (tmp_path / "merged.md").read_text()
