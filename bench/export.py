@@ -98,8 +98,11 @@ flags.DEFINE_bool("isolate", True, "Convert each file in its own process (frees 
 flags.DEFINE_bool("breakdown", True, "Also time the pieces: TFLite per signature, onnxruntime per operator "
                   "type (profiling).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Seed of weights and inputs.", flag_values=FLAGS)
+flags.DEFINE_list("runtimes", ["tflite", "onnxruntime"], "Runtimes to export for and time: tflite, onnxruntime.",
+                  flag_values=FLAGS)
 
 SCHEMA_VERSION = 1
+RUNTIMES = ("tflite", "onnxruntime")
 ROW_KEYS = (
     "model", "image_size", "runtime", "artifact", "batch_size", "target_speedup", "theoretical_speedup",
     "actions", "full_ms", "rnp_ms", "measured_speedup", "paired_speedup", "efficiency", "paired_efficiency",
@@ -138,6 +141,7 @@ def default_config(**overrides):
         "isolate": True,
         "breakdown": True,
         "seed": 0,
+        "runtimes": list(RUNTIMES),
     }
     quick = {"models": ["cifar_cnn"], "targets": [2.0, 4.0], "ort_batch_sizes": [1, 8], "repeats": 3,
              "warmup": 1, "min_sample_seconds": 0.02, "isolate": False, "all_branches_models": [],
@@ -148,6 +152,9 @@ def default_config(**overrides):
             raise ValueError(
                 f"Unknown model. Expected some of {sorted(latency.NUM_CLASSES)}. Received: models={name!r}"
             )
+    unknown = sorted(set(config["runtimes"]) - set(RUNTIMES))
+    if unknown or not config["runtimes"]:
+        raise ValueError(f"Unknown or no runtimes. Expected some of {list(RUNTIMES)}. Received: runtimes={unknown or []}")
     for name in ("repeats", "threads"):
         if int(config[name]) < 1:
             raise ValueError(f"`{name}` must be >= 1. Received: {name}={config[name]}")
@@ -404,9 +411,18 @@ def _measure(fns, config):
     )
 
 
-def time_tflite(model_name, image_size, paths, points, references, x, config):
-    """TFLite batch 1: `TFLiteRNPRunner.run_one` at each forced point vs `full.tflite`."""
+def time_tflite(model_name, image_size, paths, points, references, x, config, copies=None):
+    """TFLite batch 1: `TFLiteRNPRunner.run_one` at each forced point vs `full.tflite`.
+
+    With `copies` (a dict, filled in) each point is also timed, in the same
+    rounds, through the runner's public signature runners
+    (`zero_copy=False`, two copies of every feature map at each signature
+    boundary), with its speed-up over that: what the one-copy chaining
+    gains.
+    """
     import warnings
+
+    import numpy as np
 
     from rnp_tf import tflite_runner
 
@@ -426,11 +442,26 @@ def time_tflite(model_name, image_size, paths, points, references, x, config):
         if list(actions) != list(point["actions"]):
             raise RuntimeError(f"{name} ran actions {actions.tolist()} instead of {point['actions']}")
         diffs.append(check_logits(f"{name} at {point['actions']}", logits, ref[0]))
+    def copying(runner, actions):
+        runner.zero_copy = False
+        try:
+            return runner.run_one(image, actions)
+        finally:
+            runner.zero_copy = True
+
     fns = {"full": lambda: full(images=image)}
     for i, point in enumerate(points):
         runner = runners[min(i, len(runners) - 1)]
         fns[f"rnp{i}"] = lambda a=point["actions"], runner=runner: runner.run_one(image, a)
+        if copies is not None:
+            fns[f"copying{i}"] = lambda a=point["actions"], runner=runner: copying(runner, a)
     times = _measure(fns, config)
+    for i, point in enumerate(points if copies is not None else []):
+        one, two = times[f"rnp{i}"], times[f"copying{i}"]
+        copies[f"{point['target']:g}x"] = {
+            "zero_copy_ms": 1e3 * one["median_s"], "signature_runner_ms": 1e3 * two["median_s"],
+            "paired_gain": float(np.median(np.asarray(two["samples_s"]) / np.asarray(one["samples_s"]))),
+        }
     artifact = "rnp.tflite" if "rnp.tflite" in paths else "rnp_point<i>.tflite"
     runners = full = interpreter = fns = None  # free the interpreters before the next stage
     gc.collect()
@@ -552,12 +583,15 @@ def breakdown(paths, points, x, directory, config):
 def jobs(config):
     """(model name, its settings, runtimes) to run: VGG-16 twice when `ort_vgg_size` differs from `vgg_size`."""
     out = []
+    wanted = tuple(r for r in RUNTIMES if r in config["runtimes"])
     for name in config["models"]:
-        if name == "vgg16" and config["ort_vgg_size"] != config["vgg_size"]:
+        if name == "vgg16" and config["ort_vgg_size"] != config["vgg_size"] and len(wanted) > 1:
             out.append((name, config, ("tflite",)))
             out.append((name, dict(config, vgg_size=config["ort_vgg_size"]), ("onnxruntime",)))
+        elif wanted == ("onnxruntime",):
+            out.append((name, dict(config, vgg_size=config["ort_vgg_size"]) if name == "vgg16" else config, wanted))
         else:
-            out.append((name, config, ("tflite", "onnxruntime")))
+            out.append((name, config, wanted))
     return out
 
 
@@ -614,8 +648,9 @@ def run_benchmark(config, log=print, progress=None):
             # each runtime is timed as soon as its files exist
             stages = []
             if "tflite" in runtimes:
-                stages.append(([n for n in plan if n.endswith(".tflite")],
-                               lambda paths: time_tflite(model_name, size, paths, points, references, x, config)))
+                copies = info["tflite_runner_copies"] = {} if config["breakdown"] else None
+                stages.append(([n for n in plan if n.endswith(".tflite")], lambda paths: time_tflite(
+                    model_name, size, paths, points, references, x, config, copies)))
             if "onnxruntime" in runtimes and 1 in config["ort_batch_sizes"]:
                 stages.append((["full.onnx", "rnp_b1.onnx"], lambda paths: time_onnxruntime(
                     model_name, size, paths, points, references, x, 1, config)))
@@ -840,7 +875,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     names = ("models", "targets", "ort_batch_sizes", "repeats", "warmup", "min_sample_seconds", "threads",
-             "vgg_size", "ort_vgg_size", "all_branches_models", "workdir", "isolate", "breakdown", "seed")
+             "vgg_size", "ort_vgg_size", "all_branches_models", "workdir", "isolate", "breakdown", "seed", "runtimes")
     try:
         config = default_config(
             quick=FLAGS.quick,

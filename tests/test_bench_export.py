@@ -8,7 +8,7 @@ from bench import export as bench_export
 
 
 def test_quick_run_writes_the_table_json_and_plot(tmp_path, run_module):
-    done = run_module("bench.export", "--quick", f"--output={tmp_path}")
+    done = run_module("bench.export", "--quick", "--breakdown", f"--output={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "export.json").read_text())
     assert result["complete"] and result["benchmark"] == "export"
@@ -21,6 +21,11 @@ def test_quick_run_writes_the_table_json_and_plot(tmp_path, run_module):
                           "full.onnx"}
     assert all(v > 0 for v in sizes.values())
     assert info["artifacts"]["all_branches_estimate_mb"] > 0
+    # the runner's one-copy chaining against its signature runners, same rounds
+    copies = info["tflite_runner_copies"]
+    assert set(copies) == {"2x", "4x"}
+    assert all(c["zero_copy_ms"] > 0 and c["signature_runner_ms"] > 0 and c["paired_gain"] > 0 for c in copies.values())
+    assert set(info["breakdown"]) == {"tflite_ms_per_signature", "onnxruntime_b1"}
     rows = result["rows"]
     # TFLite at batch 1, onnxruntime at batch 1 and 8; two points each
     assert sorted((r["runtime"], r["batch_size"]) for r in rows) == sorted(
@@ -55,7 +60,21 @@ def test_targets_take_the_worst_vgg16_batch1_point():
     assert (ort["value"], ort["met"], ort["name"]) == (0.7, False, "VGG-16 112px batch 1 onnxruntime: efficiency at every point")
 
 
+def test_runtimes_select_the_jobs():
+    def runtimes(**overrides):
+        config = bench_export.default_config(**overrides)
+        return [(name, job["vgg_size"], r) for name, job, r in bench_export.jobs(config)]
+
+    assert runtimes(ort_vgg_size=112) == [("vgg16", 224, ("tflite",)), ("vgg16", 112, ("onnxruntime",)),
+                                          ("cifar_cnn", 224, ("tflite", "onnxruntime"))]
+    assert runtimes(runtimes=["tflite"], ort_vgg_size=112) == [("vgg16", 224, ("tflite",)),
+                                                               ("cifar_cnn", 224, ("tflite",))]
+    assert runtimes(runtimes=["onnxruntime"], ort_vgg_size=112)[0] == ("vgg16", 112, ("onnxruntime",))
+
+
 def test_config_errors():
+    with pytest.raises(ValueError, match="Unknown or no runtimes"):
+        bench_export.default_config(runtimes=["tensorrt"])
     with pytest.raises(ValueError, match="Unknown model"):
         bench_export.default_config(models=["resnet"])
     with pytest.raises(ValueError, match="targets"):

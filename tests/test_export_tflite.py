@@ -9,6 +9,7 @@ import pytest
 
 from export import common
 from export import tflite
+from rnp_tf import tflite_runner
 from rnp_tf.tflite_runner import TFLiteRNPRunner
 
 
@@ -53,6 +54,25 @@ def test_runner_matches_rollout_for_every_action_tuple(exported):
     assert len({tuple(a) for a in actions}) > 1
     one = runner.run_one(images[0])
     np.testing.assert_allclose(one[0], logits[0], atol=1e-6)
+
+
+def test_zero_copy_chaining_equals_the_signature_runners(exported):
+    """One copy per signature boundary (the default) gives what the public signature runners give."""
+    _, out, _ = exported
+    runner = TFLiteRNPRunner(out / "rnp.tflite")
+    assert runner.zero_copy and tflite_runner._direct_wrapper(runner.interpreter) is not None  # TF's interpreter
+    copying = TFLiteRNPRunner(out / "rnp.tflite", zero_copy=False)
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(6, 8, 8, 1)).astype("float32")
+    forced = rng.integers(0, 5, size=(6, 3))  # 0: the agent chooses
+    for a, b in zip(runner.run(x, forced), copying.run(x, forced)):
+        np.testing.assert_array_equal(a, b)
+    # what run_one returns is the caller's: later calls (same signatures) do not overwrite it
+    first = runner.run_one(x[0], [4, 4, 4])
+    kept = [np.copy(v) for v in first]
+    runner.run_one(x[1], [4, 4, 4])
+    for a, b in zip(first, kept):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_runner_penalty_switches_operating_points(exported, check_penalty_input):
