@@ -442,6 +442,7 @@ def time_tflite(model_name, image_size, paths, points, references, x, config, co
         if list(actions) != list(point["actions"]):
             raise RuntimeError(f"{name} ran actions {actions.tolist()} instead of {point['actions']}")
         diffs.append(check_logits(f"{name} at {point['actions']}", logits, ref[0]))
+
     def copying(runner, actions):
         runner.zero_copy = False
         try:
