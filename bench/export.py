@@ -23,7 +23,9 @@ rounds (`bench.timing.measure`, shuffled order per round) and reported as
 the median of the rounds; *paired* ratios take the median of the per-round
 ratios. Efficiency = measured speed-up / theoretical speed-up. With
 `--breakdown`, the batch-1 time is also split: per TFLite signature, and per
-onnxruntime operator type (its profiler).
+onnxruntime operator type (its profiler), summed into convolutions, dense
+layers, layout reorders and the rest, with the efficiency each point would
+have if only its convolutions and dense layers took time (`ort_time_split`).
 
 Size and memory: an export with every (previous action, action) weight
 slice of VGG-16 holds each conv kernel about 6.25 times and the 411 MB
@@ -562,6 +564,57 @@ def ort_breakdown(path, feed, config, directory, runs=5):
     return {"total_ms": total, "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1]))}
 
 
+CONV_OPS = ("Conv", "FusedConv")
+DENSE_OPS = ("Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+REORDER_OPS = ("ReorderInput", "ReorderOutput")
+
+
+def ort_time_split(ort_b1, points):
+    """Where onnxruntime's batch-1 time goes at each point, and what efficiency is left without the rest.
+
+    From the profiler's per-operator times (`ort_breakdown`): convolutions,
+    dense layers (the head, and the agent's small Gemms), the NCHWc layout
+    reorders around `If` branches, and everything else (the agent's other
+    operators, pooling, `If` itself). `bound_efficiency` is the efficiency
+    the point would have if the RNP model spent time on nothing but its
+    convolutions and dense layers, against the whole full model: an upper
+    bound for any change that leaves those kernels as they are.
+
+    Args:
+        ort_b1: `breakdown(...)["onnxruntime_b1"]`: `{"full.onnx": ..., "rnp_b1.onnx <t>x": ...}`.
+        points: the operating points (`target`, `theoretical_speedup`).
+
+    Returns:
+        `{"full.onnx" or "<t>x": {"total_ms", "conv_ms", "dense_ms", "reorder_ms", "other_ms"}}`, the
+        points also with `efficiency` (profiled totals) and `bound_efficiency`.
+
+    Example:
+
+    >>> ort_time_split({"full.onnx": {"total_ms": 10.0, "by_op_ms": {"Conv": 9.0, "Gemm": 1.0}},
+    ...                 "rnp_b1.onnx 2x": {"total_ms": 6.0, "by_op_ms": {"If": 6.0, "Conv": 4.0, "Gemm": 1.0}}},
+    ...                [{"target": 2.0, "theoretical_speedup": 2.0}])["2x"]["bound_efficiency"]
+    1.0
+    """
+    def split(entry):
+        ops = entry["by_op_ms"]
+        parts = {"total_ms": entry["total_ms"], "conv_ms": sum(ops.get(op, 0.0) for op in CONV_OPS),
+                 "dense_ms": sum(ops.get(op, 0.0) for op in DENSE_OPS),
+                 "reorder_ms": sum(ops.get(op, 0.0) for op in REORDER_OPS)}
+        parts["other_ms"] = max(0.0, parts["total_ms"] - parts["conv_ms"] - parts["dense_ms"] - parts["reorder_ms"])
+        return parts
+
+    full = split(ort_b1["full.onnx"])
+    out = {"full.onnx": full}
+    for point in points:
+        key = f"{point['target']:g}x"
+        parts = split(ort_b1[f"rnp_b1.onnx {key}"])
+        theoretical = point["theoretical_speedup"]
+        parts["efficiency"] = full["total_ms"] / parts["total_ms"] / theoretical
+        parts["bound_efficiency"] = full["total_ms"] / (parts["conv_ms"] + parts["dense_ms"]) / theoretical
+        out[key] = parts
+    return out
+
+
 def breakdown(paths, points, x, directory, config):
     """Where the batch-1 time goes, for the TFLite runner and onnxruntime."""
     import numpy as np
@@ -578,6 +631,7 @@ def breakdown(paths, points, x, directory, config):
         out["onnxruntime_b1"][f"rnp_b1.onnx {point['target']:g}x"] = ort_breakdown(
             paths["rnp_b1.onnx"], feed, config, directory
         )
+    out["onnxruntime_b1_split"] = ort_time_split(out["onnxruntime_b1"], points)
     return out
 
 
@@ -814,6 +868,7 @@ def format_markdown(result):
             status = (f"{'met' if target['met'] else 'MISSED'}: worst {target['value']:.2f} over "
                       f"{target['points']} points (paired: {target['value_paired']:.2f})")
         lines.append(f"- {target['name']} >= {target['threshold']:g}: {status}")
+    lines += time_split_markdown(result)
     lines += ["", "## Artifacts", ""]
     for name, info in result["models"].items():
         a = info["artifacts"]
@@ -827,6 +882,36 @@ def format_markdown(result):
         )
     lines += ["", f"TensorRT: {result['tensorrt']}.", ""]
     return "\n".join(lines)
+
+
+SPLIT_COLUMNS = ["model", "point", "profiled ms", "conv ms", "dense ms", "reorder ms", "other ms", "efficiency",
+                 "bound"]
+
+
+def time_split_markdown(result):
+    """Lines of the "where onnxruntime's batch-1 time goes" section (none without a breakdown)."""
+    from rnp_tf import report
+
+    rows = []
+    for name, info in result["models"].items():
+        split = info.get("breakdown", {}).get("onnxruntime_b1_split")
+        for key, parts in (split or {}).items():
+            rows.append({"model": name, "point": key, "profiled ms": round(parts["total_ms"], 1),
+                         "conv ms": round(parts["conv_ms"], 1), "dense ms": round(parts["dense_ms"], 1),
+                         "reorder ms": round(parts["reorder_ms"], 1), "other ms": round(parts["other_ms"], 1),
+                         "efficiency": f"{parts['efficiency']:.3f}" if "efficiency" in parts else "",
+                         "bound": f"{parts['bound_efficiency']:.3f}" if "bound_efficiency" in parts else ""})
+    if not rows:
+        return []
+    return [
+        "", "## Where onnxruntime's batch-1 time goes (its profiler)", "",
+        report.format_table(rows, SPLIT_COLUMNS), "",
+        "*conv* = Conv; *dense* = Gemm / FusedGemm / MatMul (the head and the agent's); *reorder* = the NCHWc "
+        "layout changes around `If` branches; *other* = the rest (the agent's small operators, pooling, `If`); "
+        "*efficiency* from the profiled totals; *bound* = the efficiency if the RNP model spent time on its "
+        "convolutions and dense layers only (against the whole full model): no change that leaves those "
+        "kernels as they are can do better.",
+    ]
 
 
 def plot_speedups(result, path):

@@ -25,7 +25,11 @@ def test_quick_run_writes_the_table_json_and_plot(tmp_path, run_module):
     copies = info["tflite_runner_copies"]
     assert set(copies) == {"2x", "4x"}
     assert all(c["zero_copy_ms"] > 0 and c["signature_runner_ms"] > 0 and c["paired_gain"] > 0 for c in copies.values())
-    assert set(info["breakdown"]) == {"tflite_ms_per_signature", "onnxruntime_b1"}
+    assert set(info["breakdown"]) == {"tflite_ms_per_signature", "onnxruntime_b1", "onnxruntime_b1_split"}
+    split = info["breakdown"]["onnxruntime_b1_split"]
+    assert set(split) == {"full.onnx", "2x", "4x"}
+    for key in ("2x", "4x"):
+        assert split[key]["conv_ms"] > 0 and split[key]["bound_efficiency"] >= split[key]["efficiency"] > 0
     rows = result["rows"]
     # TFLite at batch 1, onnxruntime at batch 1 and 8; two points each
     assert sorted((r["runtime"], r["batch_size"]) for r in rows) == sorted(
@@ -41,6 +45,7 @@ def test_quick_run_writes_the_table_json_and_plot(tmp_path, run_module):
     assert [t["met"] for t in result["targets"]] == [None, None]  # no VGG-16 rows in a quick run
     table = (tmp_path / "export.md").read_text()
     assert "| cifar_cnn 32px | tflite" in table and "ORT rnp_b1.onnx" in table
+    assert "## Where onnxruntime's batch-1 time goes" in table and "| cifar_cnn 32px | 4x " in table
     assert (tmp_path / "export.png").stat().st_size > 1000
 
 
@@ -79,3 +84,23 @@ def test_config_errors():
         bench_export.default_config(models=["resnet"])
     with pytest.raises(ValueError, match="targets"):
         bench_export.default_config(targets=[0.5])
+
+
+def test_time_split_separates_kernels_reorders_and_the_rest():
+    ort_b1 = {
+        "full.onnx": {"total_ms": 100.0, "by_op_ms": {"Conv": 80.0, "FusedGemm": 15.0, "Gemm": 1.0, "MaxPool": 4.0}},
+        "rnp_b1.onnx 4x": {"total_ms": 40.0, "by_op_ms": {"If": 39.0, "Conv": 20.0, "FusedGemm": 7.0, "Gemm": 0.5,
+                                                          "ReorderInput": 2.0, "ReorderOutput": 1.5, "Sigmoid": 0.2}},
+    }
+    split = bench_export.ort_time_split(ort_b1, [{"target": 4.0, "theoretical_speedup": 4.0}])
+    assert split["full.onnx"] == {"total_ms": 100.0, "conv_ms": 80.0, "dense_ms": 16.0, "reorder_ms": 0.0,
+                                  "other_ms": 4.0}
+    point = split["4x"]
+    # If holds its branches' time: "other" is what no named kernel accounts for, not If added on top
+    assert (point["conv_ms"], point["dense_ms"], point["reorder_ms"]) == (20.0, 7.5, 3.5)
+    assert point["other_ms"] == pytest.approx(9.0)
+    assert point["efficiency"] == pytest.approx(100.0 / 40.0 / 4.0)
+    assert point["bound_efficiency"] == pytest.approx(100.0 / 27.5 / 4.0)
+    lines = bench_export.time_split_markdown({"models": {"vgg16 224px": {"breakdown": {"onnxruntime_b1_split": split}}}})
+    assert "| vgg16 224px | 4x " in "\n".join(lines) and "0.909" in "\n".join(lines)
+    assert bench_export.time_split_markdown({"models": {"m": {}}}) == []
