@@ -106,3 +106,23 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
         assert row["seeds"] == expected, row
         assert row["accuracy"] == one["accuracy"] and row["compute"] == one["compute"]  # two identical copies
     assert "late (1 of 2 seeds)" in (tmp_path / "merged.md").read_text()
+
+
+def test_one_model_gap_is_paired_per_seed_with_its_spread():
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # the defaults; no policy below reads them
+
+    def run(separate, one_model):
+        agents = [{"penalty": -0.1, "accuracy": separate, "one_model_by_policy": {"knob": one_model}},
+                  {"penalty": -0.5, "accuracy": 0.5, "one_model_by_policy": {"knob": None}}]  # outside the knob
+        return {"dataset": "d", "backbone": "b", "policies": {}, "knob_sweeps": {"knob": []},
+                "separate_agents": agents}
+
+    (line,) = accuracy.targets([run(0.60, 0.58), run(0.62, 0.58)])
+    assert line == ("- d / b: one model (RNP knob) within 1.0 point of separately trained agents at matched "
+                    "compute (issue 7, 1 agents inside the knob's range): MISSED (separate minus one model +3.0; "
+                    "std of the per-seed differences 1.0)")
+    (line,) = accuracy.targets([run(0.60, 0.596), run(0.58, 0.58)])
+    assert "MET (separate minus one model +0.2; std of the per-seed differences 0.2)" in line
