@@ -24,7 +24,11 @@ measures:
    agent first taught to imitate the soft oracle's mix of every training
    image, `rnp_tf.imitation`, for `--imitate_epochs`, then refined by
    Algorithm 1 from epsilon 0.1; its points before the refinement are
-   reported as `imitate_only`); optionally separately trained paper
+   reported as `imitate_only`); `aux` (optional: `aux_confidence=True`, the
+   agent also reads how sure a linear classifier on the pooled features
+   of each layer is; the classifiers' test accuracy and how well the first
+   one's confidence predicts "the narrowest mix is wrong where full width
+   is right" (AUC, FINDINGS.md's probe) are in the JSON under `aux`); optionally separately trained paper
    agents at fixed penalties (`--separate_penalties`, issue 7's comparison:
    the knob of `knob` if trained, else of `paper`, against them);
 6. controls for every RNP point: its action tuples shuffled across test
@@ -60,7 +64,7 @@ DATASETS = {
     "fashion_mnist": "fashion_mnist.npz",
 }
 BACKBONES = ("cifar_cnn", "vgg_cifar")
-POLICIES = ("paper", "late", "knob", "imitate")
+POLICIES = ("paper", "late", "knob", "imitate", "aux")
 STAGES = ("static_finetuned", "thin")
 
 FLAGS = flags.FLAGS
@@ -222,6 +226,38 @@ def _interp_inside(curve, fraction):
     return _interp(curve, fraction) if min(xs) <= fraction <= max(xs) else None
 
 
+def _auc(scores, positive):
+    """Area under the ROC curve of `scores` for the boolean labels `positive` (None if one class is empty)."""
+    from scipy import stats
+
+    positive = np.asarray(positive, bool)
+    if positive.all() or not positive.any():
+        return None
+    u = stats.mannwhitneyu(scores[positive], scores[~positive]).statistic
+    return float(u / (positive.sum() * (~positive).sum()))
+
+
+def _aux_signal(model, xt, yt, test_correct, fractions, full_index):
+    """What the `aux` agent's classifiers know, on test, at the agent's trained setting (its own weights).
+
+    Returns:
+        `accuracy_per_layer` of every layer's classifier (on the widths the
+        agent chose), and `auc_needs_width`: how well the first classifier's
+        doubt (1 - top probability; its features are the same for every
+        width) predicts the images that the narrowest mix gets wrong and
+        full width gets right (FINDINGS.md's probe: 0.55-0.60 from pooled
+        features).
+    """
+    aux = np.concatenate([model.rollout(xt[i:i + 256])["aux_logits"].numpy() for i in range(0, len(xt), 256)])
+    narrow = int(np.argmin(fractions))
+    needs_width = test_correct[full_index] & ~test_correct[narrow]
+    return {
+        "accuracy_per_layer": [float((aux[:, t].argmax(-1) == yt).mean()) for t in range(aux.shape[1])],
+        "auc_needs_width": _auc(1.0 - _softmax(aux[:, 0]).max(1), needs_width),
+        "needs_width_share": float(needs_width.mean()),
+    }
+
+
 def _spearman(a, b):
     from scipy import stats
 
@@ -337,7 +373,7 @@ def run_one(name, backbone, seed):
     steps = FLAGS.rnp_epochs * int(np.ceil(data.num_train / 128))
 
     # 5: every agent from the same backbone, Algorithm 1 for the same epochs
-    policies, agent_models, imitation_log = {}, {}, None
+    policies, agent_models, imitation_log, aux_log = {}, {}, None, None
 
     def evaluate(agent_model, own_curve):
         points = _evaluate_policy(agent_model, data, xv, xt, yt, test_loss[full_index], seed)
@@ -347,7 +383,7 @@ def run_one(name, backbone, seed):
         return points
 
     for policy in FLAGS.policies:
-        options, epochs = {"late_decision": policy == "late"}, FLAGS.rnp_epochs
+        options, epochs = {"late_decision": policy == "late", "aux_confidence": policy == "aux"}, FLAGS.rnp_epochs
         if policy == "knob":
             options["backbone_penalty_range"] = [float(p) for p in FLAGS.knob_backbone_penalties]
             epochs = FLAGS.knob_epochs or FLAGS.rnp_epochs
@@ -366,10 +402,12 @@ def run_one(name, backbone, seed):
             timing["imitation"] = time.time() - start
         _fit(agent_model, data, None, epochs, 3e-4)
         # the static curve of the agent's own fine-tuned backbone: what the per-image choice adds to its weights
-        _, own_curve, _ = _static_curve(agent_model, mixes, fractions, xv, yv, xt, yt)
+        _, own_curve, (own_correct, _, _) = _static_curve(agent_model, mixes, fractions, xv, yv, xt, yt)
         points = evaluate(agent_model, own_curve)
         timing[f"rnp_{policy}"] = time.time() - start
         policies[policy], agent_models[policy] = points, agent_model
+        if policy == "aux":
+            aux_log = _aux_signal(agent_model, xt, yt, own_correct, fractions, full_index)
 
     # 6: oracle bounds (hard and soft) on test
     oracle_rows = []
@@ -452,6 +490,7 @@ def run_one(name, backbone, seed):
         "static_curve": static_curve,
         "policies": policies,
         "imitation": imitation_log,
+        "aux": aux_log,
         "oracle": oracle_rows,
         "cascade": cascade,
         "static_finetuned": finetuned,

@@ -543,12 +543,18 @@ def check_exportable(model):
     Residual blocks (and zero-padding stages) run on the model's masked and
     reference sliced paths only; the exported graphs are chains like the
     CIFAR CNN and VGG. `late_decision` models (two passes, the second
-    steered by the first's confidence) are not exported either.
+    steered by the first's confidence) and `aux_confidence` models (an
+    agent with auxiliary classifiers) are not exported either.
     """
     if getattr(model, "late_decision", False):
         raise ExportError(
             "late_decision models (a narrow pass, then an agent reading its confidence) are not exported yet; "
             "train with late_decision=False (the paper's agent) to export"
+        )
+    if getattr(model, "aux_confidence", False):
+        raise ExportError(
+            "aux_confidence models (an agent reading auxiliary classifiers' confidence) are not exported yet; "
+            "train with aux_confidence=False (the paper's agent) to export"
         )
     kinds = {kind for kind, _ in model._plan}
     chain = getattr(model, "is_chain", None)

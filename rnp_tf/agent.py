@@ -28,6 +28,14 @@ class DecisionAgent(keras.layers.Layer):
         extra_inputs: number of further per-image scalars every encoder
             reads (`RNPModel(late_decision=True)` feeds the narrowest
             network's softmax confidence: 3 values). Defaults to 0.
+        aux_classes: if > 0, every layer gets a linear auxiliary classifier
+            over `aux_classes` classes on the pooled features it decides
+            from (`aux_logits`), and the encoder also reads that
+            classifier's confidence (`confidence_features`: 3 values). The
+            classifiers are trained on labels by the caller (a gradient
+            stop keeps the Q-learning loss out of them and of the
+            backbone). `RNPModel(aux_confidence=True)` sets it. Defaults
+            to 0 (the paper's agent).
         **kwargs: base `keras.layers.Layer` arguments.
 
     Input shape (of `call`):
@@ -48,7 +56,8 @@ class DecisionAgent(keras.layers.Layer):
     """
 
     def __init__(
-        self, feature_channels, groups=4, embed_dim=64, units=64, conditioned=False, extra_inputs=0, **kwargs
+        self, feature_channels, groups=4, embed_dim=64, units=64, conditioned=False, extra_inputs=0,
+        aux_classes=0, **kwargs
     ):
         super().__init__(**kwargs)
         if not feature_channels:
@@ -65,6 +74,13 @@ class DecisionAgent(keras.layers.Layer):
         self.num_layers = len(self.feature_channels)
         self.conditioned = bool(conditioned)
         self.extra_inputs = validation.check_non_negative_int("extra_inputs", extra_inputs)
+        self.aux_classes = validation.check_non_negative_int("aux_classes", aux_classes)
+        if self.aux_classes == 1:
+            raise ValueError(f"`aux_classes` must be 0 (none) or >= 2. Received: aux_classes={aux_classes}")
+        self.aux_heads = [
+            keras.layers.Dense(self.aux_classes, name=f"aux_{t}", dtype=self.dtype_policy)
+            for t in range(self.num_layers if self.aux_classes else 0)
+        ]
         self.encoders = [
             keras.layers.Dense(self.embed_dim, activation="relu", name=f"encoder_{t}", dtype=self.dtype_policy)
             for t in range(self.num_layers)
@@ -82,11 +98,39 @@ class DecisionAgent(keras.layers.Layer):
         self.cell.build((None, self.embed_dim))
         for decoder in self.decoders:
             decoder.build((None, self.units))
+        for head, channels in zip(self.aux_heads, self.feature_channels):
+            head.build((None, channels))
         self.built = True
 
     @property
     def _extra_width(self):
-        return (1 if self.conditioned else 0) + self.extra_inputs
+        return (1 if self.conditioned else 0) + self.extra_inputs + (3 if self.aux_classes else 0)
+
+    def _pooled(self, t, features):
+        """Spatial mean of a feature map, zero-padded to `feature_channels[t]`."""
+        pooled = tf.reduce_mean(tf.cast(features, self.compute_dtype), axis=[1, 2])
+        missing = self.feature_channels[t] - pooled.shape[-1]
+        if missing:
+            pooled = tf.pad(pooled, [[0, 0], [0, missing]])
+        return pooled
+
+    def aux_logits(self, t, features):
+        """The auxiliary classifier's logits at layer `t` (agents built with `aux_classes > 0`).
+
+        The features are read through a gradient stop: training the
+        classifier on labels leaves the backbone as it is.
+
+        Args:
+            t: Python int, index of the prunable layer.
+            features: the `(batch, h, w, c)` feature map feeding layer `t`
+                (a channel prefix counts the rest as zero, as in `step`).
+
+        Returns:
+            `(batch, aux_classes)` logits.
+        """
+        if not self.aux_classes:
+            raise ValueError("This DecisionAgent has no auxiliary classifiers. Received: aux_classes=0")
+        return self.aux_heads[t](tf.stop_gradient(self._pooled(t, features)))
 
     def initial_state(self, batch_size):
         """Zero LSTM state `[h, c]` for a batch.
@@ -117,24 +161,24 @@ class DecisionAgent(keras.layers.Layer):
         Returns:
             `(q_values, new_state)`, q_values of shape `(batch, groups)`.
         """
-        pooled = tf.reduce_mean(tf.cast(features, self.compute_dtype), axis=[1, 2])
-        missing = self.feature_channels[t] - pooled.shape[-1]
-        if missing:
-            pooled = tf.pad(pooled, [[0, 0], [0, missing]])
+        pooled = self._pooled(t, features)
+        inputs = [pooled]
+        if self.aux_classes:  # what the early classifier makes of this image, as the agent sees it
+            aux = self.aux_heads[t](tf.stop_gradient(pooled))
+            inputs.append(tf.cast(tf.stop_gradient(confidence_features(aux)), pooled.dtype))
         if self.conditioned:
             if condition is None:
                 raise ValueError("A conditioned DecisionAgent needs `condition` (one value per image).")
             condition = tf.cast(tf.reshape(condition, [-1, 1]), pooled.dtype)
             condition = tf.broadcast_to(condition, [tf.shape(pooled)[0], 1])
-            pooled = tf.concat([pooled, condition], axis=-1)
+            inputs.append(condition)
         if self.extra_inputs:
             if extra is None:
                 raise ValueError(
                     f"This DecisionAgent reads {self.extra_inputs} extra inputs per image: pass `extra`."
                 )
-            extra = tf.cast(tf.reshape(extra, [-1, self.extra_inputs]), pooled.dtype)
-            pooled = tf.concat([pooled, extra], axis=-1)
-        embedded = self.encoders[t](pooled)
+            inputs.append(tf.cast(tf.reshape(extra, [-1, self.extra_inputs]), pooled.dtype))
+        embedded = self.encoders[t](tf.concat(inputs, axis=-1) if len(inputs) > 1 else pooled)
         output, new_state = self.cell(embedded, state)
         return self.decoders[t](output), list(new_state)
 
@@ -157,7 +201,8 @@ class DecisionAgent(keras.layers.Layer):
         encoders = sum((c + self._extra_width) * self.embed_dim for c in self.feature_channels)
         lstm = self.num_layers * 4 * self.units * (self.embed_dim + self.units)
         decoders = self.num_layers * self.units * self.groups
-        return float(encoders + lstm + decoders)
+        aux = sum(c * self.aux_classes for c in self.feature_channels)
+        return float(encoders + lstm + decoders + aux)
 
     def get_config(self):
         config = super().get_config()
@@ -169,6 +214,7 @@ class DecisionAgent(keras.layers.Layer):
                 "units": self.units,
                 "conditioned": self.conditioned,
                 "extra_inputs": self.extra_inputs,
+                "aux_classes": self.aux_classes,
             }
         )
         return config

@@ -128,6 +128,18 @@ class RNPModel(keras.Model):
             `bench.accuracy` and the README). Runs on the masked path
             (`rollout`, `predict`, `fit`) and `sliced_rollout`; the engine
             and the exporters refuse it. No compute cap.
+        aux_confidence: if True, the agent also reads, at every decision,
+            how sure a cheap linear classifier on the pooled features it
+            decides from is of the image (`DecisionAgent(aux_classes=...)`;
+            top probability, margin, entropy). The classifiers are trained
+            on the labels in the agent's phases, behind a gradient stop (the
+            backbone is not changed by them). An option (False, the paper's
+            agent, is the default): FINDINGS.md measured that pooled early
+            features barely predict which images need width, and this
+            measures whether a classifier's confidence on them does better
+            (`bench.accuracy --policies=aux`, README). Runs on the masked
+            path, `sliced_rollout` and the inference engine; the exporters
+            refuse it.
         compute_cap: the hard per-image MAC cap (`set_compute_cap`) as a
             fraction of the full model, or None (default). Saved with the
             model.
@@ -168,6 +180,7 @@ class RNPModel(keras.Model):
         backbone_penalty_range=None,
         inference_engine=True,
         late_decision=False,
+        aux_confidence=False,
         compute_cap=None,
         **kwargs,
     ):
@@ -253,6 +266,9 @@ class RNPModel(keras.Model):
         if not isinstance(late_decision, bool):
             raise ValueError(f"`late_decision` must be a bool. Received: late_decision={late_decision!r}")
         self.late_decision = late_decision
+        if not isinstance(aux_confidence, bool):
+            raise ValueError(f"`aux_confidence` must be a bool. Received: aux_confidence={aux_confidence!r}")
+        self.aux_confidence = aux_confidence
         self._forced_phase = None
         self._cap_macs = None
         self._build_layers()
@@ -377,6 +393,7 @@ class RNPModel(keras.Model):
             units=self.agent_units,
             conditioned=self.penalty_range is not None,
             extra_inputs=3 if self.late_decision else 0,
+            aux_classes=self.num_classes if self.aux_confidence else 0,
             # Q-values, rewards and TD targets stay float32 under mixed precision.
             dtype="float32",
             name="agent",
@@ -540,7 +557,7 @@ class RNPModel(keras.Model):
     def _pass(self, x, choose, training, run_agent, condition, penalties, cap, extra=None):
         """One pass through the backbone, deciding layer by layer (see `_rollout`)."""
         state = self.agent.initial_state(tf.shape(x)[0]) if run_agent else None
-        actions, q_values = [], []
+        actions, q_values, aux_logits = [], [], []
 
         def decide(h):
             nonlocal state
@@ -549,6 +566,8 @@ class RNPModel(keras.Model):
             if run_agent:
                 q, state = self.agent.step(t, h, state, condition, extra)
                 q_values.append(q)
+                if self.agent.aux_classes:
+                    aux_logits.append(self.agent.aux_logits(t, h))
             if cap and run_agent:
                 q = self.greedy_q(t, q, actions, penalties)
             action = choose(t, q)
@@ -574,12 +593,15 @@ class RNPModel(keras.Model):
                 h = item(h)
         logits = self._head(h, training)
         actions = tf.stack(actions, axis=1)
-        return {
+        out = {
             "logits": logits,
             "actions": actions,
             "q_values": tf.stack(q_values, axis=1) if run_agent else None,
             "macs": self.macs(actions),
         }
+        if aux_logits:
+            out["aux_logits"] = tf.stack(aux_logits, axis=1)
+        return out
 
     def greedy_q(self, t, q, decided, penalties=None):
         """Q-values the greedy policy maximises at decision `t`: the run-time knob applied.
@@ -1265,12 +1287,19 @@ class RNPModel(keras.Model):
             out = self._rollout(x, choose, training=False, penalties=penalties)
             ce = _per_sample_ce(y, out["logits"])
             loss = self._td_loss(out, ce, penalties)
+            if "aux_logits" in out:  # the early classifiers learn the labels (behind a gradient stop)
+                loss += self._aux_loss(y, out["aux_logits"])
         grads = _replica_gradients(tape, loss, variables)
         self.agent_optimizer.apply(grads, variables)
         self.agent_loss_tracker.update_state(loss)
         self.epsilon_tracker.update_state(epsilon)
         self._update_metrics(y, out, ce)
         return self.get_metrics_result()
+
+    def _aux_loss(self, y, aux_logits):
+        """Cross-entropy of every layer's auxiliary classifier, summed over layers, mean over images."""
+        per_layer = [_per_sample_ce(y, aux_logits[:, t]) for t in range(self.num_prunable)]
+        return tf.reduce_mean(tf.add_n(per_layer))
 
     def _backbone_step(self, x, y, phase):
         variables = self.backbone_variables
@@ -1454,6 +1483,7 @@ class RNPModel(keras.Model):
                 ),
                 "inference_engine": self.inference_engine,
                 "late_decision": self.late_decision,
+                "aux_confidence": self.aux_confidence,
                 "compute_cap": self.compute_cap,
             }
         )

@@ -47,7 +47,7 @@ def test_reported_macs_equal_the_engines_counted_macs():
 
 
 def test_quick_run_writes_the_documented_json(tmp_path, run_module):
-    result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--policies=paper,late,knob,imitate",
+    result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--policies=paper,late,knob,imitate,aux",
                         "--separate_penalties=-0.1", "--knob_budgets=0.5", "--imitate_epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "accuracy_quick.json").read_text())
@@ -55,7 +55,10 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
     for key in ("full_accuracy", "static_curve", "policies", "oracle", "cascade", "static_finetuned", "thin",
                 "seconds", "mixes_evaluated"):
         assert key in run
-    assert set(run["policies"]) == {"paper", "late", "knob", "imitate", "imitate_only"}
+    assert set(run["policies"]) == {"paper", "late", "knob", "imitate", "imitate_only", "aux"}
+    # the aux agent's classifiers: per-layer test accuracy, and their doubt against "needs width"
+    assert len(run["aux"]["accuracy_per_layer"]) == 3 and all(0 <= a <= 1 for a in run["aux"]["accuracy_per_layer"])
+    assert run["aux"]["auc_needs_width"] is None or 0 <= run["aux"]["auc_needs_width"] <= 1
     # imitation of the soft oracle: its targets' compute and one epoch's loss and agreement
     assert 0 < run["imitation"]["oracle_compute_fraction"] <= 1 and run["imitation"]["distinct_targets"] >= 1
     assert len(run["imitation"]["loss"]) == 1 and 0 <= run["imitation"]["agreement"][0] <= 1
@@ -126,3 +129,10 @@ def test_one_model_gap_is_paired_per_seed_with_its_spread():
                     "std of the per-seed differences 1.0)")
     (line,) = accuracy.targets([run(0.60, 0.596), run(0.58, 0.58)])
     assert "MET (separate minus one model +0.2; std of the per-seed differences 0.2)" in line
+
+
+def test_auc_on_hand_made_scores():
+    assert accuracy._auc(np.array([0.9, 0.8, 0.1, 0.2]), np.array([True, True, False, False])) == 1.0
+    assert accuracy._auc(np.array([0.1, 0.8, 0.9, 0.2]), np.array([True, True, False, False])) == 0.25
+    assert accuracy._auc(np.array([0.5, 0.5]), np.array([True, False])) == 0.5  # ties count half
+    assert accuracy._auc(np.array([0.1, 0.2]), np.array([True, True])) is None

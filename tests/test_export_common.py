@@ -190,3 +190,10 @@ def test_late_decision_models_are_refused():
     model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10, late_decision=True)
     with pytest.raises(common.ExportError, match="late_decision"):
         common.SlicedNetwork(model)
+
+
+def test_aux_confidence_models_are_refused():
+    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10,
+                            aux_confidence=True)
+    with pytest.raises(common.ExportError, match="aux_confidence"):
+        common.SlicedNetwork(model)
