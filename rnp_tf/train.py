@@ -117,6 +117,7 @@ class TrainConfig:
     backbone_weights: str = "none"
     mixed_precision: bool = False
     late_decision: bool = False
+    aux_confidence: bool = False
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -198,6 +199,11 @@ def define_flags(flag_values=flags.FLAGS):
         "Decide after a look at the answer: run the narrowest network first and feed its softmax confidence "
         "to the agent; the all-ones tuple keeps the narrow answer (RNPModel late_decision; an option, the "
         "paper's agent is the default).", **fv,
+    )
+    flags.DEFINE_boolean(
+        "aux_confidence", d.aux_confidence,
+        "The agent also reads the confidence of a linear classifier on each layer's pooled features, trained on "
+        "the labels (RNPModel aux_confidence; an option, the paper's agent is the default; not exportable).", **fv,
     )
     flags.DEFINE_integer("agent_units", d.agent_units, "LSTM size.", lower_bound=1, **fv)
     flags.DEFINE_integer("agent_embed_dim", d.agent_embed_dim, "Encoder size.", lower_bound=1, **fv)
@@ -367,6 +373,7 @@ def build_model(config, dataset):
         full_width_fraction=config.full_width_fraction,
         backbone_penalty_range=config.backbone_penalty_range,
         late_decision=config.late_decision,
+        aux_confidence=config.aux_confidence,
     )
 
 

@@ -32,6 +32,11 @@ def test_flags_give_a_config(tmp_path):
 
     model = train.build_model(config, data.load_dataset("digits", batch_size=32))
     assert model.backbone_penalty_range == (-0.3, 0.05)
+    assert not model.aux_confidence and not model.late_decision
+    config = train.config_from_flags(parse(f"--flagfile={QUICKSTART}", f"--model_dir={tmp_path / 'run'}",
+                                           "--aux_confidence"))
+    model = train.build_model(config, data.load_dataset("digits", batch_size=32))
+    assert model.aux_confidence and model.agent.aux_classes == 10
 
 
 @pytest.mark.parametrize(
