@@ -546,16 +546,13 @@ def check_exportable(model):
     steered by the first's confidence) and `aux_confidence` models (an
     agent with auxiliary classifiers) are not exported either.
     """
-    if getattr(model, "late_decision", False):
-        raise ExportError(
-            "late_decision models (a narrow pass, then an agent reading its confidence) are not exported yet; "
-            "train with late_decision=False (the paper's agent) to export"
-        )
-    if getattr(model, "aux_confidence", False):
-        raise ExportError(
-            "aux_confidence models (an agent reading auxiliary classifiers' confidence) are not exported yet; "
-            "train with aux_confidence=False (the paper's agent) to export"
-        )
+    for option, what in (("late_decision", "a narrow pass, then an agent reading its confidence"),
+                         ("aux_confidence", "an agent reading auxiliary classifiers' confidence")):
+        if getattr(model, option, False):
+            raise ExportError(
+                f"{option} models ({what}) are not exported yet; train with {option}=False (the paper's agent) "
+                "to export"
+            )
     kinds = {kind for kind, _ in model._plan}
     chain = getattr(model, "is_chain", None)
     if chain is None:

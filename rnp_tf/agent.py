@@ -144,7 +144,7 @@ class DecisionAgent(keras.layers.Layer):
         zeros = tf.zeros(tf.stack([batch_size, self.units]), self.compute_dtype)
         return [zeros, zeros]
 
-    def step(self, t, features, state, condition=None, extra=None):
+    def step(self, t, features, state, condition=None, extra=None, return_aux=False):
         """Q-values of layer `t` from the feature map that feeds it.
 
         Args:
@@ -157,12 +157,16 @@ class DecisionAgent(keras.layers.Layer):
                 (required then, ignored otherwise).
             extra: `(batch, extra_inputs)` further inputs (required when
                 `extra_inputs > 0`, ignored otherwise).
+            return_aux: also return the auxiliary classifier's logits
+                (`aux_logits`; None without `aux_classes`), so that a caller
+                training them does not compute them twice.
 
         Returns:
-            `(q_values, new_state)`, q_values of shape `(batch, groups)`.
+            `(q_values, new_state)`, q_values of shape `(batch, groups)`;
+            `(q_values, new_state, aux_logits)` with `return_aux=True`.
         """
         pooled = self._pooled(t, features)
-        inputs = [pooled]
+        inputs, aux = [pooled], None
         if self.aux_classes:  # what the early classifier makes of this image, as the agent sees it
             aux = self.aux_heads[t](tf.stop_gradient(pooled))
             inputs.append(tf.cast(tf.stop_gradient(confidence_features(aux)), pooled.dtype))
@@ -180,6 +184,8 @@ class DecisionAgent(keras.layers.Layer):
             inputs.append(tf.cast(tf.reshape(extra, [-1, self.extra_inputs]), pooled.dtype))
         embedded = self.encoders[t](tf.concat(inputs, axis=-1) if len(inputs) > 1 else pooled)
         output, new_state = self.cell(embedded, state)
+        if return_aux:
+            return self.decoders[t](output), list(new_state), aux
         return self.decoders[t](output), list(new_state)
 
     def call(self, inputs, condition=None, extra=None):

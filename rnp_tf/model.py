@@ -564,10 +564,10 @@ class RNPModel(keras.Model):
             t = len(actions)
             q = None
             if run_agent:
-                q, state = self.agent.step(t, h, state, condition, extra)
+                q, state, aux = self.agent.step(t, h, state, condition, extra, return_aux=True)
                 q_values.append(q)
-                if self.agent.aux_classes:
-                    aux_logits.append(self.agent.aux_logits(t, h))
+                if aux is not None:
+                    aux_logits.append(aux)
             if cap and run_agent:
                 q = self.greedy_q(t, q, actions, penalties)
             action = choose(t, q)

@@ -32,6 +32,11 @@ def test_the_agent_reads_its_classifier_confidence():
     agent.aux_heads[0].kernel.assign(np.random.default_rng(0).normal(scale=5.0, size=(8, 5)))
     q_after, _ = agent.step(0, features, state)
     assert not np.allclose(q_before, q_after)
+    # the logits the step computed on the way are the classifier's own
+    q, _, aux = agent.step(0, features, state, return_aux=True)
+    np.testing.assert_allclose(q, q_after)
+    np.testing.assert_allclose(aux, agent.aux_logits(0, features), atol=1e-6)
+    assert plain.step(0, features, plain.initial_state(2), return_aux=True)[2] is None
     # a channel prefix counts the rest as zero, as the pooled features do
     prefix = agent.aux_logits(0, features[..., :4])
     padded = agent.aux_logits(0, tf.concat([features[..., :4], tf.zeros((2, 4, 4, 4))], axis=-1))
