@@ -673,16 +673,25 @@ def targets(runs):
     return lines
 
 
+# stages timed inside another stage: shown, but not added to the total again
+NESTED_STAGES = {"imitation": "rnp_imitate"}
+
+
 def stage_times(runs):
-    """Markdown table: wall time of each stage (minutes), mean over seeds, per dataset and backbone."""
+    """Markdown table: wall time of each stage (minutes), mean over seeds, per dataset and backbone.
+
+    A stage in `NESTED_STAGES` is part of its parent's time (the `imitate` agent's stage includes its
+    imitation), so its column is labelled as such and the total counts it once.
+    """
     stages = list(dict.fromkeys(stage for r in runs for stage in r.get("seconds", {})))
-    lines = ["| data / backbone | seeds | " + " | ".join(stages) + " | total |",
+    names = [f"{s} (in {NESTED_STAGES[s]})" if s in NESTED_STAGES else s for s in stages]
+    lines = ["| data / backbone | seeds | " + " | ".join(names) + " | total |",
              "| --- | ---: | " + " | ".join("---:" for _ in stages) + " | ---: |"]
     for name, backbone in sorted({(r["dataset"], r["backbone"]) for r in runs}):
         group = [r.get("seconds", {}) for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)]
         means = [np.mean([g[s] for g in group if s in g]) / 60 if any(s in g for g in group) else None for s in stages]
         cells = ["" if m is None else f"{m:.1f}" for m in means]
-        total = np.mean([sum(g.values()) for g in group]) / 60
+        total = np.mean([sum(v for s, v in g.items() if s not in NESTED_STAGES) for g in group]) / 60
         lines.append(f"| {name} / {backbone} | {len(group)} | " + " | ".join(cells) + f" | {total:.1f} |")
     return "\n".join(lines)
 

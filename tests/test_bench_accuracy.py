@@ -136,3 +136,11 @@ def test_auc_on_hand_made_scores():
     assert accuracy._auc(np.array([0.1, 0.8, 0.9, 0.2]), np.array([True, True, False, False])) == 0.25
     assert accuracy._auc(np.array([0.5, 0.5]), np.array([True, False])) == 0.5  # ties count half
     assert accuracy._auc(np.array([0.1, 0.2]), np.array([True, True])) is None
+
+
+def test_stage_times_count_the_nested_imitation_once():
+    seconds = {"robust": 60.0, "imitation": 120.0, "rnp_imitate": 300.0}  # rnp_imitate includes the imitation
+    table = accuracy.stage_times([{"dataset": "d", "backbone": "b", "seconds": seconds}])
+    header, _, row = table.splitlines()
+    assert "imitation (in rnp_imitate)" in header
+    assert row == "| d / b | 1 | 1.0 | 2.0 | 5.0 | 6.0 |"  # total 6 minutes, not 8
