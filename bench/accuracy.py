@@ -681,9 +681,11 @@ def stage_times(runs):
     """Markdown table: wall time of each stage (minutes), mean over seeds, per dataset and backbone.
 
     A stage in `NESTED_STAGES` is part of its parent's time (the `imitate` agent's stage includes its
-    imitation), so its column is labelled as such and the total counts it once.
+    imitation), so its column is labelled as such and the total counts it once. The separately trained
+    agents of issue 7 (timed one by one) make one more column.
     """
-    stages = list(dict.fromkeys(stage for r in runs for stage in r.get("seconds", {})))
+    runs = [{"dataset": r["dataset"], "backbone": r["backbone"], "seconds": _stage_seconds(r)} for r in runs]
+    stages = list(dict.fromkeys(stage for r in runs for stage in r["seconds"]))
     names = [f"{s} (in {NESTED_STAGES[s]})" if s in NESTED_STAGES else s for s in stages]
     lines = ["| data / backbone | seeds | " + " | ".join(names) + " | total |",
              "| --- | ---: | " + " | ".join("---:" for _ in stages) + " | ---: |"]
@@ -694,6 +696,13 @@ def stage_times(runs):
         total = np.mean([sum(v for s, v in g.items() if s not in NESTED_STAGES) for g in group]) / 60
         lines.append(f"| {name} / {backbone} | {len(group)} | " + " | ".join(cells) + f" | {total:.1f} |")
     return "\n".join(lines)
+
+
+def _stage_seconds(run):
+    seconds = dict(run.get("seconds", {}))
+    if run.get("separate_agents"):
+        seconds["separate_agents"] = sum(agent.get("seconds", 0.0) for agent in run["separate_agents"])
+    return seconds
 
 
 def _pts(values):

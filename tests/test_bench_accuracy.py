@@ -140,7 +140,8 @@ def test_auc_on_hand_made_scores():
 
 def test_stage_times_count_the_nested_imitation_once():
     seconds = {"robust": 60.0, "imitation": 120.0, "rnp_imitate": 300.0}  # rnp_imitate includes the imitation
-    table = accuracy.stage_times([{"dataset": "d", "backbone": "b", "seconds": seconds}])
+    separate = [{"seconds": 30.0}, {"seconds": 90.0}]  # issue 7's agents, timed one by one
+    table = accuracy.stage_times([{"dataset": "d", "backbone": "b", "seconds": seconds, "separate_agents": separate}])
     header, _, row = table.splitlines()
-    assert "imitation (in rnp_imitate)" in header
-    assert row == "| d / b | 1 | 1.0 | 2.0 | 5.0 | 6.0 |"  # total 6 minutes, not 8
+    assert "imitation (in rnp_imitate)" in header and "separate_agents" in header
+    assert row == "| d / b | 1 | 1.0 | 2.0 | 5.0 | 2.0 | 8.0 |"  # total 8 minutes: imitation counted once
