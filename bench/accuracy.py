@@ -690,7 +690,7 @@ def stage_times(runs):
     lines = ["| data / backbone | seeds | " + " | ".join(names) + " | total |",
              "| --- | ---: | " + " | ".join("---:" for _ in stages) + " | ---: |"]
     for name, backbone in sorted({(r["dataset"], r["backbone"]) for r in runs}):
-        group = [r.get("seconds", {}) for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)]
+        group = [r["seconds"] for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)]
         means = [np.mean([g[s] for g in group if s in g]) / 60 if any(s in g for g in group) else None for s in stages]
         cells = ["" if m is None else f"{m:.1f}" for m in means]
         total = np.mean([sum(v for s, v in g.items() if s not in NESTED_STAGES) for g in group]) / 60
