@@ -578,6 +578,33 @@ def _one_model(separate_agent, policy):
     return separate_agent["one_model_at_same_compute"]
 
 
+def knob_differences(group, policy):
+    """Per-seed accuracy of each separate agent minus the one model's at its compute (issue 7).
+
+    Args:
+        group: the runs of one dataset and backbone, all with `separate_agents`.
+        policy: the agent whose run-time knob is compared.
+
+    Returns:
+        `{penalty: [difference per seed]}` (fractions, not points), in the
+        runs' order of penalties; seeds whose agent lies outside the knob's
+        range are left out, and so are penalties without any matched seed.
+
+    Example:
+
+    >>> knob_differences([{"separate_agents": [{"penalty": -0.1, "accuracy": 0.75,
+    ...                                         "one_model_by_policy": {"knob": 0.5}}]}], "knob")
+    {-0.1: [0.25]}
+    """
+    out = {}
+    for i, agent in enumerate(group[0]["separate_agents"]):
+        pairs = [(r["separate_agents"][i]["accuracy"], _one_model(r["separate_agents"][i], policy)) for r in group]
+        differences = [a - b for a, b in pairs if b is not None]
+        if differences:  # a seed's agent outside the knob's range has no matched point
+            out[agent["penalty"]] = differences
+    return out
+
+
 def compact(rows):
     """One line per dataset, backbone and budget: every method's test accuracy (mean ± std over seeds, %)."""
     columns = [("RNP paper", "RNP paper"), ("shuffled paper", "shuffled paper"), ("RNP late", "RNP late"),
@@ -657,14 +684,8 @@ def targets(runs):
             lines.append(f"- {label}: mean compute within 5% of the requested budget (issue 7): "
                          f"{'MET' if np.all(miss <= 0.05) else 'MISSED'} (off by {_pts(miss)}%)")
         for policy, label in _knob_labels(group) if group[0].get("separate_agents") else []:
-            gaps, spreads = [], []
-            for i in range(len(group[0]["separate_agents"])):
-                pairs = [(r["separate_agents"][i]["accuracy"], _one_model(r["separate_agents"][i], policy))
-                         for r in group]
-                differences = [a - b for a, b in pairs if b is not None]
-                if differences:  # a seed's agent outside the knob's range has no matched point
-                    gaps.append(np.mean(differences))
-                    spreads.append(np.std(differences))
+            differences = knob_differences(group, policy).values()
+            gaps, spreads = [np.mean(d) for d in differences], [np.std(d) for d in differences]
             if gaps:
                 lines.append(f"- {name} / {backbone}: one model ({label}) within 1.0 point of separately trained "
                              f"agents at matched compute (issue 7, {len(gaps)} agents inside the knob's range): "
@@ -741,6 +762,15 @@ def plot(runs, output, stem):
             paths.append(report.plot_accuracy_vs_compute(
                 knob, path, title=f"{name}, {backbone}: knob vs separate agents (seed {run['seed']})",
                 reference={"full network": (1.0, run["full_accuracy"])}))
+        group = [r for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)]
+        if sweeps and run["separate_agents"] and len(group) > 1:  # issue 7 over every seed: the gaps and their noise
+            policy = _knob_labels(group)[0][0]
+            gaps = {f"p={p:g}": [100 * d for d in ds] for p, ds in knob_differences(group, policy).items()}
+            if gaps:
+                path = os.path.join(output, f"{stem}_{name}_{backbone}_knob_gaps.png")
+                paths.append(report.plot_differences(
+                    gaps, path, threshold=1.0, ylabel="separate agent minus one model (points)",
+                    title=f"{name}, {backbone}: one model ({policy}) vs separate agents, {len(group)} seeds"))
         reference = {o["kind"]: (o["compute_fraction"], o["accuracy"]) for o in run["oracle"]}
         reference["full network"] = (1.0, run["full_accuracy"])
         path = os.path.join(output, f"{stem}_{name}_{backbone}.png")

@@ -129,6 +129,9 @@ def test_one_model_gap_is_paired_per_seed_with_its_spread():
                     "std of the per-seed differences 1.0)")
     (line,) = accuracy.targets([run(0.60, 0.596), run(0.58, 0.58)])
     assert "MET (separate minus one model +0.2; std of the per-seed differences 0.2)" in line
+    # the per-seed differences behind that line (and the gap figure): the unmatched penalty is left out
+    differences = accuracy.knob_differences([run(0.60, 0.58), run(0.62, 0.52), run(0.7, None)], "knob")
+    assert list(differences) == [-0.1] and np.allclose(differences[-0.1], [0.02, 0.10])
 
 
 def test_auc_on_hand_made_scores():

@@ -201,6 +201,34 @@ def test_accuracy_vs_compute_invalid(tmp_path, curves, reference, match):
     assert os.listdir(tmp_path) == []
 
 
+# --- plot_differences -------------------------------------------------------
+
+
+def test_differences(tmp_path):
+    groups = {"p=-0.1": [1.2, -0.4, 2.0, 2.0], "p=-0.25": np.array([0.5]), "p=-0.3": [0, 1]}
+    out = report.plot_differences(groups, tmp_path / "g.png", title="gaps", ylabel="points", threshold=1.0)
+    _check_png(out)
+    assert _no_temp_files(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "groups, threshold, match",
+    [
+        ({}, None, "groups"),
+        ([1.0, 2.0], None, "groups"),
+        ({"a": []}, None, "groups"),
+        ({"a": [1.0, float("nan")]}, None, "finite"),
+        ({"a": [[1.0, 2.0]]}, None, "1-D"),
+        ({"a": [1.0]}, float("inf"), "threshold"),
+        ({"a": [1.0]}, "1", "threshold"),
+    ],
+)
+def test_differences_invalid(tmp_path, groups, threshold, match):
+    with pytest.raises(ValueError, match=match):
+        report.plot_differences(groups, tmp_path / "g.png", threshold=threshold)
+    assert os.listdir(tmp_path) == []
+
+
 # --- plot_action_histogram --------------------------------------------------
 
 
