@@ -731,12 +731,16 @@ def _pts(values):
 
 
 def plot(runs, output, stem):
-    """One picture per dataset and backbone (first seed's curves), plus the extreme images."""
+    """One picture per dataset and backbone (first seed's curves), plus the extreme images.
+
+    With more than one seed and issue 7's separate agents, also every seed's gap at each penalty.
+    """
     from rnp_tf import report
 
     paths = []
     for name, backbone in sorted({(r["dataset"], r["backbone"]) for r in runs}):
-        run = [r for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)][0]
+        group = [r for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)]
+        run = group[0]
         curves = {"static curve": run["static_curve"]}
         for policy, points in run["policies"].items():
             curves[f"RNP {policy} (one model, knob)"] = [(p["compute_fraction"], p["accuracy"]) for p in points]
@@ -762,7 +766,6 @@ def plot(runs, output, stem):
             paths.append(report.plot_accuracy_vs_compute(
                 knob, path, title=f"{name}, {backbone}: knob vs separate agents (seed {run['seed']})",
                 reference={"full network": (1.0, run["full_accuracy"])}))
-        group = [r for r in runs if (r["dataset"], r["backbone"]) == (name, backbone)]
         if sweeps and run["separate_agents"] and len(group) > 1:  # issue 7 over every seed: the gaps and their noise
             policy = _knob_labels(group)[0][0]
             gaps = {f"p={p:g}": [100 * d for d in ds] for p, ds in knob_differences(group, policy).items()}
