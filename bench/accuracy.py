@@ -20,7 +20,8 @@ measures:
    there); `knob` (optional: the paper's agent whose backbone phases act
    under penalties drawn from `--knob_backbone_penalties`, i.e.
    `RNPModel(backbone_penalty_range=...)`, so its backbone is fine-tuned for
-   every setting of the run-time knob); `imitate` (optional: the paper's
+   every setting of the run-time knob; `--knob_distill_weight` adds
+   distillation from the full width to those phases); `imitate` (optional: the paper's
    agent first taught to imitate the soft oracle's mix of every training
    image, `rnp_tf.imitation`, for `--imitate_epochs`, then refined by
    Algorithm 1 from epsilon 0.1; its points before the refinement are
@@ -30,7 +31,10 @@ measures:
    one's confidence predicts "the narrowest mix is wrong where full width
    is right" (AUC, FINDINGS.md's probe) are in the JSON under `aux`); optionally separately trained paper
    agents at fixed penalties (`--separate_penalties`, issue 7's comparison:
-   the knob of `knob` if trained, else of `paper`, against them);
+   the knob of `knob` if trained, else of `paper`, against them; or, with
+   `--reference`, the agents an earlier report trained from the same
+   backbone, which lets a new `knob` recipe be compared without retraining
+   them);
 6. controls for every RNP point: its action tuples shuffled across test
    images (same compute: isolates the per-image choice), and the oracle
    bounds (cheapest mix that classifies the image correctly; cheapest mix
@@ -41,6 +45,12 @@ measures:
 It also tests the paper's second claim: Spearman correlation between
 per-image compute and the full network's loss, compute per class, and the
 16 test images with the least and the most compute (a picture per policy).
+
+`--backbone_cache DIR` keeps every seed's prefix-robust backbone (about 26
+of a seed's 50 minutes on one core) and reloads it in later runs; the random
+seed and the data pipeline are reset after the backbone, so a run from the
+cache gives the same numbers as one that trained it.
+
 Output in `--output`: `accuracy.json`, `accuracy.md` (table, targets met or
 missed) and `accuracy_<dataset>_<backbone>.png` (all curves).
 
@@ -50,6 +60,8 @@ Example:
     python -m bench.accuracy --datasets=cifar10_subset --backbones=cifar_cnn --seeds=0,1,2
 """
 
+import hashlib
+import json
 import os
 import pathlib
 import time
@@ -87,6 +99,15 @@ flags.DEFINE_list("knob_budgets", ["0.9", "0.8", "0.55", "0.33", "0.2", "0.12"],
 flags.DEFINE_list("knob_backbone_penalties", ["-0.3", "0.05"],
                   "Policy `knob`: (p_min, p_max) of the penalties its backbone phases act under.")
 flags.DEFINE_integer("knob_epochs", None, "Policy `knob`: Algorithm 1 epochs (default: --rnp_epochs).")
+flags.DEFINE_float("knob_distill_weight", 0.0,
+                   "Policy `knob`: distillation from the full width in its backbone phases "
+                   "(`RNPModel(backbone_distill_weight=...)`; 0: cross-entropy alone, the paper's).")
+flags.DEFINE_string("reference", None,
+                    "A report JSON of the same seeds: compare the knob with ITS separately trained agents instead "
+                    "of training them (the backbone must be the same: its full-network test accuracy is checked).")
+flags.DEFINE_string("backbone_cache", None,
+                    "Directory: save each seed's prefix-robust backbone there (a `.keras` file named by dataset, "
+                    "backbone, seed and the flags that shape it) and load it instead of training when present.")
 flags.DEFINE_integer("imitate_epochs", 5, "Policy `imitate`: epochs of imitating the soft oracle before Algorithm 1.")
 flags.DEFINE_list("skip", [], "Stages not run (e.g. for issue 7's comparison alone): " + ", ".join(STAGES) + ".")
 flags.DEFINE_integer("max_mixes", 256, "Static mixes evaluated at most (a seeded sample beyond).")
@@ -143,7 +164,7 @@ def _fit(model, data, phase, epochs, lr, agent_lr=1e-3):
     model.compile(optimizer=keras.optimizers.Adam(lr), agent_optimizer=keras.optimizers.Adam(agent_lr))
     model.set_phase(phase)
     start = time.time()
-    model.fit(data.train, epochs=epochs, verbose=0)
+    model.fit(data.train, epochs=epochs, shuffle=False, verbose=0)  # tf.data shuffles; no Keras warning
     return time.time() - start
 
 
@@ -341,29 +362,91 @@ def _evaluate_policy(model, data, xv, xt, yt, full_loss, seed):
     return points
 
 
+def _backbone_path(name, backbone, seed):
+    """Where `--backbone_cache` keeps one seed's backbone: named by everything that shapes it."""
+    key = {k: FLAGS[k].value for k in ("widths", "vgg_width", "pretrain_epochs", "robust_epochs", "validation",
+                                       "max_train_examples", "penalty")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(FLAGS.backbone_cache, f"{name}_{backbone}_seed{seed}_{digest}.keras")
+
+
+def _backbone(name, backbone, seed, data, timing):
+    """One seed's prefix-robust backbone (full-width training, reordering, robust phase), or its cached copy."""
+    import keras
+
+    from rnp_tf import io_utils
+    from rnp_tf.reorder import reorder_channels
+
+    path = _backbone_path(name, backbone, seed) if FLAGS.backbone_cache else None
+    if path and os.path.isfile(path):
+        start = time.time()
+        model = keras.saving.load_model(path, compile=False)
+        timing["backbone_loaded"] = time.time() - start
+        return model
+    model = _new_model(_spec(backbone), data, penalty=FLAGS.penalty, agent_steps=50, backbone_steps=50,
+                       epsilon_decay_steps=200, full_width_fraction=0.25)
+    timing["pretrain"] = _fit(model, data, "full", FLAGS.pretrain_epochs, 2e-3)
+    reorder_channels(model)
+    timing["robust"] = _fit(model, data, "robust", FLAGS.robust_epochs, 1e-3)
+    model = _clone(model)
+    if path:
+        os.makedirs(FLAGS.backbone_cache, exist_ok=True)
+        io_utils.save_model_atomic(model, path)
+    return model
+
+
+def reference_agents(path, name, backbone, seed, full_accuracy):
+    """The separately trained agents of one seed in an earlier report, from the same backbone.
+
+    Args:
+        path: a `bench.accuracy` JSON report (or `.partial.json`) that
+            trained `--separate_penalties`.
+        name, backbone, seed: the run to look up.
+        full_accuracy: this run's full-network test accuracy: the reference
+            run's must be the same, or its agents came from another backbone.
+
+    Returns:
+        The reference run's `separate_agents` (penalty, accuracy, compute
+        fraction, seconds of each).
+
+    Example:
+
+    >>> agents = reference_agents("bench/results/accuracy_knob10.json", "cifar10_subset", "cifar_cnn", 6, 0.62635)
+    """
+    from rnp_tf import io_utils
+
+    runs = [r for r in io_utils.read_json(path)["runs"]
+            if (r["dataset"], r["backbone"], r["seed"]) == (name, backbone, seed) and r.get("separate_agents")]
+    if not runs:
+        raise ValueError(f"--reference {path} has no separately trained agents for {name}, {backbone}, seed {seed}. "
+                         f"Received: reference={path!r}")
+    if abs(runs[0]["full_accuracy"] - full_accuracy) > 1e-9:
+        raise ValueError(f"--reference {path}: seed {seed}'s backbone differs from this run's (full-network test "
+                         f"accuracy {runs[0]['full_accuracy']:.4f}, here {full_accuracy:.4f}), so its agents are "
+                         f"not comparable. Received: reference={path!r}")
+    return runs[0]["separate_agents"]
+
+
 def run_one(name, backbone, seed):
     import keras
 
     from rnp_tf import imitation
     from rnp_tf.imitation import candidate_mixes
     from rnp_tf.imitation import oracle_choice
-    from rnp_tf.reorder import reorder_channels
 
     keras.utils.set_random_seed(seed)
     data = _load(name, seed)
     timing = {}
-    model = _new_model(_spec(backbone), data, penalty=FLAGS.penalty, agent_steps=50, backbone_steps=50,
-                       epsilon_decay_steps=200, full_width_fraction=0.25)
-    timing["pretrain"] = _fit(model, data, "full", FLAGS.pretrain_epochs, 2e-3)
-    reorder_channels(model)
-    timing["robust"] = _fit(model, data, "robust", FLAGS.robust_epochs, 1e-3)
-    backbone_model = _clone(model)
+    backbone_model = _backbone(name, backbone, seed, data, timing)
+    # the same draws and shuffles after it, whether the backbone was trained or loaded
+    keras.utils.set_random_seed(seed)
+    data = _load(name, seed)
     xv, yv = _arrays(data.validation)
     xt, yt = _arrays(data.test)
 
     # 1-2: full network and the static curve (front chosen on validation, read on test)
     start = time.time()
-    mixes = candidate_mixes(model.num_prunable, model.groups, FLAGS.max_mixes, seed)
+    mixes = candidate_mixes(backbone_model.num_prunable, backbone_model.groups, FLAGS.max_mixes, seed)
     fractions = backbone_model.compute_fraction(mixes).numpy()
     front, static_curve, (test_correct, test_loss, test_conf) = _static_curve(
         backbone_model, mixes, fractions, xv, yv, xt, yt)
@@ -386,6 +469,7 @@ def run_one(name, backbone, seed):
         options, epochs = {"late_decision": policy == "late", "aux_confidence": policy == "aux"}, FLAGS.rnp_epochs
         if policy == "knob":
             options["backbone_penalty_range"] = [float(p) for p in FLAGS.knob_backbone_penalties]
+            options["backbone_distill_weight"] = FLAGS.knob_distill_weight
             epochs = FLAGS.knob_epochs or FLAGS.rnp_epochs
         if policy == "imitate":  # the refinement starts from the imitated policy, not from random actions
             options["epsilon_start"] = 0.1
@@ -455,7 +539,8 @@ def run_one(name, backbone, seed):
     # issue 7: separately trained paper agents at fixed penalties, from the same backbone, against the
     # run-time knob of every single-penalty agent (`knob` first: the comparison's one model)
     separate, sweeps = [], {}
-    knob_policies = [p for p in ("knob", "paper") if p in policies] if FLAGS.separate_penalties else []
+    compared = FLAGS.separate_penalties or FLAGS.reference
+    knob_policies = [p for p in ("knob", "paper") if p in policies] if compared else []
     for policy in knob_policies:
         knob_model, sweeps[policy] = agent_models[policy], []
         for budget in sorted({float(b) for b in FLAGS.knob_budgets + FLAGS.budgets}, reverse=True):
@@ -466,19 +551,24 @@ def run_one(name, backbone, seed):
                                    "compute_fraction": float(details["compute_fraction"].mean())})
         knob_model.set_penalty(knob_model.penalty)
 
+    def matched(agent):  # the one model(s) at a separate agent's compute
+        by_policy = {policy: _interp_inside([(p["compute_fraction"], p["accuracy"]) for p in sweep],
+                                            agent["compute_fraction"]) for policy, sweep in sweeps.items()}
+        return {**agent, "one_model_at_same_compute": by_policy[knob_policies[0]] if knob_policies else None,
+                "one_model_by_policy": by_policy}
+
     for penalty in [float(p) for p in FLAGS.separate_penalties]:
         start = time.time()
         agent_model = _clone(backbone_model, penalty=penalty)
         _fit(agent_model, data, None, FLAGS.rnp_epochs, 3e-4)
         details = agent_model.predict_details(xt)
-        fraction = float(details["compute_fraction"].mean())
-        by_policy = {policy: _interp_inside([(p["compute_fraction"], p["accuracy"]) for p in sweep], fraction)
-                     for policy, sweep in sweeps.items()}
-        separate.append({"penalty": penalty, "accuracy": float((details["logits"].argmax(1) == yt).mean()),
-                         "compute_fraction": fraction,
-                         "one_model_at_same_compute": by_policy[knob_policies[0]] if knob_policies else None,
-                         "one_model_by_policy": by_policy,
-                         "seconds": time.time() - start})
+        separate.append(matched({"penalty": penalty, "accuracy": float((details["logits"].argmax(1) == yt).mean()),
+                                 "compute_fraction": float(details["compute_fraction"].mean()),
+                                 "seconds": time.time() - start}))
+    if FLAGS.reference:
+        for agent in reference_agents(FLAGS.reference, name, backbone, seed, full_accuracy):
+            keep = ("penalty", "accuracy", "compute_fraction", "seconds")
+            separate.append(matched({**{k: agent[k] for k in keep}, "from_reference": FLAGS.reference}))
 
     return {
         "dataset": name,
@@ -814,7 +904,7 @@ def write_report(runs, output, stem, extra=None):
     goals = targets(runs)
     keys = ("datasets", "backbones", "seeds", "widths", "vgg_width", "policies", "pretrain_epochs", "robust_epochs",
             "rnp_epochs", "max_train_examples", "penalty", "budgets", "separate_penalties", "knob_budgets", "max_mixes",
-            "knob_backbone_penalties", "knob_epochs", "skip")
+            "knob_backbone_penalties", "knob_epochs", "knob_distill_weight", "reference", "skip")
     result = {"flags": {k: FLAGS[k].value for k in keys}, "runs": _public(runs), "summary": rows, "targets": goals,
               **(extra or {})}
     io_utils.write_json(os.path.join(output, f"{stem}.json"), result)
@@ -829,8 +919,6 @@ def write_report(runs, output, stem, extra=None):
 
 
 def _merge(paths):
-    import json
-
     runs, seconds = [], 0.0
     for path in paths:
         if not os.path.isfile(path):
@@ -857,6 +945,12 @@ def main(argv):
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             raise app.UsageError(f"--{name}: unknown {unknown}; expected some of {', '.join(allowed)}.")
+    if FLAGS.reference and FLAGS.separate_penalties:
+        raise app.UsageError("--reference and --separate_penalties: the agents come from one or the other.")
+    if FLAGS.reference and not os.path.isfile(FLAGS.reference):
+        raise app.UsageError(f"--reference: no such file {FLAGS.reference}")
+    if not 0.0 <= FLAGS.knob_distill_weight <= 1.0:
+        raise app.UsageError(f"--knob_distill_weight: expected a weight in [0, 1]. Received: {FLAGS.knob_distill_weight}")
     if "knob" in FLAGS.policies and len(FLAGS.knob_backbone_penalties) != 2:
         raise app.UsageError(f"--knob_backbone_penalties: expected p_min,p_max. Received: {FLAGS.knob_backbone_penalties}")
     os.makedirs(FLAGS.output, exist_ok=True)

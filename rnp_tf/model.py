@@ -108,6 +108,13 @@ class RNPModel(keras.Model):
             The agent's own updates keep `penalty`. None (default): the
             paper's backbone phases. A `penalty_range` model already draws a
             penalty per image and takes no `backbone_penalty_range`.
+        backbone_distill_weight: weight of distillation from the full width
+            in the backbone phases of Algorithm 1: every image's loss at the
+            widths the agent chose is `(1 - w) * cross-entropy + w *
+            cross-entropy against the full width's softmax` of the same image
+            (computed without gradient, one extra forward pass per step), as
+            the prefix-robust phase does with `distill_weight`. 0 (default):
+            the paper's cross-entropy alone.
         inference_engine: if True (default), `predict` and `predict_details`
             run through `rnp_tf.engine.InferenceEngine`, which computes only
             the channel groups the agent chose (really faster than the
@@ -178,6 +185,7 @@ class RNPModel(keras.Model):
         distill_weight=0.5,
         penalty_range=None,
         backbone_penalty_range=None,
+        backbone_distill_weight=0.0,
         inference_engine=True,
         late_decision=False,
         aux_confidence=False,
@@ -235,6 +243,12 @@ class RNPModel(keras.Model):
         if not 0.0 <= distill_weight <= 1.0:
             raise ValueError(f"`distill_weight` must be in [0, 1]. Received: distill_weight={distill_weight}")
         self.distill_weight = float(distill_weight)
+        if not 0.0 <= backbone_distill_weight <= 1.0:
+            raise ValueError(
+                "`backbone_distill_weight` must be in [0, 1]. "
+                f"Received: backbone_distill_weight={backbone_distill_weight}"
+            )
+        self.backbone_distill_weight = float(backbone_distill_weight)
         if penalty_range is not None:
             low, high = (float(v) for v in penalty_range)
             if not low < high < 0:
@@ -1326,7 +1340,17 @@ class RNPModel(keras.Model):
                 penalties = self._sample_penalties(tf.shape(x)[0])
                 out = self._rollout(x, choose, training=True, penalties=penalties)
             ce = _per_sample_ce(y, out["logits"])
-            loss = tf.reduce_mean(ce) + sum(self.losses)
+            loss = tf.reduce_mean(ce)
+            if phase != "full" and self.backbone_distill_weight > 0:
+                teacher = self._rollout(
+                    x, lambda t, q: tf.fill([tf.shape(x)[0]], self.groups), False, run_agent=False
+                )["logits"]
+                kd = keras.losses.categorical_crossentropy(
+                    tf.stop_gradient(tf.nn.softmax(teacher)), out["logits"], from_logits=True
+                )
+                w = self.backbone_distill_weight
+                loss = (1.0 - w) * loss + w * tf.reduce_mean(kd)
+            loss += sum(self.losses)
         grads = _replica_gradients(tape, loss, variables)
         self.optimizer.apply(grads, variables)
         self._update_metrics(y, out, ce, actions_visible=phase != "full")
@@ -1481,6 +1505,7 @@ class RNPModel(keras.Model):
                 "backbone_penalty_range": (
                     None if self.backbone_penalty_range is None else list(self.backbone_penalty_range)
                 ),
+                "backbone_distill_weight": self.backbone_distill_weight,
                 "inference_engine": self.inference_engine,
                 "late_decision": self.late_decision,
                 "aux_confidence": self.aux_confidence,

@@ -103,6 +103,7 @@ class TrainConfig:
     q_loss: str = "mse"
     full_width_fraction: float = 0.25
     backbone_penalty_range: tuple | None = None
+    backbone_distill_weight: float = 0.0
     agent_units: int = 64
     agent_embed_dim: int = 64
     evaluate: bool = True
@@ -193,6 +194,11 @@ def define_flags(flag_values=flags.FLAGS):
         "p_min,p_max: backbone phases of Algorithm 1 act under the agent's choice re-priced to a penalty drawn "
         "per image from this range, so the backbone is fine-tuned for the whole run-time knob "
         "(RNPModel backbone_penalty_range; default: the paper's, at --penalty only).", **fv,
+    )
+    flags.DEFINE_float(
+        "backbone_distill_weight", d.backbone_distill_weight,
+        "Weight of distillation from the full width in the backbone phases of Algorithm 1 "
+        "(RNPModel backbone_distill_weight; 0: the paper's cross-entropy alone).", 0.0, 1.0, **fv,
     )
     flags.DEFINE_boolean(
         "late_decision", d.late_decision,
@@ -372,6 +378,7 @@ def build_model(config, dataset):
         epsilon_decay_steps=config.epsilon_decay_steps,
         full_width_fraction=config.full_width_fraction,
         backbone_penalty_range=config.backbone_penalty_range,
+        backbone_distill_weight=config.backbone_distill_weight,
         late_decision=config.late_decision,
         aux_confidence=config.aux_confidence,
     )

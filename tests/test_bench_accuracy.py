@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 import rnp_tf
 from bench import accuracy
@@ -112,10 +113,7 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
 
 
 def test_one_model_gap_is_paired_per_seed_with_its_spread():
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()  # the defaults; no policy below reads them
+    _parsed_flags()
 
     def run(separate, one_model):
         agents = [{"penalty": -0.1, "accuracy": separate, "one_model_by_policy": {"knob": one_model}},
@@ -148,3 +146,50 @@ def test_stage_times_count_the_nested_imitation_once():
     header, _, row = table.splitlines()
     assert "imitation (in rnp_imitate)" in header and "separate_agents" in header
     assert row == "| d / b | 1 | 1.0 | 2.0 | 5.0 | 2.0 | 8.0 |"  # total 8 minutes: imitation counted once
+
+
+def _parsed_flags():
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # the defaults; the tests below set what they read
+    return flags.FLAGS
+
+
+def test_backbone_cache_saves_then_loads_the_same_backbone(tmp_path):
+    from absl.testing import flagsaver
+
+    _parsed_flags()
+    with flagsaver.flagsaver(backbone_cache=str(tmp_path), widths=["8", "8", "16", "16"], pretrain_epochs=1,
+                             robust_epochs=1):
+        data = accuracy._load("digits", 0)
+        trained_timing, loaded_timing = {}, {}
+        trained = accuracy._backbone("digits", "cifar_cnn", 0, data, trained_timing)
+        (path,) = tmp_path.glob("digits_cifar_cnn_seed0_*.keras")
+        loaded = accuracy._backbone("digits", "cifar_cnn", 0, data, loaded_timing)
+        with flagsaver.flagsaver(robust_epochs=2):  # another backbone: another file name
+            assert accuracy._backbone_path("digits", "cifar_cnn", 0) != str(path)
+        assert accuracy._backbone_path("digits", "cifar_cnn", 1) != str(path)
+    assert {"pretrain", "robust"} <= set(trained_timing) and set(loaded_timing) == {"backbone_loaded"}
+    assert len(trained.weights) == len(loaded.weights)
+    for a, b in zip(trained.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    x = np.random.default_rng(0).uniform(size=(4, *data.input_shape)).astype("float32")
+    np.testing.assert_array_equal(trained.rollout(x)["logits"].numpy(), loaded.rollout(x)["logits"].numpy())
+
+
+def test_reference_agents_come_from_the_same_backbone(tmp_path):
+    agents = [{"penalty": -0.1, "accuracy": 0.6, "compute_fraction": 0.3, "seconds": 1.0}]
+    runs = [{"dataset": "d", "backbone": "b", "seed": 3, "full_accuracy": 0.625, "separate_agents": agents},
+            {"dataset": "d", "backbone": "b", "seed": 4, "full_accuracy": 0.6, "separate_agents": []}]
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps({"runs": runs}))
+    assert accuracy.reference_agents(str(path), "d", "b", 3, 0.625) == agents
+    with pytest.raises(ValueError, match="backbone differs"):
+        accuracy.reference_agents(str(path), "d", "b", 3, 0.624)
+    for seed in (4, 5):  # no agents trained, no such seed
+        with pytest.raises(ValueError, match=f"no separately trained agents for d, b, seed {seed}"):
+            accuracy.reference_agents(str(path), "d", "b", seed, 0.6)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        accuracy.reference_agents(str(path), "d", "b", 3, 0.625)
