@@ -380,7 +380,11 @@ def _backbone(name, backbone, seed, data, timing):
     path = _backbone_path(name, backbone, seed) if FLAGS.backbone_cache else None
     if path and os.path.isfile(path):
         start = time.time()
-        model = keras.saving.load_model(path, compile=False)
+        try:
+            model = keras.saving.load_model(path, compile=False)
+        except Exception as error:  # a truncated or foreign file: say which, never train over it silently
+            raise ValueError(f"--backbone_cache: cannot load {path} ({error}); delete it to train the backbone "
+                             f"again. Received: backbone_cache={FLAGS.backbone_cache!r}") from error
         timing["backbone_loaded"] = time.time() - start
         return model
     model = _new_model(_spec(backbone), data, penalty=FLAGS.penalty, agent_steps=50, backbone_steps=50,

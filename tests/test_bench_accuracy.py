@@ -176,6 +176,11 @@ def test_backbone_cache_saves_then_loads_the_same_backbone(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     x = np.random.default_rng(0).uniform(size=(4, *data.input_shape)).astype("float32")
     np.testing.assert_array_equal(trained.rollout(x)["logits"].numpy(), loaded.rollout(x)["logits"].numpy())
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with flagsaver.flagsaver(backbone_cache=str(tmp_path), widths=["8", "8", "16", "16"], pretrain_epochs=1,
+                             robust_epochs=1):
+        with pytest.raises(ValueError, match="cannot load .*delete it"):
+            accuracy._backbone("digits", "cifar_cnn", 0, data, {})
 
 
 def test_reference_agents_come_from_the_same_backbone(tmp_path):
