@@ -102,6 +102,9 @@ flags.DEFINE_integer("knob_epochs", None, "Policy `knob`: Algorithm 1 epochs (de
 flags.DEFINE_float("knob_distill_weight", 0.0,
                    "Policy `knob`: distillation from the full width in its backbone phases "
                    "(`RNPModel(backbone_distill_weight=...)`; 0: cross-entropy alone, the paper's).")
+flags.DEFINE_boolean("knob_select", False,
+                     "Policy `knob`: keep the epoch whose mean validation accuracy over four budgets is best "
+                     "(`rnp_tf.BestKnobWeights`); the last epoch's knob is also swept, as `knob_last`.")
 flags.DEFINE_string("reference", None,
                     "A report JSON of the same seeds: compare the knob with ITS separately trained agents instead "
                     "of training them (the backbone must be the same: its full-network test accuracy is checked).")
@@ -156,7 +159,7 @@ def _new_model(spec, data, **kwargs):
     return rnp_tf.RNPModel(spec, image_shape=data.input_shape, num_classes=data.num_classes, **kwargs)
 
 
-def _fit(model, data, phase, epochs, lr, agent_lr=1e-3):
+def _fit(model, data, phase, epochs, lr, agent_lr=1e-3, callbacks=None):
     import keras
 
     if not epochs:
@@ -164,7 +167,7 @@ def _fit(model, data, phase, epochs, lr, agent_lr=1e-3):
     model.compile(optimizer=keras.optimizers.Adam(lr), agent_optimizer=keras.optimizers.Adam(agent_lr))
     model.set_phase(phase)
     start = time.time()
-    model.fit(data.train, epochs=epochs, shuffle=False, verbose=0)  # tf.data shuffles; no Keras warning
+    model.fit(data.train, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)  # tf.data shuffles
     return time.time() - start
 
 
@@ -326,6 +329,20 @@ def _thin_spec(backbone, target_fraction, full_macs, data):
     return best[1], best[2]
 
 
+def _sweep(model, xv, xt, yt):
+    """The run-time knob set on validation to every budget of --knob_budgets and --budgets, read on test."""
+    model.calibrate_budget(xv, num_points=13)
+    points = []
+    for budget in sorted({float(b) for b in FLAGS.knob_budgets + FLAGS.budgets}, reverse=True):
+        penalty = model.set_budget(budget, xv)
+        details = model.predict_details(xt)
+        points.append({"budget": budget, "penalty": penalty,
+                       "accuracy": float((details["logits"].argmax(1) == yt).mean()),
+                       "compute_fraction": float(details["compute_fraction"].mean())})
+    model.set_penalty(model.penalty)
+    return points
+
+
 def _evaluate_policy(model, data, xv, xt, yt, full_loss, seed):
     """RNP points of one trained agent: knob at every budget, controls, difficulty correlation."""
     model.calibrate_budget(xv, num_points=13)
@@ -434,6 +451,7 @@ def reference_agents(path, name, backbone, seed, full_accuracy):
 def run_one(name, backbone, seed):
     import keras
 
+    import rnp_tf
     from rnp_tf import imitation
     from rnp_tf.imitation import candidate_mixes
     from rnp_tf.imitation import oracle_choice
@@ -460,7 +478,7 @@ def run_one(name, backbone, seed):
     steps = FLAGS.rnp_epochs * int(np.ceil(data.num_train / 128))
 
     # 5: every agent from the same backbone, Algorithm 1 for the same epochs
-    policies, agent_models, imitation_log, aux_log = {}, {}, None, None
+    policies, agent_models, imitation_log, aux_log, select_log, last_sweep = {}, {}, None, None, None, None
 
     def evaluate(agent_model, own_curve):
         points = _evaluate_policy(agent_model, data, xv, xt, yt, test_loss[full_index], seed)
@@ -488,7 +506,12 @@ def run_one(name, backbone, seed):
                              "distinct_targets": int(len({tuple(a) for a in targets})), **history}
             policies["imitate_only"] = evaluate(agent_model, static_curve)  # before the Q-learning refinement
             timing["imitation"] = time.time() - start
-        _fit(agent_model, data, None, epochs, 3e-4)
+        select = rnp_tf.BestKnobWeights(xv, yv, restore=False) if policy == "knob" and FLAGS.knob_select else None
+        _fit(agent_model, data, None, epochs, 3e-4, callbacks=[select] if select else None)
+        if select is not None:  # the last epoch's knob first (compared in the same run), then the kept epoch's
+            last_sweep = _sweep(agent_model, xv, xt, yt)
+            agent_model.set_weights(select.best_weights)
+            select_log = {"best_epoch": select.best_epoch, "history": select.history}
         # the static curve of the agent's own fine-tuned backbone: what the per-image choice adds to its weights
         _, own_curve, (own_correct, _, _) = _static_curve(agent_model, mixes, fractions, xv, yv, xt, yt)
         points = evaluate(agent_model, own_curve)
@@ -546,14 +569,9 @@ def run_one(name, backbone, seed):
     compared = FLAGS.separate_penalties or FLAGS.reference
     knob_policies = [p for p in ("knob", "paper") if p in policies] if compared else []
     for policy in knob_policies:
-        knob_model, sweeps[policy] = agent_models[policy], []
-        for budget in sorted({float(b) for b in FLAGS.knob_budgets + FLAGS.budgets}, reverse=True):
-            penalty = knob_model.set_budget(budget, xv)
-            details = knob_model.predict_details(xt)
-            sweeps[policy].append({"budget": budget, "penalty": penalty,
-                                   "accuracy": float((details["logits"].argmax(1) == yt).mean()),
-                                   "compute_fraction": float(details["compute_fraction"].mean())})
-        knob_model.set_penalty(knob_model.penalty)
+        sweeps[policy] = _sweep(agent_models[policy], xv, xt, yt)
+    if last_sweep is not None and knob_policies:
+        sweeps["knob_last"] = last_sweep
 
     def matched(agent):  # the one model(s) at a separate agent's compute
         by_policy = {policy: _interp_inside([(p["compute_fraction"], p["accuracy"]) for p in sweep],
@@ -585,6 +603,7 @@ def run_one(name, backbone, seed):
         "policies": policies,
         "imitation": imitation_log,
         "aux": aux_log,
+        "knob_select": select_log,
         "oracle": oracle_rows,
         "cascade": cascade,
         "static_finetuned": finetuned,
@@ -908,7 +927,7 @@ def write_report(runs, output, stem, extra=None):
     goals = targets(runs)
     keys = ("datasets", "backbones", "seeds", "widths", "vgg_width", "policies", "pretrain_epochs", "robust_epochs",
             "rnp_epochs", "max_train_examples", "penalty", "budgets", "separate_penalties", "knob_budgets", "max_mixes",
-            "knob_backbone_penalties", "knob_epochs", "knob_distill_weight", "reference", "skip")
+            "knob_backbone_penalties", "knob_epochs", "knob_distill_weight", "knob_select", "reference", "skip")
     result = {"flags": {k: FLAGS[k].value for k in keys}, "runs": _public(runs), "summary": rows, "targets": goals,
               **(extra or {})}
     io_utils.write_json(os.path.join(output, f"{stem}.json"), result)

@@ -22,6 +22,7 @@ from rnp_tf.backbones import get_backbone
 from rnp_tf.backbones import resnet50
 from rnp_tf.backbones import vgg16
 from rnp_tf.callbacks import AtomicCheckpoint
+from rnp_tf.callbacks import BestKnobWeights
 from rnp_tf.callbacks import CompactProgressBar
 from rnp_tf.callbacks import ResumableCheckpoint
 from rnp_tf import convert

@@ -11,6 +11,9 @@
   `(seed, stage, epoch)`, so that an epoch's random draws do not depend on
   whether the process was restarted before it.
 - `CompactProgressBar`: the progress bar without the per-action columns.
+- `BestKnobWeights`: keeps the epoch whose validation accuracy, averaged
+  over several run-time budgets, is best (early-stopping style selection
+  for a model used at many operating points).
 
 Why not `keras.callbacks.BackupAndRestore`? Measured with Keras 3.15: its
 `model.save_weights` does cover both optimizers (`optimizer` and
@@ -383,3 +386,79 @@ class CompactProgressBar(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.verbose:
             self._update(logs, finalize=True)
+
+
+class BestKnobWeights(keras.callbacks.Callback):
+    """Keeps the weights whose validation accuracy over the run-time knob is best.
+
+    A model trained for its run-time knob (`RNPModel.set_budget`) serves
+    many operating points, and Algorithm 1's alternating agent and backbone
+    phases move its accuracy at any one of them by points from epoch to
+    epoch. At the end of every epoch this callback calibrates the knob on
+    the validation images, sets each of `budgets` there (`set_budget(b, x)`),
+    measures the validation accuracy at each, and keeps a copy of all
+    weights when their mean is the best so far; at the end of training it
+    restores that copy, as `keras.callbacks.EarlyStopping(
+    restore_best_weights=True)` does for one metric. The model's knob
+    setting and calibration are left as they were before each measurement.
+
+    Args:
+        x: validation images (numpy, `[n, height, width, channels]`).
+        y: their integer labels, `[n]`.
+        budgets: mean compute fractions, each in (0, 1], to average over.
+            Defaults to `(0.2, 0.33, 0.55, 0.8)`.
+        restore: restore the best weights when training ends. Defaults to
+            True; with False they stay in `best_weights`.
+
+    Attributes:
+        history: one dict per epoch: `epoch`, `accuracy` (the mean) and
+            `by_budget` (budget -> accuracy).
+        best_epoch: the epoch (0-based) of the kept weights.
+        best_weights: the kept weights (`model.get_weights()` order).
+
+    Example:
+
+    >>> best = BestKnobWeights(x_val, y_val)
+    >>> model.fit(data.train, epochs=6, callbacks=[best])
+    >>> best.best_epoch, best.history[-1]["accuracy"]
+    """
+
+    def __init__(self, x, y, budgets=(0.2, 0.33, 0.55, 0.8), restore=True):
+        super().__init__()
+        x, y = np.asarray(x), np.asarray(y).reshape(-1)
+        if x.ndim != 4 or len(x) != len(y) or not len(y):
+            raise ValueError(
+                f"`x` must be [n, height, width, channels] images with one label each in `y`. "
+                f"Received: x.shape={x.shape}, y.shape={y.shape}"
+            )
+        budgets = tuple(float(b) for b in budgets)
+        if not budgets or not all(0.0 < b <= 1.0 for b in budgets):
+            raise ValueError(f"`budgets` must be compute fractions in (0, 1]. Received: budgets={budgets}")
+        self.x, self.y, self.budgets, self.restore = x, y, budgets, bool(restore)
+        self.history, self.best_epoch, self.best_weights = [], None, None
+        self._best = -np.inf
+
+    def on_train_begin(self, logs=None):
+        self.history, self.best_epoch, self.best_weights, self._best = [], None, None, -np.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        model = self.model
+        setting, calibration = model.penalty_setting, model._calibration.numpy()
+        try:
+            model.calibrate_budget(self.x)
+            by_budget = {}
+            for budget in self.budgets:
+                model.set_budget(budget, self.x)
+                logits = model.predict_details(self.x)["logits"]
+                by_budget[budget] = float(np.mean(logits.argmax(-1) == self.y))
+        finally:
+            model.set_penalty(setting)
+            model._calibration.assign(calibration)
+        accuracy = float(np.mean(list(by_budget.values())))
+        self.history.append({"epoch": epoch, "accuracy": accuracy, "by_budget": by_budget})
+        if accuracy > self._best:
+            self._best, self.best_epoch, self.best_weights = accuracy, epoch, model.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self.restore and self.best_weights is not None:
+            self.model.set_weights(self.best_weights)

@@ -49,7 +49,7 @@ def test_reported_macs_equal_the_engines_counted_macs():
 
 def test_quick_run_writes_the_documented_json(tmp_path, run_module):
     result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--policies=paper,late,knob,imitate,aux",
-                        "--separate_penalties=-0.1", "--knob_budgets=0.5", "--imitate_epochs=1")
+                        "--separate_penalties=-0.1", "--knob_budgets=0.5", "--imitate_epochs=1", "--knob_select")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "accuracy_quick.json").read_text())
     run = data["runs"][0]
@@ -64,10 +64,13 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
     assert 0 < run["imitation"]["oracle_compute_fraction"] <= 1 and run["imitation"]["distinct_targets"] >= 1
     assert len(run["imitation"]["loss"]) == 1 and 0 <= run["imitation"]["agreement"][0] <= 1
     # issue 7: the knob of both single-penalty agents against the separately trained one, at its compute
-    assert run["knob_policy"] == "knob" and set(run["knob_sweeps"]) == {"knob", "paper"}
+    assert run["knob_policy"] == "knob" and set(run["knob_sweeps"]) == {"knob", "paper", "knob_last"}
     assert [s["budget"] for s in run["knob_sweeps"]["knob"]] == [0.6, 0.5, 0.3]
+    # --knob_select: one epoch here, so the kept epoch is the last and both sweeps agree
+    assert run["knob_select"]["best_epoch"] == 0 and len(run["knob_select"]["history"]) == 1
+    assert run["knob_sweeps"]["knob_last"] == run["knob_sweeps"]["knob"]
     (separate,) = run["separate_agents"]
-    assert set(separate["one_model_by_policy"]) == {"knob", "paper"}
+    assert set(separate["one_model_by_policy"]) == {"knob", "paper", "knob_last"}
     assert separate["one_model_at_same_compute"] == separate["one_model_by_policy"]["knob"]
     for points in run["policies"].values():
         assert len(points) == 2
