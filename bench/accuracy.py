@@ -834,8 +834,9 @@ def stage_times(runs):
 
 def _stage_seconds(run):
     seconds = dict(run.get("seconds", {}))
-    if run.get("separate_agents"):
-        seconds["separate_agents"] = sum(agent.get("seconds", 0.0) for agent in run["separate_agents"])
+    trained = [agent for agent in run.get("separate_agents", []) if "from_reference" not in agent]
+    if trained:  # agents read from a --reference report were not trained by this run
+        seconds["separate_agents"] = sum(agent.get("seconds", 0.0) for agent in trained)
     return seconds
 
 

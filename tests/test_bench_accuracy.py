@@ -149,6 +149,11 @@ def test_stage_times_count_the_nested_imitation_once():
     header, _, row = table.splitlines()
     assert "imitation (in rnp_imitate)" in header and "separate_agents" in header
     assert row == "| d / b | 1 | 1.0 | 2.0 | 5.0 | 2.0 | 8.0 |"  # total 8 minutes: imitation counted once
+    # agents read from a --reference report cost this run nothing: no column
+    separate = [{"seconds": 600.0, "from_reference": "old.json"}]
+    table = accuracy.stage_times([{"dataset": "d", "backbone": "b", "seconds": seconds, "separate_agents": separate}])
+    header, _, row = table.splitlines()
+    assert "separate_agents" not in header and row == "| d / b | 1 | 1.0 | 2.0 | 5.0 | 6.0 |"
 
 
 def _parsed_flags():
