@@ -101,7 +101,8 @@ flags.DEFINE_list("knob_backbone_penalties", ["-0.3", "0.05"],
 flags.DEFINE_integer("knob_epochs", None, "Policy `knob`: Algorithm 1 epochs (default: --rnp_epochs).")
 flags.DEFINE_float("knob_distill_weight", 0.0,
                    "Policy `knob`: distillation from the full width in its backbone phases "
-                   "(`RNPModel(backbone_distill_weight=...)`; 0: cross-entropy alone, the paper's).")
+                   "(`RNPModel(backbone_distill_weight=...)`; 0: cross-entropy alone, the paper's).",
+                   lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_boolean("knob_select", False,
                      "Policy `knob`: keep the epoch whose mean validation accuracy over four budgets is best "
                      "(`rnp_tf.BestKnobWeights`); the last epoch's knob is also swept, as `knob_last`.")
@@ -331,16 +332,10 @@ def _thin_spec(backbone, target_fraction, full_macs, data):
 
 def _sweep(model, xv, xt, yt):
     """The run-time knob set on validation to every budget of --knob_budgets and --budgets, read on test."""
-    model.calibrate_budget(xv, num_points=13)
-    points = []
-    for budget in sorted({float(b) for b in FLAGS.knob_budgets + FLAGS.budgets}, reverse=True):
-        penalty = model.set_budget(budget, xv)
-        details = model.predict_details(xt)
-        points.append({"budget": budget, "penalty": penalty,
-                       "accuracy": float((details["logits"].argmax(1) == yt).mean()),
-                       "compute_fraction": float(details["compute_fraction"].mean())})
-    model.set_penalty(model.penalty)
-    return points
+    from rnp_tf.evaluation import budget_points
+
+    budgets = sorted({float(b) for b in FLAGS.knob_budgets + FLAGS.budgets}, reverse=True)
+    return budget_points(model, budgets, xv, xt, yt, num_points=13)
 
 
 def _evaluate_policy(model, data, xv, xt, yt, full_loss, seed):
@@ -973,8 +968,6 @@ def main(argv):
         raise app.UsageError("--reference and --separate_penalties: the agents come from one or the other.")
     if FLAGS.reference and not os.path.isfile(FLAGS.reference):
         raise app.UsageError(f"--reference: no such file {FLAGS.reference}")
-    if not 0.0 <= FLAGS.knob_distill_weight <= 1.0:
-        raise app.UsageError(f"--knob_distill_weight: expected a weight in [0, 1]. Received: {FLAGS.knob_distill_weight}")
     if "knob" in FLAGS.policies and len(FLAGS.knob_backbone_penalties) != 2:
         raise app.UsageError(f"--knob_backbone_penalties: expected p_min,p_max. Received: {FLAGS.knob_backbone_penalties}")
     os.makedirs(FLAGS.output, exist_ok=True)

@@ -442,18 +442,11 @@ class BestKnobWeights(keras.callbacks.Callback):
         self.history, self.best_epoch, self.best_weights, self._best = [], None, None, -np.inf
 
     def on_epoch_end(self, epoch, logs=None):
+        from rnp_tf.evaluation import budget_points
+
         model = self.model
-        setting, calibration = model.penalty_setting, model._calibration.numpy()
-        try:
-            model.calibrate_budget(self.x)
-            by_budget = {}
-            for budget in self.budgets:
-                model.set_budget(budget, self.x)
-                logits = model.predict_details(self.x)["logits"]
-                by_budget[budget] = float(np.mean(logits.argmax(-1) == self.y))
-        finally:
-            model.set_penalty(setting)
-            model._calibration.assign(calibration)
+        points = budget_points(model, self.budgets, self.x, self.x, self.y)
+        by_budget = {p["budget"]: p["accuracy"] for p in points}
         accuracy = float(np.mean(list(by_budget.values())))
         self.history.append({"epoch": epoch, "accuracy": accuracy, "by_budget": by_budget})
         if accuracy > self._best:

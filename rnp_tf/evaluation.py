@@ -23,6 +23,44 @@ def _accuracy(details):
 KNOB_OFFSETS = (1.0, 0.5, 0.2, -0.2, -0.5, -1.0)
 
 
+def budget_points(model, budgets, x_set, x, y, num_points=9):
+    """Accuracy and compute of the run-time knob set to each budget.
+
+    Calibrates the knob on `x_set` (`calibrate_budget`), sets each budget
+    there (`set_budget(b, x_set)`, refined by bisection) and reads accuracy
+    and mean compute on `(x, y)`. The model's knob setting and calibration
+    are left as they were.
+
+    Args:
+        model: a trained `RNPModel`.
+        budgets: mean compute fractions, in the order to report them.
+        x_set: images the budgets are set on (e.g. validation).
+        x, y: images and integer labels the points are read on.
+        num_points: penalties of the calibration. Defaults to 9.
+
+    Returns:
+        A list of dicts `budget`, `penalty`, `accuracy`, `compute_fraction`.
+
+    Example:
+
+    >>> budget_points(model, [0.5, 0.25], x_val, x_test, y_test)
+    """
+    setting, calibration = model.penalty_setting, model._calibration.numpy()
+    points = []
+    try:
+        model.calibrate_budget(x_set, num_points=num_points)
+        for budget in budgets:
+            penalty = model.set_budget(budget, x_set)
+            details = model.predict_details(x)
+            points.append({"budget": budget, "penalty": penalty,
+                           "accuracy": float(np.mean(details["logits"].argmax(-1) == y)),
+                           "compute_fraction": float(details["compute_fraction"].mean())})
+    finally:
+        model.set_penalty(setting)
+        model._calibration.assign(calibration)
+    return points
+
+
 def evaluate_model(model, dataset, static_points=True, knob_points=True):
     """Accuracy and compute of the greedy policy and of static pruning.
 

@@ -1323,10 +1323,9 @@ class RNPModel(keras.Model):
         variables = self.backbone_variables
         epsilon = self._epsilon.value
         with tf.GradientTape() as tape:
+            full_width = lambda t, q: tf.fill([tf.shape(x)[0]], self.groups)  # noqa: E731
             if phase == "full":
-                out = self._rollout(
-                    x, lambda t, q: tf.fill([tf.shape(x)[0]], self.groups), True, run_agent=False
-                )
+                out = self._rollout(x, full_width, True, run_agent=False)
             else:
                 full = tf.random.uniform([tf.shape(x)[0]]) < self.full_width_fraction
 
@@ -1346,9 +1345,7 @@ class RNPModel(keras.Model):
             ce = _per_sample_ce(y, out["logits"])
             loss = tf.reduce_mean(ce)
             if phase != "full" and self.backbone_distill_weight > 0:
-                teacher = self._rollout(
-                    x, lambda t, q: tf.fill([tf.shape(x)[0]], self.groups), False, run_agent=False
-                )["logits"]
+                teacher = self._rollout(x, full_width, False, run_agent=False)["logits"]
                 kd = keras.losses.categorical_crossentropy(
                     tf.stop_gradient(tf.nn.softmax(teacher)), out["logits"], from_logits=True
                 )
