@@ -470,6 +470,8 @@ def run_one(name, backbone, seed):
     timing["static_curve"] = time.time() - start
     full_index = len(mixes) - 1
     full_accuracy = float(test_correct[full_index].mean())
+    # checked before any agent trains: a reference from another backbone fails now, not after the run
+    reference = reference_agents(FLAGS.reference, name, backbone, seed, full_accuracy) if FLAGS.reference else []
     steps = FLAGS.rnp_epochs * int(np.ceil(data.num_train / 128))
 
     # 5: every agent from the same backbone, Algorithm 1 for the same epochs
@@ -582,10 +584,9 @@ def run_one(name, backbone, seed):
         separate.append(matched({"penalty": penalty, "accuracy": float((details["logits"].argmax(1) == yt).mean()),
                                  "compute_fraction": float(details["compute_fraction"].mean()),
                                  "seconds": time.time() - start}))
-    if FLAGS.reference:
-        for agent in reference_agents(FLAGS.reference, name, backbone, seed, full_accuracy):
-            keep = ("penalty", "accuracy", "compute_fraction", "seconds")
-            separate.append(matched({**{k: agent[k] for k in keep}, "from_reference": FLAGS.reference}))
+    for agent in reference:
+        keep = ("penalty", "accuracy", "compute_fraction", "seconds")
+        separate.append(matched({**{k: agent[k] for k in keep}, "from_reference": FLAGS.reference}))
 
     return {
         "dataset": name,
