@@ -409,6 +409,12 @@ class BestKnobWeights(keras.callbacks.Callback):
             Defaults to `(0.2, 0.33, 0.55, 0.8)`.
         restore: restore the best weights when training ends. Defaults to
             True; with False they stay in `best_weights`.
+        path: optional `.npz` file that holds the selection (history, best
+            epoch and weights), written atomically after every epoch and
+            read back when training begins, so a resumed run
+            (`initial_epoch > 0`) continues the selection of the
+            interrupted one. A repeated epoch replaces its history entry.
+            Load the kept weights with `BestKnobWeights.read(path)`.
 
     Attributes:
         history: one dict per epoch: `epoch`, `accuracy` (the mean) and
@@ -423,7 +429,7 @@ class BestKnobWeights(keras.callbacks.Callback):
     >>> best.best_epoch, best.history[-1]["accuracy"]
     """
 
-    def __init__(self, x, y, budgets=(0.2, 0.33, 0.55, 0.8), restore=True):
+    def __init__(self, x, y, budgets=(0.2, 0.33, 0.55, 0.8), restore=True, path=None):
         super().__init__()
         x, y = np.asarray(x), np.asarray(y).reshape(-1)
         if x.ndim != 4 or len(x) != len(y) or not len(y):
@@ -435,11 +441,58 @@ class BestKnobWeights(keras.callbacks.Callback):
         if not budgets or not all(0.0 < b <= 1.0 for b in budgets):
             raise ValueError(f"`budgets` must be compute fractions in (0, 1]. Received: budgets={budgets}")
         self.x, self.y, self.budgets, self.restore = x, y, budgets, bool(restore)
+        self.path = None if path is None else os.fspath(path)
+        if self.path is not None and not self.path.endswith(".npz"):
+            raise ValueError(f"`path` must name a .npz file. Received: path={self.path!r}")
         self.history, self.best_epoch, self.best_weights = [], None, None
         self._best = -np.inf
 
+    @staticmethod
+    def read(path):
+        """Reads a selection written with `path`.
+
+        Args:
+            path: the `.npz` file.
+
+        Returns:
+            A dict `history`, `best_epoch`, `accuracy` (the best mean) and
+            `weights` (`model.get_weights()` order).
+
+        Raises:
+            ValueError: the file is missing, truncated or not a selection.
+
+        Example:
+
+        >>> model.set_weights(BestKnobWeights.read("ckpt/knob_select.npz")["weights"])
+        """
+        import json
+        import zipfile
+
+        try:
+            with np.load(path) as stored:
+                state = json.loads(str(stored["state"]))
+                weights = [stored[f"w{i}"] for i in range(state["num_weights"])]
+            state["history"] = [{**h, "by_budget": {float(b): a for b, a in h["by_budget"].items()}}
+                                for h in state["history"]]
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"Cannot read the knob selection {path!r} ({error}). Received: path={path!r}")
+        return {"history": state["history"], "best_epoch": state["best_epoch"], "accuracy": state["accuracy"],
+                "weights": weights}
+
+    def _write(self):
+        import json
+
+        state = json.dumps({"history": self.history, "best_epoch": self.best_epoch, "accuracy": self._best,
+                            "num_weights": len(self.best_weights)})
+        arrays = {f"w{i}": w for i, w in enumerate(self.best_weights)}
+        io_utils.atomic_write(self.path, lambda tmp: np.savez(tmp, state=np.array(state), **arrays), keep_suffix=True)
+
     def on_train_begin(self, logs=None):
         self.history, self.best_epoch, self.best_weights, self._best = [], None, None, -np.inf
+        if self.path and os.path.exists(self.path):
+            kept = self.read(self.path)
+            self.history, self.best_epoch, self.best_weights = kept["history"], kept["best_epoch"], kept["weights"]
+            self._best = kept["accuracy"]
 
     def on_epoch_end(self, epoch, logs=None):
         from rnp_tf.evaluation import budget_points
@@ -448,9 +501,12 @@ class BestKnobWeights(keras.callbacks.Callback):
         points = budget_points(model, self.budgets, self.x, self.x, self.y)
         by_budget = {p["budget"]: p["accuracy"] for p in points}
         accuracy = float(np.mean(list(by_budget.values())))
+        self.history = [h for h in self.history if h["epoch"] < epoch]
         self.history.append({"epoch": epoch, "accuracy": accuracy, "by_budget": by_budget})
         if accuracy > self._best:
             self._best, self.best_epoch, self.best_weights = accuracy, epoch, model.get_weights()
+        if self.path:
+            self._write()
 
     def on_train_end(self, logs=None):
         if self.restore and self.best_weights is not None:

@@ -53,6 +53,8 @@ OPTIMIZERS = ("adam", "sgd", "rmsprop")
 STAGES = {"backbone": 0, "reorder": 1, "robust": 2, "rnp": 3}
 _STAGE_PHASE = {"backbone": "full", "robust": "robust", "rnp": None}
 PROGRESS = "progress.json"
+SELECTION = "knob_select.npz"
+SELECT_MAX_IMAGES = 5000
 STATE_DIR = "state"
 KEEP_STATES = 2
 # Flags that may differ when a run is resumed (where it runs and what it shows,
@@ -104,6 +106,7 @@ class TrainConfig:
     full_width_fraction: float = 0.25
     backbone_penalty_range: tuple | None = None
     backbone_distill_weight: float = 0.0
+    select_budgets: tuple | None = None
     agent_units: int = 64
     agent_embed_dim: int = 64
     evaluate: bool = True
@@ -199,6 +202,13 @@ def define_flags(flag_values=flags.FLAGS):
         "backbone_distill_weight", d.backbone_distill_weight,
         "Weight of distillation from the full width in the backbone phases of Algorithm 1 "
         "(RNPModel backbone_distill_weight; 0: the paper's cross-entropy alone).", 0.0, 1.0, **fv,
+    )
+    flags.DEFINE_list(
+        "select_budgets", [],
+        "b1,b2,...: after every Algorithm 1 epoch, measure the validation accuracy of the run-time knob at "
+        f"these mean compute fractions (at most {SELECT_MAX_IMAGES} validation images) and keep the epoch "
+        "with the best mean as the final model (rnp_tf.BestKnobWeights; needs --validation_split; the "
+        "selection is resumable, in MODEL_DIR/knob_select.npz; default: the last epoch).", **fv,
     )
     flags.DEFINE_boolean(
         "late_decision", d.late_decision,
@@ -324,11 +334,29 @@ def config_from_flags(flag_values=flags.FLAGS):
                 "--backbone_penalty_range must be p_min,p_max with p_min < p_max. "
                 f"Received: --backbone_penalty_range={','.join(fv.backbone_penalty_range)}"
             )
-    own = ("widths", "backbone_penalty_range")
+    select = None
+    if fv.select_budgets:
+        try:
+            select = tuple(float(b) for b in fv.select_budgets)
+        except ValueError:
+            select = ()
+        if not select or not all(0.0 < b <= 1.0 for b in select):
+            raise ValueError(
+                "--select_budgets must be compute fractions in (0, 1]. "
+                f"Received: --select_budgets={','.join(fv.select_budgets)}"
+            )
+        if not fv.validation_split or not fv.rnp_epochs:
+            raise ValueError(
+                "--select_budgets picks an Algorithm 1 epoch on validation images: it needs --validation_split > 0 "
+                f"and --rnp_epochs > 0. Received: --validation_split={fv.validation_split}, "
+                f"--rnp_epochs={fv.rnp_epochs}"
+            )
+    own = ("widths", "backbone_penalty_range", "select_budgets")
     config = TrainConfig(
         **{f.name: getattr(fv, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in own},
         widths=widths,
         backbone_penalty_range=spread,
+        select_budgets=select,
     )
     _check_backbone(config)
     return config
@@ -817,6 +845,20 @@ def _validation_input(config, dataset, strategy):
     return validation.with_options(distribute.distribute_options(strategy, in_memory))
 
 
+def _validation_arrays(dataset, max_images):
+    """The first `max_images` validation images and labels as numpy arrays."""
+    import numpy as np
+
+    xs, ys, count = [], [], 0
+    for x, y in dataset.validation:
+        xs.append(x.numpy())
+        ys.append(y.numpy().reshape(-1))
+        count += len(ys[-1])
+        if count >= max_images:
+            break
+    return np.concatenate(xs)[:max_images], np.concatenate(ys)[:max_images]
+
+
 def run(config, dataset=None, model=None, strategy=None, resume=None, callbacks=None):
     """Runs (or resumes) every enabled stage of a training run and writes its outputs.
 
@@ -845,6 +887,7 @@ def run(config, dataset=None, model=None, strategy=None, resume=None, callbacks=
     from rnp_tf import io_utils
     from rnp_tf import report
     from rnp_tf.callbacks import AtomicCheckpoint
+    from rnp_tf.callbacks import BestKnobWeights
     from rnp_tf.callbacks import CompactProgressBar
     from rnp_tf.callbacks import EpochSeeder
     from rnp_tf.callbacks import ResumableCheckpoint
@@ -867,6 +910,7 @@ def run(config, dataset=None, model=None, strategy=None, resume=None, callbacks=
     checkpoints = os.path.join(config.model_dir, "checkpoints")
     states = os.path.join(config.model_dir, STATE_DIR)
     progress_path = os.path.join(config.model_dir, PROGRESS)
+    selection_path = os.path.join(config.model_dir, SELECTION)
     if chief:
         os.makedirs(checkpoints, exist_ok=True)
         os.makedirs(states, exist_ok=True)
@@ -906,6 +950,10 @@ def run(config, dataset=None, model=None, strategy=None, resume=None, callbacks=
         keras.utils.set_random_seed(derive_seed(config.seed, STAGES[stage], start_epoch))
         base_seconds, start = record["seconds"], time.time()
         callbacks = [EpochSeeder(config.seed, STAGES[stage], rebuild=config.reseed_every_epoch)]
+        if chief and stage == "rnp" and config.select_budgets:
+            # measured before the epoch's state is saved, so no resume point skips a measurement
+            x, y = _validation_arrays(dataset, SELECT_MAX_IMAGES)
+            callbacks.append(BestKnobWeights(x, y, config.select_budgets, restore=False, path=selection_path))
         if chief:
             callbacks.append(AtomicCheckpoint(checkpoints, prefix=stage))
         callbacks.append(
@@ -927,6 +975,7 @@ def run(config, dataset=None, model=None, strategy=None, resume=None, callbacks=
             steps_per_epoch=steps,
             validation_data=_validation_input(config, dataset, strategy),
             callbacks=callbacks,
+            shuffle=False,  # tf.data shuffles the stream
             verbose=0,
         )
 
@@ -950,6 +999,12 @@ def run(config, dataset=None, model=None, strategy=None, resume=None, callbacks=
     if not model.compiled:
         with strategy.scope():
             model.compile()
+    selection = None
+    if config.select_budgets:
+        selection = BestKnobWeights.read(selection_path)
+        model.set_weights(selection["weights"])
+        print(f"rnp_tf.train: kept Algorithm 1 epoch {selection['best_epoch'] + 1} of {config.rnp_epochs} (mean "
+              f"validation accuracy {selection['accuracy']:.4f} at budgets {list(config.select_budgets)})")
     io_utils.save_model_atomic(model, os.path.join(config.model_dir, "model.keras"))
     metrics = {
         "dataset": dataset.name,
@@ -961,6 +1016,9 @@ def run(config, dataset=None, model=None, strategy=None, resume=None, callbacks=
         "schedule_step": int(model._schedule_step.numpy()),
         "agent_updates": int(model._agent_updates.numpy()),
     }
+    if selection:
+        metrics["knob_select"] = {"best_epoch": selection["best_epoch"], "accuracy": selection["accuracy"],
+                                  "history": selection["history"]}
     if config.evaluate:
         start = time.time()
         results = evaluation.write_evaluation(model, dataset, config.model_dir, pictures=config.pictures)

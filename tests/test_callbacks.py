@@ -21,7 +21,7 @@ def _mean_accuracy(model, x, y, budgets):
     return float(np.mean(accuracies))
 
 
-def test_best_knob_weights_restores_the_best_epoch_and_leaves_the_knob_alone():
+def test_best_knob_weights_restores_the_best_epoch_and_leaves_the_knob_alone(tmp_path):
     keras.utils.set_random_seed(3)
     data = rnp_tf.load_dataset("digits", batch_size=64, validation_split=0.2)
     x, y = _arrays(data.validation)
@@ -32,7 +32,8 @@ def test_best_knob_weights_restores_the_best_epoch_and_leaves_the_knob_alone():
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     model.set_penalty(-0.2)
     budgets = (0.3, 0.7)
-    best = rnp_tf.BestKnobWeights(x, y, budgets=budgets)
+    path = tmp_path / "select.npz"
+    best = rnp_tf.BestKnobWeights(x, y, budgets=budgets, path=path)
     model.fit(data.train, epochs=4, shuffle=False, verbose=0, callbacks=[best])
     scores = [h["accuracy"] for h in best.history]
     assert [h["epoch"] for h in best.history] == [0, 1, 2, 3]
@@ -44,9 +45,22 @@ def test_best_knob_weights_restores_the_best_epoch_and_leaves_the_knob_alone():
         np.testing.assert_array_equal(kept, now)
     assert model.penalty_setting == pytest.approx(-0.2)  # the knob as the user set it
     assert _mean_accuracy(model, x, y, budgets) == pytest.approx(max(scores))
+    # the file holds the same selection; a resumed fit continues it, and a repeated epoch replaces its entry
+    kept = rnp_tf.BestKnobWeights.read(path)
+    assert kept["history"] == best.history and kept["best_epoch"] == best.best_epoch
+    assert kept["accuracy"] == pytest.approx(max(scores))
+    for a, b in zip(kept["weights"], best.best_weights):
+        np.testing.assert_array_equal(a, b)
+    resumed = rnp_tf.BestKnobWeights(x, y, budgets=budgets, path=path, restore=False)
+    model.fit(data.train, epochs=5, initial_epoch=3, shuffle=False, verbose=0, callbacks=[resumed])
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3, 4]
+    assert resumed.history[:3] == best.history[:3]
+    scores = [h["accuracy"] for h in resumed.history]
+    assert resumed.best_epoch == int(np.argmax(scores)) and resumed._best == pytest.approx(max(scores))
+    assert rnp_tf.BestKnobWeights.read(path)["history"] == resumed.history
 
 
-def test_best_knob_weights_errors():
+def test_best_knob_weights_errors(tmp_path):
     x = np.zeros((4, 8, 8, 1), np.float32)
     with pytest.raises(ValueError, match="one label each"):
         rnp_tf.BestKnobWeights(x, np.zeros(3))
@@ -55,3 +69,12 @@ def test_best_knob_weights_errors():
     for budgets in ((), (0.0,), (0.5, 1.5)):
         with pytest.raises(ValueError, match="budgets"):
             rnp_tf.BestKnobWeights(x, np.zeros(4), budgets=budgets)
+    with pytest.raises(ValueError, match="npz"):
+        rnp_tf.BestKnobWeights(x, np.zeros(4), path="select.h5")
+    for content in (b"", b"PK\x03\x04 truncated"):
+        broken = tmp_path / "broken.npz"
+        broken.write_bytes(content)
+        with pytest.raises(ValueError, match="Cannot read the knob selection"):
+            rnp_tf.BestKnobWeights.read(broken)
+    with pytest.raises(ValueError, match="Cannot read the knob selection"):
+        rnp_tf.BestKnobWeights.read(tmp_path / "missing.npz")

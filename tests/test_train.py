@@ -53,6 +53,10 @@ def test_flags_give_a_config(tmp_path):
         (["--backbone_penalty_range=-0.1"], "--backbone_penalty_range"),
         (["--backbone_penalty_range=0.1,-0.3"], "--backbone_penalty_range"),
         (["--backbone_penalty_range=a,b"], "--backbone_penalty_range"),
+        (["--select_budgets=0.5"], "--select_budgets.*--validation_split"),
+        (["--validation_split=0.1", "--select_budgets=0.5", "--rnp_epochs=0"], "--rnp_epochs"),
+        (["--validation_split=0.1", "--select_budgets=0,0.5"], "--select_budgets"),
+        (["--validation_split=0.1", "--select_budgets=a"], "--select_budgets"),
     ],
 )
 def test_bad_flags_name_the_flag(tmp_path, args, match):

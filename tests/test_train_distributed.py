@@ -194,6 +194,36 @@ def _history_finite(metrics):
             assert history[key] and np.all(np.isfinite(history[key])), (stage, key)
 
 
+class _StopAfterFirstEpoch(keras.callbacks.Callback):
+    """Interrupts a run after its first epoch has been saved (rnp_tf's own callbacks run first)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        raise RuntimeError("interrupted")
+
+
+def test_knob_selection_survives_a_resume_and_becomes_the_model(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*SMALL, "--pretrain_epochs=0", "--robust_epochs=0", "--reorder=false", "--rnp_epochs=2",
+            "--validation_split=0.2", "--select_budgets=0.4,0.8", "--verbose=0", f"--model_dir={run_dir}"]
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train.run(config_of(*args), callbacks=[_StopAfterFirstEpoch()])
+    (first,) = callbacks.BestKnobWeights.read(run_dir / train.SELECTION)["history"]
+    assert first["epoch"] == 0 and set(first["by_budget"]) == {0.4, 0.8}
+    selected = train.run(config_of(*args))["knob_select"]
+    assert selected["history"][0] == first  # read back, not measured again
+    assert [h["epoch"] for h in selected["history"]] == [0, 1]
+    scores = [h["accuracy"] for h in selected["history"]]
+    assert selected["best_epoch"] == int(np.argmax(scores)) and selected["accuracy"] == max(scores)
+    # the saved model holds the kept epoch's weights: the last epoch's checkpoint's only if that was the best
+    model = keras.models.load_model(run_dir / "model.keras")
+    kept = callbacks.BestKnobWeights.read(run_dir / train.SELECTION)["weights"]
+    for a, b in zip(model.get_weights(), kept):
+        np.testing.assert_array_equal(a, b)
+    last = keras.models.load_model(run_dir / "checkpoints" / "rnp-002.keras").get_weights()
+    same = all(np.array_equal(a, b) for a, b in zip(model.get_weights(), last))
+    assert same == (selected["best_epoch"] == 1)
+
+
 def test_mirrored_strategy_runs_every_stage_on_two_replicas(tmp_path):
     strategy = distribute.get_strategy("mirrored")
     assert strategy.num_replicas_in_sync == 2  # the two logical CPUs of conftest.py
