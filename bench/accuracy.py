@@ -104,8 +104,10 @@ flags.DEFINE_float("knob_distill_weight", 0.0,
                    "(`RNPModel(backbone_distill_weight=...)`; 0: cross-entropy alone, the paper's).",
                    lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_boolean("knob_select", False,
-                     "Policy `knob`: keep the epoch whose mean validation accuracy over four budgets is best "
-                     "(`rnp_tf.BestKnobWeights`); the last epoch's knob is also swept, as `knob_last`.")
+                     "Policy `knob`: keep the epoch whose mean validation accuracy over --knob_select_budgets is "
+                     "best (`rnp_tf.BestKnobWeights`); the last epoch's knob is also swept, as `knob_last`.")
+flags.DEFINE_list("knob_select_budgets", ["0.2", "0.33", "0.55", "0.8"],
+                  "--knob_select: the mean compute fractions whose validation accuracy is averaged.")
 flags.DEFINE_string("reference", None,
                     "A report JSON of the same seeds: compare the knob with ITS separately trained agents instead "
                     "of training them (the backbone must be the same: its full-network test accuracy is checked).")
@@ -503,7 +505,9 @@ def run_one(name, backbone, seed):
                              "distinct_targets": int(len({tuple(a) for a in targets})), **history}
             policies["imitate_only"] = evaluate(agent_model, static_curve)  # before the Q-learning refinement
             timing["imitation"] = time.time() - start
-        select = rnp_tf.BestKnobWeights(xv, yv, restore=False) if policy == "knob" and FLAGS.knob_select else None
+        select = None
+        if policy == "knob" and FLAGS.knob_select:
+            select = rnp_tf.BestKnobWeights(xv, yv, [float(b) for b in FLAGS.knob_select_budgets], restore=False)
         _fit(agent_model, data, None, epochs, 3e-4, callbacks=[select] if select else None)
         if select is not None:  # the last epoch's knob first (compared in the same run), then the kept epoch's
             last_sweep = _sweep(agent_model, xv, xt, yt)
@@ -924,7 +928,8 @@ def write_report(runs, output, stem, extra=None):
     goals = targets(runs)
     keys = ("datasets", "backbones", "seeds", "widths", "vgg_width", "policies", "pretrain_epochs", "robust_epochs",
             "rnp_epochs", "max_train_examples", "penalty", "budgets", "separate_penalties", "knob_budgets", "max_mixes",
-            "knob_backbone_penalties", "knob_epochs", "knob_distill_weight", "knob_select", "reference", "skip")
+            "knob_backbone_penalties", "knob_epochs", "knob_distill_weight", "knob_select", "knob_select_budgets",
+            "reference", "skip")
     result = {"flags": {k: FLAGS[k].value for k in keys}, "runs": _public(runs), "summary": rows, "targets": goals,
               **(extra or {})}
     io_utils.write_json(os.path.join(output, f"{stem}.json"), result)
@@ -969,6 +974,13 @@ def main(argv):
         raise app.UsageError("--reference and --separate_penalties: the agents come from one or the other.")
     if FLAGS.reference and not os.path.isfile(FLAGS.reference):
         raise app.UsageError(f"--reference: no such file {FLAGS.reference}")
+    try:
+        select_budgets = [float(b) for b in FLAGS.knob_select_budgets]
+    except ValueError:
+        select_budgets = []
+    if not select_budgets or not all(0 < b <= 1 for b in select_budgets):
+        raise app.UsageError(f"--knob_select_budgets: expected compute fractions in (0, 1]. "
+                             f"Received: {','.join(FLAGS.knob_select_budgets)}")
     if "knob" in FLAGS.policies and len(FLAGS.knob_backbone_penalties) != 2:
         raise app.UsageError(f"--knob_backbone_penalties: expected p_min,p_max. Received: {FLAGS.knob_backbone_penalties}")
     os.makedirs(FLAGS.output, exist_ok=True)

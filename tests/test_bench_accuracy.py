@@ -49,7 +49,8 @@ def test_reported_macs_equal_the_engines_counted_macs():
 
 def test_quick_run_writes_the_documented_json(tmp_path, run_module):
     result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--policies=paper,late,knob,imitate,aux",
-                        "--separate_penalties=-0.1", "--knob_budgets=0.5", "--imitate_epochs=1", "--knob_select")
+                        "--separate_penalties=-0.1", "--knob_budgets=0.5", "--imitate_epochs=1", "--knob_select",
+                        "--knob_select_budgets=0.5,0.3")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "accuracy_quick.json").read_text())
     run = data["runs"][0]
@@ -68,6 +69,7 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
     assert [s["budget"] for s in run["knob_sweeps"]["knob"]] == [0.6, 0.5, 0.3]
     # --knob_select: one epoch here, so the kept epoch is the last and both sweeps agree
     assert run["knob_select"]["best_epoch"] == 0 and len(run["knob_select"]["history"]) == 1
+    assert {float(b) for b in run["knob_select"]["history"][0]["by_budget"]} == {0.5, 0.3}
     assert run["knob_sweeps"]["knob_last"] == run["knob_sweeps"]["knob"]
     (separate,) = run["separate_agents"]
     assert set(separate["one_model_by_policy"]) == {"knob", "paper", "knob_last"}
@@ -206,3 +208,11 @@ def test_reference_agents_come_from_the_same_backbone(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         accuracy.reference_agents(str(path), "d", "b", 3, 0.625)
+
+
+@pytest.mark.parametrize("value", ["0,0.5", "a", "0.5,1.5"])
+def test_bad_selection_budgets_are_a_usage_error(value, tmp_path, run_module):
+    result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--knob_select",
+                        f"--knob_select_budgets={value}")
+    assert result.returncode != 0 and "--knob_select_budgets" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())
