@@ -159,18 +159,36 @@ class Dataset:
         ```
         """
         if self._test_arrays_cache is None:
-            xs, ys = [], []
-            for x, y in self.test.as_numpy_iterator():
-                xs.append(x)
-                ys.append(y)
-            if xs:
-                x = np.concatenate(xs).astype(np.float32, copy=False)
-                y = np.concatenate(ys).astype(np.int32, copy=False)
-            else:
-                x = np.zeros((0,) + tuple(self.input_shape), np.float32)
-                y = np.zeros((0,), np.int32)
-            self._test_arrays_cache = _read_only(x, y)
+            self._test_arrays_cache = _read_only(*_split_arrays(self.test, self.input_shape))
         return self._test_arrays_cache
+
+    def validation_arrays(self, max_images=None) -> tuple[np.ndarray, np.ndarray]:
+        """Returns the first `max_images` validation images and labels as NumPy arrays.
+
+        Not cached; iteration stops once `max_images` are read.
+
+        Args:
+            max_images: how many images at most. Defaults to None (all).
+
+        Returns:
+            A tuple `(x, y)` as for `test_arrays`, in the order of
+            `validation`.
+
+        Raises:
+            ValueError: the dataset was loaded without a validation split.
+
+        Example:
+
+        ```python
+        x_val, y_val = load_dataset("digits", validation_split=0.1).validation_arrays(1000)
+        ```
+        """
+        if self.validation is None:
+            raise ValueError(
+                f"Dataset {self.name!r} has no validation split; load it with validation_split > 0. "
+                f"Received: num_validation={self.num_validation}"
+            )
+        return _split_arrays(self.validation, self.input_shape, max_images)
 
     def denormalize(self, x) -> np.ndarray:
         """Maps normalised images back to [0, 1] floats, for display.
@@ -341,6 +359,21 @@ def _check_options(
             f"max_train_examples must be None or a positive integer. "
             f"Received: max_train_examples={max_train_examples!r}"
         )
+
+
+def _split_arrays(split, input_shape, max_images=None):
+    """`(x, y)` float32 / int32 arrays of a batched split, its first `max_images` at most."""
+    xs, ys, count = [], [], 0
+    for x, y in split.as_numpy_iterator():
+        xs.append(x)
+        ys.append(y)
+        count += len(y)
+        if max_images is not None and count >= max_images:
+            break
+    if not xs:
+        return np.zeros((0,) + tuple(input_shape), np.float32), np.zeros((0,), np.int32)
+    x = np.concatenate(xs)[:max_images].astype(np.float32, copy=False)
+    return x, np.concatenate(ys)[:max_images].astype(np.int32, copy=False)
 
 
 def _read_only(*arrays):

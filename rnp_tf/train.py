@@ -325,10 +325,7 @@ def config_from_flags(flag_values=flags.FLAGS):
             )
     spread = None
     if fv.backbone_penalty_range:
-        try:
-            spread = tuple(float(p) for p in fv.backbone_penalty_range)
-        except ValueError:
-            spread = ()
+        spread = _floats(fv.backbone_penalty_range)
         if len(spread) != 2 or not spread[0] < spread[1]:
             raise ValueError(
                 "--backbone_penalty_range must be p_min,p_max with p_min < p_max. "
@@ -336,10 +333,7 @@ def config_from_flags(flag_values=flags.FLAGS):
             )
     select = None
     if fv.select_budgets:
-        try:
-            select = tuple(float(b) for b in fv.select_budgets)
-        except ValueError:
-            select = ()
+        select = _floats(fv.select_budgets)
         if not select or not all(0.0 < b <= 1.0 for b in select):
             raise ValueError(
                 "--select_budgets must be compute fractions in (0, 1]. "
@@ -360,6 +354,14 @@ def config_from_flags(flag_values=flags.FLAGS):
     )
     _check_backbone(config)
     return config
+
+
+def _floats(values):
+    """The list flag's values as a tuple of floats, or `()` when one is not a number."""
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError:
+        return ()
 
 
 def _backbone_spec(config):
@@ -845,20 +847,6 @@ def _validation_input(config, dataset, strategy):
     return validation.with_options(distribute.distribute_options(strategy, in_memory))
 
 
-def _validation_arrays(dataset, max_images):
-    """The first `max_images` validation images and labels as numpy arrays."""
-    import numpy as np
-
-    xs, ys, count = [], [], 0
-    for x, y in dataset.validation:
-        xs.append(x.numpy())
-        ys.append(y.numpy().reshape(-1))
-        count += len(ys[-1])
-        if count >= max_images:
-            break
-    return np.concatenate(xs)[:max_images], np.concatenate(ys)[:max_images]
-
-
 def run(config, dataset=None, model=None, strategy=None, resume=None, callbacks=None):
     """Runs (or resumes) every enabled stage of a training run and writes its outputs.
 
@@ -952,7 +940,7 @@ def run(config, dataset=None, model=None, strategy=None, resume=None, callbacks=
         callbacks = [EpochSeeder(config.seed, STAGES[stage], rebuild=config.reseed_every_epoch)]
         if chief and stage == "rnp" and config.select_budgets:
             # measured before the epoch's state is saved, so no resume point skips a measurement
-            x, y = _validation_arrays(dataset, SELECT_MAX_IMAGES)
+            x, y = dataset.validation_arrays(SELECT_MAX_IMAGES)
             callbacks.append(BestKnobWeights(x, y, config.select_budgets, restore=False, path=selection_path))
         if chief:
             callbacks.append(AtomicCheckpoint(checkpoints, prefix=stage))

@@ -112,6 +112,16 @@ def test_digits_validation_split(digits):
     x_val, y_val = _collect(ds.validation)
     assert len(x_train) == ds.num_train and len(x_val) == ds.num_validation
     assert y_val.dtype == np.int32
+    # validation_arrays: the same images in the same order, all of them or the first n
+    x_all, y_all = ds.validation_arrays()
+    np.testing.assert_array_equal(x_all, x_val)
+    np.testing.assert_array_equal(y_all, y_val)
+    x_some, y_some = ds.validation_arrays(100)
+    assert x_some.dtype == np.float32 and y_some.dtype == np.int32
+    np.testing.assert_array_equal(x_some, x_val[:100])
+    np.testing.assert_array_equal(y_some, y_val[:100])
+    with pytest.raises(ValueError, match="no validation split"):
+        digits.validation_arrays()
     # Train and validation partition the training split (compared as raw
     # 0..16 pixels: mean / std now come from the smaller training part).
     def raw(dataset, x):
