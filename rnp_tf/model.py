@@ -854,21 +854,25 @@ class RNPModel(keras.Model):
         self._calibration.assign(table)
         return list(zip(penalties.tolist(), fractions))
 
-    def set_budget(self, compute_fraction, x=None, tolerance=0.01, max_iterations=12):
+    def set_budget(self, compute_fraction, x=None, tolerance=0.02, max_iterations=12):
         """Sets the penalty whose measured mean compute is `compute_fraction`.
 
         Interpolates the calibration of `calibrate_budget` (made monotone:
         a smaller budget never gets a less negative penalty) and clips to the
         calibrated range. With images `x` (the calibration set), it then
         bisects the penalty on them until their mean compute is within
-        `tolerance` of the budget (mean compute falls as the penalty falls),
-        keeping the closest penalty seen: the interpolation alone can miss
-        by more than 5% where the agent's compute moves in steps.
+        `tolerance * compute_fraction` of the budget (mean compute falls as
+        the penalty falls), keeping the closest penalty seen: the
+        interpolation alone can miss by more than 5% where the agent's
+        compute moves in steps. The tolerance is relative so that small
+        budgets are held as tightly as large ones (an absolute 0.01 let a
+        budget of 0.12 stop at the narrowest network's 0.113, 6% off).
 
         Args:
             compute_fraction: target mean MACs as a fraction of the full model.
             x: optional images or `tf.data.Dataset` to refine on.
-            tolerance: absolute tolerance of the refinement. Defaults to 0.01.
+            tolerance: relative tolerance of the refinement, as a share of
+                `compute_fraction`. Defaults to 0.02.
             max_iterations: bisection steps at most. Defaults to 12.
 
         Returns:
@@ -891,7 +895,11 @@ class RNPModel(keras.Model):
         order = np.argsort(fractions, kind="stable")
         penalty = float(np.interp(compute_fraction, fractions[order], penalties[order]))
         if x is not None:
-            penalty = self._refine_budget(compute_fraction, x, penalty, penalties, fractions, tolerance, max_iterations)
+            if isinstance(tolerance, bool) or not 0.0 < tolerance < 1.0:
+                raise ValueError(f"`tolerance` must be in (0, 1), relative to the budget. Received: tolerance={tolerance}")
+            penalty = self._refine_budget(
+                compute_fraction, x, penalty, penalties, fractions, tolerance * compute_fraction, max_iterations
+            )
         self._penalty_setting.assign(penalty)
         return penalty
 
