@@ -332,12 +332,22 @@ def _thin_spec(backbone, target_fraction, full_macs, data):
     return best[1], best[2]
 
 
+# below every reachable mean compute: `set_budget` clips it to the knob's cheapest calibrated setting
+FLOOR_BUDGET = 1e-3
+
+
 def _sweep(model, xv, xt, yt):
-    """The run-time knob set on validation to every budget of --knob_budgets and --budgets, read on test."""
+    """The run-time knob set on validation to every budget of --knob_budgets and --budgets, read on test.
+
+    The last point is the knob's cheapest setting (`budget` "floor"), so separate agents that collapse to the
+    narrowest widths are compared wherever the one model reaches them, whatever the smallest budget asked.
+    """
     from rnp_tf.evaluation import budget_points
 
     budgets = sorted({float(b) for b in FLAGS.knob_budgets + FLAGS.budgets}, reverse=True)
-    return budget_points(model, budgets, xv, xt, yt, num_points=13)
+    points = budget_points(model, budgets + [FLOOR_BUDGET], xv, xt, yt, num_points=13)
+    points[-1]["budget"] = "floor"
+    return points
 
 
 def _evaluate_policy(model, data, xv, xt, yt, full_loss, seed):
