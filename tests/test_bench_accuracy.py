@@ -128,6 +128,17 @@ def test_one_model_gap_is_paired_per_seed_with_its_spread():
         return {"dataset": "d", "backbone": "b", "policies": {}, "knob_sweeps": {"knob": []},
                 "separate_agents": agents}
 
+    # the sweep's mean compute over seeds against each requested budget; the floor point asks none
+    swept = [run(0.60, 0.58), run(0.62, 0.58)]
+    for r, computes in zip(swept, ([0.50, 0.21, 0.11], [0.52, 0.19, 0.12])):
+        r["knob_sweeps"]["knob"] = [{"budget": b, "compute_fraction": c} for b, c in zip((0.5, 0.2, "floor"), computes)]
+    misses = accuracy.knob_budget_misses(swept, "knob")
+    assert list(misses) == [0.5, 0.2] and np.allclose(list(misses.values()), [0.02, 0.0])
+    (line, _) = accuracy.targets(swept)
+    assert line.endswith("mean compute within 5% of every requested budget (issue 7, budgets 0.5/0.2): MET "
+                         "(off by +2.0/+0.0%)"), line
+    swept[1]["knob_sweeps"]["knob"][1]["compute_fraction"] = 0.23  # mean 0.22 against 0.2: 10% over
+    assert "MISSED (off by +2.0/+10.0%)" in accuracy.targets(swept)[0]
     (line,) = accuracy.targets([run(0.60, 0.58), run(0.62, 0.58)])
     assert line == ("- d / b: one model (RNP knob) within 1.0 point of separately trained agents at matched "
                     "compute (issue 7, 1 agents inside the knob's range): MISSED (separate minus one model +3.0; "
