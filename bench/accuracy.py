@@ -106,7 +106,7 @@ flags.DEFINE_float("knob_distill_weight", 0.0,
 flags.DEFINE_boolean("knob_select", False,
                      "Policy `knob`: keep the epoch whose mean validation accuracy over --knob_select_budgets is "
                      "best (`rnp_tf.BestKnobWeights`); the last epoch's knob is also swept, as `knob_last`.")
-flags.DEFINE_list("knob_select_budgets", ["0.2", "0.33", "0.55", "0.8"],
+flags.DEFINE_list("knob_select_budgets", ["0.12", "0.2", "0.33", "0.55", "0.8"],
                   "--knob_select: the mean compute fractions whose validation accuracy is averaged.")
 flags.DEFINE_string("reference", None,
                     "A report JSON of the same seeds: compare the knob with ITS separately trained agents instead "
