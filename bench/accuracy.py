@@ -439,7 +439,10 @@ def reference_agents(path, name, backbone, seed, full_accuracy):
 
     Example:
 
-    >>> agents = reference_agents("bench/results/accuracy_knob10.json", "cifar10_subset", "cifar_cnn", 6, 0.62635)
+    >>> agents = reference_agents("bench/results/accuracy_knob10.json", "cifar10_subset", "cifar_cnn",
+    ...                           6, 0.6263520157325467)
+    >>> [a["penalty"] for a in agents]
+    [-0.03, -0.07, -0.1, -0.15, -0.25]
     """
     from rnp_tf import io_utils
 
