@@ -704,6 +704,11 @@ def _one_model(separate_agent, policy):
     return separate_agent["one_model_at_same_compute"]
 
 
+def _run_sweeps(run):
+    """A run's knob sweeps by policy (runs before `knob_sweeps` swept the paper agent's alone, `knob_sweep`)."""
+    return run.get("knob_sweeps") or ({"paper": run["knob_sweep"]} if run.get("knob_sweep") else {})
+
+
 def knob_budget_misses(group, policy):
     """Relative error of a knob sweep's mean compute (over seeds) at every requested budget (issue 7).
 
@@ -722,8 +727,7 @@ def knob_budget_misses(group, policy):
     ...                                                {"budget": "floor", "compute_fraction": 0.1}]}}], "knob")
     {0.5: 0.040000000000000036}
     """
-    sweeps = [(r.get("knob_sweeps") or {"paper": r.get("knob_sweep")}).get(policy) for r in group]
-    sweeps = [sweep for sweep in sweeps if sweep]
+    sweeps = [sweep for sweep in (_run_sweeps(r).get(policy) for r in group) if sweep]
     budgets = [p["budget"] for p in sweeps[0] if p["budget"] != "floor"] if sweeps else []
     return {b: float(np.mean([p["compute_fraction"] for sweep in sweeps for p in sweep if p["budget"] == b])) / b - 1
             for b in budgets}
@@ -909,7 +913,7 @@ def plot(runs, output, stem):
         for label, stage in (("thin from scratch", "thin"), ("static fine-tuned", "static_finetuned")):
             if run[stage]:
                 curves[label] = [(t["compute_fraction"], t["accuracy"]) for t in run[stage]]
-        sweeps = run.get("knob_sweeps") or ({"paper": run["knob_sweep"]} if run.get("knob_sweep") else {})
+        sweeps = _run_sweeps(run)
         for policy, sweep in sweeps.items():
             curves[f"RNP {policy}, knob sweep (issue 7)"] = [(k["compute_fraction"], k["accuracy"]) for k in sweep]
         if run["separate_agents"]:
