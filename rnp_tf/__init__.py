@@ -32,9 +32,6 @@ from rnp_tf.data import Dataset
 from rnp_tf.data import load_dataset
 from rnp_tf.engine import InferenceEngine
 from rnp_tf.evaluation import evaluate_model
-from rnp_tf import imitation
-from rnp_tf.imitation import imitate
-from rnp_tf.imitation import soft_oracle_actions
 from rnp_tf.layers import GatedConv2D
 from rnp_tf.metrics import ActionShares
 from rnp_tf.metrics import StdDev
