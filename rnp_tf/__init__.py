@@ -14,7 +14,6 @@ from rnp_tf import backbones
 from rnp_tf import dqn
 from rnp_tf.agent import DecisionAgent
 from rnp_tf.agent import epsilon_greedy_actions
-from rnp_tf.agent import confidence_features
 from rnp_tf.agent import greedy_actions
 from rnp_tf.backbones import cifar_cnn
 from rnp_tf.backbones import vgg_cifar
