@@ -15,22 +15,14 @@ measures:
 5. RNP at every budget of `--budgets` (about 1.5x to 6x fewer MACs), by the
    run-time knob of one trained model (`RNPModel.set_budget`, refined on
    validation), for every agent of `--policies`: `paper` (the paper's LSTM
-   agent on pooled features) and `late` (`late_decision=True`: the agent
-   also sees the narrowest network's softmax confidence and may stop
-   there); `knob` (optional: the paper's agent whose backbone phases act
-   under penalties drawn from `--knob_backbone_penalties`, i.e.
-   `RNPModel(backbone_penalty_range=...)`, so its backbone is fine-tuned for
-   every setting of the run-time knob; `--knob_distill_weight` adds
-   distillation from the full width to those phases); `imitate` (optional: the paper's
-   agent first taught to imitate the soft oracle's mix of every training
-   image, `rnp_tf.imitation`, for `--imitate_epochs`, then refined by
-   Algorithm 1 from epsilon 0.1; its points before the refinement are
-   reported as `imitate_only`); `aux` (optional: `aux_confidence=True`, the
-   agent also reads how sure a linear classifier on the pooled features
-   of each layer is; the classifiers' test accuracy and how well the first
-   one's confidence predicts "the narrowest mix is wrong where full width
-   is right" (AUC, FINDINGS.md's probe) are in the JSON under `aux`); optionally separately trained paper
-   agents at fixed penalties (`--separate_penalties`, issue 7's comparison:
+   agent on pooled features) and `knob` (optional: the paper's agent whose
+   backbone phases act under penalties drawn from
+   `--knob_backbone_penalties`, i.e. `RNPModel(backbone_penalty_range=...)`,
+   so its backbone is fine-tuned for every setting of the run-time knob).
+   The agents measured and removed after commit 7fe7dd6 (`late`, `aux`,
+   `imitate`, `--knob_distill_weight`) are written up in
+   `docs/experiments/`; their reports still merge (`--merge`). Optionally
+   separately trained paper agents at fixed penalties (`--separate_penalties`, issue 7's comparison:
    the knob of `knob` if trained, else of `paper`, against them; or, with
    `--reference`, the agents an earlier report trained from the same
    backbone, which lets a new `knob` recipe be compared without retraining
@@ -61,6 +53,7 @@ Example:
 """
 
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -76,7 +69,7 @@ DATASETS = {
     "fashion_mnist": "fashion_mnist.npz",
 }
 BACKBONES = ("cifar_cnn", "vgg_cifar")
-POLICIES = ("paper", "late", "knob", "imitate", "aux")
+POLICIES = ("paper", "knob")
 STAGES = ("static_finetuned", "thin")
 
 FLAGS = flags.FLAGS
@@ -85,7 +78,7 @@ flags.DEFINE_list("backbones", ["cifar_cnn", "vgg_cifar"], "Backbones: " + ", ".
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one full pipeline per seed).")
 flags.DEFINE_list("widths", ["32", "64", "128", "128"], "cifar_cnn widths.")
 flags.DEFINE_integer("vgg_width", 48, "vgg_cifar: channels of its first convs.")
-flags.DEFINE_list("policies", ["paper", "late"], "Agents trained from each backbone: " + ", ".join(POLICIES) + ".")
+flags.DEFINE_list("policies", ["paper"], "Agents trained from each backbone: " + ", ".join(POLICIES) + ".")
 flags.DEFINE_integer("pretrain_epochs", 10, "Full-width epochs of the backbone.")
 flags.DEFINE_integer("robust_epochs", 8, "Prefix-robust epochs.")
 flags.DEFINE_integer("rnp_epochs", 6, "Algorithm 1 epochs (per agent).")
@@ -99,10 +92,6 @@ flags.DEFINE_list("knob_budgets", ["0.9", "0.8", "0.55", "0.33", "0.2", "0.12"],
 flags.DEFINE_list("knob_backbone_penalties", ["-0.3", "0.05"],
                   "Policy `knob`: (p_min, p_max) of the penalties its backbone phases act under.")
 flags.DEFINE_integer("knob_epochs", None, "Policy `knob`: Algorithm 1 epochs (default: --rnp_epochs).")
-flags.DEFINE_float("knob_distill_weight", 0.0,
-                   "Policy `knob`: distillation from the full width in its backbone phases "
-                   "(`RNPModel(backbone_distill_weight=...)`; 0: cross-entropy alone, the paper's).",
-                   lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_boolean("knob_select", False,
                      "Policy `knob`: keep the epoch whose mean validation accuracy over --knob_select_budgets is "
                      "best (`rnp_tf.BestKnobWeights`); the last epoch's knob is also swept, as `knob_last`.")
@@ -114,7 +103,6 @@ flags.DEFINE_string("reference", None,
 flags.DEFINE_string("backbone_cache", None,
                     "Directory: save each seed's prefix-robust backbone there (a `.keras` file named by dataset, "
                     "backbone, seed and the flags that shape it) and load it instead of training when present.")
-flags.DEFINE_integer("imitate_epochs", 5, "Policy `imitate`: epochs of imitating the soft oracle before Algorithm 1.")
 flags.DEFINE_list("skip", [], "Stages not run (e.g. for issue 7's comparison alone): " + ", ".join(STAGES) + ".")
 flags.DEFINE_integer("max_mixes", 256, "Static mixes evaluated at most (a seeded sample beyond).")
 flags.DEFINE_float("soft_margin", 0.1, "Soft oracle: loss within this of the full network's.")
@@ -193,11 +181,72 @@ def _clone(model, **overrides):
     return copy
 
 
-def _per_image(model, x, y, actions):
-    """Correctness, loss and logits of every image under forced actions `[1 or n, num_prunable]`."""
-    from rnp_tf.imitation import per_image_loss
+def candidate_mixes(num_prunable, groups, max_mixes, seed=0):
+    """Every per-layer width mix, or the uniform mixes plus a seeded sample of the others.
 
-    loss, logits = per_image_loss(model, x, y, actions)
+    Args:
+        num_prunable: decisions per image.
+        groups: `k`.
+        max_mixes: most mixes returned (at least `groups`).
+        seed: sampling seed.
+
+    Returns:
+        int array `[mixes, num_prunable]`, the full network last.
+
+    Example:
+
+    >>> candidate_mixes(2, 2, max_mixes=16).tolist()
+    [[1, 1], [1, 2], [2, 1], [2, 2]]
+    """
+    if max_mixes < groups:
+        raise ValueError(f"`max_mixes` must be >= groups ({groups}). Received: max_mixes={max_mixes}")
+    total = groups**num_prunable
+    if total <= max_mixes:
+        return np.array(list(itertools.product(range(1, groups + 1), repeat=num_prunable)))
+    uniform = [np.full(num_prunable, a) for a in range(1, groups + 1)]
+    rng = np.random.default_rng(seed)
+    chosen = {tuple(m) for m in uniform}
+    while len(chosen) < max_mixes:
+        chosen.add(tuple(rng.integers(1, groups + 1, num_prunable)))
+    full = (groups,) * num_prunable
+    chosen.discard(full)
+    return np.array(sorted(chosen) + [full])
+
+
+def oracle_choice(ok, fractions, fallback):
+    """For every image, the cheapest mix for which `ok[mix, image]` holds.
+
+    Args:
+        ok: bool array `[mixes, images]`.
+        fractions: compute fraction of every mix.
+        fallback: mix index used where no mix qualifies (the full network).
+
+    Returns:
+        int array `[images]` of mix indices.
+
+    Example:
+
+    >>> oracle_choice(np.array([[1, 1], [0, 1]], bool), np.array([1.0, 0.2]), 0).tolist()
+    [0, 1]
+    """
+    order = np.argsort(fractions, kind="stable")
+    sorted_ok = ok[order]
+    first = sorted_ok.argmax(axis=0)
+    chosen = order[first]
+    return np.where(sorted_ok.any(axis=0), chosen, fallback)
+
+
+def _per_image(model, x, y, actions, batch_size=512):
+    """Correctness, loss and logits of every image under forced actions `[1 or n, num_prunable]`."""
+    import keras
+
+    logits = []
+    for start in range(0, len(x), batch_size):
+        a = np.broadcast_to(actions, (len(x), model.num_prunable))[start : start + batch_size]
+        out = model.rollout(x[start : start + batch_size], actions=np.ascontiguousarray(a))
+        logits.append(np.asarray(out["logits"]))
+    logits = np.concatenate(logits)
+    loss = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
     return logits.argmax(1) == y, loss, logits
 
 
@@ -251,38 +300,6 @@ def _interp_inside(curve, fraction):
     """`_interp` where `fraction` lies within the curve's compute range, else None (no extrapolation)."""
     xs = [c[0] for c in curve]
     return _interp(curve, fraction) if min(xs) <= fraction <= max(xs) else None
-
-
-def _auc(scores, positive):
-    """Area under the ROC curve of `scores` for the boolean labels `positive` (None if one class is empty)."""
-    from scipy import stats
-
-    positive = np.asarray(positive, bool)
-    if positive.all() or not positive.any():
-        return None
-    u = stats.mannwhitneyu(scores[positive], scores[~positive]).statistic
-    return float(u / (positive.sum() * (~positive).sum()))
-
-
-def _aux_signal(model, xt, yt, test_correct, fractions, full_index):
-    """What the `aux` agent's classifiers know, on test, at the agent's trained setting (its own weights).
-
-    Returns:
-        `accuracy_per_layer` of every layer's classifier (on the widths the
-        agent chose), and `auc_needs_width`: how well the first classifier's
-        doubt (1 - top probability; its features are the same for every
-        width) predicts the images that the narrowest mix gets wrong and
-        full width gets right (FINDINGS.md's probe: 0.55-0.60 from pooled
-        features).
-    """
-    aux = np.concatenate([model.rollout(xt[i:i + 256])["aux_logits"].numpy() for i in range(0, len(xt), 256)])
-    narrow = int(np.argmin(fractions))
-    needs_width = test_correct[full_index] & ~test_correct[narrow]
-    return {
-        "accuracy_per_layer": [float((aux[:, t].argmax(-1) == yt).mean()) for t in range(aux.shape[1])],
-        "auc_needs_width": _auc(1.0 - _softmax(aux[:, 0]).max(1), needs_width),
-        "needs_width_share": float(needs_width.mean()),
-    }
 
 
 def _spearman(a, b):
@@ -368,10 +385,8 @@ def _evaluate_policy(model, data, xv, xt, yt, full_loss, seed):
                 "accuracy": float(correct.mean()),
                 "compute_fraction": float(frac.mean()),
                 "compute_p90": float(np.percentile(frac, 90)),
-                # forced tuples; for a late model the all-ones tuple is exactly its narrow answer
                 "shuffled_accuracy": float(_per_image(model, xt, yt, shuffled)[0].mean()),
                 "distinct_action_tuples": int(len({tuple(a) for a in actions})),
-                "stopped_share": float((actions.max(1) == 1).mean()) if model.late_decision else None,
                 "spearman_compute_vs_full_loss": _spearman(frac, full_loss),
                 "compute_per_class": {
                     data.class_names[c]: float(frac[yt == c].mean()) for c in range(data.num_classes) if (yt == c).any()
@@ -462,9 +477,6 @@ def run_one(name, backbone, seed):
     import keras
 
     import rnp_tf
-    from rnp_tf import imitation
-    from rnp_tf.imitation import candidate_mixes
-    from rnp_tf.imitation import oracle_choice
 
     keras.utils.set_random_seed(seed)
     data = _load(name, seed)
@@ -490,7 +502,7 @@ def run_one(name, backbone, seed):
     steps = FLAGS.rnp_epochs * int(np.ceil(data.num_train / 128))
 
     # 5: every agent from the same backbone, Algorithm 1 for the same epochs
-    policies, agent_models, imitation_log, aux_log, select_log, last_sweep = {}, {}, None, None, None, None
+    policies, agent_models, select_log, last_sweep = {}, {}, None, None
 
     def evaluate(agent_model, own_curve):
         points = _evaluate_policy(agent_model, data, xv, xt, yt, test_loss[full_index], seed)
@@ -500,24 +512,12 @@ def run_one(name, backbone, seed):
         return points
 
     for policy in FLAGS.policies:
-        options, epochs = {"late_decision": policy == "late", "aux_confidence": policy == "aux"}, FLAGS.rnp_epochs
+        options, epochs = {}, FLAGS.rnp_epochs
         if policy == "knob":
             options["backbone_penalty_range"] = [float(p) for p in FLAGS.knob_backbone_penalties]
-            options["backbone_distill_weight"] = FLAGS.knob_distill_weight
             epochs = FLAGS.knob_epochs or FLAGS.rnp_epochs
-        if policy == "imitate":  # the refinement starts from the imitated policy, not from random actions
-            options["epsilon_start"] = 0.1
         agent_model = _clone(backbone_model, **options)
         start = time.time()
-        if policy == "imitate":
-            # the soft oracle's mix of every training image, imitated by the agent, then Algorithm 1
-            xtr, ytr = _arrays(data.train)
-            targets = imitation.soft_oracle_actions(agent_model, xtr, ytr, mixes, FLAGS.soft_margin)
-            history = imitation.imitate(agent_model, xtr, targets, epochs=FLAGS.imitate_epochs, seed=seed)
-            imitation_log = {"oracle_compute_fraction": float(agent_model.compute_fraction(targets).numpy().mean()),
-                             "distinct_targets": int(len({tuple(a) for a in targets})), **history}
-            policies["imitate_only"] = evaluate(agent_model, static_curve)  # before the Q-learning refinement
-            timing["imitation"] = time.time() - start
         select = None
         if policy == "knob" and FLAGS.knob_select:
             select = rnp_tf.BestKnobWeights(xv, yv, [float(b) for b in FLAGS.knob_select_budgets], restore=False)
@@ -527,12 +527,10 @@ def run_one(name, backbone, seed):
             agent_model.set_weights(select.best_weights)
             select_log = {"best_epoch": select.best_epoch, "history": select.history}
         # the static curve of the agent's own fine-tuned backbone: what the per-image choice adds to its weights
-        _, own_curve, (own_correct, _, _) = _static_curve(agent_model, mixes, fractions, xv, yv, xt, yt)
+        _, own_curve, _ = _static_curve(agent_model, mixes, fractions, xv, yv, xt, yt)
         points = evaluate(agent_model, own_curve)
         timing[f"rnp_{policy}"] = time.time() - start
         policies[policy], agent_models[policy] = points, agent_model
-        if policy == "aux":
-            aux_log = _aux_signal(agent_model, xt, yt, own_correct, fractions, full_index)
 
     # 6: oracle bounds (hard and soft) on test
     oracle_rows = []
@@ -614,8 +612,6 @@ def run_one(name, backbone, seed):
         "full_accuracy": full_accuracy,
         "static_curve": static_curve,
         "policies": policies,
-        "imitation": imitation_log,
-        "aux": aux_log,
         "knob_select": select_log,
         "oracle": oracle_rows,
         "cascade": cascade,
@@ -638,8 +634,8 @@ def _stats(values):
 def _by_policy(group):
     """(policy, the runs that trained it) for every policy of a group, in order of first appearance.
 
-    Runs merged from separate processes may have trained different agents (e.g. seeds 0-2 with `late`, seeds
-    3-5 with `imitate`): each policy is summarised over the seeds that have it.
+    Runs merged from separate processes may have trained different agents (e.g. seeds 0-2 with `paper`, seeds
+    3-5 with `knob`): each policy is summarised over the seeds that have it.
     """
     policies = dict.fromkeys(p for r in group for p in r["policies"])
     return [(p, [r for r in group if p in r["policies"]]) for p in policies]
@@ -761,12 +757,18 @@ def knob_differences(group, policy):
 
 
 def compact(rows):
-    """One line per dataset, backbone and budget: every method's test accuracy (mean ± std over seeds, %)."""
-    columns = [("RNP paper", "RNP paper"), ("shuffled paper", "shuffled paper"), ("RNP late", "RNP late"),
-               ("shuffled late", "shuffled late"), ("static curve", "static curve at RNP paper"),
-               ("static fine-tuned", "static fine-tuned"), ("thin", "thin from scratch"), ("cascade", "cascade")]
+    """One line per dataset, backbone and budget: every method's test accuracy (mean ± std over seeds, %).
+
+    Reports of runs at commit 7fe7dd6 or before (`--merge`) that trained the removed `late` agent get its
+    columns too.
+    """
+    agents = ["paper"] + (["late"] if any(r["method"].startswith("RNP late ") for r in rows) else [])
+    columns = [(f"{kind} {p}", f"{kind} {p}") for p in agents for kind in ("RNP", "shuffled")]
+    columns += [("static curve", "static curve at RNP paper"), ("static fine-tuned", "static fine-tuned"),
+                ("thin", "thin from scratch"), ("cascade", "cascade")]
     index = {(r["dataset"], r["backbone"], r["method"]): r for r in rows}
-    lines = ["| data / backbone | budget | compute (paper / late) | " + " | ".join(c for c, _ in columns) + " |",
+    lines = [f"| data / backbone | budget | compute ({' / '.join(agents)}) | " + " | ".join(c for c, _ in columns)
+             + " |",
              "| --- | ---: | --- | " + " | ".join("---:" for _ in columns) + " |"]
 
     def cell(row):
@@ -777,8 +779,8 @@ def compact(rows):
         lines.append(f"| {name} / {backbone} | full | 1.0 | full network {cell(full)} |" + " |" * (len(columns) - 1))
         for budget in FLAGS.budgets:
             tag = f"@{float(budget):g}"
-            paper, late = (index.get((name, backbone, f"RNP {p} {tag}")) for p in ("paper", "late"))
-            compute = " / ".join(f"{r['compute']:.3f}" if r else "-" for r in (paper, late))
+            compute = " / ".join(f"{r['compute']:.3f}" if r else "-"
+                                 for r in (index.get((name, backbone, f"RNP {p} {tag}")) for p in agents))
             cells = [cell(index.get((name, backbone, f"{key} {tag}"))) for _, key in columns]
             lines.append(f"| {name} / {backbone} | {float(budget):g} | {compute} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -855,15 +857,16 @@ def targets(runs):
     return lines
 
 
-# stages timed inside another stage: shown, but not added to the total again
+# stages timed inside another stage: shown, but not added to the total again (the `imitate` agent of
+# reports at commit 7fe7dd6 and before, read by `--merge`)
 NESTED_STAGES = {"imitation": "rnp_imitate"}
 
 
 def stage_times(runs):
     """Markdown table: wall time of each stage (minutes), mean over seeds, per dataset and backbone.
 
-    A stage in `NESTED_STAGES` is part of its parent's time (the `imitate` agent's stage includes its
-    imitation), so its column is labelled as such and the total counts it once. The separately trained
+    A stage in `NESTED_STAGES` is part of its parent's time (in older reports, the `imitate` agent's stage
+    includes its imitation), so its column is labelled as such and the total counts it once. The separately trained
     agents of issue 7 (timed one by one) make one more column.
     """
     runs = [{"dataset": r["dataset"], "backbone": r["backbone"], "seconds": _stage_seconds(r)} for r in runs]
@@ -976,7 +979,7 @@ def write_report(runs, output, stem, extra=None):
     goals = targets(runs)
     keys = ("datasets", "backbones", "seeds", "widths", "vgg_width", "policies", "pretrain_epochs", "robust_epochs",
             "rnp_epochs", "max_train_examples", "penalty", "budgets", "separate_penalties", "knob_budgets", "max_mixes",
-            "knob_backbone_penalties", "knob_epochs", "knob_distill_weight", "knob_select", "knob_select_budgets",
+            "knob_backbone_penalties", "knob_epochs", "knob_select", "knob_select_budgets",
             "reference", "skip")
     result = {"flags": {k: FLAGS[k].value for k in keys}, "runs": _public(runs), "summary": rows, "targets": goals,
               **(extra or {})}

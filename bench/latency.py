@@ -332,10 +332,10 @@ def agent_alone_function(engine, actions):
     # captured tensors alive for as long as TensorFlow keeps the trace.
     @tf.function(autograph=False)
     def run(inputs):
-        state, condition = engine.start_agent(batch)
+        state = engine.start_agent(batch)
         chosen = []
         for t, pieces in enumerate(inputs):
-            q, state = engine.agent_step(t, pieces, state, single or t == 0, condition)
+            q, state = engine.agent_step(t, pieces, state, single or t == 0)
             chosen.append(rnp_tf.greedy_actions(q))
         return tf.stack(chosen, axis=1)
 

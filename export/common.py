@@ -442,8 +442,6 @@ def penalty_scope(model, penalty):
     """
     variable = model._penalty_setting
     saved = variable.numpy()
-    # the setting is stored as float32: a penalty read back from it may lie
-    # a rounding outside `penalty_range`, where set_penalty would refuse it
     if np.float32(penalty) != saved:
         model.set_penalty(float(penalty))
     try:
@@ -452,18 +450,9 @@ def penalty_scope(model, penalty):
         variable.assign(saved)  # exactly as it was
 
 
-def penalty_candidates(model, setting):
-    """Penalties cheaper than `setting` (more negative), nearest first.
-
-    The paper's agent: `setting - 0.05 * 2**i`. A penalty-conditioned agent:
-    log-spaced towards the low end of `penalty_range`, or towards its high
-    end when the setting is already the cheapest.
-    """
-    if model.penalty_range is None:
-        return [setting - 0.05 * 2.0**i for i in range(14)]
-    low, high = model.penalty_range
-    end = low if not np.isclose(setting, low) else high
-    return [float(np.clip(-np.exp(v), low, high)) for v in np.linspace(np.log(-setting), np.log(-end), 6)[1:]]
+def penalty_candidates(setting):
+    """Penalties cheaper than `setting` (more negative), nearest first: `setting - 0.05 * 2**i`."""
+    return [setting - 0.05 * 2.0**i for i in range(14)]
 
 
 def cheaper_penalty(model, images, setting=None, min_changed=0.25):
@@ -486,7 +475,7 @@ def cheaper_penalty(model, images, setting=None, min_changed=0.25):
     with penalty_scope(model, setting):
         base = reference(model, images)
     best = None
-    for penalty in penalty_candidates(model, setting):
+    for penalty in penalty_candidates(setting):
         with penalty_scope(model, penalty):
             ref = reference(model, images)
         changed = float(np.mean(np.any(ref["actions"] != base["actions"], axis=1)))
@@ -542,17 +531,8 @@ def check_exportable(model):
 
     Residual blocks (and zero-padding stages) run on the model's masked and
     reference sliced paths only; the exported graphs are chains like the
-    CIFAR CNN and VGG. `late_decision` models (two passes, the second
-    steered by the first's confidence) and `aux_confidence` models (an
-    agent with auxiliary classifiers) are not exported either.
+    CIFAR CNN and VGG.
     """
-    for option, what in (("late_decision", "a narrow pass, then an agent reading its confidence"),
-                         ("aux_confidence", "an agent reading auxiliary classifiers' confidence")):
-        if getattr(model, option, False):
-            raise ExportError(
-                f"{option} models ({what}) are not exported yet; train with {option}=False (the paper's agent) "
-                "to export"
-            )
     kinds = {kind for kind, _ in model._plan}
     chain = getattr(model, "is_chain", None)
     if chain is None:
@@ -571,13 +551,11 @@ class SlicedNetwork:
     folded into the kernel with `GatedConv2D.folded_weights`, one folded
     kernel per input width since each width has its own BatchNorm set), the
     pooling layers of `_plan`, the agent (`DecisionAgent.step`'s maths:
-    pool, zero-pad a prefix, append the penalty condition of a conditioned
-    agent, encoder, shared LSTM cell, decoder) and `head_layers`. Greedy
+    pool, zero-pad a prefix, encoder, shared LSTM cell, decoder) and `head_layers`. Greedy
     decisions go through `RNPModel.greedy_q` (the run-time knob: Q-values
     re-priced to the penalty, masked by the compute cap). The penalty is
     an input of the graphs (`penalty`: a float32 scalar, `[1]` or
-    `[batch]` tensor; a conditioned agent reads it through
-    `RNPModel.penalty_condition`); when it is not given, the model's
+    `[batch]` tensor); when it is not given, the model's
     `penalty_setting` when the network was built (`penalty_setting`) is
     used. The compute cap is read when the network is built and frozen in.
     Every weight is a float32 constant, so no exported graph holds a
@@ -692,8 +670,6 @@ class SlicedNetwork:
 
     def _decision_settings(self, model):
         """The run-time knob of `RNPModel.rollout`'s greedy choice: the default penalty, the frozen cap."""
-        agent = model.agent
-        self.conditioned = bool(getattr(agent, "conditioned", False))
         self.penalty_setting = float(model.penalty_setting)
         cap = getattr(model, "_cap_macs", None)
         self.cap = None if cap is None else float(cap)
@@ -983,15 +959,13 @@ class SlicedNetwork:
         penalty = tf.reshape(tf.cast(penalty, tf.float32), [-1])
         return penalty + tf.zeros(tf.stack([n]), tf.float32)
 
-    def agent_step(self, t, pooled, state, penalties=None):
+    def agent_step(self, t, pooled, state):
         """`DecisionAgent.step` on pooled features `[n, c]` (a channel prefix is zero-padded).
 
         Args:
             t: decision index.
             pooled: `[n, c]` pooled features (`c` up to the agent's width).
             state: `[h, c]` LSTM state.
-            penalties: float32 `[n]` run-time penalties (`penalties(...)`),
-                read by a conditioned agent only; None: `penalty_setting`.
 
         Returns `(q_values [n, k], [h, c])` (raw Q-values, before re-pricing).
         """
@@ -999,11 +973,6 @@ class SlicedNetwork:
         missing = self.agent_channels[t] - pooled.shape[-1]
         if missing:
             pooled = tf.pad(pooled, [[0, 0], [0, missing]])
-        if self.conditioned:
-            if penalties is None:
-                penalties = self.penalties(None, tf.shape(pooled)[0])
-            condition = tf.reshape(self.model.penalty_condition(penalties), [-1, 1])
-            pooled = tf.concat([pooled, condition], axis=-1)
         x = self._dense(pooled, ("encoder", t))
         h, c = state
         z = tf.matmul(x, self._const("lstm", 0)) + tf.matmul(h, self._const("lstm", 1)) + self._const("lstm", 2)
@@ -1162,7 +1131,7 @@ class SlicedNetwork:
             spent = self.start_spent(n)
             actions = []
             for t in range(self.num_prunable):
-                q, state = self.agent_step(t, self.pooled(h), state, penalties)  # zero beyond each prefix
+                q, state = self.agent_step(t, self.pooled(h), state)  # zero beyond each prefix
                 a, spent = self.decide(t, q, forced_actions, actions, spent, penalties)
                 outs, index = [], []
                 for p, b in self.branches(t):
@@ -1229,7 +1198,7 @@ class SlicedNetwork:
             spent = self.start_spent(1)
             actions = []
             for t in range(self.num_prunable):
-                q, state = self.agent_step(t, pooled, state, penalties)
+                q, state = self.agent_step(t, pooled, state)
                 a, spent = self.decide(t, q, forced_actions, actions, spent, penalties)
                 hw, nxt = self.in_hw[t], self.out_channels[t]
                 fns = []
@@ -1311,7 +1280,6 @@ def knob_report(net):
     return {
         "penalty_setting": net.penalty_setting,
         "penalty_input": "run-time input 'penalty' (float32); penalty_setting is its default",
-        "conditioned_agent": net.conditioned,
         "compute_cap_macs": net.cap,
     }
 

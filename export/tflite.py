@@ -127,7 +127,7 @@ def signature_functions(net, parts=("rnp", "full")):
 
     def decision(t, y, state, decided, spent, penalty):
         penalties = net.penalties(penalty, 1)
-        q, (sh, sc) = net.agent_step(t, net.pooled(y), state, penalties)
+        q, (sh, sc) = net.agent_step(t, net.pooled(y), state)
         action, _ = net.decide(t, q, None, decided, spent, penalties)
         return {"q": q, "action": action, "state_h": sh, "state_c": sc}
 

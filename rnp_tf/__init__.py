@@ -14,7 +14,6 @@ from rnp_tf import backbones
 from rnp_tf import dqn
 from rnp_tf.agent import DecisionAgent
 from rnp_tf.agent import epsilon_greedy_actions
-from rnp_tf.agent import confidence_features
 from rnp_tf.agent import greedy_actions
 from rnp_tf.backbones import cifar_cnn
 from rnp_tf.backbones import vgg_cifar
@@ -32,9 +31,6 @@ from rnp_tf.data import Dataset
 from rnp_tf.data import load_dataset
 from rnp_tf.engine import InferenceEngine
 from rnp_tf.evaluation import evaluate_model
-from rnp_tf import imitation
-from rnp_tf.imitation import imitate
-from rnp_tf.imitation import soft_oracle_actions
 from rnp_tf.layers import GatedConv2D
 from rnp_tf.metrics import ActionShares
 from rnp_tf.metrics import StdDev

@@ -55,12 +55,6 @@ def _check_model(model):
             f"`model` must be an rnp_tf.RNPModel (missing attributes {missing}). "
             f"Received: model={type(model).__name__}"
         )
-    if getattr(model, "late_decision", False):
-        raise ValueError(
-            "InferenceEngine runs one pass per image; a late_decision model runs two "
-            "(use `model.rollout` or `model.predict`, which fall back to the masked path). "
-            "Received: late_decision=True"
-        )
     chain = all(kind in ("conv", "pool") for kind, _ in model._plan) and all(
         model._conv_info[conv.name][0] is not None for conv in model.convs[1:]
     )
@@ -335,7 +329,7 @@ class InferenceEngine:
             total += var.shape.num_elements() * var.dtype.size
         return total
 
-    def agent_step(self, t, pieces, state, identity=False, condition=None):
+    def agent_step(self, t, pieces, state, identity=False):
         """The agent's work at prunable layer `t` on bucketed narrow features.
 
         Pools every piece, pads the pooled vectors to the layer's full input
@@ -352,8 +346,6 @@ class InferenceEngine:
             state: the agent's LSTM state for the whole batch.
             identity: True when `pieces` is one piece whose ids are
                 `0..batch-1` in order (skips the re-ordering).
-            condition: the condition input of a penalty-conditioned agent
-                (`[batch]`), None otherwise.
 
         Returns:
             `(q_values [batch, k], new_state)`.
@@ -373,24 +365,18 @@ class InferenceEngine:
         else:
             merged = tf.dynamic_stitch([ids for _, ids in pieces], pooled)
         merged = tf.reshape(merged, [-1, 1, 1, channels])
-        return self.model.agent.step(t, merged, state, condition)
+        return self.model.agent.step(t, merged, state)
 
     def start_agent(self, batch):
-        """The agent's initial LSTM state and condition input for a batch.
+        """The agent's initial LSTM state for a batch.
 
         Args:
             batch: int or scalar int tensor.
 
         Returns:
-            `(state, condition)`; condition is None unless the agent is
-            penalty-conditioned (then it encodes `model.penalty_setting`).
+            The LSTM state `[h, c]`.
         """
-        model = self.model
-        state = model.agent.initial_state(batch)
-        condition = None
-        if getattr(model.agent, "conditioned", False):
-            condition = model.penalty_condition(tf.fill([batch], model._penalty_setting.value))
-        return state, condition
+        return self.model.agent.initial_state(batch)
 
     # ----------------------------------------------------------- weights
     def _previous(self, t):
@@ -437,7 +423,7 @@ class InferenceEngine:
     # batch 1 ------------------------------------------------------------
     def _run_single(self, x, actions, run_agent):
         k = self.groups
-        state, condition = self.start_agent(1) if run_agent else (None, None)
+        state = self.start_agent(1) if run_agent else None
         chosen, q_values = [], []
         previous = tf.constant(k)
         h = x
@@ -450,7 +436,7 @@ class InferenceEngine:
                 t = len(chosen)
                 q = None
                 if run_agent:
-                    q, state = self.agent_step(t, [(h, None)], state, True, condition)
+                    q, state = self.agent_step(t, [(h, None)], state, True)
                     q_values.append(q)
                 action = self._choose(t, q, actions, chosen)
                 chosen.append(action)
@@ -479,7 +465,7 @@ class InferenceEngine:
     def _run_batch(self, x, actions, run_agent):
         k = self.groups
         batch = tf.shape(x)[0]
-        state, condition = self.start_agent(batch) if run_agent else (None, None)
+        state = self.start_agent(batch) if run_agent else None
         chosen, q_values = [], []
         pieces = None
         h = x
@@ -497,9 +483,7 @@ class InferenceEngine:
                     pieces = [_Piece(h, tf.range(batch), k)]
                 q = None
                 if run_agent:
-                    q, state = self.agent_step(
-                        t, [(pc.x, pc.idx) for pc in pieces], state, t == 0, condition
-                    )
+                    q, state = self.agent_step(t, [(pc.x, pc.idx) for pc in pieces], state, t == 0)
                     q_values.append(q)
                 action = self._choose(t, q, actions, chosen)
                 chosen.append(action)

@@ -70,8 +70,7 @@ def evaluate_model(model, dataset, static_points=True, knob_points=True):
         static_points: also evaluate the same width everywhere (`a = 1..k`,
             no agent): the static operating points to compare with.
         knob_points: also evaluate the same model at other run-time
-            penalties (`KNOB_OFFSETS` around its setting; inside
-            `penalty_range` for conditioned models): its own
+            penalties (`KNOB_OFFSETS` around its setting): its own
             accuracy-against-compute curve, no retraining.
 
     Returns:
@@ -117,12 +116,7 @@ def evaluate_model(model, dataset, static_points=True, knob_points=True):
     knob = []
     if knob_points:
         setting = model.penalty_setting
-        if model.penalty_range is not None:
-            low, high = model.penalty_range
-            penalties = -np.geomspace(-high, -low, 6)
-        else:
-            penalties = [setting + d for d in KNOB_OFFSETS]
-        for penalty in penalties:
+        for penalty in [setting + d for d in KNOB_OFFSETS]:
             model.set_penalty(float(penalty))
             try:
                 point = model.predict_details(dataset.test)

@@ -36,6 +36,14 @@ from rnp_tf import validation
 from rnp_tf.layers import GatedConv2D
 
 PHASES = ("full", "robust", "agent", "backbone")
+# Options measured, not kept and removed after commit 7fe7dd6: their old
+# default (dropped silently from an older config) and their write-up.
+REMOVED_OPTIONS = {
+    "late_decision": (False, "late_decision.md"),
+    "aux_confidence": (False, "aux_confidence.md"),
+    "penalty_range": (None, "conditioned_agent.md"),
+    "backbone_distill_weight": (0.0, "backbone_distill.md"),
+}
 
 
 def _per_sample_ce(y, logits):
@@ -93,12 +101,6 @@ class RNPModel(keras.Model):
         robust_random_draws: random width draws per robust step. Defaults to 2.
         distill_weight: weight of distillation from the full width in the
             robust phase (the rest is cross-entropy). Defaults to 0.5.
-        penalty_range: `(p_min, p_max)`, both negative, to train ONE model
-            for many operating points: every training image draws its own
-            penalty log-uniformly from the range and the agent sees it as an
-            input; at inference `set_penalty(p)` or `set_budget(fraction)`
-            moves the speed/accuracy balance without retraining. None
-            (default) trains the paper's single-penalty agent.
         backbone_penalty_range: `(p_min, p_max)` for the paper's
             single-penalty agent: in the backbone phases of Algorithm 1 each
             image's epsilon-greedy choice is made on the Q-values re-priced
@@ -106,19 +108,7 @@ class RNPModel(keras.Model):
             from this range, so the backbone is fine-tuned under the action
             distributions of the whole run-time knob, not only of `penalty`.
             The agent's own updates keep `penalty`. None (default): the
-            paper's backbone phases. A `penalty_range` model already draws a
-            penalty per image and takes no `backbone_penalty_range`.
-        backbone_distill_weight: weight of distillation from the full width
-            in the backbone phases of Algorithm 1: every image's loss at the
-            widths the agent chose is `(1 - w) * cross-entropy + w *
-            cross-entropy against the full width's softmax` of the same image
-            (computed without gradient, one extra forward pass per step), as
-            the prefix-robust phase does with `distill_weight`. 0 (default):
-            the paper's cross-entropy alone. Measured worse on the CIFAR-10
-            subset for the run-time knob (w = 0.5 against the same run
-            without it: one seed lost 3.7 to 11.0 points at every budget,
-            the other moved by -3.2 to +3.6; README, knob section), so it
-            stays an option.
+            paper's backbone phases.
         inference_engine: if True (default), `predict` and `predict_details`
             run through `rnp_tf.engine.InferenceEngine`, which computes only
             the channel groups the agent chose (really faster than the
@@ -126,31 +116,6 @@ class RNPModel(keras.Model):
             `jit_compile=True` use the masked path). False: always the
             masked path. Either can be overridden per call
             (`predict(x, engine=...)`).
-        late_decision: if True, decide after a look at the answer (an
-            option; False, the paper's agent, is the default). Every image
-            first runs the narrowest network (one group at every layer);
-            the agent then sees, next to each layer's pooled features, how
-            sure that narrow answer was (`agent.confidence_features`: top
-            probability, margin, entropy). The all-ones action tuple means
-            "stop": the narrow answer stands and nothing more is computed;
-            any other tuple runs that mix, at the cost of both passes. Why:
-            pooled early feature maps barely predict which images need more
-            width, while the narrow network's confidence does (see
-            `bench.accuracy` and the README). Runs on the masked path
-            (`rollout`, `predict`, `fit`) and `sliced_rollout`; the engine
-            and the exporters refuse it. No compute cap.
-        aux_confidence: if True, the agent also reads, at every decision,
-            how sure a cheap linear classifier on the pooled features it
-            decides from is of the image (`DecisionAgent(aux_classes=...)`;
-            top probability, margin, entropy). The classifiers are trained
-            on the labels in the agent's phases, behind a gradient stop (the
-            backbone is not changed by them). An option (False, the paper's
-            agent, is the default): FINDINGS.md measured that pooled early
-            features barely predict which images need width, and this
-            measures whether a classifier's confidence on them does better
-            (`bench.accuracy --policies=aux`, README). Runs on the masked
-            path, `sliced_rollout` and the inference engine; the exporters
-            refuse it.
         compute_cap: the hard per-image MAC cap (`set_compute_cap`) as a
             fraction of the full model, or None (default). Saved with the
             model.
@@ -187,12 +152,8 @@ class RNPModel(keras.Model):
         full_width_fraction=0.25,
         robust_random_draws=2,
         distill_weight=0.5,
-        penalty_range=None,
         backbone_penalty_range=None,
-        backbone_distill_weight=0.0,
         inference_engine=True,
-        late_decision=False,
-        aux_confidence=False,
         compute_cap=None,
         **kwargs,
     ):
@@ -247,32 +208,12 @@ class RNPModel(keras.Model):
         if not 0.0 <= distill_weight <= 1.0:
             raise ValueError(f"`distill_weight` must be in [0, 1]. Received: distill_weight={distill_weight}")
         self.distill_weight = float(distill_weight)
-        if not 0.0 <= backbone_distill_weight <= 1.0:
-            raise ValueError(
-                "`backbone_distill_weight` must be in [0, 1]. "
-                f"Received: backbone_distill_weight={backbone_distill_weight}"
-            )
-        self.backbone_distill_weight = float(backbone_distill_weight)
-        if penalty_range is not None:
-            low, high = (float(v) for v in penalty_range)
-            if not low < high < 0:
-                raise ValueError(
-                    "`penalty_range` must be (p_min, p_max) with p_min < p_max < 0. "
-                    f"Received: penalty_range={penalty_range!r}"
-                )
-            penalty_range = (low, high)
-        self.penalty_range = penalty_range
         if backbone_penalty_range is not None:
             low, high = (float(v) for v in backbone_penalty_range)
             if not (np.isfinite(low) and np.isfinite(high) and low < high):
                 raise ValueError(
                     "`backbone_penalty_range` must be (p_min, p_max), finite, with p_min < p_max. "
                     f"Received: backbone_penalty_range={backbone_penalty_range!r}"
-                )
-            if penalty_range is not None:
-                raise ValueError(
-                    "`backbone_penalty_range` is for the single-penalty agent; a `penalty_range` model "
-                    f"already draws a penalty per image. Received: backbone_penalty_range={backbone_penalty_range!r}"
                 )
             backbone_penalty_range = (low, high)
         self.backbone_penalty_range = backbone_penalty_range
@@ -281,12 +222,6 @@ class RNPModel(keras.Model):
                 f"`inference_engine` must be a bool. Received: inference_engine={inference_engine!r}"
             )
         self.inference_engine = inference_engine
-        if not isinstance(late_decision, bool):
-            raise ValueError(f"`late_decision` must be a bool. Received: late_decision={late_decision!r}")
-        self.late_decision = late_decision
-        if not isinstance(aux_confidence, bool):
-            raise ValueError(f"`aux_confidence` must be a bool. Received: aux_confidence={aux_confidence!r}")
-        self.aux_confidence = aux_confidence
         self._forced_phase = None
         self._cap_macs = None
         self._build_layers()
@@ -409,9 +344,6 @@ class RNPModel(keras.Model):
             groups=self.groups,
             embed_dim=self.agent_embed_dim,
             units=self.agent_units,
-            conditioned=self.penalty_range is not None,
-            extra_inputs=3 if self.late_decision else 0,
-            aux_classes=self.num_classes if self.aux_confidence else 0,
             # Q-values, rewards and TD targets stay float32 under mixed precision.
             dtype="float32",
             name="agent",
@@ -542,50 +474,27 @@ class RNPModel(keras.Model):
             training: BatchNorm/dropout mode of the backbone.
             run_agent: whether the agent computes Q-values (not needed for
                 forced actions).
-            penalties: `[batch]` penalties a conditioned agent sees (default:
-                the inference setting `penalty_setting`).
+            penalties: `[batch]` run-time penalties of the greedy choice
+                (default: the inference setting `penalty_setting`); read
+                only with `cap`.
             cap: greedy inference: apply the run-time knob (re-pricing by
                 `penalty_setting`) and the hard per-image MAC cap set by
                 `set_compute_cap`.
 
         Returns:
             A dict with `logits`, `actions`, `q_values` (None without the
-            agent) and `macs`. With `late_decision` and the agent running,
-            `macs` counts the narrow first pass too and `stopped` says which
-            images kept its answer.
+            agent) and `macs`.
         """
-        batch = tf.shape(x)[0]
-        condition = None
-        if run_agent and self.agent.conditioned:
-            if penalties is None:
-                penalties = tf.fill([batch], self._penalty_setting.value)
-            condition = self.penalty_condition(penalties)
-        if not (run_agent and self.late_decision):
-            return self._pass(x, choose, training, run_agent, condition, penalties, cap)
-        ones = tf.ones([batch], tf.int32)
-        narrow = self._pass(x, lambda t, q: ones, training, False, None, None, False)
-        extra = agent_lib.confidence_features(narrow["logits"])
-        out = self._pass(x, choose, training, True, condition, penalties, cap, extra)
-        stopped = tf.reduce_all(tf.equal(out["actions"], 1), axis=1)
-        out["logits"] = tf.where(stopped[:, None], narrow["logits"], out["logits"])
-        out["macs"] = self.min_macs + tf.where(stopped, 0.0, out["macs"])
-        out["stopped"] = stopped
-        return out
-
-    def _pass(self, x, choose, training, run_agent, condition, penalties, cap, extra=None):
-        """One pass through the backbone, deciding layer by layer (see `_rollout`)."""
         state = self.agent.initial_state(tf.shape(x)[0]) if run_agent else None
-        actions, q_values, aux_logits = [], [], []
+        actions, q_values = [], []
 
         def decide(h):
             nonlocal state
             t = len(actions)
             q = None
             if run_agent:
-                q, state, aux = self.agent.step(t, h, state, condition, extra, return_aux=True)
+                q, state = self.agent.step(t, h, state)
                 q_values.append(q)
-                if aux is not None:
-                    aux_logits.append(aux)
             if cap and run_agent:
                 q = self.greedy_q(t, q, actions, penalties)
             action = choose(t, q)
@@ -611,24 +520,18 @@ class RNPModel(keras.Model):
                 h = item(h)
         logits = self._head(h, training)
         actions = tf.stack(actions, axis=1)
-        out = {
+        return {
             "logits": logits,
             "actions": actions,
             "q_values": tf.stack(q_values, axis=1) if run_agent else None,
             "macs": self.macs(actions),
         }
-        if aux_logits:
-            out["aux_logits"] = tf.stack(aux_logits, axis=1)
-        return out
 
     def greedy_q(self, t, q, decided, penalties=None):
         """Q-values the greedy policy maximises at decision `t`: the run-time knob applied.
 
-        Re-prices the agent's raw Q-values to the inference penalty (the
-        paper's single-penalty agent: `Q(s, a) + (p - p0) * (a - 1)`, see
-        `set_penalty`; a penalty-conditioned agent reads the penalty as an
-        input instead, so its Q-values are returned as they are), then
-        gives the actions the hard per-image MAC cap forbids
+        Re-prices the agent's raw Q-values to the inference penalty
+        (`Q(s, a) + (p - p0) * (a - 1)`, see `set_penalty`), then gives the actions the hard per-image MAC cap forbids
         (`set_compute_cap`) the value -1e30. The greedy action is
         `argmax(greedy_q(...)) + 1`: `rollout`, `sliced_rollout` and the
         exporters all choose through this method.
@@ -662,15 +565,12 @@ class RNPModel(keras.Model):
         return q
 
     def _repriced(self, q, penalties=None):
-        """Q-values re-priced to the inference penalty (plain agents).
+        """Q-values re-priced to the inference penalty.
 
         An agent trained with penalty `p0` learned `Q(s, a)` whose immediate
         reward is `(a - 1) * p0`; at inference penalty `p` the immediate
         reward becomes `(a - 1) * p`, i.e. `Q(s, a) + (p - p0) * (a - 1)`.
-        Conditioned agents read the penalty as an input instead.
         """
-        if self.agent.conditioned:
-            return q
         if penalties is None:
             delta = self._penalty_setting.value - self.penalty
         else:
@@ -762,28 +662,13 @@ class RNPModel(keras.Model):
         return self._rollout(x, choose, training, penalties=penalties, cap=policy == "greedy")
 
     # ------------------------------------------------------ run-time knob
-    def penalty_condition(self, penalties):
-        """The agent's condition input for penalties: log10(-p) scaled to [-1, 1]."""
-        low, high = self.penalty_range
-        lo, hi = np.log10(-high), np.log10(-low)
-        value = tf.math.log(-tf.cast(penalties, tf.float32)) / np.log(10.0)
-        return 2.0 * (value - lo) / (hi - lo) - 1.0
-
-    def _sample_penalties(self, batch):
-        """Per-image training penalties, log-uniform in `penalty_range`."""
-        if self.penalty_range is None:
-            return None
-        low, high = self.penalty_range
-        u = tf.random.uniform([batch], np.log(-high), np.log(-low))
-        return -tf.exp(u)
-
     @property
     def penalty_setting(self):
         """The penalty the agent is given at inference (a float)."""
         return float(self._penalty_setting.numpy())
 
     def set_penalty(self, penalty):
-        """Moves the speed/accuracy balance of a `penalty_range` model.
+        """Moves the speed/accuracy balance of a trained model.
 
         `p` is the reward per extra group at inference: a more negative
         penalty makes every extra group cost more, so the agent computes less
@@ -794,12 +679,12 @@ class RNPModel(keras.Model):
         chosen by measurement: on Fashion-MNIST one agent trained at
         `p0 = -0.05` spanned 0.84 to 0.15 of the full MACs, monotonically,
         while a penalty-conditioned agent trained as long barely responded
-        to its penalty input. A `penalty_range` model reads `p` as an input
-        instead. Saved with the model (`.keras`); used by `call`, `predict`,
+        to its penalty input (docs/experiments/conditioned_agent.md). Saved
+        with the model (`.keras`); used by `call`, `predict`,
         `evaluate`, `predict_details` and the exporters.
 
         Args:
-            penalty: a float (within `penalty_range` for conditioned models).
+            penalty: a finite float.
 
         Example:
 
@@ -807,12 +692,6 @@ class RNPModel(keras.Model):
         """
         if isinstance(penalty, bool) or not isinstance(penalty, (int, float, np.floating)) or not np.isfinite(penalty):
             raise ValueError(f"`penalty` must be a finite float. Received: penalty={penalty!r}")
-        if self.penalty_range is not None:
-            low, high = self.penalty_range
-            if not low <= penalty <= high:
-                raise ValueError(
-                    f"`penalty` must lie in the trained range [{low}, {high}]. Received: penalty={penalty}"
-                )
         self._penalty_setting.assign(float(penalty))
 
     def calibrate_budget(self, x, num_points=9):
@@ -820,8 +699,7 @@ class RNPModel(keras.Model):
 
         Args:
             x: images or a `tf.data.Dataset` (a validation split).
-            num_points: number of penalties (<= 32): log-spaced over
-                `penalty_range`, or for the paper's agent `p0 + d` with `d`
+            num_points: number of penalties (<= 32): `p0 + d` with `d`
                 evenly spaced from +1 to -2 (the scale of `alpha * L_cls`).
 
         Returns:
@@ -835,11 +713,7 @@ class RNPModel(keras.Model):
         validation.check_positive_int("num_points", num_points)
         if not 2 <= num_points <= 32:
             raise ValueError(f"`num_points` must be in 2..32. Received: num_points={num_points}")
-        if self.penalty_range is not None:
-            low, high = self.penalty_range
-            penalties = -np.geomspace(-high, -low, num_points)
-        else:
-            penalties = self.penalty + np.linspace(1.0, -2.0, num_points)
+        penalties = self.penalty + np.linspace(1.0, -2.0, num_points)
         saved = self.penalty_setting
         fractions = []
         try:
@@ -941,11 +815,6 @@ class RNPModel(keras.Model):
         """
         if compute_fraction is None:
             self._cap_macs = None
-        elif self.late_decision:
-            raise ValueError(
-                "A late_decision model has no compute cap (its narrow first pass is always paid). "
-                f"Received: compute_fraction={compute_fraction}"
-            )
         else:
             floor = self.min_macs / self.full_macs
             if not floor - 1e-9 <= compute_fraction <= 1.0:
@@ -1075,31 +944,18 @@ class RNPModel(keras.Model):
             actions = validation.check_actions(
                 actions, x.shape[0], self.num_prunable, self.groups
             ).numpy()
-        late = self.late_decision and actions is None
         logits, chosen = [], []
         for i in range(x.shape[0]):
-            image = x[i : i + 1]
-            extra = None
-            if late:
-                narrow, _ = self._sliced_one(image, [1] * self.num_prunable)
-                extra = agent_lib.confidence_features(narrow)
             forced = None if actions is None else actions[i]
-            lg, act = self._sliced_one(image, forced, extra)
-            if late and max(act) == 1:
-                lg = narrow
+            lg, act = self._sliced_one(x[i : i + 1], forced)
             logits.append(lg.numpy()[0])
             chosen.append(act)
         actions = np.asarray(chosen, np.int32).reshape(-1, self.num_prunable)
         macs = self.macs(actions).numpy()
-        if late:
-            macs = self.min_macs + np.where(actions.max(axis=1) == 1, 0.0, macs).astype(np.float32)
         return {"logits": np.stack(logits), "actions": actions, "macs": macs}
 
-    def _sliced_one(self, image, forced=None, extra=None):
+    def _sliced_one(self, image, forced=None):
         state = self.agent.initial_state(1) if forced is None else None
-        condition = None
-        if self.agent.conditioned:
-            condition = self.penalty_condition(tf.reshape(self._penalty_setting.value, [1]))
         chosen = []
 
         def decide(h):
@@ -1108,7 +964,7 @@ class RNPModel(keras.Model):
             if forced is not None:
                 chosen.append(int(forced[t]))
                 return chosen[-1]
-            q, state = self.agent.step(t, h, state, condition, extra)
+            q, state = self.agent.step(t, h, state)
             q = self.greedy_q(t, q, [tf.constant([a]) for a in chosen])
             chosen.append(int(agent_lib.greedy_actions(q)[0]))
             return chosen[-1]
@@ -1293,39 +1149,27 @@ class RNPModel(keras.Model):
         if actions_visible:
             self.shares_tracker.update_state(out["actions"])
 
-    def _td_loss(self, out, ce, penalties=None):
+    def _td_loss(self, out, ce):
         ce = tf.stop_gradient(ce)
         alpha = self.alpha if self.alpha is not None else 1.0 / (tf.reduce_mean(ce) + 1e-6)
-        if penalties is None:
-            penalty = self._penalty_setting.value if self.penalty_range is not None else self.penalty
-        else:
-            penalty = penalties[:, None]
-        step_rewards = dqn.rewards(out["actions"], ce, penalty, alpha)
+        step_rewards = dqn.rewards(out["actions"], ce, self.penalty, alpha)
         targets = dqn.td_targets(step_rewards, out["q_values"], self.gamma)
         return dqn.q_loss(out["q_values"], out["actions"], targets, self.q_loss)
 
     def _agent_step(self, x, y):
         epsilon = self._epsilon.value
         variables = self.agent_variables
-        penalties = self._sample_penalties(tf.shape(x)[0])
         with tf.GradientTape() as tape:
             choose = lambda t, q: agent_lib.epsilon_greedy_actions(q, epsilon)  # noqa: E731
-            out = self._rollout(x, choose, training=False, penalties=penalties)
+            out = self._rollout(x, choose, training=False)
             ce = _per_sample_ce(y, out["logits"])
-            loss = self._td_loss(out, ce, penalties)
-            if "aux_logits" in out:  # the early classifiers learn the labels (behind a gradient stop)
-                loss += self._aux_loss(y, out["aux_logits"])
+            loss = self._td_loss(out, ce)
         grads = _replica_gradients(tape, loss, variables)
         self.agent_optimizer.apply(grads, variables)
         self.agent_loss_tracker.update_state(loss)
         self.epsilon_tracker.update_state(epsilon)
         self._update_metrics(y, out, ce)
         return self.get_metrics_result()
-
-    def _aux_loss(self, y, aux_logits):
-        """Cross-entropy of every layer's auxiliary classifier, summed over layers, mean over images."""
-        per_layer = [_per_sample_ce(y, aux_logits[:, t]) for t in range(self.num_prunable)]
-        return tf.reduce_mean(tf.add_n(per_layer))
 
     def _backbone_step(self, x, y, phase):
         variables = self.backbone_variables
@@ -1348,17 +1192,9 @@ class RNPModel(keras.Model):
                     action = agent_lib.epsilon_greedy_actions(q, epsilon)
                     return tf.where(full, self.groups, action)
 
-                penalties = self._sample_penalties(tf.shape(x)[0])
-                out = self._rollout(x, choose, training=True, penalties=penalties)
+                out = self._rollout(x, choose, training=True)
             ce = _per_sample_ce(y, out["logits"])
             loss = tf.reduce_mean(ce)
-            if phase != "full" and self.backbone_distill_weight > 0:
-                teacher = self._rollout(x, full_width, False, run_agent=False)["logits"]
-                kd = keras.losses.categorical_crossentropy(
-                    tf.stop_gradient(tf.nn.softmax(teacher)), out["logits"], from_logits=True
-                )
-                w = self.backbone_distill_weight
-                loss = (1.0 - w) * loss + w * tf.reduce_mean(kd)
             loss += sum(self.losses)
         grads = _replica_gradients(tape, loss, variables)
         self.optimizer.apply(grads, variables)
@@ -1468,9 +1304,7 @@ class RNPModel(keras.Model):
         if not (self.inference_engine if engine is None else engine):
             return None
         reason = None
-        if self.late_decision:
-            reason = "late_decision models run two passes (the engine runs one)"
-        elif not self.is_chain:
+        if not self.is_chain:
             reason = "the backbone has residual blocks (the engine runs chain backbones)"
         elif self.jit_compile and not self.run_eagerly:
             reason = "the model uses jit_compile=True (XLA cannot compile data-dependent group sizes)"
@@ -1510,14 +1344,10 @@ class RNPModel(keras.Model):
                 "full_width_fraction": self.full_width_fraction,
                 "robust_random_draws": self.robust_random_draws,
                 "distill_weight": self.distill_weight,
-                "penalty_range": None if self.penalty_range is None else list(self.penalty_range),
                 "backbone_penalty_range": (
                     None if self.backbone_penalty_range is None else list(self.backbone_penalty_range)
                 ),
-                "backbone_distill_weight": self.backbone_distill_weight,
                 "inference_engine": self.inference_engine,
-                "late_decision": self.late_decision,
-                "aux_confidence": self.aux_confidence,
                 "compute_cap": self.compute_cap,
             }
         )
@@ -1525,4 +1355,10 @@ class RNPModel(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        """Rebuilds a model from `get_config`, including configs of older releases.
+
+        Options measured and removed (`REMOVED_OPTIONS`) are dropped when they
+        hold their old default; a model trained with one of them has other
+        agent weights or another training recipe, so it is refused.
+        """
+        return cls(**validation.drop_removed_options(config, REMOVED_OPTIONS, "RNPModel"))

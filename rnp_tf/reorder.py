@@ -78,9 +78,6 @@ def reorder_channels(model):
                 kernel = np.asarray(encoder.kernel)
                 kernel[: len(perm)] = kernel[: len(perm)][perm]
                 encoder.kernel.assign(kernel)
-                if model.agent.aux_heads:  # the auxiliary classifier reads the same pooled channels
-                    head = model.agent.aux_heads[decision]
-                    head.kernel.assign(np.asarray(head.kernel)[perm])
         if model._head_ref == t:
             _permute_head_rows(model, perm)
     return permutations

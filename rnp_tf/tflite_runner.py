@@ -144,8 +144,7 @@ class TFLiteRNPRunner:
     def set_penalty(self, penalty):
         """Sets the run-time penalty of the following calls (more negative: cheaper).
 
-        The same knob as `RNPModel.set_penalty`; the file does not know a
-        penalty-conditioned model's trained range, so keep within it.
+        The same knob as `RNPModel.set_penalty`.
 
         Args:
             penalty: a finite float.

@@ -63,6 +63,9 @@ RESUME_IGNORED = (
     "model_dir", "tfds_data_dir", "verbose", "tensorboard", "pictures", "evaluate", "resume",
     "strategy", "tpu", "cpu_devices",
 )
+# Flags of options measured, not kept and removed after commit 7fe7dd6, with
+# their old defaults: a recorded run that used one cannot be resumed here.
+REMOVED_FLAGS = {"late_decision": False, "aux_confidence": False, "backbone_distill_weight": 0.0}
 
 
 @dataclasses.dataclass
@@ -105,7 +108,6 @@ class TrainConfig:
     q_loss: str = "mse"
     full_width_fraction: float = 0.25
     backbone_penalty_range: tuple | None = None
-    backbone_distill_weight: float = 0.0
     select_budgets: tuple | None = None
     agent_units: int = 64
     agent_embed_dim: int = 64
@@ -120,8 +122,6 @@ class TrainConfig:
     reseed_every_epoch: bool = False
     backbone_weights: str = "none"
     mixed_precision: bool = False
-    late_decision: bool = False
-    aux_confidence: bool = False
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -198,28 +198,12 @@ def define_flags(flag_values=flags.FLAGS):
         "per image from this range, so the backbone is fine-tuned for the whole run-time knob "
         "(RNPModel backbone_penalty_range; default: the paper's, at --penalty only).", **fv,
     )
-    flags.DEFINE_float(
-        "backbone_distill_weight", d.backbone_distill_weight,
-        "Weight of distillation from the full width in the backbone phases of Algorithm 1 "
-        "(RNPModel backbone_distill_weight; 0: the paper's cross-entropy alone).", 0.0, 1.0, **fv,
-    )
     flags.DEFINE_list(
         "select_budgets", [],
         "b1,b2,...: after every Algorithm 1 epoch, measure the validation accuracy of the run-time knob at "
         f"these mean compute fractions (at most {SELECT_MAX_IMAGES} validation images) and keep the epoch "
         "with the best mean as the final model (rnp_tf.BestKnobWeights; needs --validation_split; the "
         "selection is resumable, in MODEL_DIR/knob_select.npz; default: the last epoch).", **fv,
-    )
-    flags.DEFINE_boolean(
-        "late_decision", d.late_decision,
-        "Decide after a look at the answer: run the narrowest network first and feed its softmax confidence "
-        "to the agent; the all-ones tuple keeps the narrow answer (RNPModel late_decision; an option, the "
-        "paper's agent is the default).", **fv,
-    )
-    flags.DEFINE_boolean(
-        "aux_confidence", d.aux_confidence,
-        "The agent also reads the confidence of a linear classifier on each layer's pooled features, trained on "
-        "the labels (RNPModel aux_confidence; an option, the paper's agent is the default; not exportable).", **fv,
     )
     flags.DEFINE_integer("agent_units", d.agent_units, "LSTM size.", lower_bound=1, **fv)
     flags.DEFINE_integer("agent_embed_dim", d.agent_embed_dim, "Encoder size.", lower_bound=1, **fv)
@@ -408,9 +392,6 @@ def build_model(config, dataset):
         epsilon_decay_steps=config.epsilon_decay_steps,
         full_width_fraction=config.full_width_fraction,
         backbone_penalty_range=config.backbone_penalty_range,
-        backbone_distill_weight=config.backbone_distill_weight,
-        late_decision=config.late_decision,
-        aux_confidence=config.aux_confidence,
     )
 
 
@@ -698,6 +679,11 @@ def _check_compatible(config, saved, model_dir):
         f"--{key}={saved.get(key, defaults.get(key))!r} there, {now[key]!r} now"
         for key in now
         if key not in RESUME_IGNORED and saved.get(key, defaults.get(key)) != now[key]
+    ]
+    different += [
+        f"--{key}={saved[key]!r} there, an option removed after commit 7fe7dd6 (check out that commit to resume it)"
+        for key, default in REMOVED_FLAGS.items()
+        if saved.get(key, default) != default
     ]
     if different:
         raise ValueError(

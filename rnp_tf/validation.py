@@ -54,6 +54,39 @@ def check_non_negative_int(name, value):
     return int(value)
 
 
+def drop_removed_options(config, removed, owner):
+    """A copy of a `get_config()` dict without the options removed after commit 7fe7dd6.
+
+    Options that were measured, not kept and removed are dropped from a
+    config of an older release when they hold their old default. Any other
+    value means other weights or another training recipe, so it is refused.
+
+    Args:
+        config: the config dict, possibly written by an older release.
+        removed: `{option: (old default, write-up in docs/experiments/)}`.
+        owner: the class name, used in the message.
+
+    Returns:
+        A new dict without the removed options.
+
+    Example:
+
+    >>> drop_removed_options({"units": 8, "conditioned": False},
+    ...                      {"conditioned": (False, "conditioned_agent.md")}, "DecisionAgent")
+    {'units': 8}
+    """
+    config = dict(config)
+    for option, (default, page) in removed.items():
+        value = config.pop(option, default)
+        if value != default:
+            raise ValueError(
+                f"{owner}'s `{option}` was removed from rnp-tf because it measured no better than what was kept "
+                f"(docs/experiments/{page}); to load it, check out rnp-tf at commit 7fe7dd6. "
+                f"Received: {option}={value!r}"
+            )
+    return config
+
+
 def check_action(name, value, groups):
     """Raises a ValueError unless `value` is an int action in `1..groups`.
 

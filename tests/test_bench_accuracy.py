@@ -48,8 +48,8 @@ def test_reported_macs_equal_the_engines_counted_macs():
 
 
 def test_quick_run_writes_the_documented_json(tmp_path, run_module):
-    result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--policies=paper,late,knob,imitate,aux",
-                        "--separate_penalties=-0.1", "--knob_budgets=0.5", "--imitate_epochs=1", "--knob_select",
+    result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--policies=paper,knob",
+                        "--separate_penalties=-0.1", "--knob_budgets=0.5", "--knob_select",
                         "--knob_select_budgets=0.5,0.3")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "accuracy_quick.json").read_text())
@@ -57,13 +57,7 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
     for key in ("full_accuracy", "static_curve", "policies", "oracle", "cascade", "static_finetuned", "thin",
                 "seconds", "mixes_evaluated"):
         assert key in run
-    assert set(run["policies"]) == {"paper", "late", "knob", "imitate", "imitate_only", "aux"}
-    # the aux agent's classifiers: per-layer test accuracy, and their doubt against "needs width"
-    assert len(run["aux"]["accuracy_per_layer"]) == 3 and all(0 <= a <= 1 for a in run["aux"]["accuracy_per_layer"])
-    assert run["aux"]["auc_needs_width"] is None or 0 <= run["aux"]["auc_needs_width"] <= 1
-    # imitation of the soft oracle: its targets' compute and one epoch's loss and agreement
-    assert 0 < run["imitation"]["oracle_compute_fraction"] <= 1 and run["imitation"]["distinct_targets"] >= 1
-    assert len(run["imitation"]["loss"]) == 1 and 0 <= run["imitation"]["agreement"][0] <= 1
+    assert set(run["policies"]) == {"paper", "knob"}
     # issue 7: the knob of both single-penalty agents against the separately trained one, at its compute
     assert run["knob_policy"] == "knob" and set(run["knob_sweeps"]) == {"knob", "paper", "knob_last"}
     sweep = run["knob_sweeps"]["knob"]
@@ -83,14 +77,13 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
                         "own_static_at_same_compute", "spearman_compute_vs_full_loss", "compute_per_class",
                         "least_compute", "most_compute"):
                 assert key in point
-            assert 0 < point["compute_fraction"] <= 1.5  # a late model may pay both passes
+            assert 0 < point["compute_fraction"] <= 1.0 + 1e-6
             assert len(point["least_compute"]) == 16
     assert {o["kind"] for o in run["oracle"]} == {"oracle", "soft_oracle"}
-    assert {"pretrain", "robust", "static_curve", "rnp_paper", "rnp_late", "rnp_imitate", "imitation",
-            "thin"} <= set(run["seconds"])
+    assert {"pretrain", "robust", "static_curve", "rnp_paper", "rnp_knob", "thin"} <= set(run["seconds"])
     assert any("Spearman" in line for line in data["targets"])
     assert (tmp_path / "accuracy_quick_digits_cifar_cnn.png").stat().st_size > 1000
-    assert (tmp_path / "accuracy_quick_digits_cifar_cnn_late_extremes.png").stat().st_size > 1000
+    assert (tmp_path / "accuracy_quick_digits_cifar_cnn_knob_extremes.png").stat().st_size > 1000
     text = (tmp_path / "accuracy_quick.md").read_text()
     assert "| dataset" in text and "## Targets" in text
     assert "own static curve at RNP knob @0.3" in text and "static curve of its own fine-tuned backbone" in text
@@ -99,24 +92,24 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
     stages = [line for line in text.split("## Wall time of each stage")[1].splitlines() if line.startswith("|")]
     assert "rnp_paper" in stages[0] and stages[2].startswith("| digits / cifar_cnn | 1 |") and len(stages) == 3
     # the merge mode re-reads the JSON into the same report; stages left out (`--skip`) leave no rows, and
-    # a run that trained fewer agents (here: a second copy without `late`) counts only for the ones it has
+    # a run that trained fewer agents (here: a second copy without `knob`) counts only for the ones it has
     skipped = json.loads(json.dumps(data))
     skipped["runs"][0]["thin"] = skipped["runs"][0]["static_finetuned"] = []
     (tmp_path / "skipped_in.json").write_text(json.dumps(skipped))
-    del skipped["runs"][0]["policies"]["late"]
-    (tmp_path / "no_late.json").write_text(json.dumps(skipped))
+    del skipped["runs"][0]["policies"]["knob"]
+    (tmp_path / "no_knob.json").write_text(json.dumps(skipped))
     merged = run_module("bench.accuracy", "--budgets=0.6,0.3", f"--output={tmp_path}", "--stem=merged",
-                        f"--merge={tmp_path / 'skipped_in.json'},{tmp_path / 'no_late.json'}", timeout=300)
+                        f"--merge={tmp_path / 'skipped_in.json'},{tmp_path / 'no_knob.json'}", timeout=300)
     assert merged.returncode == 0, merged.stderr[-3000:]
     kept = [row for row in data["summary"] if not row["method"].startswith(("thin", "static fine-tuned"))]
     assert len(kept) < len(data["summary"])
     rows = json.loads((tmp_path / "merged.json").read_text())["summary"]
     assert [row["method"] for row in rows] == [row["method"] for row in kept]
     for row, one in zip(rows, kept):
-        expected = 0 if one["accuracy"] is None else 1 if " late " in row["method"] else 2  # None: outside a knob
+        expected = 0 if one["accuracy"] is None else 1 if " knob " in row["method"] else 2  # None: outside a knob
         assert row["seeds"] == expected, row
         assert row["accuracy"] == one["accuracy"] and row["compute"] == one["compute"]  # two identical copies
-    assert "late (1 of 2 seeds)" in (tmp_path / "merged.md").read_text()
+    assert "knob (1 of 2 seeds)" in (tmp_path / "merged.md").read_text()
 
 
 def test_one_model_gap_is_paired_per_seed_with_its_spread():
@@ -150,14 +143,39 @@ def test_one_model_gap_is_paired_per_seed_with_its_spread():
     assert list(differences) == [-0.1] and np.allclose(differences[-0.1], [0.02, 0.10])
 
 
-def test_auc_on_hand_made_scores():
-    assert accuracy._auc(np.array([0.9, 0.8, 0.1, 0.2]), np.array([True, True, False, False])) == 1.0
-    assert accuracy._auc(np.array([0.1, 0.8, 0.9, 0.2]), np.array([True, True, False, False])) == 0.25
-    assert accuracy._auc(np.array([0.5, 0.5]), np.array([True, False])) == 0.5  # ties count half
-    assert accuracy._auc(np.array([0.1, 0.2]), np.array([True, True])) is None
+def test_oracle_picks_the_cheapest_qualifying_mix():
+    fractions = np.array([1.0, 0.2, 0.5])
+    ok = np.array([[1, 1, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0]], bool)  # [mixes, images]
+    np.testing.assert_array_equal(accuracy.oracle_choice(ok, fractions, fallback=0), [2, 1, 0, 0])
 
 
-def test_stage_times_count_the_nested_imitation_once():
+def test_candidate_mixes_all_or_a_sample_with_the_uniform_ones():
+    every = accuracy.candidate_mixes(3, 4, max_mixes=64)
+    assert len(every) == 64 and len({tuple(m) for m in every}) == 64
+    sample = accuracy.candidate_mixes(5, 4, max_mixes=40, seed=1)
+    assert len(sample) == 40 and len({tuple(m) for m in sample}) == 40
+    assert sample.min() >= 1 and sample.max() <= 4
+    for a in range(1, 5):
+        assert any((m == a).all() for m in sample)
+    np.testing.assert_array_equal(sample[-1], [4] * 5)  # the full network last
+    with pytest.raises(ValueError, match="max_mixes"):
+        accuracy.candidate_mixes(5, 4, max_mixes=3)
+
+
+def test_compact_table_shows_the_late_agent_of_older_reports_only(monkeypatch):
+    monkeypatch.setattr(_parsed_flags(), "budgets", ["0.5"])
+    rows = [{"dataset": "d", "backbone": "b", "method": m, "accuracy": a, "std": 0.0, "compute": c}
+            for m, a, c in (("full network", 0.9, 1.0), ("RNP paper @0.5", 0.8, 0.5), ("shuffled paper @0.5", 0.7, 0.5))]
+    header = accuracy.compact(rows).splitlines()[0]
+    assert "compute (paper) |" in header and "late" not in header
+    rows.append({"dataset": "d", "backbone": "b", "method": "RNP late @0.5", "accuracy": 0.85, "std": 0.0,
+                 "compute": 0.6})
+    header, _, _, line = accuracy.compact(rows).splitlines()
+    assert "compute (paper / late) | RNP paper | shuffled paper | RNP late | shuffled late | static curve" in header
+    assert line.startswith("| d / b | 0.5 | 0.500 / 0.600 | 80.0 ± 0.0 | 70.0 ± 0.0 | 85.0 ± 0.0 |  |")
+
+
+def test_stage_times_count_the_nested_imitation_of_older_reports_once():
     seconds = {"robust": 60.0, "imitation": 120.0, "rnp_imitate": 300.0}  # rnp_imitate includes the imitation
     separate = [{"seconds": 30.0}, {"seconds": 90.0}]  # issue 7's agents, timed one by one
     table = accuracy.stage_times([{"dataset": "d", "backbone": "b", "seconds": seconds, "separate_agents": separate}])

@@ -158,7 +158,7 @@ def test_runtime_knobs_penalty_and_compute_cap():
         assert_same(engine(x[:batch]), ref)
 
 
-def test_conditioned_agent_and_other_chain_stages():
+def test_other_chain_stages():
     spec = {
         "stages": [
             {"type": "conv", "filters": 8},
@@ -169,7 +169,7 @@ def test_conditioned_agent_and_other_chain_stages():
         ],
         "head": {"pooling": "gap", "hidden": [], "dropout": 0.0},
     }
-    model = rnp_tf.RNPModel(spec, image_shape=(16, 16, 3), num_classes=5, penalty_range=(-0.5, -0.01))
+    model = rnp_tf.RNPModel(spec, image_shape=(16, 16, 3), num_classes=5)
     rng = np.random.default_rng(5)
     for layer in (*model.agent.encoders, *model.agent.decoders):
         layer.kernel.assign(rng.normal(0, 10.0, layer.kernel.shape))

@@ -56,21 +56,16 @@ def test_batched_and_single_graphs_match_rollout_for_every_action_tuple(export_m
         assert result["forced"]["max_abs_logit_diff"] <= common.ATOL
 
 
-@pytest.mark.parametrize("conditioned", [False, True])
-def test_penalty_is_an_input_of_both_graphs(export_model, conditioned):
-    """Re-pricing (the paper's agent) or the condition input (a `penalty_range` agent) follows a tensor penalty."""
-    if conditioned:
-        model = export_model(penalty_range=(-1.0, -0.01), penalty=-0.1)
-        assert model.agent.conditioned
-    else:
-        model = export_model()
+def test_penalty_is_an_input_of_both_graphs(export_model):
+    """Re-pricing of the Q-values follows a tensor penalty."""
+    model = export_model()
     net = common.SlicedNetwork(model)
     knob = common.knob_inputs(net, 8)
     assert knob[0]["penalty"] == pytest.approx(model.penalty_setting)
     assert knob[1]["penalty"] != pytest.approx(knob[0]["penalty"]) and knob[1]["actions_differ"]
-    if not conditioned:  # the paper's agent is monotone in the penalty: a cheaper one is found
-        assert knob[1]["penalty"] < knob[0]["penalty"]
-        assert common.cheaper_penalty(model, knob[0]["images"])[1] >= 0.25
+    # the agent is monotone in the penalty: a cheaper one is found
+    assert knob[1]["penalty"] < knob[0]["penalty"]
+    assert common.cheaper_penalty(model, knob[0]["images"])[1] >= 0.25
     tuples = common.action_tuples(net.num_prunable, net.groups)[:8]
     for name in ("batched", "single"):
         result = common.check_artifact(name, model, run_tf(net, name), knob[0]["images"], tuples, knob=knob)
@@ -185,15 +180,3 @@ def test_residual_backbones_are_refused():
     with pytest.raises(common.ExportError, match="only chain backbones"):
         common.SlicedNetwork(model)
 
-
-def test_late_decision_models_are_refused():
-    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10, late_decision=True)
-    with pytest.raises(common.ExportError, match="late_decision"):
-        common.SlicedNetwork(model)
-
-
-def test_aux_confidence_models_are_refused():
-    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10,
-                            aux_confidence=True)
-    with pytest.raises(common.ExportError, match="aux_confidence"):
-        common.SlicedNetwork(model)

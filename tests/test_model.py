@@ -234,3 +234,30 @@ def test_save_and_load_round_trip(tmp_path, fashion):
     assert int(loaded._schedule_step.numpy()) == 4
     assert loaded.agent_optimizer.learning_rate.numpy() == pytest.approx(1e-3)
     assert loaded.optimizer.learning_rate.numpy() == pytest.approx(2e-3)
+
+
+OLD_DEFAULTS = {"late_decision": False, "aux_confidence": False, "penalty_range": None, "backbone_distill_weight": 0.0}
+
+
+def test_config_of_an_older_release_loads_when_removed_options_hold_their_defaults():
+    model = small_model(penalty=-0.05, backbone_penalty_range=(-0.3, 0.05))
+    config = {**model.get_config(), **OLD_DEFAULTS}
+    loaded = rnp_tf.RNPModel.from_config(config)
+    assert loaded.get_config() == model.get_config()
+    agent = {**model.agent.get_config(), "conditioned": False, "extra_inputs": 0, "aux_classes": 0}
+    assert rnp_tf.DecisionAgent.from_config(agent).get_config() == model.agent.get_config()
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("late_decision", True), ("aux_confidence", True), ("penalty_range", [-0.5, -0.01]),
+     ("backbone_distill_weight", 0.5)],
+)
+def test_config_of_an_older_release_with_a_removed_option_is_refused(option, value):
+    config = {**small_model().get_config(), **OLD_DEFAULTS, option: value}
+    with pytest.raises(ValueError, match=rf"`{option}` was removed .* measured no better .* check out rnp-tf at "
+                                         rf"commit 7fe7dd6\. Received: {option}="):
+        rnp_tf.RNPModel.from_config(config)
+    agent = {**small_model().agent.get_config(), "conditioned": True}
+    with pytest.raises(ValueError, match="`conditioned` was removed .* commit 7fe7dd6"):
+        rnp_tf.DecisionAgent.from_config(agent)

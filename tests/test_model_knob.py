@@ -142,29 +142,6 @@ def test_knob_errors():
         model.set_budget(0.5)
     with pytest.raises(ValueError, match="compute_fraction"):
         model.set_budget(1.5)
-    with pytest.raises(ValueError, match="penalty_range"):
-        rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10,
-                        penalty_range=(-0.01, -0.5))
-
-
-def test_penalty_conditioned_agent_reads_the_penalty():
-    model = rnp_tf.RNPModel(
-        rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10,
-        penalty_range=(-0.5, -0.005), agent_steps=2, backbone_steps=2, epsilon_decay_steps=2,
-    )
-    assert model.agent.conditioned
-    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
-    q_cheap = model.rollout(x, penalty=-0.5)["q_values"]
-    q_costly = model.rollout(x, penalty=-0.005)["q_values"]
-    assert not np.allclose(q_cheap, q_costly)
-    with pytest.raises(ValueError, match="trained range"):
-        model.set_penalty(-0.9)
-    model.compile()
-    y = np.arange(4) % 10
-    history = model.fit(x, y, batch_size=2, epochs=3, verbose=0)
-    assert np.isfinite(history.history["agent_loss"][0])
-    clone = rnp_tf.RNPModel.from_config(model.get_config())
-    assert clone.penalty_range == (-0.5, -0.005)
 
 
 def test_greedy_q_is_the_knob_the_rollout_applies():
@@ -223,44 +200,3 @@ def test_backbone_penalty_range_errors():
         with pytest.raises(ValueError, match="backbone_penalty_range"):
             rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10,
                             backbone_penalty_range=bad)
-    with pytest.raises(ValueError, match="already draws a penalty"):
-        rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10,
-                        penalty_range=(-0.5, -0.01), backbone_penalty_range=(-0.3, 0.0))
-
-
-def _backbone_phase_weights(labels, distill_weight):
-    """The backbone's weights after one backbone-phase epoch at random widths, from a fixed start."""
-    keras.utils.set_random_seed(0)
-    model = rnp_tf.RNPModel(
-        rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10, penalty=-0.1,
-        backbone_distill_weight=distill_weight, full_width_fraction=0.0, epsilon_start=1.0, epsilon_end=1.0,
-    )
-    model.compile(optimizer=keras.optimizers.Adam(1e-2))
-    x = np.random.default_rng(0).normal(size=(32, 8, 8, 1)).astype("float32")
-    model.set_phase("backbone")
-    keras.utils.set_random_seed(1)
-    model.fit(x, labels, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    return model, [v.numpy() for v in model.backbone_variables]
-
-
-def test_backbone_distillation_learns_from_the_full_width_not_the_labels():
-    """Weight 1: the narrow widths learn the full width's answer, so the labels change nothing; weight 0 they do."""
-    labels = np.arange(32) % 10
-    other = (labels + 3) % 10
-    model, taught = _backbone_phase_weights(labels, 1.0)
-    _, relabelled = _backbone_phase_weights(other, 1.0)
-    for a, b in zip(taught, relabelled):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert model.shares_tracker.shares()[:, 0].min() > 0  # narrow widths were trained, not only the full one
-    _, plain = _backbone_phase_weights(labels, 0.0)
-    _, plain_other = _backbone_phase_weights(other, 0.0)
-    assert max(np.abs(a - b).max() for a, b in zip(plain, plain_other)) > 1e-3
-    assert max(np.abs(a - b).max() for a, b in zip(taught, plain)) > 1e-3
-    assert rnp_tf.RNPModel.from_config(model.get_config()).backbone_distill_weight == 1.0
-
-
-def test_backbone_distill_weight_errors():
-    for bad in (-0.1, 1.5, float("nan")):
-        with pytest.raises(ValueError, match="backbone_distill_weight"):
-            rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10,
-                            backbone_distill_weight=bad)

@@ -59,21 +59,6 @@ def test_reordering_keeps_the_agents_full_width_decisions():
     np.testing.assert_allclose(model.rollout(x)["q_values"].numpy()[:, 0], greedy_before, atol=1e-5)
 
 
-def test_reordering_permutes_the_auxiliary_classifiers_with_their_channels():
-    model = randomised(rnp_tf.RNPModel(spec_with_head("gap"), image_shape=(8, 8, 1), num_classes=10,
-                                       aux_confidence=True))
-    rng = np.random.default_rng(5)
-    for head in model.agent.aux_heads:
-        head.kernel.assign(rng.normal(0, 1, head.kernel.shape))
-    features = [rng.normal(size=(6, 1, 1, c)).astype("float32") for c in model.agent.feature_channels]
-    before = [model.agent.aux_logits(t, f).numpy() for t, f in enumerate(features)]
-    perms = reorder_channels(model)
-    # decision t reads the output of prunable conv t - 1 (the stem's for t = 0, never reordered)
-    moved = [features[0]] + [f[..., perm] for f, perm in zip(features[1:], perms)]
-    for t, f in enumerate(moved):
-        np.testing.assert_allclose(model.agent.aux_logits(t, f).numpy(), before[t], atol=1e-5)
-
-
 def test_reordering_a_residual_model():
     spec = {
         "stages": [

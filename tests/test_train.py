@@ -26,17 +26,23 @@ def test_flags_give_a_config(tmp_path):
     assert config.robust_epochs > 0 and config.rnp_epochs > 0
     assert config.backbone_penalty_range is None
     config = train.config_from_flags(parse(f"--flagfile={QUICKSTART}", f"--model_dir={tmp_path / 'run'}",
-                                           "--backbone_penalty_range=-0.3,0.05", "--backbone_distill_weight=0.5"))
+                                           "--backbone_penalty_range=-0.3,0.05"))
     assert config.backbone_penalty_range == (-0.3, 0.05)
     from rnp_tf import data
 
     model = train.build_model(config, data.load_dataset("digits", batch_size=32))
-    assert model.backbone_penalty_range == (-0.3, 0.05) and model.backbone_distill_weight == 0.5
-    assert not model.aux_confidence and not model.late_decision
-    config = train.config_from_flags(parse(f"--flagfile={QUICKSTART}", f"--model_dir={tmp_path / 'run'}",
-                                           "--aux_confidence"))
-    model = train.build_model(config, data.load_dataset("digits", batch_size=32))
-    assert model.aux_confidence and model.agent.aux_classes == 10
+    assert model.backbone_penalty_range == (-0.3, 0.05)
+
+
+def test_a_run_recorded_with_a_removed_option_is_not_resumed(tmp_path):
+    """flags.json of a run before the options were removed: their defaults resume, other values are refused."""
+    config = train.config_from_flags(parse(f"--flagfile={QUICKSTART}", f"--model_dir={tmp_path / 'run'}"))
+    saved = {**train._jsonable_config(config), "late_decision": False, "aux_confidence": False,
+             "backbone_distill_weight": 0.0}
+    train._check_compatible(config, saved, "run")
+    for key, value in (("late_decision", True), ("aux_confidence", True), ("backbone_distill_weight", 0.5)):
+        with pytest.raises(ValueError, match=rf"--{key}={value!r} there, an option removed after commit 7fe7dd6"):
+            train._check_compatible(config, {**saved, key: value}, "run")
 
 
 @pytest.mark.parametrize(
@@ -75,8 +81,7 @@ def test_model_dir_checks(tmp_path):
         train.config_from_flags(parse(f"--model_dir={tmp_path / 'file'}"))
 
 
-@pytest.mark.parametrize("flag", ["--rnp_epochs=-1", "--agent_steps=-5", "--batch_size=0", "--penalty=0.5",
-                                  "--backbone_distill_weight=1.5"])
+@pytest.mark.parametrize("flag", ["--rnp_epochs=-1", "--agent_steps=-5", "--batch_size=0", "--penalty=0.5"])
 def test_out_of_range_numbers_are_rejected_at_parse_time(flag):
     with pytest.raises(flags.IllegalFlagValueError):
         parse(flag)
