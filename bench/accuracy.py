@@ -17,7 +17,7 @@ measures:
    validation), for every agent of `--policies`: `paper` (the paper's LSTM
    agent on pooled features) and `knob` (optional: the paper's agent whose
    backbone phases act under penalties drawn from
-   `--knob_backbone_penalties`, i.e. `RNPModel(backbone_penalty_range=...)`,
+   `--knob_backbone_penalties`, i.e. `Schedule(backbone_penalty_range=...)`,
    so its backbone is fine-tuned for every setting of the run-time knob).
    The agents measured and removed after commit 7fe7dd6 (`late`, `aux`,
    `imitate`, `--knob_distill_weight`) are written up in
@@ -324,7 +324,7 @@ def _train_forced(model, data, actions, steps, lr):
         batch = tf.shape(x)[0]
         with tf.GradientTape() as tape:
             forced = tf.tile(fixed[None, :], [batch, 1])
-            out = model._rollout(x, lambda t, q: forced[:, t], training=True, run_agent=False)
+            out = model.rollout(x, actions=forced, training=True)
             loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, out["logits"], from_logits=True))
         optimizer.apply(tape.gradient(loss, variables), variables)
 
@@ -426,8 +426,10 @@ def _backbone(name, backbone, seed, data, timing):
                              f"again. Received: backbone_cache={FLAGS.backbone_cache!r}") from error
         timing["backbone_loaded"] = time.time() - start
         return model
-    model = _new_model(_spec(backbone), data, penalty=FLAGS.penalty, agent_steps=50, backbone_steps=50,
-                       epsilon_decay_steps=200, full_width_fraction=0.25)
+    from rnp_tf import Schedule
+
+    model = _new_model(_spec(backbone), data, penalty=FLAGS.penalty, schedule=Schedule(
+        agent_steps=50, backbone_steps=50, epsilon_decay_steps=200, full_width_fraction=0.25))
     timing["pretrain"] = _fit(model, data, "full", FLAGS.pretrain_epochs, 2e-3)
     reorder_channels(model)
     timing["robust"] = _fit(model, data, "robust", FLAGS.robust_epochs, 1e-3)
@@ -514,7 +516,8 @@ def run_one(name, backbone, seed):
     for policy in FLAGS.policies:
         options, epochs = {}, FLAGS.rnp_epochs
         if policy == "knob":
-            options["backbone_penalty_range"] = [float(p) for p in FLAGS.knob_backbone_penalties]
+            penalties = [float(p) for p in FLAGS.knob_backbone_penalties]
+            options["schedule"] = {**backbone_model.schedule.get_config(), "backbone_penalty_range": penalties}
             epochs = FLAGS.knob_epochs or FLAGS.rnp_epochs
         agent_model = _clone(backbone_model, **options)
         start = time.time()

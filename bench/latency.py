@@ -265,13 +265,16 @@ def mixed_actions(model, actions, batch_size, seed=0, tolerance=0.005, max_steps
 # ----------------------------------------------------------------- agent alone
 def _feeding_shapes(model):
     """(height, width, channels) of the feature map feeding each prunable conv."""
+    import rnp_tf
+
     shapes = []
     hw = model.image_shape[:2]
-    for kind, layer in model._plan:
-        if kind == "pool":
+    for step in model.plan.steps:
+        layer = step.layer
+        if isinstance(step, rnp_tf.plan.MapStep):
             size = layer.pool_size[0]
             hw = (-(-hw[0] // size), -(-hw[1] // size))
-        elif layer is model.stem:
+        elif step.decision is None:
             hw = layer.output_hw
         else:
             shapes.append((*hw, layer.in_channels))
@@ -530,6 +533,7 @@ def stage_times(model, engine, points, config):
     import numpy as np
     import tensorflow as tf
 
+    import rnp_tf
     from rnp_tf import engine as engine_lib
 
     k = model.groups
@@ -548,24 +552,24 @@ def stage_times(model, engine, points, config):
     for point in points:
         acts = list(point["actions"])
         names, hw, width, t = [], model.image_shape[:2], model.image_shape[2], 0
-        for kind, layer in model._plan:
-            if kind == "pool":
-                names.append(add(f"pool_{len(names)}_{width}", lambda x, l=layer: engine_lib._pool(l, x), [1, *hw, width]))
-                hw = tuple(engine_lib._pool(layer, tf.zeros([1, *hw, 1])).shape[1:3])
-            elif layer is model.stem:
-                names.append(add("stem", lambda x: engine_lib._conv(model.stem, x, *engine._weights.stem), [1, *hw, width]))
+        for step in model.plan.steps:
+            layer = step.layer
+            if isinstance(step, rnp_tf.plan.MapStep):
+                names.append(add(f"pool_{len(names)}_{width}", lambda x, l=layer: engine_lib.map_op(l, x), [1, *hw, width]))
+                hw = tuple(engine_lib.map_op(layer, tf.zeros([1, *hw, 1])).shape[1:3])
+            elif step.decision is None:
+                names.append(add("stem", engine.stem, [1, *hw, width]))
                 hw, width = layer.output_hw, layer.filters
             else:
                 p, a = (acts[t - 1] if t else k), acts[t]
                 if not layer.gated_input:
                     p = k
-                weights = engine._folded(t, p, a)
-                name = add(f"conv_{t}_{p}_{a}", lambda x, l=layer, w=weights: engine_lib._conv(l, x, *w),
-                           [1, *hw, engine._in_width(t, p)])
+                name = add(f"conv_{t}_{p}_{a}", lambda x, t=t, p=p, a=a: engine.branch(t, x, p, a),
+                           [1, *hw, engine.in_width(t, p)])
                 macs[name] = float(layer.macs(p, a)) / float(layer.macs(k, k))
                 names.append(name)
                 hw, width, t = layer.output_hw, a * layer.group_size, t + 1
-        names.append(add(f"head_{acts[-1]}", lambda x, a=acts[-1]: engine._head(x, a), [1, *hw, width]))
+        names.append(add(f"head_{acts[-1]}", lambda x, a=acts[-1]: engine.head(x, a), [1, *hw, width]))
         per_point.append((point, names))
     times = timing.measure(fns, repeats=config["repeats"], warmup=config["warmup"],
                            min_sample_seconds=config["min_sample_seconds"], seed=config["seed"])

@@ -533,11 +533,14 @@ def check_exportable(model):
     reference sliced paths only; the exported graphs are chains like the
     CIFAR CNN and VGG.
     """
-    kinds = {kind for kind, _ in model._plan}
-    chain = getattr(model, "is_chain", None)
-    if chain is None:
-        chain = kinds <= {"conv", "pool"} and list(model.prunable) == list(model.convs[1:])
-    if not chain:
+    from rnp_tf import plan as plan_lib
+
+    plan = model.plan
+    kinds = {type(step.layer if isinstance(step, plan_lib.MapStep) else step).__name__ for step in plan.steps}
+    pools_only = all(
+        not isinstance(step, plan_lib.MapStep) or "Pooling" in type(step.layer).__name__ for step in plan.steps
+    )
+    if not (plan.is_chain and pools_only):
         raise ExportError(
             f"only chain backbones (a stem, then prunable convs and pooling) can be exported; this model "
             f"has stages {sorted(kinds)} (residual blocks run on rollout / sliced_rollout only)"
@@ -550,7 +553,7 @@ class SlicedNetwork:
     Built from the model's public pieces: `stem`, `prunable` (BatchNorm
     folded into the kernel with `GatedConv2D.folded_weights`, one folded
     kernel per input width since each width has its own BatchNorm set), the
-    pooling layers of `_plan`, the agent (`DecisionAgent.step`'s maths:
+    pooling layers of `model.plan`, the agent (`DecisionAgent.step`'s maths:
     pool, zero-pad a prefix, encoder, shared LSTM cell, decoder) and `head_layers`. Greedy
     decisions go through `RNPModel.greedy_q` (the run-time knob: Q-values
     re-priced to the penalty, masked by the compute cap). The penalty is
@@ -603,12 +606,14 @@ class SlicedNetwork:
         self.in_hw, self.out_hw = [], []
         shape = (None, *self.image_shape)
         t = -1
-        for kind, layer in model._plan:
-            if kind == "conv" and layer is not model.stem:
+        for step in model.plan.steps:
+            layer = step.layer
+            pooling = not hasattr(step, "decision")
+            if not pooling and step.decision is not None:
                 t += 1
                 self.in_hw.append(tuple(shape[1:3]))
             shape = tuple(layer.compute_output_shape(shape))
-            if kind == "pool":
+            if pooling:
                 pool = (
                     "avg" if "average" in type(layer).__name__.lower() else "max",
                     tuple(layer.pool_size),
@@ -689,7 +694,7 @@ class SlicedNetwork:
                 arrays[("conv", t, p)] = (np.asarray(kernel, np.float32), np.asarray(bias, np.float32))
         first = model.head_layers[0]
         kernel = np.asarray(first.kernel, np.float32)
-        hf, wf, c = model._head_in_shape
+        hf, wf, c = model.plan.head.in_shape
         if self.flatten:
             # Channel-major rows, so that the first a groups are a row prefix.
             kernel = kernel.reshape(hf, wf, c, -1).transpose(2, 0, 1, 3).reshape(c * hf * wf, -1)

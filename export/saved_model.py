@@ -101,7 +101,6 @@ def build_module(model, graph="masked"):
     """
     import tensorflow as tf
 
-    from rnp_tf import agent as agent_lib
 
     h, w, c = model.image_shape
     images_spec = tf.TensorSpec([None, h, w, c], tf.float32, name="images")
@@ -117,10 +116,7 @@ def build_module(model, graph="masked"):
             return {k: out[k] for k in keys}
 
         def knob(images, penalty):
-            # `rollout(penalty=)` takes a Python float; its loop takes a tensor
-            n = tf.shape(images)[0]
-            penalties = tf.reshape(penalty, [-1]) + tf.zeros(tf.stack([n]), tf.float32)
-            out = model._rollout(images, lambda t, q: agent_lib.greedy_actions(q), penalties=penalties, cap=True)
+            out = model.rollout(images, penalty=penalty)
             return {k: out[k] for k in keys}
 
         def forced(images, actions):

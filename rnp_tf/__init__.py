@@ -29,14 +29,21 @@ from rnp_tf.convert import ConversionError
 from rnp_tf.convert import from_keras
 from rnp_tf.data import Dataset
 from rnp_tf.data import load_dataset
+from rnp_tf.engine import DenseRunner
 from rnp_tf.engine import InferenceEngine
 from rnp_tf.evaluation import evaluate_model
+from rnp_tf import knob
 from rnp_tf.layers import GatedConv2D
 from rnp_tf.metrics import ActionShares
 from rnp_tf.metrics import StdDev
 from rnp_tf.model import RNPModel
+from rnp_tf import plan
+from rnp_tf.plan import NetworkPlan
+from rnp_tf.plan import build_plan
 from rnp_tf.reorder import channel_importance
 from rnp_tf.reorder import reorder_channels
+from rnp_tf import rollout
+from rnp_tf.schedule import Schedule
 from rnp_tf.tflite_runner import TFLiteRNPRunner
 
 __version__ = "0.1.0"

@@ -113,7 +113,33 @@ class DecisionAgent(keras.layers.Layer):
         Returns:
             `(q_values, new_state)`, q_values of shape `(batch, groups)`.
         """
-        embedded = self.encoders[t](self._pooled(t, features))
+        return self.decide(t, self._pooled(t, features), state)
+
+    def decide(self, t, pooled, state):
+        """Q-values of layer `t` from pooled features: the agent's equations, written once.
+
+        Encoder `t`, the shared LSTM cell, decoder `t`. Every path calls it:
+        `step` after pooling a feature map, and each executor of
+        `rnp_tf.rollout` after pooling its own representation of the map.
+
+        Args:
+            t: Python int, index of the prunable layer.
+            pooled: `(batch, feature_channels[t])` spatial means of the map
+                feeding layer `t` (a channel prefix zero-padded).
+            state: the LSTM state `[h, c]` carried from layer `t - 1`.
+
+        Returns:
+            `(q_values, new_state)`, q_values of shape `(batch, groups)`.
+
+        Example:
+
+        >>> agent = DecisionAgent([16, 32], groups=4)
+        >>> agent.build()
+        >>> q, state = agent.decide(0, tf.zeros((2, 16)), agent.initial_state(2))
+        >>> q.shape
+        TensorShape([2, 4])
+        """
+        embedded = self.encoders[t](pooled)
         output, new_state = self.cell(embedded, state)
         return self.decoders[t](output), list(new_state)
 

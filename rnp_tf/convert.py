@@ -415,7 +415,7 @@ def prunable_table(model):
     names = getattr(model, "source_names", {})
     rows = []
     for conv in model.convs:
-        decision, in_ref, _ = model._conv_info[conv.name]
+        decision, in_ref = model.plan.conv_refs[conv.name]
         rows.append(
             {
                 "layer": conv.name,

@@ -20,7 +20,11 @@ and really skips the work:
   and the whole batch runs one convolution. Empty groups are skipped
   (`tf.cond`), which also keeps oneDNN's empty-batch convolution bug away.
 - The agent (pooling, encoders, LSTM, decoders) runs inside the same graph on
-  the narrow features; its cost counts in every timing. Greedy choices
+  the narrow features; its cost counts in every timing.
+- Both paths are executors of the one rollout (`rnp_tf.rollout`): the
+  engine supplies how a step is computed (`SwitchExecutor` for batch 1,
+  `BucketedExecutor` for batch N), the rollout walks the plan and asks the
+  policy for the actions. Greedy choices
   follow the model's inference policy: Q-values re-priced to the run-time
   penalty, then masked by the per-image MAC cap.
 
@@ -41,57 +45,40 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from rnp_tf import agent as agent_lib
+from rnp_tf import rollout as rollout_lib
 from rnp_tf import validation
 
 WEIGHT_CACHES = ("pairs", "sets")
 
 
 def _check_model(model):
-    needed = ("_plan", "stem", "prunable", "head_layers", "agent", "groups", "macs", "_conv_info")
-    missing = [name for name in needed if not hasattr(model, name)]
-    if missing:
+    plan = getattr(model, "plan", None)
+    if plan is None or not hasattr(model, "agent"):
         raise ValueError(
-            f"`model` must be an rnp_tf.RNPModel (missing attributes {missing}). "
-            f"Received: model={type(model).__name__}"
+            f"`model` must be an rnp_tf.RNPModel. Received: model={type(model).__name__}"
         )
-    chain = all(kind in ("conv", "pool") for kind, _ in model._plan) and all(
-        model._conv_info[conv.name][0] is not None for conv in model.convs[1:]
-    )
-    if not chain:
-        kinds = sorted({kind for kind, _ in model._plan})
+    if not plan.is_chain:
+        kinds = sorted({type(step).__name__ for step in plan.steps})
         raise ValueError(
             "InferenceEngine runs chain backbones: a stem, then prunable convs and "
             "pooling only (the CIFAR CNN, VGG-16); residual blocks run on the masked "
-            f"path (`model.rollout`). Received: a backbone with stages {kinds} and "
-            f"{len(model.convs) - 1 - len(model.prunable)} non-prunable conv(s) after the stem"
+            f"path (`model.rollout`). Received: a backbone with steps {kinds} and "
+            f"{len(plan.convs) - 1 - plan.num_decisions} non-prunable conv(s) after the stem"
         )
 
 
-def _pool(layer, h):
-    """The Keras pooling layer's operation (works on any channel width)."""
+def map_op(layer, h):
+    """The Keras layer's operation on any channel width (pooling; zero padding)."""
+    if isinstance(layer, keras.layers.ZeroPadding2D):
+        return layer(h)
     pool = tf.nn.max_pool2d if isinstance(layer, keras.layers.MaxPooling2D) else tf.nn.avg_pool2d
     return pool(h, ksize=layer.pool_size, strides=layer.strides, padding=layer.padding.upper())
 
 
-def _conv(layer, h, kernel, bias):
+def conv_op(layer, h, kernel, bias):
     """`activation(conv(h, kernel) + bias)`: a fused Conv2D+BiasAdd+ReLU."""
     y = tf.nn.conv2d(h, kernel, strides=layer.strides, padding=layer.padding.upper())
     return layer.activation(tf.nn.bias_add(y, bias))
-
-
-def _spatial_mean(h):
-    """Per-sample, per-channel mean over height and width, `[batch, c]`.
-
-    A batched matrix-vector product (`ones / (h * w)` times the map): the
-    same numbers as `reduce_mean(h, [1, 2])` up to summation order, and up
-    to 2x faster on large maps (it uses every core).
-    """
-    batch = tf.shape(h)[0]
-    positions = h.shape[1] * h.shape[2]
-    weights = tf.fill(tf.stack([batch, 1, positions]), 1.0 / positions)
-    flat = tf.reshape(h, tf.stack([batch, positions, tf.shape(h)[3]]))
-    return tf.matmul(weights, flat)[:, 0, :]
 
 
 class _Piece:
@@ -206,15 +193,16 @@ class InferenceEngine:
                 f"`control_flow` must be a bool. Received: control_flow={control_flow!r}"
             )
         self.model = model
+        self.plan = model.plan
         self.groups = model.groups
         self.num_prunable = model.num_prunable
         self.weight_cache = weight_cache
         self.control_flow = control_flow
         k = self.groups
         if weight_cache == "pairs":
-            pairs = lambda t: [(p, a) for p in self._previous(t) for a in range(1, k + 1)]  # noqa: E731
+            pairs = lambda t: [(p, a) for p in self.previous_actions(t) for a in range(1, k + 1)]  # noqa: E731
         else:
-            pairs = lambda t: [(p, k) for p in self._previous(t)]  # noqa: E731
+            pairs = lambda t: [(p, k) for p in self.previous_actions(t)]  # noqa: E731
         self._weights = _FoldedWeights(model, pairs)
         self._functions = {}
         self._fingerprint = tf.function(self._weights_fingerprint, autograph=False)
@@ -252,7 +240,7 @@ class InferenceEngine:
 
     def _weights_fingerprint(self):
         parts = []
-        for conv in self.model.convs:
+        for conv in self.plan.convs:
             kernel = tf.convert_to_tensor(conv.kernel)
             parts += [tf.reduce_sum(kernel, [0, 1, 2]), tf.reduce_sum(kernel, [0, 1, 3])]
             names = ("gamma", "beta", "moving_mean", "moving_variance") if conv.normalization else ("bias",)
@@ -306,7 +294,7 @@ class InferenceEngine:
         single = single and self.control_flow
         # The MAC cap (`model.set_compute_cap`) is a Python value read when
         # tracing: a new cap gets a new graph.
-        key = (single, forced, run_agent, getattr(self.model, "_cap_macs", None))
+        key = (single, forced, run_agent, self.model.compute_cap)
         if key not in self._functions:
             batch = 1 if single else None
             signature = [tf.TensorSpec([batch, *self.model.image_shape], tf.float32)]
@@ -314,12 +302,30 @@ class InferenceEngine:
                 signature.append(tf.TensorSpec([batch, self.num_prunable], tf.int32))
 
             def run(x, actions=None):
-                if single:
-                    return self._run_single(x, actions, run_agent)
-                return self._run_batch(x, actions, run_agent)
+                executor = SwitchExecutor(self) if single else BucketedExecutor(self)
+                return self.run(executor, x, actions, run_agent)
 
             self._functions[key] = tf.function(run, input_signature=signature, autograph=False)
         return self._functions[key]
+
+    def run(self, executor, x, actions=None, run_agent=True):
+        """The rollout on one of this engine's executors (traceable).
+
+        Args:
+            executor: a `SwitchExecutor` or `BucketedExecutor` of this engine.
+            x: float32 images.
+            actions: optional forced int32 actions `[batch, T]`.
+            run_agent: whether the agent runs (always with greedy actions).
+
+        Returns:
+            The dict of `__call__`.
+        """
+        if actions is None:
+            policy = rollout_lib.Greedy(self.model.greedy_q)
+        else:
+            policy = rollout_lib.Forced(actions, run_agent=run_agent)
+        out = rollout_lib.rollout(self.plan, self.model.agent, x, policy, executor)
+        return out.stacked(self.plan.macs)
 
     @property
     def cache_bytes(self):
@@ -334,9 +340,9 @@ class InferenceEngine:
 
         Pools every piece, pads the pooled vectors to the layer's full input
         width, puts them back in sample order and advances the agent (the
-        encoder `t`, the shared LSTM, the decoder `t`). Used inside the
-        engine; public so that the latency benchmark can time the agent
-        alone on the same tensors.
+        encoder `t`, the shared LSTM, the decoder `t`): what the batch-N
+        executor does at every decision. Public so that the latency
+        benchmark can time the agent alone on the same tensors.
 
         Args:
             t: Python int, index of the prunable layer.
@@ -350,42 +356,28 @@ class InferenceEngine:
         Returns:
             `(q_values [batch, k], new_state)`.
         """
-        channels = self.model.agent.feature_channels[t]
-        pooled = []
-        for features, _ in pieces:
-            mean = _spatial_mean(features)
-            missing = channels - features.shape[-1] if features.shape[-1] is not None else None
-            if missing is None:
-                mean = tf.pad(mean, [[0, 0], [0, channels - tf.shape(mean)[1]]])
-            elif missing:
-                mean = tf.pad(mean, [[0, 0], [0, missing]])
-            pooled.append(mean)
+        return self.model.agent.decide(t, self.pooled(t, pieces, identity), state)
+
+    def pooled(self, t, pieces, identity=False):
+        """Pooled features `[batch, C_t]` of bucketed pieces, in sample order (see `agent_step`)."""
+        channels = self.plan.feature_channels[t]
+        pooled = [rollout_lib.pad_channels(rollout_lib.spatial_mean(features), channels) for features, _ in pieces]
         if identity and len(pieces) == 1:
-            merged = pooled[0]
-        else:
-            merged = tf.dynamic_stitch([ids for _, ids in pieces], pooled)
-        merged = tf.reshape(merged, [-1, 1, 1, channels])
-        return self.model.agent.step(t, merged, state)
+            return pooled[0]
+        return tf.dynamic_stitch([ids for _, ids in pieces], pooled)
 
     def start_agent(self, batch):
-        """The agent's initial LSTM state for a batch.
-
-        Args:
-            batch: int or scalar int tensor.
-
-        Returns:
-            The LSTM state `[h, c]`.
-        """
+        """The agent's initial LSTM state for a batch (an int or a scalar int tensor)."""
         return self.model.agent.initial_state(batch)
 
     # ----------------------------------------------------------- weights
-    def _previous(self, t):
+    def previous_actions(self, t):
         """Possible previous actions of prunable layer t (k: full input)."""
         if self.model.prunable[t].gated_input:
             return range(1, self.groups + 1)
         return (self.groups,)
 
-    def _folded(self, t, p, a):
+    def folded(self, t, p, a):
         """(kernel, bias) of prunable layer t for previous action p, action a."""
         if self.weight_cache == "pairs":
             kernel, bias = self._weights.pairs[(t, p, a)]
@@ -394,126 +386,176 @@ class InferenceEngine:
         out_prefix = a * self.model.prunable[t].group_size
         return kernel[..., :out_prefix], bias[:out_prefix]
 
-    def _in_width(self, t, p):
+    def in_width(self, t, p):
+        """Input channels of prunable layer t after previous action p."""
         layer = self.model.prunable[t]
         return p * layer.in_group_size if layer.gated_input else layer.in_channels
 
-    # --------------------------------------------------------------- run
-    def _finish(self, logits, chosen, q_values):
-        actions = tf.stack(chosen, axis=1)
-        return {
-            "logits": logits,
-            "actions": actions,
-            "macs": self.model.macs(actions),
-            "q_values": tf.stack(q_values, axis=1) if q_values else None,
-        }
+    def stem(self, x):
+        """The stem conv (full width) on the folded weights."""
+        return conv_op(self.plan.stem, x, *self._weights.stem)
 
-    def _choose(self, t, q, actions, chosen):
-        if actions is None:
-            # The model's greedy inference policy: Q-values re-priced to the
-            # run-time penalty, then masked by the per-image MAC cap.
-            return agent_lib.greedy_actions(self.model.greedy_q(t, q, chosen))
-        if q is None:
-            return actions[:, t]
-        # Forced actions with the agent running: layer t waits for the
-        # agent's decision, as it does under a real policy.
-        with tf.control_dependencies([q]):
-            return tf.identity(actions[:, t])
+    def branch(self, t, h, p, a):
+        """Prunable conv `t` on the folded slice for previous action `p`, action `a` (`h` holds its input prefix)."""
+        return conv_op(self.model.prunable[t], h, *self.folded(t, p, a))
 
-    # batch 1 ------------------------------------------------------------
-    def _run_single(self, x, actions, run_agent):
-        k = self.groups
-        state = self.start_agent(1) if run_agent else None
-        chosen, q_values = [], []
-        previous = tf.constant(k)
-        h = x
-        for kind, layer in self.model._plan:
-            if kind == "pool":
-                h = _pool(layer, h)
-            elif layer is self.model.stem:
-                h = _conv(layer, h, *self._weights.stem)
+    def head(self, h, width_action):
+        """The classifier head on features holding `width_action` groups."""
+        head = self.plan.head
+        first = head.layers[0]
+        channels = width_action * self.model.prunable[-1].group_size
+        kernel = tf.convert_to_tensor(first.kernel)
+        if head.pooling == "gap":
+            h = tf.reshape(h, [-1, *h.shape[1:3], channels])
+            y = tf.matmul(tf.reduce_mean(h, axis=[1, 2]), kernel[:channels])
+        else:
+            hf, wf, full = head.in_shape
+            h = tf.reshape(h, [-1, hf * wf, channels])
+            if channels == full:
+                y = tf.matmul(tf.reshape(h, [-1, hf * wf * full]), kernel)
             else:
-                t = len(chosen)
-                q = None
-                if run_agent:
-                    q, state = self.agent_step(t, [(h, None)], state, True)
-                    q_values.append(q)
-                action = self._choose(t, q, actions, chosen)
-                chosen.append(action)
-                h = self._switch_conv(t, layer, h, previous, action[0])
-                previous = action[0]
-        logits = tf.switch_case(
-            previous - 1,
-            [lambda w=w: self._head(h, w) for w in range(1, k + 1)],
-        )
-        return self._finish(logits, chosen, q_values)
+                # Rows of the flattened kernel are (position, channel): a
+                # channel prefix is one contiguous row block per position,
+                # a zero-copy slice; a strided slice of the whole kernel
+                # would copy it at every call.
+                per_position = tf.unstack(tf.transpose(h, [1, 0, 2]))
+                y = tf.add_n(
+                    [
+                        tf.matmul(part, kernel[s * full : s * full + channels])
+                        for s, part in enumerate(per_position)
+                    ]
+                )
+        y = first.activation(tf.nn.bias_add(y, tf.convert_to_tensor(first.bias)))
+        for dense in head.layers[1:]:
+            y = dense(y)
+        return y
 
-    def _switch_conv(self, t, layer, h, previous, action):
-        """One conv whose weight slice is picked in the graph by (p, a)."""
-        k = self.groups
+
+class SwitchExecutor:
+    """Batch 1: each prunable conv's weight slice is picked in the graph by (previous action, action).
+
+    An executor of `rnp_tf.rollout` (see there) over an `InferenceEngine`'s
+    folded weights: one `tf.switch_case` per conv over its `k * k` branches
+    (`k` when its input has full width), and one over the `k` heads.
+
+    Args:
+        engine: the `InferenceEngine` whose weights it reads.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.k = engine.groups
+
+    def begin(self, images):
+        return images
+
+    def batch_size(self, images):
+        return 1
+
+    def pooled(self, h, t):
+        return self.engine.pooled(t, [(h, None)], identity=True)
+
+    def conv(self, step, h, in_action, out_action):
+        if step.decision is None:
+            return self.engine.stem(h)
+        t, k = step.decision, self.k
+        previous = tf.constant(k) if in_action is None else in_action[0]
+        action = out_action[0]
         height, width = h.shape[1], h.shape[2]
-        pairs = [(p, a) for p in self._previous(t) for a in range(1, k + 1)]
+        pairs = [(p, a) for p in self.engine.previous_actions(t) for a in range(1, k + 1)]
 
         def branch(p, a):
-            narrow = tf.reshape(h, [-1, height, width, self._in_width(t, p)])
-            return _conv(layer, narrow, *self._folded(t, p, a))
+            narrow = tf.reshape(h, [-1, height, width, self.engine.in_width(t, p)])
+            return conv_op(step.layer, narrow, *self.engine.folded(t, p, a))
 
         index = action - 1 if len(pairs) == k else (previous - 1) * k + action - 1
         return tf.switch_case(index, [lambda p=p, a=a: branch(p, a) for p, a in pairs])
 
-    # batch N ------------------------------------------------------------
-    def _run_batch(self, x, actions, run_agent):
-        k = self.groups
-        batch = tf.shape(x)[0]
-        state = self.start_agent(batch) if run_agent else None
-        chosen, q_values = [], []
-        pieces = None
-        h = x
-        for kind, layer in self.model._plan:
-            if kind == "pool":
-                if pieces is None:
-                    h = _pool(layer, h)
-                else:
-                    pieces = [_Piece(_pool(layer, pc.x), pc.idx, pc.width) for pc in pieces]
-            elif layer is self.model.stem:
-                h = _conv(layer, h, *self._weights.stem)
-            else:
-                t = len(chosen)
-                if pieces is None:
-                    pieces = [_Piece(h, tf.range(batch), k)]
-                q = None
-                if run_agent:
-                    q, state = self.agent_step(t, [(pc.x, pc.idx) for pc in pieces], state, t == 0)
-                    q_values.append(q)
-                action = self._choose(t, q, actions, chosen)
-                chosen.append(action)
-                pieces = self._bucketed_conv(t, layer, pieces, action)
+    def map(self, step, h):
+        return map_op(step.layer, h)
+
+    def residual(self, h, shortcut):
+        raise ValueError("The inference engine runs chain backbones only (no residual blocks).")
+
+    def head(self, h, last_action):
+        return tf.switch_case(
+            last_action[0] - 1,
+            [lambda w=w: self.engine.head(h, w) for w in range(1, self.k + 1)],
+        )
+
+
+class BucketedExecutor:
+    """Batch N with per-sample actions: samples bucketed by width, sorted by action.
+
+    An executor of `rnp_tf.rollout` over an `InferenceEngine`'s folded
+    weights. `h` is one tensor until the first prunable conv, then a list of
+    pieces (samples sharing their width). At each prunable conv the samples
+    of each input width are sorted by their action, so every (previous
+    action, action) group is a zero-copy slice that runs one convolution on
+    its weight slice; a bucket is copied at most twice per layer (a concat
+    when several buckets merge, a gather when it is not in order), and
+    nothing is copied when the whole batch takes one action.
+
+    Args:
+        engine: the `InferenceEngine` whose weights it reads.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.k = engine.groups
+        self.control_flow = engine.control_flow
+
+    def begin(self, images):
+        self.batch = tf.shape(images)[0]
+        return images
+
+    def batch_size(self, images):
+        return self.batch
+
+    def pooled(self, h, t):
+        if isinstance(h, list):
+            return self.engine.pooled(t, [(pc.x, pc.idx) for pc in h])
+        return self.engine.pooled(t, [(h, None)], identity=True)
+
+    def conv(self, step, h, in_action, out_action):
+        if step.decision is None:
+            return self.engine.stem(h)
+        if not isinstance(h, list):
+            h = [_Piece(h, tf.range(self.batch), self.k)]
+        return self._bucketed_conv(step.decision, step.layer, h, out_action)
+
+    def map(self, step, h):
+        if isinstance(h, list):
+            return [_Piece(map_op(step.layer, pc.x), pc.idx, pc.width) for pc in h]
+        return map_op(step.layer, h)
+
+    def residual(self, h, shortcut):
+        raise ValueError("The inference engine runs chain backbones only (no residual blocks).")
+
+    def head(self, pieces, last_action):
         logits, ids = [], []
-        for w in range(1, k + 1):
+        for w in range(1, self.k + 1):
             group = [pc for pc in pieces if pc.width == w]
             if not group:
                 continue
             features, idx, _ = self._merge(group, keys=None)
-            logits.append(self._head(features, w))
+            logits.append(self.engine.head(features, w))
             ids.append(idx)
-        logits = tf.dynamic_stitch(ids, logits)
-        return self._finish(logits, chosen, q_values)
+        return tf.dynamic_stitch(ids, logits)
 
     def _bucketed_conv(self, t, layer, pieces, action):
         """Prunable conv t on per-sample actions; returns the new pieces."""
-        k = self.groups
+        k = self.k
         out_h, out_w = layer.output_hw
         new_pieces = []
-        for p in self._previous(t):
+        for p in self.engine.previous_actions(t):
             group = [pc for pc in pieces if pc.width == p]
             if not group:
                 continue
             keys = [tf.gather(action, pc.idx) for pc in group]
             features, idx, key = self._merge(group, keys)
             # `features` is sorted by action: each (p, a) group is a slice.
-            counts = tf.math.bincount(
-                key - 1, minlength=k, maxlength=k, dtype=tf.int32
-            )
+            counts = tf.math.bincount(key - 1, minlength=k, maxlength=k, dtype=tf.int32)
             starts = tf.cumsum(counts, exclusive=True)
             for a in range(1, k + 1):
                 n, start = counts[a - 1], starts[a - 1]
@@ -521,15 +563,13 @@ class InferenceEngine:
                 rows.set_shape([None, *group[0].x.shape[1:]])
                 ids = tf.slice(idx, tf.reshape(start, [1]), tf.reshape(n, [1]))
                 out_channels = a * layer.group_size
-                y = self._group_conv(
-                    t, layer, rows, n, p, a, [out_h, out_w, out_channels]
-                )
+                y = self._group_conv(t, layer, rows, n, p, a, [out_h, out_w, out_channels])
                 new_pieces.append(_Piece(y, ids, a))
         return new_pieces
 
     def _group_conv(self, t, layer, rows, n, p, a, out_shape):
         def run():
-            return _conv(layer, rows, *self._folded(t, p, a))
+            return conv_op(layer, rows, *self.engine.folded(t, p, a))
 
         if self.control_flow:
             return tf.cond(n > 0, run, lambda: tf.zeros([0, *out_shape], tf.float32))
@@ -537,7 +577,7 @@ class InferenceEngine:
         # empty batch: pad to one zero sample, convolve, keep the first n.
         pad = tf.maximum(1 - n, 0)
         padded = tf.concat([rows, tf.zeros(tf.concat([[pad], tf.shape(rows)[1:]], 0))], 0)
-        y = _conv(layer, padded, *self._folded(t, p, a))[:n]
+        y = conv_op(layer, padded, *self.engine.folded(t, p, a))[:n]
         return tf.reshape(y, [-1, *out_shape])
 
     def _merge(self, group, keys):
@@ -578,37 +618,33 @@ class InferenceEngine:
         features, idx, key = tf.cond(in_order, lambda: [features, idx, key], gather)
         return features, idx, key
 
-    # ---------------------------------------------------------------- head
-    def _head(self, h, width_action):
-        """The classifier head on features holding `width_action` groups."""
-        model = self.model
-        first = model.head_layers[0]
-        channels = width_action * model.prunable[-1].group_size
-        kernel = tf.convert_to_tensor(first.kernel)
-        if model.backbone["head"]["pooling"] == "gap":
-            h = tf.reshape(h, [-1, *h.shape[1:3], channels])
-            y = tf.matmul(tf.reduce_mean(h, axis=[1, 2]), kernel[:channels])
-        else:
-            hf, wf, full = model._head_in_shape
-            h = tf.reshape(h, [-1, hf * wf, channels])
-            if channels == full:
-                y = tf.matmul(tf.reshape(h, [-1, hf * wf * full]), kernel)
-            else:
-                # Rows of the flattened kernel are (position, channel): a
-                # channel prefix is one contiguous row block per position,
-                # a zero-copy slice; a strided slice of the whole kernel
-                # would copy it at every call.
-                per_position = tf.unstack(tf.transpose(h, [1, 0, 2]))
-                y = tf.add_n(
-                    [
-                        tf.matmul(part, kernel[s * full : s * full + channels])
-                        for s, part in enumerate(per_position)
-                    ]
-                )
-        y = first.activation(tf.nn.bias_add(y, tf.convert_to_tensor(first.bias)))
-        for dense in model.head_layers[1:]:
-            y = dense(y)
-        return y
+
+class DenseExecutor:
+    """The unpruned network on BatchNorm-folded weights: every conv in full, no branches."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def begin(self, images):
+        return images
+
+    def batch_size(self, images):
+        return tf.shape(images)[0]
+
+    def pooled(self, h, t):
+        raise ValueError("DenseExecutor runs no agent.")
+
+    def conv(self, step, h, in_action, out_action):
+        return conv_op(step.layer, h, *self.runner.weights[step.layer.name])
+
+    def map(self, step, h):
+        return map_op(step.layer, h)
+
+    def residual(self, h, shortcut):
+        return tf.nn.relu(h + shortcut)
+
+    def head(self, h, last_action):
+        return rollout_lib.MaskedExecutor(self.runner.model.plan).head(h, None)
 
 
 class DenseRunner:
@@ -637,17 +673,17 @@ class DenseRunner:
         _check_model(model)
         self.model = model
         k = model.groups
-        self._convs = [
-            _FoldedWeights._variables(*conv.folded_weights(k, k), conv.name)
-            for conv in model.convs
-        ]
+        self.weights = {
+            conv.name: _FoldedWeights._variables(*conv.folded_weights(k, k), conv.name)
+            for conv in model.plan.convs
+        }
         self._function = tf.function(self._run, autograph=False)
 
     def refresh(self):
         """Folds the model's current weights again."""
         k = self.model.groups
-        for conv, variables in zip(self.model.convs, self._convs):
-            for var, value in zip(variables, conv.folded_weights(k, k)):
+        for conv in self.model.plan.convs:
+            for var, value in zip(self.weights[conv.name], conv.folded_weights(k, k)):
                 var.assign(tf.cast(value, tf.float32))
 
     def __call__(self, x):
@@ -655,11 +691,10 @@ class DenseRunner:
         return self._function(tf.cast(x, tf.float32))
 
     def _run(self, x):
-        h = x
-        convs = iter(self._convs)
-        for kind, layer in self.model._plan:
-            h = _pool(layer, h) if kind == "pool" else _conv(layer, h, *next(convs))
-        return self.model._head(h, training=False)
+        plan = self.model.plan
+        full = tf.fill(tf.stack([tf.shape(x)[0], plan.num_decisions]), plan.groups)
+        policy = rollout_lib.Forced(full)
+        return rollout_lib.rollout(plan, self.model.agent, x, policy, DenseExecutor(self)).logits
 
 
 def uniform_actions(batch_size, actions):

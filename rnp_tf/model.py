@@ -1,24 +1,24 @@
 """`RNPModel`: a backbone of gated convolutions driven by an LSTM agent.
 
-One rollout loop serves training, evaluation and inference::
+The model composes the library's pieces and gives them a Keras face
+(`fit`, `evaluate`, `predict`, `rollout`, `set_budget`, `.keras` saving):
 
-    image -> stem conv (always full) -> for each prunable layer t:
-        agent step on the feature map feeding t -> action a_t ->
-        gated conv t (a_{t-1} groups in, a_t groups out) -> pooling
-    -> head -> logits
+- the network is a `rnp_tf.plan.NetworkPlan`, built from the backbone
+  description (`model.plan`: steps, layers, the MAC table);
+- every pass walks it with the one loop of `rnp_tf.rollout`: the masked
+  executor for training and `call`, the sliced reference for
+  `sliced_rollout`, the inference engine's executors for `predict`;
+- the agent is a `rnp_tf.DecisionAgent`;
+- Algorithm 1's schedule is a `rnp_tf.Schedule`;
+- the run-time knob's maths is `rnp_tf.knob`; its state (penalty setting,
+  calibration, cap) is saved with the model.
 
 Training follows Algorithm 1 of Lin et al. (2017) as a custom `train_step`,
 so `model.fit` drives it: phases of N1 agent (DQN) steps alternate with N2
-backbone (classification) steps, each with its own optimizer. Because the
-paper's plain recipe collapses to one action for every image (see
-FINDINGS.md), the schedule adds documented options: a first prefix-robust
-("sandwich") backbone phase, an agent warm-up that lasts until epsilon
-reaches its floor, and backbone phases under epsilon-greedy actions mixed
-with full-width samples.
-
-Each phase is compiled into its own train function and the schedule picks
-one per step in Python: choosing the phase with `tf.cond` inside one
-function fails under `MirroredStrategy`.
+backbone (classification) steps, each with its own optimizer. Each phase is
+compiled into its own train function and the schedule picks one per step in
+Python: choosing the phase with `tf.cond` inside one function fails under
+`MirroredStrategy`.
 """
 
 import functools
@@ -31,11 +31,15 @@ from rnp_tf import agent as agent_lib
 from rnp_tf import backbones as backbones_lib
 from rnp_tf import dqn
 from rnp_tf import engine as engine_lib
+from rnp_tf import knob as knob_lib
 from rnp_tf import metrics as metrics_lib
+from rnp_tf import plan as plan_lib
+from rnp_tf import rollout as rollout_lib
 from rnp_tf import validation
-from rnp_tf.layers import GatedConv2D
+from rnp_tf.schedule import FIELDS as SCHEDULE_FIELDS
+from rnp_tf.schedule import PHASES
+from rnp_tf.schedule import Schedule
 
-PHASES = ("full", "robust", "agent", "backbone")
 # Options measured, not kept and removed after commit 7fe7dd6: their old
 # default (dropped silently from an older config) and their write-up.
 REMOVED_OPTIONS = {
@@ -83,32 +87,10 @@ class RNPModel(keras.Model):
             `alpha * L_cls` averages 1, as the paper prescribes.
         gamma: Q-learning discount. Defaults to 1.0.
         q_loss: `"mse"` (the paper's) or `"huber"`. Defaults to `"mse"`.
-        agent_steps: N1, agent steps per phase. Defaults to 50.
-        backbone_steps: N2, backbone steps per phase. Defaults to 50.
-        robust_steps: length of the first, prefix-robust backbone phase:
-            each step trains the full width, the narrowest width and
-            `robust_random_draws` random per-sample, per-layer widths, the
-            narrower ones distilled from the full one. Defaults to 0.
-        agent_warmup: if True (default) the first agent phase lasts until
-            epsilon reaches its floor (at least N1 steps) before the backbone
-            is touched.
-        epsilon_start: exploration rate at the first agent step. Defaults to 1.0.
-        epsilon_end: exploration floor. Defaults to 0.1.
-        epsilon_decay_steps: agent steps of the linear ramp. Defaults to 300.
-        full_width_fraction: share of samples computed at full width in the
-            backbone phases (the others use the agent's epsilon-greedy
-            actions), so unused widths are not forgotten. Defaults to 0.25.
-        robust_random_draws: random width draws per robust step. Defaults to 2.
-        distill_weight: weight of distillation from the full width in the
-            robust phase (the rest is cross-entropy). Defaults to 0.5.
-        backbone_penalty_range: `(p_min, p_max)` for the paper's
-            single-penalty agent: in the backbone phases of Algorithm 1 each
-            image's epsilon-greedy choice is made on the Q-values re-priced
-            (as `set_penalty` does at inference) to a penalty drawn uniformly
-            from this range, so the backbone is fine-tuned under the action
-            distributions of the whole run-time knob, not only of `penalty`.
-            The agent's own updates keep `penalty`. None (default): the
-            paper's backbone phases.
+        schedule: a `rnp_tf.Schedule`, Algorithm 1's phases and their
+            options (phase lengths, agent warm-up, epsilon ramp,
+            prefix-robust phase, full-width mixing, backbone re-pricing), or
+            its config dict. Defaults to `Schedule()`.
         inference_engine: if True (default), `predict` and `predict_details`
             run through `rnp_tf.engine.InferenceEngine`, which computes only
             the channel groups the agent chose (really faster than the
@@ -142,21 +124,17 @@ class RNPModel(keras.Model):
         alpha=None,
         gamma=1.0,
         q_loss="mse",
-        agent_steps=50,
-        backbone_steps=50,
-        robust_steps=0,
-        agent_warmup=True,
-        epsilon_start=1.0,
-        epsilon_end=0.1,
-        epsilon_decay_steps=300,
-        full_width_fraction=0.25,
-        robust_random_draws=2,
-        distill_weight=0.5,
-        backbone_penalty_range=None,
+        schedule=None,
         inference_engine=True,
         compute_cap=None,
         **kwargs,
     ):
+        moved = sorted(set(kwargs) & set(SCHEDULE_FIELDS))
+        if moved:
+            raise ValueError(
+                f"{', '.join(f'`{name}`' for name in moved)} moved into the training schedule: pass "
+                f"`schedule=rnp_tf.Schedule({moved[0]}=...)`. Received: {moved[0]}={kwargs[moved[0]]!r}"
+            )
         super().__init__(**kwargs)
         self.groups = validation.check_positive_int("groups", groups)
         self.backbone = backbones_lib.validate_backbone(backbone, self.groups)
@@ -174,49 +152,23 @@ class RNPModel(keras.Model):
             raise ValueError(f"`num_classes` must be >= 2. Received: num_classes={num_classes}")
         self.agent_embed_dim = agent_embed_dim
         self.agent_units = agent_units
-        self.penalty = float(penalty)
-        if alpha is not None and not alpha > 0:
-            raise ValueError(f"`alpha` must be positive or None. Received: alpha={alpha}")
+        self.penalty = knob_lib.check_penalty(penalty)
+        if alpha is not None and not (isinstance(alpha, (int, float, np.number)) and np.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"`alpha` must be positive and finite, or None. Received: alpha={alpha}")
         self.alpha = None if alpha is None else float(alpha)
-        if not 0.0 <= gamma <= 1.0:
+        if not (isinstance(gamma, (int, float, np.number)) and 0.0 <= gamma <= 1.0):
             raise ValueError(f"`gamma` must be in [0, 1]. Received: gamma={gamma}")
         self.gamma = float(gamma)
         if q_loss not in ("mse", "huber"):
             raise ValueError(f"`q_loss` must be 'mse' or 'huber'. Received: q_loss={q_loss!r}")
         self.q_loss = q_loss
-        self.agent_steps = validation.check_non_negative_int("agent_steps", agent_steps)
-        self.backbone_steps = validation.check_non_negative_int("backbone_steps", backbone_steps)
-        self.robust_steps = validation.check_non_negative_int("robust_steps", robust_steps)
-        self.agent_warmup = bool(agent_warmup)
-        for name, value in (("epsilon_start", epsilon_start), ("epsilon_end", epsilon_end)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1]. Received: {name}={value}")
-        self.epsilon_start = float(epsilon_start)
-        self.epsilon_end = float(epsilon_end)
-        self.epsilon_decay_steps = validation.check_non_negative_int(
-            "epsilon_decay_steps", epsilon_decay_steps
-        )
-        if not 0.0 <= full_width_fraction <= 1.0:
-            raise ValueError(
-                f"`full_width_fraction` must be in [0, 1]. Received: "
-                f"full_width_fraction={full_width_fraction}"
-            )
-        self.full_width_fraction = float(full_width_fraction)
-        self.robust_random_draws = validation.check_non_negative_int(
-            "robust_random_draws", robust_random_draws
-        )
-        if not 0.0 <= distill_weight <= 1.0:
-            raise ValueError(f"`distill_weight` must be in [0, 1]. Received: distill_weight={distill_weight}")
-        self.distill_weight = float(distill_weight)
-        if backbone_penalty_range is not None:
-            low, high = (float(v) for v in backbone_penalty_range)
-            if not (np.isfinite(low) and np.isfinite(high) and low < high):
-                raise ValueError(
-                    "`backbone_penalty_range` must be (p_min, p_max), finite, with p_min < p_max. "
-                    f"Received: backbone_penalty_range={backbone_penalty_range!r}"
-                )
-            backbone_penalty_range = (low, high)
-        self.backbone_penalty_range = backbone_penalty_range
+        if schedule is None:
+            schedule = Schedule()
+        elif isinstance(schedule, dict):
+            schedule = Schedule.from_config(schedule)
+        elif not isinstance(schedule, Schedule):
+            raise ValueError(f"`schedule` must be an rnp_tf.Schedule or its config. Received: schedule={schedule!r}")
+        self.schedule = schedule
         if not isinstance(inference_engine, bool):
             raise ValueError(
                 f"`inference_engine` must be a bool. Received: inference_engine={inference_engine!r}"
@@ -231,116 +183,21 @@ class RNPModel(keras.Model):
 
     # ------------------------------------------------------------ structure
     def _build_layers(self):
-        """Creates and builds every layer from the backbone description.
+        """Builds the network plan, the agent and the model's own state.
 
-        Records, for every conv, which decision sets its input width and its
-        output width (`_conv_info[name] = (decision, in_ref, out_ref)`, a
-        decision index or None for full width): MAC counts, the hard cap,
-        the sliced path and channel reordering all read it.
+        The layers stay in the attributes they always had (`convs`,
+        `prunable`, `stem`, `head_layers`, `dropout`, `agent`), so that
+        `.keras` files keep their weight paths.
         """
-        shape = (None, *self.image_shape)
-        self._plan = []  # ("conv" | "pool" | "zeropad", layer) or ("block", dict)
-        self.convs = []
-        self.prunable = []
-        self._conv_info = {}
-        feature_channels = []
-        width_ref = None  # decision whose action sets the current feature map's width
-
-        def add_conv(
-            name, filters, kernel_size, strides, padding, prunable, activation="relu", normalization=True, eps=1e-3
-        ):
-            nonlocal shape, width_ref
-            layer = GatedConv2D(
-                filters,
-                kernel_size=kernel_size,
-                strides=strides,
-                padding=padding,
-                normalization=normalization,
-                groups=self.groups,
-                gated_input=width_ref is not None,
-                activation=activation,
-                prunable_output=prunable,
-                epsilon=eps,
-                name=name,
-            )
-            layer.build(shape)
-            decision = None
-            if prunable:
-                decision = len(self.prunable)
-                feature_channels.append(shape[-1])
-                self.prunable.append(layer)
-            self._conv_info[name] = (decision, width_ref, decision)
-            self.convs.append(layer)
-            shape = layer.compute_output_shape(shape)
-            width_ref = decision
-            return layer
-
-        for i, stage in enumerate(self.backbone["stages"]):
-            kind = stage["type"]
-            if kind == "conv":
-                stem = not self.convs
-                name = "stem" if stem else (f"gated_conv_{i}" if stage["prunable"] else f"conv_{i}")
-                layer = add_conv(
-                    name, stage["filters"], stage["kernel_size"], stage["strides"], stage["padding"],
-                    stage["prunable"], stage["activation"], stage["normalization"], stage["bn_epsilon"],
-                )
-                self._plan.append(("conv", layer))
-            elif kind == "pool":
-                pool_class = keras.layers.MaxPooling2D if stage["mode"] == "max" else keras.layers.AveragePooling2D
-                layer = pool_class(stage["size"], strides=stage["strides"], padding=stage["padding"], name=f"pool_{i}")
-                shape = layer.compute_output_shape(shape)
-                self._plan.append(("pool", layer))
-            elif kind == "zeropad":
-                layer = keras.layers.ZeroPadding2D(stage["padding"], name=f"zeropad_{i}")
-                shape = layer.compute_output_shape(shape)
-                self._plan.append(("zeropad", layer))
-            else:
-                if width_ref is not None:
-                    raise ValueError(f"stages[{i}]: a bottleneck's input must have full width (it feeds a sum).")
-                block_in = shape
-                f, s, e, eps = stage["filters"], stage["strides"], stage["expansion"], stage["bn_epsilon"]
-                prune_a, prune_b = stage["prunable"]
-                conv_a = add_conv(f"block{i}_a", f, 1, s, "valid", prune_a, eps=eps)
-                conv_b = add_conv(f"block{i}_b", f, 3, 1, "same", prune_b, eps=eps)
-                conv_c = add_conv(f"block{i}_c", f * e, 1, 1, "valid", False, activation="linear", eps=eps)
-                shortcut = None
-                if stage["projection"]:
-                    after = shape
-                    shape, width_ref = block_in, None
-                    shortcut = add_conv(
-                        f"block{i}_shortcut", f * e, 1, s, "valid", False, activation="linear", eps=eps
-                    )
-                    shape = after
-                elif block_in[-1] != f * e or s != 1:
-                    raise ValueError(
-                        f"stages[{i}]: an identity shortcut needs {f * e} input channels and stride 1. "
-                        f"Received: input_shape={block_in}, strides={s}; set projection=True"
-                    )
-                self._plan.append(("block", {"a": conv_a, "b": conv_b, "c": conv_c, "shortcut": shortcut}))
-        if not self.prunable:
-            raise ValueError("The backbone has no prunable conv: nothing for the agent to decide.")
-        self.stem = self.convs[0]
-        self.num_prunable = len(self.prunable)
-        self._head_ref = width_ref
-        head = self.backbone["head"]
-        self._head_in_shape = tuple(shape[1:])
-        if head["pooling"] == "gap":
-            self._head_spatial = 1
-        else:
-            self._head_spatial = int(shape[1] * shape[2])
-        width = shape[-1] * self._head_spatial
-        self.head_layers = []
-        for i, units in enumerate(head["hidden"]):
-            dense = keras.layers.Dense(units, activation="relu", name=f"fc_{i}")
-            dense.build((None, width))
-            self.head_layers.append(dense)
-            width = units
-        classifier = keras.layers.Dense(self.num_classes, name="classifier", dtype="float32")  # float32 logits
-        classifier.build((None, width))
-        self.head_layers.append(classifier)
-        self.dropout = keras.layers.Dropout(head["dropout"]) if head["dropout"] else None
+        self.plan = plan_lib.build_plan(self.backbone, self.image_shape, self.num_classes, self.groups)
+        self.convs = list(self.plan.convs)
+        self.prunable = list(self.plan.prunable)
+        self.stem = self.plan.stem
+        self.num_prunable = self.plan.num_decisions
+        self.head_layers = list(self.plan.head.layers)
+        self.dropout = self.plan.head.dropout
         self.agent = agent_lib.DecisionAgent(
-            feature_channels,
+            self.plan.feature_channels,
             groups=self.groups,
             embed_dim=self.agent_embed_dim,
             units=self.agent_units,
@@ -367,22 +224,11 @@ class RNPModel(keras.Model):
             trainable=False, aggregation="only_first_replica",
         )
         self._epsilon = self.add_weight(
-            name="epsilon", shape=(), initializer=keras.initializers.Constant(self.epsilon_start),
+            name="epsilon", shape=(), initializer=keras.initializers.Constant(self.schedule.epsilon_start),
             trainable=False, aggregation="only_first_replica",
         )
-        # Per-sample MACs: the head's first Dense shrinks with the width feeding it.
-        first_units = self.head_layers[0].units
-        fixed = sum(float(d.kernel.shape[0] * d.units) for d in self.head_layers[1:])
-        if self._head_ref is None:
-            fixed += float(width if not head["hidden"] else shape[-1] * self._head_spatial) * first_units
-            self._head_macs_per_group = 0.0
-        else:
-            producer = self.prunable[self._head_ref]
-            self._head_macs_per_group = float(producer.group_size * self._head_spatial * first_units)
-        self._fixed_macs = fixed
-        full = np.full((1, self.num_prunable), self.groups)
-        self.full_macs = float(self.macs(full)[0])
-        self.min_macs = float(self.macs(np.ones((1, self.num_prunable), np.int32))[0])
+        self.full_macs = self.plan.full_macs
+        self.min_macs = self.plan.min_macs
         self.built = True
 
     @property
@@ -393,9 +239,7 @@ class RNPModel(keras.Model):
         (the CIFAR CNN, VGG); residual blocks run on the masked and the
         reference sliced paths.
         """
-        return all(kind in ("conv", "pool") for kind, _ in self._plan) and all(
-            self._conv_info[conv.name][0] is not None for conv in self.convs[1:]
-        )
+        return self.plan.is_chain
 
     def build(self, input_shape=None):
         # Every weight is created in __init__ from `image_shape`.
@@ -439,7 +283,8 @@ class RNPModel(keras.Model):
 
         Counts every conv on its (input prefix, output prefix) and the
         head's Dense layers, whose first input shrinks when the last conv
-        is prunable. The agent's own cost is `agent.macs()`.
+        is prunable (`NetworkPlan.macs`, the one MAC table). The agent's
+        own cost is `agent.macs()`.
 
         Args:
             actions: int array or tensor `[batch, num_prunable]` in `1..k`.
@@ -447,85 +292,39 @@ class RNPModel(keras.Model):
         Returns:
             A float32 tensor `[batch]`.
         """
-        actions = tf.cast(actions, tf.int32)
-        batch = tf.shape(actions)[0]
-        full = tf.fill([batch], self.groups)
-        total = tf.fill([batch], tf.constant(self._fixed_macs, tf.float32))
-        for conv in self.convs:
-            _, in_ref, out_ref = self._conv_info[conv.name]
-            in_actions = full if in_ref is None else actions[:, in_ref]
-            out_actions = full if out_ref is None else actions[:, out_ref]
-            total += conv.macs(in_actions, out_actions)
-        if self._head_ref is not None:
-            total += tf.cast(actions[:, self._head_ref], tf.float32) * self._head_macs_per_group
-        return total
+        return self.plan.macs(actions)
 
     def compute_fraction(self, actions):
         """Per-sample MACs as a fraction of the full model's, `[batch]`."""
         return self.macs(actions) / self.full_macs
 
     # -------------------------------------------------------------- rollout
-    def _rollout(self, x, choose, training=False, run_agent=True, penalties=None, cap=False):
-        """The one loop of the model (masked execution).
+    def _masked(self, x, policy, training=False):
+        """The rollout on the masked executor (training, `call`, `rollout`).
 
         Args:
             x: image batch.
-            choose: `choose(t, q_values) -> int32 [batch]` actions of layer t.
+            policy: a policy of `rnp_tf.rollout` (`Greedy`, `EpsilonGreedy`,
+                `Forced`, `Chooser`).
             training: BatchNorm/dropout mode of the backbone.
-            run_agent: whether the agent computes Q-values (not needed for
-                forced actions).
-            penalties: `[batch]` run-time penalties of the greedy choice
-                (default: the inference setting `penalty_setting`); read
-                only with `cap`.
-            cap: greedy inference: apply the run-time knob (re-pricing by
-                `penalty_setting`) and the hard per-image MAC cap set by
-                `set_compute_cap`.
 
         Returns:
             A dict with `logits`, `actions`, `q_values` (None without the
             agent) and `macs`.
         """
-        state = self.agent.initial_state(tf.shape(x)[0]) if run_agent else None
-        actions, q_values = [], []
+        executor = rollout_lib.MaskedExecutor(self.plan, training, self.agent.compute_dtype)
+        return rollout_lib.rollout(self.plan, self.agent, x, policy, executor).stacked(self.macs)
 
-        def decide(h):
-            nonlocal state
-            t = len(actions)
-            q = None
-            if run_agent:
-                q, state = self.agent.step(t, h, state)
-                q_values.append(q)
-            if cap and run_agent:
-                q = self.greedy_q(t, q, actions, penalties)
-            action = choose(t, q)
-            actions.append(action)
-            return action
+    def greedy_policy(self, penalties=None):
+        """The inference policy: greedy on `greedy_q` (the run-time knob applied).
 
-        def run_conv(conv, h):
-            decision, in_ref, _ = self._conv_info[conv.name]
-            in_actions = None if in_ref is None else actions[in_ref]
-            out_actions = decide(h) if decision is not None else None
-            return conv(h, in_actions=in_actions, out_actions=out_actions, training=training)
+        Args:
+            penalties: as for `greedy_q` (default: `penalty_setting`).
 
-        h = x
-        for kind, item in self._plan:
-            if kind == "conv":
-                h = run_conv(item, h)
-            elif kind == "block":
-                shortcut = h if item["shortcut"] is None else item["shortcut"](h, training=training)
-                for key in ("a", "b", "c"):
-                    h = run_conv(item[key], h)
-                h = tf.nn.relu(h + shortcut)
-            else:
-                h = item(h)
-        logits = self._head(h, training)
-        actions = tf.stack(actions, axis=1)
-        return {
-            "logits": logits,
-            "actions": actions,
-            "q_values": tf.stack(q_values, axis=1) if run_agent else None,
-            "macs": self.macs(actions),
-        }
+        Returns:
+            An `rnp_tf.rollout.Greedy` policy.
+        """
+        return rollout_lib.Greedy(lambda t, q, decided: self.greedy_q(t, q, decided, penalties))
 
     def greedy_q(self, t, q, decided, penalties=None):
         """Q-values the greedy policy maximises at decision `t`: the run-time knob applied.
@@ -561,61 +360,16 @@ class RNPModel(keras.Model):
             )
         q = self._repriced(q, penalties)
         if self._cap_macs is not None:
-            q = self._cap_q_values(t, q, decided)
+            q = knob_lib.cap_q_values(self.plan, t, q, decided, self._cap_macs)
         return q
 
     def _repriced(self, q, penalties=None):
-        """Q-values re-priced to the inference penalty.
-
-        An agent trained with penalty `p0` learned `Q(s, a)` whose immediate
-        reward is `(a - 1) * p0`; at inference penalty `p` the immediate
-        reward becomes `(a - 1) * p`, i.e. `Q(s, a) + (p - p0) * (a - 1)`.
-        """
+        """Q-values re-priced to the inference penalty (`rnp_tf.knob.reprice`)."""
         if penalties is None:
             delta = self._penalty_setting.value - self.penalty
         else:
-            delta = tf.cast(penalties, tf.float32)
-            delta = (delta[:, None] if delta.shape.rank else delta) - self.penalty
-        extra = tf.range(self.groups, dtype=q.dtype)[None, :]
-        return q + tf.cast(delta, q.dtype) * extra
-
-    def _cap_q_values(self, t, q, decided):
-        """Masks the actions that would break the per-image MAC cap.
-
-        Action `a` at decision `t` is feasible when the MACs of the actions
-        decided so far, `a`, and the narrowest action at every later
-        decision fit the cap. The narrowest action is always feasible once
-        the first decision was, so the cap holds for every image.
-
-        Args:
-            t: the decision index.
-            q: `[batch, k]` Q-values.
-            decided: list of `t` int tensors `[batch]`, the earlier actions.
-
-        Returns:
-            The Q-values with infeasible actions set to -1e30.
-        """
-        k = self.groups
-        batch = tf.shape(q)[0]
-        columns = [tf.repeat(a[:, None], k, axis=1) for a in decided]
-        columns.append(tf.tile(tf.range(1, k + 1)[None, :], [batch, 1]))
-        columns += [tf.ones([batch, k], tf.int32)] * (self.num_prunable - t - 1)
-        completions = tf.reshape(tf.stack(columns, axis=-1), [-1, self.num_prunable])
-        cost = tf.reshape(self.macs(completions), [batch, k])
-        feasible = cost <= self._cap_macs * (1 + 1e-6)
-        feasible = tf.logical_or(feasible, tf.equal(tf.range(1, k + 1), 1)[None, :])
-        return tf.where(feasible, q, tf.fill(tf.shape(q), tf.constant(-1e30, q.dtype)))
-
-    def _head(self, h, training):
-        if self.backbone["head"]["pooling"] == "gap":
-            h = tf.reduce_mean(h, axis=[1, 2])
-        else:
-            h = tf.reshape(h, [tf.shape(h)[0], -1])
-        for dense in self.head_layers[:-1]:
-            h = dense(h)
-            if self.dropout is not None:
-                h = self.dropout(h, training=training)
-        return self.head_layers[-1](h)
+            delta = tf.cast(penalties, tf.float32) - self.penalty
+        return knob_lib.reprice(q, delta)
 
     def rollout(self, x, actions=None, policy="greedy", epsilon=0.0, training=False, penalty=None):
         """Runs the model and returns logits, actions, Q-values and MACs.
@@ -632,7 +386,8 @@ class RNPModel(keras.Model):
             epsilon: exploration rate for `policy="epsilon"`.
             training: BatchNorm/dropout mode of the backbone.
             penalty: the run-time penalty for this call (default:
-                `penalty_setting`; see `set_penalty`).
+                `penalty_setting`; see `set_penalty`): a finite float, or a
+                float tensor of shape `[]`, `[1]` or `[batch]`.
 
         Returns:
             A dict: `logits` `[batch, num_classes]`, `actions` int32
@@ -649,17 +404,20 @@ class RNPModel(keras.Model):
             actions = validation.check_actions(
                 actions, x.shape[0], self.num_prunable, self.groups
             )
-            return self._rollout(x, lambda t, q: actions[:, t], training, run_agent=False)
+            return self._masked(x, rollout_lib.Forced(actions), training)
+        penalties = None
+        if tf.is_tensor(penalty):
+            penalties = tf.reshape(tf.cast(penalty, tf.float32), [-1]) + tf.zeros(tf.shape(x)[:1], tf.float32)
+        elif penalty is not None:
+            penalty = knob_lib.check_penalty(penalty)
+            penalties = tf.fill([tf.shape(x)[0]], tf.constant(penalty, tf.float32))
         if policy == "greedy":
-            choose = lambda t, q: agent_lib.greedy_actions(q)  # noqa: E731
+            chosen = self.greedy_policy(penalties)
         elif policy == "epsilon":
-            choose = lambda t, q: agent_lib.epsilon_greedy_actions(q, epsilon)  # noqa: E731
+            chosen = rollout_lib.EpsilonGreedy(epsilon)
         else:
             raise ValueError(f"`policy` must be 'greedy' or 'epsilon'. Received: policy={policy!r}")
-        penalties = None
-        if penalty is not None:
-            penalties = tf.fill([tf.shape(x)[0]], tf.constant(float(penalty), tf.float32))
-        return self._rollout(x, choose, training, penalties=penalties, cap=policy == "greedy")
+        return self._masked(x, chosen, training)
 
     # ------------------------------------------------------ run-time knob
     @property
@@ -690,9 +448,7 @@ class RNPModel(keras.Model):
 
         >>> model.set_penalty(-0.2)   # cheaper
         """
-        if isinstance(penalty, bool) or not isinstance(penalty, (int, float, np.floating)) or not np.isfinite(penalty):
-            raise ValueError(f"`penalty` must be a finite float. Received: penalty={penalty!r}")
-        self._penalty_setting.assign(float(penalty))
+        self._penalty_setting.assign(knob_lib.check_penalty(penalty))
 
     def calibrate_budget(self, x, num_points=9):
         """Measures mean compute at a grid of penalties, for `set_budget`.
@@ -713,20 +469,19 @@ class RNPModel(keras.Model):
         validation.check_positive_int("num_points", num_points)
         if not 2 <= num_points <= 32:
             raise ValueError(f"`num_points` must be in 2..32. Received: num_points={num_points}")
-        penalties = self.penalty + np.linspace(1.0, -2.0, num_points)
+        penalties = knob_lib.calibration_penalties(self.penalty, num_points)
+        fractions = [self._mean_compute(x, penalty) for penalty in penalties]
+        self._calibration.assign(knob_lib.calibration_table(penalties, fractions))
+        return list(zip(penalties.tolist(), fractions))
+
+    def _mean_compute(self, x, penalty):
+        """Mean compute fraction of the greedy policy on `x` at `penalty` (the setting is left as it was)."""
         saved = self.penalty_setting
-        fractions = []
         try:
-            for penalty in penalties:
-                self._penalty_setting.assign(float(penalty))
-                fractions.append(float(self.predict_details(x)["compute_fraction"].mean()))
+            self._penalty_setting.assign(float(penalty))
+            return float(self.predict_details(x)["compute_fraction"].mean())
         finally:
             self._penalty_setting.assign(saved)
-        table = np.zeros((2, 32), np.float32)
-        table[0, :num_points] = penalties
-        table[1, :num_points] = fractions
-        self._calibration.assign(table)
-        return list(zip(penalties.tolist(), fractions))
 
     def set_budget(self, compute_fraction, x=None, tolerance=0.02, max_iterations=12):
         """Sets the penalty whose measured mean compute is `compute_fraction`.
@@ -757,46 +512,17 @@ class RNPModel(keras.Model):
         >>> model.calibrate_budget(data.validation)
         >>> model.set_budget(0.4, data.validation)
         """
-        if isinstance(compute_fraction, bool) or not 0.0 < compute_fraction <= 1.0:
-            raise ValueError(f"`compute_fraction` must be in (0, 1]. Received: compute_fraction={compute_fraction}")
-        table = self._calibration.numpy()
-        count = int(np.count_nonzero(table[1]))
-        if count < 2:
-            raise ValueError("set_budget needs a calibration: call `model.calibrate_budget(validation_data)` first.")
-        penalties, fractions = table[0, :count], table[1, :count]
-        # penalties fall from the first entry to the last: so must compute
-        fractions = np.minimum.accumulate(fractions)
-        order = np.argsort(fractions, kind="stable")
-        penalty = float(np.interp(compute_fraction, fractions[order], penalties[order]))
+        penalty, penalties, fractions = knob_lib.budget_penalty(self._calibration.numpy(), compute_fraction)
         if x is not None:
             if isinstance(tolerance, bool) or not 0.0 < tolerance < 1.0:
                 raise ValueError(f"`tolerance` must be in (0, 1), relative to the budget. Received: tolerance={tolerance}")
-            penalty = self._refine_budget(
-                compute_fraction, x, penalty, penalties, fractions, tolerance * compute_fraction, max_iterations
+            validation.check_positive_int("max_iterations", max_iterations)
+            penalty = knob_lib.refine_budget(
+                lambda p: self._mean_compute(x, p), compute_fraction, penalty, penalties, fractions,
+                tolerance * compute_fraction, max_iterations,
             )
         self._penalty_setting.assign(penalty)
         return penalty
-
-    def _refine_budget(self, target, x, penalty, penalties, fractions, tolerance, max_iterations):
-        """Bisects the penalty on `x` towards mean compute `target` (see `set_budget`)."""
-        # Bracket: `high` (less negative) computes at least the target, `low` at most.
-        above = penalties[fractions >= target]
-        below = penalties[fractions <= target]
-        high = float(above.min()) if above.size else float(penalties[0])
-        low = float(below.max()) if below.size else float(penalties[-1])
-        best = (np.inf, penalty)
-        for _ in range(max_iterations):
-            self._penalty_setting.assign(penalty)
-            measured = float(self.predict_details(x)["compute_fraction"].mean())
-            best = min(best, (abs(measured - target), penalty))
-            if best[0] <= tolerance:
-                break
-            if measured > target:
-                high = penalty
-            else:
-                low = penalty
-            penalty = 0.5 * (high + low)
-        return best[1]
 
     def set_compute_cap(self, compute_fraction):
         """Hard cap: no single image may exceed this share of the full MACs.
@@ -834,8 +560,7 @@ class RNPModel(keras.Model):
     def call(self, inputs, training=False):
         """Logits of the greedy policy (masked execution)."""
         x = validation.check_images(inputs, self.image_shape)
-        choose = lambda t, q: agent_lib.greedy_actions(q)  # noqa: E731
-        return self._rollout(x, choose, training, cap=True)["logits"]
+        return self._masked(x, self.greedy_policy(), training)["logits"]
 
     def predict_details(self, x, batch_size=256, actions=None, engine=None):
         """Logits, actions, MACs and compute fractions as numpy arrays.
@@ -904,12 +629,12 @@ class RNPModel(keras.Model):
         images_spec = tf.TensorSpec([None, *self.image_shape], tf.float32)
         if "greedy" not in cache:
             cache["greedy"] = tf.function(
-                lambda images: self._rollout(images, lambda t, q: agent_lib.greedy_actions(q), cap=True),
+                lambda images: self._masked(images, self.greedy_policy()),
                 input_signature=[images_spec],
             )
             cache["static"] = tf.function(
-                lambda images, action: self._rollout(
-                    images, lambda t, q: tf.fill([tf.shape(images)[0]], action), run_agent=False
+                lambda images, action: self._masked(
+                    images, rollout_lib.Forced(tf.fill([tf.shape(images)[0], self.num_prunable], action))
                 ),
                 input_signature=[images_spec, tf.TensorSpec([], tf.int32)],
             )
@@ -944,68 +669,19 @@ class RNPModel(keras.Model):
             actions = validation.check_actions(
                 actions, x.shape[0], self.num_prunable, self.groups
             ).numpy()
+        executor = rollout_lib.SlicedExecutor(self.plan)
         logits, chosen = [], []
         for i in range(x.shape[0]):
-            forced = None if actions is None else actions[i]
-            lg, act = self._sliced_one(x[i : i + 1], forced)
-            logits.append(lg.numpy()[0])
-            chosen.append(act)
+            if actions is None:
+                policy = self.greedy_policy()
+            else:
+                policy = rollout_lib.Forced(tf.constant(actions[i : i + 1], tf.int32))
+            out = rollout_lib.rollout(self.plan, self.agent, x[i : i + 1], policy, executor)
+            logits.append(out.logits.numpy()[0])
+            chosen.append([int(a[0]) for a in out.actions])
         actions = np.asarray(chosen, np.int32).reshape(-1, self.num_prunable)
         macs = self.macs(actions).numpy()
         return {"logits": np.stack(logits), "actions": actions, "macs": macs}
-
-    def _sliced_one(self, image, forced=None):
-        state = self.agent.initial_state(1) if forced is None else None
-        chosen = []
-
-        def decide(h):
-            nonlocal state
-            t = len(chosen)
-            if forced is not None:
-                chosen.append(int(forced[t]))
-                return chosen[-1]
-            q, state = self.agent.step(t, h, state)
-            q = self.greedy_q(t, q, [tf.constant([a]) for a in chosen])
-            chosen.append(int(agent_lib.greedy_actions(q)[0]))
-            return chosen[-1]
-
-        def run_conv(conv, h):
-            decision, in_ref, _ = self._conv_info[conv.name]
-            in_action = self.groups if in_ref is None else chosen[in_ref]
-            out_action = decide(h) if decision is not None else self.groups
-            return conv.call_sliced(h, in_action, out_action)
-
-        h = image
-        for kind, item in self._plan:
-            if kind == "conv":
-                h = run_conv(item, h)
-            elif kind == "block":
-                shortcut = h
-                if item["shortcut"] is not None:
-                    shortcut = item["shortcut"].call_sliced(h, self.groups, self.groups)
-                for key in ("a", "b", "c"):
-                    h = run_conv(item[key], h)
-                h = tf.nn.relu(h + shortcut)
-            else:
-                h = item(h)
-        return self._head_sliced(h, None), chosen
-
-    def _head_sliced(self, h, last_action):
-        """The head on a feature map holding only `last_action` groups."""
-        first = self.head_layers[0]
-        channels = h.shape[-1]
-        if self.backbone["head"]["pooling"] == "gap":
-            h = tf.reduce_mean(h, axis=[1, 2])
-            kernel = first.kernel[:channels]
-        else:
-            hf, wf, c = self._head_in_shape
-            h = tf.reshape(h, [tf.shape(h)[0], -1])
-            kernel = tf.reshape(first.kernel, [hf, wf, c, first.units])[:, :, :channels, :]
-            kernel = tf.reshape(kernel, [hf * wf * channels, first.units])
-        h = first.activation(tf.matmul(h, kernel) + first.bias)
-        for dense in self.head_layers[1:]:
-            h = dense(h)
-        return h
 
     # ------------------------------------------------------------- training
     def compile(self, optimizer="adam", agent_optimizer=None, loss=None, **kwargs):
@@ -1071,32 +747,17 @@ class RNPModel(keras.Model):
     @property
     def warmup_steps(self):
         """Length of the first agent phase."""
-        if self.agent_warmup:
-            return max(self.agent_steps, self.epsilon_decay_steps)
-        return self.agent_steps
+        return self.schedule.warmup_steps
 
     def current_phase(self):
         """The phase the next train step will run."""
         if self._forced_phase is not None:
             return self._forced_phase
-        if self.agent_steps == 0 and self.backbone_steps == 0 and self.robust_steps == 0:
-            raise ValueError("At least one of agent_steps, backbone_steps, robust_steps must be > 0.")
-        return dqn.phase_at(
-            int(self._schedule_step.numpy()),
-            robust_steps=self.robust_steps,
-            agent_steps=self.agent_steps,
-            backbone_steps=self.backbone_steps,
-            warmup_steps=self.warmup_steps,
-        )
+        return self.schedule.phase_at(int(self._schedule_step.numpy()))
 
     def current_epsilon(self):
         """Exploration rate of the next agent step."""
-        return dqn.epsilon_at(
-            int(self._agent_updates.numpy()),
-            self.epsilon_start,
-            self.epsilon_end,
-            self.epsilon_decay_steps,
-        )
+        return self.schedule.epsilon_at(int(self._agent_updates.numpy()))
 
     def make_train_function(self, force=False):
         """One compiled function per phase, chosen per step in Python."""
@@ -1160,8 +821,7 @@ class RNPModel(keras.Model):
         epsilon = self._epsilon.value
         variables = self.agent_variables
         with tf.GradientTape() as tape:
-            choose = lambda t, q: agent_lib.epsilon_greedy_actions(q, epsilon)  # noqa: E731
-            out = self._rollout(x, choose, training=False)
+            out = self._masked(x, rollout_lib.EpsilonGreedy(epsilon), training=False)
             ce = _per_sample_ce(y, out["logits"])
             loss = self._td_loss(out, ce)
         grads = _replica_gradients(tape, loss, variables)
@@ -1175,15 +835,15 @@ class RNPModel(keras.Model):
         variables = self.backbone_variables
         epsilon = self._epsilon.value
         with tf.GradientTape() as tape:
-            full_width = lambda t, q: tf.fill([tf.shape(x)[0]], self.groups)  # noqa: E731
             if phase == "full":
-                out = self._rollout(x, full_width, True, run_agent=False)
+                widest = tf.fill([tf.shape(x)[0], self.num_prunable], self.groups)
+                out = self._masked(x, rollout_lib.Forced(widest), training=True)
             else:
-                full = tf.random.uniform([tf.shape(x)[0]]) < self.full_width_fraction
+                full = tf.random.uniform([tf.shape(x)[0]]) < self.schedule.full_width_fraction
 
                 repriced = None
-                if self.backbone_penalty_range is not None:
-                    low, high = self.backbone_penalty_range
+                if self.schedule.backbone_penalty_range is not None:
+                    low, high = self.schedule.backbone_penalty_range
                     repriced = tf.random.uniform([tf.shape(x)[0]], low, high)
 
                 def choose(t, q):
@@ -1192,7 +852,7 @@ class RNPModel(keras.Model):
                     action = agent_lib.epsilon_greedy_actions(q, epsilon)
                     return tf.where(full, self.groups, action)
 
-                out = self._rollout(x, choose, training=True)
+                out = self._masked(x, rollout_lib.Chooser(choose), training=True)
             ce = _per_sample_ce(y, out["logits"])
             loss = tf.reduce_mean(ce)
             loss += sum(self.losses)
@@ -1206,13 +866,13 @@ class RNPModel(keras.Model):
         batch = tf.shape(x)[0]
         shape = [batch, self.num_prunable]
         draws = [tf.fill(shape, self.groups), tf.ones(shape, tf.int32)]
-        for _ in range(self.robust_random_draws):
+        for _ in range(self.schedule.robust_random_draws):
             draws.append(tf.random.uniform(shape, 1, self.groups + 1, dtype=tf.int32))
         actions = tf.concat(draws, axis=0)
         xx = tf.concat([x] * len(draws), axis=0)
         variables = self.backbone_variables
         with tf.GradientTape() as tape:
-            out = self._rollout(xx, lambda t, q: actions[:, t], True, run_agent=False)
+            out = self._masked(xx, rollout_lib.Forced(actions), training=True)
             logits = tf.split(out["logits"], len(draws), axis=0)
             ce_full = _per_sample_ce(y, logits[0])
             loss = tf.reduce_mean(ce_full)
@@ -1222,7 +882,8 @@ class RNPModel(keras.Model):
                 kd = tf.reduce_mean(
                     keras.losses.categorical_crossentropy(teacher, narrow, from_logits=True)
                 )
-                loss += (1.0 - self.distill_weight) * ce + self.distill_weight * kd
+                w = self.schedule.distill_weight
+                loss += (1.0 - w) * ce + w * kd
             loss += sum(self.losses)
         grads = _replica_gradients(tape, loss, variables)
         self.optimizer.apply(grads, variables)
@@ -1232,7 +893,7 @@ class RNPModel(keras.Model):
 
     def test_step(self, data):
         x, y = self._unpack(data)
-        out = self._rollout(x, lambda t, q: agent_lib.greedy_actions(q), training=False, cap=True)
+        out = self._masked(x, self.greedy_policy(), training=False)
         ce = _per_sample_ce(y, out["logits"])
         self.agent_loss_tracker.update_state(self._td_loss(out, ce))
         self._update_metrics(y, out, ce)
@@ -1334,19 +995,7 @@ class RNPModel(keras.Model):
                 "alpha": self.alpha,
                 "gamma": self.gamma,
                 "q_loss": self.q_loss,
-                "agent_steps": self.agent_steps,
-                "backbone_steps": self.backbone_steps,
-                "robust_steps": self.robust_steps,
-                "agent_warmup": self.agent_warmup,
-                "epsilon_start": self.epsilon_start,
-                "epsilon_end": self.epsilon_end,
-                "epsilon_decay_steps": self.epsilon_decay_steps,
-                "full_width_fraction": self.full_width_fraction,
-                "robust_random_draws": self.robust_random_draws,
-                "distill_weight": self.distill_weight,
-                "backbone_penalty_range": (
-                    None if self.backbone_penalty_range is None else list(self.backbone_penalty_range)
-                ),
+                "schedule": self.schedule.get_config(),
                 "inference_engine": self.inference_engine,
                 "compute_cap": self.compute_cap,
             }
@@ -1359,6 +1008,13 @@ class RNPModel(keras.Model):
 
         Options measured and removed (`REMOVED_OPTIONS`) are dropped when they
         hold their old default; a model trained with one of them has other
-        agent weights or another training recipe, so it is refused.
+        agent weights or another training recipe, so it is refused. The
+        schedule's fields, arguments of the model before `Schedule`, are
+        gathered into its schedule.
         """
-        return cls(**validation.drop_removed_options(config, REMOVED_OPTIONS, "RNPModel"))
+        config = validation.drop_removed_options(config, REMOVED_OPTIONS, "RNPModel")
+        # Before `Schedule`, its fields were arguments of the model.
+        flat = {name: config.pop(name) for name in SCHEDULE_FIELDS if name in config}
+        if flat:
+            config["schedule"] = {**(config.get("schedule") or {}), **flat}
+        return cls(**config)

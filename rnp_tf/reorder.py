@@ -69,7 +69,7 @@ def reorder_channels(model):
         else:
             conv.bias.assign(np.asarray(conv.bias)[perm])
         for consumer in model.convs:
-            decision, in_ref, _ = model._conv_info[consumer.name]
+            decision, in_ref = model.plan.conv_refs[consumer.name]
             if in_ref != t:
                 continue
             consumer.kernel.assign(np.asarray(consumer.kernel)[:, :, perm, :])
@@ -78,7 +78,7 @@ def reorder_channels(model):
                 kernel = np.asarray(encoder.kernel)
                 kernel[: len(perm)] = kernel[: len(perm)][perm]
                 encoder.kernel.assign(kernel)
-        if model._head_ref == t:
+        if model.plan.head.in_ref == t:
             _permute_head_rows(model, perm)
     return permutations
 
@@ -89,6 +89,6 @@ def _permute_head_rows(model, perm):
     if model.backbone["head"]["pooling"] == "gap":
         dense.kernel.assign(kernel[perm])
         return
-    hf, wf, channels = model._head_in_shape
+    hf, wf, channels = model.plan.head.in_shape
     kernel = kernel.reshape(hf, wf, channels, -1)[:, :, perm, :]
     dense.kernel.assign(kernel.reshape(hf * wf * channels, -1))

@@ -372,6 +372,7 @@ def _check_backbone(config):
 def build_model(config, dataset):
     """The `RNPModel` a config describes, for a loaded dataset."""
     from rnp_tf.model import RNPModel
+    from rnp_tf.schedule import Schedule
 
     return RNPModel(
         _backbone_spec(config),
@@ -384,14 +385,16 @@ def build_model(config, dataset):
         alpha=config.alpha,
         gamma=config.gamma,
         q_loss=config.q_loss,
-        agent_steps=config.agent_steps,
-        backbone_steps=config.backbone_steps,
-        agent_warmup=config.agent_warmup,
-        epsilon_start=config.epsilon_start,
-        epsilon_end=config.epsilon_end,
-        epsilon_decay_steps=config.epsilon_decay_steps,
-        full_width_fraction=config.full_width_fraction,
-        backbone_penalty_range=config.backbone_penalty_range,
+        schedule=Schedule(
+            agent_steps=config.agent_steps,
+            backbone_steps=config.backbone_steps,
+            agent_warmup=config.agent_warmup,
+            epsilon_start=config.epsilon_start,
+            epsilon_end=config.epsilon_end,
+            epsilon_decay_steps=config.epsilon_decay_steps,
+            full_width_fraction=config.full_width_fraction,
+            backbone_penalty_range=config.backbone_penalty_range,
+        ),
     )
 
 

@@ -27,7 +27,7 @@ def test_best_knob_weights_restores_the_best_epoch_and_leaves_the_knob_alone(tmp
     x, y = _arrays(data.validation)
     model = rnp_tf.RNPModel(
         rnp_tf.cifar_cnn((8, 16, 16, 16)), image_shape=data.input_shape, num_classes=10,
-        robust_steps=20, agent_steps=8, backbone_steps=8, epsilon_decay_steps=16, penalty=-0.05,
+        schedule=rnp_tf.Schedule(robust_steps=20, agent_steps=8, backbone_steps=8, epsilon_decay_steps=16), penalty=-0.05,
     )
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     model.set_penalty(-0.2)

@@ -177,7 +177,7 @@ def test_concatenate_is_rejected():
 
 def test_converted_model_trains_reorders_and_saves(tmp_path):
     source = user_cnn()
-    rnp = rnp_tf.from_keras(source, agent_steps=2, backbone_steps=2, epsilon_decay_steps=2)
+    rnp = rnp_tf.from_keras(source, schedule=rnp_tf.Schedule(agent_steps=2, backbone_steps=2, epsilon_decay_steps=2))
     x = images(32, (16, 16, 3))
     before = full_logits(rnp, x)
     rnp_tf.reorder_channels(rnp)

@@ -189,10 +189,7 @@ def test_schedule_runs_the_phases_of_algorithm_1(fashion):
         rnp_tf.cifar_cnn((8, 16, 16, 16)),
         image_shape=fashion.input_shape,
         num_classes=10,
-        robust_steps=2,
-        agent_steps=2,
-        backbone_steps=3,
-        epsilon_decay_steps=4,
+        schedule=rnp_tf.Schedule(robust_steps=2, agent_steps=2, backbone_steps=3, epsilon_decay_steps=4),
     )
     model.compile()
     seen = []
@@ -218,7 +215,7 @@ def test_save_and_load_round_trip(tmp_path, fashion):
         image_shape=fashion.input_shape,
         num_classes=10,
         penalty=-0.05,
-        agent_steps=3,
+        schedule=rnp_tf.Schedule(agent_steps=3),
     )
     model.compile(optimizer=keras.optimizers.Adam(2e-3))
     model.fit(fashion.train, epochs=1, steps_per_epoch=4, verbose=0)
@@ -240,7 +237,7 @@ OLD_DEFAULTS = {"late_decision": False, "aux_confidence": False, "penalty_range"
 
 
 def test_config_of_an_older_release_loads_when_removed_options_hold_their_defaults():
-    model = small_model(penalty=-0.05, backbone_penalty_range=(-0.3, 0.05))
+    model = small_model(penalty=-0.05, schedule=rnp_tf.Schedule(backbone_penalty_range=(-0.3, 0.05)))
     config = {**model.get_config(), **OLD_DEFAULTS}
     loaded = rnp_tf.RNPModel.from_config(config)
     assert loaded.get_config() == model.get_config()

@@ -14,7 +14,8 @@ def trained():
     data = rnp_tf.load_dataset("digits", batch_size=64, validation_split=0.2)
     model = rnp_tf.RNPModel(
         rnp_tf.cifar_cnn((8, 16, 16, 16)), image_shape=data.input_shape, num_classes=10,
-        robust_steps=120, agent_steps=15, backbone_steps=15, epsilon_decay_steps=60, penalty=-0.05,
+        schedule=rnp_tf.Schedule(robust_steps=120, agent_steps=15, backbone_steps=15, epsilon_decay_steps=60),
+        penalty=-0.05,
     )
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     model.fit(data.train, epochs=10, verbose=0)
@@ -179,7 +180,9 @@ def test_backbone_phases_act_under_the_backbone_penalty_range(penalties, action)
     keras.utils.set_random_seed(0)
     model = rnp_tf.RNPModel(
         rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10, penalty=-0.1,
-        backbone_penalty_range=penalties, full_width_fraction=0.0, epsilon_start=0.0, epsilon_end=0.0,
+        schedule=rnp_tf.Schedule(
+            backbone_penalty_range=penalties, full_width_fraction=0.0, epsilon_start=0.0, epsilon_end=0.0
+        ),
     )
     model.compile()
     x = np.random.default_rng(0).normal(size=(32, 8, 8, 1)).astype("float32")
@@ -192,11 +195,10 @@ def test_backbone_phases_act_under_the_backbone_penalty_range(penalties, action)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert model.shares_tracker.shares()[:, action - 1].min() < 1.0  # greedy on the raw Q-values: some other action
     clone = rnp_tf.RNPModel.from_config(model.get_config())
-    assert clone.backbone_penalty_range == penalties
+    assert clone.schedule.backbone_penalty_range == penalties
 
 
 def test_backbone_penalty_range_errors():
     for bad in ((-0.1, -0.3), (float("nan"), 0.0)):
         with pytest.raises(ValueError, match="backbone_penalty_range"):
-            rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10,
-                            backbone_penalty_range=bad)
+            rnp_tf.Schedule(backbone_penalty_range=bad)

@@ -80,10 +80,7 @@ def test_short_schedule_ends_with_per_image_actions(fashion_path, fashion_test):
         rnp_tf.cifar_cnn(WIDTHS),
         image_shape=fashion.input_shape,
         num_classes=10,
-        robust_steps=100,
-        agent_steps=25,
-        backbone_steps=25,
-        epsilon_decay_steps=100,
+        schedule=rnp_tf.Schedule(robust_steps=100, agent_steps=25, backbone_steps=25, epsilon_decay_steps=100),
         penalty=-0.1,
     )
     model.compile(optimizer=keras.optimizers.Adam(3e-3), agent_optimizer=keras.optimizers.Adam(3e-4))
@@ -139,12 +136,9 @@ def test_every_phase_trains_under_mirrored_strategy():
         image_shape=ds.input_shape,
         num_classes=10,
         alpha=1.0,
-        robust_steps=1,
-        agent_steps=1,
-        backbone_steps=1,
-        epsilon_start=0.5,
-        epsilon_end=0.0,
-        epsilon_decay_steps=2,
+        schedule=rnp_tf.Schedule(
+            robust_steps=1, agent_steps=1, backbone_steps=1, epsilon_start=0.5, epsilon_end=0.0, epsilon_decay_steps=2
+        ),
     )
     with strategy.scope():
         model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), **kwargs)

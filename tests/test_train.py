@@ -31,7 +31,7 @@ def test_flags_give_a_config(tmp_path):
     from rnp_tf import data
 
     model = train.build_model(config, data.load_dataset("digits", batch_size=32))
-    assert model.backbone_penalty_range == (-0.3, 0.05)
+    assert model.schedule.backbone_penalty_range == (-0.3, 0.05)
 
 
 def test_a_run_recorded_with_a_removed_option_is_not_resumed(tmp_path):

@@ -1,0 +1,343 @@
+"""`NetworkPlan`: one backbone as data, with its layers and its one MAC table.
+
+A backbone description (`rnp_tf.backbones`) says what the network is; its
+plan is that description built: a tuple of steps, each holding the layers it
+runs, in the order data flows through them::
+
+    ConvStep(stem)                      always full width
+    MapStep(pool)                       works on any width
+    ConvStep(conv, decision=0)          the agent decides its output prefix
+    ConvStep(conv, decision=1, in_ref=0)
+    BlockStep(body=(ConvStep, ...), shortcut=ConvStep | None)
+    ...                                 then the head (`plan.head`)
+
+Every path that runs a model walks these steps with `rnp_tf.rollout.rollout`:
+training (masked), the inference engine (sliced, batch 1 and N) and the
+exporters. A new kind of step is one new class here and one method per
+executor, not a new loop.
+
+Example:
+
+>>> plan = build_plan(backbones.validate_backbone(backbones.cifar_cnn(), 4),
+...                   image_shape=(32, 32, 3), num_classes=10, groups=4)
+>>> [type(s).__name__ for s in plan.steps]
+['ConvStep', 'MapStep', 'ConvStep', 'ConvStep', 'MapStep', 'ConvStep']
+>>> plan.num_decisions
+3
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from rnp_tf.layers import GatedConv2D
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ConvStep:
+    """A convolution of the plan.
+
+    Attributes:
+        layer: the `GatedConv2D`.
+        decision: index of the decision that sets its output prefix (the
+            agent decides it on the feature map feeding this conv), or None
+            for a conv that keeps its full output.
+        in_ref: index of the decision that set the width of its input, or
+            None when its input has full width.
+    """
+
+    layer: GatedConv2D
+    decision: int | None = None
+    in_ref: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MapStep:
+    """A width-agnostic layer (max/avg pooling, zero padding): runs on any prefix."""
+
+    layer: keras.layers.Layer
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockStep:
+    """A residual block: `relu(body(h) + shortcut(h))`.
+
+    Attributes:
+        body: the convs of the residual branch, in order.
+        shortcut: the projection conv, or None for an identity shortcut.
+    """
+
+    body: tuple
+    shortcut: ConvStep | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Head:
+    """The classifier head: pooling, hidden Dense+ReLU layers, classifier.
+
+    Attributes:
+        layers: the Dense layers, the classifier last.
+        pooling: `"gap"` (global average) or `"flatten"`.
+        in_shape: `(height, width, channels)` of the map feeding it.
+        in_ref: the decision that sets the width of that map, or None.
+        dropout: the Dropout layer after each hidden Dense, or None.
+    """
+
+    layers: tuple
+    pooling: str
+    in_shape: tuple
+    in_ref: int | None
+    dropout: keras.layers.Layer | None = None
+
+    @property
+    def spatial(self):
+        """Positions the first Dense reads per channel (1 after global pooling)."""
+        return 1 if self.pooling == "gap" else int(self.in_shape[0] * self.in_shape[1])
+
+
+class NetworkPlan:
+    """The built network: steps, layers, decisions and the MAC table.
+
+    Built by `build_plan`; read by `rnp_tf.rollout` and by everything that
+    needs the structure (MAC counts, channel reordering, the exporters).
+
+    Attributes:
+        steps: tuple of `ConvStep`, `MapStep` and `BlockStep`.
+        head: the `Head`.
+        convs: every `GatedConv2D`, in creation order (the stem first).
+        prunable: the convs whose output prefix is decided, by decision index.
+        groups: `k`.
+        feature_channels: per decision, the channels of the map the agent
+            reads (the input of the decided conv).
+        conv_refs: per conv name, `(decision, in_ref)`.
+    """
+
+    def __init__(self, steps, head, convs, groups):
+        self.steps = tuple(steps)
+        self.head = head
+        self.convs = list(convs)
+        self.groups = int(groups)
+        self.conv_refs = {}
+        self.prunable = []
+        self.feature_channels = []
+        for step in self.conv_steps():
+            self.conv_refs[step.layer.name] = (step.decision, step.in_ref)
+            if step.decision is not None:
+                self.prunable.append(step.layer)
+                self.feature_channels.append(int(step.layer.in_channels))
+        if not self.prunable:
+            raise ValueError("The backbone has no prunable conv: nothing for the agent to decide.")
+        first = head.layers[0]
+        fixed = sum(float(d.kernel.shape[0] * d.units) for d in head.layers[1:])
+        if head.in_ref is None:
+            fixed += float(head.in_shape[-1] * head.spatial * first.units)
+            self._head_macs_per_group = 0.0
+        else:
+            producer = self.prunable[head.in_ref]
+            self._head_macs_per_group = float(producer.group_size * head.spatial * first.units)
+        self._fixed_macs = fixed
+        self.full_macs = float(self.macs(np.full((1, self.num_decisions), self.groups))[0])
+        self.min_macs = float(self.macs(np.ones((1, self.num_decisions), np.int32))[0])
+
+    @property
+    def num_decisions(self):
+        """How many actions the agent takes per image."""
+        return len(self.prunable)
+
+    @property
+    def stem(self):
+        """The first conv (always full width)."""
+        return self.convs[0]
+
+    def conv_steps(self):
+        """Every `ConvStep`, in the order of execution (block shortcuts after their body)."""
+        for step in self.steps:
+            if isinstance(step, ConvStep):
+                yield step
+            elif isinstance(step, BlockStep):
+                yield from step.body
+                if step.shortcut is not None:
+                    yield step.shortcut
+
+    @property
+    def is_chain(self):
+        """True for a stem followed by decided convs and width-agnostic maps only.
+
+        The batched inference engine and the exporters run such chains (the
+        CIFAR CNN, VGG); residual blocks run on the masked path.
+        """
+        return all(not isinstance(step, BlockStep) for step in self.steps) and all(
+            step.decision is not None for step in list(self.conv_steps())[1:]
+        )
+
+    # ---------------------------------------------------------------- costs
+    def macs(self, actions):
+        """Backbone multiply-accumulates per sample for a batch of actions.
+
+        Counts every conv on its (input prefix, output prefix) and the head's
+        Dense layers, whose first input shrinks with the width feeding it.
+
+        Args:
+            actions: int array or tensor `[batch, num_decisions]` in `1..k`.
+
+        Returns:
+            A float32 tensor `[batch]`.
+        """
+        actions = tf.cast(actions, tf.int32)
+        batch = tf.shape(actions)[0]
+        full = tf.fill([batch], self.groups)
+        total = tf.fill([batch], tf.constant(self._fixed_macs, tf.float32))
+        for conv in self.convs:
+            decision, in_ref = self.conv_refs[conv.name]
+            in_actions = full if in_ref is None else actions[:, in_ref]
+            out_actions = full if decision is None else actions[:, decision]
+            total += conv.macs(in_actions, out_actions)
+        if self.head.in_ref is not None:
+            total += tf.cast(actions[:, self.head.in_ref], tf.float32) * self._head_macs_per_group
+        return total
+
+    def conv_macs_table(self, t):
+        """`[k * k]` MACs of decided conv `t`, indexed `(previous - 1) * k + action - 1`.
+
+        A conv whose input has full width costs the same for every previous
+        action.
+        """
+        k = self.groups
+        conv = self.prunable[t]
+        table = np.zeros(k * k)
+        for p in range(1, k + 1):
+            for a in range(1, k + 1):
+                table[(p - 1) * k + a - 1] = float(conv.macs(p if conv.gated_input else k, a))
+        return table
+
+    def head_macs_table(self):
+        """`[k]` MACs of the head's first Dense for last action 1..k (full when not decided)."""
+        k = self.groups
+        first = self.head.layers[0]
+        if self.head.in_ref is None:
+            return np.full(k, float(self.head.in_shape[-1] * self.head.spatial * first.units))
+        return np.arange(1, k + 1) * self._head_macs_per_group
+
+    @property
+    def fixed_macs(self):
+        """MACs that no action changes: the head's later Dense layers (and a full-width first one)."""
+        return self._fixed_macs
+
+
+def build_plan(backbone, image_shape, num_classes, groups):
+    """Builds the layers of a validated backbone description and returns its plan.
+
+    Layers are created in the order data flows (inside a bottleneck: its
+    three convs, then the projection), then the head, so that a seeded run
+    initialises the same weights whatever walks the plan.
+
+    Args:
+        backbone: a description from `rnp_tf.backbones.validate_backbone`.
+        image_shape: `(height, width, channels)`.
+        num_classes: classes of the classifier.
+        groups: `k`.
+
+    Returns:
+        A `NetworkPlan`.
+
+    Example:
+
+    >>> spec = backbones.validate_backbone(backbones.cifar_cnn((8, 8, 16, 16)), 4)
+    >>> plan = build_plan(spec, (8, 8, 1), num_classes=10, groups=4)
+    >>> plan.num_decisions, plan.stem.name
+    (3, 'stem')
+    """
+    shape = (None, *image_shape)
+    steps, convs = [], []
+    decisions = 0
+    width_ref = None  # decision whose action sets the current feature map's width
+
+    def conv_step(name, filters, kernel_size, strides, padding, prunable, activation="relu",
+                  normalization=True, eps=1e-3):
+        nonlocal shape, width_ref, decisions
+        layer = GatedConv2D(
+            filters,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            normalization=normalization,
+            groups=groups,
+            gated_input=width_ref is not None,
+            activation=activation,
+            prunable_output=prunable,
+            epsilon=eps,
+            name=name,
+        )
+        layer.build(shape)
+        decision = None
+        if prunable:
+            decision = decisions
+            decisions += 1
+        step = ConvStep(layer, decision, width_ref)
+        convs.append(layer)
+        shape = layer.compute_output_shape(shape)
+        width_ref = decision
+        return step
+
+    for i, stage in enumerate(backbone["stages"]):
+        kind = stage["type"]
+        if kind == "conv":
+            stem = not convs
+            name = "stem" if stem else (f"gated_conv_{i}" if stage["prunable"] else f"conv_{i}")
+            steps.append(
+                conv_step(
+                    name, stage["filters"], stage["kernel_size"], stage["strides"], stage["padding"],
+                    stage["prunable"], stage["activation"], stage["normalization"], stage["bn_epsilon"],
+                )
+            )
+        elif kind == "pool":
+            pool_class = keras.layers.MaxPooling2D if stage["mode"] == "max" else keras.layers.AveragePooling2D
+            layer = pool_class(stage["size"], strides=stage["strides"], padding=stage["padding"], name=f"pool_{i}")
+            shape = layer.compute_output_shape(shape)
+            steps.append(MapStep(layer))
+        elif kind == "zeropad":
+            layer = keras.layers.ZeroPadding2D(stage["padding"], name=f"zeropad_{i}")
+            shape = layer.compute_output_shape(shape)
+            steps.append(MapStep(layer))
+        else:
+            if width_ref is not None:
+                raise ValueError(f"stages[{i}]: a bottleneck's input must have full width (it feeds a sum).")
+            block_in = shape
+            f, s, e, eps = stage["filters"], stage["strides"], stage["expansion"], stage["bn_epsilon"]
+            prune_a, prune_b = stage["prunable"]
+            body = (
+                conv_step(f"block{i}_a", f, 1, s, "valid", prune_a, eps=eps),
+                conv_step(f"block{i}_b", f, 3, 1, "same", prune_b, eps=eps),
+                conv_step(f"block{i}_c", f * e, 1, 1, "valid", False, activation="linear", eps=eps),
+            )
+            shortcut = None
+            if stage["projection"]:
+                after = shape
+                shape, width_ref = block_in, None
+                shortcut = conv_step(f"block{i}_shortcut", f * e, 1, s, "valid", False, activation="linear", eps=eps)
+                shape = after
+            elif block_in[-1] != f * e or s != 1:
+                raise ValueError(
+                    f"stages[{i}]: an identity shortcut needs {f * e} input channels and stride 1. "
+                    f"Received: input_shape={block_in}, strides={s}; set projection=True"
+                )
+            steps.append(BlockStep(body, shortcut))
+    if not decisions:
+        raise ValueError("The backbone has no prunable conv: nothing for the agent to decide.")
+    head_spec = backbone["head"]
+    spatial = 1 if head_spec["pooling"] == "gap" else int(shape[1] * shape[2])
+    width = shape[-1] * spatial
+    layers = []
+    for i, units in enumerate(head_spec["hidden"]):
+        dense = keras.layers.Dense(units, activation="relu", name=f"fc_{i}")
+        dense.build((None, width))
+        layers.append(dense)
+        width = units
+    classifier = keras.layers.Dense(num_classes, name="classifier", dtype="float32")  # float32 logits
+    classifier.build((None, width))
+    layers.append(classifier)
+    dropout = keras.layers.Dropout(head_spec["dropout"]) if head_spec["dropout"] else None
+    head = Head(tuple(layers), head_spec["pooling"], tuple(shape[1:]), width_ref, dropout)
+    return NetworkPlan(steps, head, convs, groups)

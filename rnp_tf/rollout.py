@@ -1,0 +1,305 @@
+"""The one rollout: walk a `NetworkPlan`, ask a policy for actions, an executor to compute.
+
+RNP's per-layer loop is written here once::
+
+    h = executor.begin(images)
+    for step in plan.steps:
+        conv step with a decision t:
+            q_t, state = agent.decide(t, executor.pooled(h, t), state)
+            a_t = policy.choose(t, q_t, actions so far)
+            h = executor.conv(step, h, in_action, a_t)
+        other conv: h = executor.conv(step, h, in_action, None)
+        map step (pooling, padding): h = executor.map(step, h)
+        residual block: the body's convs as above, then executor.residual
+    logits = executor.head(h, last action)
+
+A *policy* says how actions are chosen (`Greedy`, `EpsilonGreedy`,
+`Forced`, or any object with `uses_agent` and `choose`). An *executor* says
+how a step is computed and what `h` is: `MaskedExecutor` (full tensors,
+pruned channels zeroed: differentiable, for training), `SlicedExecutor`
+(the reference: each conv on its weight prefix, eager), the inference
+engine's batch-1 and batch-N executors (`rnp_tf.engine`) and the exporters'
+graph builders (`export.common`). Actions are whatever the policy returns
+(int32 tensors `[batch]`); `None` stands for the full width.
+
+Example:
+
+>>> out = rollout(model.plan, model.agent, images, Greedy(), MaskedExecutor(model.plan))
+>>> out.logits.shape, len(out.actions)
+"""
+
+import tensorflow as tf
+
+from rnp_tf import agent as agent_lib
+from rnp_tf.plan import BlockStep
+from rnp_tf.plan import ConvStep
+from rnp_tf.plan import MapStep
+
+
+class Rollout:
+    """What one rollout produced.
+
+    Attributes:
+        logits: the executor's logits.
+        actions: list of the actions, one per decision (as the policy gave them).
+        q_values: list of the agent's raw Q-values `[batch, k]` (empty when
+            the policy did not run the agent).
+    """
+
+    __slots__ = ("logits", "actions", "q_values")
+
+    def __init__(self, logits, actions, q_values):
+        self.logits, self.actions, self.q_values = logits, actions, q_values
+
+    def stacked(self, macs_fn):
+        """The usual dict: `logits`, `actions` `[batch, T]`, `q_values` `[batch, T, k]` or None, `macs`."""
+        actions = tf.stack(self.actions, axis=1)
+        return {
+            "logits": self.logits,
+            "actions": actions,
+            "q_values": tf.stack(self.q_values, axis=1) if self.q_values else None,
+            "macs": macs_fn(actions),
+        }
+
+
+# ----------------------------------------------------------------- policies
+class Greedy:
+    """The inference policy: `argmax` of the Q-values as the run-time knob sees them.
+
+    Args:
+        greedy_q: optional `greedy_q(t, q, decided) -> q`, the knob's view of
+            the raw Q-values (re-priced to the run-time penalty, masked by the
+            compute cap: `RNPModel.greedy_q`). None: the raw Q-values.
+    """
+
+    uses_agent = True
+
+    def __init__(self, greedy_q=None):
+        self.greedy_q = greedy_q
+
+    def choose(self, t, q, decided):
+        if self.greedy_q is not None:
+            q = self.greedy_q(t, q, decided)
+        return agent_lib.greedy_actions(q)
+
+
+class EpsilonGreedy:
+    """Exploration: a uniformly random action with probability `epsilon`, else greedy on the raw Q-values."""
+
+    uses_agent = True
+
+    def __init__(self, epsilon):
+        self.epsilon = epsilon
+
+    def choose(self, t, q, decided):
+        return agent_lib.epsilon_greedy_actions(q, self.epsilon)
+
+
+class Forced:
+    """Given actions, `[batch, T]` int32.
+
+    Args:
+        actions: the actions of every decision.
+        run_agent: run the agent anyway (its Q-values are recorded, its
+            choice ignored, and each layer waits for the decision as under a
+            real policy: how the latency benchmark times "the agent chose
+            these actions"). Defaults to False.
+    """
+
+    def __init__(self, actions, run_agent=False):
+        self.actions = actions
+        self.uses_agent = bool(run_agent)
+
+    def choose(self, t, q, decided):
+        if q is None:
+            return self.actions[:, t]
+        with tf.control_dependencies([q]):
+            return tf.identity(self.actions[:, t])
+
+
+class Chooser:
+    """Any `choose(t, q) -> actions` function as a policy (e.g. training's mixes of widths)."""
+
+    def __init__(self, choose, uses_agent=True):
+        self._choose = choose
+        self.uses_agent = bool(uses_agent)
+
+    def choose(self, t, q, decided):
+        return self._choose(t, q)
+
+
+# --------------------------------------------------------------- the loop
+def rollout(plan, agent, images, policy, executor):
+    """Runs the network of `plan` on `images`, deciding layer by layer.
+
+    Args:
+        plan: the `rnp_tf.plan.NetworkPlan`.
+        agent: the `rnp_tf.DecisionAgent` (unused when `policy.uses_agent`
+            is False).
+        images: the input batch, as the executor takes it.
+        policy: chooses each action (see the module docstring).
+        executor: computes each step (see the module docstring).
+
+    Returns:
+        A `Rollout`.
+    """
+    h = executor.begin(images)
+    state = agent.initial_state(executor.batch_size(images)) if policy.uses_agent else None
+    actions, q_values = [], []
+
+    def width(ref):
+        return None if ref is None else actions[ref]
+
+    def conv(step, h):
+        nonlocal state
+        if step.decision is not None:
+            q = None
+            if policy.uses_agent:
+                q, state = agent.decide(step.decision, executor.pooled(h, step.decision), state)
+                q_values.append(q)
+            actions.append(policy.choose(step.decision, q, actions))
+        return executor.conv(step, h, width(step.in_ref), width(step.decision))
+
+    for step in plan.steps:
+        if isinstance(step, ConvStep):
+            h = conv(step, h)
+        elif isinstance(step, MapStep):
+            h = executor.map(step, h)
+        elif isinstance(step, BlockStep):
+            shortcut = h if step.shortcut is None else executor.conv(step.shortcut, h, None, None)
+            for inner in step.body:
+                h = conv(inner, h)
+            h = executor.residual(h, shortcut)
+        else:
+            raise ValueError(f"Unknown plan step. Received: step={step!r}")
+    return Rollout(executor.head(h, width(plan.head.in_ref)), actions, q_values)
+
+
+# ---------------------------------------------------------------- executors
+def spatial_mean(h):
+    """Per-sample, per-channel mean over height and width, `[batch, c]`.
+
+    A batched matrix-vector product (`ones / (h * w)` times the map): the
+    same numbers as `reduce_mean(h, [1, 2])` up to summation order, and up
+    to 2x faster on large maps (it uses every core).
+    """
+    batch = tf.shape(h)[0]
+    positions = h.shape[1] * h.shape[2]
+    weights = tf.fill(tf.stack([batch, 1, positions]), 1.0 / positions)
+    flat = tf.reshape(h, tf.stack([batch, positions, tf.shape(h)[3]]))
+    return tf.matmul(weights, flat)[:, 0, :]
+
+
+def pad_channels(pooled, channels):
+    """Zero-pads pooled features `[n, c]` to `channels` (a prefix counts the rest as zero)."""
+    width = pooled.shape[-1]
+    if width is None:
+        return tf.pad(pooled, [[0, 0], [0, channels - tf.shape(pooled)[1]]])
+    return tf.pad(pooled, [[0, 0], [0, channels - width]]) if channels - width else pooled
+
+
+class MaskedExecutor:
+    """Training's executor: every conv in full, the pruned groups multiplied by zero.
+
+    Differentiable, with per-width BatchNorm in training mode; never faster
+    than the full network.
+
+    Args:
+        plan: the `NetworkPlan`.
+        training: BatchNorm/dropout mode.
+        feature_channels: per decision, the agent's input width.
+        dtype: the agent's compute dtype (the pooled features are cast to it).
+    """
+
+    def __init__(self, plan, training=False, dtype="float32"):
+        self.plan = plan
+        self.training = training
+        self.dtype = dtype
+
+    def begin(self, images):
+        return images
+
+    def batch_size(self, images):
+        return tf.shape(images)[0]
+
+    def pooled(self, h, t):
+        pooled = tf.reduce_mean(tf.cast(h, self.dtype), axis=[1, 2])
+        return pad_channels(pooled, self.plan.feature_channels[t])
+
+    def conv(self, step, h, in_action, out_action):
+        return step.layer(h, in_actions=in_action, out_actions=out_action, training=self.training)
+
+    def map(self, step, h):
+        return step.layer(h)
+
+    def residual(self, h, shortcut):
+        return tf.nn.relu(h + shortcut)
+
+    def head(self, h, last_action):
+        head = self.plan.head
+        if head.pooling == "gap":
+            h = tf.reduce_mean(h, axis=[1, 2])
+        else:
+            h = tf.reshape(h, [tf.shape(h)[0], -1])
+        for dense in head.layers[:-1]:
+            h = dense(h)
+            if head.dropout is not None:
+                h = head.dropout(h, training=self.training)
+        return head.layers[-1](h)
+
+
+def head_on_prefix(head, h):
+    """The head on a map holding only a channel prefix (the reference sliced head)."""
+    first = head.layers[0]
+    channels = h.shape[-1]
+    if head.pooling == "gap":
+        h = tf.reduce_mean(h, axis=[1, 2])
+        kernel = first.kernel[:channels]
+    else:
+        hf, wf, c = head.in_shape
+        h = tf.reshape(h, [tf.shape(h)[0], -1])
+        kernel = tf.reshape(first.kernel, [hf, wf, c, first.units])[:, :, :channels, :]
+        kernel = tf.reshape(kernel, [hf * wf * channels, first.units])
+    h = first.activation(tf.matmul(h, kernel) + first.bias)
+    for dense in head.layers[1:]:
+        h = dense(h)
+    return h
+
+
+class SlicedExecutor:
+    """The reference sliced path: each conv convolves only its weight prefix, eagerly.
+
+    Every image of the batch shares the actions (run it one image at a
+    time for per-image actions); BatchNorm is folded into each slice
+    (`GatedConv2D.call_sliced`). Actions are read as Python ints.
+
+    Args:
+        plan: the `NetworkPlan`.
+    """
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def begin(self, images):
+        return images
+
+    def batch_size(self, images):
+        return tf.shape(images)[0]
+
+    def pooled(self, h, t):
+        return pad_channels(tf.reduce_mean(h, axis=[1, 2]), self.plan.feature_channels[t])
+
+    def _groups(self, action):
+        return self.plan.groups if action is None else int(tf.reshape(action, [-1])[0])
+
+    def conv(self, step, h, in_action, out_action):
+        return step.layer.call_sliced(h, self._groups(in_action), self._groups(out_action))
+
+    def map(self, step, h):
+        return step.layer(h)
+
+    def residual(self, h, shortcut):
+        return tf.nn.relu(h + shortcut)
+
+    def head(self, h, last_action):
+        return head_on_prefix(self.plan.head, h)
