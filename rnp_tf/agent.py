@@ -7,6 +7,7 @@ outputs `k` Q-values, one per action "compute the first a groups".
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from rnp_tf import validation
@@ -139,9 +140,32 @@ class DecisionAgent(keras.layers.Layer):
         >>> q.shape
         TensorShape([2, 4])
         """
-        embedded = self.encoders[t](pooled)
-        output, new_state = self.cell(embedded, state)
-        return self.decoders[t](output), list(new_state)
+        encoder, decoder, cell = self.encoders[t], self.decoders[t], self.cell
+        return equations(
+            pooled,
+            state,
+            encoder=(encoder.kernel, encoder.bias),
+            lstm=(cell.kernel, cell.recurrent_kernel, cell.bias),
+            decoder=(decoder.kernel, decoder.bias),
+            activation=cell.activation,
+            recurrent_activation=cell.recurrent_activation,
+        )
+
+    def weights_of(self, t):
+        """The weights `equations` reads at layer `t`, as numpy arrays (for graphs built from constants).
+
+        Returns:
+            A dict with `encoder`, `lstm`, `decoder` (tuples of arrays),
+            `activation` and `recurrent_activation`.
+        """
+        encoder, decoder, cell = self.encoders[t], self.decoders[t], self.cell
+        return {
+            "encoder": (np.asarray(encoder.kernel), np.asarray(encoder.bias)),
+            "lstm": (np.asarray(cell.kernel), np.asarray(cell.recurrent_kernel), np.asarray(cell.bias)),
+            "decoder": (np.asarray(decoder.kernel), np.asarray(decoder.bias)),
+            "activation": cell.activation,
+            "recurrent_activation": cell.recurrent_activation,
+        }
 
     def call(self, inputs):
         """Q-values of every layer for a list of given feature maps."""
@@ -185,6 +209,47 @@ class DecisionAgent(keras.layers.Layer):
         hold their old default, and refused otherwise (other weights).
         """
         return cls(**validation.drop_removed_options(config, REMOVED_OPTIONS, "DecisionAgent"))
+
+
+def equations(pooled, state, encoder, lstm, decoder, activation, recurrent_activation):
+    """The decision network's equations: encoder, one LSTM step, decoder.
+
+    Written once for every path: `DecisionAgent.decide` calls it on its
+    variables, the exporters on frozen constants.
+
+    Args:
+        pooled: `(batch, channels)` pooled features (a prefix zero-padded).
+        state: `[h, c]`, each `(batch, units)`.
+        encoder: `(kernel, bias)` of the layer's encoder (ReLU).
+        lstm: `(kernel, recurrent_kernel, bias)` of the shared LSTM cell
+            (gates in Keras's order: input, forget, cell, output).
+        decoder: `(kernel, bias)` of the layer's decoder (linear).
+        activation: the cell's activation (tanh).
+        recurrent_activation: the gates' activation (sigmoid).
+
+    Returns:
+        `(q_values (batch, k), [h, c])`.
+
+    Example:
+
+    >>> units = 2
+    >>> q, (h, c) = equations(
+    ...     tf.ones((1, 3)), [tf.zeros((1, units))] * 2,
+    ...     encoder=(tf.ones((3, 4)), tf.zeros(4)),
+    ...     lstm=(tf.zeros((4, 4 * units)), tf.zeros((units, 4 * units)), tf.zeros(4 * units)),
+    ...     decoder=(tf.ones((units, 4)), tf.zeros(4)),
+    ...     activation=tf.tanh, recurrent_activation=tf.sigmoid)
+    >>> q.shape
+    TensorShape([1, 4])
+    """
+    x = tf.nn.relu(tf.matmul(pooled, encoder[0]) + encoder[1])
+    h, c = state
+    kernel, recurrent, bias = lstm
+    z = tf.matmul(x, kernel) + tf.matmul(h, recurrent) + bias
+    zi, zf, zc, zo = tf.split(z, 4, axis=1)
+    c = recurrent_activation(zf) * c + recurrent_activation(zi) * activation(zc)
+    h = recurrent_activation(zo) * activation(c)
+    return tf.matmul(h, decoder[0]) + decoder[1], [h, c]
 
 
 def greedy_actions(q_values):

@@ -1,6 +1,7 @@
 """RNPModel: rollout, costs, execution paths, training phases, saving, errors."""
 
 import itertools
+import pathlib
 
 import keras
 import numpy as np
@@ -258,3 +259,29 @@ def test_config_of_an_older_release_with_a_removed_option_is_refused(option, val
     agent = {**small_model().agent.get_config(), "conditioned": True}
     with pytest.raises(ValueError, match="`conditioned` was removed .* commit 7fe7dd6"):
         rnp_tf.DecisionAgent.from_config(agent)
+
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def test_keras_file_written_before_the_plan_loads():
+    """A `.keras` file of 7fe7dd6 (flat schedule arguments, no plan) loads and gives the same numbers."""
+    expected = np.load(DATA / "pre_redesign_expected.npz")
+    model = keras.saving.load_model(DATA / "pre_redesign.keras")
+    assert model.schedule == rnp_tf.Schedule()
+    assert model.penalty_setting == pytest.approx(-0.05)
+    out = model.rollout(expected["x"])
+    np.testing.assert_array_equal(out["actions"], expected["actions"])
+    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-6)
+    np.testing.assert_allclose(out["macs"], expected["macs"])
+    forced = model.rollout(expected["x"], actions=expected["forced"])
+    np.testing.assert_allclose(forced["logits"], expected["forced_logits"], atol=1e-6)
+
+
+def test_schedule_arguments_of_the_model_say_where_they_moved():
+    with pytest.raises(ValueError, match=r"`agent_steps` moved into the training schedule: pass "
+                                         r"`schedule=rnp_tf.Schedule\(agent_steps=...\)`. Received: agent_steps=3"):
+        small_model(agent_steps=3)
+    config = {**small_model().get_config(), "agent_steps": 7}
+    config.pop("schedule")
+    assert rnp_tf.RNPModel.from_config(config).schedule.agent_steps == 7

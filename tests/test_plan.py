@@ -1,0 +1,84 @@
+"""NetworkPlan: steps, decisions, widths and the one MAC table."""
+
+import numpy as np
+import pytest
+
+import rnp_tf
+from rnp_tf import backbones
+from rnp_tf.plan import BlockStep
+from rnp_tf.plan import ConvStep
+from rnp_tf.plan import MapStep
+from rnp_tf.plan import build_plan
+
+
+def plan_of(spec, image_shape=(8, 8, 1), groups=4):
+    return build_plan(backbones.validate_backbone(spec, groups), image_shape, num_classes=10, groups=groups)
+
+
+def test_chain_plan_steps_decisions_and_widths():
+    plan = plan_of(backbones.cifar_cnn((8, 8, 16, 16)))
+    assert [type(s).__name__ for s in plan.steps] == ["ConvStep", "MapStep", "ConvStep", "ConvStep", "MapStep",
+                                                      "ConvStep"]
+    convs = [s for s in plan.steps if isinstance(s, ConvStep)]
+    assert [(s.decision, s.in_ref) for s in convs] == [(None, None), (0, None), (1, 0), (2, 1)]
+    assert plan.num_decisions == 3 and plan.is_chain
+    assert plan.feature_channels == [8, 8, 16]
+    assert plan.head.in_ref == 2 and plan.head.pooling == "gap" and plan.head.spatial == 1
+    assert plan.stem is plan.convs[0] and plan.prunable == [s.layer for s in convs[1:]]
+
+
+def test_macs_are_the_sum_of_the_layers_at_their_prefixes():
+    plan = plan_of(backbones.cifar_cnn((8, 8, 16, 16)))
+    actions = np.array([[1, 2, 3], [4, 4, 4], [2, 1, 1]])
+    stem, c1, c2, c3 = plan.convs
+    classifier = plan.head.layers[-1]
+    for row, total in zip(actions, plan.macs(actions).numpy()):
+        a1, a2, a3 = row
+        expected = (stem.full_macs + c1.macs(4, a1) + c2.macs(a1, a2) + c3.macs(a2, a3)
+                    + a3 * c3.group_size * classifier.units)
+        assert total == pytest.approx(expected, rel=1e-6)
+    assert plan.full_macs == pytest.approx(float(plan.macs([[4, 4, 4]])[0]))
+    assert plan.min_macs == pytest.approx(float(plan.macs([[1, 1, 1]])[0]))
+
+
+def test_conv_and_head_tables_agree_with_macs():
+    plan = plan_of(backbones.cifar_cnn((8, 8, 16, 16)))
+    k = plan.groups
+    table = plan.conv_macs_table(1)
+    for p in range(1, k + 1):
+        for a in range(1, k + 1):
+            assert table[(p - 1) * k + a - 1] == pytest.approx(float(plan.prunable[1].macs(p, a)))
+    first = plan.head.layers[0]
+    np.testing.assert_allclose(plan.head_macs_table(), np.arange(1, k + 1) * plan.prunable[-1].group_size * first.units)
+
+
+def test_residual_plan_has_blocks_and_is_not_a_chain():
+    spec = {"stages": [{"type": "conv", "filters": 16},
+                       {"type": "bottleneck", "filters": 4, "expansion": 4, "projection": False},
+                       {"type": "bottleneck", "filters": 8, "strides": 2, "projection": True}],
+            "head": {"pooling": "gap"}}
+    plan = plan_of(spec)
+    blocks = [s for s in plan.steps if isinstance(s, BlockStep)]
+    assert len(blocks) == 2 and blocks[0].shortcut is None and blocks[1].shortcut is not None
+    assert [(s.decision, s.in_ref) for s in blocks[0].body] == [(0, None), (1, 0), (None, 1)]
+    assert (blocks[1].shortcut.decision, blocks[1].shortcut.in_ref) == (None, None)
+    assert plan.num_decisions == 4 and not plan.is_chain
+    # creation order: each block's body, then its projection
+    names = [c.name for c in plan.convs]
+    assert names.index("block2_c") < names.index("block2_shortcut")
+
+
+def test_map_steps_and_flatten_head():
+    plan = plan_of(backbones.vgg16(width_multiplier=1 / 16, hidden=(32,)), image_shape=(64, 64, 3))
+    assert sum(isinstance(s, MapStep) for s in plan.steps) == 5
+    assert plan.head.pooling == "flatten" and plan.head.in_shape == (2, 2, 32) and plan.head.spatial == 4
+    first = plan.head.layers[0]
+    assert first.kernel.shape[0] == 4 * 32
+    k = plan.groups
+    np.testing.assert_allclose(plan.head_macs_table(), np.arange(1, k + 1) * 8 * 4 * 32)
+
+
+def test_model_uses_its_plan():
+    model = rnp_tf.RNPModel(backbones.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10)
+    assert model.convs == model.plan.convs and model.num_prunable == model.plan.num_decisions
+    np.testing.assert_allclose(model.macs([[2, 3, 1]]), model.plan.macs([[2, 3, 1]]))
