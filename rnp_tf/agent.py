@@ -140,6 +140,8 @@ class DecisionAgent(keras.layers.Layer):
         >>> q.shape
         TensorShape([2, 4])
         """
+        if not self.built:
+            self.build()
         encoder, decoder, cell = self.encoders[t], self.decoders[t], self.cell
         return equations(
             pooled,

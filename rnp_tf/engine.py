@@ -270,10 +270,15 @@ class InferenceEngine:
     def __call__(self, x, actions=None, run_agent=None):
         x = validation.check_images(x, self.model.image_shape)
         x = tf.cast(x, tf.float32)
-        if x.shape[0] == 0:
-            raise ValueError(f"The batch must hold at least one image. Received: shape={tuple(x.shape)}")
         if actions is not None:
             actions = validation.check_actions(actions, x.shape[0], self.num_prunable, self.groups)
+        if x.shape[0] == 0:  # nothing to decide or compute (oneDNN would also mis-shape an empty conv)
+            return {
+                "logits": tf.zeros([0, self.model.num_classes], tf.float32),
+                "actions": tf.zeros([0, self.num_prunable], tf.int32),
+                "macs": tf.zeros([0], tf.float32),
+                "q_values": tf.zeros([0, self.num_prunable, self.groups], tf.float32) if actions is None else None,
+            }
         if run_agent is None:
             run_agent = actions is None
         if not isinstance(run_agent, bool):

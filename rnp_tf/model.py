@@ -315,6 +315,15 @@ class RNPModel(keras.Model):
         executor = rollout_lib.MaskedExecutor(self.plan, training, self.agent.compute_dtype)
         return rollout_lib.rollout(self.plan, self.agent, x, policy, executor).stacked(self.macs)
 
+    def _empty(self, q_values=True):
+        """The outputs of a rollout on an empty batch (an empty batch has nothing to decide or compute)."""
+        return {
+            "logits": tf.zeros([0, self.num_classes], tf.float32),
+            "actions": tf.zeros([0, self.num_prunable], tf.int32),
+            "q_values": tf.zeros([0, self.num_prunable, self.groups], tf.float32) if q_values else None,
+            "macs": tf.zeros([0], tf.float32),
+        }
+
     def greedy_policy(self, penalties=None):
         """The inference policy: greedy on `greedy_q` (the run-time knob applied).
 
@@ -400,6 +409,8 @@ class RNPModel(keras.Model):
         >>> out["actions"]  # groups computed at each prunable layer
         """
         x = validation.check_images(x, self.image_shape)
+        if x.shape[0] == 0:  # nothing to decide: empty outputs of the right shapes
+            return self._empty(q_values=actions is None)
         if actions is not None:
             actions = validation.check_actions(
                 actions, x.shape[0], self.num_prunable, self.groups
@@ -560,6 +571,8 @@ class RNPModel(keras.Model):
     def call(self, inputs, training=False):
         """Logits of the greedy policy (masked execution)."""
         x = validation.check_images(inputs, self.image_shape)
+        if x.shape[0] == 0:
+            return self._empty()["logits"]
         return self._masked(x, self.greedy_policy(), training)["logits"]
 
     def predict_details(self, x, batch_size=256, actions=None, engine=None):
@@ -669,6 +682,8 @@ class RNPModel(keras.Model):
             actions = validation.check_actions(
                 actions, x.shape[0], self.num_prunable, self.groups
             ).numpy()
+        if x.shape[0] == 0:
+            return {k: v.numpy() for k, v in self._empty(q_values=False).items() if v is not None}
         executor = rollout_lib.SlicedExecutor(self.plan)
         logits, chosen = [], []
         for i in range(x.shape[0]):
@@ -938,6 +953,9 @@ class RNPModel(keras.Model):
         >>> logits = model.predict(x_test, batch_size=64)   # the engine
         >>> masked = model.predict(x_test, engine=False)    # masked path
         """
+        if not isinstance(x, tf.data.Dataset) and hasattr(x, "shape") and len(x.shape) and x.shape[0] == 0:
+            validation.check_images(x, self.image_shape)
+            return np.zeros((0, self.num_classes), np.float32)
         self._prepare_predict(engine)
         return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
 

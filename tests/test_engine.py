@@ -249,8 +249,14 @@ def test_bad_calls_raise(engine):
         engine(images(2), actions=[[1, 1, 1]])
     with pytest.raises(ValueError, match="run_agent"):
         engine(images(2), run_agent=False)
-    with pytest.raises(ValueError, match="at least one image"):
-        engine(np.zeros((0, 8, 8, 1), "float32"))
+
+
+def test_empty_batch_gives_empty_outputs(engine):
+    out = engine(np.zeros((0, 8, 8, 1), "float32"))
+    assert out["logits"].shape == (0, 10) and out["actions"].shape == (0, 3) and out["macs"].shape == (0,)
+    assert out["q_values"].shape == (0, 3, 4)
+    forced = engine(np.zeros((0, 8, 8, 1), "float32"), actions=np.zeros((0, 3), "int32"))
+    assert forced["q_values"] is None and forced["actions"].dtype == tf.int32
 
 
 # ------------------------------------------------------------ model.predict

@@ -285,3 +285,18 @@ def test_schedule_arguments_of_the_model_say_where_they_moved():
     config = {**small_model().get_config(), "agent_steps": 7}
     config.pop("schedule")
     assert rnp_tf.RNPModel.from_config(config).schedule.agent_steps == 7
+
+
+def test_empty_batch_gives_empty_outputs_everywhere():
+    model = small_model()
+    empty = np.zeros((0, 8, 8, 1), "float32")
+    assert model(empty).shape == (0, 10)
+    out = model.rollout(empty)
+    assert out["logits"].shape == (0, 10) and out["actions"].shape == (0, 3)
+    assert out["q_values"].shape == (0, 3, 4) and out["macs"].shape == (0,)
+    assert model.rollout(empty, actions=np.zeros((0, 3), "int32"))["q_values"] is None
+    assert model.predict(empty, verbose=0).shape == (0, 10)
+    sliced = model.sliced_rollout(empty)
+    assert sliced["logits"].shape == (0, 10) and sliced["actions"].shape == (0, 3)
+    with pytest.raises(ValueError, match="8x8"):
+        model.predict(np.zeros((0, 9, 8, 1), "float32"))
