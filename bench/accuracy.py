@@ -63,6 +63,8 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from bench import timing
+
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {
     "cifar10_subset": "cifar10_subset.npz",
@@ -1037,8 +1039,14 @@ def main(argv):
                              f"Received: {','.join(FLAGS.knob_select_budgets)}")
     if "knob" in FLAGS.policies and len(FLAGS.knob_backbone_penalties) != 2:
         raise app.UsageError(f"--knob_backbone_penalties: expected p_min,p_max. Received: {FLAGS.knob_backbone_penalties}")
-    os.makedirs(FLAGS.output, exist_ok=True)
     stem = FLAGS.stem or ("accuracy_quick" if FLAGS.quick else "accuracy")
+    try:
+        FLAGS.output = str(timing.smoke_output(FLAGS.output, FLAGS["output"].present, FLAGS.quick, [f"{stem}.json"]))
+    except ValueError as e:
+        raise app.UsageError(str(e))
+    if FLAGS.quick:
+        print(f"bench.accuracy --quick writes to {FLAGS.output}", flush=True)
+    os.makedirs(FLAGS.output, exist_ok=True)
     if FLAGS.merge:
         runs, seconds = _merge(FLAGS.merge)
         print(write_report(runs, FLAGS.output, stem, {"seconds": seconds, "merged_from": FLAGS.merge}))

@@ -59,7 +59,6 @@ import datetime
 import gc
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -971,7 +970,12 @@ def main(argv):
         raise app.UsageError(str(e))
     from rnp_tf import io_utils
 
-    output = pathlib.Path(FLAGS.output)
+    try:
+        output = timing.smoke_output(FLAGS.output, FLAGS["output"].present, FLAGS.quick, ["export.json"])
+    except ValueError as e:
+        raise app.UsageError(str(e))
+    if FLAGS.quick:
+        print(f"bench.export --quick writes to {output}", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     result = run_benchmark(
         config,

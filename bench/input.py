@@ -124,6 +124,8 @@ def parse(argv):
                             ("imagenet_sample", 16)):
             if not fv[name].present:
                 options[name] = value
+    options["output"] = str(timing.smoke_output(options["output"], fv["output"].present, options["quick"],
+                                                ["input.json"]))
     options["temporary"] = temporary
     options["command"] = " ".join(["python -m bench.input", *argv[1:]])
     config = train.config_from_flags(fv)

@@ -899,7 +899,13 @@ def main(argv):
         raise app.UsageError(str(e))
     from rnp_tf import io_utils
 
-    output = pathlib.Path(FLAGS.output)
+    files = ["latency_stages.json"] if FLAGS.stages else ["latency.json"]
+    try:
+        output = timing.smoke_output(FLAGS.output, FLAGS["output"].present, FLAGS.quick, files)
+    except ValueError as e:
+        raise app.UsageError(str(e))
+    if FLAGS.quick:
+        print(f"bench.latency --quick writes to {output}", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     if FLAGS.stages:
         run_stages(config, output)

@@ -228,3 +228,59 @@ def draw_speedups(ax, series, title):
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", fontsize=7)
+
+
+def _is_full_result(path):
+    """True when `path` is a result JSON of a full (not `--quick`) run."""
+    import json
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    for holder in (data, data.get("config") or {}, data.get("flags") or {}):
+        if isinstance(holder, dict) and "quick" in holder:
+            return not holder["quick"]
+    return True  # a result that does not say it was a smoke run counts as full
+
+
+def smoke_output(output, explicit, quick, files):
+    """Where a benchmark writes: a smoke run never writes over published results.
+
+    A `--quick` run without an explicit `--output` writes into a new
+    temporary folder (printed by the caller); with an explicit folder it
+    refuses to replace a full run's result file there.
+
+    Args:
+        output: the `--output` value.
+        explicit: whether the user gave `--output`.
+        quick: whether this is a smoke run.
+        files: the result files the run would write (e.g. `["latency.json"]`).
+
+    Returns:
+        The output folder, a `pathlib.Path`.
+
+    Raises:
+        ValueError: a smoke run would replace a full result.
+
+    Example:
+
+    >>> smoke_output("bench/results", explicit=False, quick=True, files=["x.json"]).name.startswith("rnp_bench_quick_")
+    True
+    """
+    import pathlib
+    import tempfile
+
+    if quick and not explicit:
+        return pathlib.Path(tempfile.mkdtemp(prefix="rnp_bench_quick_"))
+    output = pathlib.Path(output)
+    if quick:
+        for name in files:
+            if (output / name).is_file() and _is_full_result(output / name):
+                raise ValueError(
+                    f"--output={output} holds a full run's {name}; a --quick run does not replace it "
+                    "(give another --output, or leave it out for a temporary folder)"
+                )
+    return output
