@@ -57,14 +57,6 @@ def _check_model(model):
         raise ValueError(
             f"`model` must be an rnp_tf.RNPModel. Received: model={type(model).__name__}"
         )
-    if not plan.is_chain:
-        kinds = sorted({type(step).__name__ for step in plan.steps})
-        raise ValueError(
-            "InferenceEngine runs chain backbones: a stem, then prunable convs and "
-            "pooling only (the CIFAR CNN, VGG-16); residual blocks run on the masked "
-            f"path (`model.rollout`). Received: a backbone with steps {kinds} and "
-            f"{len(plan.convs) - 1 - plan.num_decisions} non-prunable conv(s) after the stem"
-        )
 
 
 def map_op(layer, h):
@@ -91,12 +83,25 @@ class _Piece:
 
 
 class _FoldedWeights:
-    """BN-folded weights of one model, stored once in non-trainable variables."""
+    """BN-folded weights of one model, stored once in non-trainable variables.
+
+    `pairs[(t, p, a)]`: decided conv `t` after previous action `p` with
+    action `a`; `kept[(name, p)]`: a conv that keeps its full output (the
+    stem, a residual block's last conv, a projection) after previous action
+    `p` (`k` when its input has full width).
+    """
 
     def __init__(self, model, pairs):
         self.model = model
         k = model.groups
-        self.stem = self._variables(*model.stem.folded_weights(k, k), "stem")
+        self.kept = {}
+        for step in model.plan.conv_steps():
+            if step.decision is None:
+                for p in (range(1, k + 1) if step.in_ref is not None else (k,)):
+                    self.kept[(step.layer.name, p)] = self._variables(
+                        *step.layer.folded_weights(p, k), f"{step.layer.name}_{p}"
+                    )
+        self.stem = self.kept[(model.stem.name, k)]
         self.pairs = {}
         if pairs is None:
             return
@@ -114,8 +119,10 @@ class _FoldedWeights:
 
     def assign(self):
         k = self.model.groups
-        for var, value in zip(self.stem, self.model.stem.folded_weights(k, k)):
-            var.assign(tf.cast(value, tf.float32))
+        layers = {conv.name: conv for conv in self.model.plan.convs}
+        for (name, p), variables in self.kept.items():
+            for var, value in zip(variables, layers[name].folded_weights(p, k)):
+                var.assign(tf.cast(value, tf.float32))
         for (t, p, a), variables in self.pairs.items():
             values = self.model.prunable[t].folded_weights(p, a)
             for var, value in zip(variables, values):
@@ -336,7 +343,8 @@ class InferenceEngine:
     def cache_bytes(self):
         """Bytes of the folded weights this engine holds."""
         total = 0
-        for var in (*self._weights.stem, *[v for vs in self._weights.pairs.values() for v in vs]):
+        cached = [*self._weights.kept.values(), *self._weights.pairs.values()]
+        for var in (v for vs in cached for v in vs):
             total += var.shape.num_elements() * var.dtype.size
         return total
 
@@ -400,6 +408,14 @@ class InferenceEngine:
         """The stem conv (full width) on the folded weights."""
         return conv_op(self.plan.stem, x, *self._weights.stem)
 
+    def kept(self, layer, h, p=None):
+        """A conv that keeps its full output, on input `h` holding `p` groups (None: its full input)."""
+        k = self.groups
+        if p is None or p == k:
+            return conv_op(layer, h, *self._weights.kept[(layer.name, k)])
+        narrow = tf.reshape(h, [-1, *h.shape[1:3], p * layer.in_group_size])
+        return conv_op(layer, narrow, *self._weights.kept[(layer.name, p)])
+
     def branch(self, t, h, p, a):
         """Prunable conv `t` on the folded slice for previous action `p`, action `a` (`h` holds its input prefix)."""
         return conv_op(self.model.prunable[t], h, *self.folded(t, p, a))
@@ -408,7 +424,10 @@ class InferenceEngine:
         """The classifier head on features holding `width_action` groups."""
         head = self.plan.head
         first = head.layers[0]
-        channels = width_action * self.model.prunable[-1].group_size
+        if head.in_ref is None:  # the map feeding the head keeps its full width (a residual network)
+            channels = head.in_shape[-1]
+        else:
+            channels = width_action * self.model.prunable[-1].group_size
         kernel = tf.convert_to_tensor(first.kernel)
         if head.pooling == "gap":
             h = tf.reshape(h, [-1, *h.shape[1:3], channels])
@@ -462,7 +481,11 @@ class SwitchExecutor:
 
     def conv(self, step, h, in_action, out_action):
         if step.decision is None:
-            return self.engine.stem(h)
+            if in_action is None:
+                return self.engine.kept(step.layer, h)
+            # the full output of a conv whose input holds the previous action's groups
+            branches = [lambda p=p: self.engine.kept(step.layer, h, p) for p in range(1, self.k + 1)]
+            return tf.switch_case(in_action[0] - 1, branches)
         t, k = step.decision, self.k
         previous = tf.constant(k) if in_action is None else in_action[0]
         action = out_action[0]
@@ -480,9 +503,11 @@ class SwitchExecutor:
         return map_op(step.layer, h)
 
     def residual(self, h, shortcut):
-        raise ValueError("The inference engine runs chain backbones only (no residual blocks).")
+        return tf.nn.relu(h + shortcut)
 
     def head(self, h, last_action):
+        if last_action is None:
+            return self.engine.head(h, self.k)
         return tf.switch_case(
             last_action[0] - 1,
             [lambda w=w: self.engine.head(h, w) for w in range(1, self.k + 1)],
@@ -524,7 +549,9 @@ class BucketedExecutor:
 
     def conv(self, step, h, in_action, out_action):
         if step.decision is None:
-            return self.engine.stem(h)
+            if not isinstance(h, list):
+                return self.engine.kept(step.layer, h)
+            return self._kept_on_pieces(step.layer, h)
         if not isinstance(h, list):
             h = [_Piece(h, tf.range(self.batch), self.k)]
         return self._bucketed_conv(step.decision, step.layer, h, out_action)
@@ -535,9 +562,43 @@ class BucketedExecutor:
         return map_op(step.layer, h)
 
     def residual(self, h, shortcut):
-        raise ValueError("The inference engine runs chain backbones only (no residual blocks).")
+        return tf.nn.relu(h + shortcut)
+
+    def _kept_on_pieces(self, layer, pieces):
+        """A conv that keeps its full output on every piece at its own input width, back in sample order.
+
+        The result is one tensor again (a residual sum needs every sample
+        at full width): each width's samples run one conv on the weights
+        folded for that width, and a stitch puts them back in order.
+        """
+        out_shape = [*layer.output_hw, layer.filters]
+        outputs, ids = [], []
+        for p in range(1, self.k + 1):
+            group = [pc for pc in pieces if pc.width == p]
+            if not group:
+                continue
+            features, idx, _ = self._merge(group, keys=None)
+            n = tf.shape(idx)[0]
+            outputs.append(self._nonempty(n, lambda rows, p=p: self.engine.kept(layer, rows, p), features, out_shape))
+            ids.append(idx)
+        return tf.dynamic_stitch(ids, outputs)
+
+    def _nonempty(self, n, fn, rows, out_shape):
+        """`fn(rows)` on `n` rows, never a conv on an empty batch.
+
+        oneDNN (TF 2.21) returns the input's channel count for a conv on an
+        empty batch: with control flow an empty group is skipped (`tf.cond`);
+        without, it is padded to one zero sample, convolved and sliced back.
+        """
+        if self.control_flow:
+            return tf.cond(n > 0, lambda: fn(rows), lambda: tf.zeros([0, *out_shape], tf.float32))
+        pad = tf.maximum(1 - n, 0)
+        padded = tf.concat([rows, tf.zeros(tf.concat([[pad], tf.shape(rows)[1:]], 0))], 0)
+        return tf.reshape(fn(padded)[:n], [-1, *out_shape])
 
     def head(self, pieces, last_action):
+        if not isinstance(pieces, list):
+            return self.engine.head(pieces, self.k)
         logits, ids = [], []
         for w in range(1, self.k + 1):
             group = [pc for pc in pieces if pc.width == w]
@@ -573,17 +634,7 @@ class BucketedExecutor:
         return new_pieces
 
     def _group_conv(self, t, layer, rows, n, p, a, out_shape):
-        def run():
-            return conv_op(layer, rows, *self.engine.folded(t, p, a))
-
-        if self.control_flow:
-            return tf.cond(n > 0, run, lambda: tf.zeros([0, *out_shape], tf.float32))
-        # oneDNN (TF 2.21) returns the input's channel count for a conv on an
-        # empty batch: pad to one zero sample, convolve, keep the first n.
-        pad = tf.maximum(1 - n, 0)
-        padded = tf.concat([rows, tf.zeros(tf.concat([[pad], tf.shape(rows)[1:]], 0))], 0)
-        y = conv_op(layer, padded, *self.engine.folded(t, p, a))[:n]
-        return tf.reshape(y, [-1, *out_shape])
+        return self._nonempty(n, lambda r: conv_op(layer, r, *self.engine.folded(t, p, a)), rows, out_shape)
 
     def _merge(self, group, keys):
         """One tensor for pieces of equal width, sorted by `keys` if given.

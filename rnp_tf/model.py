@@ -983,9 +983,7 @@ class RNPModel(keras.Model):
         if not (self.inference_engine if engine is None else engine):
             return None
         reason = None
-        if not self.is_chain:
-            reason = "the backbone has residual blocks (the engine runs chain backbones)"
-        elif self.jit_compile and not self.run_eagerly:
+        if self.jit_compile and not self.run_eagerly:
             reason = "the model uses jit_compile=True (XLA cannot compile data-dependent group sizes)"
         if reason is not None:
             if engine:

@@ -181,23 +181,48 @@ def test_other_chain_stages():
         assert_same(engine(x[:batch]), model.rollout(x[:batch]))
 
 
-def residual_model():
-    return rnp_tf.RNPModel(
+def residual_model(groups=4, seed=0):
+    """Two bottlenecks (a projection, an identity), a pool and a conv; random BN statistics."""
+    tf.random.set_seed(seed)
+    model = rnp_tf.RNPModel(
         {
             "stages": [
                 {"type": "conv", "filters": 8},
                 {"type": "bottleneck", "filters": 4, "projection": True, "expansion": 2},
+                {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2},
+                {"type": "pool", "size": 2, "mode": "avg"},
+                {"type": "conv", "filters": 8},
             ],
             "head": {"pooling": "gap"},
         },
         image_shape=(8, 8, 1),
         num_classes=3,
+        groups=groups,
     )
+    rng = np.random.default_rng(seed)
+    randomise_batchnorm(model, rng)
+    for layer in (*model.agent.encoders, *model.agent.decoders):  # spread Q-values: diverse greedy actions
+        layer.kernel.assign(rng.normal(0, 10.0, layer.kernel.shape))
+    return model
 
 
-def test_residual_backbones_are_refused():
-    with pytest.raises(ValueError, match="chain"):
-        InferenceEngine(residual_model())
+@pytest.mark.parametrize("control_flow", [True, False])
+def test_residual_blocks_run_sliced_and_equal_the_masked_path(control_flow):
+    """Bottlenecks prune their inner width; their last conv and shortcut stay full (issue 26's first step)."""
+    model = residual_model()
+    assert not model.is_chain and model.num_prunable == 5
+    engine = InferenceEngine(model, control_flow=control_flow)
+    x = images(64, seed=5)
+    assert len(np.unique(model.rollout(x)["actions"].numpy(), axis=0)) > 3  # per-image actions differ
+    for batch in (1, 7, 64):
+        assert_same(engine(x[:batch]), model.rollout(x[:batch]))
+    rng = np.random.default_rng(0)
+    forced = rng.integers(1, 5, size=(64, 5)).astype("int32")
+    forced[:, 1] = np.where(forced[:, 0] == 4, 1, forced[:, 1])  # some (previous, action) pairs stay empty
+    for batch in (1, 7, 64):
+        assert_same(engine(x[:batch], actions=forced[:batch]), model.rollout(x[:batch], actions=forced[:batch]))
+    np.testing.assert_allclose(rnp_tf.DenseRunner(model)(x[:7]), model.rollout(x[:7], actions=np.full((7, 5), 4))["logits"],
+                               atol=ATOL)
 
 
 def test_run_agent_with_forced_actions_and_refresh():
@@ -304,9 +329,12 @@ def test_predict_runs_through_the_engine():
 def test_predict_falls_back_to_the_masked_path():
     model = residual_model()
     x = images(5, seed=31)
-    np.testing.assert_allclose(model.predict(x, verbose=0), model(x).numpy(), atol=1e-6)
-    with pytest.raises(ValueError, match="residual"):
+    np.testing.assert_allclose(model.predict(x, verbose=0), model(x).numpy(), atol=ATOL)
+    assert isinstance(model.__dict__["_engine"], InferenceEngine)  # residual models run on the engine too
+    model.compile(jit_compile=True)
+    with pytest.raises(ValueError, match="jit_compile"):
         model.predict(x, engine=True, verbose=0)
+    np.testing.assert_allclose(model.predict(x, verbose=0), model(x).numpy(), atol=1e-6)
     model = rnp_tf.RNPModel(rnp_tf.cifar_cnn(WIDTHS), image_shape=(8, 8, 1), num_classes=10)
     np.testing.assert_allclose(model.predict(x, engine=False, verbose=0), model(x).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="engine"):
