@@ -352,7 +352,6 @@ def _keep_selected_epoch(run):
 def _evaluate(run, metrics):
     """Stage 4: evaluates on the test split, writes `eval.json` and the pictures, adds the numbers to `metrics`."""
     from rnp_tf import evaluation
-    from rnp_tf import report
 
     start = time.time()
     results = evaluation.write_evaluation(run.model, run.dataset, run.config.model_dir, pictures=run.config.pictures)
@@ -369,4 +368,4 @@ def _evaluate(run, metrics):
             "static": results["static"],
         }
     )
-    print(report.format_table(evaluation.summary_rows(results), ["model", "accuracy", "compute_fraction"]))
+    print(evaluation.summary_table(results))
