@@ -4,7 +4,7 @@ Measures, for one training configuration (the flags of `rnp_tf.train`, e.g.
 `--flagfile configs/imagenet.flags`):
 
 - `input`: images/s of the training input pipeline alone, exactly the
-  stream `rnp_tf.train` feeds to `model.fit` (`rnp_tf.train.training_input`:
+  stream `rnp_tf.train` feeds to `model.fit` (`rnp_tf.pipeline.training_input`:
   reading, parallel decoding, augmentation, batching, prefetch), iterated
   without a model after `--warmup_batches` batches (which fill the shuffle
   and prefetch buffers);
@@ -92,7 +92,7 @@ def parse(argv):
         argv: the command line, program name first.
 
     Returns:
-        `(config, options)`: an `rnp_tf.train.TrainConfig` and a dict.
+        `(config, options)`: an `rnp_tf.run_config.TrainConfig` and a dict.
 
     Raises:
         ValueError: a bad training flag (one line).
@@ -145,7 +145,7 @@ def time_input(config, batches, warmup):
     """Images/s of the training stream `rnp_tf.train` feeds to `model.fit`.
 
     Args:
-        config: an `rnp_tf.train.TrainConfig`.
+        config: an `rnp_tf.run_config.TrainConfig`.
         batches: timed batches.
         warmup: untimed batches first (fill the shuffle and prefetch buffers).
 
@@ -154,9 +154,9 @@ def time_input(config, batches, warmup):
     """
     import tensorflow as tf
 
-    from rnp_tf import train
+    from rnp_tf import pipeline
 
-    stream, _ = train.training_input(config, tf.distribute.get_strategy(), 0)
+    stream, _ = pipeline.training_input(config, tf.distribute.get_strategy(), 0)
     iterator = iter(stream)
     for _ in range(warmup):
         next(iterator)
@@ -199,8 +199,8 @@ def time_steps(config, dataset, model, phase, steps, warmup):
     """Train-step time of one phase on one batch cached in memory (no input work).
 
     Args:
-        config: an `rnp_tf.train.TrainConfig`.
-        dataset, model: from `rnp_tf.train.prepare(config)`.
+        config: an `rnp_tf.run_config.TrainConfig`.
+        dataset, model: from `rnp_tf.trainer.prepare(config)`.
         phase: `"full"`, `"robust"`, `"agent"` or `"backbone"`.
         steps: timed steps.
         warmup: untimed steps first (the first traces).
@@ -211,12 +211,12 @@ def time_steps(config, dataset, model, phase, steps, warmup):
     """
     import tensorflow as tf
 
-    from rnp_tf import train
+    from rnp_tf import stages
 
     x, y = next(iter(dataset.train))
     cached = tf.data.Dataset.from_tensors((x, y)).repeat()
     strategy = tf.distribute.get_strategy()
-    train._compile_stage(model, config, PHASE_STAGE[phase], strategy)
+    stages.compile_stage(model, config, PHASE_STAGE[phase], strategy)
     model.set_phase(phase)
     timer = StepTimes()
     model.fit(cached, epochs=1, steps_per_epoch=warmup + steps, callbacks=[timer], verbose=0)
@@ -245,10 +245,10 @@ def run_benchmark(config, options, log=print):
         and `input_over_model`).
     """
     from bench.latency import machine_info
-    from rnp_tf import train
+    from rnp_tf import trainer
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    dataset, model = train.prepare(config)
+    dataset, model = trainer.prepare(config)
     log(f"bench.input: {dataset.name} {dataset.input_shape}, {config.backbone}, batch {config.batch_size}")
     pipeline = time_input(config, options["input_batches"], options["warmup_batches"])
     log(f"bench.input: input pipeline {pipeline['images_per_s']:.1f} images/s")

@@ -20,7 +20,11 @@ from rnp_tf import validation
 
 
 def define_flags(flag_values=flags.FLAGS):
-    """Defines the evaluation flags on `flag_values` (once)."""
+    """Defines the evaluation flags on `flag_values` (once).
+
+    Args:
+        flag_values: an `absl.flags.FlagValues`. Defaults to the global one.
+    """
     if "output_dir" in flag_values:
         return
     fv = {"flag_values": flag_values}
@@ -40,88 +44,8 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_float("compute_cap", None, "Hard cap: no image above this compute fraction.", **fv)
 
 
-def evaluate_dir(
-    model_dir,
-    dataset=None,
-    tfds_data_dir=None,
-    batch_size=256,
-    output_dir=None,
-    pictures=True,
-    penalty=None,
-    budget=None,
-    compute_cap=None,
-):
-    """Loads a trained model directory, evaluates it and writes the report.
-
-    Args:
-        model_dir: a directory written by `rnp_tf.train`.
-        dataset: dataset name; defaults to the one recorded in `flags.json`.
-        tfds_data_dir: tensorflow-datasets data_dir.
-        batch_size: evaluation batch size.
-        output_dir: where to write; defaults to `model_dir`.
-        pictures: whether to write the figures.
-        penalty: run-time penalty to evaluate at (`RNPModel.set_penalty`).
-        budget: target mean compute fraction: the model is calibrated on
-            the test split (`calibrate_budget`) and `set_budget` bisects
-            the penalty on it until the mean compute is within 0.01.
-        compute_cap: hard per-image cap (`RNPModel.set_compute_cap`).
-
-    Returns:
-        The results dict written to `eval.json`.
-
-    Example:
-
-    >>> results = evaluate_dir("/tmp/rnp_quickstart")
-    """
-    import keras
-
-    from rnp_tf import data as data_lib
-    from rnp_tf import evaluation
-    from rnp_tf import io_utils
-
-    model_path = os.path.join(model_dir, "model.keras")
-    if not os.path.isfile(model_path):
-        raise FileNotFoundError(f"--model_dir: no model.keras in {model_dir!r} (train one with rnp_tf.train).")
-    recorded = {}
-    flags_path = os.path.join(model_dir, "flags.json")
-    if os.path.isfile(flags_path):
-        recorded = io_utils.read_json(flags_path)
-    dataset = dataset or recorded.get("dataset")
-    if not dataset:
-        raise ValueError(f"--dataset is required: {flags_path!r} does not say which dataset was used.")
-    try:
-        model = keras.models.load_model(model_path)
-    except Exception as error:
-        raise ValueError(f"--model_dir: {model_path!r} is not a loadable Keras model ({error}).")
-    data = data_lib.load_dataset(
-        dataset,
-        batch_size=batch_size,
-        validation_split=0.0,
-        tfds_data_dir=tfds_data_dir or recorded.get("tfds_data_dir"),
-        seed=recorded.get("seed", 0),
-    )
-    if tuple(data.input_shape) != tuple(model.image_shape) or data.num_classes != model.num_classes:
-        raise ValueError(
-            f"--dataset: {dataset!r} has images {data.input_shape} and {data.num_classes} classes, but the "
-            f"model expects {model.image_shape} and {model.num_classes}."
-        )
-    if penalty is not None and budget is not None:
-        raise ValueError("--penalty and --budget are two ways to set the same knob: give one.")
-    if penalty is not None:
-        model.set_penalty(penalty)
-    if budget is not None:
-        model.calibrate_budget(data.test)
-        model.set_budget(budget, data.test)
-    if compute_cap is not None:
-        model.set_compute_cap(compute_cap)
-    output_dir = output_dir or model_dir
-    os.makedirs(output_dir, exist_ok=True)
-    return evaluation.write_evaluation(model, data, output_dir, pictures=pictures)
-
-
 def main(argv):
     from rnp_tf import evaluation
-    from rnp_tf import report
 
     fv = flags.FLAGS
     if len(argv) > 1:
@@ -129,14 +53,14 @@ def main(argv):
     if not fv.model_dir:
         _fail("--model_dir is required.")
     try:
-        results = evaluate_dir(
+        results = evaluation.evaluate_dir(
             fv.model_dir, fv.dataset, fv.tfds_data_dir, fv.batch_size, fv.output_dir, fv.pictures,
             penalty=fv.penalty, budget=fv.budget, compute_cap=fv.compute_cap,
         )
     except (ValueError, FileNotFoundError) as error:
         _fail(error)
     cf = results["compute_fraction"]
-    print(report.format_table(evaluation.summary_rows(results), ["model", "accuracy", "compute_fraction"]))
+    print(evaluation.summary_table(results))
     print(f"run-time penalty: {results['penalty_setting']:.4f}")
     print(
         f"compute fraction: mean {cf['mean']:.3f}, p10 {cf['p10']:.3f}, p50 {cf['p50']:.3f}, "

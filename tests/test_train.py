@@ -1,4 +1,4 @@
-"""rnp_tf.train: flag validation, the quickstart run end to end, errors."""
+"""rnp_tf.train: flag validation, the quickstart run end to end (through rnp_tf.trainer), errors."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import pytest
 from absl import flags
 
 from rnp_tf import train
+from rnp_tf import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.flags")
@@ -30,19 +31,8 @@ def test_flags_give_a_config(tmp_path):
     assert config.backbone_penalty_range == (-0.3, 0.05)
     from rnp_tf import data
 
-    model = train.build_model(config, data.load_dataset("digits", batch_size=32))
+    model = trainer.build_model(config, data.load_dataset("digits", batch_size=32))
     assert model.schedule.backbone_penalty_range == (-0.3, 0.05)
-
-
-def test_a_run_recorded_with_a_removed_option_is_not_resumed(tmp_path):
-    """flags.json of a run before the options were removed: their defaults resume, other values are refused."""
-    config = train.config_from_flags(parse(f"--flagfile={QUICKSTART}", f"--model_dir={tmp_path / 'run'}"))
-    saved = {**train._jsonable_config(config), "late_decision": False, "aux_confidence": False,
-             "backbone_distill_weight": 0.0}
-    train._check_compatible(config, saved, "run")
-    for key, value in (("late_decision", True), ("aux_confidence", True), ("backbone_distill_weight", 0.5)):
-        with pytest.raises(ValueError, match=rf"--{key}={value!r} there, an option removed after commit 7fe7dd6"):
-            train._check_compatible(config, {**saved, key: value}, "run")
 
 
 @pytest.mark.parametrize(
@@ -181,7 +171,7 @@ def test_init_checkpoint_round_trip(quickstart_run, tmp_path):
         parse(f"--flagfile={QUICKSTART}", f"--model_dir={tmp_path / 'b'}",
               f"--init_checkpoint={run_dir / 'model.keras'}")
     )
-    dataset, model = train.prepare(config)
+    dataset, model = trainer.prepare(config)
     import keras
 
     source = keras.models.load_model(run_dir / "model.keras")
@@ -191,7 +181,7 @@ def test_init_checkpoint_round_trip(quickstart_run, tmp_path):
         parse(f"--model_dir={tmp_path / 'c'}", "--widths=8,8,8,8", f"--init_checkpoint={run_dir / 'model.keras'}")
     )
     with pytest.raises(ValueError, match="does not match"):
-        train.prepare(wrong)
+        trainer.prepare(wrong)
 
 
 @pytest.mark.parametrize("name", ["quickstart", "cifar10", "cifar100", "imagenet"])
@@ -203,7 +193,7 @@ def test_every_config_parses_and_validates(name, tmp_path):
 
 
 def test_resnet50_backbone_trains_from_converted_keras_resnet50_weights(tmp_path):
-    """--backbone=resnet50 (the choice configs/imagenet.flags offers besides vgg16) through train.run: the
+    """--backbone=resnet50 (the choice configs/imagenet.flags offers besides vgg16) through trainer.run: the
     weights of a keras.applications.ResNet50 converted by rnp_tf.from_keras fit it exactly (what
     --init_checkpoint loads; the .keras round trip itself is tested in test_convert.py), then one
     Algorithm-1 backbone step on 32x32 images (the smallest ResNet-50 takes)."""
@@ -220,7 +210,7 @@ def test_resnet50_backbone_trains_from_converted_keras_resnet50_weights(tmp_path
         "--robust_epochs=0", "--rnp_epochs=1", "--agent_steps=0", "--agent_warmup=false", "--backbone_steps=1",
         "--evaluate=false", "--tensorboard=false", "--verbose=0", f"--model_dir={tmp_path / 'run'}",
     ))
-    dataset, model = train.prepare(config)
+    dataset, model = trainer.prepare(config)
     assert model.num_prunable == 32  # the inner 1x1 and 3x3 convs of the 16 bottlenecks
     keras.utils.set_random_seed(3)
     resnet = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=4)
@@ -232,7 +222,7 @@ def test_resnet50_backbone_trains_from_converted_keras_resnet50_weights(tmp_path
         model.rollout(x, actions=full)["logits"].numpy(), converted.rollout(x, actions=full)["logits"].numpy()
     )
     before = model.convs[5].kernel.numpy()
-    metrics = train.run(config, dataset, model)
+    metrics = trainer.run(config, dataset, model)
     assert metrics["schedule_step"] == 1 and metrics["agent_updates"] == 0
     assert np.isfinite(metrics["history"]["rnp"]["loss"]).all()
     assert not np.array_equal(model.convs[5].kernel.numpy(), before)  # the backbone step trained the convs

@@ -1,4 +1,4 @@
-"""rnp_tf.train beyond one device and one uninterrupted process.
+"""rnp_tf.train / rnp_tf.trainer beyond one device and one uninterrupted process.
 
 - kill -9 in the middle of a stage, re-run the same command: the final state
   (every model variable, both optimizers, the schedule counters) equals an
@@ -8,7 +8,8 @@
 - MirroredStrategy on the two logical CPUs of the test session and
   MultiWorkerMirroredStrategy with two worker processes on 127.0.0.1: every
   phase, finite losses, identical weights on both workers;
-- the ImageNet path: Keras VGG16 weights onto our VGG-16, `--backbone_weights`.
+- the ImageNet path: `--backbone_weights` and configs/imagenet.flags (the
+  weight mapping itself: test_keras_weights.py).
 """
 
 import json
@@ -27,7 +28,9 @@ from absl import flags
 
 from rnp_tf import callbacks
 from rnp_tf import distribute
+from rnp_tf import resume
 from rnp_tf import train
+from rnp_tf import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +84,7 @@ _KILLED_RUN = """
 import os, signal, sys
 import keras
 from absl import flags
-from rnp_tf import train
+from rnp_tf import train, trainer
 
 class KillMidEpoch(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
@@ -92,7 +95,7 @@ class KillMidEpoch(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 fv = flags.FlagValues(); train.define_flags(fv); fv(["rnp_tf.train", *sys.argv[1:]])
-train.run(train.config_from_flags(fv), callbacks=[KillMidEpoch()])
+trainer.run(train.config_from_flags(fv), callbacks=[KillMidEpoch()])
 """
 
 
@@ -116,7 +119,7 @@ def killed_and_resumed(tmp_path_factory):
 
     reference = root / "uninterrupted"
     config = config_of(*SMALL, "--reseed_every_epoch=true", f"--model_dir={reference}", "--verbose=0")
-    metrics = train.run(config)
+    metrics = trainer.run(config)
     return {"killed": killed, "reference": reference, "at_kill": at_kill, "snapshot": snapshot,
             "resumed": resumed, "metrics": metrics, "args": args}
 
@@ -152,7 +155,7 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(killed_and_resumed):
 def test_rerunning_a_complete_run_does_nothing(killed_and_resumed, capsys):
     config = config_of(*killed_and_resumed["args"])
     before = (killed_and_resumed["killed"] / "metrics.json").read_text()
-    assert train.run(config) == json.loads(before)
+    assert trainer.run(config) == json.loads(before)
     assert "nothing to do" in capsys.readouterr().out
     assert (killed_and_resumed["killed"] / "metrics.json").read_text() == before
 
@@ -175,16 +178,16 @@ def test_truncated_checkpoint_is_one_clear_line_and_nothing_is_overwritten(kille
 def test_other_flags_or_resume_false_are_refused(killed_and_resumed):
     run_dir = killed_and_resumed["snapshot"]
     config = config_of(*SMALL, "--reseed_every_epoch=true", f"--model_dir={run_dir}", "--rnp_epochs=3")
-    dataset, model = train.prepare(config)
+    dataset, model = trainer.prepare(config)
     with pytest.raises(ValueError, match=r"other flags \(--rnp_epochs=1 there, 3 now\)"):
-        train.resume_point(config, model)
+        resume.resume_point(config, model)
     config = config_of(*SMALL, "--reseed_every_epoch=true", f"--model_dir={run_dir}", "--resume=false")
     with pytest.raises(ValueError, match="never overwritten"):
-        train.resume_point(config, model)
+        resume.resume_point(config, model)
     # Where it runs may change: --strategy, --verbose, --tensorboard, ...
     config = config_of(*SMALL, "--reseed_every_epoch=true", f"--model_dir={run_dir}", "--verbose=0")
     with pytest.raises(callbacks.CheckpointError, match="truncated|corrupt"):
-        train.resume_point(config, model)  # gets as far as the (corrupted) checkpoint
+        resume.resume_point(config, model)  # gets as far as the (corrupted) checkpoint
 
 
 # ---------------------------------------------------------------- strategies
@@ -206,17 +209,17 @@ def test_knob_selection_survives_a_resume_and_becomes_the_model(tmp_path):
     args = [*SMALL, "--pretrain_epochs=0", "--robust_epochs=0", "--reorder=false", "--rnp_epochs=2",
             "--validation_split=0.2", "--select_budgets=0.4,0.8", "--verbose=0", f"--model_dir={run_dir}"]
     with pytest.raises(RuntimeError, match="interrupted"):
-        train.run(config_of(*args), callbacks=[_StopAfterFirstEpoch()])
-    (first,) = callbacks.BestKnobWeights.read(run_dir / train.SELECTION)["history"]
+        trainer.run(config_of(*args), callbacks=[_StopAfterFirstEpoch()])
+    (first,) = callbacks.BestKnobWeights.read(run_dir / trainer.SELECTION)["history"]
     assert first["epoch"] == 0 and set(first["by_budget"]) == {0.4, 0.8}
-    selected = train.run(config_of(*args))["knob_select"]
+    selected = trainer.run(config_of(*args))["knob_select"]
     assert selected["history"][0] == first  # read back, not measured again
     assert [h["epoch"] for h in selected["history"]] == [0, 1]
     scores = [h["accuracy"] for h in selected["history"]]
     assert selected["best_epoch"] == int(np.argmax(scores)) and selected["accuracy"] == max(scores)
     # the saved model holds the kept epoch's weights: the last epoch's checkpoint's only if that was the best
     model = keras.models.load_model(run_dir / "model.keras")
-    kept = callbacks.BestKnobWeights.read(run_dir / train.SELECTION)["weights"]
+    kept = callbacks.BestKnobWeights.read(run_dir / trainer.SELECTION)["weights"]
     for a, b in zip(model.get_weights(), kept):
         np.testing.assert_array_equal(a, b)
     last = keras.models.load_model(run_dir / "checkpoints" / "rnp-002.keras").get_weights()
@@ -229,9 +232,9 @@ def test_mirrored_strategy_runs_every_stage_on_two_replicas(tmp_path):
     assert strategy.num_replicas_in_sync == 2  # the two logical CPUs of conftest.py
     config = config_of(*SMALL, "--strategy=mirrored", "--robust_epochs=1", "--rnp_epochs=1", "--steps_per_epoch=7",
                        f"--model_dir={tmp_path / 'run'}", "--verbose=0")
-    dataset, model = train.prepare(config, strategy)
+    dataset, model = trainer.prepare(config, strategy)
     assert model.distribute_strategy is strategy
-    metrics = train.run(config, dataset, model, strategy=strategy)
+    metrics = trainer.run(config, dataset, model, strategy=strategy)
     assert metrics["replicas"] == 2
     _history_finite(metrics)
     # Algorithm 1: warm-up 3 agent steps, 2 backbone, 2 agent.
@@ -246,7 +249,7 @@ def test_global_batch_must_split_evenly(tmp_path):
     strategy = distribute.get_strategy("mirrored")
     config = config_of(*SMALL, "--batch_size=63", f"--model_dir={tmp_path / 'run'}")
     with pytest.raises(ValueError, match="divisible by the 2 replicas"):
-        train.prepare(config, strategy)
+        trainer.prepare(config, strategy)
 
 
 def _free_port():
@@ -258,12 +261,12 @@ def _free_port():
 _WORKER = """
 import sys, numpy as np
 from absl import flags
-from rnp_tf import distribute, train
+from rnp_tf import distribute, train, trainer
 fv = flags.FlagValues(); train.define_flags(fv); fv(["w", *sys.argv[2:]])
 config = train.config_from_flags(fv)
 strategy = distribute.get_strategy(config.strategy)
-dataset, model = train.prepare(config, strategy)
-metrics = train.run(config, dataset, model, strategy=strategy)
+dataset, model = trainer.prepare(config, strategy)
+metrics = trainer.run(config, dataset, model, strategy=strategy)
 np.savez(sys.argv[1], *[v.numpy() for v in model.variables], *[v.numpy() for v in model.agent_optimizer.variables],
          *[v.numpy() for v in model.optimizer.variables])
 print("HISTORY", __import__("json").dumps(metrics["history"]))
@@ -295,66 +298,6 @@ def test_multi_worker_two_processes_every_phase(tmp_path):
         np.testing.assert_array_equal(w0[key], w1[key])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())  # written by the chief only
     assert metrics["replicas"] == 2 and metrics["schedule_step"] == 6 and metrics["agent_updates"] == 4
-
-
-# ------------------------------------------------------------ ImageNet path
-def test_keras_vgg16_maps_exactly_onto_our_vgg16():
-    from rnp_tf import RNPModel
-    from rnp_tf import backbones
-
-    keras.utils.set_random_seed(1)
-    source = keras.applications.VGG16(weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None)
-    ours = RNPModel(backbones.vgg16(), image_shape=(32, 32, 3), num_classes=10)
-    assert train.map_keras_vgg16(source, ours) is True
-    x = np.random.default_rng(0).uniform(-2, 2, (3, 32, 32, 3)).astype("float32")
-    full = np.full((3, ours.num_prunable), ours.groups)
-    logits = ours.rollout(x, actions=full)["logits"].numpy()
-    expected = source(x, training=False).numpy()
-    scale = np.abs(expected).max()
-    assert scale > 0 and np.std(expected) > 0  # not a trivially flat output
-    np.testing.assert_allclose(logits, expected, atol=1e-4 * scale)
-
-    # Keras' caffe preprocessing folded into the first conv: our normalised
-    # input gives the logits Keras gives on its own preprocessing, up to the
-    # one-pixel border of the first conv (measured, bounded here).
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    folded = RNPModel(backbones.vgg16(), image_shape=(32, 32, 3), num_classes=10)
-    train.map_keras_vgg16(source, folded, input_mean=mean, input_std=std)
-    pixels = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
-    ours_in = ((pixels / 255.0 - mean) / std).astype("float32")
-    keras_in = keras.applications.vgg16.preprocess_input(pixels.copy())
-    got = folded.rollout(ours_in, actions=full)["logits"].numpy()
-    want = source(keras_in, training=False).numpy()
-    np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max())  # measured 3e-4
-
-
-def test_backbone_weights_from_a_file_and_the_offline_message(tmp_path, monkeypatch):
-    keras.utils.set_random_seed(2)
-    source = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
-    weights = tmp_path / "vgg16_notop.weights.h5"
-    source.save_weights(weights)
-    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    npz = tmp_path / "tiny.npz"
-    np.savez(npz, x_train=images, y_train=np.arange(8) % 4, x_test=images[:4], y_test=np.arange(4))
-    config = config_of(f"--dataset=npz:{npz}", "--backbone=vgg16", f"--backbone_weights={weights}",
-                       f"--model_dir={tmp_path / 'run'}", "--batch_size=4")
-    _, model = train.prepare(config)
-    np.testing.assert_array_equal(model.convs[4].kernel.numpy(), source.get_layer("block3_conv1").kernel.numpy())
-    np.testing.assert_array_equal(model.convs[4].beta.numpy()[2], source.get_layer("block3_conv1").bias.numpy())
-
-    # No cached ImageNet file and no network: one clear message, before any work.
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-    monkeypatch.setattr(keras.utils, "get_file", _offline)
-    monkeypatch.setattr("keras.src.utils.file_utils.get_file", _offline)
-    config = config_of(f"--dataset=npz:{npz}", "--backbone=vgg16", "--backbone_weights=imagenet",
-                       f"--model_dir={tmp_path / 'run2'}", "--batch_size=4")
-    with pytest.raises(ValueError, match=r"not in .*keras_home/models/vgg16_weights_tf_dim_ordering_tf_kernels_notop"
-                                         r"\.h5 and could not be downloaded"):
-        train.prepare(config)
-
-
-def _offline(*args, **kwargs):
-    raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
 
 
 @pytest.mark.parametrize(
@@ -390,12 +333,12 @@ def test_imagenet_config_short_run_on_a_generated_tfds_directory(tmp_path):
         "--evaluate=false", "--tensorboard=false", "--verbose=0",
     )
     assert (config.dataset, config.backbone, config.optimizer, config.reorder) == ("imagenet2012", "vgg16", "rmsprop", True)
-    dataset, model = train.prepare(config)
+    dataset, model = trainer.prepare(config)
     assert dataset.input_shape == (224, 224, 3) and dataset.num_classes == 1000 and dataset.num_train == 8
     assert model.num_prunable == 12 and model.head_layers[0].units == 4096
     x, y = next(iter(dataset.train))
     assert x.shape == (2, 224, 224, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
-    metrics = train.run(config, dataset, model)
+    metrics = trainer.run(config, dataset, model)
     _history_finite(metrics)
     assert metrics["schedule_step"] == 2 and metrics["agent_updates"] == 1  # one agent, one backbone step
     assert set(metrics["history"]) == {"robust", "rnp"}

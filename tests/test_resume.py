@@ -1,0 +1,65 @@
+"""rnp_tf.resume: the run record (flags.json, progress.json) and where a run continues."""
+
+import json
+
+import pytest
+
+from rnp_tf import resume
+from rnp_tf import run_config
+
+
+def make(tmp_path, **values):
+    return run_config.make_config(model_dir=str(tmp_path / "run"), widths=(16, 32, 32, 32), pretrain_epochs=5,
+                                  robust_epochs=15, rnp_epochs=10, **values)
+
+
+def test_a_run_recorded_with_a_removed_option_is_not_resumed(tmp_path):
+    """flags.json of a run before the options were removed: their defaults resume, other values are refused."""
+    config = make(tmp_path)
+    saved = {**resume.jsonable_config(config), "late_decision": False, "aux_confidence": False,
+             "backbone_distill_weight": 0.0}
+    resume.check_compatible(config, saved, "run")
+    for key, value in (("late_decision", True), ("aux_confidence", True), ("backbone_distill_weight", 0.5)):
+        with pytest.raises(ValueError, match=rf"--{key}={value!r} there, an option removed after commit 7fe7dd6"):
+            resume.check_compatible(config, {**saved, key: value}, "run")
+
+
+def test_other_flags_are_named_and_where_it_runs_may_change(tmp_path):
+    config = make(tmp_path)
+    saved = resume.jsonable_config(config)
+    resume.check_compatible(config, {**saved, "verbose": 0, "strategy": "mirrored", "model_dir": "elsewhere"}, "run")
+    with pytest.raises(ValueError, match=r"other flags \(--rnp_epochs=3 there, 10 now\)"):
+        resume.check_compatible(config, {**saved, "rnp_epochs": 3}, "run")
+
+
+def test_progress_names_the_next_stage(tmp_path):
+    config = make(tmp_path)
+    progress = resume.new_progress(config)
+    assert list(progress["stages"]) == ["backbone", "reorder", "robust", "rnp"]
+    assert resume.next_stage(config, progress) == ("backbone", 0)
+    progress["stages"]["backbone"]["epochs_done"] = 5
+    progress["stages"]["reorder"]["epochs_done"] = 1
+    progress["stages"]["robust"]["epochs_done"] = 7
+    assert resume.next_stage(config, progress) == ("robust", 7)
+    for stage in progress["stages"].values():
+        stage["epochs_done"] = stage["epochs"]
+    assert resume.next_stage(config, progress) == (None, 0)
+
+
+def test_record_epoch_keeps_the_last_states(tmp_path):
+    config = make(tmp_path)
+    (tmp_path / "run").mkdir()
+    progress = resume.new_progress(config)
+    resume.write_record(config, progress)
+    assert json.loads((tmp_path / "run" / resume.FLAGS).read_text())["rnp_epochs"] == 10
+    names = ["backbone-0001", "backbone-0002", "backbone-0003"]
+    for done, name in enumerate(names, 1):
+        (tmp_path / "run" / resume.STATE_DIR / name).mkdir(parents=True)
+        resume.record_epoch(progress, config.model_dir, "backbone", name, done, {"loss": 1.0 / done}, 2.0 * done)
+    written = json.loads((tmp_path / "run" / resume.PROGRESS).read_text())
+    assert written == progress
+    assert written["checkpoint"] == "backbone-0003" and written["checkpoints"] == names[-resume.KEEP_STATES:]
+    assert written["stages"]["backbone"]["history"]["loss"] == [1.0, 0.5, pytest.approx(1 / 3)]
+    assert sorted(p.name for p in (tmp_path / "run" / resume.STATE_DIR).iterdir()) == names[-resume.KEEP_STATES:]
+    resume.mark_complete(progress, config.model_dir)
+    assert json.loads((tmp_path / "run" / resume.PROGRESS).read_text())["complete"]
