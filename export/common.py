@@ -651,18 +651,10 @@ class SlicedNetwork:
         self._pairs, self._heads = self._restriction(action_tuples)
         self._arrays = self._extract(model)
         self._decision_settings(model)
-        # MACs of each piece, from the layers' own counts.
-        first = model.head_layers[0]
-        spatial = self.head_hw[0] * self.head_hw[1] if self.flatten else 1
-        g = self.out_group[-1]
-        self.fixed_macs = float(stem.full_macs) + float(
-            sum(int(d.kernel.shape[0]) * int(d.units) for d in model.head_layers[1:])
-        )
-        self.head_macs = {a: float(spatial * a * g * int(first.units)) for a in range(1, k + 1)}
-        self.conv_macs = [
-            {(p, a): float(conv.macs(p, a)) for p in self.previous_actions(t) for a in range(1, k + 1)}
-            for t, conv in enumerate(model.prunable)
-        ]
+        # MACs: the plan's table (`NetworkPlan.conv_macs_table`, `head_macs_table`,
+        # `fixed_macs`), the stem counted in the fixed part.
+        self.fixed_macs = float(stem.full_macs) + float(model.plan.fixed_macs)
+        self.head_macs = {a: float(m) for a, m in enumerate(model.plan.head_macs_table(), start=1)}
         self._consts = None
         self._kernel_mode = None  # see `kernels_as_inputs`
 
@@ -878,14 +870,15 @@ class SlicedNetwork:
         return p * self.in_group[t] if self.varies(t) else self.full_in[t]
 
     def macs_of(self, actions):
-        """MACs per sample for an int array `[n, T]` (numpy float64)."""
+        """MACs per sample for an int array `[n, T]` (numpy float64; `spent` in numpy)."""
         actions = np.asarray(actions).reshape(-1, self.num_prunable)
+        k = self.groups
         total = np.full(len(actions), self.fixed_macs)
-        prev = np.full(len(actions), self.groups)
+        prev = np.full(len(actions), k)
         for t in range(self.num_prunable):
-            total += [self.conv_macs[t][(int(p) if self.varies(t) else self.groups, int(a))] for p, a in zip(prev, actions[:, t])]
+            total += self.macs_table(t)[(prev - 1) * k + actions[:, t] - 1]
             prev = actions[:, t]
-        return total + np.asarray([self.head_macs[int(a)] for a in prev])
+        return total + self.head_macs_table()[prev - 1]
 
     def macs_constant(self, values):
         """MAC counts as an int64 constant.
@@ -898,17 +891,12 @@ class SlicedNetwork:
         return tf.constant(np.rint(np.asarray(values, np.float64)).astype(np.int64))
 
     def head_macs_table(self):
-        """`[k]` MACs of the head's first Dense for last action 1..k."""
-        return np.asarray([self.head_macs[a] for a in range(1, self.groups + 1)])
+        """`[k]` MACs of the head's first Dense for last action 1..k (`NetworkPlan.head_macs_table`)."""
+        return self.model.plan.head_macs_table()
 
     def macs_table(self, t):
-        """`[k * k]` MACs of conv `t`, indexed `(previous - 1) * k + action - 1`."""
-        k = self.groups
-        table = np.zeros(k * k)
-        for p in range(1, k + 1):
-            for a in range(1, k + 1):
-                table[(p - 1) * k + a - 1] = self.conv_macs[t][(p if self.varies(t) else k, a)]
-        return table
+        """`[k * k]` MACs of conv `t`, indexed `(previous - 1) * k + action - 1` (`NetworkPlan.conv_macs_table`)."""
+        return self.model.plan.conv_macs_table(t)
 
     def pool(self, h, pools):
         """`h` through pooling layers given as `pool_spec`s, in order."""
