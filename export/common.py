@@ -442,14 +442,13 @@ def penalty_scope(model, penalty):
     >>> with penalty_scope(model, -0.5):
     ...     ref = reference(model, images)
     """
-    variable = model._penalty_setting
-    saved = variable.numpy()
-    if np.float32(penalty) != saved:
+    saved = model.penalty_setting  # a float32 value: set back exactly
+    if np.float32(penalty) != np.float32(saved):
         model.set_penalty(float(penalty))
     try:
         yield model
     finally:
-        variable.assign(saved)  # exactly as it was
+        model.set_penalty(saved)
 
 
 def penalty_candidates(setting):
@@ -678,7 +677,7 @@ class SlicedNetwork:
     def _decision_settings(self, model):
         """The run-time knob of `RNPModel.rollout`'s greedy choice: the default penalty, the frozen cap."""
         self.penalty_setting = float(model.penalty_setting)
-        cap = getattr(model, "_cap_macs", None)
+        cap = getattr(model, "compute_cap_macs", None)
         self.cap = None if cap is None else float(cap)
 
     def _extract(self, model):
