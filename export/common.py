@@ -8,19 +8,21 @@
   `folded_weights`, the pooling layers, the agent's weights and the head,
   all as constants) as plain TensorFlow functions that compute only the
   chosen channel prefixes, deciding as `RNPModel.rollout` does (penalty
-  re-pricing, compute cap). The penalty is a run-time input of every form
-  (`penalty`, default: the model's penalty setting when the network was
-  built), so one artifact serves every operating point; the compute cap is
-  frozen in. Three forms, one per deployment target:
+  re-pricing, compute cap). Its graphs run the one loop,
+  `rnp_tf.rollout.rollout`, with executors of their own. The penalty is a
+  run-time input of every form (`penalty`, default: the model's penalty
+  setting when the network was built), so one artifact serves every
+  operating point; the compute cap is frozen in. Three forms, one per
+  deployment target:
 
-  * `batched(images, forced_actions, penalty)`: any batch size, per-sample actions by
-    gather/scatter (samples grouped by their (previous action, action)
-    pair, one convolution per group on its weight slice, results scattered
-    back). No control flow at all, so it converts to ONNX for onnxruntime
+  * `batched(images, forced_actions, penalty)`: any batch size, per-sample
+    actions by gather/scatter (`GatherScatterExecutor`: samples grouped by
+    their (previous action, action) pair, one convolution per group on its
+    weight slice, results scattered back). No control flow at all, so it converts to ONNX for onnxruntime
     and TensorRT and runs in a SavedModel.
-  * `single(image, forced_actions, penalty)`: batch 1, the branch picked by a nested
-    binary tree of `tf.cond` on the scalar action (ONNX `If` after freezing
-    with lowered control flow).
+  * `single(image, forced_actions, penalty)`: batch 1, the branch picked by
+    a nested binary tree of `tf.cond` on the scalar action
+    (`IfTreeExecutor`; ONNX `If` after freezing with lowered control flow).
   * `stem` / `segment` / `head`: one function per (segment, previous action,
     action) for the TFLite signatures driven by `rnp_tf.tflite_runner`.
 
@@ -440,14 +442,13 @@ def penalty_scope(model, penalty):
     >>> with penalty_scope(model, -0.5):
     ...     ref = reference(model, images)
     """
-    variable = model._penalty_setting
-    saved = variable.numpy()
-    if np.float32(penalty) != saved:
+    saved = model.penalty_setting  # a float32 value: set back exactly
+    if np.float32(penalty) != np.float32(saved):
         model.set_penalty(float(penalty))
     try:
         yield model
     finally:
-        variable.assign(saved)  # exactly as it was
+        model.set_penalty(saved)
 
 
 def penalty_candidates(setting):
@@ -547,14 +548,28 @@ def check_exportable(model):
         )
 
 
+def pool_spec(layer):
+    """A Keras pooling layer as `(mode, pool_size, strides, padding)`: `"max"` or `"avg"`, upper-case padding."""
+    return (
+        "avg" if "average" in type(layer).__name__.lower() else "max",
+        tuple(layer.pool_size),
+        tuple(layer.strides),
+        layer.padding.upper(),
+    )
+
+
 class SlicedNetwork:
     """An RNPModel rebuilt as TensorFlow functions that compute only the chosen prefixes.
 
     Built from the model's public pieces: `stem`, `prunable` (BatchNorm
     folded into the kernel with `GatedConv2D.folded_weights`, one folded
     kernel per input width since each width has its own BatchNorm set), the
-    pooling layers of `model.plan`, the agent (`DecisionAgent.step`'s maths:
-    pool, zero-pad a prefix, encoder, shared LSTM cell, decoder) and `head_layers`. Greedy
+    pooling layers of `model.plan`, the agent's weights
+    (`DecisionAgent.weights_of`, run by `rnp_tf.agent.equations`) and
+    `head_layers`. `batched`, `single` and `full` run
+    `rnp_tf.rollout.rollout` on `model.plan` with this network's policy
+    (`KnobPolicy`), agent (`ConstantAgent`) and an executor each
+    (`GatherScatterExecutor`, `IfTreeExecutor`, `FullExecutor`). Greedy
     decisions go through `RNPModel.greedy_q` (the run-time knob: Q-values
     re-priced to the penalty, masked by the compute cap). The penalty is
     an input of the graphs (`penalty`: a float32 scalar, `[1]` or
@@ -614,13 +629,7 @@ class SlicedNetwork:
                 self.in_hw.append(tuple(shape[1:3]))
             shape = tuple(layer.compute_output_shape(shape))
             if pooling:
-                pool = (
-                    "avg" if "average" in type(layer).__name__.lower() else "max",
-                    tuple(layer.pool_size),
-                    tuple(layer.strides),
-                    layer.padding.upper(),
-                )
-                (self.pre_pools if t < 0 else self.post_pools[t]).append(pool)
+                (self.pre_pools if t < 0 else self.post_pools[t]).append(pool_spec(layer))
             if t >= 0:
                 if len(self.out_hw) <= t:
                     self.out_hw.append(None)
@@ -641,18 +650,10 @@ class SlicedNetwork:
         self._pairs, self._heads = self._restriction(action_tuples)
         self._arrays = self._extract(model)
         self._decision_settings(model)
-        # MACs of each piece, from the layers' own counts.
-        first = model.head_layers[0]
-        spatial = self.head_hw[0] * self.head_hw[1] if self.flatten else 1
-        g = self.out_group[-1]
-        self.fixed_macs = float(stem.full_macs) + float(
-            sum(int(d.kernel.shape[0]) * int(d.units) for d in model.head_layers[1:])
-        )
-        self.head_macs = {a: float(spatial * a * g * int(first.units)) for a in range(1, k + 1)}
-        self.conv_macs = [
-            {(p, a): float(conv.macs(p, a)) for p in self.previous_actions(t) for a in range(1, k + 1)}
-            for t, conv in enumerate(model.prunable)
-        ]
+        # MACs: the plan's table (`NetworkPlan.conv_macs_table`, `head_macs_table`,
+        # `fixed_macs`), the stem counted in the fixed part.
+        self.fixed_macs = float(stem.full_macs) + float(model.plan.fixed_macs)
+        self.head_macs = {a: float(m) for a, m in enumerate(model.plan.head_macs_table(), start=1)}
         self._consts = None
         self._kernel_mode = None  # see `kernels_as_inputs`
 
@@ -676,7 +677,7 @@ class SlicedNetwork:
     def _decision_settings(self, model):
         """The run-time knob of `RNPModel.rollout`'s greedy choice: the default penalty, the frozen cap."""
         self.penalty_setting = float(model.penalty_setting)
-        cap = getattr(model, "_cap_macs", None)
+        cap = getattr(model, "compute_cap_macs", None)
         self.cap = None if cap is None else float(cap)
 
     def _extract(self, model):
@@ -705,16 +706,12 @@ class SlicedNetwork:
         self.units = int(agent.units)
         self.agent_channels = [int(c) for c in agent.feature_channels]
         for t in range(self.num_prunable):
-            for name, layer in (("encoder", agent.encoders[t]), ("decoder", agent.decoders[t])):
-                arrays[(name, t)] = (np.asarray(layer.kernel, np.float32), self._bias(layer), layer.activation)
-        cell = agent.cell
-        arrays["lstm"] = (
-            np.asarray(cell.kernel, np.float32),
-            np.asarray(cell.recurrent_kernel, np.float32),
-            self._bias(cell) if getattr(cell, "use_bias", True) else np.zeros(4 * self.units, np.float32),
-        )
-        self.lstm_activation = cell.activation
-        self.lstm_recurrent_activation = cell.recurrent_activation
+            weights = agent.weights_of(t)  # what `rnp_tf.agent.equations` reads
+            for name in ("encoder", "decoder"):
+                arrays[(name, t)] = tuple(np.asarray(w, np.float32) for w in weights[name])
+        arrays["lstm"] = tuple(np.asarray(w, np.float32) for w in weights["lstm"])  # shared by every layer
+        self.lstm_activation = weights["activation"]
+        self.lstm_recurrent_activation = weights["recurrent_activation"]
         return arrays
 
     @staticmethod
@@ -838,11 +835,13 @@ class SlicedNetwork:
         return self._consts[(key, index)]
 
     def _all_constants(self):
+        """Makes up front the constants that several of `single`'s branches share (see `constants`)."""
         for key, value in self._arrays.items():
+            kind = key[0] if isinstance(key, tuple) else key
             for index, item in enumerate(value):
-                if isinstance(key, tuple) and key[0] == "conv" or key in ("head0", "stem") and index == 0:
-                    continue  # one branch each: made in the branch (`segment`, `_dense`), or the stem's
-                if isinstance(key, tuple) and key[0] == "head" and index == 0:
+                if kind == "conv" or index == 0 and kind in ("head0", "stem", "encoder", "decoder"):
+                    continue  # one branch each (`segment`, `_dense`), or used outside the branches only
+                if kind == "head" and index == 0:
                     self._dense_kernel(key)  # shared by every head branch
                 elif isinstance(item, np.ndarray):
                     self._const(key, index)
@@ -865,31 +864,20 @@ class SlicedNetwork:
         """The last actions whose head is built."""
         return list(self._heads) if self._heads is not None else list(range(1, self.groups + 1))
 
-    def _branch_index(self, t, prev, action):
-        """int32 scalar: position of `(prev, action)` in `branches(t)` (for `single`'s tree)."""
-        tf = self._tf
-        k = self.groups
-        key = (prev - 1) * k + action - 1 if self.varies(t) else (k - 1) * k + action - 1
-        if self._pairs is None:
-            return key if self.varies(t) else action - 1
-        lookup = np.zeros(k * k, np.int32)
-        for i, (p, a) in enumerate(self.branches(t)):
-            lookup[(p - 1) * k + a - 1] = i
-        return tf.gather(tf.constant(lookup), key)
-
     def in_channels(self, t, p):
         """Input channels of prunable conv `t` after previous action `p`."""
         return p * self.in_group[t] if self.varies(t) else self.full_in[t]
 
     def macs_of(self, actions):
-        """MACs per sample for an int array `[n, T]` (numpy float64)."""
+        """MACs per sample for an int array `[n, T]` (numpy float64; `spent` in numpy)."""
         actions = np.asarray(actions).reshape(-1, self.num_prunable)
+        k = self.groups
         total = np.full(len(actions), self.fixed_macs)
-        prev = np.full(len(actions), self.groups)
+        prev = np.full(len(actions), k)
         for t in range(self.num_prunable):
-            total += [self.conv_macs[t][(int(p) if self.varies(t) else self.groups, int(a))] for p, a in zip(prev, actions[:, t])]
+            total += self.macs_table(t)[(prev - 1) * k + actions[:, t] - 1]
             prev = actions[:, t]
-        return total + np.asarray([self.head_macs[int(a)] for a in prev])
+        return total + self.head_macs_table()[prev - 1]
 
     def macs_constant(self, values):
         """MAC counts as an int64 constant.
@@ -902,19 +890,15 @@ class SlicedNetwork:
         return tf.constant(np.rint(np.asarray(values, np.float64)).astype(np.int64))
 
     def head_macs_table(self):
-        """`[k]` MACs of the head's first Dense for last action 1..k."""
-        return np.asarray([self.head_macs[a] for a in range(1, self.groups + 1)])
+        """`[k]` MACs of the head's first Dense for last action 1..k (`NetworkPlan.head_macs_table`)."""
+        return self.model.plan.head_macs_table()
 
     def macs_table(self, t):
-        """`[k * k]` MACs of conv `t`, indexed `(previous - 1) * k + action - 1`."""
-        k = self.groups
-        table = np.zeros(k * k)
-        for p in range(1, k + 1):
-            for a in range(1, k + 1):
-                table[(p - 1) * k + a - 1] = self.conv_macs[t][(p if self.varies(t) else k, a)]
-        return table
+        """`[k * k]` MACs of conv `t`, indexed `(previous - 1) * k + action - 1` (`NetworkPlan.conv_macs_table`)."""
+        return self.model.plan.conv_macs_table(t)
 
-    def _pools(self, h, pools):
+    def pool(self, h, pools):
+        """`h` through pooling layers given as `pool_spec`s, in order."""
         tf = self._tf
         for mode, size, strides, padding in pools:
             pool = tf.nn.max_pool2d if mode == "max" else tf.nn.avg_pool2d
@@ -965,62 +949,56 @@ class SlicedNetwork:
         return penalty + tf.zeros(tf.stack([n]), tf.float32)
 
     def agent_step(self, t, pooled, state):
-        """`DecisionAgent.step` on pooled features `[n, c]` (a channel prefix is zero-padded).
+        """`rnp_tf.agent.equations` on the agent's constants (a channel prefix is zero-padded).
 
         Args:
             t: decision index.
             pooled: `[n, c]` pooled features (`c` up to the agent's width).
             state: `[h, c]` LSTM state.
 
-        Returns `(q_values [n, k], [h, c])` (raw Q-values, before re-pricing).
+        Returns:
+            `(q_values [n, k], [h, c])` (raw Q-values, before re-pricing).
         """
-        tf = self._tf
-        missing = self.agent_channels[t] - pooled.shape[-1]
-        if missing:
-            pooled = tf.pad(pooled, [[0, 0], [0, missing]])
-        x = self._dense(pooled, ("encoder", t))
-        h, c = state
-        z = tf.matmul(x, self._const("lstm", 0)) + tf.matmul(h, self._const("lstm", 1)) + self._const("lstm", 2)
-        zi, zf, zc, zo = tf.split(z, 4, axis=1)
-        sigma, act = self.lstm_recurrent_activation, self.lstm_activation
-        c = sigma(zf) * c + sigma(zi) * act(zc)
-        h = sigma(zo) * act(c)
-        return self._dense(h, ("decoder", t)), [h, c]
+        from rnp_tf import agent as agent_lib
+        from rnp_tf import rollout as rollout_lib
+
+        def dense(key):  # the kernel as the head's (`kernels_as_inputs` makes it an input)
+            return self._dense_kernel(key), self._const(key, 1)
+
+        return agent_lib.equations(
+            rollout_lib.pad_channels(pooled, self.agent_channels[t]),
+            state,
+            encoder=dense(("encoder", t)),
+            lstm=tuple(self._const("lstm", i) for i in range(3)),
+            decoder=dense(("decoder", t)),
+            activation=self.lstm_activation,
+            recurrent_activation=self.lstm_recurrent_activation,
+        )
+
+    def policy(self, penalties=None, forced=None):
+        """The exported graphs' policy (`KnobPolicy`) at run-time `penalties`, with optional `forced` actions."""
+        return KnobPolicy(self.model, self.penalty_setting if penalties is None else penalties, forced)
 
     def start_spent(self, n):
         """MACs before the first decision's conv (`[n]` int64): the fixed part."""
         tf = self._tf
         return tf.fill(tf.stack([n]), self.macs_constant(self.fixed_macs))
 
-    def decide(self, t, q, forced, decided, spent, penalties=None):
-        """Action of decision `t` as `RNPModel.rollout` picks it, unless forced.
-
-        Greedy on `RNPModel.greedy_q` (Q-values re-priced to the run-time
-        penalty, actions the frozen compute cap forbids masked);
-        `forced[:, t] > 0` overrides (clipped to 1..k).
+    def spent(self, actions, n):
+        """Float32 `[n]` MACs of a rollout's actions, summed exactly in int64 (see `macs_constant`).
 
         Args:
-            t: decision index.
-            q: `[n, k]` raw Q-values.
-            forced: None or int32 `[n or 1, T]`.
-            decided: list of the `t` earlier actions, int32 `[n]` each.
-            spent: int64 `[n]` MACs of the stem, head constants and earlier convs.
-            penalties: float32 `[n]` run-time penalties (`penalties(...)`);
-                None: the constant `penalty_setting`.
-
-        Returns:
-            `(action int32 [n], spent after conv t int64 [n])`.
+            actions: the int32 `[n]` action of every decision, in order.
+            n: the batch size (an int or a scalar int32 tensor).
         """
         tf = self._tf
         k = self.groups
-        q = self.model.greedy_q(t, q, decided, self.penalty_setting if penalties is None else penalties)
-        action = tf.argmax(q, axis=-1, output_type=tf.int32) + 1
-        if forced is not None:
-            f = tf.clip_by_value(tf.cast(forced[:, t], tf.int32), 0, k)
-            action = tf.where(f > 0, f, action)
-        prev = decided[-1] if decided else tf.fill(tf.shape(action), k)
-        table = self.macs_constant(self.macs_table(t))
-        return action, spent + tf.gather(table, (prev - 1) * k + action - 1)
+        spent, prev = self.start_spent(n), None
+        for t, action in enumerate(actions):
+            prev = tf.fill(tf.shape(action), k) if prev is None else prev
+            spent = spent + tf.gather(self.macs_constant(self.macs_table(t)), (prev - 1) * k + action - 1)
+            prev = action
+        return tf.cast(spent + tf.gather(self.macs_constant(self.head_macs_table()), prev - 1), tf.float32)
 
     def greedy_q_numpy(self, q, actions, penalty=None):
         """`RNPModel.greedy_q` of every decision, numpy `[n, T, k]` (for choosing parity images).
@@ -1045,23 +1023,28 @@ class SlicedNetwork:
     def pooled(self, h, channels=None):
         """Global average of a (narrow) map, zero-padded to `channels`."""
         tf = self._tf
-        p = tf.reduce_mean(h, axis=[1, 2])
-        missing = (channels or h.shape[-1]) - h.shape[-1]
-        return tf.pad(p, [[0, 0], [0, missing]]) if missing else p
+        from rnp_tf import rollout as rollout_lib
+
+        return rollout_lib.pad_channels(tf.reduce_mean(h, axis=[1, 2]), channels or h.shape[-1])
 
     # ------------------------------------------------------------ segments
-    def stem(self, images):
-        """Stem conv (full width) and the pools before the first prunable conv."""
-        h = self._conv(images, self._kernel("kernel_stem", self._arrays["stem"][0]), self._const("stem", 1),
-                       self.stem_conv)
-        return self._pools(h, self.pre_pools)
+    def sliced_conv(self, t, h, previous=None, action=None):
+        """One convolution on its weight slice, activated: the stem, or prunable conv `t`.
 
-    def segment(self, t, h, previous, action):
-        """Prunable conv `t` on `h` (holding exactly `previous` groups), then its pools.
+        Args:
+            t: the decision index of a prunable conv, or None for the stem
+                (full width).
+            h: the input, holding exactly `previous` groups.
+            previous: the previous action (unused when the input has full width).
+            action: output groups to compute.
 
-        Returns a map with `action * out_group` channels.
+        Returns:
+            A map with `action * out_group[t]` channels (the stem: all).
         """
         tf = self._tf
+        if t is None:
+            return self._conv(h, self._kernel("kernel_stem", self._arrays["stem"][0]), self._const("stem", 1),
+                              self.stem_conv)
         ci, co = self.in_channels(t, previous), action * self.out_group[t]
         key = ("conv", t, previous if self.varies(t) else self.groups)
         kernel, bias = self._arrays[key]
@@ -1069,8 +1052,23 @@ class SlicedNetwork:
         kernel = self._kernel(f"kernel_conv{t}_p{key[2]}_in{ci}_out{co}", kernel[:, :, :ci, :co])
         if (key, ci, co) not in self._consts:
             self._consts[(key, ci, co)] = tf.constant(bias[:co])
-        y = self._conv(h, kernel, self._consts[(key, ci, co)], self.convs[t])
-        return self._pools(y, self.post_pools[t])
+        return self._conv(h, kernel, self._consts[(key, ci, co)], self.convs[t])
+
+    def stem(self, images):
+        """Stem conv (full width) and the pools before the first prunable conv."""
+        return self.pool(self.sliced_conv(None, images), self.pre_pools)
+
+    def segment(self, t, h, previous, action, pools=None):
+        """Prunable conv `t` on `h` (holding exactly `previous` groups), then its pools.
+
+        Args:
+            t, h, previous, action: as `sliced_conv`.
+            pools: the `pool_spec`s that follow (default: `post_pools[t]`).
+
+        Returns:
+            A map with `action * out_group` channels.
+        """
+        return self.pool(self.sliced_conv(t, h, previous, action), self.post_pools[t] if pools is None else pools)
 
     def head(self, h, action):
         """Logits from the last feature map, holding `action` groups."""
@@ -1088,33 +1086,27 @@ class SlicedNetwork:
             h = self._dense(h, ("head", i))
         return h
 
-    # ------------------------------------------------------------- batched
-    def _run_group(self, x, fn, hw, channels):
-        """`fn` on a group of samples; an empty group runs on one zero sample that is dropped.
+    # -------------------------------------------------------------- graphs
+    def run(self, images, executor, penalties=None, forced=None):
+        """`rnp_tf.rollout.rollout` of the model's plan on the constants, with `policy(penalties, forced)`.
 
-        Works around oneDNN's empty-batch convolution bug (FINDINGS.md) and
-        keeps every runtime away from zero-sized convolutions; the reshape
-        restores the static inner dims.
+        Args:
+            images: float32 `[n, H, W, C]`.
+            executor: a `GatherScatterExecutor` or `IfTreeExecutor` of this network.
+            penalties: float32 `[n]` run-time penalties (`penalties(...)`).
+            forced: optional int32 `[n or 1, T]` forced actions (0: greedy).
+
+        Returns:
+            dict: `logits` `[n, classes]`, `actions` int32 `[n, T]`, `macs` float32 `[n]`.
         """
-        tf = self._tf
-        m = tf.shape(x)[0]
-        pad = tf.maximum(1 - m, 0)
-        x = tf.concat([x, tf.zeros(tf.stack([pad, hw[0], hw[1], channels]), x.dtype)], axis=0)
-        x = tf.reshape(x, [-1, hw[0], hw[1], channels])
-        return fn(x)[:m]
+        from rnp_tf import rollout as rollout_lib
 
-    def _indices(self, mask):
-        """int32 indices of the True entries of a `[n]` mask (NonZero on float32, as TensorRT wants)."""
-        tf = self._tf
-        return tf.cast(tf.reshape(tf.where(tf.cast(mask, tf.float32)), [-1]), tf.int32)
+        out = rollout_lib.rollout(self.model.plan, ConstantAgent(self), images, self.policy(penalties, forced), executor)
+        actions = self._tf.stack(out.actions, axis=1)
+        return {"logits": out.logits, "actions": actions, "macs": self.spent(out.actions, executor.batch)}
 
     def batched(self, images, forced_actions=None, penalty=None):
-        """Any batch size; per-sample actions by gather/scatter, no control flow.
-
-        At each prunable conv the samples are grouped by their (previous
-        action, action) pair; each group is gathered, narrowed to its input
-        prefix, convolved with its weight slice, zero-padded back to full
-        width and scattered to its rows.
+        """Any batch size; per-sample actions by gather/scatter, no control flow (`GatherScatterExecutor`).
 
         Args:
             images: float32 `[n, H, W, C]`.
@@ -1125,62 +1117,12 @@ class SlicedNetwork:
         Returns:
             dict: `logits` `[n, classes]`, `actions` int32 `[n, T]`, `macs` float32 `[n]`.
         """
-        tf = self._tf
         with self.constants():
-            k = self.groups
-            n = tf.shape(images)[0]
-            penalties = self.penalties(penalty, n)
-            h = self.stem(images)
-            state = self.initial_state(n)
-            prev = tf.fill(tf.stack([n]), k)
-            spent = self.start_spent(n)
-            actions = []
-            for t in range(self.num_prunable):
-                q, state = self.agent_step(t, self.pooled(h), state)  # zero beyond each prefix
-                a, spent = self.decide(t, q, forced_actions, actions, spent, penalties)
-                outs, index = [], []
-                for p, b in self.branches(t):
-                    chosen = tf.equal(a, b)
-                    if self.varies(t):
-                        chosen = tf.logical_and(tf.equal(prev, p), chosen)
-                    idx = self._indices(chosen)
-                    ci = self.in_channels(t, p)
-                    x = tf.gather(h, idx)
-                    if ci != self.full_in[t]:
-                        x = x[..., :ci]
-                    y = self._run_group(x, lambda z, t=t, p=p, b=b: self.segment(t, z, p, b), self.in_hw[t], ci)
-                    pad = self.out_channels[t] - b * self.out_group[t]
-                    outs.append(tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, pad]]) if pad else y)
-                    index.append(idx)
-                hw = self.out_hw[t]
-                shape = tf.stack([n, hw[0], hw[1], self.out_channels[t]])
-                h = tf.scatter_nd(tf.concat(index, 0)[:, None], tf.concat(outs, 0), shape)
-                actions.append(a)
-                prev = a
-            logits, index = [], []
-            g = self.out_group[-1]
-            for b in self.heads():
-                idx = self._indices(tf.equal(prev, b))
-                x = tf.gather(h, idx)[..., : b * g]
-                logits.append(self._run_group(x, lambda z, b=b: self.head(z, b), self.head_hw, b * g))
-                index.append(idx)
-            shape = tf.stack([n, self.num_classes])
-            logits = tf.scatter_nd(tf.concat(index, 0)[:, None], tf.concat(logits, 0), shape)
-            macs = tf.cast(spent + tf.gather(self.macs_constant(self.head_macs_table()), prev - 1), tf.float32)
-            return {"logits": logits, "actions": tf.stack(actions, axis=1), "macs": macs}
-
-    # ------------------------------------------------------------- batch 1
-    def _tree(self, index, fns, lo=0, hi=None):
-        """Nested binary `tf.cond` over `fns[index]` (nested ONNX If once frozen and lowered)."""
-        tf = self._tf
-        hi = len(fns) if hi is None else hi
-        if hi - lo == 1:
-            return fns[lo]()
-        mid = (lo + hi) // 2
-        return tf.cond(index < mid, lambda: self._tree(index, fns, lo, mid), lambda: self._tree(index, fns, mid, hi))
+            n = self._tf.shape(images)[0]
+            return self.run(images, GatherScatterExecutor(self, n), self.penalties(penalty, n), forced_actions)
 
     def single(self, images, forced_actions=None, penalty=None):
-        """Batch 1: the (previous action, action) branch chosen by nested `tf.cond`.
+        """Batch 1: the (previous action, action) branch chosen by nested `tf.cond` (`IfTreeExecutor`).
 
         Args:
             images: float32 `[1, H, W, C]`.
@@ -1191,53 +1133,320 @@ class SlicedNetwork:
         Returns:
             dict like `batched`, batch 1.
         """
-        tf = self._tf
         with self.constants():
             self._all_constants()
-            k = self.groups
-            penalties = self.penalties(penalty, 1)
-            h = self.stem(images)
-            pooled = self.pooled(h)
-            state = self.initial_state(1)
-            prev = tf.constant([k], tf.int32)
-            spent = self.start_spent(1)
-            actions = []
-            for t in range(self.num_prunable):
-                q, state = self.agent_step(t, pooled, state)
-                a, spent = self.decide(t, q, forced_actions, actions, spent, penalties)
-                hw, nxt = self.in_hw[t], self.out_channels[t]
-                fns = []
-                for p, b in self.branches(t):
+            return self.run(images, IfTreeExecutor(self), self.penalties(penalty, 1), forced_actions)
 
-                    def fn(t=t, p=p, b=b, h=h, hw=hw, nxt=nxt):
-                        x = tf.reshape(h, [1, hw[0], hw[1], self.in_channels(t, p)])
-                        y = self.segment(t, x, p, b)
-                        return y, self.pooled(y, nxt)
-
-                    fns.append(fn)
-                h, pooled = self._tree(self._branch_index(t, prev[0], a[0]), fns)
-                pooled = tf.reshape(pooled, [1, nxt])
-                actions.append(a)
-                prev = a
-            g = self.out_group[-1]
-            hf, wf = self.head_hw
-            built = self.heads()
-            heads = [(lambda b=b: self.head(tf.reshape(h, [1, hf, wf, b * g]), b)) for b in built]
-            lookup = np.zeros(k, np.int32)
-            lookup[np.asarray(built) - 1] = np.arange(len(built))
-            index = prev[0] - 1 if self._heads is None else tf.gather(tf.constant(lookup), prev[0] - 1)
-            logits = tf.reshape(self._tree(index, heads), [1, self.num_classes])
-            macs = tf.cast(spent + tf.gather(self.macs_constant(self.head_macs_table()), prev - 1), tf.float32)
-            return {"logits": logits, "actions": tf.stack(actions, axis=1), "macs": macs}
-
-    # ------------------------------------------------------ full baseline
     def full(self, images):
         """The unpruned network (every action k, no agent) with plain convolutions: the baseline."""
+        from rnp_tf import rollout as rollout_lib
+
         with self.constants():
-            h = self.stem(images)
-            for t in range(self.num_prunable):
-                h = self.segment(t, h, self.groups, self.groups)
-            return {"logits": self.head(h, self.groups)}
+            return {"logits": rollout_lib.rollout(self.model.plan, None, images, FullWidth(), FullExecutor(self)).logits}
+
+
+# ------------------------------------------------- policy, agent, executors
+class KnobPolicy:
+    """The exported graphs' policy: greedy as `RNPModel.rollout` chooses, unless forced.
+
+    Greedy on `RNPModel.greedy_q` (Q-values re-priced to the run-time
+    penalties, actions the frozen compute cap forbids masked), through
+    `rnp_tf.rollout.Greedy`; `forced[:, t] > 0` overrides (clipped to 1..k).
+    A policy of `rnp_tf.rollout.rollout`.
+
+    Args:
+        model: the `RNPModel`.
+        penalties: float32 `[n]` run-time penalties, or a float.
+        forced: None or int32 `[n or 1, T]` forced actions (0: greedy).
+    """
+
+    uses_agent = True
+
+    def __init__(self, model, penalties, forced=None):
+        from rnp_tf import rollout as rollout_lib
+
+        self.groups = int(model.groups)
+        self.forced = forced
+        self.greedy = rollout_lib.Greedy(lambda t, q, decided: model.greedy_q(t, q, decided, penalties))
+
+    def choose(self, t, q, decided):
+        """The int32 `[n]` action of decision `t` from raw Q-values `q` and the earlier actions `decided`."""
+        import tensorflow as tf
+
+        action = self.greedy.choose(t, q, decided)
+        if self.forced is None:
+            return action
+        f = tf.clip_by_value(tf.cast(self.forced[:, t], tf.int32), 0, self.groups)
+        return tf.where(f > 0, f, action)
+
+
+class FullWidth:
+    """The policy of the unpruned network: no agent, every action `None` (the full width)."""
+
+    uses_agent = False
+
+    def choose(self, t, q, decided):
+        return None
+
+
+class ConstantAgent:
+    """The decision agent on a `SlicedNetwork`'s constants, as `rnp_tf.rollout.rollout` calls it.
+
+    Args:
+        net: the `SlicedNetwork`.
+    """
+
+    def __init__(self, net):
+        self.net = net
+
+    def initial_state(self, n):
+        """Zero LSTM state for `n` samples."""
+        return self.net.initial_state(n)
+
+    def decide(self, t, pooled, state):
+        """`(q_values, state)` of decision `t` (`SlicedNetwork.agent_step`)."""
+        return self.net.agent_step(t, pooled, state)
+
+
+class ChainExecutor:
+    """Base of the executors of `rnp_tf.rollout.rollout` on a `SlicedNetwork`'s constants (chains only).
+
+    Args:
+        net: the `SlicedNetwork`.
+        batch: the batch size (an int or a scalar int32 tensor; None when no agent runs).
+    """
+
+    def __init__(self, net, batch=None):
+        self.net = net
+        self.batch = batch
+        self.tf = net._tf
+
+    def begin(self, images):
+        return images
+
+    def batch_size(self, images):
+        return self.batch
+
+    def map(self, step, h):
+        return self.net.pool(h, [pool_spec(step.layer)])
+
+    def residual(self, h, shortcut):
+        raise ValueError("The exported graphs run chain backbones only (no residual blocks).")
+
+
+class FullExecutor(ChainExecutor):
+    """The unpruned network: every conv at full width, no branches (with the `FullWidth` policy).
+
+    Args:
+        net: the `SlicedNetwork`.
+    """
+
+    def pooled(self, h, t):
+        raise ValueError("FullExecutor runs no agent.")
+
+    def conv(self, step, h, in_action, out_action):
+        k = self.net.groups
+        return self.net.sliced_conv(step.decision, h, k, k)
+
+    def head(self, h, last_action):
+        return self.net.head(h, self.net.groups)
+
+
+class Segment:
+    """A prunable conv not built yet, with the pools that follow it: the lazy executors' `h`.
+
+    Attributes:
+        t: the decision index.
+        h: the input map (built).
+        previous: the previous action (int32 `[n]`), or None when the input has full width.
+        action: the action (int32 `[n]`).
+        pools: the `pool_spec`s appended by `map`.
+        built: None until built, then the executor's `(map, pooled or None)`.
+    """
+
+    def __init__(self, t, h, previous, action):
+        self.t, self.h, self.previous, self.action = t, h, previous, action
+        self.pools = []
+        self.built = None
+
+
+class SegmentExecutor(ChainExecutor):
+    """Base of the branching executors: a prunable conv and the pools after it are built as one segment.
+
+    The exported graphs compute each segment (prunable conv `t` and its
+    pools) inside each of its branches, while `rnp_tf.rollout.rollout`
+    passes the pools as separate `map` steps. So `conv` records a
+    `Segment`, `map` appends its pool, and the segment is built (`build`,
+    by the subclass) when its output is first needed: by `pooled`, the next
+    `conv` or `head`. The stem and the pools before the first prunable conv
+    run at once. Subclasses define `build(segment) -> (map, pooled or None)`
+    (pooled features computed in the branches, or None: pool the map) and
+    `classify(map, last_action) -> logits`.
+
+    Args:
+        net: the `SlicedNetwork`.
+        batch: the batch size (an int or a scalar int32 tensor).
+    """
+
+    def pooled(self, h, t):
+        h, pooled = self._built(h)
+        return self.net.pooled(h) if pooled is None else pooled
+
+    def conv(self, step, h, in_action, out_action):
+        h, _ = self._built(h)
+        if step.decision is None:
+            return self.net.sliced_conv(None, h)
+        return Segment(step.decision, h, in_action, out_action)
+
+    def map(self, step, h):
+        if not isinstance(h, Segment):
+            return super().map(step, h)
+        if h.built is not None:
+            raise ValueError(f"A pool after segment {h.t} was already built.")
+        h.pools.append(pool_spec(step.layer))
+        return h
+
+    def head(self, h, last_action):
+        return self.classify(self._built(h)[0], last_action)
+
+    def _built(self, h):
+        if not isinstance(h, Segment):
+            return h, None
+        if h.built is None:
+            h.built = self.build(h)
+        return h.built
+
+
+class GatherScatterExecutor(SegmentExecutor):
+    """Any batch size: per-sample actions by gather/scatter, no control flow.
+
+    At each prunable conv the samples are grouped by their (previous
+    action, action) pair; each group is gathered, narrowed to its input
+    prefix, run through its segment on its weight slice (pooled while
+    narrow), zero-padded back to full width and scattered to its rows.
+    The head is chosen the same way by the last action.
+
+    Args:
+        net: the `SlicedNetwork`.
+        batch: the batch size, a scalar int32 tensor.
+    """
+
+    def build(self, segment):
+        tf, net, t = self.tf, self.net, segment.t
+        outs, index = [], []
+        for p, b in net.branches(t):
+            chosen = tf.equal(segment.action, b)
+            if net.varies(t):
+                chosen = tf.logical_and(tf.equal(segment.previous, p), chosen)
+            idx = self._indices(chosen)
+            ci = net.in_channels(t, p)
+            x = tf.gather(segment.h, idx)
+            if ci != net.full_in[t]:
+                x = x[..., :ci]
+            y = self._run_group(x, lambda z, p=p, b=b: net.segment(t, z, p, b, segment.pools), net.in_hw[t], ci)
+            pad = net.out_channels[t] - b * net.out_group[t]
+            outs.append(tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, pad]]) if pad else y)
+            index.append(idx)
+        hw = net.out_hw[t]
+        shape = tf.stack([self.batch, hw[0], hw[1], net.out_channels[t]])
+        return tf.scatter_nd(tf.concat(index, 0)[:, None], tf.concat(outs, 0), shape), None
+
+    def classify(self, h, last_action):
+        tf, net = self.tf, self.net
+        logits, index = [], []
+        g = net.out_group[-1]
+        for b in net.heads():
+            idx = self._indices(tf.equal(last_action, b))
+            x = tf.gather(h, idx)[..., : b * g]
+            logits.append(self._run_group(x, lambda z, b=b: net.head(z, b), net.head_hw, b * g))
+            index.append(idx)
+        shape = tf.stack([self.batch, net.num_classes])
+        return tf.scatter_nd(tf.concat(index, 0)[:, None], tf.concat(logits, 0), shape)
+
+    def _run_group(self, x, fn, hw, channels):
+        """`fn` on a group of samples; an empty group runs on one zero sample that is dropped.
+
+        Works around oneDNN's empty-batch convolution bug (FINDINGS.md) and
+        keeps every runtime away from zero-sized convolutions; the reshape
+        restores the static inner dims.
+        """
+        tf = self.tf
+        m = tf.shape(x)[0]
+        pad = tf.maximum(1 - m, 0)
+        x = tf.concat([x, tf.zeros(tf.stack([pad, hw[0], hw[1], channels]), x.dtype)], axis=0)
+        x = tf.reshape(x, [-1, hw[0], hw[1], channels])
+        return fn(x)[:m]
+
+    def _indices(self, mask):
+        """int32 indices of the True entries of a `[n]` mask (NonZero on float32, as TensorRT wants)."""
+        tf = self.tf
+        return tf.cast(tf.reshape(tf.where(tf.cast(mask, tf.float32)), [-1]), tf.int32)
+
+
+class IfTreeExecutor(SegmentExecutor):
+    """Batch 1: each segment's (previous action, action) branch picked by a nested binary `tf.cond` tree.
+
+    Each branch returns its narrow map and the map's pooled features, so
+    only the chosen branch runs (nested ONNX `If` once frozen and lowered);
+    the head is picked the same way by the last action.
+
+    Args:
+        net: the `SlicedNetwork`.
+    """
+
+    def __init__(self, net):
+        super().__init__(net, 1)
+
+    def build(self, segment):
+        tf, net, t = self.tf, self.net, segment.t
+        hw, nxt = net.in_hw[t], net.out_channels[t]
+
+        def branch(p, b):
+            x = tf.reshape(segment.h, [1, hw[0], hw[1], net.in_channels(t, p)])
+            y = net.segment(t, x, p, b, segment.pools)
+            return y, net.pooled(y, nxt)
+
+        fns = [lambda p=p, b=b: branch(p, b) for p, b in net.branches(t)]
+        previous = None if segment.previous is None else segment.previous[0]
+        h, pooled = self._tree(self._branch_index(t, previous, segment.action[0]), fns)
+        return h, tf.reshape(pooled, [1, nxt])
+
+    def classify(self, h, last_action):
+        tf, net = self.tf, self.net
+        k, g = net.groups, net.out_group[-1]
+        hf, wf = net.head_hw
+        built = net.heads()
+        heads = [(lambda b=b: net.head(tf.reshape(h, [1, hf, wf, b * g]), b)) for b in built]
+        index = last_action[0] - 1
+        if built != list(range(1, k + 1)):
+            lookup = np.zeros(k, np.int32)
+            lookup[np.asarray(built) - 1] = np.arange(len(built))
+            index = tf.gather(tf.constant(lookup), index)
+        return tf.reshape(self._tree(index, heads), [1, net.num_classes])
+
+    def _tree(self, index, fns, lo=0, hi=None):
+        """Nested binary `tf.cond` over `fns[index]` (nested ONNX If once frozen and lowered)."""
+        tf = self.tf
+        hi = len(fns) if hi is None else hi
+        if hi - lo == 1:
+            return fns[lo]()
+        mid = (lo + hi) // 2
+        return tf.cond(index < mid, lambda: self._tree(index, fns, lo, mid), lambda: self._tree(index, fns, mid, hi))
+
+    def _branch_index(self, t, previous, action):
+        """int32 scalar: position of `(previous, action)` in `branches(t)` (`previous` None: full input)."""
+        tf, net = self.tf, self.net
+        k = net.groups
+        varies = net.varies(t)
+        every = [(p, a) for p in net.previous_actions(t) for a in range(1, k + 1)]
+        branches = net.branches(t)
+        if branches == every:
+            return (previous - 1) * k + action - 1 if varies else action - 1
+        key = (previous - 1) * k + action - 1 if varies else (k - 1) * k + action - 1
+        lookup = np.zeros(k * k, np.int32)
+        for i, (p, a) in enumerate(branches):
+            lookup[(p - 1) * k + a - 1] = i
+        return tf.gather(tf.constant(lookup), key)
 
 
 # ---------------------------------------------------------- run-time knob

@@ -125,10 +125,10 @@ def signature_functions(net, parts=("rnp", "full")):
     actions_spec = tf.TensorSpec([1, net.num_prunable], tf.int32, name="actions")
     penalty_spec = tf.TensorSpec([1], tf.float32, name="penalty")  # the run-time knob
 
-    def decision(t, y, state, decided, spent, penalty):
+    def decision(t, y, state, decided, penalty):
         penalties = net.penalties(penalty, 1)
         q, (sh, sc) = net.agent_step(t, net.pooled(y), state)
-        action, _ = net.decide(t, q, None, decided, spent, penalties)
+        action = net.policy(penalties).choose(t, q, decided)
         return {"q": q, "action": action, "state_h": sh, "state_c": sc}
 
     functions = {}
@@ -155,7 +155,7 @@ def signature_functions(net, parts=("rnp", "full")):
         with net.constants():
             y = net.stem(images)
             spent = net.start_spent(1)
-            out = decision(0, y, net.initial_state(1), [], spent, penalty)
+            out = decision(0, y, net.initial_state(1), [], penalty)
             out.update(features=y, spent=spent)
             return out
 
@@ -180,7 +180,7 @@ def signature_functions(net, parts=("rnp", "full")):
                             # earlier actions: fed under a cap, else unread placeholders
                             decided = [actions[:, u] if fed else tf.zeros([1], tf.int32) for u in range(t)]
                             decided.append(tf.constant([a], tf.int32))
-                            out.update(decision(t + 1, y, [state_h, state_c], decided, spent, penalty))
+                            out.update(decision(t + 1, y, [state_h, state_c], decided, penalty))
                         return out
 
                 specs = [features, spent_spec] + ([] if last else state_specs() + [penalty_spec])

@@ -568,6 +568,11 @@ class RNPModel(keras.Model):
         """The hard per-image cap as a fraction of the full MACs, or None."""
         return None if self._cap_macs is None else self._cap_macs / self.full_macs
 
+    @property
+    def compute_cap_macs(self):
+        """The hard per-image cap in MACs, exactly as the greedy choice applies it, or None."""
+        return self._cap_macs
+
     def call(self, inputs, training=False):
         """Logits of the greedy policy (masked execution)."""
         x = validation.check_images(inputs, self.image_shape)
