@@ -347,10 +347,10 @@ def all_branches_megabytes(net):
                 ci, co = net.in_channels(t, p), a * net.out_group[t]
                 total += 9 * ci * co + co
     rows_per_group = net.out_group[-1] * (net.head_hw[0] * net.head_hw[1] if net.flatten else 1)
-    head0 = net._arrays["head0"][0]
-    rest = sum(net._arrays[key][0].size + net._arrays[key][1].size for key in net._arrays if key[0] == "head")
+    first, *later = net.model.head_layers
+    rest = sum(int(d.kernel.shape[0] * d.kernel.shape[1]) + int(d.units) for d in later)
     for a in range(1, k + 1):
-        total += a * rows_per_group * head0.shape[1] + head0.shape[1] + rest
+        total += a * rows_per_group * first.units + first.units + rest
     return 4 * total / 2**20
 
 
