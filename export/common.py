@@ -611,7 +611,7 @@ class SlicedNetwork:
         check_exportable(model)
         self._tf = tf
         self.model = model
-        self.groups = k = int(model.groups)
+        self.groups = int(model.groups)
         self.num_prunable = int(model.num_prunable)
         self.image_shape = tuple(int(d) for d in model.image_shape)
         self.num_classes = int(model.num_classes)
