@@ -33,6 +33,7 @@ import keras
 import numpy as np
 
 from rnp_tf import io_utils
+from rnp_tf import validation
 
 STATE_PREFIX = "state"
 MANIFEST = "manifest.json"
@@ -367,15 +368,14 @@ class CompactProgressBar(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if self.verbose:
             print(f"Epoch {epoch + 1}/{self.params.get('epochs')}")
-        self._bar = None
+        # Made here, not at the first update, so that its clock (the epoch's
+        # time and the time per step it prints) starts with the epoch.
+        self._bar = keras.utils.Progbar(self.params.get("steps"), verbose=self.verbose) if self.verbose else None
         self._seen = 0
 
     def _update(self, logs, finalize):
         values = self._shown(logs)
-        if self._bar is None:
-            self._bar = keras.utils.Progbar(
-                self.params.get("steps"), verbose=self.verbose, stateful_metrics=[k for k, _ in values]
-            )
+        self._bar.stateful_metrics = {k for k, _ in values}  # Keras' logs are already epoch means
         self._bar.update(self._seen, values=values, finalize=finalize)
 
     def on_train_batch_end(self, batch, logs=None):
@@ -441,9 +441,9 @@ class BestKnobWeights(keras.callbacks.Callback):
                 f"`x` must be [n, height, width, channels] images with one label each in `y`. "
                 f"Received: x.shape={x.shape}, y.shape={y.shape}"
             )
-        budgets = tuple(float(b) for b in budgets)
-        if not budgets or not all(0.0 < b <= 1.0 for b in budgets):
-            raise ValueError(f"`budgets` must be compute fractions in (0, 1]. Received: budgets={budgets}")
+        if isinstance(budgets, str) or not np.iterable(budgets) or not len(budgets):
+            raise ValueError(f"`budgets` must be compute fractions in (0, 1]. Received: budgets={budgets!r}")
+        budgets = tuple(validation.check_float("budgets", b, 0.0, 1.0, low_open=True) for b in budgets)
         self.x, self.y, self.budgets, self.restore = x, y, budgets, bool(restore)
         self.path = None if path is None else os.fspath(path)
         if self.path is not None and not self.path.endswith(".npz"):

@@ -230,6 +230,7 @@ def load_dataset(
     seed: int = 0,
     shuffle_buffer: int = 10000,
     max_train_examples: int | None = None,
+    num_classes: int | None = None,
 ) -> Dataset:
     """Loads a dataset as batched, normalised `tf.data` pipelines.
 
@@ -268,6 +269,12 @@ def load_dataset(
         max_train_examples: If set, keep only this many training examples
             (a `seed`-dependent subset for `"digits"` / `"npz:..."`, the
             first ones for TFDS datasets), for quick runs and tests.
+        num_classes: If set, the number of classes `C`: the labels must be
+            integer ids in `0..C-1`, and a dataset with a fixed number of
+            classes (digits, TFDS, an `.npz` with class names) must have
+            `C`. `None` (default): from the data (the largest id + 1 for an
+            `.npz` without class names). Either way the training examples
+            must hold at least two distinct classes.
 
     Returns:
         A `Dataset`.
@@ -293,6 +300,10 @@ def load_dataset(
         shuffle_buffer=shuffle_buffer,
         max_train_examples=max_train_examples,
     )
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 2):
+        raise ValueError(
+            f"num_classes must be None (from the data) or an integer >= 2. Received: num_classes={num_classes!r}"
+        )
     options = dict(
         batch_size=int(batch_size),
         validation_split=float(validation_split),
@@ -303,16 +314,23 @@ def load_dataset(
             None if max_train_examples is None else int(max_train_examples)
         ),
     )
-    if name == "digits":
-        return _load_digits(name, **options)
     if name.startswith("npz:"):
-        return _load_npz(name, **options)
-    if name.lower() in TFDS_DATASETS:
-        return _load_tfds(name.lower(), tfds_data_dir=tfds_data_dir, **options)
-    raise ValueError(
-        f"Unknown dataset {name!r}. Accepted forms: {_ACCEPTED_FORMS}. "
-        f"Received: name={name!r}"
-    )
+        return _load_npz(name, num_classes=num_classes, **options)
+    if name == "digits":
+        dataset = _load_digits(name, **options)
+    elif name.lower() in TFDS_DATASETS:
+        dataset = _load_tfds(name.lower(), tfds_data_dir=tfds_data_dir, **options)
+    else:
+        raise ValueError(
+            f"Unknown dataset {name!r}. Accepted forms: {_ACCEPTED_FORMS}. "
+            f"Received: name={name!r}"
+        )
+    if num_classes is not None and num_classes != dataset.num_classes:
+        raise ValueError(
+            f"Dataset {name!r} has {dataset.num_classes} classes, but num_classes={num_classes} was given; "
+            f"leave num_classes unset to take it from the data. Received: num_classes={num_classes}"
+        )
+    return dataset
 
 
 # ---------------------------------------------------------------------------
@@ -359,6 +377,18 @@ def _check_options(
             f"max_train_examples must be None or a positive integer. "
             f"Received: max_train_examples={max_train_examples!r}"
         )
+
+
+def _ids(*labels):
+    """The distinct class ids of label arrays, as a short text."""
+    ids = np.unique(np.concatenate([np.ravel(y) for y in labels]))
+    text = ", ".join(str(int(i)) for i in ids[:10])
+    return text + (f", ... ({len(ids)} ids, up to {int(ids[-1])})" if len(ids) > 10 else "")
+
+
+def _source(name):
+    """The file of an `npz:PATH` name, or the name itself."""
+    return name[len("npz:"):].strip() if name.startswith("npz:") else name
 
 
 def _split_arrays(split, input_shape, max_images=None):
@@ -488,6 +518,13 @@ def _from_arrays(
     if max_train_examples is not None:
         train_idx = train_idx[:max_train_examples]
     train_idx = np.sort(train_idx)
+    present = np.unique(y_train[train_idx])
+    if len(present) < 2:
+        held = "" if len(train_idx) == n else f" (the {len(train_idx)} of {n} examples left for training)"
+        raise ValueError(
+            f"{_source(name)}: the training labels{held} hold only class id {_ids(y_train[train_idx])}; "
+            f"training needs at least two classes (integer ids 0..num_classes-1). Received: name={name!r}"
+        )
 
     # Statistics from all the training examples (not the validation ones).
     mean, std = _channel_stats(x_train[np.sort(order[: n - n_val])], scale)
@@ -563,7 +600,7 @@ def _load_digits(name, **options):
     )
 
 
-def _load_npz(name, **options):
+def _load_npz(name, num_classes=None, **options):
     raw_path = name[len("npz:") :].strip()
     if not raw_path:
         raise ValueError(
@@ -590,6 +627,7 @@ def _load_npz(name, **options):
         path, name, arrays
     )
     max_label = int(max(y_train.max(), y_test.max()))
+    given = num_classes
     if max_label >= _MAX_CLASSES:
         raise ValueError(
             f"{path}: labels go up to {max_label}, which is not a plausible "
@@ -598,8 +636,14 @@ def _load_npz(name, **options):
             f"Received: name={name!r}"
         )
     class_names = _read_class_names(path)
+    if given is not None and max_label >= given:
+        raise ValueError(
+            f"{path}: labels go up to {max_label} (class ids found: {_ids(y_train, y_test)}), but "
+            f"num_classes={given} was given, so they must lie in 0..{given - 1}. Fix the labels or leave "
+            f"num_classes unset to take it from the data. Received: num_classes={given}"
+        )
     if class_names is None:
-        num_classes = max_label + 1
+        num_classes = given or max_label + 1
         class_names = [str(i) for i in range(num_classes)]
     else:
         num_classes = len(class_names)
@@ -610,6 +654,11 @@ def _load_npz(name, **options):
                 f"names, so labels must lie in 0..{num_classes - 1}. Fix the "
                 f"labels or the 'class_names' of the .json file. "
                 f"Received: name={name!r}"
+            )
+        if given is not None and given != num_classes:
+            raise ValueError(
+                f"{path.with_suffix('.json')} lists {num_classes} class names, but num_classes={given} was "
+                f"given. Received: num_classes={given}"
             )
     return _from_arrays(
         name,

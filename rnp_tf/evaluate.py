@@ -13,7 +13,6 @@ Example:
 
 import os
 
-from absl import app
 from absl import flags
 
 from rnp_tf import validation
@@ -74,5 +73,4 @@ def _fail(message):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    validation.run_cli("rnp_tf.evaluate", main, define_flags)

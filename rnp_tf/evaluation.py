@@ -287,10 +287,20 @@ def evaluate_dir(
     import keras
 
     from rnp_tf import data as data_lib
+    from rnp_tf import validation
 
+    if penalty is not None:
+        validation.check_float("--penalty", penalty)
+    if budget is not None:
+        validation.check_float("--budget", budget, 0.0, 1.0, low_open=True)
+    if compute_cap is not None:
+        validation.check_float("--compute_cap", compute_cap, 0.0, 1.0, low_open=True)
+    if penalty is not None and budget is not None:
+        raise ValueError("--penalty and --budget are two ways to set the same knob: give one.")
     model_path = os.path.join(model_dir, "model.keras")
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"--model_dir: no model.keras in {model_dir!r} (train one with rnp_tf.train).")
+    io_utils.check_writable_dir(output_dir or model_dir, "--output_dir" if output_dir else "--model_dir")
     recorded = {}
     flags_path = os.path.join(model_dir, "flags.json")
     if os.path.isfile(flags_path):
@@ -314,8 +324,13 @@ def evaluate_dir(
             f"--dataset: {dataset!r} has images {data.input_shape} and {data.num_classes} classes, but the "
             f"model expects {model.image_shape} and {model.num_classes}."
         )
-    if penalty is not None and budget is not None:
-        raise ValueError("--penalty and --budget are two ways to set the same knob: give one.")
+    if compute_cap is not None:
+        floor = model.min_macs / model.full_macs
+        if compute_cap < floor - 1e-9:
+            raise ValueError(
+                f"--compute_cap must lie in [{floor:.4f}, 1] (the narrowest network costs {floor:.4f}). "
+                f"Received: --compute_cap={compute_cap}"
+            )
     if penalty is not None:
         model.set_penalty(penalty)
     if budget is not None:

@@ -214,6 +214,61 @@ def atomic_write(path, write_fn, *, directory=None, keep_suffix=False):
     return final
 
 
+def check_writable_dir(path, name="path"):
+    """Proves that directory `path` can be created and a file written in it.
+
+    Run before any work whose output goes to `path`, so that an unwritable
+    location (a read-only parent, `/proc`, a file in the way) costs nothing:
+    the directory is created, a hidden probe file is written into it and
+    removed, and the directories this call created are removed again, so
+    the file system is left as it was (a later error writes nothing). The
+    work creates the directory when it writes its first file.
+
+    Args:
+        path: the output directory (str or path-like).
+        name: what the message calls it, e.g. the flag `"--model_dir"`.
+
+    Returns:
+        `path` as a `str`.
+
+    Raises:
+        ValueError: the directory cannot be created or written, naming
+            `name`, the path and the system's reason.
+
+    Example:
+
+    >>> check_writable_dir("/tmp/rnp_run/checkpoints", "--model_dir")
+    '/tmp/rnp_run/checkpoints'
+    """
+    path = os.fspath(path)
+    if not path:
+        raise ValueError(f"{name} must name a directory. Received: {name}={path!r}")
+    created = []
+    missing = os.path.abspath(path)
+    while missing and not os.path.lexists(missing):
+        created.append(missing)
+        parent = os.path.dirname(missing)
+        missing = parent if parent != missing else ""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"{name}: cannot write to {path!r} ({reason}).") from None
+    finally:
+        for directory in created:  # deepest first
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+    return path
+
+
 def _to_jsonable(obj):
     """Recursively converts numpy/path values; NaN and +-inf become None."""
     if isinstance(obj, (str, bool)) or obj is None:

@@ -150,15 +150,11 @@ class RNPModel(keras.Model):
         self.num_classes = validation.check_positive_int("num_classes", num_classes)
         if num_classes < 2:
             raise ValueError(f"`num_classes` must be >= 2. Received: num_classes={num_classes}")
-        self.agent_embed_dim = agent_embed_dim
-        self.agent_units = agent_units
+        self.agent_embed_dim = validation.check_positive_int("agent_embed_dim", agent_embed_dim)
+        self.agent_units = validation.check_positive_int("agent_units", agent_units)
         self.penalty = knob_lib.check_penalty(penalty)
-        if alpha is not None and not (isinstance(alpha, (int, float, np.number)) and np.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"`alpha` must be positive and finite, or None. Received: alpha={alpha}")
-        self.alpha = None if alpha is None else float(alpha)
-        if not (isinstance(gamma, (int, float, np.number)) and 0.0 <= gamma <= 1.0):
-            raise ValueError(f"`gamma` must be in [0, 1]. Received: gamma={gamma}")
-        self.gamma = float(gamma)
+        self.alpha = None if alpha is None else validation.check_float("alpha", alpha, 0.0, low_open=True)
+        self.gamma = validation.check_float("gamma", gamma, 0.0, 1.0)
         if q_loss not in ("mse", "huber"):
             raise ValueError(f"`q_loss` must be 'mse' or 'huber'. Received: q_loss={q_loss!r}")
         self.q_loss = q_loss
@@ -525,8 +521,7 @@ class RNPModel(keras.Model):
         """
         penalty, penalties, fractions = knob_lib.budget_penalty(self._calibration.numpy(), compute_fraction)
         if x is not None:
-            if isinstance(tolerance, bool) or not 0.0 < tolerance < 1.0:
-                raise ValueError(f"`tolerance` must be in (0, 1), relative to the budget. Received: tolerance={tolerance}")
+            validation.check_float("tolerance", tolerance, 0.0, 1.0, low_open=True, high_open=True)
             validation.check_positive_int("max_iterations", max_iterations)
             penalty = knob_lib.refine_budget(
                 lambda p: self._mean_compute(x, p), compute_fraction, penalty, penalties, fractions,
@@ -554,12 +549,13 @@ class RNPModel(keras.Model):
             self._cap_macs = None
         else:
             floor = self.min_macs / self.full_macs
-            if not floor - 1e-9 <= compute_fraction <= 1.0:
+            fraction = validation.check_float("compute_fraction", compute_fraction, 0.0, 1.0)
+            if fraction < floor - 1e-9:
                 raise ValueError(
                     f"`compute_fraction` must lie in [{floor:.4f}, 1] (the narrowest network costs "
                     f"{floor:.4f}). Received: compute_fraction={compute_fraction}"
                 )
-            self._cap_macs = float(compute_fraction) * self.full_macs
+            self._cap_macs = fraction * self.full_macs
         self.__dict__.pop("_details_functions", None)
         self.predict_function = None
 

@@ -33,6 +33,7 @@ def load_config_dataset(config):
         tfds_data_dir=config.tfds_data_dir,
         seed=config.seed,
         max_train_examples=config.max_train_examples,
+        num_classes=config.num_classes,
     )
 
 

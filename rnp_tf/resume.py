@@ -181,8 +181,10 @@ def resume_point(config, model, strategy=None):
     check_compatible(config, saved_flags, config.model_dir)
     if progress.get("complete"):
         return ResumePoint(progress, fresh=False)
-    stage, epoch = next_stage(config, progress)
     name = progress.get("checkpoint")
+    if name:
+        name = _usable_checkpoint(config, progress)
+    stage, epoch = next_stage(config, progress)
     compiled = None
     if name:
         checkpoint = os.path.join(config.model_dir, STATE_DIR, name)
@@ -199,6 +201,77 @@ def resume_point(config, model, strategy=None):
     elif any(progress["stages"][s]["epochs_done"] for s in progress["stages"]):
         raise ValueError(f"--model_dir {config.model_dir}: {PROGRESS} records completed epochs but no checkpoint.")
     return ResumePoint(progress, fresh=False, compiled_stage=compiled)
+
+
+def _usable_checkpoint(config, progress):
+    """The newest recorded checkpoint on disk; `progress` is rewound to it when newer ones are missing.
+
+    A missing checkpoint (deleted after it was reported corrupt) is skipped
+    with one warning line. A corrupt one is refused, naming the checkpoint
+    to fall back to once it is deleted: it is never overwritten unasked.
+
+    Raises:
+        CheckpointError: the newest checkpoint on disk does not verify, or
+            none of the recorded ones is on disk.
+    """
+    import sys
+
+    from rnp_tf import callbacks as callbacks_lib
+
+    newest = progress["checkpoint"]
+    names = [newest] + [n for n in reversed(progress.get("checkpoints") or []) if n != newest]
+    state = os.path.join(config.model_dir, STATE_DIR)
+    present = [n for n in names if os.path.isdir(os.path.join(state, n))]
+    if not present:
+        callbacks_lib.read_manifest(os.path.join(state, progress["checkpoint"]))  # raises: missing
+    name = present[0]
+    try:
+        callbacks_lib.read_manifest(os.path.join(state, name))
+    except callbacks_lib.CheckpointError as error:
+        older = [n for n in present[1:] if _verifies(os.path.join(state, n))]
+        hint = f"delete it to resume from {older[0]}, the newest checkpoint that verifies" if older else (
+            "no older checkpoint verifies; delete --model_dir to start again")
+        raise callbacks_lib.CheckpointError(f"{error} To continue: {hint}.")
+    skipped = names[: names.index(name)]
+    if skipped:
+        sys.stderr.write(f"rnp_tf.train: warning: checkpoint {os.path.join(state, skipped[0])} is missing; "
+                         f"resuming from {name}, the newest checkpoint that verifies.\n")
+        rewind(config, progress, name)
+    return name
+
+
+def _verifies(path):
+    from rnp_tf import callbacks as callbacks_lib
+
+    try:
+        callbacks_lib.read_manifest(path)
+    except callbacks_lib.CheckpointError:
+        return False
+    return True
+
+
+def rewind(config, progress, name):
+    """Sets `progress` back to the end of checkpoint `name` (`{stage}-{epoch:04d}`).
+
+    Later epochs and stages are marked not done and their history dropped,
+    so the run trains them again.
+
+    Args:
+        config: a `TrainConfig`.
+        progress: a `progress.json` record (changed in place).
+        name: a checkpoint name the record lists.
+    """
+    stage, _, epoch = name.rpartition("-")
+    order = [s for s, _ in stage_plan(config)]
+    if stage not in order or not epoch.isdigit():
+        raise ValueError(f"--model_dir {config.model_dir}: {PROGRESS} names an unknown checkpoint {name!r}.")
+    for later in order[order.index(stage):]:
+        record = progress["stages"][later]
+        keep = int(epoch) if later == stage else 0
+        record["epochs_done"] = min(record["epochs_done"], keep)
+        record["history"] = {key: values[:keep] for key, values in record["history"].items() if keep}
+    progress["checkpoint"] = name
+    progress["checkpoints"] = progress["checkpoints"][: progress["checkpoints"].index(name) + 1]
 
 
 def write_record(config, progress):

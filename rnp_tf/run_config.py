@@ -13,12 +13,34 @@ Example:
 """
 
 import dataclasses
+import math
 import os
 
 from rnp_tf import data as data_lib
+from rnp_tf import validation
 
 BACKBONE_CHOICES = ("cifar_cnn", "vgg_cifar", "vgg16", "resnet50")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+# Numeric settings: (low, high, low_open); every one must also be finite.
+FLOAT_RANGES = {
+    "width_multiplier": (0.01, math.inf, False),
+    "validation_split": (0.0, 0.9, False),
+    "pretrain_lr": (0.0, math.inf, False),
+    "robust_lr": (0.0, math.inf, False),
+    "backbone_lr": (0.0, math.inf, False),
+    "agent_lr": (0.0, math.inf, False),
+    "epsilon_start": (0.0, 1.0, False),
+    "epsilon_end": (0.0, 1.0, False),
+    "penalty": (-math.inf, 0.0, False),
+    "alpha": (0.0, math.inf, True),
+    "gamma": (0.0, 1.0, False),
+    "full_width_fraction": (0.0, 1.0, False),
+}
+POSITIVE_INTS = ("groups", "batch_size", "max_train_examples", "steps_per_epoch", "agent_units", "agent_embed_dim",
+                 "cpu_devices", "num_classes")
+OPTIONAL = ("alpha", "max_train_examples", "steps_per_epoch", "cpu_devices", "num_classes")  # None: not set
+NON_NEGATIVE_INTS = ("seed", "pretrain_epochs", "robust_epochs", "rnp_epochs", "agent_steps", "backbone_steps",
+                     "epsilon_decay_steps")
 
 
 @dataclasses.dataclass
@@ -36,6 +58,7 @@ class TrainConfig:
     validation_split: float = 0.0
     augment: bool = False
     max_train_examples: int | None = None
+    num_classes: int | None = None
     steps_per_epoch: int | None = None
     seed: int = 0
     init_checkpoint: str | None = None
@@ -95,7 +118,13 @@ def make_config(**values):
         ValueError: with one line naming the bad flag.
     """
     v = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "model_dir"}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(
+            f"Unknown training setting(s) {', '.join(unknown)}. Received: {unknown[0]}={values[unknown[0]]!r}"
+        )
     v.update(values)
+    _check_numbers(v)
     model_dir = v.get("model_dir")
     if not model_dir:
         raise ValueError("--model_dir is required (where the model, checkpoints and reports go).")
@@ -105,17 +134,22 @@ def make_config(**values):
     if os.path.exists(model_dir) and not os.path.isdir(model_dir):
         raise ValueError(f"--model_dir: {model_dir!r} exists and is not a directory.")
     dataset = v["dataset"]
-    if not (dataset == "digits" or dataset.startswith("npz:") or dataset in data_lib.TFDS_DATASETS):
+    known = isinstance(dataset, str) and (
+        dataset == "digits" or dataset.startswith("npz:") or dataset in data_lib.TFDS_DATASETS
+    )
+    if not known:
         raise ValueError(
             f"--dataset: unknown dataset {dataset!r}; use 'digits', 'npz:PATH' or one of "
             f"{', '.join(data_lib.TFDS_DATASETS)}."
         )
     try:
         widths = tuple(int(w) for w in v["widths"])
-    except ValueError:
+    except (TypeError, ValueError):
         raise ValueError(f"--widths must be integers. Received: --widths={_joined(v['widths'])}")
     if v["backbone"] == "cifar_cnn" and (len(widths) != 4 or min(widths) < 1):
         raise ValueError(f"--widths must list 4 positive channel counts. Received: --widths={_joined(v['widths'])}")
+    if dataset.startswith("npz:") and not os.path.isfile(dataset[len("npz:"):].strip()):
+        raise ValueError(f"--dataset: no such file {dataset[len('npz:'):].strip()!r}. Received: --dataset={dataset}")
     if v["init_checkpoint"] and not os.path.isfile(v["init_checkpoint"]):
         raise ValueError(f"--init_checkpoint: no such file {v['init_checkpoint']!r}.")
     if v["epsilon_end"] > v["epsilon_start"]:
@@ -124,8 +158,6 @@ def make_config(**values):
         )
     if v["rnp_epochs"] and v["agent_steps"] == 0 and v["backbone_steps"] == 0:
         raise ValueError("--agent_steps and --backbone_steps cannot both be 0 when --rnp_epochs > 0.")
-    if v["alpha"] is not None and v["alpha"] <= 0:
-        raise ValueError(f"--alpha must be positive. Received: --alpha={v['alpha']}")
     if v["tpu"] and v["strategy"] != "tpu":
         raise ValueError(f"--tpu is only used with --strategy=tpu. Received: --strategy={v['strategy']}")
     if v["backbone"] == "resnet50" and v["width_multiplier"] != 1.0:
@@ -139,6 +171,23 @@ def make_config(**values):
     config = TrainConfig(**{**v, "widths": widths, "backbone_penalty_range": spread, "select_budgets": select})
     _check_backbone(config)
     return config
+
+
+def _check_numbers(v):
+    """Every numeric setting is a finite number in its range (NaN, inf, text and bools are refused)."""
+    given = {name: value for name, value in v.items() if value is not None or name not in OPTIONAL}
+    for name, (low, high, low_open) in FLOAT_RANGES.items():
+        if name in given:
+            validation.check_float(f"--{name}", v[name], low, high, low_open=low_open)
+    for name in POSITIVE_INTS:
+        if name in given:
+            validation.check_positive_int(f"--{name}", v[name])
+    for name in NON_NEGATIVE_INTS:
+        validation.check_non_negative_int(f"--{name}", v[name])
+    if v["num_classes"] is not None and (isinstance(v["num_classes"], bool) or v["num_classes"] in (0, 1)):
+        raise ValueError(f"--num_classes must be at least 2. Received: --num_classes={v['num_classes']!r}")
+    if isinstance(v["verbose"], bool) or v["verbose"] not in (0, 1, 2):
+        raise ValueError(f"--verbose must be 0, 1 or 2. Received: --verbose={v['verbose']!r}")
 
 
 def _check_backbone_weights(v):
@@ -165,9 +214,9 @@ def _checked_penalty_range(values):
     if not values:
         return None
     spread = _floats(values)
-    if len(spread) != 2 or not spread[0] < spread[1]:
+    if len(spread) != 2 or not all(math.isfinite(p) for p in spread) or not spread[0] < spread[1]:
         raise ValueError(
-            "--backbone_penalty_range must be p_min,p_max with p_min < p_max. "
+            "--backbone_penalty_range must be p_min,p_max, finite, with p_min < p_max. "
             f"Received: --backbone_penalty_range={_joined(values)}"
         )
     return spread
@@ -199,7 +248,7 @@ def _floats(values):
     """The list flag's values as a tuple of floats, or `()` when one is not a number."""
     try:
         return tuple(float(v) for v in values)
-    except ValueError:
+    except (TypeError, ValueError):
         return ()
 
 

@@ -34,12 +34,13 @@ Example:
 """
 
 import dataclasses
+import os
 
-from absl import app
 from absl import flags
 
 from rnp_tf import data as data_lib
 from rnp_tf import distribute
+from rnp_tf import io_utils
 from rnp_tf import resume
 from rnp_tf import run_config
 from rnp_tf import trainer
@@ -82,6 +83,11 @@ def define_flags(flag_values=flags.FLAGS):
     )
     flags.DEFINE_boolean("augment", d.augment, "Pad-crop (+ flip for colour) augmentation.", **fv)
     flags.DEFINE_integer("max_train_examples", None, "Use only this many training images.", lower_bound=1, **fv)
+    flags.DEFINE_integer(
+        "num_classes", None,
+        "Number of classes C; the labels must be ids 0..C-1 (default: from the data; a value that disagrees with "
+        "the data is an error).", lower_bound=2, **fv,
+    )
     flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: one pass).", lower_bound=1, **fv)
     flags.DEFINE_integer("seed", d.seed, "Random seed.", **fv)
     flags.DEFINE_string(
@@ -183,11 +189,29 @@ def config_from_flags(flag_values=flags.FLAGS):
     return run_config.make_config(**{f.name: getattr(flag_values, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
+def check_outputs(config):
+    """Proves that `--model_dir` and its checkpoint folders can be created and written.
+
+    Nothing is left behind (`rnp_tf.io_utils.check_writable_dir`): the run
+    creates them when it starts writing.
+
+    Args:
+        config: a `TrainConfig`.
+
+    Raises:
+        ValueError: one line naming `--model_dir` and the folder.
+    """
+    for folder in (None, "checkpoints", resume.STATE_DIR):
+        path = os.path.join(config.model_dir, folder) if folder else config.model_dir
+        io_utils.check_writable_dir(path, "--model_dir")
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value.")
     try:
         config = config_from_flags(flags.FLAGS)
+        check_outputs(config)
         if config.cpu_devices:
             distribute.configure_cpu_devices(config.cpu_devices)
         strategy = distribute.get_strategy(config.strategy, config.tpu)
@@ -203,5 +227,4 @@ def _fail(message):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    validation.run_cli("rnp_tf.train", main, define_flags)

@@ -4,6 +4,7 @@ Each check raises a `ValueError` whose message names the argument and the
 value received, in the style of Keras itself.
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -25,10 +26,8 @@ def check_positive_int(name, value):
     >>> check_positive_int("groups", 4)
     4
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    if value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{_label(name)} must be a positive integer. Received: {name}={value!r}")
     return int(value)
 
 
@@ -49,9 +48,54 @@ def check_non_negative_int(name, value):
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(
-            f"`{name}` must be a non-negative integer. Received: {name}={value!r}"
+            f"{_label(name)} must be a non-negative integer. Received: {name}={value!r}"
         )
     return int(value)
+
+
+def check_float(name, value, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """Raises a ValueError unless `value` is a finite real number in the range.
+
+    NaN, infinities, bools, strings and `None` are refused (NaN slips
+    through comparisons such as `not x > 0` only sometimes, so finiteness
+    is checked first).
+
+    Args:
+        name: the argument's name; a flag name (`"--penalty"`) is quoted as
+            typed, any other name in backquotes.
+        value: the value to check.
+        low: smallest allowed value. Defaults to -inf (no bound).
+        high: largest allowed value. Defaults to +inf (no bound).
+        low_open: if True, `low` itself is refused. Defaults to False.
+        high_open: if True, `high` itself is refused. Defaults to False.
+
+    Returns:
+        `value` as a Python float.
+
+    Example:
+
+    >>> check_float("gamma", 0.9, 0.0, 1.0)
+    0.9
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    ok = ok and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        if low > -math.inf and high < math.inf:
+            interval = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low > -math.inf:
+            interval = f" {'>' if low_open else '>='} {low:g}"
+        elif high < math.inf:
+            interval = f" {'<' if high_open else '<='} {high:g}"
+        else:
+            interval = ""
+        raise ValueError(f"{_label(name)} must be a finite number{interval}. Received: {name}={value!r}")
+    return float(value)
+
+
+def _label(name):
+    """A flag name (`--penalty`) as typed, an argument's name in backquotes."""
+    return name if name.startswith("-") else f"`{name}`"
 
 
 def drop_removed_options(config, removed, owner):
@@ -218,7 +262,8 @@ def exit_with_error(program, message):
     """Ends a command-line tool with one line on stderr and exit status 2.
 
     Used for user mistakes (bad flags, missing or corrupt files), which need
-    the problem named, not a traceback.
+    the problem named, not a traceback. A message of several lines is
+    joined into one, so the problem is always the last line.
 
     Args:
         program: the tool's name, e.g. `"rnp_tf.train"`.
@@ -230,5 +275,53 @@ def exit_with_error(program, message):
     """
     import sys
 
-    sys.stderr.write(f"{program}: error: {message}\n")
+    text = " ".join(str(message).split())
+    sys.stderr.write(f"{program}: error: {text}\n")
     sys.exit(2)
+
+
+def run_cli(program, main, define_flags):
+    """Runs an absl command-line tool whose usage errors all exit with status 2.
+
+    absl's own flag errors (a value that does not parse, is out of bounds,
+    an unknown flag) end with `exit_with_error` too: one line naming the
+    flag as typed, exit status 2, instead of absl's exit status 1 and its
+    "Pass --helpshort" hint after the message.
+
+    Args:
+        program: the tool's name, e.g. `"rnp_tf.train"`.
+        main: `main(argv)`, as for `absl.app.run`.
+        define_flags: `define_flags()` defines the tool's flags.
+
+    Example:
+
+    >>> run_cli("rnp_tf.evaluate", main, define_flags)  # doctest: +SKIP
+    """
+    from absl import app
+
+    define_flags()
+    app.run(main, flags_parser=lambda argv: parse_flags(program, argv))
+
+
+def parse_flags(program, argv, flag_values=None):
+    """Parses `argv` into absl flags; a flag error ends with `exit_with_error`.
+
+    Args:
+        program: the tool's name, e.g. `"rnp_tf.train"`.
+        argv: the command line, program name first.
+        flag_values: an `absl.flags.FlagValues`. Defaults to the global one.
+
+    Returns:
+        The arguments that are not flags (program name first).
+
+    Example:
+
+    >>> parse_flags("rnp_tf.train", ["rnp_tf.train", "--penalty=abc"])  # doctest: +SKIP
+    rnp_tf.train: error: flag --penalty=abc: could not convert string to float: 'abc'
+    """
+    from absl import flags
+
+    try:
+        return (flag_values or flags.FLAGS)(argv)
+    except flags.Error as error:
+        exit_with_error(program, error)

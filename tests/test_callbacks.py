@@ -78,3 +78,21 @@ def test_best_knob_weights_errors(tmp_path):
             rnp_tf.BestKnobWeights.read(broken)
     with pytest.raises(ValueError, match="Cannot read the knob selection"):
         rnp_tf.BestKnobWeights.read(tmp_path / "missing.npz")
+
+
+def test_progress_line_shows_the_real_time_per_step(capsys):
+    """The per-epoch line printed `0s - 0us/step`: the bar's clock started at the epoch's end."""
+    import re
+    import time
+
+    class Slow(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            time.sleep(0.02)
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    model.fit(np.zeros((32, 3)), np.zeros((32, 2)), batch_size=8, epochs=1, verbose=0,
+              callbacks=[Slow(), rnp_tf.CompactProgressBar(verbose=2)])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    per_step = re.search(r"4/4 - \d+s - (\d+)ms/step", line)
+    assert per_step and int(per_step.group(1)) >= 20, line

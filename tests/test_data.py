@@ -515,3 +515,30 @@ def test_generated_imagenet2012_sample_reads_like_imagenet(tmp_path):
     np.testing.assert_array_equal(_collect(ds.test)[0], x_test)  # evaluation: deterministic center crops
     with pytest.raises(ValueError, match="num_classes must be in 1..1000"):
         data.write_imagenet2012_sample(tmp_path / "other", num_classes=1001)
+
+
+@pytest.mark.parametrize("label", [0, 3])
+def test_one_class_training_labels_are_refused_naming_the_file(tmp_path, label):
+    """Issue 25, case 5: labels all 0 were refused by RNPModel's num_classes, labels all 3 became 4 classes."""
+    name = _write_npz(tmp_path / "one.npz", y_train=np.full(40, label), y_test=np.full(12, label))
+    with pytest.raises(ValueError, match=rf"one.npz: the training labels hold only class id {label}; .*two classes"):
+        data.load_dataset(name)
+
+
+def test_a_subset_left_with_one_class_is_refused(tmp_path):
+    name = _write_npz(tmp_path / "sorted.npz", y_train=np.repeat([0, 1], 20))
+    with pytest.raises(ValueError, match=r"\(the 1 of 40 examples left for training\) hold only class id"):
+        data.load_dataset(name, max_train_examples=1)
+
+
+def test_num_classes_from_the_data_or_a_setting_that_agrees(tmp_path):
+    name = _write_npz(tmp_path / "four.npz")
+    assert data.load_dataset(name).num_classes == 4
+    assert data.load_dataset(name, num_classes=6).num_classes == 6  # classes 4 and 5 absent from this file
+    with pytest.raises(ValueError, match=r"labels go up to 3 \(class ids found: 0, 1, 2, 3\), but num_classes=3"):
+        data.load_dataset(name, num_classes=3)
+    with pytest.raises(ValueError, match="'digits' has 10 classes, but num_classes=5"):
+        data.load_dataset("digits", num_classes=5)
+    for bad in (1, 0, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="num_classes must be None"):
+            data.load_dataset(name, num_classes=bad)

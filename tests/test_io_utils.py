@@ -251,3 +251,23 @@ def test_save_model_atomic_failure_keeps_old(tmp_path):
 def test_save_model_atomic_requires_keras_suffix(tmp_path):
     with pytest.raises(ValueError, match=r"\.keras"):
         io_utils.save_model_atomic(object(), tmp_path / "m.h5")
+
+
+def test_check_writable_dir_probes_and_leaves_nothing(tmp_path):
+    target = tmp_path / "a" / "b"
+    assert io_utils.check_writable_dir(target, "--output_dir") == str(target)
+    assert not (tmp_path / "a").exists()  # the folders it made are gone again
+    target.mkdir(parents=True)
+    (target / "kept.txt").write_text("x")
+    io_utils.check_writable_dir(target, "--output_dir")
+    assert os.listdir(target) == ["kept.txt"]
+
+
+@pytest.mark.parametrize("where", ["/proc/rnp_probe", "file", "file/below", ""])
+def test_check_writable_dir_fails_in_one_line_naming_the_flag(tmp_path, where):
+    (tmp_path / "file").write_text("x")
+    path = where if where.startswith("/") or not where else str(tmp_path / where)
+    with pytest.raises(ValueError, match=r"^--model_dir[: ]") as error:
+        io_utils.check_writable_dir(path, "--model_dir")
+    assert "\n" not in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == ["file"]

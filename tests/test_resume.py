@@ -1,6 +1,7 @@
 """rnp_tf.resume: the run record (flags.json, progress.json) and where a run continues."""
 
 import json
+import shutil
 
 import pytest
 
@@ -63,3 +64,68 @@ def test_record_epoch_keeps_the_last_states(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / resume.STATE_DIR).iterdir()) == names[-resume.KEEP_STATES:]
     resume.mark_complete(progress, config.model_dir)
     assert json.loads((tmp_path / "run" / resume.PROGRESS).read_text())["complete"]
+
+
+def _checkpoints(tmp_path, config, names):
+    """A recorded run whose state/ holds verifying checkpoints `names` (of a tiny Keras model)."""
+    import keras
+
+    from rnp_tf import callbacks
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    (tmp_path / "run" / resume.STATE_DIR).mkdir(parents=True)
+    progress = resume.new_progress(config)
+    for name in names:
+        callbacks.write_training_state(model, str(tmp_path / "run" / resume.STATE_DIR / name), optimizers=False)
+        stage, _, epoch = name.rpartition("-")
+        for earlier, _ in resume.stage_plan(config):
+            if earlier == stage:
+                break
+            progress["stages"][earlier]["epochs_done"] = progress["stages"][earlier]["epochs"]
+        progress["stages"][stage]["epochs_done"] = int(epoch)
+        progress["stages"][stage]["history"] = {"loss": [1.0] * int(epoch)}
+        progress["checkpoint"] = name
+        progress["checkpoints"] = (progress["checkpoints"] + [name])[-resume.KEEP_STATES:]
+    return progress
+
+
+def test_a_missing_newest_checkpoint_falls_back_with_one_warning(tmp_path, capsys):
+    """Issue 25, case 6: after the corrupt newest checkpoint is deleted the run resumes from the one before."""
+
+    config = make(tmp_path)
+    progress = _checkpoints(tmp_path, config, ["robust-0015", "rnp-0001", "rnp-0002"])
+    shutil.rmtree(tmp_path / "run" / resume.STATE_DIR / "rnp-0002")
+    assert resume._usable_checkpoint(config, progress) == "rnp-0001"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and "rnp-0002 is missing" in err[0] and "rnp-0001" in err[0]
+    assert progress["checkpoint"] == "rnp-0001" and progress["checkpoints"] == ["rnp-0001"]
+    assert progress["stages"]["rnp"]["epochs_done"] == 1 and progress["stages"]["rnp"]["history"]["loss"] == [1.0]
+    assert resume.next_stage(config, progress) == ("rnp", 1)
+
+
+def test_falling_back_across_a_stage_rewinds_the_later_stage(tmp_path, capsys):
+
+    config = make(tmp_path)
+    progress = _checkpoints(tmp_path, config, ["robust-0015", "rnp-0001"])
+    shutil.rmtree(tmp_path / "run" / resume.STATE_DIR / "rnp-0001")
+    assert resume._usable_checkpoint(config, progress) == "robust-0015"
+    assert "rnp-0001 is missing" in capsys.readouterr().err
+    assert progress["stages"]["rnp"] == {**progress["stages"]["rnp"], "epochs_done": 0, "history": {}}
+    assert resume.next_stage(config, progress) == ("rnp", 0)
+
+
+def test_a_corrupt_newest_checkpoint_is_refused_naming_the_fallback(tmp_path):
+    from rnp_tf import callbacks
+
+    config = make(tmp_path)
+    progress = _checkpoints(tmp_path, config, ["rnp-0001", "rnp-0002"])
+    record = json.dumps(progress)
+    data = next((tmp_path / "run" / resume.STATE_DIR / "rnp-0002").glob("*.data-*"))
+    data.write_bytes(data.read_bytes()[:-1])
+    with pytest.raises(callbacks.CheckpointError, match="rnp-0002 is corrupt.*delete it to resume from rnp-0001"):
+        resume._usable_checkpoint(config, progress)
+    assert json.dumps(progress) == record
+
+    shutil.rmtree(tmp_path / "run" / resume.STATE_DIR)
+    with pytest.raises(callbacks.CheckpointError, match="rnp-0002 is missing"):
+        resume._usable_checkpoint(config, progress)
