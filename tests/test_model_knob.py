@@ -21,6 +21,7 @@ def trained():
     return model, data
 
 
+@pytest.mark.slow  # the `trained` fixture trains for 10 epochs
 def test_compute_is_monotone_in_the_penalty(trained):
     model, data = trained
     x, _ = data.test_arrays()
@@ -30,6 +31,7 @@ def test_compute_is_monotone_in_the_penalty(trained):
     assert means[0] > 1.3 * means[-1], means  # the knob really moves compute
 
 
+@pytest.mark.slow  # the `trained` fixture trains for 10 epochs
 def test_set_penalty_is_what_rollout_call_and_predict_use(trained):
     model, data = trained
     x, _ = data.test_arrays()
@@ -46,6 +48,7 @@ def test_set_penalty_is_what_rollout_call_and_predict_use(trained):
     assert cheap["compute_fraction"].mean() <= default["compute_fraction"].mean()
 
 
+@pytest.mark.slow  # the `trained` fixture trains for 10 epochs
 def test_budget_calibration_and_setting(trained):
     model, data = trained
     table = model.calibrate_budget(data.validation, num_points=7)
@@ -61,6 +64,7 @@ def test_budget_calibration_and_setting(trained):
     model.set_penalty(model.penalty)
 
 
+@pytest.mark.slow  # the `trained` fixture trains for 10 epochs
 def test_knob_survives_saving(trained, tmp_path):
     model, data = trained
     model.calibrate_budget(data.validation, num_points=5)
@@ -75,6 +79,7 @@ def test_knob_survives_saving(trained, tmp_path):
     model.set_penalty(model.penalty)
 
 
+@pytest.mark.slow  # the `trained` fixture trains for 10 epochs
 def test_set_budget_refined_on_data_lands_within_tolerance(trained):
     model, data = trained
     x, _ = data.test_arrays()
@@ -114,9 +119,16 @@ def greedy_spender():
     return model
 
 
+@pytest.fixture(scope="module")
+def spender():
+    """One `greedy_spender()` for the cap levels below: its compiled predict paths are traced once."""
+    return greedy_spender()
+
+
 @pytest.mark.parametrize("share", [0.0, 0.1, 0.3, 0.6, 1.0])
-def test_hard_cap_is_never_exceeded(share):
-    model = greedy_spender()
+def test_hard_cap_is_never_exceeded(spender, share):
+    model = spender
+    model.set_compute_cap(None)  # as built, whatever an earlier cap level left
     floor = model.min_macs / model.full_macs
     cap = floor + share * (1.0 - floor)
     x = np.random.default_rng(0).normal(size=(256, 8, 8, 1)).astype("float32") * 3
@@ -243,6 +255,7 @@ def _backbone_phase_weights(labels, distill_weight):
     return model, [v.numpy() for v in model.backbone_variables]
 
 
+@pytest.mark.slow  # four training runs
 def test_backbone_distillation_learns_from_the_full_width_not_the_labels():
     """Weight 1: the narrow widths learn the full width's answer, so the labels change nothing; weight 0 they do."""
     labels = np.arange(32) % 10
