@@ -47,6 +47,7 @@ def test_reported_macs_equal_the_engines_counted_macs():
     assert len({tuple(a) for a in details["actions"]}) > 1
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_documented_json(tmp_path, run_module):
     result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--policies=paper,knob",
                         "--separate_penalties=-0.1", "--knob_budgets=0.5", "--knob_select",
@@ -197,6 +198,7 @@ def _parsed_flags():
     return flags.FLAGS
 
 
+@pytest.mark.slow
 def test_backbone_cache_saves_then_loads_the_same_backbone(tmp_path):
     from absl.testing import flagsaver
 
@@ -241,6 +243,7 @@ def test_reference_agents_come_from_the_same_backbone(tmp_path):
         accuracy.reference_agents(str(path), "d", "b", 3, 0.625)
 
 
+@pytest.mark.slow
 def test_bad_selection_budgets_are_a_usage_error(tmp_path, run_module):
     result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--knob_select",
                         "--knob_select_budgets=0.5,1.5")

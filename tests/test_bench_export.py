@@ -7,6 +7,7 @@ import pytest
 from bench import export as bench_export
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_table_json_and_plot(tmp_path, run_module):
     done = run_module("bench.export", "--quick", "--breakdown", f"--output={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from bench import input as bench_input
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_documented_structure(tmp_path):
     argv = [
         "bench.input", "--quick", "--dataset=digits", "--backbone=cifar_cnn", "--widths=8,8,8,8",

@@ -21,6 +21,7 @@ def _mean_accuracy(model, x, y, budgets):
     return float(np.mean(accuracies))
 
 
+@pytest.mark.slow
 def test_best_knob_weights_restores_the_best_epoch_and_leaves_the_knob_alone(tmp_path):
     keras.utils.set_random_seed(3)
     data = rnp_tf.load_dataset("digits", batch_size=64, validation_split=0.2)

@@ -349,6 +349,7 @@ def test_predict_falls_back_to_the_masked_path():
 
 
 # ---------------------------------------------------------------- benchmark
+@pytest.mark.slow
 def test_latency_benchmark_quick_schema(tmp_path):
     from bench import latency
     from bench import timing

@@ -159,6 +159,7 @@ def test_output_directory_is_removed_when_the_export_fails(tmp_path):
             pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["saved_model", "tflite", "onnx", "trt"])
 def test_missing_checkpoint_cli_exits_2_and_writes_nothing(tmp_path, command):
     missing = tmp_path / "ckpt"

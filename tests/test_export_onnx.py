@@ -12,6 +12,9 @@ from export import common
 from export import onnx as onnx_export
 
 
+pytestmark = pytest.mark.slow  # every test runs the exporter and tf2onnx (the `exported` fixture)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, write_checkpoint):
     ckpt = tmp_path_factory.mktemp("ckpt")

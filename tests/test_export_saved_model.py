@@ -38,6 +38,7 @@ def exported(checkpoint, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph", ["masked", "sliced"])
 def test_export_verifies_every_action_tuple(checkpoint, exported, graph):
     out, report = exported(graph)
@@ -61,6 +62,7 @@ def test_export_verifies_every_action_tuple(checkpoint, exported, graph):
     np.testing.assert_array_equal(forced["actions"], ref["actions"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph", ["masked", "sliced"])
 def test_penalty_is_a_run_time_input(checkpoint, exported, graph, check_penalty_input):
     """`serving_knob(images, penalty)` at two penalties is `set_penalty(p)` + `rollout`; the default is the setting."""
@@ -104,6 +106,7 @@ def test_failed_parity_writes_nothing(checkpoint, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_cli_exits_2(tmp_path):
     (tmp_path / "model.keras").write_bytes(b"PK\x03\x04 truncated")
     proc = subprocess.run(

@@ -21,6 +21,7 @@ def exported(tmp_path_factory, write_checkpoint):
     return model, ckpt / "export", report
 
 
+@pytest.mark.slow
 def test_files_report_and_signatures(exported):
     _, out, report = exported
     assert sorted(os.listdir(out)) == ["rnp.tflite", "rnp_float16.tflite", "tflite.json"]
@@ -34,6 +35,7 @@ def test_files_report_and_signatures(exported):
     assert report["latency_ms"]["rnp.tflite"]["rnp_per_image"] > 0
 
 
+@pytest.mark.slow
 def test_runner_matches_rollout_for_every_action_tuple(exported):
     model, out, _ = exported
     runner = TFLiteRNPRunner(out / "rnp.tflite")
@@ -56,6 +58,7 @@ def test_runner_matches_rollout_for_every_action_tuple(exported):
     np.testing.assert_allclose(one[0], logits[0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_zero_copy_chaining_equals_the_signature_runners(exported):
     """One copy per signature boundary (the default) gives what the public signature runners give."""
     _, out, _ = exported
@@ -75,6 +78,7 @@ def test_zero_copy_chaining_equals_the_signature_runners(exported):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_runner_penalty_switches_operating_points(exported, check_penalty_input):
     """The deciding signatures take the penalty; the runner feeds `penalty=`, `set_penalty` or the file's default."""
     model, out, report = exported
@@ -95,6 +99,7 @@ def test_runner_penalty_switches_operating_points(exported, check_penalty_input)
         runner.set_penalty(float("nan"))
 
 
+@pytest.mark.slow
 def test_runner_rejects_bad_inputs(exported):
     _, out, _ = exported
     runner = TFLiteRNPRunner(out / "rnp.tflite")
@@ -104,6 +109,7 @@ def test_runner_rejects_bad_inputs(exported):
         runner.run(np.zeros((2, 8, 8, 1), "float32"), actions=[[5, 1, 1], [1, 1, 1]])
 
 
+@pytest.mark.slow
 def test_dynamic_range_variant_within_its_tolerance(exported, tmp_path):
     model, _, _ = exported
     net = common.SlicedNetwork(model)
@@ -116,6 +122,7 @@ def test_dynamic_range_variant_within_its_tolerance(exported, tmp_path):
     assert 0 < result["forced"]["max_abs_logit_diff"] <= result["forced"]["tolerance"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["none", "float16"])
 def test_compute_cap_holds_in_the_interpreter(exported, tmp_path, quantize):
     """The cap's feasibility test (`RNPModel.greedy_q`) runs inside the signatures, fed the earlier actions."""
@@ -141,6 +148,7 @@ def test_compute_cap_holds_in_the_interpreter(exported, tmp_path, quantize):
         model.set_compute_cap(None)
 
 
+@pytest.mark.slow
 def test_large_export_is_converted_in_pieces_and_merged(exported, tmp_path):
     """With a small `chunk_mb` the signatures are converted in pieces (child processes); the merged file is the same model."""
     model, out, _ = exported

@@ -34,6 +34,7 @@ def cli_run(tmp_path_factory, write_checkpoint):
     return model, out, proc
 
 
+@pytest.mark.slow
 def test_without_tensorrt_exits_2_with_the_onnx_written(cli_run):
     _, out, proc = cli_run
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -43,6 +44,7 @@ def test_without_tensorrt_exits_2_with_the_onnx_written(cli_run):
     assert sorted(os.listdir(out)) == ["full.onnx", "rnp_trt.onnx", "trt.json"]
 
 
+@pytest.mark.slow
 def test_tensorrt_onnx_uses_only_supported_ops_and_no_if(cli_run):
     model, out, _ = cli_run
     for name in ("rnp_trt.onnx", "full.onnx"):
@@ -68,6 +70,7 @@ def test_tensorrt_onnx_uses_only_supported_ops_and_no_if(cli_run):
         np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_tensorrt_onnx_penalty_input(cli_run, check_penalty_input):
     model, out, _ = cli_run
     checks = json.loads((out / "trt.json").read_text())["onnx_parity"]["rnp_trt.onnx knob"]
@@ -177,6 +180,7 @@ class FakeTensorRT(types.SimpleNamespace):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fp16", [False, True])
 def test_build_engine_uses_the_tensorrt_10_calls(cli_run, fp16):
     _, out, _ = cli_run

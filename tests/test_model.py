@@ -163,6 +163,7 @@ def fashion(shared_npz):
     return data.load_dataset(f"npz:{path}", batch_size=64, max_train_examples=1024)
 
 
+@pytest.mark.slow  # trains on Fashion-MNIST until the loss drops
 def test_fit_phases_update_only_their_variables(fashion):
     model = rnp_tf.RNPModel(
         rnp_tf.cifar_cnn((8, 16, 16, 16)), image_shape=fashion.input_shape, num_classes=10

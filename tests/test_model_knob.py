@@ -22,6 +22,7 @@ def trained():
     return model, data
 
 
+@pytest.mark.slow  # the `trained` fixture trains for 10 epochs
 def test_compute_is_monotone_in_the_penalty(trained):
     model, data = trained
     x, _ = data.test_arrays()
@@ -31,6 +32,7 @@ def test_compute_is_monotone_in_the_penalty(trained):
     assert means[0] > 1.3 * means[-1], means  # the knob really moves compute
 
 
+@pytest.mark.slow  # the `trained` fixture trains for 10 epochs
 def test_set_penalty_is_what_rollout_call_and_predict_use(trained):
     model, data = trained
     x, _ = data.test_arrays()
@@ -47,6 +49,7 @@ def test_set_penalty_is_what_rollout_call_and_predict_use(trained):
     assert cheap["compute_fraction"].mean() <= default["compute_fraction"].mean()
 
 
+@pytest.mark.slow  # the `trained` fixture trains for 10 epochs
 def test_budget_calibration_and_setting(trained):
     model, data = trained
     table = model.calibrate_budget(data.validation, num_points=7)
@@ -62,6 +65,7 @@ def test_budget_calibration_and_setting(trained):
     model.set_penalty(model.penalty)
 
 
+@pytest.mark.slow  # the `trained` fixture trains for 10 epochs
 def test_knob_survives_saving(trained, tmp_path):
     model, data = trained
     model.calibrate_budget(data.validation, num_points=5)
@@ -76,6 +80,7 @@ def test_knob_survives_saving(trained, tmp_path):
     model.set_penalty(model.penalty)
 
 
+@pytest.mark.slow  # the `trained` fixture trains for 10 epochs
 def test_set_budget_refined_on_data_lands_within_tolerance(trained):
     model, data = trained
     x, _ = data.test_arrays()
@@ -115,9 +120,16 @@ def greedy_spender():
     return model
 
 
+@pytest.fixture(scope="module")
+def spender():
+    """One `greedy_spender()` for the cap levels below: its compiled predict paths are traced once."""
+    return greedy_spender()
+
+
 @pytest.mark.parametrize("share", [0.0, 0.1, 0.3, 0.6, 1.0])
-def test_hard_cap_is_never_exceeded(share):
-    model = greedy_spender()
+def test_hard_cap_is_never_exceeded(spender, share):
+    model = spender
+    model.set_compute_cap(None)  # as built, whatever an earlier cap level left
     floor = model.min_macs / model.full_macs
     cap = floor + share * (1.0 - floor)
     x = np.random.default_rng(0).normal(size=(256, 8, 8, 1)).astype("float32") * 3

@@ -16,6 +16,8 @@ from rnp_tf import data
 from rnp_tf import distribute
 from rnp_tf import dqn
 
+pytestmark = pytest.mark.slow  # every test trains for real
+
 WIDTHS = (16, 32, 32, 32)  # a = 1 keeps 4 / 8 / 8 / 8 channels
 
 

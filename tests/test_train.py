@@ -77,6 +77,7 @@ def test_out_of_range_numbers_are_rejected_at_parse_time(flag):
         parse(flag)
 
 
+@pytest.mark.slow
 def test_cli_bad_flag_is_one_line_and_no_work(tmp_path, run_module):
     run_dir = tmp_path / "run"
     result = run_module("rnp_tf.train", "--dataset=cifar11", f"--model_dir={run_dir}")
@@ -88,6 +89,7 @@ def test_cli_bad_flag_is_one_line_and_no_work(tmp_path, run_module):
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_cli_corrupt_npz_is_a_clear_error(tmp_path, run_module):
     good = tmp_path / "good.npz"
     np.savez(good, x_train=np.zeros((8, 8, 8), "uint8"), y_train=np.zeros(8, "int64"),
@@ -117,6 +119,7 @@ def quickstart_run(tmp_path_factory, run_module):
     return run_dir, result
 
 
+@pytest.mark.slow
 def test_quickstart_writes_every_output(quickstart_run):
     run_dir, result = quickstart_run
     for name in ("model.keras", "metrics.json", "eval.json", "flags.json", "compute_histogram.png",
@@ -130,6 +133,7 @@ def test_quickstart_writes_every_output(quickstart_run):
     assert "share_l1" not in result.stdout  # shares kept out of the console
 
 
+@pytest.mark.slow
 def test_quickstart_metrics(quickstart_run):
     run_dir, _ = quickstart_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -147,6 +151,7 @@ def test_quickstart_metrics(quickstart_run):
     assert flags_used["rnp_epochs"] == 3 and flags_used["dataset"] == "digits"
 
 
+@pytest.mark.slow
 def test_evaluate_cli_reproduces_the_training_report(quickstart_run, tmp_path, run_module):
     run_dir, _ = quickstart_run
     result = run_module("rnp_tf.evaluate", f"--model_dir={run_dir}", f"--output_dir={tmp_path}")
@@ -160,11 +165,13 @@ def test_evaluate_cli_reproduces_the_training_report(quickstart_run, tmp_path, r
     assert "distinct action tuples" in result.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_cli_missing_model(tmp_path, run_module):
     result = run_module("rnp_tf.evaluate", f"--model_dir={tmp_path}")
     assert result.returncode == 2 and "no model.keras" in result.stderr
 
 
+@pytest.mark.slow
 def test_init_checkpoint_round_trip(quickstart_run, tmp_path):
     run_dir, _ = quickstart_run
     config = train.config_from_flags(
@@ -192,6 +199,7 @@ def test_every_config_parses_and_validates(name, tmp_path):
     assert config.rnp_epochs > 0 and config.penalty < 0
 
 
+@pytest.mark.slow
 def test_resnet50_backbone_trains_from_converted_keras_resnet50_weights(tmp_path):
     """--backbone=resnet50 (the choice configs/imagenet.flags offers besides vgg16) through trainer.run: the
     weights of a keras.applications.ResNet50 converted by rnp_tf.from_keras fit it exactly (what
@@ -229,6 +237,7 @@ def test_resnet50_backbone_trains_from_converted_keras_resnet50_weights(tmp_path
     assert os.path.getsize(tmp_path / "run" / "model.keras") > 0
 
 
+@pytest.mark.slow
 def test_mixed_precision_trains_every_phase(tmp_path, run_module):
     # mixed_float16: convolutions in float16, the agent and the logits in float32
     # (the agent's TD targets once met float16 Q-values in the first agent step).

@@ -124,6 +124,7 @@ def killed_and_resumed(tmp_path_factory):
             "resumed": resumed, "metrics": metrics, "args": args}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_resume_equals_uninterrupted(killed_and_resumed):
     r = killed_and_resumed
     # Killed inside the robust stage: backbone and reorder done, robust epoch 2 of 2 running.
@@ -152,6 +153,7 @@ def test_sigkill_mid_stage_then_resume_equals_uninterrupted(killed_and_resumed):
     assert json.loads((r["killed"] / "checkpoints" / "latest.json").read_text())["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_rerunning_a_complete_run_does_nothing(killed_and_resumed, capsys):
     config = config_of(*killed_and_resumed["args"])
     before = (killed_and_resumed["killed"] / "metrics.json").read_text()
@@ -160,6 +162,7 @@ def test_rerunning_a_complete_run_does_nothing(killed_and_resumed, capsys):
     assert (killed_and_resumed["killed"] / "metrics.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_one_clear_line_and_nothing_is_overwritten(killed_and_resumed):
     run_dir = killed_and_resumed["snapshot"]
     checkpoint = run_dir / "state" / "robust-0001"
@@ -175,6 +178,7 @@ def test_truncated_checkpoint_is_one_clear_line_and_nothing_is_overwritten(kille
     assert after == before
 
 
+@pytest.mark.slow
 def test_other_flags_or_resume_false_are_refused(killed_and_resumed):
     run_dir = killed_and_resumed["snapshot"]
     config = config_of(*SMALL, "--reseed_every_epoch=true", f"--model_dir={run_dir}", "--rnp_epochs=3")
@@ -204,6 +208,7 @@ class _StopAfterFirstEpoch(keras.callbacks.Callback):
         raise RuntimeError("interrupted")
 
 
+@pytest.mark.slow
 def test_knob_selection_survives_a_resume_and_becomes_the_model(tmp_path):
     run_dir = tmp_path / "run"
     args = [*SMALL, "--pretrain_epochs=0", "--robust_epochs=0", "--reorder=false", "--rnp_epochs=2",
@@ -227,6 +232,7 @@ def test_knob_selection_survives_a_resume_and_becomes_the_model(tmp_path):
     assert same == (selected["best_epoch"] == 1)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_runs_every_stage_on_two_replicas(tmp_path):
     strategy = distribute.get_strategy("mirrored")
     assert strategy.num_replicas_in_sync == 2  # the two logical CPUs of conftest.py
@@ -273,6 +279,7 @@ print("HISTORY", __import__("json").dumps(metrics["history"]))
 """
 
 
+@pytest.mark.slow
 def test_multi_worker_two_processes_every_phase(tmp_path):
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -319,6 +326,7 @@ def test_bad_distribution_and_weights_flags(tmp_path, args, match):
 IMAGENET_FLAGS = os.path.join(REPO, "configs", "imagenet.flags")
 
 
+@pytest.mark.slow
 def test_imagenet_config_short_run_on_a_generated_tfds_directory(tmp_path):
     """configs/imagenet.flags end to end on 8 generated ImageNet JPEGs: the tfds reader, parallel JPEG
     decoding with random-resized crops to 224x224, VGG-16 (at 1/8 width to fit a test's time; the same
@@ -347,6 +355,7 @@ def test_imagenet_config_short_run_on_a_generated_tfds_directory(tmp_path):
     assert (tmp_path / "run" / "model.keras").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_imagenet_config_offline_stops_at_once_with_what_to_do(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "rnp_tf.train", f"--flagfile={IMAGENET_FLAGS}", f"--model_dir={tmp_path / 'run'}"],
