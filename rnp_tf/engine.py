@@ -36,7 +36,7 @@ The folded weights are computed once when the engine is built; call
 `sync()`, which folds them again only if they changed.
 
 `RNPModel.predict` and `RNPModel.predict_details` run through an engine by
-default (chain backbones; see `RNPModel(inference_engine=...)`).
+default (see `RNPModel(inference_engine=...)`).
 """
 
 import numbers
@@ -137,8 +137,9 @@ class InferenceEngine:
     and `model.set_compute_cap` (a new cap retraces)) or forced actions (as
     `model.rollout(x, actions=...)`), float32, compiled with `tf.function`:
     one graph for batch 1 and one, with a dynamic batch size, for every
-    other batch size, per mode. Chain backbones only (a stem, then
-    prunable convs and pooling: the CIFAR CNN, VGG-16).
+    other batch size, per mode. Chains (the CIFAR CNN, VGG-16) and residual
+    networks: a bottleneck prunes its inner width, its last conv and its
+    shortcut keep their full width.
 
     Args:
         model: a built `rnp_tf.RNPModel`.

@@ -94,8 +94,7 @@ class RNPModel(keras.Model):
         inference_engine: if True (default), `predict` and `predict_details`
             run through `rnp_tf.engine.InferenceEngine`, which computes only
             the channel groups the agent chose (really faster than the
-            masked path), on chain backbones (residual backbones and
-            `jit_compile=True` use the masked path). False: always the
+            masked path; `jit_compile=True` uses the masked path). False: always the
             masked path. Either can be overridden per call
             (`predict(x, engine=...)`).
         compute_cap: the hard per-image MAC cap (`set_compute_cap`) as a
@@ -587,7 +586,7 @@ class RNPModel(keras.Model):
                 `a` in `1..k` to compute the first `a` groups at every
                 prunable layer (static pruning, no agent).
             engine: as for `predict`: None (default) follows
-                `inference_engine` (the engine on chain backbones), False
+                `inference_engine` (the engine), False
                 runs the masked path, True requires the engine.
 
         Returns:
@@ -927,7 +926,7 @@ class RNPModel(keras.Model):
         """Greedy logits of the inputs, computed by the inference engine.
 
         `keras.Model.predict` with one difference: by default (see
-        `inference_engine`) every batch of a chain backbone runs through
+        `inference_engine`) every batch runs through
         `rnp_tf.engine.InferenceEngine`, which computes only the channel
         groups the agent chose. Its logits equal the masked path's
         (`model(x)`) within 1e-4, with the same actions, and it follows the
