@@ -214,6 +214,23 @@ def atomic_write(path, write_fn, *, directory=None, keep_suffix=False):
     return final
 
 
+def sha256_file(path):
+    """The hex SHA-256 digest of a file's content, read in 4 MB blocks.
+
+    Example:
+
+    >>> sha256_file("/tmp/run/model.keras")  # doctest: +SKIP
+    '9f86d08...'
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def remove_leftovers(directory):
     """Removes what an interrupted `atomic_write` left in `directory`.
 
