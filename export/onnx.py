@@ -62,10 +62,10 @@ import contextlib
 import os
 
 import numpy as np
-from absl import app
 from absl import flags
 
 from export import common
+from rnp_tf import validation
 
 PROGRAM = "export.onnx"
 OPSET = 17
@@ -91,7 +91,7 @@ def define_flags(flag_values=flags.FLAGS):
     if "batch1" in flag_values:
         return
     fv = {"flag_values": flag_values}
-    flags.DEFINE_string("output", None, "Output directory (default: <model_dir>/export).", **fv)
+    common.define_output_flags(flag_values)
     flags.DEFINE_boolean("batch1", True, "Also write rnp_b1.onnx, the batch-1 model with nested If.", **fv)
     flags.DEFINE_integer("num_parity_images", 16, "Images of the greedy parity check.", lower_bound=1, **fv)
     flags.DEFINE_integer(
@@ -495,7 +495,7 @@ def latency(sess, image_shape, batch, runs):
 
 # ----------------------------------------------------------------- export
 def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_forced_tuples=256, timing_runs=20,
-                penalty=None, compute_cap=None, log=None):
+                penalty=None, compute_cap=None, log=None, overwrite=False):
     """Exports `model_dir/model.keras` to `rnp.onnx` (+ `rnp_b1.onnx`, `full.onnx`) and verifies them.
 
     Args:
@@ -508,6 +508,8 @@ def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_f
         penalty, compute_cap: run-time knob applied before export (see
             `common.apply_knob`).
         log: `log(message)` for progress lines (default: print).
+        overwrite: replace an export of another model in `output` (see
+            `common.write_set`); otherwise it is refused before any work.
 
     Returns:
         The report dict (also written to `onnx.json`).
@@ -516,8 +518,8 @@ def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_f
         common.ExportError: missing/corrupt checkpoint, a failed parity check
             (nothing is written then).
     """
-    model, output, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log)
-    with common.output_directory(output) as out:
+    model, target, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
+    with common.output_directory(target.directory) as out:
         net = common.SlicedNetwork(model)
         images = common.parity_images(net, num_parity_images)
         knob = common.knob_inputs(net, num_parity_images)
@@ -566,7 +568,7 @@ def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_f
             common.write_json(tmp, report)
 
         artifacts.append(common.Artifact(os.path.join(out, "onnx.json"), write_report))
-        common.write_artifacts(artifacts)
+        common.write_set(target, artifacts, report)
     report["output"] = out
     return report
 
@@ -610,7 +612,7 @@ def main(argv):
     fv = flags.FLAGS
     report = common.run_cli(PROGRAM, argv, lambda model_dir: export_onnx(
         model_dir, fv.output, fv.batch1, fv.num_parity_images, fv.max_forced_tuples, fv.timing_runs,
-        fv.penalty, fv.compute_cap,
+        fv.penalty, fv.compute_cap, overwrite=fv.overwrite,
     ))
     summarize(report)
 
@@ -632,5 +634,4 @@ def summarize(report):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    validation.run_cli(PROGRAM, main, define_flags)

@@ -56,10 +56,10 @@ Serving (TF Serving REST, or in Python):
 import os
 
 import numpy as np
-from absl import app
 from absl import flags
 
 from export import common
+from rnp_tf import validation
 
 PROGRAM = "export.saved_model"
 GRAPHS = ("masked", "sliced")
@@ -70,7 +70,7 @@ def define_flags(flag_values=flags.FLAGS):
     if "graph" in flag_values:
         return
     fv = {"flag_values": flag_values}
-    flags.DEFINE_string("output", None, "Output directory (default: <model_dir>/export).", **fv)
+    common.define_output_flags(flag_values)
     flags.DEFINE_enum(
         "graph", "masked", GRAPHS,
         "masked: model.rollout itself (exact, computes every channel); sliced: gather/scatter on "
@@ -210,7 +210,7 @@ def runner(path_or_loaded, batch1=False):
 
 
 def export_saved_model(model_dir, output=None, graph="masked", num_parity_images=16, max_forced_tuples=256,
-                       penalty=None, compute_cap=None, log=None):
+                       penalty=None, compute_cap=None, log=None, overwrite=False):
     """Exports `model_dir/model.keras` to `saved_model/` and verifies the reloaded SavedModel.
 
     Args:
@@ -221,6 +221,8 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
         max_forced_tuples: see `common.action_tuples`.
         penalty, compute_cap: run-time knob applied before export.
         log: `log(message)` for progress lines.
+        overwrite: replace an export of another model in `output` (see
+            `common.write_set`); otherwise it is refused before any work.
 
     Returns:
         The report dict (also written to `saved_model.json`).
@@ -231,8 +233,8 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
     """
     if graph not in GRAPHS:
         raise common.ExportError(f"--graph must be one of {GRAPHS}, got {graph!r}")
-    model, output, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log)
-    with common.output_directory(output) as out:
+    model, target, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
+    with common.output_directory(target.directory) as out:
         net = common.SlicedNetwork(model)
         images = common.parity_images(net, num_parity_images)
         knob = common.knob_inputs(net, num_parity_images)
@@ -267,10 +269,10 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
             report["parity"]["saved_model"] = result
             log("saved_model: parity passed")
 
-        common.write_artifacts([
+        common.write_set(target, [
             common.Artifact(os.path.join(out, "saved_model"), produce, directory=True),
             common.json_artifact(os.path.join(out, "saved_model.json"), report),
-        ])
+        ], report)
     report["output"] = out
     return report
 
@@ -289,11 +291,11 @@ def summarize(report):
 def main(argv):
     fv = flags.FLAGS
     report = common.run_cli(PROGRAM, argv, lambda model_dir: export_saved_model(
-        model_dir, fv.output, fv.graph, fv.num_parity_images, fv.max_forced_tuples, fv.penalty, fv.compute_cap
+        model_dir, fv.output, fv.graph, fv.num_parity_images, fv.max_forced_tuples, fv.penalty, fv.compute_cap,
+        overwrite=fv.overwrite,
     ))
     summarize(report)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    validation.run_cli(PROGRAM, main, define_flags)

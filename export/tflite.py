@@ -69,10 +69,10 @@ import os
 import tempfile
 
 import numpy as np
-from absl import app
 from absl import flags
 
 from export import common
+from rnp_tf import validation
 
 PROGRAM = "export.tflite"
 QUANTIZE = ("none", "float16", "dynamic")
@@ -83,7 +83,7 @@ def define_flags(flag_values=flags.FLAGS):
     if "quantize" in flag_values:
         return
     fv = {"flag_values": flag_values}
-    flags.DEFINE_string("output", None, "Output directory (default: <model_dir>/export).", **fv)
+    common.define_output_flags(flag_values)
     flags.DEFINE_enum(
         "quantize", "none", QUANTIZE,
         "Also write a quantised variant: float16 weights or dynamic-range int8 weights.", **fv,
@@ -416,7 +416,7 @@ def runner_function(runner):
 
 
 def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16, max_forced_tuples=256,
-                  timing_runs=20, penalty=None, compute_cap=None, log=None):
+                  timing_runs=20, penalty=None, compute_cap=None, log=None, overwrite=False):
     """Exports `model_dir/model.keras` to `rnp.tflite` (+ a quantised variant) and verifies it.
 
     Args:
@@ -429,6 +429,8 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
         penalty, compute_cap: run-time knob applied before export (see
             `common.apply_knob`).
         log: `log(message)` for progress lines.
+        overwrite: replace an export of another model in `output` (see
+            `common.write_set`); otherwise it is refused before any work.
 
     Returns:
         The report dict (also written to `tflite.json`).
@@ -439,10 +441,10 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
     """
     if quantize not in QUANTIZE:
         raise common.ExportError(f"--quantize must be one of {QUANTIZE}, got {quantize!r}")
-    model, output, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log)
+    model, target, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
     from rnp_tf.tflite_runner import TFLiteRNPRunner
 
-    with common.output_directory(output) as out:
+    with common.output_directory(target.directory) as out:
         net = common.SlicedNetwork(model)
         images = common.parity_images(net, num_parity_images)
         knob = common.knob_inputs(net, num_parity_images)
@@ -487,7 +489,7 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
 
             artifacts.append(common.Artifact(os.path.join(out, name), produce))
         artifacts.append(common.json_artifact(os.path.join(out, "tflite.json"), report))
-        common.write_artifacts(artifacts)
+        common.write_set(target, artifacts, report)
     report["output"] = out
     return report
 
@@ -535,11 +537,10 @@ def main(argv):
     fv = flags.FLAGS
     report = common.run_cli(PROGRAM, argv, lambda model_dir: export_tflite(
         model_dir, fv.output, fv.quantize, fv.num_parity_images, fv.max_forced_tuples, fv.timing_runs,
-        fv.penalty, fv.compute_cap,
+        fv.penalty, fv.compute_cap, overwrite=fv.overwrite,
     ))
     summarize(report)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    validation.run_cli(PROGRAM, main, define_flags)

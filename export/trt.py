@@ -42,10 +42,10 @@ import os
 import time
 
 import numpy as np
-from absl import app
 from absl import flags
 
 from export import common
+from rnp_tf import validation
 
 PROGRAM = "export.trt"
 
@@ -110,7 +110,7 @@ def define_flags(flag_values=flags.FLAGS):
     if "fp16" in flag_values:
         return
     fv = {"flag_values": flag_values}
-    flags.DEFINE_string("output", None, "Output directory (default: <model_dir>/export).", **fv)
+    common.define_output_flags(flag_values)
     flags.DEFINE_boolean("fp16", False, "Build FP16 engines (BuilderFlag.FP16).", **fv)
     flags.DEFINE_boolean("benchmark", False, "Time the RNP engine against the full engine at batch 64 and 1.", **fv)
     flags.DEFINE_integer("max_batch", 64, "Largest batch of the optimisation profile (smallest: 1).", lower_bound=1, **fv)
@@ -307,7 +307,7 @@ class TRTRunner:
 
 # ----------------------------------------------------------------- export
 def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64, opt_batch=64, workspace_mb=2048,
-               timing_runs=50, num_parity_images=16, penalty=None, compute_cap=None, log=None):
+               timing_runs=50, num_parity_images=16, penalty=None, compute_cap=None, log=None, overwrite=False):
     """Writes the TensorRT-ready ONNX, then builds, verifies and saves the engines.
 
     Args:
@@ -320,6 +320,8 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
         num_parity_images: images of the greedy parity check.
         penalty, compute_cap: run-time knob applied before export.
         log: `log(message)` for progress lines.
+        overwrite: replace an export of another model in `output` (see
+            `common.write_set`); otherwise it is refused before any work.
 
     Returns:
         The report dict (also written to `trt.json`).
@@ -334,8 +336,8 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
 
     from export import onnx as onnx_export
 
-    model, output, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log)
-    with common.output_directory(output) as out:
+    model, target, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
+    with common.output_directory(target.directory) as out:
         net = common.SlicedNetwork(model)
         images = common.parity_images(net, num_parity_images)
         knob = common.knob_inputs(net, num_parity_images)
@@ -378,7 +380,7 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
 
         artifacts = [common.Artifact(os.path.join(out, n), producer(n, p)) for n, p in protos.items()]
         artifacts.append(common.json_artifact(os.path.join(out, "trt.json"), report))
-        common.write_artifacts(artifacts)
+        common.write_set(target, artifacts, report)
         report["output"] = out
         try:
             trt, cudart = probe_tensorrt()
@@ -426,9 +428,11 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
             return common.Artifact(os.path.join(out, f"{stem}{suffix}.engine"), produce)
 
         report["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        common.write_artifacts(
-            [engine_artifact(s) for s in engines]
-            + [common.json_artifact(os.path.join(out, "trt.json"), report)]
+        common.write_set(
+            target,
+            [engine_artifact(s) for s in engines] + [common.json_artifact(os.path.join(out, "trt.json"), report)],
+            report,
+            keep=tuple(protos),
         )
     return report
 
@@ -437,7 +441,7 @@ def main(argv):
     fv = flags.FLAGS
     report = common.run_cli(PROGRAM, argv, lambda model_dir: export_trt(
         model_dir, fv.output, fv.fp16, fv.benchmark, fv.max_batch, fv.opt_batch, fv.workspace_mb,
-        fv.timing_runs, fv.num_parity_images, fv.penalty, fv.compute_cap,
+        fv.timing_runs, fv.num_parity_images, fv.penalty, fv.compute_cap, overwrite=fv.overwrite,
     ))
     print(f"{PROGRAM}: wrote the engines and trt.json to {report['output']}")
     if "benchmark_ms" in report:
@@ -450,5 +454,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    validation.run_cli(PROGRAM, main, define_flags)

@@ -26,7 +26,6 @@ every layer held in a Python list (the gated convs, the head, the agent's
 encoders), so the state here is checkpointed as explicit variable lists.
 """
 
-import hashlib
 import os
 
 import keras
@@ -80,11 +79,7 @@ def _describe(variables):
 
 
 def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return io_utils.sha256_file(path)
 
 
 def write_training_state(model, path, optimizers=True, extra=None):

@@ -214,6 +214,54 @@ def atomic_write(path, write_fn, *, directory=None, keep_suffix=False):
     return final
 
 
+def sha256_file(path):
+    """The hex SHA-256 digest of a file's content, read in 4 MB blocks.
+
+    Example:
+
+    >>> sha256_file("/tmp/run/model.keras")  # doctest: +SKIP
+    '9f86d08...'
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_leftovers(directory):
+    """Removes what an interrupted `atomic_write` left in `directory`.
+
+    A process killed (SIGKILL, power loss) inside `atomic_write` leaves its
+    hidden temporary (`.name.tmp-*`, `.tmp-*.name`) or, in directory mode,
+    the previous version renamed aside (`.name.old-*`); the destinations
+    themselves are always whole. Only call this when no other process is
+    writing into `directory`.
+
+    Args:
+        directory: the directory to clean (a missing one is ignored).
+
+    Returns:
+        The names removed, sorted.
+
+    Example:
+
+    >>> remove_leftovers("/tmp/run/state")
+    ['.rnp-0002.tmp-k3j2h1']
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith(".") and (_TMP_MARKER in name or ".old-" in name):
+            _remove_path(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
 def check_writable_dir(path, name="path"):
     """Proves that directory `path` can be created and a file written in it.
 

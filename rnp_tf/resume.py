@@ -138,7 +138,8 @@ def next_stage(config, progress):
 def resume_point(config, model, strategy=None):
     """Reads `progress.json` of `--model_dir` and restores the recorded state.
 
-    Nothing is written. For a fresh `--model_dir` this returns a new
+    Nothing is written (the chief only removes the temporaries a killed
+    checkpoint write left in `state/`). For a fresh `--model_dir` this returns a new
     progress record. Otherwise the flags are compared with `flags.json`,
     the last checkpoint is verified (sizes and SHA-256 of its files) and
     restored: the model's variables (weights, BatchNorm statistics,
@@ -181,6 +182,8 @@ def resume_point(config, model, strategy=None):
     check_compatible(config, saved_flags, config.model_dir)
     if progress.get("complete"):
         return ResumePoint(progress, fresh=False)
+    if info.is_chief:  # a run killed while it wrote a checkpoint left its temporary
+        io_utils.remove_leftovers(os.path.join(config.model_dir, STATE_DIR))
     name = progress.get("checkpoint")
     if name:
         name = _usable_checkpoint(config, progress)
@@ -204,15 +207,15 @@ def resume_point(config, model, strategy=None):
 
 
 def _usable_checkpoint(config, progress):
-    """The newest recorded checkpoint on disk; `progress` is rewound to it when newer ones are missing.
+    """The newest recorded checkpoint that verifies; `progress` is rewound to it when newer ones are skipped.
 
-    A missing checkpoint (deleted after it was reported corrupt) is skipped
-    with one warning line. A corrupt one is refused, naming the checkpoint
-    to fall back to once it is deleted: it is never overwritten unasked.
+    A newer checkpoint that is missing (deleted) or corrupt (truncated by a
+    crash, altered) is skipped with one warning line naming it; it is left
+    on disk as it is until the resumed run writes that epoch again.
 
     Raises:
-        CheckpointError: the newest checkpoint on disk does not verify, or
-            none of the recorded ones is on disk.
+        CheckpointError: none of the recorded checkpoints verifies (the
+            message is the newest one's error and says what to do).
     """
     import sys
 
@@ -221,33 +224,21 @@ def _usable_checkpoint(config, progress):
     newest = progress["checkpoint"]
     names = [newest] + [n for n in reversed(progress.get("checkpoints") or []) if n != newest]
     state = os.path.join(config.model_dir, STATE_DIR)
-    present = [n for n in names if os.path.isdir(os.path.join(state, n))]
-    if not present:
-        callbacks_lib.read_manifest(os.path.join(state, progress["checkpoint"]))  # raises: missing
-    name = present[0]
-    try:
-        callbacks_lib.read_manifest(os.path.join(state, name))
-    except callbacks_lib.CheckpointError as error:
-        older = [n for n in present[1:] if _verifies(os.path.join(state, n))]
-        hint = f"delete it to resume from {older[0]}, the newest checkpoint that verifies" if older else (
-            "no older checkpoint verifies; delete --model_dir to start again")
-        raise callbacks_lib.CheckpointError(f"{error} To continue: {hint}.")
-    skipped = names[: names.index(name)]
-    if skipped:
-        sys.stderr.write(f"rnp_tf.train: warning: checkpoint {os.path.join(state, skipped[0])} is missing; "
-                         f"resuming from {name}, the newest checkpoint that verifies.\n")
-        rewind(config, progress, name)
-    return name
-
-
-def _verifies(path):
-    from rnp_tf import callbacks as callbacks_lib
-
-    try:
-        callbacks_lib.read_manifest(path)
-    except callbacks_lib.CheckpointError:
-        return False
-    return True
+    skipped = []
+    for name in names:
+        try:
+            callbacks_lib.read_manifest(os.path.join(state, name))
+        except callbacks_lib.CheckpointError as error:
+            skipped.append(str(error).rstrip("."))
+            continue
+        if skipped:
+            sys.stderr.write(f"rnp_tf.train: warning: {'; '.join(skipped)}; resuming from {name}, "
+                             "the newest checkpoint that verifies.\n")
+            rewind(config, progress, name)
+        return name
+    raise callbacks_lib.CheckpointError(
+        f"{'; '.join(skipped)}; no recorded checkpoint verifies: delete --model_dir {config.model_dir} "
+        "to start again.")
 
 
 def rewind(config, progress, name):

@@ -28,7 +28,7 @@ ALL_TUPLES = np.asarray(list(itertools.product(range(1, 5), repeat=3)), np.int32
 
 def test_files_pass_the_full_checker(exported):
     _, out, report = exported
-    assert sorted(os.listdir(out)) == ["full.onnx", "onnx.json", "rnp.onnx", "rnp_b1.onnx"]
+    assert sorted(os.listdir(out)) == ["export_manifest.json", "full.onnx", "onnx.json", "rnp.onnx", "rnp_b1.onnx"]
     for name in ("rnp.onnx", "rnp_b1.onnx", "full.onnx"):
         proto = onnx.load(str(out / name))
         onnx.checker.check_model(proto, full_check=True)

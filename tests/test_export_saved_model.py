@@ -46,7 +46,12 @@ def test_export_verifies_every_action_tuple(checkpoint, exported, graph):
     assert parity["greedy"]["action_agreement"] == 1.0
     assert parity["forced"]["distinct_action_tuples"] == 64
     assert parity["forced"]["max_abs_logit_diff"] <= common.ATOL
-    assert sorted(os.listdir(out)) == ["saved_model", "saved_model.json"]
+    assert sorted(os.listdir(out)) == ["export_manifest.json", "saved_model", "saved_model.json"]
+    manifest = json.loads((out / common.MANIFEST).read_text())
+    assert manifest["source"]["sha256"] == common.sha256_file(checkpoint / "model.keras")
+    assert "saved_model/saved_model.pb" in manifest["files"] and manifest["exports"]["export.saved_model"]["parity"]
+    for name, record in manifest["files"].items():
+        assert common.sha256_file(out / name) == record["sha256"], name
     assert json.loads((out / "saved_model.json").read_text())["graph"] == graph
     loaded = tf.saved_model.load(str(out / "saved_model"))
     serve = loaded.signatures["serving_default"]

@@ -24,7 +24,7 @@ def exported(tmp_path_factory, write_checkpoint):
 @pytest.mark.slow
 def test_files_report_and_signatures(exported):
     _, out, report = exported
-    assert sorted(os.listdir(out)) == ["rnp.tflite", "rnp_float16.tflite", "tflite.json"]
+    assert sorted(os.listdir(out)) == ["export_manifest.json", "rnp.tflite", "rnp_float16.tflite", "tflite.json"]
     assert json.loads((out / "tflite.json").read_text())["parity"]["rnp.tflite"]["greedy"]["action_agreement"] == 1.0
     runner = TFLiteRNPRunner(out / "rnp.tflite")
     # stem + conv0 (input always full: 4) + 2 x 16 (previous, action) pairs + 4 heads + full + penalty_setting

@@ -1,5 +1,6 @@
 """python -m export.trt: TensorRT-ready ONNX (static operator check, no If), exit 2 without TensorRT."""
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -41,7 +42,12 @@ def test_without_tensorrt_exits_2_with_the_onnx_written(cli_run):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("export.trt:")]
     assert len(errors) == 1
     assert "TensorRT is not installed" in errors[0] and "rnp_trt.onnx" in errors[0]
-    assert sorted(os.listdir(out)) == ["full.onnx", "rnp_trt.onnx", "trt.json"]
+    assert sorted(os.listdir(out)) == ["export_manifest.json", "full.onnx", "rnp_trt.onnx", "trt.json"]
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    assert manifest["exports"]["export.trt"]["files"] == ["full.onnx", "rnp_trt.onnx", "trt.json"]
+    assert set(manifest["exports"]["export.trt"]["parity"]["onnx_parity"]) >= {"rnp_trt.onnx", "full.onnx"}
+    for name, record in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == record["sha256"], name
 
 
 @pytest.mark.slow

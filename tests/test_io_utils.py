@@ -271,3 +271,14 @@ def test_check_writable_dir_fails_in_one_line_naming_the_flag(tmp_path, where):
         io_utils.check_writable_dir(path, "--model_dir")
     assert "\n" not in str(error.value)
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_remove_leftovers_of_an_interrupted_write(tmp_path):
+    (tmp_path / "kept").mkdir()
+    (tmp_path / ".kept.tmp-ab12").mkdir()  # a directory write killed before its rename
+    (tmp_path / ".kept.old-ab12cd34").mkdir()  # ... killed after renaming the old one aside
+    (tmp_path / ".tmp-ab12.model.keras").write_text("half")
+    (tmp_path / ".hidden").write_text("not ours")
+    assert io_utils.remove_leftovers(tmp_path) == [".kept.old-ab12cd34", ".kept.tmp-ab12", ".tmp-ab12.model.keras"]
+    assert sorted(os.listdir(tmp_path)) == [".hidden", "kept"]
+    assert io_utils.remove_leftovers(tmp_path / "missing") == []

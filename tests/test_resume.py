@@ -114,18 +114,31 @@ def test_falling_back_across_a_stage_rewinds_the_later_stage(tmp_path, capsys):
     assert resume.next_stage(config, progress) == ("rnp", 0)
 
 
-def test_a_corrupt_newest_checkpoint_is_refused_naming_the_fallback(tmp_path):
+def test_a_corrupt_newest_checkpoint_falls_back_with_one_warning(tmp_path, capsys):
+    """Issue 25, case 6: a truncated newest checkpoint is skipped, naming it; no hand editing."""
     from rnp_tf import callbacks
 
     config = make(tmp_path)
     progress = _checkpoints(tmp_path, config, ["rnp-0001", "rnp-0002"])
-    record = json.dumps(progress)
     data = next((tmp_path / "run" / resume.STATE_DIR / "rnp-0002").glob("*.data-*"))
     data.write_bytes(data.read_bytes()[:-1])
-    with pytest.raises(callbacks.CheckpointError, match="rnp-0002 is corrupt.*delete it to resume from rnp-0001"):
+    assert resume._usable_checkpoint(config, progress) == "rnp-0001"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and "rnp-0002 is corrupt" in err[0] and "truncated" in err[0], err
+    assert "resuming from rnp-0001" in err[0]
+    assert progress["checkpoint"] == "rnp-0001" and resume.next_stage(config, progress) == ("rnp", 1)
+    assert data.exists()  # left as it is until the resumed run writes that epoch again
+
+    progress = _checkpoints(tmp_path / "again", config, ["rnp-0001", "rnp-0002"])
+    for name in ("rnp-0001", "rnp-0002"):
+        data = next((tmp_path / "again" / "run" / resume.STATE_DIR / name).glob("*.data-*"))
+        data.write_bytes(data.read_bytes()[:-1])
+    config = make(tmp_path / "again")
+    record = json.dumps(progress)
+    with pytest.raises(callbacks.CheckpointError, match="rnp-0002 is corrupt.*rnp-0001 is corrupt.*no recorded checkpoint"):
         resume._usable_checkpoint(config, progress)
     assert json.dumps(progress) == record
 
-    shutil.rmtree(tmp_path / "run" / resume.STATE_DIR)
+    shutil.rmtree(tmp_path / "again" / "run" / resume.STATE_DIR)
     with pytest.raises(callbacks.CheckpointError, match="rnp-0002 is missing"):
         resume._usable_checkpoint(config, progress)
