@@ -53,7 +53,6 @@ import dataclasses
 import itertools
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
