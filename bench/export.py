@@ -2,7 +2,7 @@
 
 For the CIFAR CNN (32x32) and VGG-16 (random weights, as in
 `bench.latency`), the models are exported with the exporters' own code
-(`export.common.SlicedNetwork`, `export.tflite`, `export.onnx.convert_batched`
+(`export.sliced_network.SlicedNetwork`, `export.tflite`, `export.onnx.convert_batched`
 / `convert_single` / `convert_full`) and timed in their runtimes at the
 operating points of `bench.latency.operating_points` (forced action tuples
 of theoretical speed-up about 2x, 3x, 4x, 5x, the theoretical speed-up being
@@ -194,7 +194,7 @@ def convert_artifact(model, kind, tuples, path, saved_only=False):
     written to `path + ".savedmodel"` and the signature keys are returned,
     for kind "tflite_saved" (tuples = the keys) to convert it.
     """
-    from export import common
+    from export import sliced_network
     from export import onnx as onnx_export
     from export import tflite
 
@@ -206,7 +206,7 @@ def convert_artifact(model, kind, tuples, path, saved_only=False):
         return None
     if tuples == "full":  # the full network needs the full-width weights only
         tuples = [[model.groups] * model.num_prunable]
-    net = common.SlicedNetwork(model, action_tuples=tuples)
+    net = sliced_network.SlicedNetwork(model, action_tuples=tuples)
     directory = os.path.dirname(path)
     parts = {"tflite_rnp": ("rnp",), "tflite_full": ("full",)}.get(kind)
     if parts and saved_only:
@@ -327,9 +327,9 @@ def export_artifacts(model_name, model, plan, directory, config, log=print):
 
 def estimate_megabytes(model):
     """`all_branches_megabytes` of `model` (built on a network restricted to one tuple: cheap)."""
-    from export import common
+    from export import sliced_network
 
-    return all_branches_megabytes(common.SlicedNetwork(model, action_tuples=[[1] * model.num_prunable]))
+    return all_branches_megabytes(sliced_network.SlicedNetwork(model, action_tuples=[[1] * model.num_prunable]))
 
 
 def all_branches_megabytes(net):

@@ -9,6 +9,10 @@ One command per target, each a thin absl CLI over importable functions::
 
 Every exporter verifies the artifact it wrote (reloaded SavedModel, TFLite
 interpreter, onnxruntime) against `model.rollout` before it reports success
-and never leaves a partial file behind. The shared pieces (checkpoint
-loading, the sliced graphs, the parity check) live in `export.common`.
+and never leaves a partial file behind. The shared pieces, one concept each:
+`export.cli` (checkpoint loading, the knob and output flags, one-line
+errors), `export.writing` (an export is one consistent set: staging, the
+manifest, recovery after a kill), `export.verification` (the parity checks)
+and `export.sliced_network` (the sliced graphs, executors of the one
+rollout); `export.exceptions` holds their errors.
 """

@@ -64,7 +64,15 @@ import os
 import numpy as np
 from absl import flags
 
-from export import common
+from export import cli
+
+from export import exceptions
+
+from export import sliced_network
+
+from export import verification
+
+from export import writing
 from rnp_tf import validation
 
 PROGRAM = "export.onnx"
@@ -91,7 +99,7 @@ def define_flags(flag_values=flags.FLAGS):
     if "batch1" in flag_values:
         return
     fv = {"flag_values": flag_values}
-    common.define_output_flags(flag_values)
+    cli.define_output_flags(flag_values)
     flags.DEFINE_boolean("batch1", True, "Also write rnp_b1.onnx, the batch-1 model with nested If.", **fv)
     flags.DEFINE_integer("num_parity_images", 16, "Images of the greedy parity check.", lower_bound=1, **fv)
     flags.DEFINE_integer(
@@ -100,8 +108,8 @@ def define_flags(flag_values=flags.FLAGS):
         "(previous action, action) pair at every layer.", lower_bound=1, **fv,
     )
     flags.DEFINE_integer("timing_runs", 20, "onnxruntime timing runs per model and batch (0: skip).", lower_bound=0, **fv)
-    common.define_knob_flags(flag_values)
-    for name in common.KNOB_FLAGS:  # list them in this command's --help
+    cli.define_knob_flags(flag_values)
+    for name in cli.KNOB_FLAGS:  # list them in this command's --help
         flags.declare_key_flag(name, flag_values=flag_values)
 
 
@@ -407,7 +415,7 @@ def check(proto):
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as error:  # onnx raises ValidationError / InferenceError
-        raise common.ExportError(f"the ONNX model fails onnx.checker: {common._first_line(error)}") from None
+        raise exceptions.ExportError(f"the ONNX model fails onnx.checker: {exceptions.first_line(error)}") from None
     return proto
 
 
@@ -480,8 +488,8 @@ def full_runner(sess):
 def check_full(label, model, run, images):
     """The full network's logits against `model.rollout(x, actions=k everywhere)`."""
     full = np.full((len(images), model.num_prunable), model.groups, np.int32)
-    ref = common.reference(model, images, full)
-    return common.compare(f"{label} (full width)", ref, run(images), logits_only=True)
+    ref = verification.reference(model, images, full)
+    return verification.compare(f"{label} (full width)", ref, run(images), logits_only=True)
 
 
 def latency(sess, image_shape, batch, runs):
@@ -490,7 +498,7 @@ def latency(sess, image_shape, batch, runs):
     feed = {"images": x}
     if "penalty" in {i.name for i in sess.get_inputs()}:  # a required input (rnp_trt.onnx)
         feed["penalty"] = np.full([1], default_penalty(sess), np.float32)
-    return common.timed(lambda: sess.run(None, feed), repeats=runs, warmup=2)
+    return cli.timed(lambda: sess.run(None, feed), repeats=runs, warmup=2)
 
 
 # ----------------------------------------------------------------- export
@@ -503,27 +511,27 @@ def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_f
         output: output directory (default `<model_dir>/export`).
         batch1: also write the batch-1 `If` model.
         num_parity_images: images of the greedy parity check.
-        max_forced_tuples: see `common.action_tuples`.
+        max_forced_tuples: see `verification.action_tuples`.
         timing_runs: onnxruntime timing runs (0: no latencies in the report).
         penalty, compute_cap: run-time knob applied before export (see
-            `common.apply_knob`).
+            `cli.apply_knob`).
         log: `log(message)` for progress lines (default: print).
         overwrite: replace an export of another model in `output` (see
-            `common.write_set`); otherwise it is refused before any work.
+            `writing.write_set`); otherwise it is refused before any work.
 
     Returns:
         The report dict (also written to `onnx.json`).
 
     Raises:
-        common.ExportError: missing/corrupt checkpoint, a failed parity check
+        exceptions.ExportError: missing/corrupt checkpoint, a failed parity check
             (nothing is written then).
     """
-    model, target, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
-    with common.output_directory(target.directory) as out:
-        net = common.SlicedNetwork(model)
-        images = common.parity_images(net, num_parity_images)
-        knob = common.knob_inputs(net, num_parity_images)
-        tuples = common.action_tuples(net.num_prunable, net.groups, max_forced_tuples)
+    model, target, log = cli.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
+    with writing.output_directory(target.directory) as out:
+        net = sliced_network.SlicedNetwork(model)
+        images = verification.parity_images(net, num_parity_images)
+        knob = verification.knob_inputs(net, num_parity_images)
+        tuples = verification.action_tuples(net.num_prunable, net.groups, max_forced_tuples)
         log(f"converting the gather/scatter model (opset {OPSET})")
         protos = {"rnp.onnx": convert_batched(net)}
         if batch1:
@@ -536,7 +544,7 @@ def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_f
             "groups": net.groups,
             "num_prunable": net.num_prunable,
             "full_macs": float(model.full_macs),
-            "knob": common.knob_report(net),
+            "knob": cli.knob_report(net),
             "parity": {},
             "operators": {name: operators(p) for name, p in protos.items()},
         }
@@ -552,7 +560,7 @@ def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_f
                     report["parity"][name] = check_full(name, model, full_runner(sess), images)
                 else:
                     run = runner(sess, batch1=name == "rnp_b1.onnx")
-                    report["parity"][name] = common.check_artifact(name, model, run, images, tuples, knob=knob)
+                    report["parity"][name] = verification.check_artifact(name, model, run, images, tuples, knob=knob)
                     if name == "rnp.onnx":
                         report["parity"][name]["dynamic_batch"] = check_dynamic_batch(model, run, images)
                 sessions[name] = sess
@@ -560,15 +568,15 @@ def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_f
 
             return produce
 
-        artifacts = [common.Artifact(os.path.join(out, n), producer(n, p)) for n, p in protos.items()]
+        artifacts = [writing.Artifact(os.path.join(out, n), producer(n, p)) for n, p in protos.items()]
 
         def write_report(tmp):
             if timing_runs:
                 report["latency_ms"] = timings(sessions, net.image_shape, timing_runs)
-            common.write_json(tmp, report)
+            writing.write_json(tmp, report)
 
-        artifacts.append(common.Artifact(os.path.join(out, "onnx.json"), write_report))
-        common.write_set(target, artifacts, report)
+        artifacts.append(writing.Artifact(os.path.join(out, "onnx.json"), write_report))
+        writing.write_set(target, artifacts, report)
     report["output"] = out
     return report
 
@@ -589,13 +597,13 @@ def check_dynamic_batch(model, run, images, sizes=(1, 7, 64), seed=7):
         x_agent = images[np.arange(n_agent) % len(images)]
         x_forced = rng.normal(size=(n - n_agent, *model.image_shape)).astype(np.float32)
         forced = rng.integers(1, model.groups + 1, size=(n - n_agent, model.num_prunable)).astype(np.int32)
-        parts = [common.reference(model, x_agent)]
+        parts = [verification.reference(model, x_agent)]
         if n > n_agent:
-            parts.append(common.reference(model, x_forced, forced))
+            parts.append(verification.reference(model, x_forced, forced))
         ref = {k: np.concatenate([p[k] for p in parts]) for k in ("logits", "actions", "macs")}
         x = np.concatenate([x_agent, x_forced])
         all_forced = np.concatenate([np.zeros((n_agent, model.num_prunable), np.int32), forced])
-        results[str(n)] = common.compare(f"batch {n}", ref, run(x, all_forced))
+        results[str(n)] = verification.compare(f"batch {n}", ref, run(x, all_forced))
     return results
 
 
@@ -610,7 +618,7 @@ def timings(sessions, image_shape, runs):
 
 def main(argv):
     fv = flags.FLAGS
-    report = common.run_cli(PROGRAM, argv, lambda model_dir: export_onnx(
+    report = cli.run_cli(PROGRAM, argv, lambda model_dir: export_onnx(
         model_dir, fv.output, fv.batch1, fv.num_parity_images, fv.max_forced_tuples, fv.timing_runs,
         fv.penalty, fv.compute_cap, overwrite=fv.overwrite,
     ))
@@ -624,7 +632,7 @@ def summarize(report):
             print(
                 f"{PROGRAM}: {name}: greedy {g['samples']} images ({g['distinct_action_tuples']} action tuples) "
                 f"max |dlogits| {g['max_abs_logit_diff']:.2e}; forced {f['distinct_action_tuples']} tuples "
-                f"max |dlogits| {f['max_abs_logit_diff']:.2e}; {common.knob_summary(parity)}"
+                f"max |dlogits| {f['max_abs_logit_diff']:.2e}; {verification.knob_summary(parity)}"
             )
         else:
             print(f"{PROGRAM}: {name}: full width max |dlogits| {parity['max_abs_logit_diff']:.2e}")

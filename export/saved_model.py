@@ -22,7 +22,7 @@ Writes into `--output` (default `ckpt/export/`):
 `--graph=masked` (default) exports `model.rollout` itself, the exact
 reference: every convolution is computed in full and the pruned channels
 are zeroed, so it saves nothing at run time. `--graph=sliced` exports the
-gather/scatter graph of `export.common.SlicedNetwork.batched` instead:
+gather/scatter graph of `export.sliced_network.SlicedNetwork.batched` instead:
 samples are grouped by their (previous action, action) pair at each
 prunable conv and only the chosen weight prefixes are convolved (empty
 groups run on one padding sample; see FINDINGS.md's oneDNN empty-batch
@@ -58,7 +58,15 @@ import os
 import numpy as np
 from absl import flags
 
-from export import common
+from export import cli
+
+from export import exceptions
+
+from export import sliced_network
+
+from export import verification
+
+from export import writing
 from rnp_tf import validation
 
 PROGRAM = "export.saved_model"
@@ -70,7 +78,7 @@ def define_flags(flag_values=flags.FLAGS):
     if "graph" in flag_values:
         return
     fv = {"flag_values": flag_values}
-    common.define_output_flags(flag_values)
+    cli.define_output_flags(flag_values)
     flags.DEFINE_enum(
         "graph", "masked", GRAPHS,
         "masked: model.rollout itself (exact, computes every channel); sliced: gather/scatter on "
@@ -82,8 +90,8 @@ def define_flags(flag_values=flags.FLAGS):
         "Check every action tuple when there are at most this many, else a set covering every "
         "(previous action, action) pair at every layer.", lower_bound=1, **fv,
     )
-    common.define_knob_flags(flag_values)
-    for name in common.KNOB_FLAGS:  # list them in this command's --help
+    cli.define_knob_flags(flag_values)
+    for name in cli.KNOB_FLAGS:  # list them in this command's --help
         flags.declare_key_flag(name, flag_values=flag_values)
 
 
@@ -124,7 +132,7 @@ def build_module(model, graph="masked"):
             return {k: out[k] for k in keys}
 
     elif graph == "sliced":
-        net = common.SlicedNetwork(model)  # constants only
+        net = sliced_network.SlicedNetwork(model)  # constants only
         spec = [images_spec, actions_spec, penalty_spec]
 
         @tf.function(input_signature=spec, autograph=False)
@@ -150,7 +158,7 @@ def build_module(model, graph="masked"):
             return module.sliced(images, actions, default)
 
     else:
-        raise common.ExportError(f"--graph must be one of {GRAPHS}, got {graph!r}")
+        raise exceptions.ExportError(f"--graph must be one of {GRAPHS}, got {graph!r}")
     module.forced = tf.function(forced, input_signature=[images_spec, actions_spec], autograph=False)
     module.knob = tf.function(knob, input_signature=[images_spec, penalty_spec], autograph=False)
     module.serve = tf.function(serve, input_signature=[images_spec], autograph=False)
@@ -218,27 +226,27 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
         output: output directory (default `<model_dir>/export`).
         graph: "masked" (model.rollout) or "sliced" (gather/scatter).
         num_parity_images: images of the greedy parity check.
-        max_forced_tuples: see `common.action_tuples`.
+        max_forced_tuples: see `verification.action_tuples`.
         penalty, compute_cap: run-time knob applied before export.
         log: `log(message)` for progress lines.
         overwrite: replace an export of another model in `output` (see
-            `common.write_set`); otherwise it is refused before any work.
+            `writing.write_set`); otherwise it is refused before any work.
 
     Returns:
         The report dict (also written to `saved_model.json`).
 
     Raises:
-        common.ExportError: missing/corrupt checkpoint or failed parity check
+        exceptions.ExportError: missing/corrupt checkpoint or failed parity check
             (nothing is written then).
     """
     if graph not in GRAPHS:
-        raise common.ExportError(f"--graph must be one of {GRAPHS}, got {graph!r}")
-    model, target, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
-    with common.output_directory(target.directory) as out:
-        net = common.SlicedNetwork(model)
-        images = common.parity_images(net, num_parity_images)
-        knob = common.knob_inputs(net, num_parity_images)
-        tuples = common.action_tuples(model.num_prunable, model.groups, max_forced_tuples)
+        raise exceptions.ExportError(f"--graph must be one of {GRAPHS}, got {graph!r}")
+    model, target, log = cli.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
+    with writing.output_directory(target.directory) as out:
+        net = sliced_network.SlicedNetwork(model)
+        images = verification.parity_images(net, num_parity_images)
+        knob = verification.knob_inputs(net, num_parity_images)
+        tuples = verification.action_tuples(model.num_prunable, model.groups, max_forced_tuples)
         report = {
             "model_dir": os.path.abspath(model_dir),
             "graph": graph,
@@ -247,7 +255,7 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
                 "serving_knob": "images, penalty float32 [] or [1] or [batch] -> logits, actions, macs",
                 "forced": "images, actions int32 [batch, T] (1..k) -> logits, actions, macs",
             },
-            "knob": common.knob_report(net),
+            "knob": cli.knob_report(net),
             "full_macs": float(model.full_macs),
             "parity": {},
         }
@@ -258,20 +266,20 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
             import tensorflow as tf
 
             loaded = tf.saved_model.load(tmp)
-            result = common.check_artifact("saved_model", model, runner(loaded), images, tuples, knob=knob)
+            result = verification.check_artifact("saved_model", model, runner(loaded), images, tuples, knob=knob)
             # one image per call (the batch-1 path of the sliced graph): every
             # (previous action, action) pair at every layer
-            pairs = common.action_tuples(model.num_prunable, model.groups, limit=model.groups**2)
-            result["batch1"] = common.check_artifact(
+            pairs = verification.action_tuples(model.num_prunable, model.groups, limit=model.groups**2)
+            result["batch1"] = verification.check_artifact(
                 "saved_model (batch 1)", model, runner(loaded, batch1=True), images[:4], pairs, per_tuple=1,
-                knob=common.knob_subset(knob, 4),
+                knob=verification.knob_subset(knob, 4),
             )
             report["parity"]["saved_model"] = result
             log("saved_model: parity passed")
 
-        common.write_set(target, [
-            common.Artifact(os.path.join(out, "saved_model"), produce, directory=True),
-            common.json_artifact(os.path.join(out, "saved_model.json"), report),
+        writing.write_set(target, [
+            writing.Artifact(os.path.join(out, "saved_model"), produce, directory=True),
+            writing.json_artifact(os.path.join(out, "saved_model.json"), report),
         ], report)
     report["output"] = out
     return report
@@ -283,14 +291,14 @@ def summarize(report):
     print(
         f"{PROGRAM}: {report['graph']} graph: greedy {g['samples']} images ({g['distinct_action_tuples']} action "
         f"tuples) max |dlogits| {g['max_abs_logit_diff']:.2e}; forced {f['distinct_action_tuples']} tuples "
-        f"max |dlogits| {f['max_abs_logit_diff']:.2e}; {common.knob_summary(parity)}"
+        f"max |dlogits| {f['max_abs_logit_diff']:.2e}; {verification.knob_summary(parity)}"
     )
     print(f"{PROGRAM}: wrote saved_model/ and saved_model.json to {report['output']}")
 
 
 def main(argv):
     fv = flags.FLAGS
-    report = common.run_cli(PROGRAM, argv, lambda model_dir: export_saved_model(
+    report = cli.run_cli(PROGRAM, argv, lambda model_dir: export_saved_model(
         model_dir, fv.output, fv.graph, fv.num_parity_images, fv.max_forced_tuples, fv.penalty, fv.compute_cap,
         overwrite=fv.overwrite,
     ))

@@ -53,7 +53,7 @@ signatures (the default and a cheaper one at which the actions differ)
 against `model.set_penalty(p)` + `model.rollout`. float32: identical
 actions and max |logits difference| <=
 1e-4. float16 / dynamic: logits within the tolerance of
-`export.common.QUANTIZED_TOLERANCES` (relative to the largest logit) and
+`export.verification.QUANTIZED_TOLERANCES` (relative to the largest logit) and
 greedy actions agreeing on at least its `min_agreement` share of the images
 (the agreement rate is reported). A failed check writes nothing and exits 2.
 
@@ -71,7 +71,15 @@ import tempfile
 import numpy as np
 from absl import flags
 
-from export import common
+from export import cli
+
+from export import exceptions
+
+from export import sliced_network
+
+from export import verification
+
+from export import writing
 from rnp_tf import validation
 
 PROGRAM = "export.tflite"
@@ -83,7 +91,7 @@ def define_flags(flag_values=flags.FLAGS):
     if "quantize" in flag_values:
         return
     fv = {"flag_values": flag_values}
-    common.define_output_flags(flag_values)
+    cli.define_output_flags(flag_values)
     flags.DEFINE_enum(
         "quantize", "none", QUANTIZE,
         "Also write a quantised variant: float16 weights or dynamic-range int8 weights.", **fv,
@@ -95,8 +103,8 @@ def define_flags(flag_values=flags.FLAGS):
         "(previous action, action) pair at every layer.", lower_bound=1, **fv,
     )
     flags.DEFINE_integer("timing_runs", 20, "Images timed per model (0: skip).", lower_bound=0, **fv)
-    common.define_knob_flags(flag_values)
-    for name in common.KNOB_FLAGS:  # list them in this command's --help
+    cli.define_knob_flags(flag_values)
+    for name in cli.KNOB_FLAGS:  # list them in this command's --help
         flags.declare_key_flag(name, flag_values=flag_values)
 
 
@@ -104,7 +112,7 @@ def signature_functions(net, parts=("rnp", "full")):
     """The `tf.function`s of every signature, by name (static batch 1).
 
     Args:
-        net: the `common.SlicedNetwork`.
+        net: the `sliced_network.SlicedNetwork`.
         parts: "rnp" (stem, branch and head signatures) and/or "full" (the
             unpruned network, for latency comparisons).
     """
@@ -224,7 +232,7 @@ def convert(net, quantize="none", workdir=None, parts=("rnp", "full"), chunk_mb=
     buffer offsets allow).
 
     Args:
-        net: the `common.SlicedNetwork`.
+        net: the `sliced_network.SlicedNetwork`.
         quantize: "none", "float16" or "dynamic".
         workdir: where the temporary SavedModels go.
         parts: see `signature_functions`.
@@ -264,7 +272,7 @@ def _convert_chunk(net, parts, names, quantize, workdir, isolate):
                               env=env, capture_output=True, text=True)
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if line.strip()] or [f"exit status {done.returncode}"]
-            raise common.ExportError(f"TFLite conversion of {len(names)} signatures failed: {lines[-1]}")
+            raise exceptions.ExportError(f"TFLite conversion of {len(names)} signatures failed: {lines[-1]}")
         with open(target, "rb") as f:
             return f.read()
 
@@ -275,7 +283,7 @@ def _convert_to_file(path, names, quantize, target):
 
     try:
         data = convert_saved(path, names.split(","), quantize)
-    except common.ExportError as error:
+    except exceptions.ExportError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
     with open(target, "wb") as f:
@@ -331,7 +339,7 @@ def merge_models(blobs, alignment=64):
         for subgraph in model.subgraphs:
             for op in subgraph.operators:
                 if op.builtinOptionsType in option_names:
-                    raise common.ExportError("cannot merge TFLite models with control flow between subgraphs")
+                    raise exceptions.ExportError("cannot merge TFLite models with control flow between subgraphs")
         if index == 0:
             continue
         merged.buffers.extend(model.buffers)
@@ -366,7 +374,7 @@ def merge_models(blobs, alignment=64):
         position = aligned(position + len(data))
     head = pack()
     if len(head) != size:  # the offsets are fixed-width fields: the layout cannot move
-        raise common.ExportError(f"merging TFLite models: flatbuffer size changed from {size} to {len(head)}")
+        raise exceptions.ExportError(f"merging TFLite models: flatbuffer size changed from {size} to {len(head)}")
     parts, end = [head], len(head)
     for buffer, data in weights:
         parts += [bytes(buffer.offset - end), data.tobytes()]
@@ -402,11 +410,11 @@ def convert_saved(path, signature_keys, quantize="none"):
     try:
         return converter.convert()
     except Exception as error:  # converter errors are long MLIR dumps
-        raise common.ExportError(f"TFLite conversion failed: {common._first_line(error)}") from None
+        raise exceptions.ExportError(f"TFLite conversion failed: {exceptions.first_line(error)}") from None
 
 
 def runner_function(runner):
-    """`run(images, forced=None, penalty=None) -> dict` over a `TFLiteRNPRunner` (for `common.check_artifact`)."""
+    """`run(images, forced=None, penalty=None) -> dict` over a `TFLiteRNPRunner` (for `verification.check_artifact`)."""
 
     def run(images, forced=None, penalty=None):
         logits, actions, macs = runner.run(images, forced, penalty=penalty)
@@ -424,38 +432,38 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
         output: output directory (default `<model_dir>/export`).
         quantize: "none", "float16" or "dynamic".
         num_parity_images: images of the greedy parity check.
-        max_forced_tuples: see `common.action_tuples`.
+        max_forced_tuples: see `verification.action_tuples`.
         timing_runs: images timed per model (0: no latencies).
         penalty, compute_cap: run-time knob applied before export (see
-            `common.apply_knob`).
+            `cli.apply_knob`).
         log: `log(message)` for progress lines.
         overwrite: replace an export of another model in `output` (see
-            `common.write_set`); otherwise it is refused before any work.
+            `writing.write_set`); otherwise it is refused before any work.
 
     Returns:
         The report dict (also written to `tflite.json`).
 
     Raises:
-        common.ExportError: missing/corrupt checkpoint, failed conversion or
+        exceptions.ExportError: missing/corrupt checkpoint, failed conversion or
             parity check (nothing is written then).
     """
     if quantize not in QUANTIZE:
-        raise common.ExportError(f"--quantize must be one of {QUANTIZE}, got {quantize!r}")
-    model, target, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
+        raise exceptions.ExportError(f"--quantize must be one of {QUANTIZE}, got {quantize!r}")
+    model, target, log = cli.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
     from rnp_tf.tflite_runner import TFLiteRNPRunner
 
-    with common.output_directory(target.directory) as out:
-        net = common.SlicedNetwork(model)
-        images = common.parity_images(net, num_parity_images)
-        knob = common.knob_inputs(net, num_parity_images)
-        tuples = common.action_tuples(net.num_prunable, net.groups, max_forced_tuples)
+    with writing.output_directory(target.directory) as out:
+        net = sliced_network.SlicedNetwork(model)
+        images = verification.parity_images(net, num_parity_images)
+        knob = verification.knob_inputs(net, num_parity_images)
+        tuples = verification.action_tuples(net.num_prunable, net.groups, max_forced_tuples)
         variants = ["none"] + ([quantize] if quantize != "none" else [])
         report = {
             "model_dir": os.path.abspath(model_dir),
             "groups": net.groups,
             "num_prunable": net.num_prunable,
             "full_macs": float(model.full_macs),
-            "knob": common.knob_report(net),
+            "knob": cli.knob_report(net),
             "parity": {},
             "latency_ms": {},
         }
@@ -470,14 +478,14 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
                     f.write(data)
                 runner = TFLiteRNPRunner(tmp)
                 quant = None if variant == "none" else variant
-                result = common.check_artifact(
+                result = verification.check_artifact(
                     name, model, runner_function(runner), images, tuples, quantize=quant, knob=knob
                 )
-                full = common.compare(
+                full = verification.compare(
                     f"{name} (full signature)",
-                    common.reference(model, images, np.full((len(images), net.num_prunable), net.groups)),
+                    verification.reference(model, images, np.full((len(images), net.num_prunable), net.groups)),
                     {"logits": runner.run_full(images), "actions": None, "macs": None},
-                    **{kk: v for kk, v in common.tolerance_for(quant).items() if kk != "min_agreement"},
+                    **{kk: v for kk, v in verification.tolerance_for(quant).items() if kk != "min_agreement"},
                     logits_only=True,
                 )
                 result["full"] = full
@@ -487,9 +495,9 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
                     report["latency_ms"][name] = latencies(runner, images, timing_runs)
                 log(f"{name}: parity passed ({len(runner.signature_keys)} signatures)")
 
-            artifacts.append(common.Artifact(os.path.join(out, name), produce))
-        artifacts.append(common.json_artifact(os.path.join(out, "tflite.json"), report))
-        common.write_set(target, artifacts, report)
+            artifacts.append(writing.Artifact(os.path.join(out, name), produce))
+        artifacts.append(writing.json_artifact(os.path.join(out, "tflite.json"), report))
+        writing.write_set(target, artifacts, report)
     report["output"] = out
     return report
 
@@ -497,8 +505,8 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
 def latencies(runner, images, runs):
     """Median ms per image: the RNP driver (greedy) and the `full` signature, batch 1."""
     x = images[: max(1, min(len(images), runs))]
-    rnp = common.timed(lambda: runner.run(x), repeats=3, warmup=1) / len(x)
-    full = common.timed(lambda: runner.run_full(x), repeats=3, warmup=1) / len(x)
+    rnp = cli.timed(lambda: runner.run(x), repeats=3, warmup=1) / len(x)
+    full = cli.timed(lambda: runner.run_full(x), repeats=3, warmup=1) / len(x)
     _, actions, macs = runner.run(x)
     return {
         "rnp_per_image": rnp,
@@ -523,7 +531,7 @@ def summarize(report):
             f"({g['distinct_action_tuples']} action tuples) agreement {g['action_agreement']:.1%} "
             f"max |dlogits| {g['max_abs_logit_diff']:.2e} (tol {g['tolerance']:.1e}); forced "
             f"{f['distinct_action_tuples']} tuples max |dlogits| {f['max_abs_logit_diff']:.2e}; "
-            f"{common.knob_summary(parity)}"
+            f"{verification.knob_summary(parity)}"
         )
     for name, lat in report.get("latency_ms", {}).items():
         print(
@@ -535,7 +543,7 @@ def summarize(report):
 
 def main(argv):
     fv = flags.FLAGS
-    report = common.run_cli(PROGRAM, argv, lambda model_dir: export_tflite(
+    report = cli.run_cli(PROGRAM, argv, lambda model_dir: export_tflite(
         model_dir, fv.output, fv.quantize, fv.num_parity_images, fv.max_forced_tuples, fv.timing_runs,
         fv.penalty, fv.compute_cap, overwrite=fv.overwrite,
     ))

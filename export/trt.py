@@ -44,7 +44,15 @@ import time
 import numpy as np
 from absl import flags
 
-from export import common
+from export import cli
+
+from export import exceptions
+
+from export import sliced_network
+
+from export import verification
+
+from export import writing
 from rnp_tf import validation
 
 PROGRAM = "export.trt"
@@ -101,7 +109,7 @@ TRT_OPSETS = (9, 20)  # TensorRT 10.0's range (later 10.x accept up to 24)
 _ONNX_TYPES = {1: "FP32", 10: "FP16", 16: "BF16", 6: "INT32", 7: "INT64", 9: "BOOL", 2: "UINT8", 3: "INT8"}
 
 
-class TensorRTUnavailable(common.ExportError):
+class TensorRTUnavailable(exceptions.ExportError):
     """TensorRT, cuda-python or a GPU is missing: engines cannot be built here."""
 
 
@@ -110,7 +118,7 @@ def define_flags(flag_values=flags.FLAGS):
     if "fp16" in flag_values:
         return
     fv = {"flag_values": flag_values}
-    common.define_output_flags(flag_values)
+    cli.define_output_flags(flag_values)
     flags.DEFINE_boolean("fp16", False, "Build FP16 engines (BuilderFlag.FP16).", **fv)
     flags.DEFINE_boolean("benchmark", False, "Time the RNP engine against the full engine at batch 64 and 1.", **fv)
     flags.DEFINE_integer("max_batch", 64, "Largest batch of the optimisation profile (smallest: 1).", lower_bound=1, **fv)
@@ -118,8 +126,8 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_integer("workspace_mb", 2048, "Builder workspace memory pool (MiB).", lower_bound=16, **fv)
     flags.DEFINE_integer("timing_runs", 50, "Timed runs per engine and batch with --benchmark.", lower_bound=1, **fv)
     flags.DEFINE_integer("num_parity_images", 16, "Images of the greedy parity check.", lower_bound=1, **fv)
-    common.define_knob_flags(flag_values)
-    for name in common.KNOB_FLAGS:  # list them in this command's --help
+    cli.define_knob_flags(flag_values)
+    for name in cli.KNOB_FLAGS:  # list them in this command's --help
         flags.declare_key_flag(name, flag_values=flag_values)
 
 
@@ -174,14 +182,14 @@ def probe_tensorrt():
     try:
         import tensorrt as trt
     except Exception as error:  # ImportError, or OSError for missing libnvonnxparser / libnvinfer
-        raise TensorRTUnavailable(f"TensorRT is not installed or does not load ({common._first_line(error)})") from None
+        raise TensorRTUnavailable(f"TensorRT is not installed or does not load ({exceptions.first_line(error)})") from None
     try:
         try:
             from cuda.bindings import runtime as cudart
         except ImportError:
             from cuda import cudart
     except Exception as error:
-        raise TensorRTUnavailable(f"cuda-python is not installed, needed for device buffers ({common._first_line(error)})") from None
+        raise TensorRTUnavailable(f"cuda-python is not installed, needed for device buffers ({exceptions.first_line(error)})") from None
     err, count = cudart.cudaGetDeviceCount()
     if int(err) != 0 or count < 1:
         raise TensorRTUnavailable(f"no NVIDIA GPU is visible (cudaGetDeviceCount: {err}, {count} devices)")
@@ -209,7 +217,7 @@ def build_engine(trt, onnx_bytes, max_batch=64, opt_batch=64, fp16=False, worksp
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise common.ExportError(f"TensorRT's ONNX parser rejected the model: {errors}")
+        raise exceptions.ExportError(f"TensorRT's ONNX parser rejected the model: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     if fp16:
@@ -227,7 +235,7 @@ def build_engine(trt, onnx_bytes, max_batch=64, opt_batch=64, fp16=False, worksp
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise common.ExportError("TensorRT could not build the engine (see the TensorRT log above)")
+        raise exceptions.ExportError("TensorRT could not build the engine (see the TensorRT log above)")
     return bytes(serialized)
 
 
@@ -247,7 +255,7 @@ class TRTRunner:
         self.runtime = trt.Runtime(logger or trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
-            raise common.ExportError("TensorRT could not deserialize the engine")
+            raise exceptions.ExportError("TensorRT could not deserialize the engine")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -257,7 +265,7 @@ class TRTRunner:
     def _check(self, result):
         err = result[0] if isinstance(result, tuple) else result
         if int(err) != 0:
-            raise common.ExportError(f"CUDA error {err}")
+            raise exceptions.ExportError(f"CUDA error {err}")
         return result[1] if isinstance(result, tuple) and len(result) > 1 else None
 
     def run(self, images, penalty=None):
@@ -289,7 +297,7 @@ class TRTRunner:
             for name in self.inputs:
                 self._check(cudart.cudaMemcpyAsync(device[name], host[name].ctypes.data, host[name].nbytes, h2d, self.stream))
             if not self.context.execute_async_v3(self.stream):
-                raise common.ExportError("TensorRT execution failed")
+                raise exceptions.ExportError("TensorRT execution failed")
             d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
             for name in self.outputs:
                 self._check(cudart.cudaMemcpyAsync(host[name].ctypes.data, device[name], host[name].nbytes, d2h, self.stream))
@@ -302,7 +310,7 @@ class TRTRunner:
     def time(self, batch, image_shape, runs):
         """Median ms of one batch (host copies included)."""
         x = np.random.default_rng(batch).normal(size=(batch, *image_shape)).astype(np.float32)
-        return common.timed(lambda: self.run(x), repeats=runs, warmup=3)
+        return cli.timed(lambda: self.run(x), repeats=runs, warmup=3)
 
 
 # ----------------------------------------------------------------- export
@@ -321,7 +329,7 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
         penalty, compute_cap: run-time knob applied before export.
         log: `log(message)` for progress lines.
         overwrite: replace an export of another model in `output` (see
-            `common.write_set`); otherwise it is refused before any work.
+            `writing.write_set`); otherwise it is refused before any work.
 
     Returns:
         The report dict (also written to `trt.json`).
@@ -329,18 +337,18 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
     Raises:
         TensorRTUnavailable: after the ONNX files were written, when
             TensorRT, cuda-python or a GPU is missing.
-        common.ExportError: missing/corrupt checkpoint, an ONNX graph
+        exceptions.ExportError: missing/corrupt checkpoint, an ONNX graph
             TensorRT would reject, failed parity.
     """
     import onnx
 
     from export import onnx as onnx_export
 
-    model, target, log = common.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
-    with common.output_directory(target.directory) as out:
-        net = common.SlicedNetwork(model)
-        images = common.parity_images(net, num_parity_images)
-        knob = common.knob_inputs(net, num_parity_images)
+    model, target, log = cli.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
+    with writing.output_directory(target.directory) as out:
+        net = sliced_network.SlicedNetwork(model)
+        images = verification.parity_images(net, num_parity_images)
+        knob = verification.knob_inputs(net, num_parity_images)
         log(f"converting the gather/scatter model for TensorRT (opset {onnx_export.OPSET})")
         protos = {
             "rnp_trt.onnx": onnx_export.bake_greedy(onnx_export.convert_batched(net)),
@@ -348,7 +356,7 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
         }
         report = {
             "model_dir": os.path.abspath(model_dir),
-            "knob": common.knob_report(net),
+            "knob": cli.knob_report(net),
             "full_macs": float(model.full_macs),
             "profile": {"min": 1, "opt": min(opt_batch, max_batch), "max": max_batch},
             "static_check": {},
@@ -357,7 +365,7 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
         for name, proto in protos.items():
             problems = check_tensorrt_compatible(proto)
             if problems:
-                raise common.ExportError(f"{name} is not TensorRT-ready: {problems[0]} (and {len(problems) - 1} more)")
+                raise exceptions.ExportError(f"{name} is not TensorRT-ready: {problems[0]} (and {len(problems) - 1} more)")
             report["static_check"][name] = {"operators": onnx_export.operators(proto), "problems": []}
 
         def producer(name, proto):
@@ -368,19 +376,19 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
                     report["onnx_parity"][name] = onnx_export.check_full(name, model, onnx_export.full_runner(sess), images)
                 else:
                     run = onnx_export.runner(sess, has_forced=False)
-                    report["onnx_parity"][name] = common.compare(f"{name} (greedy)", common.reference(model, images), run(images))
+                    report["onnx_parity"][name] = verification.compare(f"{name} (greedy)", verification.reference(model, images), run(images))
                     x = images[np.arange(64) % len(images)]
-                    report["onnx_parity"][name + " batch 64"] = common.compare(f"{name} (batch 64)", common.reference(model, x), run(x))
-                    report["onnx_parity"][name + " knob"] = common.check_knob(
+                    report["onnx_parity"][name + " batch 64"] = verification.compare(f"{name} (batch 64)", verification.reference(model, x), run(x))
+                    report["onnx_parity"][name + " knob"] = verification.check_knob(
                         name, model, lambda x, p: run(x, penalty=p), knob
                     )
                 log(f"{name}: TensorRT operator check and onnxruntime parity passed")
 
             return produce
 
-        artifacts = [common.Artifact(os.path.join(out, n), producer(n, p)) for n, p in protos.items()]
-        artifacts.append(common.json_artifact(os.path.join(out, "trt.json"), report))
-        common.write_set(target, artifacts, report)
+        artifacts = [writing.Artifact(os.path.join(out, n), producer(n, p)) for n, p in protos.items()]
+        artifacts.append(writing.json_artifact(os.path.join(out, "trt.json"), report))
+        writing.write_set(target, artifacts, report)
         report["output"] = out
         try:
             trt, cudart = probe_tensorrt()
@@ -398,14 +406,14 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
             log(f"building {stem}{suffix}.engine (batch 1..{max_batch}{', FP16' if fp16 else ''})")
             engines[stem] = build_engine(trt, proto.SerializeToString(), max_batch, opt_batch, fp16, workspace_mb)
             runners[stem] = TRTRunner(trt, cudart, engines[stem], penalty=net.penalty_setting)
-        tol = common.tolerance_for(quant)
+        tol = verification.tolerance_for(quant)
         got = runners["rnp"].run(images)
         report["engine_parity"] = {
-            "rnp": common.compare("rnp engine", common.reference(model, images), got, **tol),
-            "rnp_knob": common.check_knob("rnp engine", model, lambda x, p: runners["rnp"].run(x, p), knob, quant),
-            "full": common.compare(
+            "rnp": verification.compare("rnp engine", verification.reference(model, images), got, **tol),
+            "rnp_knob": verification.check_knob("rnp engine", model, lambda x, p: runners["rnp"].run(x, p), knob, quant),
+            "full": verification.compare(
                 "full engine",
-                common.reference(model, images, np.full((len(images), model.num_prunable), model.groups)),
+                verification.reference(model, images, np.full((len(images), model.num_prunable), model.groups)),
                 runners["full"].run(images),
                 logits_only=True,
                 **{k: v for k, v in tol.items() if k != "min_agreement"},
@@ -425,12 +433,12 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
                 with open(tmp, "wb") as f:
                     f.write(engines[stem])
 
-            return common.Artifact(os.path.join(out, f"{stem}{suffix}.engine"), produce)
+            return writing.Artifact(os.path.join(out, f"{stem}{suffix}.engine"), produce)
 
         report["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        common.write_set(
+        writing.write_set(
             target,
-            [engine_artifact(s) for s in engines] + [common.json_artifact(os.path.join(out, "trt.json"), report)],
+            [engine_artifact(s) for s in engines] + [writing.json_artifact(os.path.join(out, "trt.json"), report)],
             report,
             keep=tuple(protos),
         )
@@ -439,7 +447,7 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
 
 def main(argv):
     fv = flags.FLAGS
-    report = common.run_cli(PROGRAM, argv, lambda model_dir: export_trt(
+    report = cli.run_cli(PROGRAM, argv, lambda model_dir: export_trt(
         model_dir, fv.output, fv.fp16, fv.benchmark, fv.max_batch, fv.opt_batch, fv.workspace_mb,
         fv.timing_runs, fv.num_parity_images, fv.penalty, fv.compute_cap, overwrite=fv.overwrite,
     ))

@@ -19,7 +19,7 @@ how a step is computed and what `h` is: `MaskedExecutor` (full tensors,
 pruned channels zeroed: differentiable, for training), `SlicedExecutor`
 (the reference: each conv on its weight prefix, eager), the inference
 engine's batch-1 and batch-N executors (`rnp_tf.engine`) and the exporters'
-graph builders (`export.common`). Actions are whatever the policy returns
+graph builders (`export.sliced_network`). Actions are whatever the policy returns
 (int32 tensors `[batch]`); `None` stands for the full width.
 
 Example:

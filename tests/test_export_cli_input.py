@@ -1,6 +1,6 @@
 """Bad input to the exporters: one line naming the flag or file, exit 2, the output folder unchanged.
 
-Most cases run in this process through `export.common.run_cli`, the body of
+Most cases run in this process through `export.cli.run_cli`, the body of
 every exporter's `main`, with each exporter's own flags (parsed by
 `rnp_tf.validation.parse_flags`, as `validation.run_cli` does); everything
 is refused before any conversion. A few run the real command lines (`slow`:
@@ -12,7 +12,9 @@ import os
 import pytest
 from absl import flags
 
-from export import common
+from export import cli
+
+from export import writing
 from export import onnx as onnx_export
 from export import saved_model
 from export import tflite
@@ -45,7 +47,7 @@ def run(capsys, program, *args):
     module.define_flags(fv)
     try:
         argv = validation.parse_flags(program, [program, *args], fv)
-        common.run_cli(program, argv, lambda model_dir: export(
+        cli.run_cli(program, argv, lambda model_dir: export(
             model_dir, fv.output, penalty=fv.penalty, compute_cap=fv.compute_cap, overwrite=fv.overwrite,
             log=lambda m: None,
         ))
@@ -110,7 +112,7 @@ def test_output_flags_are_in_every_exporters_help():
     for module, _ in EXPORTERS.values():
         fv = flags.FlagValues()
         module.define_flags(fv)
-        assert "--overwrite" in fv["output"].help and common.MANIFEST in fv["output"].help
+        assert "--overwrite" in fv["output"].help and writing.MANIFEST in fv["output"].help
         assert {"output", "overwrite", "penalty", "compute_cap"} <= set(fv)
 
 

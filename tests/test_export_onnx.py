@@ -8,7 +8,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export import common
+from export import sliced_network
+
+from export import verification
 from export import onnx as onnx_export
 
 
@@ -76,7 +78,7 @@ def test_penalty_input_in_both_models(exported, check_penalty_input):
 def test_every_action_tuple_in_both_models(exported):
     model, out, _ = exported
     x = np.random.default_rng(2).normal(size=(len(ALL_TUPLES), 8, 8, 1)).astype("float32")
-    ref = common.reference(model, x, ALL_TUPLES)
+    ref = verification.reference(model, x, ALL_TUPLES)
     batched = onnx_export.runner(onnx_export.session(str(out / "rnp.onnx")))
     single = onnx_export.runner(onnx_export.session(str(out / "rnp_b1.onnx")), batch1=True)
     for run in (batched, single):
@@ -90,8 +92,8 @@ def test_every_action_tuple_in_both_models(exported):
 def test_dynamic_batch_with_empty_groups(exported, batch):
     model, out, _ = exported
     run = onnx_export.runner(onnx_export.session(str(out / "rnp.onnx")))
-    net = common.SlicedNetwork(model)
-    images = common.parity_images(net, 8)
+    net = sliced_network.SlicedNetwork(model)
+    images = verification.parity_images(net, 8)
     result = onnx_export.check_dynamic_batch(model, run, images, sizes=(batch,))[str(batch)]
     assert result["samples"] == batch and result["action_agreement"] == 1.0
     # greedy only, without the optional input; at batch 1 or 7 most of the
@@ -116,13 +118,13 @@ def test_full_model_is_the_unpruned_network(exported):
 def test_compute_cap_holds_in_onnxruntime(exported):
     """Both graphs choose through `RNPModel.greedy_q`, so the cap is frozen into them."""
     model, _, _ = exported
-    images = common.parity_images(common.SlicedNetwork(model), 8)
+    images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
     cap = 0.45
-    assert common.reference(model, images)["macs"].max() > cap * model.full_macs  # the cap binds
+    assert verification.reference(model, images)["macs"].max() > cap * model.full_macs  # the cap binds
     model.set_compute_cap(cap)
     try:
-        net = common.SlicedNetwork(model)
-        ref = common.reference(model, images)
+        net = sliced_network.SlicedNetwork(model)
+        ref = verification.reference(model, images)
         for proto, batch1 in ((onnx_export.convert_batched(net), False), (onnx_export.convert_single(net), True)):
             got = onnx_export.runner(onnx_export.session(proto.SerializeToString()), batch1=batch1)(images)
             np.testing.assert_array_equal(got["actions"], ref["actions"])
@@ -135,7 +137,7 @@ def test_compute_cap_holds_in_onnxruntime(exported):
 def test_kernels_are_bound_where_they_are_used(exported):
     """tf2onnx converts a graph without large weights; each branch's kernel is an initializer of its own `If` branch."""
     model, out, _ = exported
-    net = common.SlicedNetwork(model)
+    net = sliced_network.SlicedNetwork(model)
     import tensorflow as tf
 
     fn, sig, kernels = net.kernels_as_inputs(net.full, [tf.TensorSpec([None, 8, 8, 1], tf.float32)])

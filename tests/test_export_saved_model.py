@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import common
+from export import exceptions
+
+from export import verification
+
+from export import writing
 from export import saved_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,13 +49,13 @@ def test_export_verifies_every_action_tuple(checkpoint, exported, graph):
     parity = report["parity"]["saved_model"]
     assert parity["greedy"]["action_agreement"] == 1.0
     assert parity["forced"]["distinct_action_tuples"] == 64
-    assert parity["forced"]["max_abs_logit_diff"] <= common.ATOL
+    assert parity["forced"]["max_abs_logit_diff"] <= verification.ATOL
     assert sorted(os.listdir(out)) == ["export_manifest.json", "saved_model", "saved_model.json"]
-    manifest = json.loads((out / common.MANIFEST).read_text())
-    assert manifest["source"]["sha256"] == common.sha256_file(checkpoint / "model.keras")
+    manifest = json.loads((out / writing.MANIFEST).read_text())
+    assert manifest["source"]["sha256"] == writing.sha256_file(checkpoint / "model.keras")
     assert "saved_model/saved_model.pb" in manifest["files"] and manifest["exports"]["export.saved_model"]["parity"]
     for name, record in manifest["files"].items():
-        assert common.sha256_file(out / name) == record["sha256"], name
+        assert writing.sha256_file(out / name) == record["sha256"], name
     assert json.loads((out / "saved_model.json").read_text())["graph"] == graph
     loaded = tf.saved_model.load(str(out / "saved_model"))
     serve = loaded.signatures["serving_default"]
@@ -106,7 +110,7 @@ def test_failed_parity_writes_nothing(checkpoint, tmp_path, monkeypatch):
         return lambda images, forced=None: dict(run(images, forced), logits=run(images, forced)["logits"] + 1e-3)
 
     monkeypatch.setattr(saved_model, "runner", broken)
-    with pytest.raises(common.ParityError, match=r"max \|logits diff\| = 0.001"):
+    with pytest.raises(exceptions.ParityError, match=r"max \|logits diff\| = 0.001"):
         saved_model.export_saved_model(checkpoint, tmp_path / "export", num_parity_images=4, log=lambda m: None)
     assert os.listdir(tmp_path) == []
 

@@ -7,7 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from export import common
+from export import exceptions
+
+from export import sliced_network
+
+from export import verification
 from export import tflite
 from rnp_tf import tflite_runner
 from rnp_tf.tflite_runner import TFLiteRNPRunner
@@ -31,7 +35,7 @@ def test_files_report_and_signatures(exported):
     assert len(runner.signature_keys) == 1 + 4 + 32 + 4 + 1 + 1
     assert (runner.groups, runner.num_prunable, runner.image_shape, runner.num_classes) == (4, 3, (8, 8, 1), 10)
     float16 = report["parity"]["rnp_float16.tflite"]
-    assert float16["greedy"]["tolerance"] > common.ATOL and 0.75 <= float16["greedy"]["action_agreement"] <= 1.0
+    assert float16["greedy"]["tolerance"] > verification.ATOL and 0.75 <= float16["greedy"]["action_agreement"] <= 1.0
     assert report["latency_ms"]["rnp.tflite"]["rnp_per_image"] > 0
 
 
@@ -47,8 +51,8 @@ def test_runner_matches_rollout_for_every_action_tuple(exported):
     np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
     np.testing.assert_allclose(macs, ref["macs"], rtol=1e-5)
     # greedy, one image and a batch
-    net = common.SlicedNetwork(model)
-    images = common.parity_images(net, 8)
+    net = sliced_network.SlicedNetwork(model)
+    images = verification.parity_images(net, 8)
     logits, actions, macs = runner.run(images)
     ref = model.rollout(images)
     np.testing.assert_array_equal(actions, ref["actions"])
@@ -112,13 +116,13 @@ def test_runner_rejects_bad_inputs(exported):
 @pytest.mark.slow
 def test_dynamic_range_variant_within_its_tolerance(exported, tmp_path):
     model, _, _ = exported
-    net = common.SlicedNetwork(model)
+    net = sliced_network.SlicedNetwork(model)
     path = tmp_path / "rnp_dynamic.tflite"
     path.write_bytes(tflite.convert(net, "dynamic"))
     run = tflite.runner_function(TFLiteRNPRunner(path))
-    images = common.parity_images(net, 8)
-    result = common.check_artifact("dynamic", model, run, images, common.action_tuples(3, 4), quantize="dynamic")
-    assert result["greedy"]["action_agreement"] >= common.QUANTIZED_TOLERANCES["dynamic"]["min_agreement"]
+    images = verification.parity_images(net, 8)
+    result = verification.check_artifact("dynamic", model, run, images, verification.action_tuples(3, 4), quantize="dynamic")
+    assert result["greedy"]["action_agreement"] >= verification.QUANTIZED_TOLERANCES["dynamic"]["min_agreement"]
     assert 0 < result["forced"]["max_abs_logit_diff"] <= result["forced"]["tolerance"]
 
 
@@ -127,20 +131,20 @@ def test_dynamic_range_variant_within_its_tolerance(exported, tmp_path):
 def test_compute_cap_holds_in_the_interpreter(exported, tmp_path, quantize):
     """The cap's feasibility test (`RNPModel.greedy_q`) runs inside the signatures, fed the earlier actions."""
     model, _, _ = exported
-    net = common.SlicedNetwork(model)
-    images = common.parity_images(net, 8)
+    net = sliced_network.SlicedNetwork(model)
+    images = verification.parity_images(net, 8)
     cap = 0.45
-    assert common.reference(model, images)["macs"].max() > cap * model.full_macs  # the cap binds
+    assert verification.reference(model, images)["macs"].max() > cap * model.full_macs  # the cap binds
     model.set_compute_cap(cap)
     try:
-        net = common.SlicedNetwork(model)
+        net = sliced_network.SlicedNetwork(model)
         path = tmp_path / "capped.tflite"
         path.write_bytes(tflite.convert(net, quantize))
         runner = TFLiteRNPRunner(path)
         assert "actions" in runner._inputs("conv1_in2_out3")
         quant = None if quantize == "none" else quantize
-        result = common.check_artifact("capped", model, tflite.runner_function(runner), images,
-                                       common.action_tuples(3, 4), quantize=quant)
+        result = verification.check_artifact("capped", model, tflite.runner_function(runner), images,
+                                       verification.action_tuples(3, 4), quantize=quant)
         assert result["greedy"]["action_agreement"] == 1.0
         _, _, macs = runner.run(images)
         assert macs.max() <= cap * model.full_macs * (1 + 1e-5)
@@ -152,7 +156,7 @@ def test_compute_cap_holds_in_the_interpreter(exported, tmp_path, quantize):
 def test_large_export_is_converted_in_pieces_and_merged(exported, tmp_path):
     """With a small `chunk_mb` the signatures are converted in pieces (child processes); the merged file is the same model."""
     model, out, _ = exported
-    net = common.SlicedNetwork(model)
+    net = sliced_network.SlicedNetwork(model)
     path = tmp_path / "merged.tflite"
     with net.recording_kernels() as kernels:
         for fn in tflite.signature_functions(net).values():
@@ -167,8 +171,8 @@ def test_large_export_is_converted_in_pieces_and_merged(exported, tmp_path):
     data = path.read_bytes()
     buffers = [b for b in schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0)).buffers if b.size]
     assert len(buffers) > 20 and all(b.offset % 64 == 0 and b.offset + b.size <= len(data) for b in buffers)
-    images = common.parity_images(net, 8)
-    result = common.check_artifact("merged", model, tflite.runner_function(merged), images, common.action_tuples(3, 4))
+    images = verification.parity_images(net, 8)
+    result = verification.check_artifact("merged", model, tflite.runner_function(merged), images, verification.action_tuples(3, 4))
     assert result["greedy"]["action_agreement"] == 1.0
     np.testing.assert_allclose(merged.run_full(images), whole.run_full(images), atol=1e-6)
     for name in ("stem", "conv1_in2_out3", "head_in2"):
@@ -184,5 +188,5 @@ def test_merge_refuses_control_flow(tmp_path):
 
     tf.saved_model.save(tf.Module(), str(tmp_path / "sm"), signatures={"branchy": branchy.get_concrete_function()})
     data = tflite.convert_saved(str(tmp_path / "sm"), ["branchy"])
-    with pytest.raises(common.ExportError, match="control flow"):
+    with pytest.raises(exceptions.ExportError, match="control flow"):
         tflite.merge_models([data, data])

@@ -1,0 +1,116 @@
+"""export.sliced_network: the sliced graphs (batched, single, full) against model.rollout, on the one rollout."""
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import rnp_tf
+from export import exceptions
+from export import sliced_network
+from export import verification
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_tf(net, fn_name):
+    """`run(images, forced, penalty=None)` over a traced SlicedNetwork function (penalty an input)."""
+    t = net.num_prunable
+    h, w, c = net.image_shape
+    batch = None if fn_name == "batched" else 1
+    fn = tf.function(
+        getattr(net, fn_name),
+        input_signature=[
+            tf.TensorSpec([batch, h, w, c], tf.float32),
+            tf.TensorSpec([batch, t], tf.int32),
+            tf.TensorSpec([None], tf.float32),
+        ],
+        autograph=False,
+    )
+
+    def run(images, forced=None, penalty=None):
+        p = np.full([1], net.penalty_setting if penalty is None else penalty, np.float32)
+        if batch is None:
+            f = np.zeros((1, t), np.int32) if forced is None else forced
+            return {k: v.numpy() for k, v in fn(images, f, p).items()}
+        zeros = np.zeros((1, t), np.int32)
+        outs = [fn(images[i : i + 1], zeros if forced is None else forced[i : i + 1], p) for i in range(len(images))]
+        return {k: np.concatenate([o[k].numpy() for o in outs]) for k in outs[0]}
+
+    return run
+
+
+def test_batched_and_single_graphs_match_rollout_for_every_action_tuple(export_model):
+    model = export_model()
+    net = sliced_network.SlicedNetwork(model)
+    images = verification.parity_images(net, 12)
+    tuples = verification.action_tuples(net.num_prunable, net.groups)
+    assert len(tuples) == 4**3
+    for name in ("batched", "single"):
+        result = verification.check_artifact(name, model, run_tf(net, name), images, tuples)
+        assert result["greedy"]["action_agreement"] == 1.0
+        assert result["greedy"]["distinct_action_tuples"] > 1
+        assert result["forced"]["distinct_action_tuples"] == 64
+        assert result["forced"]["max_abs_logit_diff"] <= verification.ATOL
+
+
+def test_penalty_is_an_input_of_both_graphs(export_model):
+    """Re-pricing of the Q-values follows a tensor penalty."""
+    model = export_model()
+    net = sliced_network.SlicedNetwork(model)
+    knob = verification.knob_inputs(net, 8)
+    assert knob[0]["penalty"] == pytest.approx(model.penalty_setting)
+    assert knob[1]["penalty"] != pytest.approx(knob[0]["penalty"]) and knob[1]["actions_differ"]
+    # the agent is monotone in the penalty: a cheaper one is found
+    assert knob[1]["penalty"] < knob[0]["penalty"]
+    assert verification.cheaper_penalty(model, knob[0]["images"])[1] >= 0.25
+    tuples = verification.action_tuples(net.num_prunable, net.groups)[:8]
+    for name in ("batched", "single"):
+        result = verification.check_artifact(name, model, run_tf(net, name), knob[0]["images"], tuples, knob=knob)
+        assert [r["action_agreement"] for r in result["knob"]] == [1.0, 1.0]
+    assert model.penalty_setting == pytest.approx(knob[0]["penalty"])  # restored after the checks
+
+
+def test_flatten_head_and_compute_cap_follow_rollout(export_model):
+    backbone = {
+        "stages": [
+            {"type": "conv", "filters": 8},
+            {"type": "pool", "size": 2},
+            {"type": "conv", "filters": 8},
+            {"type": "conv", "filters": 16},
+            {"type": "pool", "size": 2},
+            {"type": "conv", "filters": 16},
+        ],
+        "head": {"pooling": "flatten", "hidden": [16], "dropout": 0.5},
+    }
+    model = export_model(backbone, seed=1)
+    if hasattr(model, "set_compute_cap"):
+        model.set_compute_cap(0.45)
+    net = sliced_network.SlicedNetwork(model)
+    images = verification.parity_images(net, 12)
+    tuples = verification.action_tuples(net.num_prunable, net.groups)
+    result = verification.check_artifact("flatten", model, run_tf(net, "batched"), images, tuples)
+    assert result["greedy"]["action_agreement"] == 1.0
+    if hasattr(model, "set_compute_cap"):
+        macs = verification.reference(model, images)["macs"]
+        assert macs.max() <= 0.45 * model.full_macs * (1 + 1e-6)
+
+
+def test_mac_tables_equal_model_macs(export_model):
+    model = export_model()
+    net = sliced_network.SlicedNetwork(model)
+    tuples = np.asarray(list(itertools.product(range(1, 5), repeat=3)))
+    np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
+
+
+def test_residual_backbones_are_refused():
+    stages = [{"type": "conv", "filters": 8}, {"type": "bottleneck", "filters": 4, "expansion": 2}]
+    try:
+        model = rnp_tf.RNPModel({"stages": stages, "head": {}}, image_shape=(8, 8, 1), num_classes=10)
+    except ValueError:
+        pytest.skip("this RNPModel has no residual blocks")
+    with pytest.raises(exceptions.ExportError, match="only chain backbones"):
+        sliced_network.SlicedNetwork(model)
