@@ -529,9 +529,7 @@ def export_onnx(model_dir, output=None, batch1=True, num_parity_images=16, max_f
     model, target, log = cli.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
     with writing.output_directory(target.directory) as out:
         net = sliced_network.SlicedNetwork(model)
-        images = verification.parity_images(net, num_parity_images)
-        knob = verification.knob_inputs(net, num_parity_images)
-        tuples = verification.action_tuples(net.num_prunable, net.groups, max_forced_tuples)
+        images, knob, tuples = verification.parity_inputs(net, num_parity_images, max_forced_tuples)
         log(f"converting the gather/scatter model (opset {OPSET})")
         protos = {"rnp.onnx": convert_batched(net)}
         if batch1:

@@ -244,9 +244,7 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
     model, target, log = cli.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
     with writing.output_directory(target.directory) as out:
         net = sliced_network.SlicedNetwork(model)
-        images = verification.parity_images(net, num_parity_images)
-        knob = verification.knob_inputs(net, num_parity_images)
-        tuples = verification.action_tuples(model.num_prunable, model.groups, max_forced_tuples)
+        images, knob, tuples = verification.parity_inputs(net, num_parity_images, max_forced_tuples)
         report = {
             "model_dir": os.path.abspath(model_dir),
             "graph": graph,

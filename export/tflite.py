@@ -454,9 +454,7 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
 
     with writing.output_directory(target.directory) as out:
         net = sliced_network.SlicedNetwork(model)
-        images = verification.parity_images(net, num_parity_images)
-        knob = verification.knob_inputs(net, num_parity_images)
-        tuples = verification.action_tuples(net.num_prunable, net.groups, max_forced_tuples)
+        images, knob, tuples = verification.parity_inputs(net, num_parity_images, max_forced_tuples)
         variants = ["none"] + ([quantize] if quantize != "none" else [])
         report = {
             "model_dir": os.path.abspath(model_dir),

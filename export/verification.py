@@ -346,3 +346,20 @@ def knob_summary(parity):
     return "penalty input: " + ", ".join(
         f"{p['penalty']:g} -> mean MACs {p['mean_macs']:.4g} (max |dlogits| {p['max_abs_logit_diff']:.2e})" for p in points
     )
+
+
+def parity_inputs(net, num_images=16, max_tuples=256):
+    """What every exporter's parity check feeds its artifact.
+
+    Args:
+        net: the `SlicedNetwork`.
+        num_images: parity images (and knob images).
+        max_tuples: forced action tuples at most (`action_tuples`).
+
+    Returns:
+        `(images, knob, tuples)`: `parity_images`, `knob_inputs` and
+        `action_tuples` of the network.
+    """
+    images = parity_images(net, num_images)
+    knob = knob_inputs(net, num_images)
+    return images, knob, action_tuples(net.num_prunable, net.groups, max_tuples)
