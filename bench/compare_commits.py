@@ -46,6 +46,14 @@ def define_flags(flag_values=FLAGS):
     flags.mark_flags_as_required(["before", "output"], flag_values=flag_values)
 
 
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _git(*args, cwd=None):
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
@@ -172,7 +180,7 @@ def main(argv):
         "before": commits["before"][:12],
         "after": commits["after"][:12],
         "rounds": FLAGS.rounds,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
     }
     (output / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (output / "compare.md").write_text(markdown(rows, meta))
