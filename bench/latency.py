@@ -69,7 +69,7 @@ def define_flags(flag_values=FLAGS):
     fv = dict(flag_values=flag_values)
     flags.DEFINE_bool("quick", False, "Smoke run: CIFAR CNN, batch 1 and 16, 1x/2x/4x, 3 repeats.", **fv)
     flags.DEFINE_string("output", "bench/results", "Directory of latency.json / .md / .png.", **fv)
-    flags.DEFINE_list("models", ["vgg16", "cifar_cnn"], "Models to time: vgg16, cifar_cnn.", **fv)
+    flags.DEFINE_list("models", ["vgg16", "cifar_cnn"], "Models to time: vgg16, cifar_cnn, resnet50.", **fv)
     flags.DEFINE_list("batch_sizes", ["1", "64"], "Batch sizes.", **fv)
     flags.DEFINE_list("targets", ["1", "2", "3", "4", "5", "10"], "Theoretical speed-ups to aim at.", **fv)
     flags.DEFINE_integer("repeats", 5, "Timed rounds per point (the median is reported).", **fv)
@@ -89,7 +89,7 @@ PAPER_GPU = {
     "measured": [2.3, 3.0, 3.7, 5.9],
 }
 SCHEMA_VERSION = 1
-NUM_CLASSES = {"vgg16": 1000, "cifar_cnn": 10}
+NUM_CLASSES = {"vgg16": 1000, "cifar_cnn": 10, "resnet50": 1000}
 ROW_KEYS = (
     "model", "image_size", "batch_size", "mode", "target_speedup", "theoretical_speedup",
     "actions", "distinct_action_tuples", "full_ms", "rnp_ms", "rnp_no_agent_ms", "agent_ms",
@@ -144,8 +144,8 @@ def build_model(name, config):
     """The model to time, with random weights (and random BatchNorm statistics)."""
     import rnp_tf
 
-    if name == "vgg16":
-        spec, size = rnp_tf.vgg16(), int(config["vgg_size"])
+    if name in ("vgg16", "resnet50"):
+        spec, size = (rnp_tf.vgg16() if name == "vgg16" else rnp_tf.resnet50()), int(config["vgg_size"])
         shape = (size, size, 3)
     else:
         spec, shape = rnp_tf.cifar_cnn(), (32, 32, 3)
@@ -264,21 +264,30 @@ def mixed_actions(model, actions, batch_size, seed=0, tolerance=0.005, max_steps
 
 # ----------------------------------------------------------------- agent alone
 def _feeding_shapes(model):
-    """(height, width, channels) of the feature map feeding each prunable conv."""
+    """Per decision: (height, width, channels) of the map feeding it and the decision that set its width.
+
+    The width-setting decision is the decided conv's `in_ref` (None: the
+    map has full width, as a block's input does).
+    """
     import rnp_tf
 
     shapes = []
     hw = model.image_shape[:2]
+
+    def conv(step):
+        nonlocal hw
+        if step.decision is not None:
+            shapes.append(((*hw, step.layer.in_channels), step.in_ref))
+        hw = step.layer.output_hw
+
     for step in model.plan.steps:
-        layer = step.layer
         if isinstance(step, rnp_tf.plan.MapStep):
-            size = layer.pool_size[0]
-            hw = (-(-hw[0] // size), -(-hw[1] // size))
-        elif step.decision is None:
-            hw = layer.output_hw
+            hw = tuple(step.layer.compute_output_shape((None, *hw, 1))[1:3])
+        elif isinstance(step, rnp_tf.plan.BlockStep):
+            for inner in step.body:
+                conv(inner)
         else:
-            shapes.append((*hw, layer.in_channels))
-            hw = layer.output_hw
+            conv(step)
     return shapes
 
 
@@ -309,22 +318,26 @@ def agent_alone_function(engine, actions):
     k = model.groups
     batch = actions.shape[0]
     single = batch == 1 and engine.control_flow
-    inputs = []  # per layer: list of (features, sample ids)
-    for t, (height, width, channels) in enumerate(_feeding_shapes(model)):
+    inputs, whole = [], []  # per layer: list of (features, sample ids); whether it is one full-width map
+    shapes = _feeding_shapes(model)
+    in_refs = [ref for _, ref in shapes]
+    for t, ((height, width, channels), ref) in enumerate(shapes):
         in_group = channels // k
+        whole.append(ref is None)
         if single:
-            previous = int(actions[0, t - 1]) if t else k
+            previous = int(actions[0, ref]) if ref is not None else k
             inputs.append([(tf.random.normal([1, height, width, previous * in_group]), None)])
             continue
-        if t == 0:
+        if ref is None:
             inputs.append([(tf.random.normal([batch, height, width, channels]), tf.range(batch))])
             continue
-        # The pieces feeding layer t are the outputs of layer t - 1, one per
-        # (action at t - 2, action at t - 1) pair (the stem counts as k).
-        before = actions[:, t - 2] if t > 1 else np.full(batch, k)
-        previous = actions[:, t - 1]
+        # The pieces feeding layer t are the outputs of layer `ref`, one per
+        # (action before it, action at it) pair (a full-width input counts as k).
+        grand = in_refs[ref]
+        before = actions[:, grand] if grand is not None else np.full(batch, k)
+        previous = actions[:, ref]
         pieces = []
-        for p2 in range(1, k + 1) if t > 1 else (k,):
+        for p2 in range(1, k + 1) if grand is not None else (k,):
             for p in range(1, k + 1):
                 ids = np.flatnonzero((before == p2) & (previous == p)).astype(np.int32)
                 features = tf.random.normal([len(ids), height, width, p * in_group])
@@ -338,7 +351,7 @@ def agent_alone_function(engine, actions):
         state = engine.start_agent(batch)
         chosen = []
         for t, pieces in enumerate(inputs):
-            q, state = engine.agent_step(t, pieces, state, single or t == 0)
+            q, state = engine.agent_step(t, pieces, state, single or whole[t])
             chosen.append(rnp_tf.greedy_actions(q))
         return tf.stack(chosen, axis=1)
 
