@@ -6,17 +6,7 @@ import tensorflow as tf
 
 import rnp_tf
 from bench import latency
-
-RESIDUAL = {
-    "stages": [
-        {"type": "conv", "filters": 8},
-        {"type": "bottleneck", "filters": 4, "projection": True, "expansion": 2},
-        {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2},
-        {"type": "pool", "size": 2, "mode": "avg"},
-        {"type": "conv", "filters": 8},
-    ],
-    "head": {"pooling": "gap"},
-}
+from test_engine import RESIDUAL
 
 
 @pytest.mark.parametrize("spec", [rnp_tf.cifar_cnn((8, 8, 16, 16)), RESIDUAL], ids=["chain", "residual"])

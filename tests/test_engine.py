@@ -181,20 +181,24 @@ def test_other_chain_stages():
         assert_same(engine(x[:batch]), model.rollout(x[:batch]))
 
 
+# Two bottlenecks (a projection, an identity), a pool and a conv: every kind of residual step.
+RESIDUAL = {
+    "stages": [
+        {"type": "conv", "filters": 8},
+        {"type": "bottleneck", "filters": 4, "projection": True, "expansion": 2},
+        {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2},
+        {"type": "pool", "size": 2, "mode": "avg"},
+        {"type": "conv", "filters": 8},
+    ],
+    "head": {"pooling": "gap"},
+}
+
+
 def residual_model(groups=4, seed=0):
     """Two bottlenecks (a projection, an identity), a pool and a conv; random BN statistics."""
     tf.random.set_seed(seed)
     model = rnp_tf.RNPModel(
-        {
-            "stages": [
-                {"type": "conv", "filters": 8},
-                {"type": "bottleneck", "filters": 4, "projection": True, "expansion": 2},
-                {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2},
-                {"type": "pool", "size": 2, "mode": "avg"},
-                {"type": "conv", "filters": 8},
-            ],
-            "head": {"pooling": "gap"},
-        },
+        RESIDUAL,
         image_shape=(8, 8, 1),
         num_classes=3,
         groups=groups,
