@@ -456,7 +456,7 @@ class InferenceEngine:
         return y
 
 
-class SwitchExecutor:
+class SwitchExecutor(rollout_lib.Executor):
     """Batch 1: each prunable conv's weight slice is picked in the graph by (previous action, action).
 
     An executor of `rnp_tf.rollout` (see there) over an `InferenceEngine`'s
@@ -470,9 +470,6 @@ class SwitchExecutor:
     def __init__(self, engine):
         self.engine = engine
         self.k = engine.groups
-
-    def begin(self, images):
-        return images
 
     def batch_size(self, images):
         return 1
@@ -503,9 +500,6 @@ class SwitchExecutor:
     def map(self, step, h):
         return map_op(step.layer, h)
 
-    def residual(self, h, shortcut):
-        return tf.nn.relu(h + shortcut)
-
     def head(self, h, last_action):
         if last_action is None:
             return self.engine.head(h, self.k)
@@ -515,7 +509,7 @@ class SwitchExecutor:
         )
 
 
-class BucketedExecutor:
+class BucketedExecutor(rollout_lib.Executor):
     """Batch N with per-sample actions: samples bucketed by width, sorted by action.
 
     An executor of `rnp_tf.rollout` over an `InferenceEngine`'s folded
@@ -561,9 +555,6 @@ class BucketedExecutor:
         if isinstance(h, list):
             return [_Piece(map_op(step.layer, pc.x), pc.idx, pc.width) for pc in h]
         return map_op(step.layer, h)
-
-    def residual(self, h, shortcut):
-        return tf.nn.relu(h + shortcut)
 
     def _kept_on_pieces(self, layer, pieces):
         """A conv that keeps its full output on every piece at its own input width, back in sample order.
@@ -676,17 +667,11 @@ class BucketedExecutor:
         return features, idx, key
 
 
-class DenseExecutor:
+class DenseExecutor(rollout_lib.Executor):
     """The unpruned network on BatchNorm-folded weights: every conv in full, no branches."""
 
     def __init__(self, runner):
         self.runner = runner
-
-    def begin(self, images):
-        return images
-
-    def batch_size(self, images):
-        return tf.shape(images)[0]
 
     def pooled(self, h, t):
         raise ValueError("DenseExecutor runs no agent.")
@@ -696,9 +681,6 @@ class DenseExecutor:
 
     def map(self, step, h):
         return map_op(step.layer, h)
-
-    def residual(self, h, shortcut):
-        return tf.nn.relu(h + shortcut)
 
     def head(self, h, last_action):
         return rollout_lib.MaskedExecutor(self.runner.model.plan).head(h, None)

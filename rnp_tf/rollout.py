@@ -198,7 +198,33 @@ def pad_channels(pooled, channels):
     return tf.pad(pooled, [[0, 0], [0, channels - width]]) if channels - width else pooled
 
 
-class MaskedExecutor:
+class Executor:
+    """Base of the executors: what most of them share.
+
+    An executor says how each step of a plan is computed and what `h` is;
+    `rollout` calls `begin(images)`, `batch_size(images)` (for the agent's
+    state), `pooled(h, t)` (the agent's input at decision `t`, `[batch,
+    feature_channels[t]]`), `conv(step, h, in_action, out_action)` (None: full
+    width), `map(step, h)`, `residual(h, shortcut)` and `head(h, last_action)`.
+    This base gives the defaults for a batch held as one tensor: the images
+    as they are, the batch's first dimension, the Keras layer of a map step
+    and `relu(h + shortcut)`; subclasses add `pooled`, `conv` and `head`.
+    """
+
+    def begin(self, images):
+        return images
+
+    def batch_size(self, images):
+        return tf.shape(images)[0]
+
+    def map(self, step, h):
+        return step.layer(h)
+
+    def residual(self, h, shortcut):
+        return tf.nn.relu(h + shortcut)
+
+
+class MaskedExecutor(Executor):
     """Training's executor: every conv in full, the pruned groups multiplied by zero.
 
     Differentiable, with per-width BatchNorm in training mode; never faster
@@ -207,7 +233,6 @@ class MaskedExecutor:
     Args:
         plan: the `NetworkPlan`.
         training: BatchNorm/dropout mode.
-        feature_channels: per decision, the agent's input width.
         dtype: the agent's compute dtype (the pooled features are cast to it).
     """
 
@@ -216,24 +241,12 @@ class MaskedExecutor:
         self.training = training
         self.dtype = dtype
 
-    def begin(self, images):
-        return images
-
-    def batch_size(self, images):
-        return tf.shape(images)[0]
-
     def pooled(self, h, t):
         pooled = tf.reduce_mean(tf.cast(h, self.dtype), axis=[1, 2])
         return pad_channels(pooled, self.plan.feature_channels[t])
 
     def conv(self, step, h, in_action, out_action):
         return step.layer(h, in_actions=in_action, out_actions=out_action, training=self.training)
-
-    def map(self, step, h):
-        return step.layer(h)
-
-    def residual(self, h, shortcut):
-        return tf.nn.relu(h + shortcut)
 
     def head(self, h, last_action):
         head = self.plan.head
@@ -266,7 +279,7 @@ def head_on_prefix(head, h):
     return h
 
 
-class SlicedExecutor:
+class SlicedExecutor(Executor):
     """The reference sliced path: each conv convolves only its weight prefix, eagerly.
 
     Every image of the batch shares the actions (run it one image at a
@@ -280,12 +293,6 @@ class SlicedExecutor:
     def __init__(self, plan):
         self.plan = plan
 
-    def begin(self, images):
-        return images
-
-    def batch_size(self, images):
-        return tf.shape(images)[0]
-
     def pooled(self, h, t):
         return pad_channels(tf.reduce_mean(h, axis=[1, 2]), self.plan.feature_channels[t])
 
@@ -294,12 +301,6 @@ class SlicedExecutor:
 
     def conv(self, step, h, in_action, out_action):
         return step.layer.call_sliced(h, self._groups(in_action), self._groups(out_action))
-
-    def map(self, step, h):
-        return step.layer(h)
-
-    def residual(self, h, shortcut):
-        return tf.nn.relu(h + shortcut)
 
     def head(self, h, last_action):
         return head_on_prefix(self.plan.head, h)
