@@ -564,14 +564,21 @@ class BucketedExecutor(rollout_lib.Executor):
         folded for that width, and a stitch puts them back in order.
         """
         out_shape = [*layer.output_hw, layer.filters]
+
+        def kept(features, idx, p):
+            return self._nonempty(tf.shape(idx)[0], lambda rows: self.engine.kept(layer, rows, p), features, out_shape)
+
+        return self._by_width(pieces, kept)
+
+    def _by_width(self, pieces, fn):
+        """`fn(features, sample_ids, width)` on the samples of each width, stitched back in sample order."""
         outputs, ids = [], []
-        for p in range(1, self.k + 1):
-            group = [pc for pc in pieces if pc.width == p]
+        for w in range(1, self.k + 1):
+            group = [pc for pc in pieces if pc.width == w]
             if not group:
                 continue
             features, idx, _ = self._merge(group, keys=None)
-            n = tf.shape(idx)[0]
-            outputs.append(self._nonempty(n, lambda rows, p=p: self.engine.kept(layer, rows, p), features, out_shape))
+            outputs.append(fn(features, idx, w))
             ids.append(idx)
         return tf.dynamic_stitch(ids, outputs)
 
@@ -591,15 +598,7 @@ class BucketedExecutor(rollout_lib.Executor):
     def head(self, pieces, last_action):
         if not isinstance(pieces, list):
             return self.engine.head(pieces, self.k)
-        logits, ids = [], []
-        for w in range(1, self.k + 1):
-            group = [pc for pc in pieces if pc.width == w]
-            if not group:
-                continue
-            features, idx, _ = self._merge(group, keys=None)
-            logits.append(self.engine.head(features, w))
-            ids.append(idx)
-        return tf.dynamic_stitch(ids, logits)
+        return self._by_width(pieces, lambda features, idx, w: self.engine.head(features, w))
 
     def _bucketed_conv(self, t, layer, pieces, action):
         """Prunable conv t on per-sample actions; returns the new pieces."""
