@@ -29,6 +29,8 @@ array([[ 0. , -0.1, -0.2, -0.3]], dtype=float32)
 import numpy as np
 import tensorflow as tf
 
+from rnp_tf import validation
+
 CAPPED = -1e30  # the Q-value of an action the cap forbids
 
 
@@ -119,7 +121,7 @@ def budget_penalty(table, compute_fraction):
         `(penalty, penalties, fractions)`: the interpolated penalty and the
         monotone calibration it came from.
     """
-    check_fraction("compute_fraction", compute_fraction, low=0.0, closed_low=False)
+    validation.check_float("compute_fraction", compute_fraction, 0.0, 1.0, low_open=True)
     table = np.asarray(table)
     count = int(np.count_nonzero(table[1]))
     if count < 2:
@@ -168,26 +170,3 @@ def refine_budget(measure, target, penalty, penalties, fractions, tolerance, max
         penalty = 0.5 * (high + low)
     return best[1]
 
-
-def check_penalty(penalty, name="penalty"):
-    """A finite float penalty, or a `ValueError` naming `name`."""
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float, np.integer, np.floating)) or not np.isfinite(
-        penalty
-    ):
-        raise ValueError(f"`{name}` must be a finite float. Received: {name}={penalty!r}")
-    return float(penalty)
-
-
-def check_fraction(name, value, low=0.0, closed_low=True):
-    """A finite fraction in [low, 1] (or (low, 1]), or a `ValueError` naming `name`."""
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float, np.integer, np.floating))
-        and np.isfinite(value)
-        and (value >= low if closed_low else value > low)
-        and value <= 1.0
-    )
-    if not ok:
-        interval = f"[{low:.4g}, 1]" if closed_low else f"({low:.4g}, 1]"
-        raise ValueError(f"`{name}` must be in {interval}. Received: {name}={value!r}")
-    return float(value)

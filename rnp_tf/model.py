@@ -151,7 +151,7 @@ class RNPModel(keras.Model):
             raise ValueError(f"`num_classes` must be >= 2. Received: num_classes={num_classes}")
         self.agent_embed_dim = validation.check_positive_int("agent_embed_dim", agent_embed_dim)
         self.agent_units = validation.check_positive_int("agent_units", agent_units)
-        self.penalty = knob_lib.check_penalty(penalty)
+        self.penalty = validation.check_float("penalty", penalty)
         self.alpha = None if alpha is None else validation.check_float("alpha", alpha, 0.0, low_open=True)
         self.gamma = validation.check_float("gamma", gamma, 0.0, 1.0)
         if q_loss not in ("mse", "huber"):
@@ -415,7 +415,7 @@ class RNPModel(keras.Model):
         if tf.is_tensor(penalty):
             penalties = tf.reshape(tf.cast(penalty, tf.float32), [-1]) + tf.zeros(tf.shape(x)[:1], tf.float32)
         elif penalty is not None:
-            penalty = knob_lib.check_penalty(penalty)
+            penalty = validation.check_float("penalty", penalty)
             penalties = tf.fill([tf.shape(x)[0]], tf.constant(penalty, tf.float32))
         if policy == "greedy":
             chosen = self.greedy_policy(penalties)
@@ -454,7 +454,7 @@ class RNPModel(keras.Model):
 
         >>> model.set_penalty(-0.2)   # cheaper
         """
-        self._penalty_setting.assign(knob_lib.check_penalty(penalty))
+        self._penalty_setting.assign(validation.check_float("penalty", penalty))
 
     def calibrate_budget(self, x, num_points=9):
         """Measures mean compute at a grid of penalties, for `set_budget`.

@@ -53,5 +53,8 @@ def test_refine_budget_bisects_to_the_closest_measurement():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "x", None, True])
 def test_penalty_must_be_finite(bad):
+    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10)
     with pytest.raises(ValueError, match="penalty"):
-        knob.check_penalty(bad)
+        model.set_penalty(bad)
+    with pytest.raises(ValueError, match="penalty"):
+        model.rollout(np.zeros((1, 8, 8, 1), "float32"), penalty=bad)
