@@ -63,13 +63,10 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from bench import splits
 from bench import timing
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-DATASETS = {
-    "cifar10_subset": "cifar10_subset.npz",
-    "fashion_mnist": "fashion_mnist.npz",
-}
+DATASETS = splits.DATASETS
 BACKBONES = ("cifar_cnn", "vgg_cifar")
 POLICIES = ("paper", "knob")
 STAGES = ("static_finetuned", "thin")
@@ -115,27 +112,10 @@ flags.DEFINE_list("merge", [], "Instead of running: merge these JSON outputs (ru
 
 
 def _load(name, seed, batch_size=128):
-    import rnp_tf
-
-    if name == "digits":
-        return rnp_tf.load_dataset("digits", batch_size=batch_size, validation_split=0.2, seed=seed)
-    path = SHARED / DATASETS[name]
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the benchmark reads ../shared/data/{DATASETS[name]}")
-    cap = FLAGS.max_train_examples
-    ds = rnp_tf.load_dataset(f"npz:{path}", batch_size=batch_size, seed=seed, max_train_examples=cap)
-    fraction = FLAGS.validation / ds.num_train
-    return rnp_tf.load_dataset(
-        f"npz:{path}", batch_size=batch_size, seed=seed, validation_split=min(0.5, fraction), max_train_examples=cap,
-    )
+    return splits.load_split(name, seed, FLAGS.validation, FLAGS.max_train_examples, batch_size)
 
 
-def _arrays(split):
-    xs, ys = [], []
-    for x, y in split:
-        xs.append(x.numpy())
-        ys.append(y.numpy())
-    return np.concatenate(xs), np.concatenate(ys)
+_arrays = splits.arrays
 
 
 def _spec(backbone, scale=1.0):
@@ -293,15 +273,8 @@ def _pareto(fractions, accuracy):
     return front
 
 
-def _interp(curve, fraction):
-    xs, ys = zip(*sorted(curve))
-    return float(np.interp(fraction, xs, ys))
-
-
-def _interp_inside(curve, fraction):
-    """`_interp` where `fraction` lies within the curve's compute range, else None (no extrapolation)."""
-    xs = [c[0] for c in curve]
-    return _interp(curve, fraction) if min(xs) <= fraction <= max(xs) else None
+_interp = splits.interp
+_interp_inside = splits.interp_inside
 
 
 def _spearman(a, b):
