@@ -151,21 +151,23 @@ def q_targets(q, width_losses, penalty, alpha, gamma):
 
     Example:
 
-    >>> t, v = q_targets(np.zeros((1, 2, 2)), np.array([[1.0, 0.5]]), -0.1, 1.0, 1.0)
+    >>> t, v = q_targets(np.array([[[0.0, 0.0], [-0.5, 9.0]]]), np.array([[1.0, 0.5]]), -0.1, 1.0, 1.0)
     >>> t[0].tolist(), v[0].tolist()
-    ([[-1.0, -0.1], [-0.5, 0.0]], [[1.0, 1.0], [1.0, 0.0]])
+    ([[-1.0, -0.6], [-0.5, 0.0]], [[1.0, 1.0], [1.0, 0.0]])
     """
     q = np.asarray(q, np.float64)
     stop = -alpha * np.asarray(width_losses, np.float64)
+    following = q[:, 1:].copy()
+    following[:, -1, 1] = -np.inf  # the last width can only stop
     go = np.zeros_like(stop)
-    go[:, :-1] = penalty + gamma * q[:, 1:].max(-1)
+    go[:, :-1] = penalty + gamma * following.max(-1)
     valid = np.ones(q.shape)
     valid[:, -1, 1] = 0.0
     return np.stack([stop, go], -1), valid
 
 
 def train_stop_agent(agent, features, width_losses, penalty, alpha=1.0, gamma=1.0, epochs=60, batch_size=128,
-                     learning_rate=3e-3, seed=0):
+                     learning_rate=1e-2, seed=0):
     """Trains a `StopAgent` by one-step Q-learning on every image's transitions.
 
     Every (width, action) of every image is a transition (its next state is
