@@ -120,7 +120,7 @@ def run_one(dataset, seed, variant):
     schedule = keras.optimizers.schedules.CosineDecay(FLAGS.learning_rate, max(1, steps))
     net.compile(optimizer=keras.optimizers.Adam(schedule))
     start = time.time()
-    history = net.fit(data.train, epochs=FLAGS.epochs, verbose=0)
+    history = net.fit(data.train, epochs=FLAGS.epochs, shuffle=False, verbose=0)  # tf.data shuffles
     timings["train"] = time.time() - start
     fractions = net.width_macs() / dense
     val_logits, test_logits = net.predict(xv, verbose=0), net.predict(xt, verbose=0)
