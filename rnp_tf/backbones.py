@@ -222,7 +222,7 @@ def mobilenet_v2(alpha=1.0):
             stages.append({"type": "inverted_residual", "filters": _make_divisible(int(filters * alpha)),
                            "expansion": expansion, "strides": strides if i == 0 else 1, **relu6})
     last = _make_divisible(1280 * alpha) if alpha > 1.0 else 1280
-    stages.append({"type": "conv", "filters": last, "kernel_size": 1, **relu6})
+    stages.append({"type": "conv", "filters": last, "kernel_size": 1, "padding": "valid", **relu6})
     return {"stages": stages, "head": {"pooling": "gap", "hidden": [], "dropout": 0.0}}
 
 
@@ -286,8 +286,8 @@ def validate_backbone(spec, groups):
                 raise ValueError(f"The stem (stages[{i}]) has no feature map before it and cannot be prunable.")
             if stage["prunable"] and feeds_block:
                 raise ValueError(
-                    f"stages[{i}] feeds a residual block (its input keeps its full width) and cannot be pruned "
-                    "at its output."
+                    f"stages[{i}] feeds a residual block (a residual sum, or an inverted residual's full-width "
+                    "input) and cannot be pruned at its output."
                 )
             if stage["prunable"] and stage["filters"] % groups:
                 raise ValueError(
