@@ -310,7 +310,7 @@ def build_plan(backbone, image_shape, num_classes, groups):
         return step
 
     def inverted_residual(i, stage):
-        nonlocal shape, width_ref
+        nonlocal shape
         if width_ref is not None:
             raise ValueError(f"stages[{i}]: an inverted residual's input must have full width.")
         block_in, eps, act = shape, stage["bn_epsilon"], stage["activation"]
