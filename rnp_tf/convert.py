@@ -429,11 +429,11 @@ def _choose_prunable(stages, units, groups, prunable):
                     )
         elif stage["type"] == "inverted_residual" and stage["source"] is not None:
             known.add(stage["source"])
-            ok = stage.pop("expanded") % groups == 0
-            stage["prunable"] = ok if names is None else stage["source"] in names
-            if stage["prunable"] and not ok:
+            expanded = stage.pop("expanded")
+            stage["prunable"] = expanded % groups == 0 if names is None else stage["source"] in names
+            if stage["prunable"] and expanded % groups:
                 raise ConversionError(
-                    f"Conv {stage['source']!r} (an expansion) has channels not divisible by k={groups}."
+                    f"Conv {stage['source']!r} (an expansion) has {expanded} channels, not divisible by k={groups}."
                 )
         elif stage["type"] == "inverted_residual":
             stage.pop("expanded")
