@@ -42,6 +42,7 @@ Usage:
     python -m bench.latency --quick               # CIFAR CNN smoke run (~1 min)
     python -m bench.latency --models=vgg16 --batch_sizes=1 --repeats=9
     python -m bench.latency --stages --models=vgg16  # batch-1 time of every stage
+    python -m bench.latency --models=mobilenet_v2,resnet50  # residual networks (224x224)
 """
 
 import datetime
@@ -69,13 +70,13 @@ def define_flags(flag_values=FLAGS):
     fv = dict(flag_values=flag_values)
     flags.DEFINE_bool("quick", False, "Smoke run: CIFAR CNN, batch 1 and 16, 1x/2x/4x, 3 repeats.", **fv)
     flags.DEFINE_string("output", "bench/results", "Directory of latency.json / .md / .png.", **fv)
-    flags.DEFINE_list("models", ["vgg16", "cifar_cnn"], "Models to time: vgg16, cifar_cnn, resnet50.", **fv)
+    flags.DEFINE_list("models", ["vgg16", "cifar_cnn"], "Models to time: vgg16, cifar_cnn, resnet50, mobilenet_v2.", **fv)
     flags.DEFINE_list("batch_sizes", ["1", "64"], "Batch sizes.", **fv)
     flags.DEFINE_list("targets", ["1", "2", "3", "4", "5", "10"], "Theoretical speed-ups to aim at.", **fv)
     flags.DEFINE_integer("repeats", 5, "Timed rounds per point (the median is reported).", **fv)
     flags.DEFINE_integer("warmup", 2, "Untimed calls of each function first (the first traces).", **fv)
     flags.DEFINE_float("min_sample_seconds", 0.05, "Fast calls are repeated until a sample lasts this long.", **fv)
-    flags.DEFINE_integer("vgg_size", 224, "VGG-16 input resolution.", **fv)
+    flags.DEFINE_integer("vgg_size", 224, "Input resolution of the ImageNet models (vgg16, resnet50, mobilenet_v2).", **fv)
     flags.DEFINE_enum("weight_cache", "pairs", ["pairs", "sets"], "InferenceEngine weight cache.", **fv)
     flags.DEFINE_bool("memory", True, "Measure peak RSS in subprocesses.", **fv)
     flags.DEFINE_bool("no_agent_variant", True, "Also time the engine without the agent.", **fv)
@@ -89,7 +90,7 @@ PAPER_GPU = {
     "measured": [2.3, 3.0, 3.7, 5.9],
 }
 SCHEMA_VERSION = 1
-NUM_CLASSES = {"vgg16": 1000, "cifar_cnn": 10, "resnet50": 1000}
+NUM_CLASSES = {"vgg16": 1000, "cifar_cnn": 10, "resnet50": 1000, "mobilenet_v2": 1000}
 ROW_KEYS = (
     "model", "image_size", "batch_size", "mode", "target_speedup", "theoretical_speedup",
     "actions", "distinct_action_tuples", "full_ms", "rnp_ms", "rnp_no_agent_ms", "agent_ms",
@@ -144,8 +145,8 @@ def build_model(name, config):
     """The model to time, with random weights (and random BatchNorm statistics)."""
     import rnp_tf
 
-    if name in ("vgg16", "resnet50"):
-        spec, size = (rnp_tf.vgg16() if name == "vgg16" else rnp_tf.resnet50()), int(config["vgg_size"])
+    if name != "cifar_cnn":  # the ImageNet backbones, by their `rnp_tf.get_backbone` names
+        spec, size = rnp_tf.get_backbone(name), int(config["vgg_size"])
         shape = (size, size, 3)
     else:
         spec, shape = rnp_tf.cifar_cnn(), (32, 32, 3)
@@ -283,7 +284,7 @@ def _feeding_shapes(model):
     for step in model.plan.steps:
         if isinstance(step, rnp_tf.plan.MapStep):
             hw = tuple(step.layer.compute_output_shape((None, *hw, 1))[1:3])
-        elif isinstance(step, rnp_tf.plan.BlockStep):
+        elif isinstance(step, (rnp_tf.plan.BlockStep, rnp_tf.plan.InvertedResidualStep)):
             for inner in step.body:
                 conv(inner)
         else:

@@ -18,6 +18,7 @@ from rnp_tf.agent import greedy_actions
 from rnp_tf.backbones import cifar_cnn
 from rnp_tf.backbones import vgg_cifar
 from rnp_tf.backbones import get_backbone
+from rnp_tf.backbones import mobilenet_v2
 from rnp_tf.backbones import resnet50
 from rnp_tf.backbones import vgg16
 from rnp_tf.callbacks import AtomicCheckpoint
@@ -34,6 +35,7 @@ from rnp_tf.engine import InferenceEngine
 from rnp_tf.evaluation import evaluate_model
 from rnp_tf import knob
 from rnp_tf.layers import GatedConv2D
+from rnp_tf.layers import GatedDepthwiseConv2D
 from rnp_tf.metrics import ActionShares
 from rnp_tf.metrics import StdDev
 from rnp_tf.model import RNPModel

@@ -9,7 +9,8 @@ A backbone is a dict with two keys::
 
 Every `conv` stage is a conv + BatchNorm + ReLU block; the first one is the
 stem, always computed in full, and every later one is prunable. `pool` stages
-are 2D max-pooling. The head pools the last feature map (`"gap"`: global
+are 2D max-pooling. Residual networks add `bottleneck` stages (ResNet) and
+`inverted_residual` stages (MobileNetV2). The head pools the last feature map (`"gap"`: global
 average; `"flatten"`: keep the spatial layout, as VGG does), applies the
 `hidden` Dense+ReLU layers with `dropout`, then the classifier. The same
 description builds the CIFAR CNN and VGG-16, so they share one code path.
@@ -107,7 +108,7 @@ def vgg_cifar(width=48):
     return _from_plan(plan, {"pooling": "gap", "hidden": [], "dropout": 0.0})
 
 
-BACKBONES = {"cifar_cnn": cifar_cnn, "vgg16": vgg16, "vgg_cifar": vgg_cifar}  # resnet50 added below
+BACKBONES = {"cifar_cnn": cifar_cnn, "vgg16": vgg16, "vgg_cifar": vgg_cifar}  # residual ones added below
 
 
 def get_backbone(name, **kwargs):
@@ -115,7 +116,7 @@ def get_backbone(name, **kwargs):
 
     Args:
         name: one of `BACKBONES` (`"cifar_cnn"`, `"vgg_cifar"`, `"vgg16"`,
-            `"resnet50"`).
+            `"resnet50"`, `"mobilenet_v2"`).
         **kwargs: passed to the builder.
 
     Returns:
@@ -177,6 +178,57 @@ def resnet50(expansion=4, bn_epsilon=1.001e-5):
 
 BACKBONES["resnet50"] = resnet50
 
+# MobileNetV2's inverted residual blocks: (output channels, blocks, first stride, expansion).
+_MOBILENET_V2 = ((16, 1, 1, 1), (24, 2, 2, 6), (32, 3, 2, 6), (64, 4, 2, 6), (96, 3, 1, 6), (160, 3, 2, 6),
+                 (320, 1, 1, 6))
+
+
+def _make_divisible(value, divisor=8):
+    """Keras's channel rounding of MobileNetV2: the nearest multiple of 8, never 10% below `value`."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def mobilenet_v2(alpha=1.0):
+    """MobileNetV2 (as `keras.applications.MobileNetV2`) as a description.
+
+    The stem (3x3/2 conv `Conv1` + ReLU6) keeps its full output; each of the
+    17 inverted residual blocks prunes its expansion (the 1x1 conv's output
+    prefix, the depthwise conv on that prefix, the projection's input), and
+    the last 1x1 conv (`Conv_1`, 1280 channels) is prunable too, so the
+    agent takes 17 decisions. The first block (expansion 1) has no
+    expansion conv: its depthwise conv reads the stem's full output and
+    stays unpruned. Widths follow Keras's rounding for `alpha`; BatchNorm
+    epsilon is Keras's 1e-3; about 300M MACs at 224x224 for `alpha=1.0`.
+
+    Args:
+        alpha: width multiplier of every layer. Defaults to 1.0.
+
+    Returns:
+        A backbone description dict.
+
+    Example:
+
+    >>> sum(s["type"] == "inverted_residual" for s in mobilenet_v2()["stages"])
+    17
+    """
+    if not alpha > 0:
+        raise ValueError(f"`alpha` must be positive. Received: alpha={alpha}")
+    relu6 = {"activation": "relu6", "bn_epsilon": 1e-3}
+    stages = [{"type": "conv", "filters": _make_divisible(32 * alpha), "kernel_size": 3, "strides": 2,
+               "prunable": False, **relu6}]
+    for filters, blocks, strides, expansion in _MOBILENET_V2:
+        for i in range(blocks):
+            stages.append({"type": "inverted_residual", "filters": _make_divisible(int(filters * alpha)),
+                           "expansion": expansion, "strides": strides if i == 0 else 1, **relu6})
+    last = _make_divisible(1280 * alpha) if alpha > 1.0 else 1280
+    stages.append({"type": "conv", "filters": last, "kernel_size": 1, "padding": "valid", **relu6})
+    return {"stages": stages, "head": {"pooling": "gap", "hidden": [], "dropout": 0.0}}
+
+
+BACKBONES["mobilenet_v2"] = mobilenet_v2
+
+_BLOCKS = ("bottleneck", "inverted_residual")
 _CONV_DEFAULTS = {
     "kernel_size": 3, "strides": 1, "padding": "same", "normalization": True, "activation": "relu", "bn_epsilon": 1e-3,
 }
@@ -216,24 +268,26 @@ def validate_backbone(spec, groups):
     if "conv" not in kinds:
         raise ValueError("A backbone needs a conv stage (the stem). Received: no conv stage")
     first_conv = kinds.index("conv")
-    if any(kind == "bottleneck" for kind in kinds[:first_conv]):
-        raise ValueError("The first conv (the stem) must come before any bottleneck stage.")
+    if any(kind in _BLOCKS for kind in kinds[:first_conv]):
+        raise ValueError("The first conv (the stem) must come before any bottleneck or inverted_residual stage.")
+    channels = None  # output channels of the stages so far
     for i, stage in enumerate(stages):
         kind = stage.get("type")
         if kind == "conv":
+            channels = stage.get("filters")
             for key, value in _CONV_DEFAULTS.items():
                 stage.setdefault(key, value)
             validation.check_positive_int(f"stages[{i}].filters", stage.get("filters"))
             validation.check_positive_int(f"stages[{i}].kernel_size", stage["kernel_size"])
             validation.check_positive_int(f"stages[{i}].strides", stage["strides"])
-            feeds_block = next((k for k in kinds[i + 1 :] if k in ("conv", "bottleneck")), None) == "bottleneck"
+            feeds_block = next((k for k in kinds[i + 1 :] if k in ("conv", *_BLOCKS)), None) in _BLOCKS
             stage.setdefault("prunable", i != first_conv and not feeds_block)
             if i == first_conv and stage["prunable"]:
                 raise ValueError(f"The stem (stages[{i}]) has no feature map before it and cannot be prunable.")
             if stage["prunable"] and feeds_block:
                 raise ValueError(
-                    f"stages[{i}] feeds a residual sum (the next bottleneck's shortcut) and cannot be pruned "
-                    "at its output."
+                    f"stages[{i}] feeds a residual block (a residual sum, or an inverted residual's full-width "
+                    "input) and cannot be pruned at its output."
                 )
             if stage["prunable"] and stage["filters"] % groups:
                 raise ValueError(
@@ -250,6 +304,9 @@ def validate_backbone(spec, groups):
                 raise ValueError(f"Pool mode must be 'max' or 'avg'. Received: stages[{i}]={stage!r}")
         elif kind == "zeropad":
             validation.check_positive_int(f"stages[{i}].padding", stage.get("padding"))
+        elif kind == "inverted_residual":
+            _check_inverted_residual(i, stage, channels, groups)
+            channels = stage["filters"]
         elif kind == "bottleneck":
             validation.check_positive_int(f"stages[{i}].filters", stage.get("filters"))
             stage.setdefault("strides", 1)
@@ -264,14 +321,16 @@ def validate_backbone(spec, groups):
                     f"`groups` must divide the inner channels of every bottleneck. Received: "
                     f"groups={groups}, stages[{i}].filters={stage['filters']}"
                 )
+            channels = stage["filters"] * stage["expansion"]
         else:
             raise ValueError(
-                f"Stage type must be 'conv', 'pool', 'zeropad' or 'bottleneck'. Received: stages[{i}]={stage!r}"
+                "Stage type must be 'conv', 'pool', 'zeropad', 'bottleneck' or 'inverted_residual'. "
+                f"Received: stages[{i}]={stage!r}"
             )
     if not any(
-        s["prunable"] if s["type"] == "conv" else any(s["prunable"])
+        any(s["prunable"]) if s["type"] == "bottleneck" else s["prunable"]
         for s in stages
-        if s["type"] in ("conv", "bottleneck")
+        if s["type"] in ("conv", *_BLOCKS)
     ):
         raise ValueError("A backbone needs at least one prunable conv (a conv after the stem).")
     head = spec.setdefault("head", {})
@@ -284,3 +343,36 @@ def validate_backbone(spec, groups):
     if not 0.0 <= float(head["dropout"]) < 1.0:
         raise ValueError(f"head.dropout must be in [0, 1). Received: {head['dropout']!r}")
     return spec
+
+
+def _check_inverted_residual(i, stage, in_channels, groups):
+    """Fills an `inverted_residual` stage's defaults and checks it (errors name `stages[i]`)."""
+    validation.check_positive_int(f"stages[{i}].filters", stage.get("filters"))
+    for key, value in (("expansion", 6), ("strides", 1), ("kernel_size", 3)):
+        validation.check_positive_int(f"stages[{i}].{key}", stage.setdefault(key, value))
+    stage.setdefault("padding", "same")
+    stage.setdefault("activation", "relu6")
+    stage.setdefault("bn_epsilon", 1e-3)
+    stage.setdefault("residual", None)
+    stage.setdefault("prunable", stage["expansion"] != 1)
+    if stage["padding"] not in ("same", "valid"):
+        raise ValueError(f"stages[{i}].padding must be 'same' or 'valid'. Received: padding={stage['padding']!r}")
+    if stage["prunable"] not in (True, False):
+        raise ValueError(f"stages[{i}].prunable must be a bool. Received: prunable={stage['prunable']!r}")
+    if stage["prunable"] and stage["expansion"] == 1:
+        raise ValueError(
+            f"stages[{i}] has no expansion conv (expansion=1): its depthwise conv reads the block's full-width "
+            "input and nothing can be pruned. Received: prunable=True, expansion=1"
+        )
+    if stage["prunable"] and (in_channels * stage["expansion"]) % groups:
+        raise ValueError(
+            f"`groups` must divide the expanded channels of every prunable inverted residual. Received: "
+            f"groups={groups}, stages[{i}] expands {in_channels} channels x{stage['expansion']}"
+        )
+    identity = stage["strides"] == 1 and in_channels == stage["filters"]
+    if stage["residual"] not in (None, True, False) or (stage["residual"] and not identity):
+        raise ValueError(
+            f"stages[{i}].residual must be None, False, or True for a block with stride 1 and as many input as "
+            f"output channels. Received: residual={stage['residual']!r}, strides={stage['strides']}, "
+            f"input channels={in_channels}, filters={stage['filters']}"
+        )

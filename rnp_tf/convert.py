@@ -1,10 +1,12 @@
 """Turn an existing Keras CNN into an `RNPModel`: `rnp_tf.from_keras`.
 
 The converter walks a `Sequential` or functional Keras model backwards from
-its output, recognises conv (+ BatchNormalization) (+ ReLU) blocks, pooling,
-zero-padding, the classifier head (Flatten or global average pooling, Dense,
-Dropout) and ResNet bottlenecks (a residual `Add` of 1x1 -> 3x3 -> 1x1
-convs and an identity or 1x1 projection shortcut), and builds the matching
+its output, recognises conv (+ BatchNormalization) (+ ReLU / ReLU6) blocks,
+pooling, zero-padding, the classifier head (Flatten or global average
+pooling, Dense, Dropout), ResNet bottlenecks (a residual `Add` of 1x1 -> 3x3
+-> 1x1 convs and an identity or 1x1 projection shortcut) and MobileNetV2
+inverted residuals (a 1x1 expansion, a depthwise conv, a linear 1x1
+projection, with or without an identity `Add`), and builds the matching
 backbone description with the same weights. Every conv whose output can be
 pruned safely becomes prunable; a conv whose output feeds a residual `Add`
 (or the stem) keeps its full output, while its input side still benefits
@@ -49,9 +51,12 @@ def _is_input(layer):
 
 def _activation_name(layer):
     if isinstance(layer, keras.layers.ReLU):
-        if layer.max_value is not None or float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
-            _fail(layer, "only a plain ReLU is supported")
-        return "relu"
+        plain = float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0
+        if plain and layer.max_value is None:
+            return "relu"
+        if plain and float(layer.max_value) == 6.0:
+            return "relu6"
+        _fail(layer, "only a plain ReLU or ReLU6 is supported")
     if isinstance(layer, keras.layers.Activation):
         return keras.activations.serialize(layer.activation)
     return None
@@ -117,15 +122,24 @@ def _walk(model):
     return items[::-1]
 
 
-def _conv_unit(layers, i):
-    """Parses Conv2D [+ BatchNormalization] [+ ReLU] starting at `layers[i]`."""
+def _is_conv(layer):
+    return isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.DepthwiseConv2D)
+
+
+def _conv_unit(layers, i, depthwise=False):
+    """Parses Conv2D (or DepthwiseConv2D) [+ BatchNormalization] [+ ReLU / ReLU6] starting at `layers[i]`."""
     conv = layers[i]
-    if not isinstance(conv, keras.layers.Conv2D) or isinstance(conv, keras.layers.DepthwiseConv2D):
+    if depthwise:
+        if not isinstance(conv, keras.layers.DepthwiseConv2D):
+            _fail(conv, "expected a DepthwiseConv2D")
+        if conv.depth_multiplier != 1:
+            _fail(conv, f"only depth_multiplier=1 is supported (depth_multiplier {conv.depth_multiplier})")
+    elif not _is_conv(conv):
         _fail(conv, "expected a Conv2D")
     ks, st = conv.kernel_size, conv.strides
     if ks[0] != ks[1] or st[0] != st[1]:
         _fail(conv, f"only square kernels and strides are supported (kernel {ks}, strides {st})")
-    if tuple(conv.dilation_rate) != (1, 1) or conv.groups != 1:
+    if tuple(conv.dilation_rate) != (1, 1) or (not depthwise and conv.groups != 1):
         _fail(conv, "dilated and grouped convolutions are not supported")
     if conv.data_format != "channels_last":
         _fail(conv, "only channels_last is supported")
@@ -140,12 +154,12 @@ def _conv_unit(layers, i):
     if activation == "linear" and j < len(layers) and _activation_name(layers[j]) is not None:
         activation = _activation_name(layers[j])
         j += 1
-    if activation not in ("relu", "linear"):
-        _fail(conv, f"activation {activation!r} is not supported (relu or none)")
+    if activation not in ("relu", "relu6", "linear"):
+        _fail(conv, f"activation {activation!r} is not supported (relu, relu6 or none)")
     unit = {
         "conv": conv,
         "bn": bn,
-        "filters": conv.filters,
+        "filters": conv.kernel.shape[2] if depthwise else conv.filters,
         "kernel_size": ks[0],
         "strides": st[0],
         "padding": conv.padding,
@@ -165,6 +179,10 @@ def _spec_and_weights(model, groups, prunable):
     layers = [x for x in flat]
     while i < len(layers):
         layer = layers[i]
+        if isinstance(layer, tuple) and any(isinstance(x, keras.layers.DepthwiseConv2D) for x in layer[2]):
+            stages.append(_inverted_residual(layer[2], 0, units, add=layer)[0])
+            i += 1
+            continue
         if isinstance(layer, tuple):
             stages.append(_bottleneck(layer, units))
             i += 1
@@ -183,7 +201,11 @@ def _spec_and_weights(model, groups, prunable):
                 _fail(layer, "only Dense, Dropout and a final softmax may follow the head's pooling")
             i += 1
             continue
-        if isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.DepthwiseConv2D):
+        if _starts_inverted_residual(layers, i, stem=not units):
+            stage, i = _inverted_residual(layers, i, units)
+            stages.append(stage)
+            continue
+        if _is_conv(layer):
             unit, i = _conv_unit(layers, i)
             units.append(unit)
             stage = {
@@ -219,7 +241,8 @@ def _spec_and_weights(model, groups, prunable):
         elif isinstance(layer, (keras.layers.Dropout, keras.layers.SpatialDropout2D)):
             pass  # no-op at inference; the gated backbone has no dropout between convs
         elif isinstance(layer, keras.layers.DepthwiseConv2D):
-            _fail(layer, "depthwise convolutions keep their channel count and are not supported")
+            _fail(layer, "a depthwise conv is only supported inside an inverted residual (after the stem, followed by "
+                  "a 1x1 projection)")
         elif isinstance(layer, keras.layers.BatchNormalization):
             _fail(layer, "BatchNormalization is only supported right after a Conv2D (before its activation)")
         elif _activation_name(layer) is not None:
@@ -284,6 +307,89 @@ def _bottleneck(item, units):
     }
 
 
+def _starts_inverted_residual(layers, i, stem):
+    """Whether `layers[i]` opens an inverted residual: [1x1 expansion unit] [ZeroPadding2D] DepthwiseConv2D."""
+    j = i
+    if not stem and _is_conv(layers[j]) and tuple(layers[j].kernel_size) == (1, 1):
+        _, j = _conv_unit(layers, j)
+    elif stem:
+        return False
+    if j < len(layers) and isinstance(layers[j], keras.layers.ZeroPadding2D):
+        j += 1
+    return j < len(layers) and isinstance(layers[j], keras.layers.DepthwiseConv2D)
+
+
+def _same_padding(size, kernel, stride):
+    """TensorFlow's SAME padding `(before, after)` of one spatial dimension."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _inverted_residual(layers, i, units, add=None):
+    """Parses a MobileNetV2 block from `layers[i]`: [expansion] [ZeroPadding2D] depthwise, projection.
+
+    Returns:
+        `(stage, next index)`; inside a residual branch (`add` given) the
+        block must span the whole branch.
+    """
+    owner = add[1] if add is not None else layers[i]
+    expand = None
+    if _is_conv(layers[i]):
+        expand, i = _conv_unit(layers, i)
+        if expand["kernel_size"] != 1 or expand["strides"] != 1:
+            _fail(expand["conv"], "an inverted residual's expansion must be a 1x1 conv with stride 1")
+    pad = None
+    if isinstance(layers[i], keras.layers.ZeroPadding2D):
+        pad, i = layers[i], i + 1
+    depthwise, i = _conv_unit(layers, i, depthwise=True)
+    dw = depthwise["conv"]
+    in_shape = (pad or dw).input.shape
+    padding = depthwise["padding"]
+    if pad is not None:
+        expected = tuple(_same_padding(n, depthwise["kernel_size"], depthwise["strides"]) for n in in_shape[1:3])
+        if padding != "valid" or tuple(tuple(p) for p in pad.padding) != expected:
+            _fail(pad, f"zero padding before a depthwise conv must be TensorFlow's SAME padding {expected} "
+                  "followed by a 'valid' conv")
+        padding = "same"
+    activation = depthwise["activation"]
+    if activation == "linear" or (expand is not None and expand["activation"] != activation):
+        _fail(dw, "the expansion and the depthwise conv of an inverted residual need the same activation "
+              "(ReLU or ReLU6)")
+    if i >= len(layers) or not _is_conv(layers[i]):
+        _fail(dw, "a depthwise conv must be followed by an inverted residual's 1x1 projection")
+    project, i = _conv_unit(layers, i)
+    if project["kernel_size"] != 1 or project["strides"] != 1 or project["activation"] != "linear":
+        _fail(project["conv"], f"the projection after {dw.name!r} must be a linear 1x1 conv with stride 1")
+    block_in = (expand["conv"] if expand else pad or dw).input.shape[-1]
+    if expand is not None and expand["filters"] % block_in:
+        _fail(expand["conv"], f"the expansion's {expand['filters']} channels are not a multiple of its "
+              f"{block_in} input channels")
+    if add is not None and i != len(layers):
+        _fail(owner, "a residual branch must be exactly one inverted residual block")
+    block = [u for u in (expand, depthwise, project) if u is not None]
+    eps = {float(u["bn"].epsilon) for u in block if u["bn"] is not None}
+    if len(eps) > 1 or len({u["bn"] is None for u in block}) > 1:
+        _fail(owner, "the convs of an inverted residual need BatchNormalization with one epsilon, or none at all")
+    if block[0]["bn"] is None:
+        _fail(owner, "an inverted residual needs BatchNormalization after its convs")
+    units.extend(block)
+    stage = {
+        "type": "inverted_residual",
+        "filters": project["filters"],
+        "expansion": expand["filters"] // block_in if expand else 1,
+        "strides": depthwise["strides"],
+        "kernel_size": depthwise["kernel_size"],
+        "padding": padding,
+        "activation": activation,
+        "bn_epsilon": eps.pop(),
+        "residual": add is not None,
+        "source": expand["conv"].name if expand else None,
+        "expanded": expand["filters"] if expand else block_in,
+    }
+    return stage, i
+
+
 def _choose_prunable(stages, units, groups, prunable):
     """Marks prunable convs: the defaults, or exactly the named ones."""
     names = None if prunable is None else set(prunable)
@@ -292,8 +398,8 @@ def _choose_prunable(stages, units, groups, prunable):
     for index, stage in enumerate(stages):
         if stage["type"] == "conv":
             known.add(stage["source"])
-            later = [s["type"] for s in stages[index + 1 :] if s["type"] in ("conv", "bottleneck")]
-            feeds_block = bool(later) and later[0] == "bottleneck"
+            later = [s["type"] for s in stages[index + 1 :] if s["type"] in ("conv", "bottleneck", "inverted_residual")]
+            feeds_block = bool(later) and later[0] != "conv"
             allowed = stage is not convs[0] and not feeds_block
             if names is None:
                 stage["prunable"] = allowed and stage["filters"] % groups == 0
@@ -302,7 +408,7 @@ def _choose_prunable(stages, units, groups, prunable):
                 if wanted and not allowed:
                     raise ConversionError(
                         f"Conv {stage['source']!r} cannot be pruned at its output: it is the stem or feeds a "
-                        "residual sum."
+                        "residual block."
                     )
                 if wanted and stage["filters"] % groups:
                     raise ConversionError(
@@ -321,6 +427,17 @@ def _choose_prunable(stages, units, groups, prunable):
                         f"Block of {stage['source'][0]!r} has {stage['filters']} inner channels, not divisible "
                         f"by k={groups}."
                     )
+        elif stage["type"] == "inverted_residual" and stage["source"] is not None:
+            known.add(stage["source"])
+            expanded = stage.pop("expanded")
+            stage["prunable"] = expanded % groups == 0 if names is None else stage["source"] in names
+            if stage["prunable"] and expanded % groups:
+                raise ConversionError(
+                    f"Conv {stage['source']!r} (an expansion) has {expanded} channels, not divisible by k={groups}."
+                )
+        elif stage["type"] == "inverted_residual":
+            stage.pop("expanded")
+            stage["prunable"] = False
     if names is not None and names - known:
         raise ConversionError(f"`prunable` names convs the model does not have: {sorted(names - known)}")
 
@@ -328,14 +445,14 @@ def _choose_prunable(stages, units, groups, prunable):
 def _copy_conv(target, unit, groups):
     conv, bn = unit["conv"], unit["bn"]
     kernel = np.asarray(conv.kernel)
-    bias = np.asarray(conv.bias) if conv.use_bias else np.zeros(conv.filters, np.float32)
+    bias = np.asarray(conv.bias) if conv.use_bias else np.zeros(target.filters, np.float32)
     target.kernel.assign(kernel)
     if bn is None:
         target.bias.assign(bias)
         return
     sets = target.num_bn_sets
-    gamma = np.asarray(bn.gamma) if bn.scale else np.ones(conv.filters, np.float32)
-    beta = np.asarray(bn.beta) if bn.center else np.zeros(conv.filters, np.float32)
+    gamma = np.asarray(bn.gamma) if bn.scale else np.ones(target.filters, np.float32)
+    beta = np.asarray(bn.beta) if bn.center else np.zeros(target.filters, np.float32)
     target.gamma.assign(np.tile(gamma, (sets, 1)))
     target.beta.assign(np.tile(beta, (sets, 1)))
     target.moving_mean.assign(np.tile(np.asarray(bn.moving_mean) - bias, (sets, 1)))
@@ -350,7 +467,12 @@ def from_keras(model, k=4, prunable=None, **kwargs):
     BatchNormalization and ReLU, MaxPooling2D / AveragePooling2D,
     ZeroPadding2D, Dropout, and a head of Flatten or
     GlobalAveragePooling2D, Dense (ReLU) layers and a final Dense (linear
-    or softmax); and ResNet bottleneck blocks (`keras.applications.ResNet50`).
+    or softmax); ResNet bottleneck blocks (`keras.applications.ResNet50`);
+    and MobileNetV2 inverted residuals (`keras.applications.MobileNetV2`:
+    a 1x1 expansion, a depthwise conv (`ZeroPadding2D` + `"valid"` when it
+    is TensorFlow's SAME padding), a linear 1x1 projection, with an
+    identity `Add` or none; ReLU or ReLU6). An expansion's output is
+    prunable; a block without expansion keeps its full width.
     Anything else raises a `ConversionError` (a `ValueError`) naming the
     layer and why.
 
@@ -361,7 +483,8 @@ def from_keras(model, k=4, prunable=None, **kwargs):
             (all others keep their full output). By default every conv
             whose output can be pruned safely and whose channels `k`
             divides is prunable: not the first conv and not a conv feeding
-            a residual sum.
+            a residual block; an inverted residual is named by its
+            expansion conv.
         **kwargs: other `RNPModel` arguments (penalty, agent_steps, ...).
 
     Returns:

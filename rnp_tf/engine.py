@@ -47,6 +47,7 @@ import tensorflow as tf
 
 from rnp_tf import rollout as rollout_lib
 from rnp_tf import validation
+from rnp_tf.layers import GatedDepthwiseConv2D
 
 WEIGHT_CACHES = ("pairs", "sets")
 
@@ -68,8 +69,12 @@ def map_op(layer, h):
 
 
 def conv_op(layer, h, kernel, bias):
-    """`activation(conv(h, kernel) + bias)`: a fused Conv2D+BiasAdd+ReLU."""
-    y = tf.nn.conv2d(h, kernel, strides=layer.strides, padding=layer.padding.upper())
+    """`activation(conv(h, kernel) + bias)`: a fused Conv2D+BiasAdd+ReLU (depthwise for a `GatedDepthwiseConv2D`)."""
+    if isinstance(layer, GatedDepthwiseConv2D):
+        strides = [1, layer.strides, layer.strides, 1]
+        y = tf.nn.depthwise_conv2d(h, kernel, strides=strides, padding=layer.padding.upper())
+    else:
+        y = tf.nn.conv2d(h, kernel, strides=layer.strides, padding=layer.padding.upper())
     return layer.activation(tf.nn.bias_add(y, bias))
 
 
@@ -86,9 +91,10 @@ class _FoldedWeights:
     """BN-folded weights of one model, stored once in non-trainable variables.
 
     `pairs[(t, p, a)]`: decided conv `t` after previous action `p` with
-    action `a`; `kept[(name, p)]`: a conv that keeps its full output (the
-    stem, a residual block's last conv, a projection) after previous action
-    `p` (`k` when its input has full width).
+    action `a`; `kept[(name, p)]`: a conv with no decision of its own (the
+    stem, a residual block's last conv, a projection: full output; a
+    depthwise conv: the input's prefix) after previous action `p` (`k`
+    when its input has full width).
     """
 
     def __init__(self, model, pairs):
@@ -139,7 +145,9 @@ class InferenceEngine:
     one graph for batch 1 and one, with a dynamic batch size, for every
     other batch size, per mode. Chains (the CIFAR CNN, VGG-16) and residual
     networks: a bottleneck prunes its inner width, its last conv and its
-    shortcut keep their full width.
+    shortcut keep their full width; an inverted residual (MobileNetV2)
+    prunes its expansion, runs its depthwise conv on that prefix and its
+    projection on the narrow input.
 
     Args:
         model: a built `rnp_tf.RNPModel`.
@@ -410,7 +418,7 @@ class InferenceEngine:
         return conv_op(self.plan.stem, x, *self._weights.stem)
 
     def kept(self, layer, h, p=None):
-        """A conv that keeps its full output, on input `h` holding `p` groups (None: its full input)."""
+        """A conv with no decision (full output; a depthwise conv: `p` groups) on `h` holding `p` groups (None: all)."""
         k = self.groups
         if p is None or p == k:
             return conv_op(layer, h, *self._weights.kept[(layer.name, k)])
@@ -546,6 +554,8 @@ class BucketedExecutor(rollout_lib.Executor):
         if step.decision is None:
             if not isinstance(h, list):
                 return self.engine.kept(step.layer, h)
+            if isinstance(step.layer, GatedDepthwiseConv2D):
+                return self._depthwise_on_pieces(step.layer, h)
             return self._kept_on_pieces(step.layer, h)
         if not isinstance(h, list):
             h = [_Piece(h, tf.range(self.batch), self.k)]
@@ -569,6 +579,15 @@ class BucketedExecutor(rollout_lib.Executor):
             return self._nonempty(tf.shape(idx)[0], lambda rows: self.engine.kept(layer, rows, p), features, out_shape)
 
         return self._by_width(pieces, kept)
+
+    def _depthwise_on_pieces(self, layer, pieces):
+        """A depthwise conv on every piece at its own width: the pieces stay (their width is the output's)."""
+        out = []
+        for pc in pieces:
+            shape = [*layer.output_hw, pc.width * layer.in_group_size]
+            y = self._nonempty(tf.shape(pc.idx)[0], lambda rows, w=pc.width: self.engine.kept(layer, rows, w), pc.x, shape)
+            out.append(_Piece(y, pc.idx, pc.width))
+        return out
 
     def _by_width(self, pieces, fn):
         """`fn(features, sample_ids, width)` on the samples of each width, stitched back in sample order."""

@@ -168,7 +168,7 @@ class GatedConv2D(keras.layers.Layer):
         self.output_hw = (out_size(input_shape[1]), out_size(input_shape[2]))
         self.kernel = self.add_weight(
             name="kernel",
-            shape=(k, k, self.in_channels, self.filters),
+            shape=self._kernel_shape(),
             initializer=self.kernel_initializer,
         )
         if not self.normalization:
@@ -195,6 +195,10 @@ class GatedConv2D(keras.layers.Layer):
         )
 
     # ----------------------------------------------------------------- helpers
+    def _kernel_shape(self):
+        k = self.kernel_size
+        return (k, k, self.in_channels, self.filters)
+
     def _bn_set(self, in_actions, batch_size):
         """Index of the BatchNorm set of every sample, shape `[batch]`."""
         if not self.gated_input or in_actions is None:
@@ -297,14 +301,20 @@ class GatedConv2D(keras.layers.Layer):
             equals the sliced output.
         """
         in_prefix, out_prefix, bn_set = self._prefixes(in_action, out_action)
+        scale, bias = self._folded_bn(bn_set)
+        kernel = self.kernel[:, :, :in_prefix, :out_prefix]
+        if scale is None:
+            return kernel, bias[:out_prefix]
+        return kernel * scale[:out_prefix], bias[:out_prefix]
+
+    def _folded_bn(self, bn_set):
+        """`(scale, bias)` of inference BatchNorm set `bn_set` per output channel (scale None: no BatchNorm)."""
         if not self.normalization:
-            return self.kernel[:, :, :in_prefix, :out_prefix], self.bias[:out_prefix]
+            return None, self.bias
         scale = self.gamma[bn_set] * tf.math.rsqrt(
             self.moving_variance[bn_set] + self.epsilon
         )
-        bias = self.beta[bn_set] - self.moving_mean[bn_set] * scale
-        kernel = self.kernel[:, :, :in_prefix, :out_prefix] * scale[:out_prefix]
-        return kernel, bias[:out_prefix]
+        return scale, self.beta[bn_set] - self.moving_mean[bn_set] * scale
 
     def _prefixes(self, in_action, out_action):
         validation.check_action("out_action", out_action, self.groups)
@@ -403,4 +413,160 @@ class GatedConv2D(keras.layers.Layer):
                 ),
             }
         )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="rnp_tf")
+class GatedDepthwiseConv2D(GatedConv2D):
+    """Depthwise convolution + per-width BatchNorm + activation on a channel prefix.
+
+    The depthwise conv of an inverted residual (MobileNetV2): every channel
+    is filtered on its own, so the output keeps the input's width. When
+    `gated_input=True` the previous layer's action says how many input
+    groups are non-zero, and exactly that prefix of the output is computed
+    (the rest is zero on the masked path, absent on the sliced one). As in
+    `GatedConv2D`, BatchNorm keeps one set per input width, picked per
+    sample. There is no `filters` and no action of its own: `out_actions`
+    and `out_action` are accepted for the conv interface and ignored.
+
+    Args:
+        kernel_size: int, size of the square kernel. Defaults to 3.
+        groups: number of channel groups `k`. Defaults to 4.
+        strides: int stride. Defaults to 1.
+        padding: `"same"` or `"valid"`. Defaults to `"same"` (TensorFlow's
+            `SAME`: for a 3x3 stride-2 conv, Keras's MobileNetV2
+            `ZeroPadding2D(correct_pad(x, 3))` + `"valid"` exactly).
+        normalization: BatchNorm after the conv (True, default) or a bias.
+        gated_input: whether the input width varies with a previous action.
+            Defaults to True.
+        activation: Keras activation after BatchNorm. Defaults to `"relu6"`.
+        momentum: BatchNorm moving-average momentum. Defaults to 0.9.
+        epsilon: BatchNorm variance epsilon. Defaults to 1e-3.
+        kernel_initializer: initializer of the depthwise kernel
+            `(k, k, channels, 1)`. Defaults to `"he_normal"`.
+        **kwargs: base `keras.layers.Layer` arguments.
+
+    Input shape:
+        `(batch, height, width, channels)` for `call`; `(batch, height,
+        width, in_prefix)` for `call_sliced`.
+
+    Output shape:
+        `(batch, new_height, new_width, channels)` for `call` (channels
+        beyond the input prefix are zero); `(batch, new_height, new_width,
+        in_prefix)` for `call_sliced`.
+
+    Example:
+
+    >>> layer = GatedDepthwiseConv2D(groups=4, strides=2)
+    >>> x = tf.random.normal((2, 8, 8, 16))
+    >>> layer(x, in_actions=tf.constant([4, 1])).shape
+    TensorShape([2, 4, 4, 16])
+    >>> layer.call_sliced(x[:1, :, :, :8], in_action=2, out_action=None).shape
+    TensorShape([1, 4, 4, 8])
+    """
+
+    def __init__(
+        self,
+        kernel_size=3,
+        groups=4,
+        strides=1,
+        padding="same",
+        normalization=True,
+        gated_input=True,
+        activation="relu6",
+        momentum=0.9,
+        epsilon=1e-3,
+        kernel_initializer="he_normal",
+        **kwargs,
+    ):
+        # `filters` is the input's channel count, known in `build`.
+        super().__init__(
+            1,
+            kernel_size=kernel_size,
+            groups=groups,
+            strides=strides,
+            padding=padding,
+            normalization=normalization,
+            gated_input=gated_input,
+            prunable_output=False,
+            activation=activation,
+            momentum=momentum,
+            epsilon=epsilon,
+            kernel_initializer=kernel_initializer,
+            **kwargs,
+        )
+
+    def build(self, input_shape):
+        if len(input_shape) == 4 and input_shape[-1] is not None:
+            self.filters = int(input_shape[-1])
+            if self.gated_input:
+                self.group_size = self.filters // self.groups
+        super().build(input_shape)
+
+    def _kernel_shape(self):
+        k = self.kernel_size
+        return (k, k, self.in_channels, 1)
+
+    def _conv(self, x, kernel):
+        strides = [1, self.strides, self.strides, 1]
+        return tf.nn.depthwise_conv2d(x, kernel, strides=strides, padding=self.padding.upper())
+
+    def call(self, inputs, in_actions=None, out_actions=None, training=False):
+        """Masked execution: the output prefix is the input's (`out_actions` is ignored)."""
+        out = in_actions if self.gated_input else None
+        return super().call(inputs, in_actions=in_actions, out_actions=out, training=training)
+
+    def _prefixes(self, in_action, out_action):
+        if not self.gated_input:
+            return self.in_channels, self.in_channels, 0
+        validation.check_action("in_action", in_action, self.groups)
+        prefix = int(in_action) * self.in_group_size
+        return prefix, prefix, int(in_action) - 1
+
+    def folded_weights(self, in_action, out_action=None):
+        """Depthwise kernel prefix `(k, k, in_prefix, 1)` and bias `(in_prefix,)` with BatchNorm folded in.
+
+        Args:
+            in_action: int in `1..groups`, the previous layer's action
+                (ignored when `gated_input=False`).
+            out_action: ignored (the output prefix is the input's).
+
+        Returns:
+            `(kernel, bias)` such that `activation(depthwise(x, kernel) +
+            bias)` equals the sliced output.
+        """
+        prefix, _, bn_set = self._prefixes(in_action, out_action)
+        scale, bias = self._folded_bn(bn_set)
+        kernel = self.kernel[:, :, :prefix, :]
+        if scale is None:
+            return kernel, bias[:prefix]
+        return kernel * scale[:prefix, None], bias[:prefix]
+
+    def macs(self, in_actions, out_actions=None):
+        """Multiply-accumulates of one sample: `out_h * out_w * k * k * in_prefix`.
+
+        Args:
+            in_actions: previous layer's action(s); ignored when
+                `gated_input=False`.
+            out_actions: ignored but for the shape of the result when the
+                input is not gated (the plan passes the full width).
+
+        Returns:
+            Same shape as the actions (float64 numpy, or a float32 tensor
+            for tensor inputs).
+        """
+        per_channel = float(self.output_hw[0] * self.output_hw[1] * self.kernel_size**2)
+        ref = in_actions if self.gated_input or out_actions is None else out_actions
+        if tf.is_tensor(ref):
+            ref = tf.cast(ref, tf.float32)
+            width = ref * self.in_group_size if self.gated_input else tf.ones_like(ref) * self.in_channels
+            return per_channel * width
+        ref = np.asarray(ref, np.float64)
+        width = ref * self.in_group_size if self.gated_input else np.ones_like(ref) * self.in_channels
+        return per_channel * width
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("filters", "prunable_output"):
+            config.pop(key)
         return config

@@ -9,6 +9,7 @@ runs, in the order data flows through them::
     ConvStep(conv, decision=0)          the agent decides its output prefix
     ConvStep(conv, decision=1, in_ref=0)
     BlockStep(body=(ConvStep, ...), shortcut=ConvStep | None)
+    InvertedResidualStep(body=(expand, depthwise, project), residual)
     ...                                 then the head (`plan.head`)
 
 Every path that runs a model walks these steps with `rnp_tf.rollout.rollout`:
@@ -33,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from rnp_tf.layers import GatedConv2D
+from rnp_tf.layers import GatedDepthwiseConv2D
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -74,6 +76,27 @@ class BlockStep:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class InvertedResidualStep:
+    """A MobileNetV2 inverted residual: `project(depthwise(expand(h))) (+ h)`.
+
+    The agent decides the expansion's output prefix; the depthwise conv
+    (`GatedDepthwiseConv2D`, `in_ref` = that decision) runs on that prefix
+    and keeps it, the linear projection reads it and keeps its full output.
+    A block with expansion factor 1 has no expansion conv and nothing to
+    decide: its depthwise conv and projection run at full width.
+
+    Attributes:
+        body: the `ConvStep`s `(expand, depthwise, project)`, or
+            `(depthwise, project)` without expansion.
+        residual: True when the block's input is added to its output (an
+            identity shortcut, no activation after the sum).
+    """
+
+    body: tuple
+    residual: bool = False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Head:
     """The classifier head: pooling, hidden Dense+ReLU layers, classifier.
 
@@ -104,9 +127,11 @@ class NetworkPlan:
     needs the structure (MAC counts, channel reordering, the exporters).
 
     Attributes:
-        steps: tuple of `ConvStep`, `MapStep` and `BlockStep`.
+        steps: tuple of `ConvStep`, `MapStep`, `BlockStep` and
+            `InvertedResidualStep`.
         head: the `Head`.
-        convs: every `GatedConv2D`, in creation order (the stem first).
+        convs: every `GatedConv2D` (and `GatedDepthwiseConv2D`), in
+            creation order (the stem first).
         prunable: the convs whose output prefix is decided, by decision index.
         groups: `k`.
         feature_channels: per decision, the channels of the map the agent
@@ -160,6 +185,8 @@ class NetworkPlan:
                 yield from step.body
                 if step.shortcut is not None:
                     yield step.shortcut
+            elif isinstance(step, InvertedResidualStep):
+                yield from step.body
 
     @property
     def is_chain(self):
@@ -168,7 +195,7 @@ class NetworkPlan:
         The batched inference engine and the exporters run such chains (the
         CIFAR CNN, VGG); residual blocks run on the masked path.
         """
-        return all(not isinstance(step, BlockStep) for step in self.steps) and all(
+        return all(isinstance(step, (ConvStep, MapStep)) for step in self.steps) and all(
             step.decision is not None for step in list(self.conv_steps())[1:]
         )
 
@@ -230,7 +257,8 @@ def build_plan(backbone, image_shape, num_classes, groups):
     """Builds the layers of a validated backbone description and returns its plan.
 
     Layers are created in the order data flows (inside a bottleneck: its
-    three convs, then the projection), then the head, so that a seeded run
+    three convs, then the projection; inside an inverted residual: expand,
+    depthwise, project), then the head, so that a seeded run
     initialises the same weights whatever walks the plan.
 
     Args:
@@ -281,6 +309,38 @@ def build_plan(backbone, image_shape, num_classes, groups):
         width_ref = decision
         return step
 
+    def inverted_residual(i, stage):
+        nonlocal shape
+        if width_ref is not None:
+            raise ValueError(f"stages[{i}]: an inverted residual's input must have full width.")
+        block_in, eps, act = shape, stage["bn_epsilon"], stage["activation"]
+        expanded = block_in[-1] * stage["expansion"]
+        if stage["prunable"] and expanded % groups:
+            raise ValueError(
+                f"stages[{i}]: `groups` must divide the expanded channels of an inverted residual. "
+                f"Received: groups={groups}, expanded channels={expanded}"
+            )
+        body = []
+        if stage["expansion"] != 1:
+            body.append(conv_step(f"block{i}_expand", expanded, 1, 1, "same", stage["prunable"], act, eps=eps))
+        depthwise = GatedDepthwiseConv2D(
+            kernel_size=stage["kernel_size"], groups=groups, strides=stage["strides"], padding=stage["padding"],
+            gated_input=width_ref is not None, activation=act, epsilon=eps, name=f"block{i}_depthwise",
+        )
+        depthwise.build(shape)
+        convs.append(depthwise)
+        body.append(ConvStep(depthwise, None, width_ref))  # its output keeps the input's prefix: width_ref stays
+        shape = depthwise.compute_output_shape(shape)
+        body.append(conv_step(f"block{i}_project", stage["filters"], 1, 1, "same", False, "linear", eps=eps))
+        identity = stage["strides"] == 1 and block_in[-1] == stage["filters"]
+        residual = identity if stage["residual"] is None else stage["residual"]
+        if residual and not identity:
+            raise ValueError(
+                f"stages[{i}]: an identity shortcut needs {stage['filters']} input channels and stride 1. "
+                f"Received: input_shape={block_in}, strides={stage['strides']}"
+            )
+        return InvertedResidualStep(tuple(body), residual)
+
     for i, stage in enumerate(backbone["stages"]):
         kind = stage["type"]
         if kind == "conv":
@@ -301,6 +361,8 @@ def build_plan(backbone, image_shape, num_classes, groups):
             layer = keras.layers.ZeroPadding2D(stage["padding"], name=f"zeropad_{i}")
             shape = layer.compute_output_shape(shape)
             steps.append(MapStep(layer))
+        elif kind == "inverted_residual":
+            steps.append(inverted_residual(i, stage))
         else:
             if width_ref is not None:
                 raise ValueError(f"stages[{i}]: a bottleneck's input must have full width (it feeds a sum).")

@@ -6,10 +6,14 @@ channels in arbitrary order; sorting them by importance before the RNP
 phases lets the narrow prefixes keep the filters that matter most.
 Reordering a layer's output channels, its BatchNorm, the next layer's input
 channels (and the agent encoder or head that reads them) does not change
-what the full-width network computes.
+what the full-width network computes. A depthwise conv on the reordered
+prefix (an inverted residual) has its channels, BatchNorm included,
+permuted with it.
 """
 
 import numpy as np
+
+from rnp_tf.layers import GatedDepthwiseConv2D
 
 
 def channel_importance(conv):
@@ -63,16 +67,14 @@ def reorder_channels(model):
         perm = np.argsort(-channel_importance(conv), kind="stable")
         permutations.append(perm)
         conv.kernel.assign(np.asarray(conv.kernel)[..., perm])
-        if conv.normalization:
-            for variable in (conv.gamma, conv.beta, conv.moving_mean, conv.moving_variance):
-                variable.assign(np.asarray(variable)[:, perm])
-        else:
-            conv.bias.assign(np.asarray(conv.bias)[perm])
+        _permute_outputs(conv, perm)
         for consumer in model.convs:
             decision, in_ref = model.plan.conv_refs[consumer.name]
             if in_ref != t:
                 continue
             consumer.kernel.assign(np.asarray(consumer.kernel)[:, :, perm, :])
+            if isinstance(consumer, GatedDepthwiseConv2D):  # its output is the permuted prefix too
+                _permute_outputs(consumer, perm)
             if decision is not None:
                 encoder = model.agent.encoders[decision]
                 kernel = np.asarray(encoder.kernel)
@@ -81,6 +83,15 @@ def reorder_channels(model):
         if model.plan.head.in_ref == t:
             _permute_head_rows(model, perm)
     return permutations
+
+
+def _permute_outputs(conv, perm):
+    """Permutes a conv's per-output-channel BatchNorm (or bias)."""
+    if conv.normalization:
+        for variable in (conv.gamma, conv.beta, conv.moving_mean, conv.moving_variance):
+            variable.assign(np.asarray(variable)[:, perm])
+    else:
+        conv.bias.assign(np.asarray(conv.bias)[perm])
 
 
 def _permute_head_rows(model, perm):

@@ -11,6 +11,7 @@ RNP's per-layer loop is written here once::
         other conv: h = executor.conv(step, h, in_action, None)
         map step (pooling, padding): h = executor.map(step, h)
         residual block: the body's convs as above, then executor.residual
+        inverted residual: the body's convs as above, then executor.add (identity shortcut)
     logits = executor.head(h, last action)
 
 A *policy* says how actions are chosen (`Greedy`, `EpsilonGreedy`,
@@ -33,6 +34,7 @@ import tensorflow as tf
 from rnp_tf import agent as agent_lib
 from rnp_tf.plan import BlockStep
 from rnp_tf.plan import ConvStep
+from rnp_tf.plan import InvertedResidualStep
 from rnp_tf.plan import MapStep
 
 
@@ -170,6 +172,12 @@ def rollout(plan, agent, images, policy, executor):
             for inner in step.body:
                 h = conv(inner, h)
             h = executor.residual(h, shortcut)
+        elif isinstance(step, InvertedResidualStep):
+            block_in = h
+            for inner in step.body:
+                h = conv(inner, h)
+            if step.residual:
+                h = executor.add(h, block_in)
         else:
             raise ValueError(f"Unknown plan step. Received: step={step!r}")
     return Rollout(executor.head(h, width(plan.head.in_ref)), actions, q_values)
@@ -205,10 +213,13 @@ class Executor:
     `rollout` calls `begin(images)`, `batch_size(images)` (for the agent's
     state), `pooled(h, t)` (the agent's input at decision `t`, `[batch,
     feature_channels[t]]`), `conv(step, h, in_action, out_action)` (None: full
-    width), `map(step, h)`, `residual(h, shortcut)` and `head(h, last_action)`.
-    This base gives the defaults for a batch held as one tensor: the images
-    as they are, the batch's first dimension, the Keras layer of a map step
-    and `relu(h + shortcut)`; subclasses add `pooled`, `conv` and `head`.
+    width), `map(step, h)`, `residual(h, shortcut)`, `add(h, shortcut)` and
+    `head(h, last_action)`. This base gives the defaults for a batch held as
+    one tensor: the images as they are, the batch's first dimension, the
+    Keras layer of a map step, `relu(h + shortcut)` (a bottleneck) and
+    `h + shortcut` (an inverted residual); subclasses add `pooled`, `conv`
+    and `head`. A conv step's layer may be a `GatedDepthwiseConv2D`: its
+    output keeps its input's prefix (`in_action`).
     """
 
     def begin(self, images):
@@ -222,6 +233,9 @@ class Executor:
 
     def residual(self, h, shortcut):
         return tf.nn.relu(h + shortcut)
+
+    def add(self, h, shortcut):
+        return h + shortcut
 
 
 class MaskedExecutor(Executor):

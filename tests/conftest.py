@@ -146,3 +146,24 @@ def _check_penalty_input(model, run, penalties=KNOB_PENALTIES, atol=1e-4):
 def check_penalty_input():
     """Returns `check(model, run, penalties=KNOB_PENALTIES)`: the exporters' knob parity at two penalties."""
     return _check_penalty_input
+
+
+@pytest.fixture
+def tiny_mobilenet():
+    """A MobileNetV2-like backbone for 32x32 images (4 decisions).
+
+    A ReLU6 stem (stride 2), four inverted residuals: expansion 1 with an
+    identity shortcut, expansion 4 with one, a stride-2 block without, and
+    expansion 2 with one; then a prunable 1x1 conv feeding the head.
+    """
+    return {
+        "stages": [
+            {"type": "conv", "filters": 8, "strides": 2, "activation": "relu6"},
+            {"type": "inverted_residual", "filters": 8, "expansion": 1},
+            {"type": "inverted_residual", "filters": 8, "expansion": 4},
+            {"type": "inverted_residual", "filters": 12, "expansion": 4, "strides": 2},
+            {"type": "inverted_residual", "filters": 12, "expansion": 2},
+            {"type": "conv", "filters": 16, "kernel_size": 1, "activation": "relu6"},
+        ],
+        "head": {"pooling": "gap"},
+    }

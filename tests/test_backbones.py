@@ -1,9 +1,11 @@
 import itertools
 
+import keras
 import numpy as np
 import pytest
 
 import rnp_tf
+from bench.models import randomise_batchnorm
 from rnp_tf import backbones
 
 
@@ -77,6 +79,29 @@ def test_residual_mac_count_by_hand():
         ({"stages": [{"type": "conv", "filters": 8}, {"type": "conv", "filters": 8}], "head": {"pooling": "max"}}, "pooling"),
         ({"stages": [{"type": "conv", "filters": 8}]}, "prunable"),
         ("vgg", "dict"),
+        (
+            {"stages": [{"type": "conv", "filters": 8}, {"type": "inverted_residual", "filters": 8, "expansion": 1,
+                                                         "prunable": True}]},
+            r"stages\[1\] has no expansion conv",
+        ),
+        (
+            {"stages": [{"type": "conv", "filters": 6}, {"type": "inverted_residual", "filters": 8, "expansion": 3}]},
+            r"expanded channels.*stages\[1\]",
+        ),
+        (
+            {"stages": [{"type": "conv", "filters": 8}, {"type": "inverted_residual", "filters": 8, "strides": 2,
+                                                         "residual": True}]},
+            r"stages\[1\].residual",
+        ),
+        (
+            {"stages": [{"type": "conv", "filters": 8}, {"type": "conv", "filters": 8, "prunable": True},
+                        {"type": "inverted_residual", "filters": 8}]},
+            r"stages\[1\] feeds a residual block",
+        ),
+        (
+            {"stages": [{"type": "conv", "filters": 8}, {"type": "inverted_residual", "filters": 8, "padding": "full"}]},
+            r"stages\[1\].padding",
+        ),
     ],
 )
 def test_bad_descriptions(spec, match):
@@ -99,3 +124,36 @@ def test_vgg_cifar_is_a_wider_deeper_chain():
     assert 2.0 < model.full_macs / small.full_macs < 3.0
     with pytest.raises(ValueError, match="width"):
         rnp_tf.vgg_cifar(0)
+
+
+def test_mobilenet_v2_description():
+    """Keras's MobileNetV2: a ReLU6 stem, 17 inverted residuals, Conv_1, 17 decisions."""
+    spec = backbones.validate_backbone(backbones.mobilenet_v2(), groups=4)
+    stem, *blocks, last = spec["stages"]
+    assert (stem["filters"], stem["strides"], stem["activation"], stem["prunable"]) == (32, 2, "relu6", False)
+    assert [b["filters"] for b in blocks] == [16, 24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160, 160, 160, 320]
+    assert [b["strides"] for b in blocks] == [1, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1]
+    assert [b["expansion"] for b in blocks] == [1] + [6] * 16
+    assert [b["prunable"] for b in blocks] == [False] + [True] * 16
+    assert (last["filters"], last["kernel_size"], last["prunable"]) == (1280, 1, True)
+    assert backbones.get_backbone("mobilenet_v2", alpha=0.35)["stages"][0]["filters"] == 16  # Keras' rounding
+    assert backbones.mobilenet_v2(alpha=1.4)["stages"][-1]["filters"] == 1792
+    with pytest.raises(ValueError, match="alpha"):
+        backbones.mobilenet_v2(alpha=0)
+
+
+def test_inverted_residual_model_masked_equals_sliced_and_reloads(tiny_mobilenet, tmp_path):
+    model = rnp_tf.RNPModel(tiny_mobilenet, image_shape=(32, 32, 3), num_classes=5)
+    randomise_batchnorm(model, 0)
+    x = np.random.default_rng(0).normal(size=(6, 32, 32, 3)).astype("float32")
+    forced = np.array([[1, 1, 1, 1], [4, 4, 4, 4], [2, 3, 1, 4], [4, 1, 2, 3], [3, 4, 4, 1], [1, 2, 3, 2]])
+    masked = model.rollout(x, actions=forced)
+    sliced = model.sliced_rollout(x, actions=forced)
+    np.testing.assert_allclose(sliced["logits"], masked["logits"], atol=1e-4)
+    np.testing.assert_allclose(sliced["macs"], masked["macs"])
+    assert len(set(masked["logits"].numpy()[:, 0].round(4))) == 6
+    path = tmp_path / "mobilenet.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.rollout(x, actions=forced)["logits"], masked["logits"], atol=1e-6)
+    np.testing.assert_array_equal(loaded.rollout(x)["actions"], model.rollout(x)["actions"])

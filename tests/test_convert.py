@@ -175,6 +175,108 @@ def test_concatenate_is_rejected():
         rnp_tf.from_keras(keras.Model(inputs, out))
 
 
+@pytest.fixture(scope="module")
+def mobilenet():
+    source = keras.applications.MobileNetV2(weights=None, alpha=0.35, input_shape=(96, 96, 3))
+    _randomise_bn(source)
+    return source, rnp_tf.from_keras(source)
+
+
+def test_mobilenet_v2_logits_equal_and_structure(mobilenet):
+    source, rnp = mobilenet
+    x = images(3, (96, 96, 3))
+    assert rnp.output_softmax  # Keras's classifier applies softmax: compare probabilities of 1000 classes
+    np.testing.assert_allclose(_softmax(full_logits(rnp, x)), source.predict(x, verbose=0), rtol=1e-4, atol=1e-7)
+    spec = rnp_tf.backbones.validate_backbone(rnp_tf.mobilenet_v2(alpha=0.35), 4)
+    ours = [{k: v for k, v in s.items() if k not in ("source", "residual")} for s in rnp.backbone["stages"]]
+    assert ours == [{k: v for k, v in s.items() if k != "residual"} for s in spec["stages"]]
+    residual = [s["residual"] for s in rnp.backbone["stages"] if s["type"] == "inverted_residual"]
+    assert residual == [isinstance(s, rnp_tf.plan.InvertedResidualStep) and s.residual for s in
+                        rnp_tf.build_plan(spec, (96, 96, 3), 1000, 4).steps if hasattr(s, "residual")]
+    prunable = [rnp.source_names[c.name] for c in rnp.prunable]
+    assert prunable == [f"block_{i}_expand" for i in range(1, 17)] + ["Conv_1"]
+    assert rnp.source_names[rnp.convs[1].name] == "expanded_conv_depthwise"  # expansion 1: kept full
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_narrow_widths_run_in_the_engine(mobilenet):
+    _, rnp = mobilenet
+    x = images(3, (96, 96, 3), seed=1)
+    actions = np.random.default_rng(0).integers(1, 5, size=(3, rnp.num_prunable))
+    masked = rnp.rollout(x, actions=actions)
+    engine = rnp_tf.InferenceEngine(rnp)
+    for out in (engine(x, actions=actions), engine(x[:1], actions=actions[:1])):
+        n = len(out["logits"])
+        np.testing.assert_allclose(out["logits"], masked["logits"][:n], atol=1e-4)
+        np.testing.assert_allclose(out["macs"], masked["macs"][:n], rtol=1e-6)
+    assert masked["macs"].numpy().max() < rnp.full_macs
+
+
+def _softmax(logits):
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def inverted_residual_model(activation="relu6", pad=None, project_activation=None, depth_multiplier=1,
+                            dw_activation=None):
+    """A user's small MobileNetV2-like functional model: two blocks (with and without `Add`)."""
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Activation(activation)(x)
+    y = keras.layers.Conv2D(16, 1, use_bias=False, name="expand")(x)
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.Activation(activation)(y)
+    y = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw",
+                                     depth_multiplier=depth_multiplier)(y)
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.Activation(dw_activation or activation)(y)
+    y = keras.layers.Conv2D(8, 1, use_bias=False, activation=project_activation, name="project")(y)
+    y = keras.layers.BatchNormalization()(y)
+    x = keras.layers.Add()([x, y])
+    z = keras.layers.Conv2D(24, 1, use_bias=False, name="expand2")(x)
+    z = keras.layers.BatchNormalization()(z)
+    z = keras.layers.Activation(activation)(z)
+    z = keras.layers.ZeroPadding2D(pad or ((0, 1), (0, 1)), name="pad2")(z)
+    z = keras.layers.DepthwiseConv2D(3, strides=2, use_bias=False, name="dw2")(z)
+    z = keras.layers.BatchNormalization()(z)
+    z = keras.layers.Activation(activation)(z)
+    z = keras.layers.Conv2D(12, 1, use_bias=False, name="project2")(z)
+    z = keras.layers.BatchNormalization()(z)
+    out = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(z))
+    model = keras.Model(inputs, out)
+    _randomise_bn(model)
+    return model
+
+
+def test_user_inverted_residual_model_converts_exactly():
+    source = inverted_residual_model(activation="relu")
+    rnp = rnp_tf.from_keras(source)
+    blocks = [s for s in rnp.backbone["stages"] if s["type"] == "inverted_residual"]
+    assert [(b["expansion"], b["strides"], b["residual"], b["activation"]) for b in blocks] == [
+        (2, 1, True, "relu"), (3, 2, False, "relu")]
+    x = images(5, (12, 12, 3))
+    np.testing.assert_allclose(full_logits(rnp, x), source.predict(x, verbose=0), atol=1e-4, rtol=1e-4)
+    assert [rnp.source_names[c.name] for c in rnp.prunable] == ["expand", "expand2"]
+    with pytest.raises(ConversionError, match="expand2"):
+        rnp_tf.from_keras(source, k=16, prunable=["expand2"])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"pad": ((1, 1), (1, 1))}, "pad2.*SAME padding"),
+        ({"project_activation": "relu"}, "project.*linear 1x1"),
+        ({"depth_multiplier": 2}, "dw.*depth_multiplier"),
+        ({"dw_activation": "relu"}, "dw.*same activation"),
+        ({"activation": "swish"}, "silu"),
+    ],
+)
+def test_inverted_residuals_off_the_pattern_are_named(kwargs, match):
+    with pytest.raises(ConversionError, match=match):
+        rnp_tf.from_keras(inverted_residual_model(**kwargs))
+
+
 def test_converted_model_trains_reorders_and_saves(tmp_path):
     source = user_cnn()
     rnp = rnp_tf.from_keras(source, schedule=rnp_tf.Schedule(agent_steps=2, backbone_steps=2, epsilon_decay_steps=2))

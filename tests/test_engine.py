@@ -229,6 +229,30 @@ def test_residual_blocks_run_sliced_and_equal_the_masked_path(control_flow):
                                atol=ATOL)
 
 
+@pytest.mark.parametrize("control_flow", [True, False])
+def test_inverted_residuals_run_sliced_and_equal_the_masked_path(tiny_mobilenet, control_flow):
+    """MobileNetV2 blocks: the expansion's prefix, the depthwise conv on it, the projection's narrow input."""
+    model = rnp_tf.RNPModel(tiny_mobilenet, image_shape=(32, 32, 3), num_classes=5)
+    rng = np.random.default_rng(0)
+    randomise_batchnorm(model, rng)
+    for layer in (*model.agent.encoders, *model.agent.decoders):  # spread Q-values: diverse greedy actions
+        layer.kernel.assign(rng.normal(0, 10.0, layer.kernel.shape))
+    engine = InferenceEngine(model, control_flow=control_flow)
+    x = images(64, shape=(32, 32, 3), seed=5)
+    assert len(np.unique(model.rollout(x)["actions"].numpy(), axis=0)) > 3  # per-image actions differ
+    for batch in (1, 7, 64):
+        assert_same(engine(x[:batch]), model.rollout(x[:batch]))
+    forced = rng.integers(1, 5, size=(64, 4)).astype("int32")
+    forced[:8] = 1  # all-ones rows and all-k rows
+    forced[8:16] = 4
+    forced[16:, 1] = np.where(forced[16:, 0] == 4, 1, forced[16:, 1])  # some (previous, action) pairs stay empty
+    for batch in (1, 7, 64):
+        for rows in (slice(0, batch), slice(64 - batch, 64), slice(8, 8 + batch)):
+            assert_same(engine(x[rows], actions=forced[rows]), model.rollout(x[rows], actions=forced[rows]))
+    np.testing.assert_allclose(DenseRunner(model)(x[:7]), model.rollout(x[:7], actions=np.full((7, 4), 4))["logits"],
+                               atol=ATOL)
+
+
 def test_run_agent_with_forced_actions_and_refresh():
     model = make_model(seed=2)
     engine = InferenceEngine(model)

@@ -6,7 +6,9 @@ import pytest
 import rnp_tf
 from rnp_tf import backbones
 from rnp_tf.plan import BlockStep
+from rnp_tf.layers import GatedDepthwiseConv2D
 from rnp_tf.plan import ConvStep
+from rnp_tf.plan import InvertedResidualStep
 from rnp_tf.plan import MapStep
 from rnp_tf.plan import build_plan
 
@@ -82,3 +84,35 @@ def test_model_uses_its_plan():
     model = rnp_tf.RNPModel(backbones.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10)
     assert model.convs == model.plan.convs and model.num_prunable == model.plan.num_decisions
     np.testing.assert_allclose(model.macs([[2, 3, 1]]), model.plan.macs([[2, 3, 1]]))
+
+
+def test_inverted_residual_plan_refs_and_macs_by_hand(tiny_mobilenet):
+    """The expansion decides; the depthwise conv and the projection read its prefix (MobileNetV2)."""
+    plan = plan_of(tiny_mobilenet, image_shape=(32, 32, 3))
+    blocks = [s for s in plan.steps if isinstance(s, InvertedResidualStep)]
+    assert [b.residual for b in blocks] == [True, True, False, True] and not plan.is_chain
+    assert [len(b.body) for b in blocks] == [2, 3, 3, 3]  # expansion 1: depthwise + projection only
+    assert isinstance(blocks[0].body[0].layer, GatedDepthwiseConv2D)
+    assert [(s.decision, s.in_ref) for s in blocks[0].body] == [(None, None), (None, None)]
+    for t, block in enumerate(blocks[1:]):
+        assert [(s.decision, s.in_ref) for s in block.body] == [(t, None), (None, t), (None, t)]
+    assert plan.num_decisions == 4 and plan.feature_channels == [8, 8, 12, 12] and plan.head.in_ref == 3
+
+    def hand(a0, a1, a2, a3):
+        stem = 16 * 16 * 9 * 3 * 8
+        block1 = 16 * 16 * 9 * 8 + 16 * 16 * 8 * 8
+        block2 = 16 * 16 * 8 * (8 * a0) + 16 * 16 * 9 * (8 * a0) + 16 * 16 * (8 * a0) * 8
+        block3 = 16 * 16 * 8 * (8 * a1) + 8 * 8 * 9 * (8 * a1) + 8 * 8 * (8 * a1) * 12  # stride-2 depthwise
+        block4 = 8 * 8 * 12 * (6 * a2) + 8 * 8 * 9 * (6 * a2) + 8 * 8 * (6 * a2) * 12
+        last = 8 * 8 * 12 * (4 * a3)
+        return stem + block1 + block2 + block3 + block4 + last + (4 * a3) * 10
+
+    tuples = np.array([[4, 4, 4, 4], [1, 1, 1, 1], [2, 4, 1, 3], [3, 1, 4, 2]])
+    np.testing.assert_allclose(plan.macs(tuples).numpy(), [hand(*t) for t in tuples])
+
+
+def test_mobilenet_v2_macs_match_keras():
+    """About 300M multiply-accumulates at 224x224, as Keras quotes for MobileNetV2 1.0."""
+    plan = build_plan(backbones.validate_backbone(backbones.mobilenet_v2(), 4), (224, 224, 3), 1000, 4)
+    assert plan.num_decisions == 17 and 295e6 < plan.full_macs < 305e6
+    assert plan.min_macs < 0.4 * plan.full_macs

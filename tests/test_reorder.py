@@ -74,3 +74,13 @@ def test_reordering_a_residual_model():
     before = model.rollout(x, actions=full)["logits"].numpy()
     reorder_channels(model)
     np.testing.assert_allclose(model.rollout(x, actions=full)["logits"].numpy(), before, atol=1e-4)
+
+
+def test_reordering_an_inverted_residual_permutes_its_depthwise_conv(tiny_mobilenet):
+    model = randomised(rnp_tf.RNPModel(tiny_mobilenet, image_shape=(32, 32, 3), num_classes=10))
+    x = np.random.default_rng(5).normal(size=(4, 32, 32, 3)).astype("float32")
+    full, narrow = np.full((4, 4), 4), np.full((4, 4), 2)
+    before, before_narrow = (model.rollout(x, actions=a)["logits"].numpy() for a in (full, narrow))
+    reorder_channels(model)
+    np.testing.assert_allclose(model.rollout(x, actions=full)["logits"].numpy(), before, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(model.rollout(x, actions=narrow)["logits"].numpy(), before_narrow)
