@@ -53,7 +53,6 @@ Example:
 """
 
 import hashlib
-import itertools
 import json
 import os
 import pathlib
@@ -64,6 +63,7 @@ from absl import app
 from absl import flags
 
 from bench import splits
+from bench import static
 from bench import timing
 
 DATASETS = splits.DATASETS
@@ -163,36 +163,7 @@ def _clone(model, **overrides):
     return copy
 
 
-def candidate_mixes(num_prunable, groups, max_mixes, seed=0):
-    """Every per-layer width mix, or the uniform mixes plus a seeded sample of the others.
-
-    Args:
-        num_prunable: decisions per image.
-        groups: `k`.
-        max_mixes: most mixes returned (at least `groups`).
-        seed: sampling seed.
-
-    Returns:
-        int array `[mixes, num_prunable]`, the full network last.
-
-    Example:
-
-    >>> candidate_mixes(2, 2, max_mixes=16).tolist()
-    [[1, 1], [1, 2], [2, 1], [2, 2]]
-    """
-    if max_mixes < groups:
-        raise ValueError(f"`max_mixes` must be >= groups ({groups}). Received: max_mixes={max_mixes}")
-    total = groups**num_prunable
-    if total <= max_mixes:
-        return np.array(list(itertools.product(range(1, groups + 1), repeat=num_prunable)))
-    uniform = [np.full(num_prunable, a) for a in range(1, groups + 1)]
-    rng = np.random.default_rng(seed)
-    chosen = {tuple(m) for m in uniform}
-    while len(chosen) < max_mixes:
-        chosen.add(tuple(rng.integers(1, groups + 1, num_prunable)))
-    full = (groups,) * num_prunable
-    chosen.discard(full)
-    return np.array(sorted(chosen) + [full])
+candidate_mixes = static.candidate_mixes
 
 
 def oracle_choice(ok, fractions, fallback):
@@ -218,38 +189,9 @@ def oracle_choice(ok, fractions, fallback):
     return np.where(sorted_ok.any(axis=0), chosen, fallback)
 
 
-def _per_image(model, x, y, actions, batch_size=512):
-    """Correctness, loss and logits of every image under forced actions `[1 or n, num_prunable]`."""
-    import keras
-
-    logits = []
-    for start in range(0, len(x), batch_size):
-        a = np.broadcast_to(actions, (len(x), model.num_prunable))[start : start + batch_size]
-        out = model.rollout(x[start : start + batch_size], actions=np.ascontiguousarray(a))
-        logits.append(np.asarray(out["logits"]))
-    logits = np.concatenate(logits)
-    loss = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
-    return logits.argmax(1) == y, loss, logits
-
-
-def _mix_table(model, mixes, x, y):
-    """Correctness, loss and top probability of every image under every static mix."""
-    correct, losses, probs = [], [], []
-    for mix in mixes:
-        c, l, logits = _per_image(model, x, y, mix[None, :])
-        correct.append(c)
-        losses.append(l)
-        probs.append(_softmax(logits).max(1))
-    return np.stack(correct), np.stack(losses), np.stack(probs)
-
-
-def _static_curve(model, mixes, fractions, xv, yv, xt, yt):
-    """The static curve of `model`'s weights: the front chosen on validation, read on test; plus the test tables."""
-    val_correct, _, _ = _mix_table(model, mixes, xv, yv)
-    test_correct, test_loss, test_conf = _mix_table(model, mixes, xt, yt)
-    front = _pareto(fractions, val_correct.mean(1))
-    return front, [(float(fractions[i]), float(test_correct[i].mean())) for i in front], (test_correct, test_loss,
-                                                                                          test_conf)
+_per_image = static.per_image
+_mix_table = static.mix_table
+_static_curve = static.static_curve
 
 
 def shuffle_actions(actions, seed):
@@ -257,22 +199,8 @@ def shuffle_actions(actions, seed):
     return actions[np.random.default_rng(seed).permutation(len(actions))]
 
 
-def _softmax(logits):
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def _pareto(fractions, accuracy):
-    """Indices of mixes on the accuracy/compute front (sorted by compute)."""
-    order = np.argsort(fractions)
-    front, best = [], -1.0
-    for i in order:
-        if accuracy[i] > best + 1e-12:
-            front.append(int(i))
-            best = accuracy[i]
-    return front
-
-
+_softmax = static.softmax
+_pareto = static.pareto
 _interp = splits.interp
 _interp_inside = splits.interp_inside
 

@@ -17,9 +17,15 @@ compute as a fraction of the ordinary (dense) network's MACs:
    dense prefix-robust network's static curve, its static fine-tuned points
    and the paper's agent.
 
-Variants: `nested` (the dense network's widths) and `wide` (every width
+Variants: `nested` (the dense network's widths), `wide` (every width
 times `--wide_scale`, so that the nested network's full MACs come near the
-dense network's).
+dense network's) and `dense`: the same-recipe control, today's prefix-robust
+`RNPModel` (one BatchNorm set per input width) trained by its sandwich phase
+with the same optimizer, learning-rate schedule and epochs, whose static
+curve (every per-layer mix; the front chosen on validation, read on test) is
+the dense curve each nested run of the same dataset and seed is compared
+with. The `--reference` curves come from `bench.accuracy`'s own recipe
+(10 full-width epochs, then 8 sandwich epochs, constant learning rates).
 
 Output in `--output`: `<stem>.json`, `<stem>.md` (paired gaps per budget,
 mean and standard error over seeds, targets) and `<stem>.png`.
@@ -41,9 +47,10 @@ from absl import app
 from absl import flags
 
 from bench import splits
+from bench import static
 from bench import timing
 
-VARIANTS = ("nested", "wide")
+VARIANTS = ("nested", "wide", "dense")
 FLAGS = flags.FLAGS
 flags.DEFINE_list("datasets", ["cifar10_subset", "fashion_mnist"], "Datasets: " + ", ".join(splits.DATASETS) + ".")
 flags.DEFINE_list("seeds", ["3", "4", "5", "6", "7"], "Seeds (paired with the reference report's seeds).")
@@ -100,6 +107,35 @@ def _reference(dataset, seed):
             "paper": [(p["compute_fraction"], p["accuracy"]) for p in paper]}
 
 
+def _optimizer(data):
+    import keras
+
+    steps = FLAGS.epochs * int(np.ceil(data.num_train / 128))
+    return keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(FLAGS.learning_rate, max(1, steps)))
+
+
+def run_dense(dataset, seed, data, xv, yv, xt, yt):
+    """The same-recipe dense control: a prefix-robust RNPModel, its sandwich phase, its static curve."""
+    import keras
+
+    import rnp_tf
+
+    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn(_widths("nested", FLAGS.groups)), image_shape=data.input_shape,
+                            num_classes=data.num_classes, groups=FLAGS.groups)
+    model.compile(optimizer=_optimizer(data), agent_optimizer=keras.optimizers.Adam(1e-3))
+    model.set_phase("robust")
+    start = time.time()
+    model.fit(data.train, epochs=FLAGS.epochs, shuffle=False, verbose=0)  # tf.data shuffles
+    seconds = {"train": time.time() - start}
+    mixes = static.candidate_mixes(model.num_prunable, model.groups, 256, seed)
+    fractions = model.compute_fraction(mixes).numpy()
+    _, curve, (correct, _, _) = static.static_curve(model, mixes, fractions, xv, yv, xt, yt)
+    uniform = [i for i, m in enumerate(mixes) if len(set(m)) == 1]
+    return {"dataset": dataset, "seed": seed, "variant": "dense", "widths": list(_widths("nested", FLAGS.groups)),
+            "static_curve": curve, "uniform": [(float(fractions[i]), float(correct[i].mean())) for i in uniform],
+            "seconds": seconds}
+
+
 def run_one(dataset, seed, variant):
     import keras
 
@@ -112,13 +148,13 @@ def run_one(dataset, seed, variant):
     data = splits.load_split(dataset, seed, FLAGS.validation, FLAGS.max_train_examples)
     xv, yv = splits.arrays(data.validation)
     xt, yt = splits.arrays(data.test)
+    if variant == "dense":
+        return run_dense(dataset, seed, data, xv, yv, xt, yt)
     net = nested.AnytimeNetwork(rnp_tf.cifar_cnn(_widths(variant, groups)), data.input_shape, data.num_classes,
                                 groups=groups, distill_weight=FLAGS.distill_weight)
     dense = nested.AnytimeNetwork(rnp_tf.cifar_cnn(_widths("nested", groups)), data.input_shape, data.num_classes,
                                   groups=groups).dense_macs()
-    steps = FLAGS.epochs * int(np.ceil(data.num_train / 128))
-    schedule = keras.optimizers.schedules.CosineDecay(FLAGS.learning_rate, max(1, steps))
-    net.compile(optimizer=keras.optimizers.Adam(schedule))
+    net.compile(optimizer=_optimizer(data))
     start = time.time()
     history = net.fit(data.train, epochs=FLAGS.epochs, shuffle=False, verbose=0)  # tf.data shuffles
     timings["train"] = time.time() - start
@@ -195,13 +231,37 @@ def _fmt(mean, se, n):
 
 
 CONTROLS = (("shuffled", "its shuffled control"), ("nested_static", "nested static curve"),
-            ("dense_static_curve", "dense static curve"), ("dense_static_finetuned", "dense static fine-tuned"),
-            ("dense_paper", "dense + paper's agent"))
+            ("same_recipe_dense", "dense static, same recipe"),
+            ("dense_static_curve", "dense static (bench.accuracy)"),
+            ("dense_static_finetuned", "dense static fine-tuned (bench.accuracy)"),
+            ("dense_paper", "dense + paper's agent (bench.accuracy)"))
+DENSE = ("same_recipe_dense", "dense_static_curve", "dense_static_finetuned", "dense_paper")
+
+
+def with_dense_controls(runs):
+    """The escalation runs, each row given the same-recipe dense curve of its dataset and seed (or None)."""
+    dense = {(r["dataset"], r["seed"]): r for r in runs if r["variant"] == "dense"}
+    out = []
+    for run in runs:
+        if run["variant"] == "dense":
+            continue
+        control = dense.get((run["dataset"], run["seed"]))
+        run = dict(run)
+        for policy in ("threshold", "dqn"):
+            run[policy] = [dict(row, same_recipe_dense=splits.interp_inside(control["static_curve"],
+                                                                            row["compute_fraction"])
+                                if control else None) for row in run[policy]]
+        out.append(run)
+    return out
 
 
 def summarise(runs):
     """Markdown tables: per (dataset, variant, policy), each budget's accuracy and paired gaps to the controls."""
     lines = []
+    for run in sorted((r for r in runs if r["variant"] == "dense"), key=lambda r: (r["dataset"], r["seed"])):
+        lines.append(f"Dense, same recipe, {run['dataset']} seed {run['seed']}: uniform widths " + ", ".join(
+            f"{100 * a:.1f}% at {c:.3f}" for c, a in run["uniform"]))
+    runs = with_dense_controls(runs)
     keys = sorted({(r["dataset"], r["variant"]) for r in runs})
     for dataset, variant in keys:
         group = [r for r in runs if (r["dataset"], r["variant"]) == (dataset, variant)]
@@ -220,7 +280,7 @@ def summarise(runs):
                 cells = [f"{budget:.2f}", f"{np.mean([x['compute_fraction'] for x in rows]):.3f}",
                          f"{100 * np.mean([x['accuracy'] for x in rows]):.1f}"]
                 for key, _ in CONTROLS:
-                    cells.append(_fmt(*_mean_se([x["accuracy"] - x[key] if x[key] is not None else None
+                    cells.append(_fmt(*_mean_se([x["accuracy"] - x[key] if x.get(key) is not None else None
                                                  for x in rows])))
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
@@ -230,6 +290,7 @@ def summarise(runs):
 def targets(runs):
     """Issue 27's stage-1 targets, on the means over seeds, for every (dataset, variant, policy)."""
     out = []
+    runs = with_dense_controls(runs)
     for dataset, variant in sorted({(r["dataset"], r["variant"]) for r in runs}):
         group = [r for r in runs if (r["dataset"], r["variant"]) == (dataset, variant)]
         for policy in ("threshold", "dqn"):
@@ -241,15 +302,14 @@ def targets(runs):
                 gaps = []
                 for r in group:
                     row = r[policy][b]
-                    best = [row[k] for k in ("dense_static_curve", "dense_static_finetuned", "dense_paper")
-                            if row[k] is not None]
+                    best = [row[k] for k in DENSE if row.get(k) is not None]
                     gaps.append(row["accuracy"] - max(best) if best else None)
                 dense.append(_mean_se(gaps)[0])
             met = all(g >= 0.02 - 1e-9 for g in shuffled)
             out.append(f"- {dataset}, {variant}, {policy}: beats its shuffled control by >= 2 points at every budget: "
                        f"{'met' if met else 'missed'} (" + ", ".join(f"{100 * g:+.1f}" for g in shuffled) + ")")
             known = [g for g in dense if g is not None]
-            out.append(f"  best dense curve at equal MACs: " + (", ".join(
+            out.append("  best dense curve at equal MACs: " + (", ".join(
                 "-" if g is None else f"{100 * g:+.1f}" for g in dense) if known else "no reference")
                 + ("; >= +1 point somewhere: " + ("met" if max(known) >= 0.01 - 1e-9 else "missed")
                    + "; never below -0.5: " + ("met" if min(known) >= -0.005 - 1e-9 else "missed") if known else ""))
@@ -262,6 +322,8 @@ def plot(runs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    dense = [r for r in runs if r["variant"] == "dense"]
+    runs = [r for r in runs if r["variant"] != "dense"]
     keys = sorted({(r["dataset"], r["variant"]) for r in runs})
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
     for ax, (dataset, variant) in zip(axes[0], keys):
@@ -274,6 +336,12 @@ def plot(runs, path):
             ax.plot(c, [np.mean([x["accuracy"] for x in row]) for row in rows], style, label=f"escalation: {policy}")
             ax.plot(c, [np.mean([x["shuffled"] for x in row]) for row in rows], style[0] + ":",
                     label=f"{policy}, shuffled")
+        controls = [d for d in dense if d["dataset"] == dataset]
+        if controls:
+            grid = np.linspace(0.1, 0.9, 33)
+            ys = [np.mean([v for v in (splits.interp_inside(d["static_curve"], g) for d in controls)
+                           if v is not None] or [np.nan]) for g in grid]
+            ax.plot(grid, ys, "k-", lw=1, label=f"dense static, same recipe ({len(controls)} seeds)")
         refs = [r["reference"] for r in group if r["reference"]]
         if refs:
             grid = np.linspace(0.1, 0.7, 25)
