@@ -51,26 +51,29 @@ from bench import static
 from bench import timing
 
 VARIANTS = ("nested", "wide", "dense")
-FLAGS = flags.FLAGS
-flags.DEFINE_list("datasets", ["cifar10_subset", "fashion_mnist"], "Datasets: " + ", ".join(splits.DATASETS) + ".")
-flags.DEFINE_list("seeds", ["3", "4", "5", "6", "7"], "Seeds (paired with the reference report's seeds).")
-flags.DEFINE_list("variants", ["nested"], "Networks: " + ", ".join(VARIANTS) + ".")
-flags.DEFINE_list("widths", ["32", "64", "128", "128"], "cifar_cnn widths of the dense network.")
-flags.DEFINE_float("wide_scale", 1.25, "Variant `wide`: every width times this (rounded to the groups).")
-flags.DEFINE_integer("groups", 4, "k: the number of widths.")
-flags.DEFINE_integer("epochs", 18, "Training epochs (the dense backbone of bench.accuracy gets 10 + 8).")
-flags.DEFINE_float("learning_rate", 2e-3, "Adam's initial learning rate (cosine decay to 0).")
-flags.DEFINE_float("distill_weight", 1.0, "Distillation from the widest head.")
-flags.DEFINE_list("penalties", ["-0.005", "-0.01", "-0.02", "-0.05", "-0.1"], "Stop agents' penalties p.")
+FLAGS = flags.FlagValues()  # its own: it imports beside bench.accuracy
+_FV = {"flag_values": FLAGS}
+flags.DEFINE_bool("help", False, "Show this help.", **_FV)
+flags.DEFINE_list("datasets", ["cifar10_subset", "fashion_mnist"], "Datasets: " + ", ".join(splits.DATASETS) + ".",
+                  **_FV)
+flags.DEFINE_list("seeds", ["3", "4", "5", "6", "7"], "Seeds (paired with the reference report's seeds).", **_FV)
+flags.DEFINE_list("variants", ["nested"], "Networks: " + ", ".join(VARIANTS) + ".", **_FV)
+flags.DEFINE_list("widths", ["32", "64", "128", "128"], "cifar_cnn widths of the dense network.", **_FV)
+flags.DEFINE_float("wide_scale", 1.25, "Variant `wide`: every width times this (rounded to the groups).", **_FV)
+flags.DEFINE_integer("groups", 4, "k: the number of widths.", **_FV)
+flags.DEFINE_integer("epochs", 18, "Training epochs (the dense backbone of bench.accuracy gets 10 + 8).", **_FV)
+flags.DEFINE_float("learning_rate", 2e-3, "Adam's initial learning rate (cosine decay to 0).", **_FV)
+flags.DEFINE_float("distill_weight", 1.0, "Distillation from the widest head.", **_FV)
+flags.DEFINE_list("penalties", ["-0.005", "-0.01", "-0.02", "-0.05", "-0.1"], "Stop agents' penalties p.", **_FV)
 flags.DEFINE_list("budgets", ["0.15", "0.2", "0.25", "0.3", "0.35", "0.4", "0.45"],
-                  "Mean compute fractions of the dense network's MACs.")
-flags.DEFINE_list("reference", [], "dataset=path of a bench.accuracy JSON with the same seeds (dense controls).")
-flags.DEFINE_integer("validation", 1000, "Training images held out for validation.")
-flags.DEFINE_integer("max_train_examples", 8000, "Cap on training images.")
-flags.DEFINE_boolean("quick", False, "Smoke run: digits, one seed, one epoch.")
-flags.DEFINE_string("output", "bench/results", "Output directory.")
-flags.DEFINE_string("stem", None, "Output file stem (default: anytime, or anytime_quick with --quick).")
-flags.DEFINE_list("merge", [], "Instead of running: merge these JSON outputs into one report.")
+                  "Mean compute fractions of the dense network's MACs.", **_FV)
+flags.DEFINE_list("reference", [], "dataset=path of a bench.accuracy JSON with the same seeds (dense controls).", **_FV)
+flags.DEFINE_integer("validation", 1000, "Training images held out for validation.", **_FV)
+flags.DEFINE_integer("max_train_examples", 8000, "Cap on training images.", **_FV)
+flags.DEFINE_boolean("quick", False, "Smoke run: digits, one seed, one epoch.", **_FV)
+flags.DEFINE_string("output", "bench/results", "Output directory.", **_FV)
+flags.DEFINE_string("stem", None, "Output file stem (default: anytime, or anytime_quick with --quick).", **_FV)
+flags.DEFINE_list("merge", [], "Instead of running: merge these JSON outputs into one report.", **_FV)
 
 
 def _widths(variant, groups):
@@ -413,4 +416,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=timing.flags_parser(FLAGS, __doc__))

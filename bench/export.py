@@ -941,19 +941,7 @@ def write_outputs(result, output_dir):
 
 
 # ---------------------------------------------------------------------- CLI
-def parse_flags(argv):
-    """Parses `argv` into this module's own `FLAGS`; `--help` prints them and exits."""
-    flags.FLAGS(argv[:1])  # the global registry (absl's own flags) at its defaults
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as error:
-        sys.stderr.write(f"{error}\nPass --help for the flags.\n")
-        sys.exit(1)
-    if FLAGS.help:
-        print(__doc__)
-        print(FLAGS.get_help())
-        sys.exit(0)
-    return rest
+parse_flags = timing.flags_parser(FLAGS, __doc__)
 
 
 def main(argv):

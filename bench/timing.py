@@ -284,3 +284,33 @@ def smoke_output(output, explicit, quick, files):
                     "(give another --output, or leave it out for a temporary folder)"
                 )
     return output
+
+
+def flags_parser(flag_values, doc):
+    """An `app.run(..., flags_parser=...)` for a script with its own `FlagValues` (so scripts import side by side).
+
+    Args:
+        flag_values: the script's `absl.flags.FlagValues`, with a `help` flag.
+        doc: the script's docstring, printed by `--help`.
+
+    Returns:
+        A function `argv -> remaining argv`.
+    """
+    import sys
+
+    from absl import flags
+
+    def parse(argv):
+        flags.FLAGS(argv[:1])  # the global registry (absl's own flags) at its defaults
+        try:
+            rest = flag_values(argv)
+        except flags.Error as error:
+            sys.stderr.write(f"{error}\nPass --help for the flags.\n")
+            sys.exit(1)
+        if flag_values.help:
+            print(doc)
+            print(flag_values.get_help())
+            sys.exit(0)
+        return rest
+
+    return parse
