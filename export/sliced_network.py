@@ -23,8 +23,16 @@
   * `single(image, forced_actions, penalty)`: batch 1, the branch picked by
     a nested binary tree of `tf.cond` on the scalar action
     (`IfTreeExecutor`; ONNX `If` after freezing with lowered control flow).
-  * `stem` / `segment` / `head`: one function per (segment, previous action,
-    action) for the TFLite signatures driven by `rnp_tf.tflite_runner`.
+  * `stem` / `sliced_conv` / `kept_conv` / `stretch` / `head`: the pieces
+    of the TFLite signatures driven by `rnp_tf.tflite_runner`, one per
+    (prunable conv, previous action, action) and, in residual networks,
+    one per (block's last conv, input width): see `stretches`.
+
+  Residual plans (bottleneck `BlockStep`s) run in every form, as the
+  inference engine runs them: the block's inner convs on their prefixes,
+  its last conv (full output) on the prefix its input holds, by input
+  width (an `If` tree at batch 1, gather/scatter at batch N), the
+  projection shortcut in full, then `relu(body + shortcut)`.
 
   `forced_actions` is an int32 `[batch, num_prunable]` (or `[1, num_prunable]`,
   broadcast) tensor: 0 lets the agent choose greedily, 1..k forces that many
@@ -126,7 +134,7 @@ class SlicedNetwork:
     that each weight is one constant per graph, sliced where it is used.
 
     Args:
-        model: a built `rnp_tf.RNPModel` with a chain backbone.
+        model: a built `rnp_tf.RNPModel` (a chain or a residual backbone).
         action_tuples: optional int `[n, T]` action tuples: build only the
             (previous action, action) branches and heads they use (a
             benchmark of a few operating points on a large network, where
