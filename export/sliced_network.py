@@ -1071,7 +1071,8 @@ class GatherScatterExecutor(SegmentExecutor):
     def _scatter(self, index, outs, shape):
         """The groups' outputs `outs` back to their rows `index`: `[batch, *shape]`."""
         tf = self.tf
-        return tf.scatter_nd(tf.concat(index, 0)[:, None], tf.concat(outs, 0), tf.stack([self.batch, *shape]))
+        shape = tf.stack([self.batch, *shape])
+        return tf.scatter_nd(tf.concat(index, 0)[:, None], tf.concat(outs, 0), shape)
 
     def classify(self, h, last_action):
         tf, net = self.tf, self.net
