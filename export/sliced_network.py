@@ -69,7 +69,7 @@ def check_exportable(model):
 
     Chains (a stem, prunable convs, pooling) and residual networks
     (bottleneck `BlockStep`s, zero padding) export; a map step other than
-    pooling or zero padding does not.
+    pooling or zero padding does not, nor does an `InvertedResidualStep`.
     """
     from rnp_tf import plan as plan_lib
 
@@ -80,7 +80,10 @@ def check_exportable(model):
                 f"{type(step.layer).__name__} stage ({step.layer.name})"
             )
         if not isinstance(step, (plan_lib.ConvStep, plan_lib.MapStep, plan_lib.BlockStep)):
-            raise ExportError(f"the exported graphs cannot run the plan step {type(step).__name__}")
+            raise ExportError(
+                f"the exported graphs run chains and ResNet bottlenecks; this model has a "
+                f"{type(step).__name__} step (MobileNetV2's inverted residuals are not exported yet)"
+            )
 
 
 def pool_spec(layer):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from export import exceptions
 from export import sliced_network
 from export import verification
 
@@ -148,3 +149,11 @@ def test_residual_stretches_split_at_convs_that_follow_an_action(residual_model)
     assert net.decides == {"stem": 0, ("conv", 0): 1, ("tail", 1): 2, ("conv", 2): 3}
     assert net.opens_block("stem") and net.closes_block(("tail", 1)) and net.opens_block(("tail", 1))
     assert net.block_out[("tail", 1)] == (4, 4, 8)
+
+
+def test_inverted_residuals_are_refused_with_the_step_named(tiny_mobilenet):
+    import rnp_tf
+
+    model = rnp_tf.RNPModel(backbone=tiny_mobilenet, image_shape=(32, 32, 3), num_classes=10)
+    with pytest.raises(exceptions.ExportError, match="InvertedResidualStep step"):
+        sliced_network.SlicedNetwork(model)
