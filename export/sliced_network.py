@@ -983,9 +983,10 @@ class SegmentExecutor(ChainExecutor):
     run at once. A conv that keeps its full output runs at once too: on a
     full input as one conv, on a prefix set by an action (a bottleneck's
     last conv) as one branch per input width (`kept`); a residual block's
-    sum takes built maps. Subclasses define `build(segment) -> (map, pooled
+    sum takes built maps. Subclasses define `build(segment, pooled=True) -> (map, pooled
     or None)` (pooled features computed in the branches, or None: pool the
-    map), `kept(layer, map, in_action) -> map` and `classify(map,
+    map; `pooled=False`: no decision reads the map, a full-output conv
+    follows), `kept(layer, map, in_action) -> map` and `classify(map,
     last_action) -> logits`.
 
     Args:
@@ -998,9 +999,11 @@ class SegmentExecutor(ChainExecutor):
         return self.net.pooled(h) if pooled is None else pooled
 
     def conv(self, step, h, in_action, out_action):
+        if step.decision is None and in_action is not None:  # no decision reads this map: no pooled features
+            return self.kept(step.layer, self._built(h, pooled=False)[0], in_action)
         h, _ = self._built(h)
         if step.decision is None:
-            return self.net.kept_conv(step.layer, h) if in_action is None else self.kept(step.layer, h, in_action)
+            return self.net.kept_conv(step.layer, h)
         return Segment(step.decision, h, in_action, out_action)
 
     def residual(self, h, shortcut):
@@ -1019,11 +1022,11 @@ class SegmentExecutor(ChainExecutor):
             return self.net.head(self._built(h)[0], None)
         return self.classify(self._built(h)[0], last_action)
 
-    def _built(self, h):
+    def _built(self, h, pooled=True):
         if not isinstance(h, Segment):
             return h, None
         if h.built is None:
-            h.built = self.build(h)
+            h.built = self.build(h) if pooled else self.build(h, pooled=False)
         return h.built
 
 
@@ -1041,7 +1044,7 @@ class GatherScatterExecutor(SegmentExecutor):
         batch: the batch size, a scalar int32 tensor.
     """
 
-    def build(self, segment):
+    def build(self, segment, pooled=True):
         tf, net, t = self.tf, self.net, segment.t
         outs, index = [], []
         for p, b in net.branches(t):
@@ -1122,19 +1125,22 @@ class IfTreeExecutor(SegmentExecutor):
     def __init__(self, net):
         super().__init__(net, 1)
 
-    def build(self, segment):
+    def build(self, segment, pooled=True):
         tf, net, t = self.tf, self.net, segment.t
         hw, nxt = net.in_hw[t], net.out_channels[t]
 
         def branch(p, b):
             x = tf.reshape(segment.h, [1, hw[0], hw[1], net.in_channels(t, p)])
             y = net.segment(t, x, p, b, segment.pools)
-            return y, net.pooled(y, nxt)
+            return (y, net.pooled(y, nxt)) if pooled else y
 
         fns = [lambda p=p, b=b: branch(p, b) for p, b in net.branches(t)]
         previous = None if segment.previous is None else segment.previous[0]
-        h, pooled = self._tree(self._branch_index(t, previous, segment.action[0]), fns)
-        return h, tf.reshape(pooled, [1, nxt])
+        out = self._tree(self._branch_index(t, previous, segment.action[0]), fns)
+        if not pooled:  # a conv of full output follows (a bottleneck's last): no decision reads this map
+            return out, None
+        h, features = out
+        return h, tf.reshape(features, [1, nxt])
 
     def classify(self, h, last_action):
         tf, net = self.tf, self.net
