@@ -333,7 +333,7 @@ def estimate_megabytes(model):
 
 
 def all_branches_megabytes(net):
-    """Weights of an RNP export with every branch (MB): each (previous action, action) conv slice, each head.
+    """Weights of an RNP export with every branch (MB): each (previous action, action) conv slice, each tail, each head.
 
     What a file pays when every slice is its own constant, as in the
     TFLite signatures and after tf2onnx folds the slices (plus the `full`
@@ -341,16 +341,19 @@ def all_branches_megabytes(net):
     """
     k = net.groups
     total = 0
-    for t in range(net.num_prunable):
+    for t, conv in enumerate(net.model.prunable):
         for p in net.previous_actions(t):
             for a in range(1, k + 1):
                 ci, co = net.in_channels(t, p), a * net.out_group[t]
-                total += 9 * ci * co + co
-    rows_per_group = net.out_group[-1] * (net.head_hw[0] * net.head_hw[1] if net.flatten else 1)
+                total += conv.kernel_size**2 * ci * co + co
+    for layer in net.tails.values():  # a bottleneck's last conv, one slice per input width
+        for p in range(1, k + 1):
+            total += layer.kernel_size**2 * p * layer.in_group_size * layer.filters + layer.filters
+    spatial = net.head_hw[0] * net.head_hw[1] if net.flatten else 1
     first, *later = net.model.head_layers
     rest = sum(int(d.kernel.shape[0] * d.kernel.shape[1]) + int(d.units) for d in later)
-    for a in range(1, k + 1):
-        total += a * rows_per_group * first.units + first.units + rest
+    for a in range(1, k + 1) if net.head_group is not None else [None]:  # one head when its input is full
+        total += net.head_channels(a) * spatial * first.units + first.units + rest
     return 4 * total / 2**20
 
 

@@ -23,8 +23,16 @@
   * `single(image, forced_actions, penalty)`: batch 1, the branch picked by
     a nested binary tree of `tf.cond` on the scalar action
     (`IfTreeExecutor`; ONNX `If` after freezing with lowered control flow).
-  * `stem` / `segment` / `head`: one function per (segment, previous action,
-    action) for the TFLite signatures driven by `rnp_tf.tflite_runner`.
+  * `stem` / `sliced_conv` / `kept_conv` / `stretch` / `head`: the pieces
+    of the TFLite signatures driven by `rnp_tf.tflite_runner`, one per
+    (prunable conv, previous action, action) and, in residual networks,
+    one per (block's last conv, input width): see `stretches`.
+
+  Residual plans (bottleneck `BlockStep`s) run in every form, as the
+  inference engine runs them: the block's inner convs on their prefixes,
+  its last conv (full output) on the prefix its input holds, by input
+  width (an `If` tree at batch 1, gather/scatter at batch N), the
+  projection shortcut in full, then `relu(body + shortcut)`.
 
   `forced_actions` is an int32 `[batch, num_prunable]` (or `[1, num_prunable]`,
   broadcast) tensor: 0 lets the agent choose greedily, 1..k forces that many
@@ -57,28 +65,39 @@ from export.exceptions import ExportError
 
 # ------------------------------------------------------------ the network
 def check_exportable(model):
-    """Raises ExportError unless the model is a chain: stem, prunable convs and pools.
+    """Raises ExportError unless every step of the model's plan can be exported.
 
-    Residual blocks (and zero-padding stages) run on the model's masked and
-    reference sliced paths only; the exported graphs are chains like the
-    CIFAR CNN and VGG.
+    Chains (a stem, prunable convs, pooling) and residual networks
+    (bottleneck `BlockStep`s, zero padding) export; a map step other than
+    pooling or zero padding does not, nor does an `InvertedResidualStep`.
     """
     from rnp_tf import plan as plan_lib
 
-    plan = model.plan
-    kinds = {type(step.layer if isinstance(step, plan_lib.MapStep) else step).__name__ for step in plan.steps}
-    pools_only = all(
-        not isinstance(step, plan_lib.MapStep) or "Pooling" in type(step.layer).__name__ for step in plan.steps
-    )
-    if not (plan.is_chain and pools_only):
-        raise ExportError(
-            f"only chain backbones (a stem, then prunable convs and pooling) can be exported; this model "
-            f"has stages {sorted(kinds)} (residual blocks run on rollout / sliced_rollout only)"
-        )
+    for step in model.plan.steps:
+        if isinstance(step, plan_lib.MapStep) and pool_spec(step.layer) is None:
+            raise ExportError(
+                f"the exported graphs run pooling and zero padding between convs; this model has a "
+                f"{type(step.layer).__name__} stage ({step.layer.name})"
+            )
+        if not isinstance(step, (plan_lib.ConvStep, plan_lib.MapStep, plan_lib.BlockStep)):
+            raise ExportError(
+                f"the exported graphs run chains and ResNet bottlenecks; this model has a "
+                f"{type(step).__name__} step (MobileNetV2's inverted residuals are not exported yet)"
+            )
 
 
 def pool_spec(layer):
-    """A Keras pooling layer as `(mode, pool_size, strides, padding)`: `"max"` or `"avg"`, upper-case padding."""
+    """A Keras map layer as a tuple: pooling `(mode, pool_size, strides, padding)`, or `("pad", padding, None, None)`.
+
+    `mode` is `"max"` or `"avg"` with upper-case padding; zero padding gives
+    its `((top, bottom), (left, right))`. None for any other layer.
+    """
+    import keras
+
+    if isinstance(layer, keras.layers.ZeroPadding2D):
+        return ("pad", tuple(tuple(int(v) for v in side) for side in layer.padding), None, None)
+    if "Pooling" not in type(layer).__name__:
+        return None
     return (
         "avg" if "average" in type(layer).__name__.lower() else "max",
         tuple(layer.pool_size),
@@ -118,7 +137,7 @@ class SlicedNetwork:
     that each weight is one constant per graph, sliced where it is used.
 
     Args:
-        model: a built `rnp_tf.RNPModel` with a chain backbone.
+        model: a built `rnp_tf.RNPModel` (a chain or a residual backbone).
         action_tuples: optional int `[n, T]` action tuples: build only the
             (previous action, action) branches and heads they use (a
             benchmark of a few operating points on a large network, where
@@ -144,26 +163,7 @@ class SlicedNetwork:
         self.num_prunable = int(model.num_prunable)
         self.image_shape = tuple(int(d) for d in model.image_shape)
         self.num_classes = int(model.num_classes)
-        # Walk the plan: stem, pools before the first prunable conv, then
-        # each prunable conv with the pools that follow it.
-        self.pre_pools, self.post_pools = [], [[] for _ in range(self.num_prunable)]
-        self.in_hw, self.out_hw = [], []
-        shape = (None, *self.image_shape)
-        t = -1
-        for step in model.plan.steps:
-            layer = step.layer
-            pooling = not hasattr(step, "decision")
-            if not pooling and step.decision is not None:
-                t += 1
-                self.in_hw.append(tuple(shape[1:3]))
-            shape = tuple(layer.compute_output_shape(shape))
-            if pooling:
-                (self.pre_pools if t < 0 else self.post_pools[t]).append(pool_spec(layer))
-            if t >= 0:
-                if len(self.out_hw) <= t:
-                    self.out_hw.append(None)
-                self.out_hw[t] = tuple(shape[1:3])
-        self.head_hw = tuple(shape[1:3])
+        self._walk(model.plan)
         stem = model.stem
         self.stem_conv = (int(stem.strides), getattr(stem, "padding", "same").upper(), stem.activation)
         self.stem_channels = int(stem.filters)
@@ -175,16 +175,108 @@ class SlicedNetwork:
         self.in_group = [int(c.in_group_size) if c.gated_input else None for c in model.prunable]
         self.out_group = [int(c.group_size) for c in model.prunable]
         self.out_channels = [int(c.filters) for c in model.prunable]
+        self.conv_ops = {  # every conv's (strides, padding, activation)
+            c.name: (int(c.strides), getattr(c, "padding", "same").upper(), c.activation) for c in model.plan.convs
+        }
+        head_ref = model.plan.head.in_ref
+        # channels per group of the map feeding the head (None: it keeps its full width)
+        self.head_group = None if head_ref is None else int(model.prunable[head_ref].group_size)
+        self.head_full = int(model.plan.head.in_shape[-1])
         self.flatten = model.backbone["head"]["pooling"] != "gap"
         self._pairs, self._heads = self._restriction(action_tuples)
         self._arrays = self._extract(model)
         self._decision_settings(model)
         # MACs: the plan's table (`NetworkPlan.conv_macs_table`, `head_macs_table`,
-        # `fixed_macs`), the stem counted in the fixed part.
-        self.fixed_macs = float(stem.full_macs) + float(model.plan.fixed_macs)
-        self.head_macs = {a: float(m) for a, m in enumerate(model.plan.head_macs_table(), start=1)}
+        # `fixed_macs`), the stem (and every other conv of full input and
+        # output) counted in the fixed part; a conv of full output on a
+        # narrow input (a bottleneck's last conv) by the action setting its input.
+        fixed = 0.0
+        self.tail_macs = {}
+        for step in model.plan.conv_steps():
+            if step.decision is None and step.in_ref is None:
+                fixed += float(step.layer.full_macs)
+            elif step.decision is None:
+                self.tail_macs[step.in_ref] = np.asarray([float(step.layer.macs(p, self.groups)) for p in range(1, self.groups + 1)])
+        self.fixed_macs = fixed + float(model.plan.fixed_macs)
+        self.head_macs = {a: float(m) for a, m in enumerate(self.head_macs_table(), start=1)}
         self._consts = None
         self._kernel_mode = None  # see `kernels_as_inputs`
+
+    def _walk(self, plan):
+        """Splits the plan into *stretches*: what runs between two convs whose weights follow an action.
+
+        Such a conv is a prunable conv `t` (its (previous action, action)
+        branch) or a conv that keeps its full output on a narrow input (a
+        bottleneck's last conv: a *tail*, by the input width that decision
+        `t` set). `stretches["stem"]` holds everything before the first of
+        them, `stretches[("conv", t)]` and `stretches[("tail", t)]` what
+        follows each, as ops `("map", pool_spec)`, `("conv", ConvStep)` (full
+        input and output), `("open", shortcut ConvStep or None)` (a block
+        begins: its shortcut is taken from the current map) and
+        `("residual",)` (`relu(h + shortcut)`). `decides[key]` is the decision
+        taken on a stretch's last map, if any. The TFLite signatures are
+        built from these; the graphs of `batched`, `single` and `full` walk
+        the plan with `rnp_tf.rollout.rollout`.
+        """
+        from rnp_tf import plan as plan_lib
+
+        key, hw = "stem", tuple(self.image_shape[:2])
+        self.stretches, self.decides = {"stem": []}, {}
+        self.in_hw, self.out_hw = [None] * self.num_prunable, [None] * self.num_prunable
+        self.conv_in_hw = {}
+        # The tail after decision t: its conv layer (`tails[t]`); per stretch,
+        # the `(H, W, C)` of the first block it ends (its shortcut's shape).
+        self.tails, self.block_out = {}, {}
+
+        def conv(step):
+            nonlocal key, hw
+            self.conv_in_hw[step.layer.name] = hw
+            if step.decision is not None:
+                self.decides[key] = step.decision
+                self.in_hw[step.decision] = hw
+                key = ("conv", step.decision)
+            elif step.in_ref is not None:
+                self.tails[step.in_ref] = step.layer
+                key = ("tail", step.in_ref)
+            else:
+                self.stretches[key].append(("conv", step))
+                hw = tuple(step.layer.output_hw)
+                return
+            self.stretches[key] = []
+            hw = tuple(step.layer.output_hw)
+            if key[0] == "conv":
+                self.out_hw[key[1]] = hw
+
+        for step in plan.steps:
+            if isinstance(step, plan_lib.MapStep):
+                self.stretches[key].append(("map", pool_spec(step.layer)))
+                hw = tuple(step.layer.compute_output_shape((None, *hw, 1))[1:3])
+                if key[0] == "conv" and all(op[0] == "map" for op in self.stretches[key]):
+                    self.out_hw[key[1]] = hw
+            elif isinstance(step, plan_lib.BlockStep):
+                self.stretches[key].append(("open", step.shortcut))
+                if step.shortcut is not None:
+                    self.conv_in_hw[step.shortcut.layer.name] = hw
+                for inner in step.body:
+                    conv(inner)
+                self.stretches[key].append(("residual",))
+                self.block_out.setdefault(key, (*hw, int(step.body[-1].layer.filters)))
+            else:
+                conv(step)
+        self.head_hw = hw
+
+        def leading_maps(ops):
+            maps = []
+            for op in ops:
+                if op[0] != "map":
+                    break
+                maps.append(op[1])
+            return maps
+
+        stem_ops = self.stretches["stem"]
+        after_stem = next(i for i, op in enumerate(stem_ops) if op[0] == "conv") + 1
+        self.pre_pools = leading_maps(stem_ops[after_stem:])
+        self.post_pools = [leading_maps(self.stretches[("conv", t)]) for t in range(self.num_prunable)]
 
     def _restriction(self, action_tuples):
         """Per layer, the (previous action, action) pairs of `action_tuples`; the last actions."""
@@ -222,6 +314,11 @@ class SlicedNetwork:
                 # (p, a) uses its prefix [:, :, :in_prefix(p), :a * group].
                 kernel, bias = conv.folded_weights(p, k)
                 arrays[("conv", t, p)] = (np.asarray(kernel, np.float32), np.asarray(bias, np.float32))
+        for step in model.plan.conv_steps():  # convs that keep their full output, the stem's own above
+            if step.decision is None and step.layer is not model.stem:
+                for p in range(1, k + 1) if step.in_ref is not None else (k,):
+                    kernel, bias = step.layer.folded_weights(p, k)
+                    arrays[("kept", step.layer.name, p)] = (np.asarray(kernel, np.float32), np.asarray(bias, np.float32))
         first = model.head_layers[0]
         kernel = np.asarray(first.kernel, np.float32)
         hf, wf, c = model.plan.head.in_shape
@@ -368,7 +465,7 @@ class SlicedNetwork:
         for key, value in self._arrays.items():
             kind = key[0] if isinstance(key, tuple) else key
             for index, item in enumerate(value):
-                if kind == "conv" or index == 0 and kind in ("head0", "stem", "encoder", "decoder"):
+                if kind in ("conv", "kept") or index == 0 and kind in ("head0", "stem", "encoder", "decoder"):
                     continue  # one branch each (`segment`, `_dense`), or used outside the branches only
                 if kind == "head" and index == 0:
                     self._dense_kernel(key)  # shared by every head branch
@@ -406,6 +503,8 @@ class SlicedNetwork:
         for t in range(self.num_prunable):
             total += self.macs_table(t)[(prev - 1) * k + actions[:, t] - 1]
             prev = actions[:, t]
+        for t, table in self.tail_macs.items():
+            total += table[actions[:, t] - 1]
         return total + self.head_macs_table()[prev - 1]
 
     def macs_constant(self, values):
@@ -419,7 +518,12 @@ class SlicedNetwork:
         return tf.constant(np.rint(np.asarray(values, np.float64)).astype(np.int64))
 
     def head_macs_table(self):
-        """`[k]` MACs of the head's first Dense for last action 1..k (`NetworkPlan.head_macs_table`)."""
+        """`[k]` MACs of the head's first Dense for last action 1..k (`NetworkPlan.head_macs_table`).
+
+        Zeros when the head's input keeps its full width: `fixed_macs` counts it then.
+        """
+        if self.head_group is None:
+            return np.zeros(self.groups)
         return self.model.plan.head_macs_table()
 
     def macs_table(self, t):
@@ -427,9 +531,12 @@ class SlicedNetwork:
         return self.model.plan.conv_macs_table(t)
 
     def pool(self, h, pools):
-        """`h` through pooling layers given as `pool_spec`s, in order."""
+        """`h` through pooling (and zero padding) layers given as `pool_spec`s, in order."""
         tf = self._tf
         for mode, size, strides, padding in pools:
+            if mode == "pad":
+                h = tf.pad(h, [[0, 0], list(size[0]), list(size[1]), [0, 0]])
+                continue
             pool = tf.nn.max_pool2d if mode == "max" else tf.nn.avg_pool2d
             h = pool(h, ksize=size, strides=strides, padding=padding)
         return h
@@ -527,6 +634,8 @@ class SlicedNetwork:
             prev = tf.fill(tf.shape(action), k) if prev is None else prev
             spent = spent + tf.gather(self.macs_constant(self.macs_table(t)), (prev - 1) * k + action - 1)
             prev = action
+        for t, table in self.tail_macs.items():  # full-output convs on decision t's prefix
+            spent = spent + tf.gather(self.macs_constant(table), actions[t] - 1)
         return tf.cast(spent + tf.gather(self.macs_constant(self.head_macs_table()), prev - 1), tf.float32)
 
     def greedy_q_numpy(self, q, actions, penalty=None):
@@ -584,8 +693,62 @@ class SlicedNetwork:
         return self._conv(h, kernel, self._consts[(key, ci, co)], self.convs[t])
 
     def stem(self, images):
-        """Stem conv (full width) and the pools before the first prunable conv."""
-        return self.pool(self.sliced_conv(None, images), self.pre_pools)
+        """Stem conv (full width) and what follows it up to the first prunable conv (`stretches["stem"]`)."""
+        return self.stretch("stem", images)[0]
+
+    def kept_conv(self, layer, h, previous=None):
+        """A conv that keeps its full output (the stem, a projection, a bottleneck's last conv), activated.
+
+        Args:
+            layer: its `GatedConv2D`.
+            h: the input, holding exactly `previous` groups when the input
+                width follows an action, else full.
+            previous: the action that set the input width (None: full).
+
+        Returns:
+            The full output map.
+        """
+        if layer is self.model.stem:
+            return self.sliced_conv(None, h)
+        p = self.groups if previous is None or not layer.gated_input else previous
+        kernel, bias = self._arrays[("kept", layer.name, p)]
+        kernel = self._kernel(f"kernel_{layer.name}_p{p}", kernel)
+        key = ("kept", layer.name, p)
+        if key not in self._graph_consts():
+            self._consts[key] = self._tf.constant(bias)
+        return self._conv(h, kernel, self._consts[key], self.conv_ops[layer.name])
+
+    def residual(self, h, shortcut):
+        """A residual block's end: `relu(h + shortcut)`."""
+        return self._tf.nn.relu(h + shortcut)
+
+    def stretch(self, key, h, shortcut=None):
+        """Runs `stretches[key]` on `h` (a stretch starting inside a block takes the block's `shortcut`).
+
+        Returns:
+            `(map, shortcut)`: the last map and the shortcut of a block
+            still open at the stretch's end (None if none is).
+        """
+        for op in self.stretches[key]:
+            if op[0] == "map":
+                h = self.pool(h, [op[1]])
+            elif op[0] == "conv":
+                h = self.kept_conv(op[1].layer, h)
+            elif op[0] == "open":
+                shortcut = h if op[1] is None else self.kept_conv(op[1].layer, h)
+            else:
+                h, shortcut = self.residual(h, shortcut), None
+        return h, shortcut
+
+    def opens_block(self, key):
+        """Whether a block is still open at the end of stretch `key` (its shortcut must be carried on)."""
+        kinds = [op[0] for op in self.stretches[key] if op[0] in ("open", "residual")]
+        return bool(kinds) and kinds[-1] == "open"
+
+    def closes_block(self, key):
+        """Whether stretch `key` ends a block opened in an earlier stretch (it needs the shortcut)."""
+        kinds = [op[0] for op in self.stretches[key] if op[0] in ("open", "residual")]
+        return bool(kinds) and kinds[0] == "residual"
 
     def segment(self, t, h, previous, action, pools=None):
         """Prunable conv `t` on `h` (holding exactly `previous` groups), then its pools.
@@ -599,10 +762,14 @@ class SlicedNetwork:
         """
         return self.pool(self.sliced_conv(t, h, previous, action), self.post_pools[t] if pools is None else pools)
 
+    def head_channels(self, action):
+        """Channels of the map feeding the head after last action `action` (all when its width is fixed)."""
+        return self.head_full if self.head_group is None or action is None else action * self.head_group
+
     def head(self, h, action):
-        """Logits from the last feature map, holding `action` groups."""
+        """Logits from the last feature map, holding `action` groups (None: its full width)."""
         tf = self._tf
-        ch = action * self.out_group[-1]
+        ch = self.head_channels(action)
         if self.flatten:
             hf, wf = self.head_hw
             h = tf.reshape(tf.transpose(h, [0, 3, 1, 2]), [-1, ch * hf * wf])
@@ -738,7 +905,10 @@ class ConstantAgent:
 
 
 class ChainExecutor:
-    """Base of the executors of `rnp_tf.rollout.rollout` on a `SlicedNetwork`'s constants (chains only).
+    """Base of the executors of `rnp_tf.rollout.rollout` on a `SlicedNetwork`'s constants.
+
+    Runs chains and residual plans: map steps (pooling, zero padding) and
+    a block's `relu(h + shortcut)` on tensors.
 
     Args:
         net: the `SlicedNetwork`.
@@ -760,7 +930,7 @@ class ChainExecutor:
         return self.net.pool(h, [pool_spec(step.layer)])
 
     def residual(self, h, shortcut):
-        raise ValueError("The exported graphs run chain backbones only (no residual blocks).")
+        return self.net.residual(h, shortcut)
 
 
 class FullExecutor(ChainExecutor):
@@ -775,6 +945,8 @@ class FullExecutor(ChainExecutor):
 
     def conv(self, step, h, in_action, out_action):
         k = self.net.groups
+        if step.decision is None:
+            return self.net.kept_conv(step.layer, h)
         return self.net.sliced_conv(step.decision, h, k, k)
 
     def head(self, h, last_action):
@@ -808,9 +980,14 @@ class SegmentExecutor(ChainExecutor):
     `Segment`, `map` appends its pool, and the segment is built (`build`,
     by the subclass) when its output is first needed: by `pooled`, the next
     `conv` or `head`. The stem and the pools before the first prunable conv
-    run at once. Subclasses define `build(segment) -> (map, pooled or None)`
-    (pooled features computed in the branches, or None: pool the map) and
-    `classify(map, last_action) -> logits`.
+    run at once. A conv that keeps its full output runs at once too: on a
+    full input as one conv, on a prefix set by an action (a bottleneck's
+    last conv) as one branch per input width (`kept`); a residual block's
+    sum takes built maps. Subclasses define `build(segment, pooled=True) -> (map, pooled
+    or None)` (pooled features computed in the branches, or None: pool the
+    map; `pooled=False`: no decision reads the map, a full-output conv
+    follows), `kept(layer, map, in_action) -> map` and `classify(map,
+    last_action) -> logits`.
 
     Args:
         net: the `SlicedNetwork`.
@@ -822,10 +999,15 @@ class SegmentExecutor(ChainExecutor):
         return self.net.pooled(h) if pooled is None else pooled
 
     def conv(self, step, h, in_action, out_action):
+        if step.decision is None and in_action is not None:  # no decision reads this map: no pooled features
+            return self.kept(step.layer, self._built(h, pooled=False)[0], in_action)
         h, _ = self._built(h)
         if step.decision is None:
-            return self.net.sliced_conv(None, h)
+            return self.net.kept_conv(step.layer, h)
         return Segment(step.decision, h, in_action, out_action)
+
+    def residual(self, h, shortcut):
+        return super().residual(self._built(h)[0], self._built(shortcut)[0])
 
     def map(self, step, h):
         if not isinstance(h, Segment):
@@ -836,13 +1018,15 @@ class SegmentExecutor(ChainExecutor):
         return h
 
     def head(self, h, last_action):
+        if last_action is None:  # the head's input keeps its full width (a residual network)
+            return self.net.head(self._built(h)[0], None)
         return self.classify(self._built(h)[0], last_action)
 
-    def _built(self, h):
+    def _built(self, h, pooled=True):
         if not isinstance(h, Segment):
             return h, None
         if h.built is None:
-            h.built = self.build(h)
+            h.built = self.build(h) if pooled else self.build(h, pooled=False)
         return h.built
 
 
@@ -860,7 +1044,7 @@ class GatherScatterExecutor(SegmentExecutor):
         batch: the batch size, a scalar int32 tensor.
     """
 
-    def build(self, segment):
+    def build(self, segment, pooled=True):
         tf, net, t = self.tf, self.net, segment.t
         outs, index = [], []
         for p, b in net.branches(t):
@@ -876,21 +1060,36 @@ class GatherScatterExecutor(SegmentExecutor):
             pad = net.out_channels[t] - b * net.out_group[t]
             outs.append(tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, pad]]) if pad else y)
             index.append(idx)
-        hw = net.out_hw[t]
-        shape = tf.stack([self.batch, hw[0], hw[1], net.out_channels[t]])
-        return tf.scatter_nd(tf.concat(index, 0)[:, None], tf.concat(outs, 0), shape), None
+        return self._scatter(index, outs, [*outs[0].shape[1:3], net.out_channels[t]]), None
+
+    def kept(self, layer, h, in_action):
+        """A conv of full output on `h` (full width, zero beyond each sample's prefix), grouped by input width."""
+        tf, net = self.tf, self.net
+        outs, index = [], []
+        for p in range(1, net.groups + 1):
+            idx = self._indices(tf.equal(in_action, p))
+            ci = p * layer.in_group_size
+            x = tf.gather(h, idx)[..., :ci]
+            outs.append(self._run_group(x, lambda z, p=p: net.kept_conv(layer, z, p), net.conv_in_hw[layer.name], ci))
+            index.append(idx)
+        return self._scatter(index, outs, [*layer.output_hw, layer.filters])
+
+    def _scatter(self, index, outs, shape):
+        """The groups' outputs `outs` back to their rows `index`: `[batch, *shape]`."""
+        tf = self.tf
+        shape = tf.stack([self.batch, *shape])
+        return tf.scatter_nd(tf.concat(index, 0)[:, None], tf.concat(outs, 0), shape)
 
     def classify(self, h, last_action):
         tf, net = self.tf, self.net
         logits, index = [], []
-        g = net.out_group[-1]
+        g = net.head_group
         for b in net.heads():
             idx = self._indices(tf.equal(last_action, b))
             x = tf.gather(h, idx)[..., : b * g]
             logits.append(self._run_group(x, lambda z, b=b: net.head(z, b), net.head_hw, b * g))
             index.append(idx)
-        shape = tf.stack([self.batch, net.num_classes])
-        return tf.scatter_nd(tf.concat(index, 0)[:, None], tf.concat(logits, 0), shape)
+        return self._scatter(index, logits, [net.num_classes])
 
     def _run_group(self, x, fn, hw, channels):
         """`fn` on a group of samples; an empty group runs on one zero sample that is dropped.
@@ -926,23 +1125,26 @@ class IfTreeExecutor(SegmentExecutor):
     def __init__(self, net):
         super().__init__(net, 1)
 
-    def build(self, segment):
+    def build(self, segment, pooled=True):
         tf, net, t = self.tf, self.net, segment.t
         hw, nxt = net.in_hw[t], net.out_channels[t]
 
         def branch(p, b):
             x = tf.reshape(segment.h, [1, hw[0], hw[1], net.in_channels(t, p)])
             y = net.segment(t, x, p, b, segment.pools)
-            return y, net.pooled(y, nxt)
+            return (y, net.pooled(y, nxt)) if pooled else y
 
         fns = [lambda p=p, b=b: branch(p, b) for p, b in net.branches(t)]
         previous = None if segment.previous is None else segment.previous[0]
-        h, pooled = self._tree(self._branch_index(t, previous, segment.action[0]), fns)
-        return h, tf.reshape(pooled, [1, nxt])
+        out = self._tree(self._branch_index(t, previous, segment.action[0]), fns)
+        if not pooled:  # a conv of full output follows (a bottleneck's last): no decision reads this map
+            return out, None
+        h, features = out
+        return h, tf.reshape(features, [1, nxt])
 
     def classify(self, h, last_action):
         tf, net = self.tf, self.net
-        k, g = net.groups, net.out_group[-1]
+        k, g = net.groups, net.head_group
         hf, wf = net.head_hw
         built = net.heads()
         heads = [(lambda b=b: net.head(tf.reshape(h, [1, hf, wf, b * g]), b)) for b in built]
@@ -952,6 +1154,17 @@ class IfTreeExecutor(SegmentExecutor):
             lookup[np.asarray(built) - 1] = np.arange(len(built))
             index = tf.gather(tf.constant(lookup), index)
         return tf.reshape(self._tree(index, heads), [1, net.num_classes])
+
+    def kept(self, layer, h, in_action):
+        """A conv of full output on `h` (holding the groups of `in_action`), its input width's branch picked by a tree."""
+        tf, net = self.tf, self.net
+        hw = net.conv_in_hw[layer.name]
+
+        def branch(p):
+            return net.kept_conv(layer, tf.reshape(h, [1, hw[0], hw[1], p * layer.in_group_size]), p)
+
+        y = self._tree(in_action[0] - 1, [lambda p=p: branch(p) for p in range(1, net.groups + 1)])
+        return tf.reshape(y, [1, *layer.output_hw, layer.filters])
 
     def _tree(self, index, fns, lo=0, hi=None):
         """Nested binary `tf.cond` over `fns[index]` (nested ONNX If once frozen and lowered)."""

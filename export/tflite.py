@@ -13,7 +13,12 @@ Writes into `--output` (default `ckpt/export/`):
       previous action `p` and action `a`, its pooling and the agent's next
       decision (re-priced to the run-time penalty and masked by the
       compute cap, as `RNPModel.rollout` decides);
-    * `head_in{a}`: the classifier on `a` groups;
+    * `tail{t}_in{p}` (residual networks): a bottleneck's last conv on the
+      `p` groups that decision `t` chose, the sum with the block's
+      `shortcut` (an output of the signature that opened the block), what
+      follows and the agent's next decision;
+    * `head_in{a}`: the classifier on `a` groups (`head` when its input
+      keeps its full width, as in a residual network);
     * `full`: the unpruned network, the latency baseline;
     * `penalty_setting`: no inputs; the default penalty (`--penalty`, else
       the model's saved setting).
@@ -156,61 +161,100 @@ def signature_functions(net, parts=("rnp", "full")):
 
     functions["penalty_setting"] = penalty_setting
 
+    def shortcut_spec(key):
+        return tf.TensorSpec([1, *net.block_out[key]], tf.float32, name="shortcut")
+
     @tf.function(
         input_signature=[tf.TensorSpec([1, h, w, c], tf.float32, name="images"), penalty_spec], autograph=False
     )
     def stem(images, penalty):
         with net.constants():
-            y = net.stem(images)
+            y, shortcut = net.stretch("stem", images)
             spent = net.start_spent(1)
             out = decision(0, y, net.initial_state(1), [], penalty)
             out.update(features=y, spent=spent)
+            if net.opens_block("stem"):
+                out["shortcut"] = shortcut
             return out
 
     functions["stem"] = stem
+
+    def piece(key, conv, own, cost, in_spec):
+        """The signature of one (branch of a) conv whose weights follow an action, and of `net.stretches[key]`.
+
+        `conv(features)` is its conv, `own` the action it runs for (the
+        decision it follows), `cost` its MACs; then the stretch, and the
+        agent's next decision when the stretch ends at a prunable conv.
+        Inputs: `features`, `spent`, then `state_h`, `state_c`, `penalty`
+        when it decides, `actions` when a compute cap needs the earlier
+        ones, `shortcut` when it ends a block opened before it.
+        """
+        t = key[1]
+        decides = net.decides.get(key)
+        fed = net.cap is not None and decides is not None and decides > 1
+        names = ["features", "spent"]
+        specs = [in_spec, spent_spec]
+        if decides is not None:
+            names += ["state_h", "state_c", "penalty"]
+            specs += state_specs() + [penalty_spec]
+        if fed:
+            names.append("actions")
+            specs.append(actions_spec)
+        if net.closes_block(key):
+            names.append("shortcut")
+            specs.append(shortcut_spec(key))
+
+        def body(*args):
+            inputs = dict(zip(names, args))
+            with net.constants():
+                y, shortcut = net.stretch(key, conv(inputs["features"]), inputs.get("shortcut"))
+                out = {"features": y, "spent": inputs["spent"] + net.macs_constant(cost)}
+                if decides is not None:  # the agent's next decision, fed by this map
+                    # earlier actions: fed under a cap, else unread placeholders
+                    decided = [inputs["actions"][:, u] if fed else tf.zeros([1], tf.int32) for u in range(t)]
+                    decided.append(tf.constant([own], tf.int32))
+                    out.update(decision(decides, y, [inputs["state_h"], inputs["state_c"]], decided, inputs["penalty"]))
+                if net.opens_block(key):
+                    out["shortcut"] = shortcut
+                return out
+
+        return tf.function(body, input_signature=specs, autograph=False)
+
     for t in range(net.num_prunable):
         hw = net.in_hw[t]
         for p, a in net.branches(t):
-
-            def make(t=t, p=p, a=a, hw=hw):
-                last = t + 1 == net.num_prunable
-                features = tf.TensorSpec([1, hw[0], hw[1], net.in_channels(t, p)], tf.float32, name="features")
-                cost = float(net.macs_table(t)[(p - 1) * k + a - 1])
-
-                fed = net.cap is not None and t > 0 and not last
-
-                def body(features, spent, state_h=None, state_c=None, penalty=None, actions=None):
-                    with net.constants():
-                        y = net.segment(t, features, p, a)
-                        spent = spent + net.macs_constant(cost)
-                        out = {"features": y, "spent": spent}
-                        if not last:  # the agent's next decision, fed by this map
-                            # earlier actions: fed under a cap, else unread placeholders
-                            decided = [actions[:, u] if fed else tf.zeros([1], tf.int32) for u in range(t)]
-                            decided.append(tf.constant([a], tf.int32))
-                            out.update(decision(t + 1, y, [state_h, state_c], decided, penalty))
-                        return out
-
-                specs = [features, spent_spec] + ([] if last else state_specs() + [penalty_spec])
-                specs += [actions_spec] if fed else []
-                return tf.function(body, input_signature=specs, autograph=False)
-
-            functions[f"conv{t}_in{p}_out{a}"] = make()
-    g = net.out_group[-1]
-    for a in net.heads():
+            features = tf.TensorSpec([1, hw[0], hw[1], net.in_channels(t, p)], tf.float32, name="features")
+            cost = float(net.macs_table(t)[(p - 1) * k + a - 1])
+            functions[f"conv{t}_in{p}_out{a}"] = piece(
+                ("conv", t), lambda x, t=t, p=p, a=a: net.sliced_conv(t, x, p, a), a, cost, features
+            )
+        if t in net.tails:  # a conv of full output on this decision's prefix (a bottleneck's last conv)
+            layer = net.tails[t]
+            hw = net.conv_in_hw[layer.name]
+            for p in range(1, k + 1):
+                features = tf.TensorSpec([1, hw[0], hw[1], p * layer.in_group_size], tf.float32, name="features")
+                functions[f"tail{t}_in{p}"] = piece(
+                    ("tail", t), lambda x, p=p, layer=layer: net.kept_conv(layer, x, p), p, net.tail_macs[t][p - 1], features
+                )
+    g = net.head_group
+    for a in net.heads() if g is not None else [None]:
 
         def make_head(a=a):
+            channels = net.head_channels(a)
+
             @tf.function(
-                input_signature=[tf.TensorSpec([1, *net.head_hw, a * g], tf.float32, name="features"), spent_spec],
+                input_signature=[tf.TensorSpec([1, *net.head_hw, channels], tf.float32, name="features"), spent_spec],
                 autograph=False,
             )
             def head(features, spent):
                 with net.constants():
-                    return {"logits": net.head(features, a), "macs": tf.cast(spent + net.macs_constant(net.head_macs[a]), tf.float32)}
+                    extra = net.head_macs[a] if a is not None else 0.0
+                    return {"logits": net.head(features, a), "macs": tf.cast(spent + net.macs_constant(extra), tf.float32)}
 
             return head
 
-        functions[f"head_in{a}"] = make_head()
+        # a head whose input keeps its full width is one signature, `head`
+        functions["head" if a is None else f"head_in{a}"] = make_head()
     return functions
 
 

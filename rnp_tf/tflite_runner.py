@@ -8,14 +8,22 @@ The exported `.tflite` file holds one signature per piece of the network:
   previous action `p` and action `a`, its pooling, and the agent's next
   decision (each signature is its own subgraph, so XNNPACK runs it; a
   single graph with `IF` branches would not be delegated);
-- `head_in{a}`: the classifier on a feature map of `a` groups;
+- `tail{t}_in{p}` (residual networks): the conv that keeps its full
+  output on the `p` groups decision `t` chose (a bottleneck's last conv),
+  the block's sum with its shortcut, what follows up to the next prunable
+  conv and the agent's decision there;
+- `head_in{a}`: the classifier on a feature map of `a` groups (`head` when
+  the map feeding it keeps its full width, as in a residual network);
 - `full`: the unpruned network, for latency comparisons;
 - `penalty_setting`: the default run-time penalty (no inputs).
 
 `TFLiteRNPRunner` is the small driver that chains them: it runs `stem`,
 reads the action the agent chose (already re-priced and capped like
 `RNPModel.rollout`), calls the signature of that branch, and so on to the
-head. Only the chosen channel prefixes are ever computed.
+head. Only the chosen channel prefixes are ever computed. What a
+signature returns is kept by name and fed to the later signatures that
+take it (`features`, `spent`, the agent's state, a residual block's
+`shortcut`), so the driver needs no description of the network.
 
 The deciding signatures take the run-time penalty (`penalty`, float32
 `[1]`, the knob of `RNPModel.set_penalty`) as an input: the runner feeds
@@ -39,6 +47,7 @@ import numpy as np
 
 _CONV = re.compile(r"^conv(\d+)_in(\d+)_out(\d+)$")
 _HEAD = re.compile(r"^head_in(\d+)$")
+_TAIL = re.compile(r"^tail(\d+)_in(\d+)$")
 
 
 def _interpreter_class():
@@ -106,24 +115,28 @@ class TFLiteRNPRunner:
             warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
             self.interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
         signatures = self.interpreter.get_signature_list()
-        convs = {}
+        convs, tails = {}, {}
         heads = []
         for name in signatures:
             match = _CONV.match(name)
             if match:
                 convs[tuple(int(v) for v in match.groups())] = name
+            elif _TAIL.match(name):
+                tails[tuple(int(v) for v in _TAIL.match(name).groups())] = name
             elif _HEAD.match(name):
                 heads.append(int(_HEAD.match(name).group(1)))
-        if "stem" not in signatures or not convs or not heads:
+        if "stem" not in signatures or not convs or not (heads or "head" in signatures):
             raise ValueError(
                 f"{model_path!r} is not an RNP TFLite export (expected signatures 'stem', "
-                f"'conv<t>_in<p>_out<a>', 'head_in<a>'). Received signatures: {sorted(signatures)}"
+                f"'conv<t>_in<p>_out<a>', 'head_in<a>' or 'head'). Received signatures: {sorted(signatures)}"
             )
         # the first prunable conv always reads the stem's full width: its
         # signatures say k, also in an export restricted to a few branches
         self.groups = max([max(p, a) for _, p, a in convs] + heads)
         self.num_prunable = 1 + max(t for t, _, _ in convs)
         self._convs = convs
+        self._tails = tails
+        self._head_full = "head" in signatures  # the head's input keeps its full width
         self._runners = {}
         self._input_names = {}
         self._signatures = {}
@@ -131,7 +144,7 @@ class TFLiteRNPRunner:
         self.zero_copy = bool(zero_copy)
         stem_input = self._runner("stem").get_input_details()["images"]
         self.image_shape = tuple(int(d) for d in stem_input["shape"][1:])
-        head = self._runner(f"head_in{max(heads)}").get_output_details()["logits"]
+        head = self._runner("head" if self._head_full else f"head_in{max(heads)}").get_output_details()["logits"]
         self.num_classes = int(head["shape"][-1])
         self.signature_keys = sorted(signatures)
         self.penalty_setting = None
@@ -224,7 +237,7 @@ class TFLiteRNPRunner:
             image: float32 image.
             actions: optional `T` ints; 0 lets the agent choose, 1..k forces.
             timings: optional dict: receives the seconds of each signature
-                call under the keys "stem", "conv<t>" and "head".
+                call under the keys "stem", "conv<t>", "tail<t>" and "head".
             penalty: the run-time penalty of this call (default: `penalty`).
 
         Returns:
@@ -235,6 +248,8 @@ class TFLiteRNPRunner:
         knob = {} if penalty is None else {"penalty": np.full([1], penalty, np.float32)}
         clock = time.perf_counter if timings is not None else None
         start = clock and clock()
+        # what the signatures returned, by name: a later one takes what it names
+        # (views of each signature's tensors; each signature runs once per image)
         out = self._call("stem", dict(images=x, **knob))
         if clock:
             timings["stem"], start = clock() - start, clock()
@@ -245,14 +260,17 @@ class TFLiteRNPRunner:
             if actions is not None and int(actions[t]) > 0:
                 action = int(actions[t])
             chosen.append(action)
-            key = self._conv_key(t, previous, action)
             # `actions` (the decisions so far) is an input only under a compute cap
-            feeds = dict(out, actions=np.asarray([chosen + [0] * (self.num_prunable - len(chosen))], np.int32), **knob)
-            out = self._call(key, feeds)
-            if clock:
-                timings[f"conv{t}"], start = clock() - start, clock()
+            decided = np.asarray([chosen + [0] * (self.num_prunable - len(chosen))], np.int32)
+            steps = [(f"conv{t}", self._conv_key(t, previous, action))]
+            if (t, action) in self._tails:  # a residual network: its block's last conv on this prefix
+                steps.append((f"tail{t}", self._tails[(t, action)]))
+            for label, key in steps:
+                out = dict(out, **self._call(key, dict(out, actions=decided, **knob)))
+                if clock:
+                    timings[label], start = clock() - start, clock()
             previous = action
-        head = self._call(f"head_in{previous}", out)
+        head = self._call("head" if self._head_full else f"head_in{previous}", out)
         if clock:
             timings["head"] = clock() - start
         return np.array(head["logits"][0]), np.asarray(chosen, np.int32), np.float32(head["macs"][0])

@@ -79,12 +79,86 @@ def _small_model(backbone=None, seed=0, penalty=0.3, **kwargs):
     return model
 
 
-def _write_checkpoint(directory, seed=0):
-    """`_small_model(seed=seed)` saved as directory/model.keras."""
-    model = _small_model(seed=seed)
+def _write_checkpoint(directory, seed=0, make=None):
+    """`make(seed=seed)` (default `_small_model`) saved as directory/model.keras."""
+    model = (make or _small_model)(seed=seed)
     os.makedirs(directory, exist_ok=True)
     model.save(os.path.join(directory, "model.keras"))
     return model
+
+
+# The exporters' small residual backbone: zero padding and a stem, a pool, a
+# bottleneck with a projection and stride 2, one with an identity shortcut
+# and a global-average head (4 decisions); 16x16 RGB images.
+RESIDUAL = {
+    "stages": [
+        {"type": "zeropad", "padding": 1},
+        {"type": "conv", "filters": 8, "padding": "valid"},
+        {"type": "pool", "size": 2, "mode": "max"},
+        {"type": "bottleneck", "filters": 4, "strides": 2, "projection": True, "expansion": 2},
+        {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2},
+    ],
+    "head": {"pooling": "gap"},
+}
+
+
+def _residual_model(seed=0, groups=4, penalty=0.3):
+    """The exporters' residual test model (`RESIDUAL`), random BatchNorm statistics, spread decoders."""
+    import keras
+
+    import rnp_tf
+
+    keras.utils.set_random_seed(seed)
+    model = rnp_tf.RNPModel(backbone=RESIDUAL, image_shape=(16, 16, 3), num_classes=10, groups=groups)
+    randomise_batchnorm(model, seed)
+    for decoder in model.agent.decoders:
+        decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
+    if penalty is not None:
+        model.set_penalty(penalty)
+    return model
+
+
+@pytest.fixture(scope="session")
+def residual_model():
+    """Returns `make(seed=0, groups=4, penalty=0.3)`: the exporters' small residual RNPModel."""
+    return _residual_model
+
+
+@pytest.fixture(scope="session")
+def write_residual_checkpoint():
+    """Returns `write(directory, seed=0)`: saves the small residual RNPModel as directory/model.keras."""
+    return lambda directory, seed=0: _write_checkpoint(directory, seed, _residual_model)
+
+
+def _check_residual_batches(model, run, images, batch, forced=True):
+    """An artifact's `run(images, forced=None)` on `batch` images against `model.rollout`.
+
+    Greedy on `images` (repeated to `batch`); with `forced`, random forced
+    actions and then the all-ones (smallest groups) and all-k actions.
+    Identical actions, logits within 1e-4, MACs within 1e-5.
+    """
+    from export import verification
+
+    x = images[np.arange(batch) % len(images)]
+    checks = [("greedy", None)]
+    if forced:
+        rng = np.random.default_rng(batch)
+        shape = (batch, model.num_prunable)
+        checks += [
+            ("random", rng.integers(1, model.groups + 1, size=shape).astype(np.int32)),
+            ("ones", np.ones(shape, np.int32)),
+            ("full", np.full(shape, model.groups, np.int32)),
+        ]
+    for label, actions in checks:
+        ref = verification.reference(model, x, actions)
+        got = run(x) if actions is None else run(x, actions)
+        verification.compare(f"batch {batch} {label}", ref, got)
+
+
+@pytest.fixture(scope="session")
+def check_residual_batches():
+    """Returns `check(model, run, images, batch, forced=True)` (see `_check_residual_batches`)."""
+    return _check_residual_batches
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ import tensorflow as tf
 
 from export import exceptions
 
+from export import sliced_network
+
 from export import verification
 
 from export import writing
@@ -125,3 +127,25 @@ def test_corrupt_checkpoint_cli_exits_2(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("export.saved_model: error: ") and "is not a loadable Keras model" in last
     assert os.listdir(tmp_path) == ["model.keras"]
+
+
+@pytest.fixture(scope="module")
+def residual_export(tmp_path_factory, write_residual_checkpoint):
+    """The small residual model exported with the sliced graph (its own parity checks passed)."""
+    ckpt = tmp_path_factory.mktemp("residual")
+    model = write_residual_checkpoint(ckpt)
+    report = saved_model.export_saved_model(ckpt, graph="sliced", num_parity_images=8, max_forced_tuples=16,
+                                            log=lambda m: None)
+    return model, ckpt / "export", report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_residual_sliced_export_matches_rollout(residual_export, check_residual_batches, batch):
+    """Bottlenecks through the reloaded SavedModel: the If tree at batch 1, gather/scatter above."""
+    model, out, report = residual_export
+    parity = report["parity"]["saved_model"]
+    assert parity["greedy"]["action_agreement"] == 1.0 and parity["batch1"]["forced"]["distinct_action_tuples"] == 16
+    run = saved_model.runner(str(out / "saved_model"))
+    images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
+    check_residual_batches(model, run, images, batch)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import rnp_tf
 from export import exceptions
 from export import sliced_network
 from export import verification
@@ -106,11 +105,55 @@ def test_mac_tables_equal_model_macs(export_model):
     np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
 
 
-def test_residual_backbones_are_refused():
-    stages = [{"type": "conv", "filters": 8}, {"type": "bottleneck", "filters": 4, "expansion": 2}]
-    try:
-        model = rnp_tf.RNPModel({"stages": stages, "head": {}}, image_shape=(8, 8, 1), num_classes=10)
-    except ValueError:
-        pytest.skip("this RNPModel has no residual blocks")
-    with pytest.raises(exceptions.ExportError, match="only chain backbones"):
+def test_residual_graphs_match_rollout_for_every_action_tuple(residual_model):
+    """Bottlenecks (projection with stride 2, identity) in the batch-1 If tree, gather/scatter and full graphs."""
+    model = residual_model()
+    assert not model.plan.is_chain and model.num_prunable == 4
+    net = sliced_network.SlicedNetwork(model)
+    assert sorted(net.tails) == [1, 3] and net.head_group is None  # each block's last conv; a full-width head
+    images = verification.parity_images(net, 12)
+    tuples = verification.action_tuples(net.num_prunable, net.groups)
+    assert len(tuples) == 4**4 and [1, 1, 1, 1] in tuples.tolist()
+    # batch 1: the k * k alternating tuples still run every branch of every tree (all-ones too)
+    pairs = verification.action_tuples(net.num_prunable, net.groups, limit=16)
+    assert [1, 1, 1, 1] in pairs.tolist()
+    for name, forced in (("batched", tuples), ("single", pairs)):
+        result = verification.check_artifact(name, model, run_tf(net, name), images[:6], forced, per_tuple=1)
+        assert result["greedy"]["action_agreement"] == 1.0
+        assert result["greedy"]["distinct_action_tuples"] > 1
+        assert result["forced"]["distinct_action_tuples"] == len(forced)
+        assert result["forced"]["max_abs_logit_diff"] <= verification.ATOL
+    full = tf.function(net.full)(images)["logits"]
+    ref = model.rollout(images, actions=np.full((len(images), 4), 4))["logits"]
+    np.testing.assert_allclose(full, ref, atol=verification.ATOL)
+    np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 7, pytest.param(64, marks=pytest.mark.slow)])
+def test_residual_batched_graph_at_any_batch(residual_model, check_residual_batches, batch):
+    """Per-sample actions in one batch: most (previous action, action) groups and input widths are empty."""
+    model = residual_model()
+    net = sliced_network.SlicedNetwork(model)
+    run = run_tf(net, "batched")
+    check_residual_batches(model, run, verification.parity_images(net, 8), batch)
+
+
+def test_residual_stretches_split_at_convs_that_follow_an_action(residual_model):
+    """What the TFLite signatures run between two action-dependent convs."""
+    net = sliced_network.SlicedNetwork(residual_model())
+    kinds = {key: [op[0] for op in ops] for key, ops in net.stretches.items()}
+    # zero padding, the stem, its pool, then the first block opens (projection shortcut)
+    assert kinds["stem"] == ["map", "conv", "map", "open"] and net.stretches["stem"][0][1][0] == "pad"
+    assert kinds[("conv", 0)] == kinds[("conv", 1)] == []
+    assert kinds[("tail", 1)] == ["residual", "open"] and kinds[("tail", 3)] == ["residual"]
+    assert net.decides == {"stem": 0, ("conv", 0): 1, ("tail", 1): 2, ("conv", 2): 3}
+    assert net.opens_block("stem") and net.closes_block(("tail", 1)) and net.opens_block(("tail", 1))
+    assert net.block_out[("tail", 1)] == (4, 4, 8)
+
+
+def test_inverted_residuals_are_refused_with_the_step_named(tiny_mobilenet):
+    import rnp_tf
+
+    model = rnp_tf.RNPModel(backbone=tiny_mobilenet, image_shape=(32, 32, 3), num_classes=10)
+    with pytest.raises(exceptions.ExportError, match="InvertedResidualStep step"):
         sliced_network.SlicedNetwork(model)

@@ -190,3 +190,29 @@ def test_merge_refuses_control_flow(tmp_path):
     data = tflite.convert_saved(str(tmp_path / "sm"), ["branchy"])
     with pytest.raises(exceptions.ExportError, match="control flow"):
         tflite.merge_models([data, data])
+
+
+@pytest.fixture(scope="module")
+def residual_exported(tmp_path_factory, write_residual_checkpoint):
+    ckpt = tmp_path_factory.mktemp("residual")
+    model = write_residual_checkpoint(ckpt)
+    report = tflite.export_tflite(ckpt, num_parity_images=8, max_forced_tuples=16, timing_runs=0, log=lambda m: None)
+    return model, ckpt / "export", report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_residual_runner_matches_rollout(residual_exported, check_residual_batches, batch):
+    """Bottlenecks: a signature per (decided conv, input width, output width), one per block tail and input width."""
+    model, out, report = residual_exported
+    runner = TFLiteRNPRunner(out / "rnp.tflite")
+    # stem, conv0 and conv2 (full input: 4 each), conv1 and conv3 (16 each), tail1 and tail3 (4 each),
+    # one head (its input keeps its full width), full, penalty_setting
+    assert report["parity"]["rnp.tflite"]["signatures"] == len(runner.signature_keys) == 1 + 4 + 16 + 4 + 4 + 16 + 4 + 3
+    assert "shortcut" in runner._inputs("tail1_in2") and "shortcut" in runner._inputs("tail3_in1")
+    assert "shortcut" not in runner._inputs("conv1_in2_out3")  # carried past the block's inner convs
+    assert (runner.groups, runner.num_prunable, runner.image_shape) == (4, 4, (16, 16, 3))
+    images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
+    check_residual_batches(model, tflite.runner_function(runner), images, batch)
+    np.testing.assert_allclose(runner.run_full(images[:3]), model.rollout(images[:3], actions=np.full((3, 4), 4))["logits"],
+                               atol=1e-4)
