@@ -145,9 +145,10 @@ def _load_init_checkpoint(model, path):
             f"--init_checkpoint: {path!r} does not match the model the flags describe ({error})."
         )
     head = model.plan.head
-    if source.plan.head.layout != head.layout:  # e.g. a VGG-16 saved before heads were channel-major
+    layout = source.plan.head.layout if hasattr(source, "plan") else head.layout
+    if layout != head.layout:  # e.g. a VGG-16 saved before heads were channel-major
         first = head.layers[0]
-        first.kernel.assign(head.relayout(first.kernel, source.plan.head.layout, head.layout))
+        first.kernel.assign(head.relayout(first.kernel, layout, head.layout))
 
 
 @dataclasses.dataclass
