@@ -320,11 +320,10 @@ class SlicedNetwork:
                     kernel, bias = step.layer.folded_weights(p, k)
                     arrays[("kept", step.layer.name, p)] = (np.asarray(kernel, np.float32), np.asarray(bias, np.float32))
         first = model.head_layers[0]
-        kernel = np.asarray(first.kernel, np.float32)
-        hf, wf, c = model.plan.head.in_shape
-        if self.flatten:
-            # Channel-major rows, so that the first a groups are a row prefix.
-            kernel = kernel.reshape(hf, wf, c, -1).transpose(2, 0, 1, 3).reshape(c * hf * wf, -1)
+        head = model.plan.head
+        # Channel-major rows, so that the first a groups are a row prefix (no
+        # copy when the head's layout already is).
+        kernel = head.relayout(np.asarray(first.kernel, np.float32), head.layout, "channel")
         arrays["head0"] = (np.ascontiguousarray(kernel), self._bias(first), first.activation)
         for i, dense in enumerate(model.head_layers[1:]):
             arrays[("head", i + 1)] = (np.asarray(dense.kernel, np.float32), self._bias(dense), dense.activation)

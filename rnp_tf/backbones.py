@@ -14,6 +14,10 @@ are 2D max-pooling. Residual networks add `bottleneck` stages (ResNet) and
 average; `"flatten"`: keep the spatial layout, as VGG does), applies the
 `hidden` Dense+ReLU layers with `dropout`, then the classifier. The same
 description builds the CIFAR CNN and VGG-16, so they share one code path.
+After `"flatten"`, `head["layout"]` orders the first Dense's rows:
+`"spatial"` (Keras' `Flatten`, the default when the key is absent) or
+`"channel"` (channel-major, what `vgg16()` and `from_keras` produce: the
+rows that read the agent's channel prefix are one contiguous block).
 """
 
 import copy
@@ -79,7 +83,7 @@ def vgg16(width_multiplier=1.0, hidden=(4096, 4096), dropout=0.5):
             f"`width_multiplier` must be positive. Received: width_multiplier={width_multiplier}"
         )
     plan = [item if item == "M" else max(1, int(round(item * width_multiplier))) for item in _VGG16]
-    return _from_plan(plan, {"pooling": "flatten", "hidden": list(hidden), "dropout": dropout})
+    return _from_plan(plan, {"pooling": "flatten", "layout": "channel", "hidden": list(hidden), "dropout": dropout})
 
 
 def vgg_cifar(width=48):
@@ -245,7 +249,9 @@ def validate_backbone(spec, groups):
     (`padding`) and `bottleneck` (`filters`, `strides`=1, `projection`,
     `expansion`=4, `prunable`=[True, True]: 1x1 -> 3x3 -> 1x1 with a
     residual sum; the first two convs may be pruned, the last feeds the
-    sum). Convs also take `bn_epsilon` (1e-3).
+    sum). Convs also take `bn_epsilon` (1e-3). The head takes `pooling`
+    ("gap"), `hidden` ([]), `dropout` (0.0) and `layout` ("spatial" or
+    "channel", default "spatial"; see `check_layout`).
 
     Args:
         spec: a backbone description dict.
@@ -339,6 +345,8 @@ def validate_backbone(spec, groups):
     head.setdefault("dropout", 0.0)
     if head["pooling"] not in ("gap", "flatten"):
         raise ValueError(f"head.pooling must be 'gap' or 'flatten'. Received: {head['pooling']!r}")
+    head.setdefault("layout", "spatial")
+    check_layout(head["layout"])
     head["hidden"] = [validation.check_positive_int("head.hidden", u) for u in head["hidden"]]
     if not 0.0 <= float(head["dropout"]) < 1.0:
         raise ValueError(f"head.dropout must be in [0, 1). Received: {head['dropout']!r}")
@@ -376,3 +384,24 @@ def _check_inverted_residual(i, stage, in_channels, groups):
             f"output channels. Received: residual={stage['residual']!r}, strides={stage['strides']}, "
             f"input channels={in_channels}, filters={stage['filters']}"
         )
+
+
+HEAD_LAYOUTS = ("spatial", "channel")
+
+
+def check_layout(layout):
+    """`layout` if it is a head layout, else a ValueError naming it.
+
+    `"spatial"`: the first Dense's rows in Keras' `Flatten` order (position,
+    then channel), the default of a description without `head.layout`;
+    `"channel"`: channel-major rows, so the rows that read a channel prefix
+    are one row prefix (`rnp_tf.plan.Head`).
+
+    Example:
+
+    >>> check_layout("channel")
+    'channel'
+    """
+    if layout not in HEAD_LAYOUTS:
+        raise ValueError(f"head.layout must be 'spatial' or 'channel'. Received: layout={layout!r}")
+    return layout

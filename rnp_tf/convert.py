@@ -233,7 +233,10 @@ def _spec_and_weights(model, groups, prunable):
                 _fail(layer, "only symmetric zero padding is supported")
             stages.append({"type": "zeropad", "padding": int(top)})
         elif isinstance(layer, keras.layers.Flatten):
-            head["pooling"] = "flatten"
+            if layer.data_format != "channels_last":
+                _fail(layer, "only channels_last is supported")
+            # fc1's rows are permuted into channel-major order once, at conversion
+            head["pooling"], head["layout"] = "flatten", "channel"
         elif isinstance(layer, keras.layers.GlobalAveragePooling2D):
             if layer.keepdims:
                 _fail(layer, "keepdims=True is not supported")
@@ -490,7 +493,9 @@ def from_keras(model, k=4, prunable=None, **kwargs):
     Returns:
         An `RNPModel`. Its logits at full actions equal the original's
         output before any final softmax (`model.output_softmax` says
-        whether the original applied one).
+        whether the original applied one). After a `Flatten`, the head has
+        layout "channel": the first Dense's rows are stored channel-major
+        (`rnp_tf.plan.Head.relayout` of the Keras kernel).
 
     Example:
 
@@ -512,8 +517,11 @@ def from_keras(model, k=4, prunable=None, **kwargs):
         raise ConversionError("Internal mismatch between the parsed convs and the built model.")
     for target, unit in zip(rnp.convs, units):
         _copy_conv(target, unit, k)
-    for target, source in zip(rnp.head_layers, dense):
-        target.kernel.assign(np.asarray(source.kernel))
+    for i, (target, source) in enumerate(zip(rnp.head_layers, dense)):
+        kernel = np.asarray(source.kernel)
+        if i == 0:  # Keras' Flatten order into the head's
+            kernel = rnp.plan.head.relayout(kernel, "spatial", rnp.plan.head.layout)
+        target.kernel.assign(kernel)
         target.bias.assign(np.asarray(source.bias) if source.use_bias else np.zeros(source.units, np.float32))
     rnp.output_softmax = softmax
     rnp.source_names = {conv.name: unit["conv"].name for conv, unit in zip(rnp.convs, units)}

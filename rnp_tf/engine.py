@@ -438,26 +438,20 @@ class InferenceEngine:
         else:
             channels = width_action * self.model.prunable[-1].group_size
         kernel = tf.convert_to_tensor(first.kernel)
-        if head.pooling == "gap":
-            h = tf.reshape(h, [-1, *h.shape[1:3], channels])
-            y = tf.matmul(tf.reduce_mean(h, axis=[1, 2]), kernel[:channels])
+        hf, wf, full = head.in_shape
+        h = tf.reshape(h, [-1, hf, wf, channels])
+        if head.contiguous or channels == full:
+            # one matmul on a row prefix of the kernel: a zero-copy slice
+            y = tf.matmul(head.flatten(h), head.rows(kernel, channels))
         else:
-            hf, wf, full = head.in_shape
-            h = tf.reshape(h, [-1, hf * wf, channels])
-            if channels == full:
-                y = tf.matmul(tf.reshape(h, [-1, hf * wf * full]), kernel)
-            else:
-                # Rows of the flattened kernel are (position, channel): a
-                # channel prefix is one contiguous row block per position,
-                # a zero-copy slice; a strided slice of the whole kernel
-                # would copy it at every call.
-                per_position = tf.unstack(tf.transpose(h, [1, 0, 2]))
-                y = tf.add_n(
-                    [
-                        tf.matmul(part, kernel[s * full : s * full + channels])
-                        for s, part in enumerate(per_position)
-                    ]
-                )
+            # Layout "spatial": rows are (position, channel), so a channel
+            # prefix is one contiguous row block per position, a zero-copy
+            # slice; a strided slice of the whole kernel would copy it at
+            # every call.
+            per_position = tf.unstack(tf.transpose(tf.reshape(h, [-1, hf * wf, channels]), [1, 0, 2]))
+            y = tf.add_n(
+                [tf.matmul(part, kernel[s * full : s * full + channels]) for s, part in enumerate(per_position)]
+            )
         y = first.activation(tf.nn.bias_add(y, tf.convert_to_tensor(first.bias)))
         for dense in head.layers[1:]:
             y = dense(y)

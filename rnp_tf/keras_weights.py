@@ -88,8 +88,9 @@ def map_keras_vgg16(source, model, input_mean=None, input_std=None):
     `beta = bias`, `moving_mean = 0`, `moving_variance = 1 - epsilon` (so
     `gamma / sqrt(var + eps)` is exactly 1) in every set. The dense layers
     `fc1`, `fc2`, `predictions` map onto `fc_0`, `fc_1`, `classifier` when
-    their shapes match (VGG flattens (h, w, c) as we do); our logits are the
-    inputs of Keras' final softmax.
+    their shapes match (fc1's rows, in Keras' (h, w, c) order, are moved
+    into the head's layout); our logits are the inputs of Keras' final
+    softmax.
 
     `input_mean` / `input_std` (the per-channel normalisation of our input
     pipelines, images in [0, 1]) fold Keras' "caffe" preprocessing (BGR,
@@ -142,8 +143,11 @@ def map_keras_vgg16(source, model, input_mean=None, input_std=None):
         tuple(s.kernel.shape) != tuple(d.kernel.shape) for s, d in zip(dense, model.head_layers)
     ):
         return False
-    for src, dst in zip(dense, model.head_layers):
-        dst.kernel.assign(np.asarray(src.kernel))
+    for i, (src, dst) in enumerate(zip(dense, model.head_layers)):
+        kernel = np.asarray(src.kernel)
+        if i == 0:  # Keras' Flatten order into the head's (channel-major for `vgg16()`)
+            kernel = model.plan.head.relayout(kernel, "spatial", model.plan.head.layout)
+        dst.kernel.assign(kernel)
         dst.bias.assign(np.asarray(src.bias))
     return True
 

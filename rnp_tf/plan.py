@@ -33,6 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from rnp_tf import backbones
 from rnp_tf.layers import GatedConv2D
 from rnp_tf.layers import GatedDepthwiseConv2D
 
@@ -106,6 +107,20 @@ class Head:
         in_shape: `(height, width, channels)` of the map feeding it.
         in_ref: the decision that sets the width of that map, or None.
         dropout: the Dropout layer after each hidden Dense, or None.
+        layout: the order of the first Dense's rows after `"flatten"`:
+            `"spatial"` (Keras' `Flatten`: row `(y * W + x) * C + c`) or
+            `"channel"` (channel-major: row `c * H * W + y * W + x`, so a
+            channel prefix reads a row prefix). Ignored after `"gap"`.
+
+    Every path that runs the head flattens the map with `flatten` and reads
+    the first Dense's rows with `rows`; `relayout` moves a kernel between
+    the two layouts.
+
+    Example:
+
+    >>> head = plan.head  # a flatten head of layout "channel"
+    >>> x, kernel = head.flatten(h[..., :8]), head.rows(head.layers[0].kernel, 8)
+    >>> logits_part = tf.matmul(x, kernel)  # one matmul on a row prefix
     """
 
     layers: tuple
@@ -113,11 +128,74 @@ class Head:
     in_shape: tuple
     in_ref: int | None
     dropout: keras.layers.Layer | None = None
+    layout: str = "spatial"
 
     @property
     def spatial(self):
         """Positions the first Dense reads per channel (1 after global pooling)."""
         return 1 if self.pooling == "gap" else int(self.in_shape[0] * self.in_shape[1])
+
+    @property
+    def contiguous(self):
+        """True when the rows reading a channel prefix are a row prefix (a zero-copy slice)."""
+        return self.pooling == "gap" or self.layout == "channel"
+
+    def flatten(self, h):
+        """The first Dense's input from a map `[batch, H, W, c]` holding a channel prefix (`c <= C`).
+
+        Global average after `"gap"`; after `"flatten"`, the map flattened in
+        this head's layout, so that it matches `rows(kernel, c)`.
+        """
+        if self.pooling == "gap":
+            return tf.reduce_mean(h, axis=[1, 2])
+        width = -1 if h.shape[-1] is None else self.spatial * h.shape[-1]
+        if self.layout == "channel":
+            h = tf.transpose(h, [0, 3, 1, 2])
+        return tf.reshape(h, [tf.shape(h)[0], width])
+
+    def rows(self, kernel, channels):
+        """The rows of the first Dense's `kernel` that read the first `channels` channels.
+
+        A row prefix (`kernel[:channels * H * W]`, no copy) after `"gap"` or
+        for layout `"channel"`; layout `"spatial"` gathers `H * W` blocks
+        (a copy of the slice), so `InferenceEngine.head` multiplies those
+        blocks one by one instead.
+        """
+        full = self.in_shape[-1]
+        if channels == full:
+            return kernel
+        if self.contiguous:
+            return kernel[: channels * self.spatial]
+        hf, wf, _ = self.in_shape
+        kernel = tf.reshape(kernel, [hf, wf, full, -1])[:, :, :channels, :]
+        return tf.reshape(kernel, [hf * wf * channels, -1])
+
+    def relayout(self, kernel, source, target):
+        """A numpy first-Dense kernel with rows in layout `source` reordered into layout `target`.
+
+        Args:
+            kernel: array `[H * W * C, units]` (or `[C, units]` after `"gap"`).
+            source, target: `"spatial"` or `"channel"`.
+
+        Returns:
+            The kernel in `target`'s row order (`kernel` itself when nothing moves).
+
+        Example:
+
+        >>> keras_fc1 = source.get_layer("fc1").kernel  # Keras' Flatten order
+        >>> head.layers[0].kernel.assign(head.relayout(keras_fc1, "spatial", head.layout))
+        """
+        for layout in (source, target):
+            backbones.check_layout(layout)
+        kernel = np.asarray(kernel)
+        if self.pooling == "gap" or source == target:
+            return kernel
+        hf, wf, c = self.in_shape
+        if source == "spatial":
+            moved = kernel.reshape(hf, wf, c, -1).transpose(2, 0, 1, 3)
+        else:
+            moved = kernel.reshape(c, hf, wf, -1).transpose(1, 2, 0, 3)
+        return np.ascontiguousarray(moved.reshape(kernel.shape))
 
 
 class NetworkPlan:
@@ -401,5 +479,6 @@ def build_plan(backbone, image_shape, num_classes, groups):
     classifier.build((None, width))
     layers.append(classifier)
     dropout = keras.layers.Dropout(head_spec["dropout"]) if head_spec["dropout"] else None
-    head = Head(tuple(layers), head_spec["pooling"], tuple(shape[1:]), width_ref, dropout)
+    layout = head_spec.get("layout", "spatial")
+    head = Head(tuple(layers), head_spec["pooling"], tuple(shape[1:]), width_ref, dropout, layout)
     return NetworkPlan(steps, head, convs, groups)

@@ -95,11 +95,10 @@ def _permute_outputs(conv, perm):
 
 
 def _permute_head_rows(model, perm):
-    dense = model.head_layers[0]
-    kernel = np.asarray(dense.kernel)
-    if model.backbone["head"]["pooling"] == "gap":
-        dense.kernel.assign(kernel[perm])
-        return
-    hf, wf, channels = model.plan.head.in_shape
-    kernel = kernel.reshape(hf, wf, channels, -1)[:, :, perm, :]
-    dense.kernel.assign(kernel.reshape(hf * wf * channels, -1))
+    """Permutes the channels the head's first Dense reads, in either row layout."""
+    head = model.plan.head
+    dense = head.layers[0]
+    # channel-major rows: one block of `spatial` rows per channel
+    kernel = head.relayout(dense.kernel, head.layout, "channel")
+    kernel = kernel.reshape(len(perm), head.spatial, -1)[perm].reshape(kernel.shape)
+    dense.kernel.assign(head.relayout(kernel, "channel", head.layout))

@@ -264,10 +264,7 @@ class MaskedExecutor(Executor):
 
     def head(self, h, last_action):
         head = self.plan.head
-        if head.pooling == "gap":
-            h = tf.reduce_mean(h, axis=[1, 2])
-        else:
-            h = tf.reshape(h, [tf.shape(h)[0], -1])
+        h = head.flatten(h)
         for dense in head.layers[:-1]:
             h = dense(h)
             if head.dropout is not None:
@@ -278,16 +275,8 @@ class MaskedExecutor(Executor):
 def head_on_prefix(head, h):
     """The head on a map holding only a channel prefix (the reference sliced head)."""
     first = head.layers[0]
-    channels = h.shape[-1]
-    if head.pooling == "gap":
-        h = tf.reduce_mean(h, axis=[1, 2])
-        kernel = first.kernel[:channels]
-    else:
-        hf, wf, c = head.in_shape
-        h = tf.reshape(h, [tf.shape(h)[0], -1])
-        kernel = tf.reshape(first.kernel, [hf, wf, c, first.units])[:, :, :channels, :]
-        kernel = tf.reshape(kernel, [hf * wf * channels, first.units])
-    h = first.activation(tf.matmul(h, kernel) + first.bias)
+    kernel = head.rows(tf.convert_to_tensor(first.kernel), h.shape[-1])
+    h = first.activation(tf.matmul(head.flatten(h), kernel) + first.bias)
     for dense in head.layers[1:]:
         h = dense(h)
     return h

@@ -144,6 +144,11 @@ def _load_init_checkpoint(model, path):
         raise ValueError(
             f"--init_checkpoint: {path!r} does not match the model the flags describe ({error})."
         )
+    head = model.plan.head
+    layout = source.plan.head.layout if hasattr(source, "plan") else head.layout
+    if layout != head.layout:  # e.g. a VGG-16 saved before heads were channel-major
+        first = head.layers[0]
+        first.kernel.assign(head.relayout(first.kernel, layout, head.layout))
 
 
 @dataclasses.dataclass

@@ -19,7 +19,15 @@ def test_vgg16_description():
     spec = backbones.validate_backbone(backbones.vgg16(), groups=4)
     convs = [s for s in spec["stages"] if s["type"] == "conv"]
     assert len(convs) == 13 and [c["prunable"] for c in convs] == [False] + [True] * 12
-    assert spec["head"] == {"pooling": "flatten", "hidden": [4096, 4096], "dropout": 0.5}
+    assert spec["head"] == {"pooling": "flatten", "layout": "channel", "hidden": [4096, 4096], "dropout": 0.5}
+
+
+def test_head_layout_defaults_to_spatial_and_is_checked():
+    spec = {"stages": [{"type": "conv", "filters": 8}, {"type": "conv", "filters": 8}], "head": {"pooling": "flatten"}}
+    assert backbones.validate_backbone(spec, groups=4)["head"]["layout"] == "spatial"
+    spec["head"]["layout"] = "rows"
+    with pytest.raises(ValueError, match=r"head.layout must be 'spatial' or 'channel'. Received: layout='rows'"):
+        backbones.validate_backbone(spec, groups=4)
 
 
 def test_resnet50_description_and_block_rules():

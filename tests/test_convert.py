@@ -59,6 +59,13 @@ def test_user_sequential_cnn_logits_equal():
     x = images(8, (16, 16, 3))
     np.testing.assert_allclose(full_logits(rnp, x), source.predict(x, verbose=0), atol=1e-5)
     assert rnp.num_prunable == 2 and not rnp.output_softmax
+    # Flatten's fc1 rows are stored channel-major, moved once at conversion
+    head = rnp.plan.head
+    assert rnp.backbone["head"]["layout"] == head.layout == "channel" and head.spatial == 36
+    keras_fc1 = np.asarray(source.layers[-3].kernel)
+    np.testing.assert_array_equal(
+        rnp.head_layers[0].kernel.numpy(), keras_fc1.reshape(6, 6, 32, 20).transpose(2, 0, 1, 3).reshape(-1, 20)
+    )
     assert rnp.is_chain  # stem, then prunable convs and pools only
     table = prunable_table(rnp)
     assert "conv2d" in table and table.count("True") >= 2
@@ -163,6 +170,20 @@ def test_unsupported_layers_are_named(middle, match):
         ]
     )
     with pytest.raises(ConversionError, match=match):
+        rnp_tf.from_keras(model)
+
+
+def test_channels_first_flatten_is_rejected():
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+            keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+            keras.layers.Flatten(data_format="channels_first", name="nchw_flatten"),
+            keras.layers.Dense(3),
+        ]
+    )
+    with pytest.raises(ConversionError, match="nchw_flatten"):
         rnp_tf.from_keras(model)
 
 

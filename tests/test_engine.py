@@ -22,11 +22,11 @@ WIDTHS = (8, 8, 16, 16)
 ATOL = 1e-4
 
 
-def make_model(image_shape=(8, 8, 1), pooling="gap", seed=0):
+def make_model(image_shape=(8, 8, 1), pooling="gap", seed=0, layout="spatial"):
     """Small CNN with random BN statistics and spread agent weights (diverse actions)."""
     spec = rnp_tf.cifar_cnn(WIDTHS)
     if pooling == "flatten":
-        spec["head"] = {"pooling": "flatten", "hidden": [12], "dropout": 0.5}
+        spec["head"] = {"pooling": "flatten", "hidden": [12], "dropout": 0.5, "layout": layout}
     model = rnp_tf.RNPModel(spec, image_shape=image_shape, num_classes=10)
     rng = np.random.default_rng(seed)
     randomise_batchnorm(model, rng)
@@ -133,14 +133,21 @@ def test_other_modes_match(model, weight_cache, control_flow):
         assert engine.cache_bytes < InferenceEngine(model).cache_bytes
 
 
-def test_flatten_head_and_rgb_images():
-    model = make_model(image_shape=(16, 16, 3), pooling="flatten", seed=1)
+@pytest.mark.parametrize("layout", ["spatial", "channel"])
+def test_flatten_head_and_rgb_images(layout):
+    model = make_model(image_shape=(16, 16, 3), pooling="flatten", seed=1, layout=layout)
+    assert model.plan.head.layout == layout and model.plan.head.spatial == 16
     engine = InferenceEngine(model)
     for batch in (1, 7):
         x = images(batch, shape=(16, 16, 3), seed=batch)
-        actions = random_actions(batch, seed=30 + batch)
-        assert_same(engine(x, actions=actions), model.rollout(x, actions=actions))
-    assert_same(engine(x), model.rollout(x))
+        for actions in (random_actions(batch, seed=30 + batch), np.ones((batch, 3), "int32")):
+            ref = model.rollout(x, actions=actions)
+            assert_same(engine(x, actions=actions), ref)
+            sliced = model.sliced_rollout(x, actions=actions)
+            np.testing.assert_allclose(sliced["logits"], ref["logits"].numpy(), atol=ATOL)
+        ref = model.rollout(x)
+        assert_same(engine(x), ref)
+        np.testing.assert_array_equal(model.sliced_rollout(x)["actions"], ref["actions"].numpy())
     x = images(4, shape=(16, 16, 3))
     full = model.rollout(x, actions=np.full((4, 3), 4))
     np.testing.assert_allclose(DenseRunner(model)(x).numpy(), full["logits"].numpy(), atol=ATOL)

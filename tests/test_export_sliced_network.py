@@ -73,7 +73,8 @@ def test_penalty_is_an_input_of_both_graphs(export_model):
     assert model.penalty_setting == pytest.approx(knob[0]["penalty"])  # restored after the checks
 
 
-def test_flatten_head_and_compute_cap_follow_rollout(export_model):
+@pytest.mark.parametrize("layout", ["spatial", "channel"])
+def test_flatten_head_and_compute_cap_follow_rollout(export_model, layout):
     backbone = {
         "stages": [
             {"type": "conv", "filters": 8},
@@ -83,9 +84,10 @@ def test_flatten_head_and_compute_cap_follow_rollout(export_model):
             {"type": "pool", "size": 2},
             {"type": "conv", "filters": 16},
         ],
-        "head": {"pooling": "flatten", "hidden": [16], "dropout": 0.5},
+        "head": {"pooling": "flatten", "hidden": [16], "dropout": 0.5, "layout": layout},
     }
     model = export_model(backbone, seed=1)
+    assert model.plan.head.layout == layout and model.plan.head.spatial == 4
     if hasattr(model, "set_compute_cap"):
         model.set_compute_cap(0.45)
     net = sliced_network.SlicedNetwork(model)

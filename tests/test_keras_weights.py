@@ -39,6 +39,22 @@ def test_keras_vgg16_maps_exactly_onto_our_vgg16():
     np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max())  # measured 3e-4
 
 
+def test_keras_fc1_rows_move_into_our_channel_major_head():
+    """At 64x64 the last map is 2x2, so Keras' Flatten order and our channel-major rows differ."""
+    from rnp_tf import RNPModel
+    from rnp_tf import backbones
+
+    keras.utils.set_random_seed(2)
+    source = keras.applications.VGG16(weights=None, input_shape=(64, 64, 3), classes=10, classifier_activation=None)
+    ours = RNPModel(backbones.vgg16(), image_shape=(64, 64, 3), num_classes=10)
+    assert ours.plan.head.layout == "channel" and ours.plan.head.spatial == 4
+    assert keras_weights.map_keras_vgg16(source, ours) is True
+    x = np.random.default_rng(0).uniform(-2, 2, (2, 64, 64, 3)).astype("float32")
+    logits = ours.rollout(x, actions=np.full((2, ours.num_prunable), ours.groups))["logits"].numpy()
+    expected = source(x, training=False).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4 * np.abs(expected).max())
+
+
 def test_backbone_weights_from_a_file_and_the_offline_message(tmp_path, monkeypatch):
     keras.utils.set_random_seed(2)
     source = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))

@@ -1,5 +1,7 @@
 """NetworkPlan: steps, decisions, widths and the one MAC table."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -116,3 +118,52 @@ def test_mobilenet_v2_macs_match_keras():
     plan = build_plan(backbones.validate_backbone(backbones.mobilenet_v2(), 4), (224, 224, 3), 1000, 4)
     assert plan.num_decisions == 17 and 295e6 < plan.full_macs < 305e6
     assert plan.min_macs < 0.4 * plan.full_macs
+
+
+def vgg_models(seed=0):
+    """A small VGG-16 in both head layouts, the same weights (fc1's rows moved)."""
+    spec = backbones.vgg16(width_multiplier=1 / 16, hidden=(32, 32))
+    models = {}
+    for layout in ("spatial", "channel"):
+        spec["head"]["layout"] = layout
+        models[layout] = rnp_tf.RNPModel(spec, image_shape=(64, 64, 3), num_classes=10)  # a 2x2 last map
+    spatial, channel = models["spatial"], models["channel"]
+    rng = np.random.default_rng(seed)
+    spatial.set_weights([rng.normal(0, 0.3, w.shape).astype("float32") for w in spatial.get_weights()])
+    channel.set_weights(spatial.get_weights())
+    head = channel.plan.head
+    head.layers[0].kernel.assign(head.relayout(spatial.head_layers[0].kernel, "spatial", "channel"))
+    return spatial, channel
+
+
+def test_head_layouts_give_the_same_logits():
+    spatial, channel = vgg_models()
+    assert spatial.plan.head.layout == "spatial" and channel.plan.head.layout == "channel"
+    assert not np.allclose(spatial.head_layers[0].kernel.numpy(), channel.head_layers[0].kernel.numpy())
+    x = np.random.default_rng(1).uniform(size=(3, 64, 64, 3)).astype("float32")
+    for actions in ([[4] * 12] * 3, [[1] * 12] * 3, np.random.default_rng(2).integers(1, 5, (3, 12))):
+        np.testing.assert_allclose(
+            channel.rollout(x, actions=actions)["logits"], spatial.rollout(x, actions=actions)["logits"], atol=1e-4
+        )
+
+
+def test_head_rows_read_a_channel_prefix():
+    plan = plan_of(backbones.vgg16(width_multiplier=1 / 16, hidden=(32,)), image_shape=(64, 64, 3))
+    h = np.random.default_rng(5).normal(size=(2, 2, 2, 32)).astype("float32")
+    kernel = plan.head.layers[0].kernel.numpy()  # layout "channel": row c * 4 + position
+    head = plan.head
+    assert head.layout == "channel" and head.contiguous
+    spatial_kernel = head.relayout(kernel, "channel", "spatial")
+    np.testing.assert_array_equal(spatial_kernel, kernel.reshape(32, 2, 2, -1).transpose(1, 2, 0, 3).reshape(128, -1))
+    np.testing.assert_array_equal(head.relayout(spatial_kernel, "spatial", "channel"), kernel)
+    spatial = dataclasses.replace(head, layout="spatial")
+    assert not spatial.contiguous
+    for channels in (8, 24, 32):
+        want = np.einsum("nyxc,cyxu->nu", h[..., :channels], kernel.reshape(32, 2, 2, -1)[:channels])
+        rows = head.rows(kernel, channels)
+        np.testing.assert_array_equal(rows, kernel[: channels * 4])
+        np.testing.assert_allclose(head.flatten(h[..., :channels]).numpy() @ rows, want, rtol=1e-5, atol=1e-5)
+        rows = spatial.rows(spatial_kernel, channels)
+        np.testing.assert_allclose(spatial.flatten(h[..., :channels]).numpy() @ rows, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Received: layout='nchw'"):
+        head.relayout(kernel, "nchw", "channel")

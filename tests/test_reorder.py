@@ -19,15 +19,16 @@ def randomised(model, seed=0):
     return model
 
 
-def spec_with_head(pooling):
+def spec_with_head(pooling, layout="spatial"):
     spec = rnp_tf.cifar_cnn((8, 8, 16, 16))
-    spec["head"] = {"pooling": pooling, "hidden": [12] if pooling == "flatten" else [], "dropout": 0.0}
+    spec["head"] = {"pooling": pooling, "hidden": [12] if pooling == "flatten" else [], "dropout": 0.0,
+                    "layout": layout}
     return spec
 
 
-@pytest.mark.parametrize("pooling", ["gap", "flatten"])
-def test_reordering_keeps_full_width_logits_and_q_values(pooling):
-    model = randomised(rnp_tf.RNPModel(spec_with_head(pooling), image_shape=(8, 8, 1), num_classes=10))
+@pytest.mark.parametrize("pooling,layout", [("gap", "spatial"), ("flatten", "spatial"), ("flatten", "channel")])
+def test_reordering_keeps_full_width_logits_and_q_values(pooling, layout):
+    model = randomised(rnp_tf.RNPModel(spec_with_head(pooling, layout), image_shape=(8, 8, 1), num_classes=10))
     x = np.random.default_rng(1).normal(size=(16, 8, 8, 1)).astype("float32")
     full = np.full((16, 3), 4)
     before = model.rollout(x, actions=full)["logits"].numpy()
@@ -84,3 +85,20 @@ def test_reordering_an_inverted_residual_permutes_its_depthwise_conv(tiny_mobile
     reorder_channels(model)
     np.testing.assert_allclose(model.rollout(x, actions=full)["logits"].numpy(), before, rtol=1e-4, atol=1e-4)
     assert not np.allclose(model.rollout(x, actions=narrow)["logits"].numpy(), before_narrow)
+
+
+def test_reordering_moves_the_same_head_rows_in_both_layouts():
+    """A "spatial" and a "channel" model of the same weights stay equal at every width after reordering."""
+    spatial = randomised(rnp_tf.RNPModel(spec_with_head("flatten", "spatial"), image_shape=(8, 8, 1), num_classes=10))
+    channel = rnp_tf.RNPModel(spec_with_head("flatten", "channel"), image_shape=(8, 8, 1), num_classes=10)
+    channel.set_weights(spatial.get_weights())
+    head = channel.plan.head
+    assert head.spatial == 4
+    head.layers[0].kernel.assign(head.relayout(spatial.head_layers[0].kernel, "spatial", "channel"))
+    reorder_channels(spatial)
+    reorder_channels(channel)
+    x = np.random.default_rng(5).normal(size=(6, 8, 8, 1)).astype("float32")
+    actions = np.random.default_rng(6).integers(1, 5, (6, 3))
+    np.testing.assert_allclose(
+        channel.rollout(x, actions=actions)["logits"], spatial.rollout(x, actions=actions)["logits"], atol=1e-5
+    )

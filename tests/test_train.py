@@ -254,3 +254,33 @@ def test_mixed_precision_trains_every_phase(tmp_path, run_module):
     for stage in metrics["history"].values():
         for name, values in stage.items():
             assert np.all(np.isfinite(values)), (name, values)
+
+
+@pytest.mark.slow
+def test_init_checkpoint_of_a_spatial_head_moves_into_the_channel_major_one(tmp_path):
+    """A VGG-16 saved before heads were channel-major (layout "spatial") initialises today's (`"channel"`)."""
+    import rnp_tf
+    from bench.models import randomise_batchnorm
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "images64.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (16, 64, 64, 3), np.uint8), y_train=np.arange(16) % 4,
+             x_test=rng.integers(0, 256, (8, 64, 64, 3), np.uint8), y_test=np.arange(8) % 4)
+    flags_ = [f"--dataset=npz:{path}", "--backbone=vgg16", "--width_multiplier=0.0625", "--batch_size=8",
+              f"--model_dir={tmp_path / 'run'}"]
+    dataset, model = trainer.prepare(train.config_from_flags(parse(*flags_)))
+    assert model.plan.head.layout == "channel" and model.plan.head.spatial == 4  # 64x64 ends at 2x2
+    config = model.get_config()
+    config["backbone"] = {**config["backbone"], "head": {**config["backbone"]["head"], "layout": "spatial"}}
+    old = rnp_tf.RNPModel.from_config(config)
+    old.set_weights(model.get_weights())
+    randomise_batchnorm(old, rng)
+    fc1 = old.head_layers[0].kernel
+    fc1.assign(rng.normal(0, 0.3, fc1.shape))
+    old.save(tmp_path / "old.keras")
+    _, loaded = trainer.prepare(train.config_from_flags(parse(*flags_, f"--init_checkpoint={tmp_path / 'old.keras'}")))
+    x, _ = dataset.test_arrays()
+    full = np.full((len(x), loaded.num_prunable), loaded.groups)
+    want = old.rollout(x, actions=full)["logits"].numpy()
+    assert np.std(want) > 0
+    np.testing.assert_allclose(loaded.rollout(x, actions=full)["logits"].numpy(), want, atol=1e-4 * np.abs(want).max())
