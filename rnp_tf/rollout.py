@@ -179,15 +179,29 @@ def rollout(plan, agent, images, policy, executor):
 def spatial_mean(h):
     """Per-sample, per-channel mean over height and width, `[batch, c]`.
 
-    A batched matrix-vector product (`ones / (h * w)` times the map): the
-    same numbers as `reduce_mean(h, [1, 2])` up to summation order, and up
-    to 2x faster on large maps (it uses every core).
+    Summed in two passes, over the rows (the map seen as `[batch, h, w * c]`:
+    long contiguous inner rows) and then over the columns, and scaled once:
+    the same numbers as `reduce_mean(h, [1, 2])` up to summation order.
+    Single-threaded on ResNet-50's 32 decision maps (224x224) it took 0.63x
+    the time of the batched matrix-vector product used before at batch 1
+    and 0.85-0.88x at batch 64, and `reduce_mean` over both axes at once
+    1.5-2.6x (`python -m bench.agent_cost`). Works on a map whose channel
+    count is only known at run time (a `tf.switch_case` of widths).
+
+    Example:
+
+    >>> spatial_mean(tf.ones([2, 3, 3, 4])).shape
+    TensorShape([2, 4])
     """
-    batch = tf.shape(h)[0]
-    positions = h.shape[1] * h.shape[2]
-    weights = tf.fill(tf.stack([batch, 1, positions]), 1.0 / positions)
-    flat = tf.reshape(h, tf.stack([batch, positions, tf.shape(h)[3]]))
-    return tf.matmul(weights, flat)[:, 0, :]
+    height, width, channels = h.shape[1:]
+    if channels is None:
+        batch = tf.shape(h)[0]
+        rows = tf.reduce_sum(tf.reshape(h, tf.stack([batch, height, -1])), axis=1)
+        columns = tf.reduce_sum(tf.reshape(rows, tf.stack([batch, width, -1])), axis=1)
+    else:
+        rows = tf.reduce_sum(tf.reshape(h, [-1, height, width * channels]), axis=1)
+        columns = tf.reduce_sum(tf.reshape(rows, [-1, width, channels]), axis=1)
+    return columns * (1.0 / (height * width))
 
 
 def pad_channels(pooled, channels):
