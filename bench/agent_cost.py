@@ -19,9 +19,9 @@ times interleaved in one process (`bench.timing.measure`, median of
 - `decide_xla`: the same with every decision compiled by XLA
   (`tf.function(jit_compile=True)`), one compiled call per decision as the
   engine would make it (decisions are interleaved with convolutions);
-- `per_stage`: pooling and deciding once per stage (the first decision of
-  each stage: `stage_firsts`), an estimate of what a structural change to
-  per-stage decisions would cost (the engine does not offer it);
+- `per_stage`: pooling and deciding once per stage (at the largest map of
+  each stage: `stage_decisions`), an upper estimate of what a structural
+  change to per-stage decisions would cost (the engine does not offer it);
 - `call`, `call_maps`, `call_pooled`: empty `tf.function`s taking the same
   inputs as the parts (the fixed cost of a call, subtracted from each).
 
@@ -90,12 +90,23 @@ def before_agent_step(engine):
     return agent_step
 
 
-def stage_firsts(model):
-    """The first decision of every stage: of each run of decisions whose maps share their height and width."""
+def stage_decisions(model):
+    """One decision per stage, the costliest to pool: the largest map of each run of maps sharing their height and width.
+
+    An upper bound of what deciding once per stage would pool (a stage's
+    own input, e.g. ResNet's block input before a strided block, is never
+    larger than its largest map).
+    """
     from bench import latency
 
-    sizes = [shape[:2] for shape, _ in latency._feeding_shapes(model)]
-    return [t for t in range(len(sizes)) if t == 0 or sizes[t] != sizes[t - 1]]
+    shapes = [shape for shape, _ in latency._feeding_shapes(model)]
+    chosen, start = [], 0
+    for t in range(1, len(shapes) + 1):
+        if t == len(shapes) or shapes[t][:2] != shapes[start][:2]:
+            run = range(start, t)
+            chosen.append(max(run, key=lambda i: shapes[i][2]))
+            start = t
+    return chosen
 
 
 def part_functions(engine, batch_size, seed=0):
@@ -146,7 +157,7 @@ def part_functions(engine, batch_size, seed=0):
         return tf.stack(chosen, axis=1)
 
     every = range(model.num_prunable)
-    firsts = stage_firsts(model)
+    per_stage_decisions = stage_decisions(model)
     compiled = [
         tf.function(lambda p, h, c, t=t: network.decide(t, p, [h, c]), autograph=False, jit_compile=True)
         for t in every
@@ -158,8 +169,8 @@ def part_functions(engine, batch_size, seed=0):
 
     @tf.function(autograph=False)
     def per_stage(maps):
-        pooled = {t: engine.pooled(t, [(maps[t], None)], identity=True) for t in firsts}
-        return decisions(pooled, network.decide, firsts)
+        pooled = {t: engine.pooled(t, [(maps[t], None)], identity=True) for t in per_stage_decisions}
+        return decisions(pooled, network.decide, per_stage_decisions)
 
     @tf.function(autograph=False)
     def empty(inputs):
@@ -242,7 +253,7 @@ def format_markdown(result):
         "them; *agent before* = the same with the engine's earlier spatial mean (a batched "
         "matrix-vector product); *pool* = the pooling alone; *decide* = the equations and the argmax "
         "alone; *decide XLA* = the same, each decision compiled by XLA; *per stage* = pooling and "
-        "deciding at the first decision of each stage only (an estimate of per-stage decisions). Every time is net of the fixed cost of a call with the same inputs; % = of the full "
+        "deciding once per stage, at its largest map (an upper estimate of per-stage decisions). Every time is net of the fixed cost of a call with the same inputs; % = of the full "
         "model's time.",
     ]
     return "\n".join(lines)

@@ -110,5 +110,6 @@ def test_pad_channels_and_spatial_mean():
     unknown = tf.function(rollout_lib.spatial_mean, input_signature=[tf.TensorSpec([None, 4, 6, None])])
     h = tf.random.stateless_normal([3, 4, 6, 5], seed=[1, 2])
     np.testing.assert_allclose(unknown(h), tf.reduce_mean(h, [1, 2]), rtol=1e-5, atol=1e-6)
+    assert unknown(tf.zeros([0, 4, 6, 5])).shape == (0, 5)
     padded = rollout_lib.pad_channels(tf.ones([2, 3]), 5)
     np.testing.assert_array_equal(padded, [[1, 1, 1, 0, 0]] * 2)
