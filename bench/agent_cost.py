@@ -39,6 +39,7 @@ Usage:
 
 import datetime
 import json
+import statistics
 import sys
 
 from absl import app
@@ -46,7 +47,7 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 MODELS = ("resnet50", "vgg16", "cifar_cnn")
-PARTS = ("agent", "agent_before", "pool", "decide", "decide_xla", "per_stage")
+PARTS = ("agent", "agent_before", "pool", "pool_before", "decide", "decide_xla", "per_stage")
 
 
 def define_flags(flag_values=FLAGS):
@@ -148,6 +149,10 @@ def part_functions(engine, batch_size, seed=0):
     def pool(maps):
         return [engine.pooled(t, [(h, None)], identity=True) for t, h in enumerate(maps)]
 
+    @tf.function(autograph=False)
+    def pool_before(maps):
+        return [matvec_spatial_mean(h) for h in maps]
+
     def decisions(pooled, step, which):
         state = network.initial_state(batch_size)
         chosen = []
@@ -180,6 +185,7 @@ def part_functions(engine, batch_size, seed=0):
         "agent": agent,
         "agent_before": agent_before,
         "pool": lambda: pool(maps),
+        "pool_before": lambda: pool_before(maps),
         "decide": lambda: decide(pooled_inputs),
         "decide_xla": lambda: decide_xla(pooled_inputs),
         "per_stage": lambda: per_stage(maps),
@@ -187,7 +193,7 @@ def part_functions(engine, batch_size, seed=0):
         "call_maps": lambda: empty(maps),
         "call_pooled": lambda: empty(pooled_inputs),
     }
-    baselines = {"agent": "call", "agent_before": "call", "pool": "call_maps", "decide": "call_pooled",
+    baselines = {"agent": "call", "agent_before": "call", "pool": "call_maps", "pool_before": "call_maps", "decide": "call_pooled",
                  "decide_xla": "call_pooled", "per_stage": "call_maps"}
     return fns, baselines
 
@@ -218,6 +224,12 @@ def measure_point(name, batch_size, config):
         row[f"{part}_ms"] = ms
         row[f"{part}_share"] = ms / median["full"]
     row["after_over_before"] = row["agent_ms"] / row["agent_before_ms"] if row["agent_before_ms"] else None
+    row["pool_after_over_before"] = row["pool_ms"] / row["pool_before_ms"] if row["pool_before_ms"] else None
+    # the same ratios per round (both timed in that round), their median: load that drifts cancels
+    for key, (after, before, base) in {"paired_after_over_before": ("agent", "agent_before", "call"),
+                                       "paired_pool_after_over_before": ("pool", "pool_before", "call_maps")}.items():
+        ratios = [(a - c) / (b - c) for a, b, c in zip(*(times[n]["samples_s"] for n in (after, before, base))) if b > c]
+        row[key] = float(statistics.median(ratios)) if ratios else None
     row["samples_ms"] = {key: [1e3 * s for s in value["samples_s"]] for key, value in times.items()}
     return row
 
@@ -233,25 +245,29 @@ def format_markdown(result):
         f"Settings: median of {result['config']['repeats']} interleaved rounds after "
         f"{result['config']['warmup']} warm-up calls, full width (every action k), float32, random weights.",
         "",
-        "| model | batch | decisions | full ms | agent ms (%) | agent before ms (%) | after / before | pool ms (%) "
-        "| decide ms (%) | decide XLA ms (%) | per stage ms (%) |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| model | batch | decisions | full ms | agent ms (%) | agent before ms (%) | after / before (paired) "
+        "| pool ms (%) | pool before ms (%) | pool after / before (paired) | decide ms (%) | decide XLA ms (%) "
+        "| per stage ms (%) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in result["rows"]:
         def cell(part):
             return f"{r[part + '_ms']:.2f} ({100 * r[part + '_share']:.1f}%)"
 
-        ratio = "" if r["after_over_before"] is None else f"{r['after_over_before']:.2f}"
+        def ratio(key):
+            paired = r["paired_" + key]
+            return "" if r[key] is None else f"{r[key]:.2f}" + ("" if paired is None else f" ({paired:.2f})")
         lines.append(
             f"| {r['model']} | {r['batch_size']} | {r['decisions']} | {r['full_ms']:.1f} | {cell('agent')} | "
-            f"{cell('agent_before')} | {ratio} | {cell('pool')} | {cell('decide')} | {cell('decide_xla')} | "
+            f"{cell('agent_before')} | {ratio('after_over_before')} | {cell('pool')} | {cell('pool_before')} | "
+            f"{ratio('pool_after_over_before')} | {cell('decide')} | {cell('decide_xla')} | "
             f"{cell('per_stage')} |"
         )
     lines += [
         "",
         "*agent* = pooling, the agent's equations and the argmax for every decision as the engine runs "
         "them; *agent before* = the same with the engine's earlier spatial mean (a batched "
-        "matrix-vector product); *pool* = the pooling alone; *decide* = the equations and the argmax "
+        "matrix-vector product); *pool* = the pooling alone (*pool before*: with the earlier spatial mean); *(paired)* = median over rounds of the ratio measured in each round; *decide* = the equations and the argmax "
         "alone; *decide XLA* = the same, each decision compiled by XLA; *per stage* = pooling and "
         "deciding once per stage, at its largest map (an upper estimate of per-stage decisions). Every time is net of the fixed cost of a call with the same inputs; % = of the full "
         "model's time.",
