@@ -139,9 +139,10 @@ def part_functions(engine, batch_size, seed=0):
     model = engine.model
     network = model.agent
     actions = np.full([batch_size, model.num_prunable], model.groups, np.int32)
+    tf.random.set_seed(seed)  # the same random maps for both
     agent, call = latency.agent_alone_function(engine, actions)
-    agent_before, _ = latency.agent_alone_function(engine, actions, before_agent_step(engine))
     tf.random.set_seed(seed)
+    agent_before, _ = latency.agent_alone_function(engine, actions, before_agent_step(engine))
     maps = [tf.random.normal([batch_size, *shape]) for shape, _ in latency._feeding_shapes(model)]
     pooled_inputs = [tf.random.normal([batch_size, c]) for c in model.plan.feature_channels]
 
