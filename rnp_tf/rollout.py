@@ -181,11 +181,12 @@ def spatial_mean(h):
 
     An average pooling whose window is the whole map (oneDNN's pooling
     kernel): the same numbers as `reduce_mean(h, [1, 2])` up to summation
-    order. Timed single-threaded on the maps that feed ResNet-50's and
-    VGG-16's decisions (224x224), it took 0.5-0.8x the time of the batched
-    matrix-vector product used before on most shapes (1.5x on the small
-    56x56x64 and 7x7x2048 maps), `reduce_mean` 1.7-2.6x and two-pass sums
-    0.4-2.5x depending on the shape (`python -m bench.agent_cost`). Works on
+    order. Timed single-threaded per map shape of ResNet-50's and VGG-16's
+    decisions (224x224, 2026-12-07, a loaded machine), it took 0.5-0.8x the
+    time of the batched matrix-vector product used before on most shapes
+    (1.5x on the small 56x56x64 and 7x7x2048 maps), `reduce_mean` 1.7-2.6x
+    and two-pass sums 0.4-2.5x depending on the shape; over all of a
+    network's decisions, 0.5-0.8x (`python -m bench.agent_cost`). Works on
     an empty batch and on a channel count known only at run time (a
     `tf.switch_case` of widths).
 
