@@ -292,7 +292,7 @@ def _feeding_shapes(model):
     return shapes
 
 
-def agent_alone_function(engine, actions):
+def agent_alone_function(engine, actions, agent_step=None):
     """A zero-argument callable running only the agent, as inside the engine.
 
     The feature maps are random tensors shaped (and, at batch > 1, split
@@ -303,6 +303,9 @@ def agent_alone_function(engine, actions):
     Args:
         engine: an `InferenceEngine`.
         actions: int numpy array `[batch, num_prunable]`.
+        agent_step: the step timed, with the signature of
+            `InferenceEngine.agent_step` (the default); `bench.agent_cost`
+            passes an earlier implementation to time before and after.
 
     Returns:
         `(agent, call)`: zero-argument callables; `agent` returns the greedy
@@ -352,7 +355,7 @@ def agent_alone_function(engine, actions):
         state = engine.start_agent(batch)
         chosen = []
         for t, pieces in enumerate(inputs):
-            q, state = engine.agent_step(t, pieces, state, single or whole[t])
+            q, state = (agent_step or engine.agent_step)(t, pieces, state, single or whole[t])
             chosen.append(rnp_tf.greedy_actions(q))
         return tf.stack(chosen, axis=1)
 

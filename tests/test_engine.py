@@ -260,6 +260,34 @@ def test_inverted_residuals_run_sliced_and_equal_the_masked_path(tiny_mobilenet,
                                atol=ATOL)
 
 
+@pytest.mark.parametrize("plan", ["chain", "residual"])
+def test_agent_step_on_pieces_equals_the_agent_on_the_full_map(plan):
+    """The engine's pooling (whole-map average pooling of narrow pieces, stitched) and step: the agent's numbers within 1e-5."""
+    spec = rnp_tf.cifar_cnn(WIDTHS) if plan == "chain" else RESIDUAL  # the agent's own initial weights
+    model = rnp_tf.RNPModel(spec, image_shape=(8, 8, 1), num_classes=3)
+    engine, agent = InferenceEngine(model), model.agent
+    rng = np.random.default_rng(3)
+    for batch in (1, 7):
+        state = want_state = agent.initial_state(batch)
+        for t, channels in enumerate(model.plan.feature_channels):
+            group = channels // model.groups
+            widths = rng.integers(1, model.groups + 1, size=batch) * group  # each sample's prefix
+            full = rng.normal(size=(batch, 5, 3, channels)).astype("float32")
+            full *= np.arange(channels) < widths[:, None, None, None]  # zero beyond each prefix
+            pieces = []
+            for width in np.unique(widths):
+                ids = rng.permutation(np.flatnonzero(widths == width)).astype("int32")
+                pieces.append((tf.constant(full[ids][..., :width]), tf.constant(ids)))
+            if batch > 1:  # an empty group, as the batch-N executor passes them
+                pieces.append((tf.zeros([0, 5, 3, group]), tf.zeros([0], tf.int32)))
+            q, state = engine.agent_step(t, pieces, state, identity=batch == 1)
+            want, want_state = agent.step(t, full, want_state)
+            np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-5)
+            for got, expected in zip(state, want_state):
+                np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(rnp_tf.greedy_actions(q), rnp_tf.greedy_actions(want))
+
+
 def test_run_agent_with_forced_actions_and_refresh():
     model = make_model(seed=2)
     engine = InferenceEngine(model)

@@ -106,5 +106,10 @@ def test_residual_blocks_run_on_masked_and_sliced_executors():
 def test_pad_channels_and_spatial_mean():
     h = tf.reshape(tf.range(2 * 2 * 2 * 3, dtype=tf.float32), [2, 2, 2, 3])
     np.testing.assert_allclose(rollout_lib.spatial_mean(h), tf.reduce_mean(h, [1, 2]), rtol=1e-6)
+    # a channel count known only at run time (a switch over widths) and a batch of any size
+    unknown = tf.function(rollout_lib.spatial_mean, input_signature=[tf.TensorSpec([None, 4, 6, None])])
+    h = tf.random.stateless_normal([3, 4, 6, 5], seed=[1, 2])
+    np.testing.assert_allclose(unknown(h), tf.reduce_mean(h, [1, 2]), rtol=1e-5, atol=1e-6)
+    assert unknown(tf.zeros([0, 4, 6, 5])).shape == (0, 5)
     padded = rollout_lib.pad_channels(tf.ones([2, 3]), 5)
     np.testing.assert_array_equal(padded, [[1, 1, 1, 0, 0]] * 2)
