@@ -57,6 +57,7 @@ Usage:
 
 import datetime
 import gc
+import itertools
 import json
 import os
 import shutil
@@ -339,6 +340,8 @@ def all_branches_megabytes(net):
     TFLite signatures and after tf2onnx folds the slices (plus the `full`
     network once in the TFLite file).
     """
+    from export import sliced_network
+
     k = net.groups
     total = 0
     for t, conv in enumerate(net.model.prunable):
@@ -346,9 +349,14 @@ def all_branches_megabytes(net):
             for a in range(1, k + 1):
                 ci, co = net.in_channels(t, p), a * net.out_group[t]
                 total += conv.kernel_size**2 * ci * co + co
-    for layer in net.tails.values():  # a bottleneck's last conv, one slice per input width
-        for p in range(1, k + 1):
-            total += layer.kernel_size**2 * p * layer.in_group_size * layer.filters + layer.filters
+    # a bottleneck's last conv, an inverted residual's depthwise conv and projection: one slice per input width
+    for layers in net.tails.values():
+        for layer, p in itertools.product(layers, range(1, k + 1)):
+            ci = p * layer.in_group_size
+            if sliced_network.is_depthwise(layer):  # a (k, k, ci, 1) kernel, ci outputs
+                total += layer.kernel_size**2 * ci + ci
+            else:
+                total += layer.kernel_size**2 * ci * layer.filters + layer.filters
     spatial = net.head_hw[0] * net.head_hw[1] if net.flatten else 1
     first, *later = net.model.head_layers
     rest = sum(int(d.kernel.shape[0] * d.kernel.shape[1]) + int(d.units) for d in later)

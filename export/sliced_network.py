@@ -68,8 +68,8 @@ def check_exportable(model):
     """Raises ExportError unless every step of the model's plan can be exported.
 
     Chains (a stem, prunable convs, pooling) and residual networks
-    (bottleneck `BlockStep`s, zero padding) export; a map step other than
-    pooling or zero padding does not, nor does an `InvertedResidualStep`.
+    (bottleneck `BlockStep`s, MobileNetV2's `InvertedResidualStep`s, zero
+    padding) export; a map step other than pooling or zero padding does not.
     """
     from rnp_tf import plan as plan_lib
 
@@ -79,11 +79,19 @@ def check_exportable(model):
                 f"the exported graphs run pooling and zero padding between convs; this model has a "
                 f"{type(step.layer).__name__} stage ({step.layer.name})"
             )
-        if not isinstance(step, (plan_lib.ConvStep, plan_lib.MapStep, plan_lib.BlockStep)):
+        if not isinstance(step, (plan_lib.ConvStep, plan_lib.MapStep, plan_lib.BlockStep,
+                                 plan_lib.InvertedResidualStep)):
             raise ExportError(
-                f"the exported graphs run chains and ResNet bottlenecks; this model has a "
-                f"{type(step).__name__} step (MobileNetV2's inverted residuals are not exported yet)"
+                f"the exported graphs run chains, ResNet bottlenecks and inverted residuals; this model has a "
+                f"{type(step).__name__} step"
             )
+
+
+def is_depthwise(layer):
+    """Whether a conv layer is an inverted residual's depthwise conv (`rnp_tf.layers.GatedDepthwiseConv2D`)."""
+    from rnp_tf.layers import GatedDepthwiseConv2D
+
+    return isinstance(layer, GatedDepthwiseConv2D)
 
 
 def pool_spec(layer):
@@ -195,8 +203,9 @@ class SlicedNetwork:
         for step in model.plan.conv_steps():
             if step.decision is None and step.in_ref is None:
                 fixed += float(step.layer.full_macs)
-            elif step.decision is None:
-                self.tail_macs[step.in_ref] = np.asarray([float(step.layer.macs(p, self.groups)) for p in range(1, self.groups + 1)])
+            elif step.decision is None:  # a tail's convs add up (an inverted residual's depthwise and projection)
+                macs = np.asarray([float(step.layer.macs(p, self.groups)) for p in range(1, self.groups + 1)])
+                self.tail_macs[step.in_ref] = self.tail_macs.get(step.in_ref, 0.0) + macs
         self.fixed_macs = fixed + float(model.plan.fixed_macs)
         self.head_macs = {a: float(m) for a, m in enumerate(self.head_macs_table(), start=1)}
         self._consts = None
@@ -206,14 +215,16 @@ class SlicedNetwork:
         """Splits the plan into *stretches*: what runs between two convs whose weights follow an action.
 
         Such a conv is a prunable conv `t` (its (previous action, action)
-        branch) or a conv that keeps its full output on a narrow input (a
-        bottleneck's last conv: a *tail*, by the input width that decision
-        `t` set). `stretches["stem"]` holds everything before the first of
+        branch) or the convs that run on the narrow input decision `t` set,
+        by its width: a *tail* (a bottleneck's last conv, of full output; an
+        inverted residual's depthwise conv and projection, `tails[t]` in
+        order). `stretches["stem"]` holds everything before the first of
         them, `stretches[("conv", t)]` and `stretches[("tail", t)]` what
         follows each, as ops `("map", pool_spec)`, `("conv", ConvStep)` (full
         input and output), `("open", shortcut ConvStep or None)` (a block
-        begins: its shortcut is taken from the current map) and
-        `("residual",)` (`relu(h + shortcut)`). `decides[key]` is the decision
+        begins: its shortcut is taken from the current map),
+        `("residual",)` (`relu(h + shortcut)`) and `("add",)` (an inverted
+        residual's `h + shortcut`). `decides[key]` is the decision
         taken on a stretch's last map, if any. The TFLite signatures are
         built from these; the graphs of `batched`, `single` and `full` walk
         the plan with `rnp_tf.rollout.rollout`.
@@ -224,7 +235,7 @@ class SlicedNetwork:
         self.stretches, self.decides = {"stem": []}, {}
         self.in_hw, self.out_hw = [None] * self.num_prunable, [None] * self.num_prunable
         self.conv_in_hw = {}
-        # The tail after decision t: its conv layer (`tails[t]`); per stretch,
+        # The tail after decision t: its conv layers (`tails[t]`); per stretch,
         # the `(H, W, C)` of the first block it ends (its shortcut's shape).
         self.tails, self.block_out = {}, {}
 
@@ -236,7 +247,11 @@ class SlicedNetwork:
                 self.in_hw[step.decision] = hw
                 key = ("conv", step.decision)
             elif step.in_ref is not None:
-                self.tails[step.in_ref] = step.layer
+                if key == ("tail", step.in_ref):  # an inverted residual's projection after its depthwise conv
+                    self.tails[step.in_ref].append(step.layer)
+                    hw = tuple(step.layer.output_hw)
+                    return
+                self.tails[step.in_ref] = [step.layer]
                 key = ("tail", step.in_ref)
             else:
                 self.stretches[key].append(("conv", step))
@@ -261,6 +276,14 @@ class SlicedNetwork:
                     conv(inner)
                 self.stretches[key].append(("residual",))
                 self.block_out.setdefault(key, (*hw, int(step.body[-1].layer.filters)))
+            elif isinstance(step, plan_lib.InvertedResidualStep):
+                if step.residual:
+                    self.stretches[key].append(("open", None))
+                for inner in step.body:
+                    conv(inner)
+                if step.residual:
+                    self.stretches[key].append(("add",))
+                    self.block_out.setdefault(key, (*hw, int(step.body[-1].layer.filters)))
             else:
                 conv(step)
         self.head_hw = hw
@@ -715,11 +738,30 @@ class SlicedNetwork:
         key = ("kept", layer.name, p)
         if key not in self._graph_consts():
             self._consts[key] = self._tf.constant(bias)
+        if is_depthwise(layer):  # a depthwise kernel (k, k, prefix, 1): the output keeps the prefix
+            from rnp_tf import engine
+
+            return engine.conv_op(layer, h, kernel, self._consts[key])
         return self._conv(h, kernel, self._consts[key], self.conv_ops[layer.name])
+
+    def tail(self, t, h, previous):
+        """The tail of decision `t` (`tails[t]`) on `h`, holding exactly `previous` groups.
+
+        A bottleneck's last conv, or an inverted residual's depthwise conv
+        (on the prefix, folded with the BatchNorm set of that width) then its
+        projection (full output): each by `kept_conv`.
+        """
+        for layer in self.tails[t]:
+            h = self.kept_conv(layer, h, previous)
+        return h
 
     def residual(self, h, shortcut):
         """A residual block's end: `relu(h + shortcut)`."""
         return self._tf.nn.relu(h + shortcut)
+
+    def add(self, h, shortcut):
+        """An inverted residual's end: `h + shortcut` (no activation)."""
+        return h + shortcut
 
     def stretch(self, key, h, shortcut=None):
         """Runs `stretches[key]` on `h` (a stretch starting inside a block takes the block's `shortcut`).
@@ -735,31 +777,43 @@ class SlicedNetwork:
                 h = self.kept_conv(op[1].layer, h)
             elif op[0] == "open":
                 shortcut = h if op[1] is None else self.kept_conv(op[1].layer, h)
+            elif op[0] == "add":
+                h, shortcut = self.add(h, shortcut), None
             else:
                 h, shortcut = self.residual(h, shortcut), None
         return h, shortcut
 
     def opens_block(self, key):
         """Whether a block is still open at the end of stretch `key` (its shortcut must be carried on)."""
-        kinds = [op[0] for op in self.stretches[key] if op[0] in ("open", "residual")]
+        kinds = [op[0] for op in self.stretches[key] if op[0] in ("open", "residual", "add")]
         return bool(kinds) and kinds[-1] == "open"
 
     def closes_block(self, key):
         """Whether stretch `key` ends a block opened in an earlier stretch (it needs the shortcut)."""
-        kinds = [op[0] for op in self.stretches[key] if op[0] in ("open", "residual")]
-        return bool(kinds) and kinds[0] == "residual"
+        kinds = [op[0] for op in self.stretches[key] if op[0] in ("open", "residual", "add")]
+        return bool(kinds) and kinds[0] in ("residual", "add")
 
-    def segment(self, t, h, previous, action, pools=None):
-        """Prunable conv `t` on `h` (holding exactly `previous` groups), then its pools.
+    def segment(self, t, h, previous, action, pools=None, tail=()):
+        """Prunable conv `t` on `h` (holding exactly `previous` groups), then its pools, then `tail`.
 
         Args:
             t, h, previous, action: as `sliced_conv`.
             pools: the `pool_spec`s that follow (default: `post_pools[t]`).
+            tail: convs that run on the `action` groups (an inverted
+                residual's depthwise conv and projection, `kept_conv`).
 
         Returns:
-            A map with `action * out_group` channels.
+            A map with `action * out_group` channels (the last tail conv's
+            full output when there is a tail).
         """
-        return self.pool(self.sliced_conv(t, h, previous, action), self.post_pools[t] if pools is None else pools)
+        h = self.pool(self.sliced_conv(t, h, previous, action), self.post_pools[t] if pools is None else pools)
+        for layer in tail:
+            h = self.kept_conv(layer, h, action)
+        return h
+
+    def segment_channels(self, t, tail=()):
+        """Full channels of the map a segment of prunable conv `t` (and its `tail` convs) outputs."""
+        return int(tail[-1].filters) if tail else self.out_channels[t]
 
     def head_channels(self, action):
         """Channels of the map feeding the head after last action `action` (all when its width is fixed)."""
@@ -931,6 +985,9 @@ class ChainExecutor:
     def residual(self, h, shortcut):
         return self.net.residual(h, shortcut)
 
+    def add(self, h, shortcut):
+        return self.net.add(h, shortcut)
+
 
 class FullExecutor(ChainExecutor):
     """The unpruned network: every conv at full width, no branches (with the `FullWidth` policy).
@@ -961,12 +1018,16 @@ class Segment:
         previous: the previous action (int32 `[n]`), or None when the input has full width.
         action: the action (int32 `[n]`).
         pools: the `pool_spec`s appended by `map`.
+        tail: the convs appended by `conv` that run on the `action` groups
+            in the segment's branches (an inverted residual's depthwise conv
+            and projection).
         built: None until built, then the executor's `(map, pooled or None)`.
     """
 
     def __init__(self, t, h, previous, action):
         self.t, self.h, self.previous, self.action = t, h, previous, action
         self.pools = []
+        self.tail = []
         self.built = None
 
 
@@ -982,7 +1043,9 @@ class SegmentExecutor(ChainExecutor):
     run at once. A conv that keeps its full output runs at once too: on a
     full input as one conv, on a prefix set by an action (a bottleneck's
     last conv) as one branch per input width (`kept`); a residual block's
-    sum takes built maps. Subclasses define `build(segment, pooled=True) -> (map, pooled
+    sum takes built maps. An inverted residual's depthwise conv and
+    projection join the expansion's segment (`Segment.tail`), so that the
+    whole block runs in one branch per action. Subclasses define `build(segment, pooled=True) -> (map, pooled
     or None)` (pooled features computed in the branches, or None: pool the
     map; `pooled=False`: no decision reads the map, a full-output conv
     follows), `kept(layer, map, in_action) -> map` and `classify(map,
@@ -998,7 +1061,11 @@ class SegmentExecutor(ChainExecutor):
         return self.net.pooled(h) if pooled is None else pooled
 
     def conv(self, step, h, in_action, out_action):
-        if step.decision is None and in_action is not None:  # no decision reads this map: no pooled features
+        if step.decision is None and in_action is not None:
+            if isinstance(h, Segment) and h.built is None and (is_depthwise(step.layer) or h.tail):
+                h.tail.append(step.layer)  # an inverted residual: in the expansion's branches
+                return h
+            # no decision reads this map: no pooled features
             return self.kept(step.layer, self._built(h, pooled=False)[0], in_action)
         h, _ = self._built(h)
         if step.decision is None:
@@ -1007,6 +1074,9 @@ class SegmentExecutor(ChainExecutor):
 
     def residual(self, h, shortcut):
         return super().residual(self._built(h)[0], self._built(shortcut)[0])
+
+    def add(self, h, shortcut):
+        return super().add(self._built(h, pooled=False)[0], self._built(shortcut)[0])
 
     def map(self, step, h):
         if not isinstance(h, Segment):
@@ -1055,11 +1125,13 @@ class GatherScatterExecutor(SegmentExecutor):
             x = tf.gather(segment.h, idx)
             if ci != net.full_in[t]:
                 x = x[..., :ci]
-            y = self._run_group(x, lambda z, p=p, b=b: net.segment(t, z, p, b, segment.pools), net.in_hw[t], ci)
-            pad = net.out_channels[t] - b * net.out_group[t]
+            y = self._run_group(
+                x, lambda z, p=p, b=b: net.segment(t, z, p, b, segment.pools, segment.tail), net.in_hw[t], ci
+            )
+            pad = net.segment_channels(t, segment.tail) - int(y.shape[-1])
             outs.append(tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, pad]]) if pad else y)
             index.append(idx)
-        return self._scatter(index, outs, [*outs[0].shape[1:3], net.out_channels[t]]), None
+        return self._scatter(index, outs, [*outs[0].shape[1:3], net.segment_channels(t, segment.tail)]), None
 
     def kept(self, layer, h, in_action):
         """A conv of full output on `h` (full width, zero beyond each sample's prefix), grouped by input width."""
@@ -1126,11 +1198,11 @@ class IfTreeExecutor(SegmentExecutor):
 
     def build(self, segment, pooled=True):
         tf, net, t = self.tf, self.net, segment.t
-        hw, nxt = net.in_hw[t], net.out_channels[t]
+        hw, nxt = net.in_hw[t], net.segment_channels(t, segment.tail)
 
         def branch(p, b):
             x = tf.reshape(segment.h, [1, hw[0], hw[1], net.in_channels(t, p)])
-            y = net.segment(t, x, p, b, segment.pools)
+            y = net.segment(t, x, p, b, segment.pools, segment.tail)
             return (y, net.pooled(y, nxt)) if pooled else y
 
         fns = [lambda p=p, b=b: branch(p, b) for p, b in net.branches(t)]

@@ -228,13 +228,15 @@ def signature_functions(net, parts=("rnp", "full")):
             functions[f"conv{t}_in{p}_out{a}"] = piece(
                 ("conv", t), lambda x, t=t, p=p, a=a: net.sliced_conv(t, x, p, a), a, cost, features
             )
-        if t in net.tails:  # a conv of full output on this decision's prefix (a bottleneck's last conv)
-            layer = net.tails[t]
+        # the convs on this decision's prefix (a bottleneck's last conv; an
+        # inverted residual's depthwise conv and projection)
+        if t in net.tails:
+            layer = net.tails[t][0]
             hw = net.conv_in_hw[layer.name]
             for p in range(1, k + 1):
                 features = tf.TensorSpec([1, hw[0], hw[1], p * layer.in_group_size], tf.float32, name="features")
                 functions[f"tail{t}_in{p}"] = piece(
-                    ("tail", t), lambda x, p=p, layer=layer: net.kept_conv(layer, x, p), p, net.tail_macs[t][p - 1], features
+                    ("tail", t), lambda x, t=t, p=p: net.tail(t, x, p), p, net.tail_macs[t][p - 1], features
                 )
     g = net.head_group
     for a in net.heads() if g is not None else [None]:

@@ -102,14 +102,14 @@ RESIDUAL = {
 }
 
 
-def _residual_model(seed=0, groups=4, penalty=0.3):
+def _residual_model(seed=0, groups=4, penalty=0.3, backbone=None, image_shape=(16, 16, 3)):
     """The exporters' residual test model (`RESIDUAL`), random BatchNorm statistics, spread decoders."""
     import keras
 
     import rnp_tf
 
     keras.utils.set_random_seed(seed)
-    model = rnp_tf.RNPModel(backbone=RESIDUAL, image_shape=(16, 16, 3), num_classes=10, groups=groups)
+    model = rnp_tf.RNPModel(backbone=backbone or RESIDUAL, image_shape=image_shape, num_classes=10, groups=groups)
     randomise_batchnorm(model, seed)
     for decoder in model.agent.decoders:
         decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
@@ -128,6 +128,23 @@ def residual_model():
 def write_residual_checkpoint():
     """Returns `write(directory, seed=0)`: saves the small residual RNPModel as directory/model.keras."""
     return lambda directory, seed=0: _write_checkpoint(directory, seed, _residual_model)
+
+
+def _mobilenet_model(seed=0, groups=4, penalty=0.3):
+    """The exporters' MobileNetV2 test model (`_tiny_mobilenet()`, 32x32 RGB), as `_residual_model`."""
+    return _residual_model(seed, groups, penalty, backbone=_tiny_mobilenet(), image_shape=(32, 32, 3))
+
+
+@pytest.fixture(scope="session")
+def mobilenet_model():
+    """Returns `make(seed=0, groups=4, penalty=0.3)`: the exporters' small MobileNetV2 RNPModel (`tiny_mobilenet`)."""
+    return _mobilenet_model
+
+
+@pytest.fixture(scope="session")
+def write_mobilenet_checkpoint():
+    """Returns `write(directory, seed=0)`: saves the small MobileNetV2 RNPModel as directory/model.keras."""
+    return lambda directory, seed=0: _write_checkpoint(directory, seed, _mobilenet_model)
 
 
 def _check_residual_batches(model, run, images, batch, forced=True):
@@ -230,6 +247,11 @@ def tiny_mobilenet():
     identity shortcut, expansion 4 with one, a stride-2 block without, and
     expansion 2 with one; then a prunable 1x1 conv feeding the head.
     """
+    return _tiny_mobilenet()
+
+
+def _tiny_mobilenet():
+    """The backbone of the `tiny_mobilenet` fixture."""
     return {
         "stages": [
             {"type": "conv", "filters": 8, "strides": 2, "activation": "relu6"},
