@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import exceptions
 from export import sliced_network
 from export import verification
 
@@ -153,9 +152,49 @@ def test_residual_stretches_split_at_convs_that_follow_an_action(residual_model)
     assert net.block_out[("tail", 1)] == (4, 4, 8)
 
 
-def test_inverted_residuals_are_refused_with_the_step_named(tiny_mobilenet):
-    import rnp_tf
+def test_mobilenet_graphs_match_rollout_for_every_action_pair(mobilenet_model):
+    """Inverted residuals (expansion 1, identity, stride 2) in the batch-1 If tree, gather/scatter and full graphs."""
+    model = mobilenet_model()
+    assert model.num_prunable == 4
+    net = sliced_network.SlicedNetwork(model)
+    # each pruned block's depthwise conv and projection run on its expansion's prefix
+    assert {t: [layer.name for layer in layers] for t, layers in net.tails.items()} == {
+        t: [f"block{t + 2}_depthwise", f"block{t + 2}_project"] for t in range(3)
+    }
+    images = verification.parity_images(net, 12)
+    pairs = verification.action_tuples(net.num_prunable, net.groups, limit=16)
+    assert [1, 1, 1, 1] in pairs.tolist() and [4, 4, 4, 4] in pairs.tolist()
+    for name in ("batched", "single"):
+        result = verification.check_artifact(name, model, run_tf(net, name), images[:6], pairs, per_tuple=1)
+        assert result["greedy"]["action_agreement"] == 1.0
+        assert result["greedy"]["distinct_action_tuples"] > 1
+        assert result["forced"]["distinct_action_tuples"] == len(pairs)
+        assert result["forced"]["max_abs_logit_diff"] <= verification.ATOL
+    full = tf.function(net.full)(images)["logits"]
+    ref = model.rollout(images, actions=np.full((len(images), 4), 4))["logits"]
+    np.testing.assert_allclose(full, ref, atol=verification.ATOL)
+    tuples = verification.action_tuples(net.num_prunable, net.groups)
+    np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
 
-    model = rnp_tf.RNPModel(backbone=tiny_mobilenet, image_shape=(32, 32, 3), num_classes=10)
-    with pytest.raises(exceptions.ExportError, match="InvertedResidualStep step"):
-        sliced_network.SlicedNetwork(model)
+
+@pytest.mark.parametrize("batch", [1, 7, pytest.param(64, marks=pytest.mark.slow)])
+def test_mobilenet_batched_graph_at_any_batch(mobilenet_model, check_residual_batches, batch):
+    """Per-sample actions in one batch: one gather/scatter group per action runs a whole inverted residual."""
+    model = mobilenet_model()
+    net = sliced_network.SlicedNetwork(model)
+    check_residual_batches(model, run_tf(net, "batched"), verification.parity_images(net, 8), batch)
+
+
+def test_mobilenet_stretches_split_at_each_expansion_and_its_tail(mobilenet_model):
+    """What the TFLite signatures run: `conv{t}` the expansion, `tail{t}` the depthwise conv, projection and sum."""
+    net = sliced_network.SlicedNetwork(mobilenet_model())
+    kinds = {key: [op[0] for op in ops] for key, ops in net.stretches.items()}
+    # the stem, the unpruned first block (its depthwise conv and projection in full) and its sum, then block 2 opens
+    assert kinds["stem"] == ["conv", "open", "conv", "conv", "add", "open"]
+    assert sliced_network.is_depthwise(net.stretches["stem"][2][1].layer)
+    assert all(kinds[("conv", t)] == [] for t in range(4))
+    assert kinds[("tail", 0)] == ["add"] and kinds[("tail", 1)] == ["open"] and kinds[("tail", 2)] == ["add"]
+    assert net.decides == {"stem": 0, ("tail", 0): 1, ("tail", 1): 2, ("tail", 2): 3}
+    assert net.opens_block("stem") and net.closes_block(("tail", 0)) and not net.opens_block(("tail", 0))
+    assert net.opens_block(("tail", 1)) and net.closes_block(("tail", 2))
+    assert net.block_out[("tail", 2)] == (8, 8, 12)
