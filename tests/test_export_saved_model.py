@@ -149,3 +149,25 @@ def test_residual_sliced_export_matches_rollout(residual_export, check_residual_
     run = saved_model.runner(str(out / "saved_model"))
     images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
     check_residual_batches(model, run, images, batch)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_export(tmp_path_factory, write_mobilenet_checkpoint):
+    """The small MobileNetV2 exported with the sliced graph (its own parity checks passed)."""
+    ckpt = tmp_path_factory.mktemp("mobilenet")
+    model = write_mobilenet_checkpoint(ckpt)
+    report = saved_model.export_saved_model(ckpt, graph="sliced", num_parity_images=8, max_forced_tuples=16,
+                                            log=lambda m: None)
+    return model, ckpt / "export", report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_mobilenet_sliced_export_matches_rollout(mobilenet_export, check_residual_batches, batch):
+    """Inverted residuals through the reloaded SavedModel: the If tree at batch 1, gather/scatter above."""
+    model, out, report = mobilenet_export
+    parity = report["parity"]["saved_model"]
+    assert parity["greedy"]["action_agreement"] == 1.0 and parity["batch1"]["forced"]["distinct_action_tuples"] == 16
+    run = saved_model.runner(str(out / "saved_model"))
+    images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
+    check_residual_batches(model, run, images, batch)

@@ -216,3 +216,29 @@ def test_residual_runner_matches_rollout(residual_exported, check_residual_batch
     check_residual_batches(model, tflite.runner_function(runner), images, batch)
     np.testing.assert_allclose(runner.run_full(images[:3]), model.rollout(images[:3], actions=np.full((3, 4), 4))["logits"],
                                atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_exported(tmp_path_factory, write_mobilenet_checkpoint):
+    ckpt = tmp_path_factory.mktemp("mobilenet")
+    model = write_mobilenet_checkpoint(ckpt)
+    report = tflite.export_tflite(ckpt, num_parity_images=8, max_forced_tuples=16, timing_runs=0, log=lambda m: None)
+    return model, ckpt / "export", report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_mobilenet_runner_matches_rollout(mobilenet_exported, check_residual_batches, batch):
+    """Inverted residuals: `conv{t}_in4_out{a}` the expansion, `tail{t}_in{a}` its depthwise conv, projection and sum."""
+    model, out, report = mobilenet_exported
+    runner = TFLiteRNPRunner(out / "rnp.tflite")
+    # stem, four decided convs on full inputs (4 each), three tails (4 each), four heads, full, penalty_setting
+    assert report["parity"]["rnp.tflite"]["signatures"] == len(runner.signature_keys) == 1 + 16 + 12 + 4 + 2
+    assert "shortcut" in runner._inputs("tail0_in2") and "shortcut" in runner._inputs("tail2_in1")
+    assert "shortcut" not in runner._inputs("tail1_in3")  # a stride-2 block: no sum
+    assert "shortcut" not in runner._inputs("conv0_in4_out3")  # carried past the expansion
+    assert (runner.groups, runner.num_prunable, runner.image_shape) == (4, 4, (32, 32, 3))
+    images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
+    check_residual_batches(model, tflite.runner_function(runner), images, batch)
+    np.testing.assert_allclose(runner.run_full(images[:3]), model.rollout(images[:3], actions=np.full((3, 4), 4))["logits"],
+                               atol=1e-4)

@@ -231,3 +231,29 @@ def test_residual_tensorrt_onnx_is_ready_and_matches_rollout(tmp_path, write_res
         ref = verification.reference(model, x)
     assert (ref["actions"] == 1).all()
     verification.compare("all ones", ref, run(x, penalty=-100.0))
+
+
+@pytest.mark.slow
+def test_mobilenet_tensorrt_onnx_is_ready_and_matches_rollout(tmp_path, write_mobilenet_checkpoint, check_residual_batches):
+    """A MobileNetV2's rnp_trt.onnx: supported operators only, no If, the agent's actions at batch 1, 7 and 64."""
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is importable here: the no-TensorRT path does not apply")
+    from export import sliced_network
+    from export import verification
+
+    model = write_mobilenet_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(trt.TensorRTUnavailable, match="rnp_trt.onnx"):
+        trt.export_trt(tmp_path / "ckpt", tmp_path / "out", num_parity_images=8, log=lambda m: None)
+    proto = onnx.load(str(tmp_path / "out" / "rnp_trt.onnx"))
+    assert trt.check_tensorrt_compatible(proto) == [] and "If" not in onnx_export.operators(proto)
+    run = onnx_export.runner(onnx_export.session(str(tmp_path / "out" / "rnp_trt.onnx")), has_forced=False)
+    images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
+    for batch in (1, 7, 64):
+        check_residual_batches(model, run, images, batch, forced=False)
+    # no forced input: a very negative penalty makes the agent take the smallest groups everywhere, a high one all k
+    x = images[np.arange(7) % len(images)]
+    for penalty, action in ((-100.0, 1), (100.0, model.groups)):
+        with verification.penalty_scope(model, penalty):
+            ref = verification.reference(model, x)
+        assert (ref["actions"] == action).all()
+        verification.compare(f"all {action}", ref, run(x, penalty=penalty))
