@@ -32,7 +32,10 @@
   inference engine runs them: the block's inner convs on their prefixes,
   its last conv (full output) on the prefix its input holds, by input
   width (an `If` tree at batch 1, gather/scatter at batch N), the
-  projection shortcut in full, then `relu(body + shortcut)`.
+  projection shortcut in full, then `relu(body + shortcut)`. So do
+  MobileNetV2's `InvertedResidualStep`s: each branch of the expansion
+  (its decided prefix) also runs the depthwise conv on that prefix and
+  the projection (full output), then `+ input` with an identity shortcut.
 
   `forced_actions` is an int32 `[batch, num_prunable]` (or `[1, num_prunable]`,
   broadcast) tensor: 0 lets the agent choose greedily, 1..k forces that many

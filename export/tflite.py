@@ -13,10 +13,11 @@ Writes into `--output` (default `ckpt/export/`):
       previous action `p` and action `a`, its pooling and the agent's next
       decision (re-priced to the run-time penalty and masked by the
       compute cap, as `RNPModel.rollout` decides);
-    * `tail{t}_in{p}` (residual networks): a bottleneck's last conv on the
-      `p` groups that decision `t` chose, the sum with the block's
-      `shortcut` (an output of the signature that opened the block), what
-      follows and the agent's next decision;
+    * `tail{t}_in{p}` (residual networks): a bottleneck's last conv (or an
+      inverted residual's depthwise conv and projection) on the `p` groups
+      that decision `t` chose, the sum with the block's `shortcut` (an
+      output of the signature that opened the block), what follows and the
+      agent's next decision;
     * `head_in{a}`: the classifier on `a` groups (`head` when its input
       keeps its full width, as in a residual network);
     * `full`: the unpruned network, the latency baseline;

@@ -8,8 +8,9 @@ The exported `.tflite` file holds one signature per piece of the network:
   previous action `p` and action `a`, its pooling, and the agent's next
   decision (each signature is its own subgraph, so XNNPACK runs it; a
   single graph with `IF` branches would not be delegated);
-- `tail{t}_in{p}` (residual networks): the conv that keeps its full
-  output on the `p` groups decision `t` chose (a bottleneck's last conv),
+- `tail{t}_in{p}` (residual networks): the convs on the `p` groups
+  decision `t` chose (a bottleneck's last conv; an inverted residual's
+  depthwise conv and projection), the last keeping its full output,
   the block's sum with its shortcut, what follows up to the next prunable
   conv and the agent's decision there;
 - `head_in{a}`: the classifier on a feature map of `a` groups (`head` when
