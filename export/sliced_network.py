@@ -722,16 +722,20 @@ class SlicedNetwork:
         return self.stretch("stem", images)[0]
 
     def kept_conv(self, layer, h, previous=None):
-        """A conv that keeps its full output (the stem, a projection, a bottleneck's last conv), activated.
+        """A conv with no decision of its own, activated.
+
+        The stem, a projection, a bottleneck's last conv, an inverted
+        residual's depthwise conv (its output keeps its input's prefix) or
+        projection.
 
         Args:
-            layer: its `GatedConv2D`.
+            layer: its `GatedConv2D` (or `GatedDepthwiseConv2D`).
             h: the input, holding exactly `previous` groups when the input
                 width follows an action, else full.
             previous: the action that set the input width (None: full).
 
         Returns:
-            The full output map.
+            The full output map (a depthwise conv: the input's channels).
         """
         if layer is self.model.stem:
             return self.sliced_conv(None, h)
