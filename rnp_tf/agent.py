@@ -30,6 +30,9 @@ class DecisionAgent(keras.layers.Layer):
         groups: number of actions `k`. Defaults to 4.
         embed_dim: size of each encoder's projection. Defaults to 64.
         units: size of the shared LSTM cell. Defaults to 64.
+        skippable: indices of the decisions that may skip their block
+            (`NetworkPlan.skippable`): their decoder outputs `k + 1`
+            Q-values, the last one for "skip" (action 0). Defaults to none.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Input shape (of `call`):
@@ -49,7 +52,7 @@ class DecisionAgent(keras.layers.Layer):
     TensorShape([2, 4])
     """
 
-    def __init__(self, feature_channels, groups=4, embed_dim=64, units=64, **kwargs):
+    def __init__(self, feature_channels, groups=4, embed_dim=64, units=64, skippable=(), **kwargs):
         super().__init__(**kwargs)
         if not feature_channels:
             raise ValueError(
@@ -63,13 +66,20 @@ class DecisionAgent(keras.layers.Layer):
         self.embed_dim = validation.check_positive_int("embed_dim", embed_dim)
         self.units = validation.check_positive_int("units", units)
         self.num_layers = len(self.feature_channels)
+        self.skippable = sorted(int(t) for t in skippable)
+        if any(not 0 <= t < self.num_layers for t in self.skippable):
+            raise ValueError(
+                f"`skippable` must hold decision indices in [0, {self.num_layers}). Received: skippable={skippable!r}"
+            )
         self.encoders = [
             keras.layers.Dense(self.embed_dim, activation="relu", name=f"encoder_{t}", dtype=self.dtype_policy)
             for t in range(self.num_layers)
         ]
         self.cell = keras.layers.LSTMCell(self.units, name="lstm", dtype=self.dtype_policy)
         self.decoders = [
-            keras.layers.Dense(self.groups, name=f"decoder_{t}", dtype=self.dtype_policy)
+            keras.layers.Dense(
+                self.groups + (t in self.skippable), name=f"decoder_{t}", dtype=self.dtype_policy
+            )
             for t in range(self.num_layers)
         ]
 
@@ -181,13 +191,13 @@ class DecisionAgent(keras.layers.Layer):
         for t, features in enumerate(inputs):
             q, state = self.step(t, features, state)
             q_values.append(q)
-        return tf.stack(q_values, axis=1)
+        return stack_q_values(q_values)
 
     def macs(self):
         """Multiply-accumulates of one sample's decisions (Dense and LSTM)."""
         encoders = sum(c * self.embed_dim for c in self.feature_channels)
         lstm = self.num_layers * 4 * self.units * (self.embed_dim + self.units)
-        decoders = self.num_layers * self.units * self.groups
+        decoders = (self.num_layers * self.groups + len(self.skippable)) * self.units
         return float(encoders + lstm + decoders)
 
     def get_config(self):
@@ -200,6 +210,8 @@ class DecisionAgent(keras.layers.Layer):
                 "units": self.units,
             }
         )
+        if self.skippable:
+            config["skippable"] = list(self.skippable)
         return config
 
     @classmethod
@@ -252,6 +264,26 @@ def equations(pooled, state, encoder, lstm, decoder, activation, recurrent_activ
     c = recurrent_activation(zf) * c + recurrent_activation(zi) * activation(zc)
     h = recurrent_activation(zo) * activation(c)
     return tf.matmul(h, decoder[0]) + decoder[1], [h, c]
+
+
+def stack_q_values(q_values):
+    """Stacks per-decision Q-values into `[batch, T, n]`, the narrower ones padded.
+
+    With skippable blocks the skippable decisions have `k + 1` Q-values and
+    the others `k`: these get a last column of -1e30 (`rnp_tf.knob.CAPPED`),
+    an action never chosen greedily and never the maximum of a TD target.
+
+    Example:
+
+    >>> stack_q_values([tf.zeros((2, 4)), tf.zeros((2, 5))]).shape
+    TensorShape([2, 2, 5])
+    """
+    width = max(q.shape[-1] for q in q_values)
+    padded = [
+        q if q.shape[-1] == width else tf.pad(q, [[0, 0], [0, width - q.shape[-1]]], constant_values=-1e30)
+        for q in q_values
+    ]
+    return tf.stack(padded, axis=1)
 
 
 def greedy_actions(q_values):

@@ -249,7 +249,9 @@ def validate_backbone(spec, groups):
     (`padding`) and `bottleneck` (`filters`, `strides`=1, `projection`,
     `expansion`=4, `prunable`=[True, True]: 1x1 -> 3x3 -> 1x1 with a
     residual sum; the first two convs may be pruned, the last feeds the
-    sum). Convs also take `bn_epsilon` (1e-3). The head takes `pooling`
+    sum). Convs also take `bn_epsilon` (1e-3). A bottleneck or inverted
+    residual with an identity shortcut may set `skippable` (False): the
+    agent may then skip its residual branch (`rnp_tf.plan.NetworkPlan`). The head takes `pooling`
     ("gap"), `hidden` ([]), `dropout` (0.0) and `layout` ("spatial" or
     "channel", default "spatial"; see `check_layout`).
 
@@ -279,6 +281,11 @@ def validate_backbone(spec, groups):
     channels = None  # output channels of the stages so far
     for i, stage in enumerate(stages):
         kind = stage.get("type")
+        if "skippable" in stage and kind not in _BLOCKS:
+            raise ValueError(
+                f"stages[{i}]: only a bottleneck or an inverted_residual with an identity shortcut can be "
+                f"skippable. Received: stages[{i}]={stage!r}"
+            )
         if kind == "conv":
             channels = stage.get("filters")
             for key, value in _CONV_DEFAULTS.items():

@@ -8,6 +8,14 @@ action `a_t` at prunable layer `t` is (Lin et al., 2017)::
 
 with `p < 0` a penalty per extra group, and the one-step target is
 `y_t = r_t + gamma * max_a Q(s_{t+1}, a)` (just `r_t` at the last layer).
+
+Block skipping: a skipped block's decisions are all recorded as `a = 0`, so
+each earns `(0 - 1) * p = -p` (one group fewer than the narrowest width:
+the agent is paid for the compute it saves, `-n_b * p` for a block of
+`n_b` decisions). Only the skip itself was decided: the later decisions
+(`live = 0`, `NetworkPlan.live`) have no Q-value to learn; they are
+transparent in the targets (their rewards go to the skip's target, undiscounted,
+and the skip bootstraps from the next decision taken) and left out of the loss.
 """
 
 import tensorflow as tf
@@ -38,17 +46,21 @@ def rewards(actions, ce_loss, penalty, alpha):
     return step + last[:, None] * is_last[None, :]
 
 
-def td_targets(step_rewards, q_values, gamma):
+def td_targets(step_rewards, q_values, gamma, live=None):
     """One-step Q-learning targets, without gradient.
 
     Args:
         step_rewards: float tensor `[batch, T]` from `rewards`.
         q_values: float tensor `[batch, T, k]`, Q-values of every state.
         gamma: discount factor.
+        live: optional float `[batch, T]`, 0 at the decisions a block skip
+            left untaken (see the module docstring). None: all taken.
 
     Returns:
         `[batch, T]` targets: `r_t + gamma * max_a Q(s_{t+1}, a)` for
-        `t < T - 1`, `r_{T-1}` at the last step.
+        `t < T - 1`, `r_{T-1}` at the last step; with `live`, an untaken
+        `s_{t+1}` is passed over: `r_t + r_{t+1} + ...` up to the next
+        taken decision `s_u`, plus `gamma * max_a Q(s_u, a)`.
 
     Example:
 
@@ -58,10 +70,18 @@ def td_targets(step_rewards, q_values, gamma):
     """
     next_max = tf.reduce_max(tf.stop_gradient(q_values[:, 1:]), axis=-1)
     next_max = tf.pad(next_max, [[0, 0], [0, 1]])
-    return tf.stop_gradient(step_rewards + gamma * next_max)
+    if live is None:
+        return tf.stop_gradient(step_rewards + gamma * next_max)
+    live = tf.cast(live, tf.float32)
+    after = [tf.zeros_like(step_rewards[:, 0])]  # what follows the last step
+    for s in range(step_rewards.shape[1] - 1, 0, -1):  # backwards: what follows step s - 1
+        taken = gamma * next_max[:, s - 1]
+        passed = step_rewards[:, s] + after[-1]
+        after.append(live[:, s] * taken + (1.0 - live[:, s]) * passed)
+    return tf.stop_gradient(step_rewards + tf.stack(after[::-1], axis=1))
 
 
-def q_loss(q_values, actions, targets, loss="mse"):
+def q_loss(q_values, actions, targets, loss="mse", live=None):
     """Mean TD loss of the Q-values of the actions taken.
 
     Args:
@@ -69,6 +89,9 @@ def q_loss(q_values, actions, targets, loss="mse"):
         actions: int `[batch, T]` actions in `1..k`.
         targets: `[batch, T]` TD targets.
         loss: `"mse"` (the paper's squared error) or `"huber"`.
+        live: optional float `[batch, T]`: the mean runs over the decisions
+            taken only (`NetworkPlan.live`). Action 0 (skip) reads the last
+            Q-value of its decision.
 
     Returns:
         A scalar tensor.
@@ -80,14 +103,22 @@ def q_loss(q_values, actions, targets, loss="mse"):
     4.0
     """
     k = tf.shape(q_values)[-1]
-    taken = tf.reduce_sum(q_values * tf.one_hot(actions - 1, k), axis=-1)
+    taken = tf.reduce_sum(q_values * tf.one_hot(tf.math.floormod(actions - 1, k), k), axis=-1)
     error = targets - taken
+    if live is None:
+        mean = tf.reduce_mean
+    else:
+        live = tf.cast(live, error.dtype)
+
+        def mean(x):
+            return tf.reduce_sum(x * live) / tf.maximum(tf.reduce_sum(live), 1.0)
+
     if loss == "mse":
-        return tf.reduce_mean(tf.square(error))
+        return mean(tf.square(error))
     if loss == "huber":
         abs_error = tf.abs(error)
         quadratic = tf.minimum(abs_error, 1.0)
-        return tf.reduce_mean(0.5 * quadratic**2 + abs_error - quadratic)
+        return mean(0.5 * quadratic**2 + abs_error - quadratic)
     raise ValueError(f"`loss` must be 'mse' or 'huber'. Received: loss={loss!r}")
 
 

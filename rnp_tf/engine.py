@@ -287,13 +287,15 @@ class InferenceEngine:
         x = validation.check_images(x, self.model.image_shape)
         x = tf.cast(x, tf.float32)
         if actions is not None:
-            actions = validation.check_actions(actions, x.shape[0], self.num_prunable, self.groups)
+            actions = validation.check_actions(
+                actions, x.shape[0], self.num_prunable, self.groups, self.plan.skip_columns
+            )
         if x.shape[0] == 0:  # nothing to decide or compute (oneDNN would also mis-shape an empty conv)
             return {
                 "logits": tf.zeros([0, self.model.num_classes], tf.float32),
                 "actions": tf.zeros([0, self.num_prunable], tf.int32),
                 "macs": tf.zeros([0], tf.float32),
-                "q_values": tf.zeros([0, self.num_prunable, self.groups], tf.float32) if actions is None else None,
+                "q_values": tf.zeros([0, self.num_prunable, self.groups + bool(self.plan.skippable)], tf.float32) if actions is None else None,
             }
         if run_agent is None:
             run_agent = actions is None

@@ -34,21 +34,26 @@ from rnp_tf import validation
 CAPPED = -1e30  # the Q-value of an action the cap forbids
 
 
-def reprice(q, delta):
+def reprice(q, delta, groups=None):
     """Q-values `[batch, k]` re-priced by a penalty change `delta = p - p0`.
 
     Args:
-        q: float `[batch, k]` raw Q-values.
+        q: float `[batch, k]` raw Q-values (`k + 1` at a skippable decision,
+            the last one for the skip, action 0).
         delta: a float, a scalar tensor or a `[batch]` tensor.
+        groups: `k`; needed only to recognise the skip column.
 
     Returns:
-        `q + delta * (a - 1)` for actions `a = 1..k`, same dtype as `q`.
+        `q + delta * (a - 1)` for actions `a = 1..k` (and `a = 0` for the
+        skip), same dtype as `q`.
     """
     delta = tf.cast(delta, q.dtype)
     if delta.shape.rank:
         delta = delta[:, None]
-    extra = tf.range(q.shape[-1], dtype=q.dtype)[None, :]
-    return q + delta * extra
+    extra = list(range(q.shape[-1]))
+    if groups is not None and q.shape[-1] == groups + 1:
+        extra[-1] = -1
+    return q + delta * tf.constant(extra, q.dtype)[None, :]
 
 
 def cap_q_values(plan, t, q, decided, cap_macs):
@@ -69,15 +74,16 @@ def cap_q_values(plan, t, q, decided, cap_macs):
     Returns:
         The Q-values with infeasible actions set to `CAPPED`.
     """
-    k, count = plan.groups, plan.num_decisions
+    k, count, n = plan.groups, plan.num_decisions, q.shape[-1]  # n = k + 1 at a skippable decision
     batch = tf.shape(q)[0]
-    columns = [tf.repeat(a[:, None], k, axis=1) for a in decided]
-    columns.append(tf.tile(tf.range(1, k + 1)[None, :], [batch, 1]))
-    columns += [tf.ones([batch, k], tf.int32)] * (count - t - 1)
+    choices = tf.math.floormod(tf.range(1, n + 1), k + 1)  # the skip column is action 0
+    columns = [tf.repeat(a[:, None], n, axis=1) for a in decided]
+    columns.append(tf.tile(choices[None, :], [batch, 1]))
+    columns += [tf.ones([batch, n], tf.int32)] * (count - t - 1)
     completions = tf.reshape(tf.stack(columns, axis=-1), [-1, count])
-    cost = tf.reshape(plan.macs(completions), [batch, k])
+    cost = tf.reshape(plan.macs(completions), [batch, n])
     feasible = cost <= cap_macs * (1 + 1e-6)
-    feasible = tf.logical_or(feasible, tf.equal(tf.range(1, k + 1), 1)[None, :])
+    feasible = tf.logical_or(feasible, (choices <= 1)[None, :])
     return tf.where(feasible, q, tf.fill(tf.shape(q), tf.constant(CAPPED, q.dtype)))
 
 

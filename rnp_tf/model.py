@@ -196,6 +196,7 @@ class RNPModel(keras.Model):
             groups=self.groups,
             embed_dim=self.agent_embed_dim,
             units=self.agent_units,
+            skippable=sorted(self.plan.skippable),
             # Q-values, rewards and TD targets stay float32 under mixed precision.
             dtype="float32",
             name="agent",
@@ -315,7 +316,7 @@ class RNPModel(keras.Model):
         return {
             "logits": tf.zeros([0, self.num_classes], tf.float32),
             "actions": tf.zeros([0, self.num_prunable], tf.int32),
-            "q_values": tf.zeros([0, self.num_prunable, self.groups], tf.float32) if q_values else None,
+            "q_values": tf.zeros([0, self.num_prunable, self.groups + bool(self.plan.skippable)], tf.float32) if q_values else None,
             "macs": tf.zeros([0], tf.float32),
         }
 
@@ -373,7 +374,7 @@ class RNPModel(keras.Model):
             delta = self._penalty_setting.value - self.penalty
         else:
             delta = tf.cast(penalties, tf.float32) - self.penalty
-        return knob_lib.reprice(q, delta)
+        return knob_lib.reprice(q, delta, self.groups)
 
     def rollout(self, x, actions=None, policy="greedy", epsilon=0.0, training=False, penalty=None):
         """Runs the model and returns logits, actions, Q-values and MACs.
@@ -408,7 +409,7 @@ class RNPModel(keras.Model):
             return self._empty(q_values=actions is None)
         if actions is not None:
             actions = validation.check_actions(
-                actions, x.shape[0], self.num_prunable, self.groups
+                actions, x.shape[0], self.num_prunable, self.groups, self.plan.skip_columns
             )
             return self._masked(x, rollout_lib.Forced(actions), training)
         penalties = None
@@ -680,7 +681,7 @@ class RNPModel(keras.Model):
         x = validation.check_images(x, self.image_shape)
         if actions is not None:
             actions = validation.check_actions(
-                actions, x.shape[0], self.num_prunable, self.groups
+                actions, x.shape[0], self.num_prunable, self.groups, self.plan.skip_columns
             ).numpy()
         if x.shape[0] == 0:
             return {k: v.numpy() for k, v in self._empty(q_values=False).items() if v is not None}
@@ -829,8 +830,9 @@ class RNPModel(keras.Model):
         ce = tf.stop_gradient(ce)
         alpha = self.alpha if self.alpha is not None else 1.0 / (tf.reduce_mean(ce) + 1e-6)
         step_rewards = dqn.rewards(out["actions"], ce, self.penalty, alpha)
-        targets = dqn.td_targets(step_rewards, out["q_values"], self.gamma)
-        return dqn.q_loss(out["q_values"], out["actions"], targets, self.q_loss)
+        live = self.plan.live(out["actions"])
+        targets = dqn.td_targets(step_rewards, out["q_values"], self.gamma, live)
+        return dqn.q_loss(out["q_values"], out["actions"], targets, self.q_loss, live)
 
     def _agent_step(self, x, y):
         epsilon = self._epsilon.value

@@ -70,10 +70,13 @@ class BlockStep:
     Attributes:
         body: the convs of the residual branch, in order.
         shortcut: the projection conv, or None for an identity shortcut.
+        skippable: True when the agent may skip the residual branch (action
+            0 at the body's first decision; see `NetworkPlan.skippable`).
     """
 
     body: tuple
     shortcut: ConvStep | None = None
+    skippable: bool = False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -91,10 +94,13 @@ class InvertedResidualStep:
             `(depthwise, project)` without expansion.
         residual: True when the block's input is added to its output (an
             identity shortcut, no activation after the sum).
+        skippable: True when the agent may skip the residual branch (action
+            0 at the expansion's decision; see `NetworkPlan.skippable`).
     """
 
     body: tuple
     residual: bool = False
+    skippable: bool = False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -215,6 +221,18 @@ class NetworkPlan:
         feature_channels: per decision, the channels of the map the agent
             reads (the input of the decided conv).
         conv_refs: per conv name, `(decision, in_ref)`.
+        skippable: the decisions that may take action 0, "skip": the first
+            decision of each skippable block (stage key `"skippable"`).
+            Their Q-head has `k + 1` values, the last one for the skip.
+        skipped_by: per later decision of a skippable block, the decision
+            whose action 0 skips it. A skipped block's decisions are all
+            recorded as 0 and cost nothing.
+
+    Block skipping (Runtime Network Routing): when a skippable block's first
+    decision is 0, its residual branch is not computed and its output is
+    its input (`relu(0 + x) = x` after a bottleneck: its input is a ReLU's
+    output). Its later decisions are 0 too (the rollout does not let the
+    agent's state advance on them); its convs cost 0 MACs.
     """
 
     def __init__(self, steps, head, convs, groups):
@@ -225,6 +243,15 @@ class NetworkPlan:
         self.conv_refs = {}
         self.prunable = []
         self.feature_channels = []
+        self.skippable = set()
+        self.skipped_by = {}
+        self._skip_of_conv = {}  # conv name -> the decision that skips it
+        for step in self.steps:
+            if getattr(step, "skippable", False):
+                decided = [inner.decision for inner in step.body if inner.decision is not None]
+                self.skippable.add(decided[0])
+                self.skipped_by.update({t: decided[0] for t in decided[1:]})
+                self._skip_of_conv.update({inner.layer.name: decided[0] for inner in step.body})
         for step in self.conv_steps():
             self.conv_refs[step.layer.name] = (step.decision, step.in_ref)
             if step.decision is not None:
@@ -284,8 +311,12 @@ class NetworkPlan:
         Counts every conv on its (input prefix, output prefix) and the head's
         Dense layers, whose first input shrinks with the width feeding it.
 
+        A skipped block (action 0 at a decision of `skippable`) costs 0:
+        its branch's convs are not counted, whatever its later actions.
+
         Args:
-            actions: int array or tensor `[batch, num_decisions]` in `1..k`.
+            actions: int array or tensor `[batch, num_decisions]` in `1..k`
+                (0 at a skippable block's decisions).
 
         Returns:
             A float32 tensor `[batch]`.
@@ -298,7 +329,10 @@ class NetworkPlan:
             decision, in_ref = self.conv_refs[conv.name]
             in_actions = full if in_ref is None else actions[:, in_ref]
             out_actions = full if decision is None else actions[:, decision]
-            total += conv.macs(in_actions, out_actions)
+            cost = conv.macs(in_actions, out_actions)
+            if conv.name in self._skip_of_conv:
+                cost *= tf.cast(actions[:, self._skip_of_conv[conv.name]] > 0, tf.float32)
+            total += cost
         if self.head.in_ref is not None:
             total += tf.cast(actions[:, self.head.in_ref], tf.float32) * self._head_macs_per_group
         return total
@@ -326,9 +360,52 @@ class NetworkPlan:
         return np.arange(1, k + 1) * self._head_macs_per_group
 
     @property
+    def skip_columns(self):
+        """Per decision of a skippable block, the decision whose 0 skips it (the first maps to itself)."""
+        return {**{t: t for t in self.skippable}, **self.skipped_by}
+
+    def live(self, actions):
+        """Which decisions were taken, float32 `[batch, T]`: 0 for the later decisions of a skipped block.
+
+        Returns None when the plan has no skippable block (every decision is taken).
+        """
+        if not self.skipped_by:
+            return None
+        actions = tf.cast(actions, tf.int32)
+        columns = [
+            tf.cast(actions[:, self.skipped_by[t]] > 0, tf.float32) if t in self.skipped_by
+            else tf.ones_like(actions[:, t], tf.float32)
+            for t in range(self.num_decisions)
+        ]
+        return tf.stack(columns, axis=1)
+
+    @property
     def fixed_macs(self):
         """MACs that no action changes: the head's later Dense layers (and a full-width first one)."""
         return self._fixed_macs
+
+
+def check_skippable(i, stage, allowed):
+    """The stage's `"skippable"` key (default False), refused where there is no branch to skip.
+
+    Args:
+        i: the stage's index (named in the error).
+        stage: a bottleneck or inverted residual stage.
+        allowed: True for a block with an identity shortcut whose first
+            branch conv is decided (the decision that takes the skip).
+
+    Returns:
+        The bool.
+    """
+    skippable = stage.get("skippable", False)
+    if not isinstance(skippable, bool):
+        raise ValueError(f"stages[{i}].skippable must be a bool. Received: skippable={skippable!r}")
+    if skippable and not allowed:
+        raise ValueError(
+            f"stages[{i}]: only a block with an identity shortcut and a prunable first conv can be skipped "
+            f"(the skip is its first decision's action 0). Received: stages[{i}]={stage!r}"
+        )
+    return skippable
 
 
 def build_plan(backbone, image_shape, num_classes, groups):
@@ -417,7 +494,8 @@ def build_plan(backbone, image_shape, num_classes, groups):
                 f"stages[{i}]: an identity shortcut needs {stage['filters']} input channels and stride 1. "
                 f"Received: input_shape={block_in}, strides={stage['strides']}"
             )
-        return InvertedResidualStep(tuple(body), residual)
+        skippable = check_skippable(i, stage, residual and stage["prunable"] and stage["expansion"] != 1)
+        return InvertedResidualStep(tuple(body), residual, skippable)
 
     for i, stage in enumerate(backbone["stages"]):
         kind = stage["type"]
@@ -463,7 +541,8 @@ def build_plan(backbone, image_shape, num_classes, groups):
                     f"stages[{i}]: an identity shortcut needs {f * e} input channels and stride 1. "
                     f"Received: input_shape={block_in}, strides={s}; set projection=True"
                 )
-            steps.append(BlockStep(body, shortcut))
+            skippable = check_skippable(i, stage, shortcut is None and prune_a)
+            steps.append(BlockStep(body, shortcut, skippable))
     if not decisions:
         raise ValueError("The backbone has no prunable conv: nothing for the agent to decide.")
     head_spec = backbone["head"]

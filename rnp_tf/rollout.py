@@ -12,6 +12,8 @@ RNP's per-layer loop is written here once::
         map step (pooling, padding): h = executor.map(step, h)
         residual block: the body's convs as above, then executor.residual
         inverted residual: the body's convs as above, then executor.add (identity shortcut)
+        a skippable block's first decision may be 0 ("skip"): its later decisions are 0
+            too and each executor computes nothing for the branch (`skip_actions`)
     logits = executor.head(h, last action)
 
 A *policy* says how actions are chosen (`Greedy`, `EpsilonGreedy`,
@@ -32,6 +34,7 @@ Example:
 import tensorflow as tf
 
 from rnp_tf import agent as agent_lib
+from rnp_tf.layers import GatedDepthwiseConv2D
 from rnp_tf.plan import BlockStep
 from rnp_tf.plan import ConvStep
 from rnp_tf.plan import InvertedResidualStep
@@ -44,8 +47,8 @@ class Rollout:
     Attributes:
         logits: the executor's logits.
         actions: list of the actions, one per decision (as the policy gave them).
-        q_values: list of the agent's raw Q-values `[batch, k]` (empty when
-            the policy did not run the agent).
+        q_values: list of the agent's raw Q-values `[batch, k]` (`k + 1` at
+            a skippable decision; empty when the policy did not run the agent).
     """
 
     __slots__ = ("logits", "actions", "q_values")
@@ -54,12 +57,12 @@ class Rollout:
         self.logits, self.actions, self.q_values = logits, actions, q_values
 
     def stacked(self, macs_fn):
-        """The usual dict: `logits`, `actions` `[batch, T]`, `q_values` `[batch, T, k]` or None, `macs`."""
+        """The usual dict: `logits`, `actions` `[batch, T]`, `q_values` `[batch, T, k]` (`k + 1` with skips) or None, `macs`."""
         actions = tf.stack(self.actions, axis=1)
         return {
             "logits": self.logits,
             "actions": actions,
-            "q_values": tf.stack(self.q_values, axis=1) if self.q_values else None,
+            "q_values": agent_lib.stack_q_values(self.q_values) if self.q_values else None,
             "macs": macs_fn(actions),
         }
 
@@ -154,13 +157,18 @@ def rollout(plan, agent, images, policy, executor):
 
     def conv(step, h):
         nonlocal state
-        if step.decision is not None:
+        t = step.decision
+        if t is not None:
             q = None
+            live = None if t not in plan.skipped_by else actions[plan.skipped_by[t]] > 0
             if policy.uses_agent:
-                q, state = agent.decide(step.decision, executor.pooled(h, step.decision), state)
+                q, new_state = agent.decide(t, executor.pooled(h, t), state)
+                if live is not None:  # a skipped sample's state does not advance
+                    new_state = [tf.where(live[:, None], new, old) for new, old in zip(new_state, state)]
+                state = new_state
                 q_values.append(q)
-            actions.append(policy.choose(step.decision, q, actions))
-        return executor.conv(step, h, width(step.in_ref), width(step.decision))
+            actions.append(skip_actions(plan, t, policy.choose(t, q, actions), live))
+        return executor.conv(step, h, width(step.in_ref), width(t))
 
     for step in plan.steps:
         if isinstance(step, ConvStep):
@@ -181,6 +189,30 @@ def rollout(plan, agent, images, policy, executor):
         else:
             raise ValueError(f"Unknown plan step. Received: step={step!r}")
     return Rollout(executor.head(h, width(plan.head.in_ref)), actions, q_values)
+
+
+def skip_actions(plan, t, action, live=None):
+    """The action of decision `t` with block skipping applied.
+
+    At a skippable decision the policy's `k + 1` (the agent's last Q-value,
+    "skip") becomes 0; at a later decision of a skippable block `live`
+    (False where the block was skipped) forces 0. Elsewhere the action is
+    returned as it is.
+
+    Args:
+        plan: the `NetworkPlan`.
+        t: the decision index.
+        action: int32 `[batch]`, what the policy chose.
+        live: bool `[batch]` or None.
+
+    Returns:
+        int32 `[batch]`.
+    """
+    if t in plan.skippable:
+        return tf.where(action > plan.groups, 0, action)
+    if live is not None:
+        return tf.where(live, action, 0)
+    return action
 
 
 # ---------------------------------------------------------------- executors
@@ -269,7 +301,16 @@ class MaskedExecutor(Executor):
         return pad_channels(pooled, self.plan.feature_channels[t])
 
     def conv(self, step, h, in_action, out_action):
-        return step.layer(h, in_actions=in_action, out_actions=out_action, training=self.training)
+        if not self.plan.skippable:
+            return step.layer(h, in_actions=in_action, out_actions=out_action, training=self.training)
+        # Block skipping: a skipped sample (action 0) runs at width 1 and its output is zeroed,
+        # so that the residual sum gives the block's input.
+        live = [a > 0 for a in (in_action, out_action) if a is not None]
+        in_action, out_action = (None if a is None else tf.maximum(a, 1) for a in (in_action, out_action))
+        y = step.layer(h, in_actions=in_action, out_actions=out_action, training=self.training)
+        if live:
+            y = y * tf.cast(tf.reduce_all(tf.stack(live), axis=0), y.dtype)[:, None, None, None]
+        return y
 
     def head(self, h, last_action):
         head = self.plan.head
@@ -279,6 +320,19 @@ class MaskedExecutor(Executor):
             if head.dropout is not None:
                 h = head.dropout(h, training=self.training)
         return head.layers[-1](h)
+
+
+def skipped_conv(step, batch):
+    """What a conv of a skipped block's branch outputs: zeros, without a convolution.
+
+    A decided conv or a depthwise conv gives no channel (its prefix is
+    empty); a conv that keeps its full output (the bottleneck's last conv,
+    the projection) gives zeros of its full width, so that the residual sum
+    gives the block's input.
+    """
+    layer = step.layer
+    narrow = step.decision is not None or isinstance(layer, GatedDepthwiseConv2D)
+    return tf.zeros([batch, *layer.output_hw, 0 if narrow else layer.filters], layer.compute_dtype)
 
 
 def head_on_prefix(head, h):
@@ -312,7 +366,10 @@ class SlicedExecutor(Executor):
         return self.plan.groups if action is None else int(tf.reshape(action, [-1])[0])
 
     def conv(self, step, h, in_action, out_action):
-        return step.layer.call_sliced(h, self._groups(in_action), self._groups(out_action))
+        p, a = self._groups(in_action), self._groups(out_action)
+        if p == 0 or a == 0:  # a skipped block's branch: nothing computed
+            return skipped_conv(step, tf.shape(h)[0])
+        return step.layer.call_sliced(h, p, a)
 
     def head(self, h, last_action):
         return head_on_prefix(self.plan.head, h)

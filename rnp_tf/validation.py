@@ -156,7 +156,7 @@ def check_action(name, value, groups):
     return action
 
 
-def check_actions(actions, batch_size, num_layers, groups):
+def check_actions(actions, batch_size, num_layers, groups, skips=None):
     """Validates a concrete `[batch, num_layers]` array of forced actions.
 
     Tensors without a concrete value (inside a traced function) are only
@@ -167,6 +167,10 @@ def check_actions(actions, batch_size, num_layers, groups):
         batch_size: expected batch size (or None when unknown).
         num_layers: number of prunable layers.
         groups: number of channel groups `k`.
+        skips: optional dict, per decision of a skippable block, the
+            decision whose 0 skips it (the first maps to itself): 0 is
+            allowed there, at a later decision only where the block is
+            skipped (`NetworkPlan.skip_columns`).
 
     Returns:
         An int32 tensor of shape `[batch, num_layers]`.
@@ -183,7 +187,7 @@ def check_actions(actions, batch_size, num_layers, groups):
                 f"`actions` must be integers in 1..{groups}. Received: "
                 f"actions with dtype={array.dtype}"
             )
-        _check_actions_values(array, groups)
+        _check_actions_values(array, groups, skips)
         actions = tf.constant(array, tf.int32)
     elif not actions.dtype.is_integer:
         raise ValueError(
@@ -191,7 +195,7 @@ def check_actions(actions, batch_size, num_layers, groups):
             f"actions with dtype={actions.dtype.name}"
         )
     elif tf.executing_eagerly():
-        _check_actions_values(actions.numpy(), groups)
+        _check_actions_values(actions.numpy(), groups, skips)
     shape = actions.shape
     if shape.rank != 2 or (shape[1] is not None and shape[1] != num_layers):
         raise ValueError(
@@ -206,7 +210,20 @@ def check_actions(actions, batch_size, num_layers, groups):
     return tf.cast(actions, tf.int32)
 
 
-def _check_actions_values(array, groups):
+def _check_actions_values(array, groups, skips=None):
+    if skips and array.ndim == 2 and array.size:
+        for t, first in skips.items():
+            if t < array.shape[1] and first < array.shape[1]:
+                bad = (array[:, t] == 0) & (array[:, first] != 0)
+                if bad.any():
+                    raise ValueError(
+                        f"`actions` may be 0 (skip) at decision {t} only where its block is skipped "
+                        f"(decision {first} is 0). Received: actions[{int(np.argmax(bad))}]="
+                        f"{array[int(np.argmax(bad))].tolist()}"
+                    )
+        array = array.copy()
+        columns = [t for t in skips if t < array.shape[1]]
+        array[:, columns] = np.where(array[:, columns] == 0, 1, array[:, columns])
     if array.size and (array.min() < 1 or array.max() > groups):
         raise ValueError(
             f"`actions` must be in 1..{groups} (the number of channel groups "
