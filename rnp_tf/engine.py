@@ -371,7 +371,8 @@ class InferenceEngine:
         Args:
             t: Python int, index of the prunable layer.
             pieces: list of `(features, sample_ids)`: features
-                `(n_i, h, w, c_i)` (any prefix width `c_i`), `sample_ids`
+                `(n_i, h, w, c_i)` (any prefix width `c_i`; None for samples
+                whose block is skipped: zero features), `sample_ids`
                 int32 `[n_i]`; together the ids cover `0..batch-1` once.
             state: the agent's LSTM state for the whole batch.
             identity: True when `pieces` is one piece whose ids are
@@ -385,7 +386,11 @@ class InferenceEngine:
     def pooled(self, t, pieces, identity=False):
         """Pooled features `[batch, C_t]` of bucketed pieces, in sample order (see `agent_step`)."""
         channels = self.plan.feature_channels[t]
-        pooled = [rollout_lib.pad_channels(rollout_lib.spatial_mean(features), channels) for features, _ in pieces]
+        pooled = [
+            tf.zeros([tf.shape(ids)[0], channels]) if features is None  # a skipped block's samples
+            else rollout_lib.pad_channels(rollout_lib.spatial_mean(features), channels)
+            for features, ids in pieces
+        ]
         if identity and len(pieces) == 1:
             return pooled[0]
         return tf.dynamic_stitch([ids for _, ids in pieces], pooled)
@@ -479,9 +484,28 @@ class SwitchExecutor(rollout_lib.Executor):
         return 1
 
     def pooled(self, h, t):
+        if t in self.engine.plan.skipped_by:  # after a skip, `h` has no channel: zero features
+            channels = self.engine.plan.feature_channels[t]
+            return tf.cond(
+                tf.shape(h)[-1] > 0,
+                lambda: self.engine.pooled(t, [(h, None)], identity=True),
+                lambda: tf.zeros([1, channels]),
+            )
         return self.engine.pooled(t, [(h, None)], identity=True)
 
     def conv(self, step, h, in_action, out_action):
+        skip = self.engine.plan.skip_of_conv.get(step.layer.name)
+        if skip is None:
+            return self._conv(step, h, in_action, out_action)
+        # a skippable block's branch: action 0 computes nothing (a decided conv's own action, else its input's)
+        action = out_action if step.decision is not None else in_action
+        return tf.cond(
+            action[0] > 0,
+            lambda: self._conv(step, h, in_action, out_action),
+            lambda: rollout_lib.skipped_conv(step, 1),
+        )
+
+    def _conv(self, step, h, in_action, out_action):
         if step.decision is None:
             if in_action is None:
                 return self.engine.kept(step.layer, h)
@@ -543,7 +567,7 @@ class BucketedExecutor(rollout_lib.Executor):
 
     def pooled(self, h, t):
         if isinstance(h, list):
-            return self.engine.pooled(t, [(pc.x, pc.idx) for pc in h])
+            return self.engine.pooled(t, [(pc.x if pc.width else None, pc.idx) for pc in h])
         return self.engine.pooled(t, [(h, None)], identity=True)
 
     def conv(self, step, h, in_action, out_action):
@@ -572,6 +596,8 @@ class BucketedExecutor(rollout_lib.Executor):
         out_shape = [*layer.output_hw, layer.filters]
 
         def kept(features, idx, p):
+            if p == 0:  # a skipped block's samples: the branch's output is zero
+                return tf.zeros([tf.shape(idx)[0], *out_shape])
             return self._nonempty(tf.shape(idx)[0], lambda rows: self.engine.kept(layer, rows, p), features, out_shape)
 
         return self._by_width(pieces, kept)
@@ -580,6 +606,9 @@ class BucketedExecutor(rollout_lib.Executor):
         """A depthwise conv on every piece at its own width: the pieces stay (their width is the output's)."""
         out = []
         for pc in pieces:
+            if pc.width == 0:  # a skipped block's samples stay as they are
+                out.append(pc)
+                continue
             shape = [*layer.output_hw, pc.width * layer.in_group_size]
             y = self._nonempty(tf.shape(pc.idx)[0], lambda rows, w=pc.width: self.engine.kept(layer, rows, w), pc.x, shape)
             out.append(_Piece(y, pc.idx, pc.width))
@@ -588,7 +617,7 @@ class BucketedExecutor(rollout_lib.Executor):
     def _by_width(self, pieces, fn):
         """`fn(features, sample_ids, width)` on the samples of each width, stitched back in sample order."""
         outputs, ids = [], []
-        for w in range(1, self.k + 1):
+        for w in range(0, self.k + 1):  # width 0: the samples of a skipped block
             group = [pc for pc in pieces if pc.width == w]
             if not group:
                 continue
@@ -619,7 +648,10 @@ class BucketedExecutor(rollout_lib.Executor):
         """Prunable conv t on per-sample actions; returns the new pieces."""
         k = self.k
         out_h, out_w = layer.output_hw
-        new_pieces = []
+        # Block skipping: at a skippable decision the samples of action 0 become a piece of width 0
+        # (nothing computed; its rows are the block's input, never read); later convs pass it on.
+        first = 0 if t in self.engine.plan.skippable else 1
+        new_pieces = [pc for pc in pieces if pc.width == 0]
         for p in self.engine.previous_actions(t):
             group = [pc for pc in pieces if pc.width == p]
             if not group:
@@ -627,13 +659,17 @@ class BucketedExecutor(rollout_lib.Executor):
             keys = [tf.gather(action, pc.idx) for pc in group]
             features, idx, key = self._merge(group, keys)
             # `features` is sorted by action: each (p, a) group is a slice.
-            counts = tf.math.bincount(key - 1, minlength=k, maxlength=k, dtype=tf.int32)
+            size = k + 1 - first
+            counts = tf.math.bincount(key - first, minlength=size, maxlength=size, dtype=tf.int32)
             starts = tf.cumsum(counts, exclusive=True)
-            for a in range(1, k + 1):
-                n, start = counts[a - 1], starts[a - 1]
+            for a in range(first, k + 1):
+                n, start = counts[a - first], starts[a - first]
                 rows = tf.slice(features, tf.stack([start, 0, 0, 0]), tf.stack([n, -1, -1, -1]))
                 rows.set_shape([None, *group[0].x.shape[1:]])
                 ids = tf.slice(idx, tf.reshape(start, [1]), tf.reshape(n, [1]))
+                if a == 0:
+                    new_pieces.append(_Piece(rows, ids, 0))
+                    continue
                 out_channels = a * layer.group_size
                 y = self._group_conv(t, layer, rows, n, p, a, [out_h, out_w, out_channels])
                 new_pieces.append(_Piece(y, ids, a))

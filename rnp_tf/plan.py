@@ -227,6 +227,8 @@ class NetworkPlan:
         skipped_by: per later decision of a skippable block, the decision
             whose action 0 skips it. A skipped block's decisions are all
             recorded as 0 and cost nothing.
+        skip_of_conv: per conv name of a skippable block's branch, the
+            decision whose 0 skips it.
 
     Block skipping (Runtime Network Routing): when a skippable block's first
     decision is 0, its residual branch is not computed and its output is
@@ -245,13 +247,13 @@ class NetworkPlan:
         self.feature_channels = []
         self.skippable = set()
         self.skipped_by = {}
-        self._skip_of_conv = {}  # conv name -> the decision that skips it
+        self.skip_of_conv = {}
         for step in self.steps:
             if getattr(step, "skippable", False):
                 decided = [inner.decision for inner in step.body if inner.decision is not None]
                 self.skippable.add(decided[0])
                 self.skipped_by.update({t: decided[0] for t in decided[1:]})
-                self._skip_of_conv.update({inner.layer.name: decided[0] for inner in step.body})
+                self.skip_of_conv.update({inner.layer.name: decided[0] for inner in step.body})
         for step in self.conv_steps():
             self.conv_refs[step.layer.name] = (step.decision, step.in_ref)
             if step.decision is not None:
@@ -330,8 +332,8 @@ class NetworkPlan:
             in_actions = full if in_ref is None else actions[:, in_ref]
             out_actions = full if decision is None else actions[:, decision]
             cost = conv.macs(in_actions, out_actions)
-            if conv.name in self._skip_of_conv:
-                cost *= tf.cast(actions[:, self._skip_of_conv[conv.name]] > 0, tf.float32)
+            if conv.name in self.skip_of_conv:
+                cost *= tf.cast(actions[:, self.skip_of_conv[conv.name]] > 0, tf.float32)
             total += cost
         if self.head.in_ref is not None:
             total += tf.cast(actions[:, self.head.in_ref], tf.float32) * self._head_macs_per_group
