@@ -76,6 +76,8 @@ def check_exportable(model):
     """
     from rnp_tf import plan as plan_lib
 
+    if model.plan.skippable:
+        raise ExportError("the exported graphs do not run block skips yet; this model has skippable blocks")
     for step in model.plan.steps:
         if isinstance(step, plan_lib.MapStep) and pool_spec(step.layer) is None:
             raise ExportError(

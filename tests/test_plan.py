@@ -167,3 +167,55 @@ def test_head_rows_read_a_channel_prefix():
         np.testing.assert_allclose(spatial.flatten(h[..., :channels]).numpy() @ rows, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="Received: layout='nchw'"):
         head.relayout(kernel, "nchw", "channel")
+
+
+# An identity bottleneck (decisions 0, 1) made skippable, then a prunable conv (decision 2).
+SKIPPABLE = {"stages": [{"type": "conv", "filters": 16},
+                        {"type": "bottleneck", "filters": 4, "expansion": 4, "projection": False, "skippable": True},
+                        {"type": "conv", "filters": 8}],
+             "head": {"pooling": "gap"}}
+
+
+def test_skipped_block_costs_nothing_by_hand():
+    plan = plan_of(SKIPPABLE)
+    stem, a, b, c, last = plan.convs
+    assert plan.skippable == {0} and plan.skipped_by == {1: 0} and plan.skip_columns == {0: 0, 1: 0}
+    assert [s.skippable for s in plan.steps if isinstance(s, BlockStep)] == [True]
+    classifier = plan.head.layers[-1]
+    head = 3 * last.group_size * classifier.units
+    skipped = stem.full_macs + last.macs(4, 3) + head
+    taken = skipped + a.macs(4, 2) + b.macs(2, 1) + c.macs(1, 4)
+    # a skip costs 0 whatever its later action says (the cap's completions put 1 there)
+    np.testing.assert_allclose(plan.macs([[0, 0, 3], [0, 1, 3], [2, 1, 3]]).numpy(), [skipped, skipped, taken],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(plan.live([[0, 0, 3], [2, 1, 3]]).numpy(), [[1, 0, 1], [1, 1, 1]])
+    assert plan_of(backbones.cifar_cnn((8, 8, 16, 16))).live([[1, 2, 3]]) is None
+
+
+def test_inverted_residual_can_be_skipped(tiny_mobilenet):
+    tiny_mobilenet["stages"][2]["skippable"] = True  # expansion 4, identity shortcut: decision 0
+    plan = plan_of(tiny_mobilenet, image_shape=(32, 32, 3))
+    assert plan.skippable == {0} and plan.skipped_by == {}
+    block = [s for s in plan.steps if isinstance(s, InvertedResidualStep)][1]
+    full, skipped = plan.macs([[4, 4, 4, 4], [0, 4, 4, 4]]).numpy()
+    branch = sum(float(s.layer.macs(4, 4)) for s in block.body)  # expand, depthwise, project at full width
+    assert full - skipped == pytest.approx(branch, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "index, stage, match",
+    [
+        (1, {"type": "bottleneck", "filters": 4, "expansion": 4, "projection": True, "skippable": True},
+         r"stages\[1\]: only a block with an identity shortcut"),
+        (1, {"type": "bottleneck", "filters": 4, "expansion": 4, "projection": False, "prunable": [False, True],
+             "skippable": True}, r"stages\[1\]: only a block with an identity shortcut and a prunable first conv"),
+        (1, {"type": "bottleneck", "filters": 4, "expansion": 4, "projection": False, "skippable": "yes"},
+         r"stages\[1\]\.skippable must be a bool"),
+        (2, {"type": "conv", "filters": 8, "skippable": True}, r"stages\[2\]: only a bottleneck or an inverted"),
+    ],
+)
+def test_skippable_is_refused_where_there_is_no_branch_to_skip(index, stage, match):
+    spec = {"stages": [dict(s) for s in SKIPPABLE["stages"]], "head": {"pooling": "gap"}}
+    spec["stages"][index] = stage
+    with pytest.raises(ValueError, match=match):
+        plan_of(spec)
