@@ -488,3 +488,85 @@ def test_stage_times_scale_convs_by_their_macs():
     assert {"stem", "head_4", f"head_{others[-1]['actions'][-1]}"} <= set(stages)
     with pytest.raises(ValueError, match="full width"):
         latency.stage_times(model, engine, points[1:], config)
+
+
+def skip_model(kind, tiny_mobilenet):
+    """A residual model with skippable blocks, spread agent weights, greedy skips for about half the images.
+
+    `"bottleneck"`: `RESIDUAL` with its identity bottleneck skippable
+    (decisions 2, 3); `"inverted"`: the tiny MobileNetV2 with its two
+    expanding identity blocks skippable (decisions 0 and 2).
+    """
+    if kind == "bottleneck":
+        spec, shape = {"stages": [dict(s) for s in RESIDUAL["stages"]], "head": RESIDUAL["head"]}, (8, 8, 1)
+        spec["stages"][2]["skippable"] = True
+    else:
+        spec, shape = tiny_mobilenet, (32, 32, 3)
+        spec["stages"][2]["skippable"] = spec["stages"][4]["skippable"] = True
+    tf.random.set_seed(0)
+    model = rnp_tf.RNPModel(spec, image_shape=shape, num_classes=3)
+    rng = np.random.default_rng(0)
+    randomise_batchnorm(model, rng)
+    for layer in (*model.agent.encoders, *model.agent.decoders):
+        layer.kernel.assign(rng.normal(0, 10.0, layer.kernel.shape))
+    x = images(64, shape=shape, seed=5)
+    for t in sorted(model.plan.skippable):  # the skip's Q-value at the median of the others' best
+        q = model.rollout(x)["q_values"].numpy()[:, t]
+        bias = model.agent.decoders[t].bias
+        bias.assign(bias.numpy() + np.eye(bias.shape[0])[-1] * np.median(q[:, :-1].max(1) - q[:, -1]))
+    return model, x
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", pytest.param("inverted", marks=pytest.mark.slow)])
+def test_block_skips_equal_the_masked_path(kind, tiny_mobilenet):
+    """Masked == sliced == engine (batch 1, 7, 64, both control-flow modes) with skips, forced and greedy."""
+    model, x = skip_model(kind, tiny_mobilenet)
+    plan = model.plan
+    skips = sorted(plan.skippable)
+    greedy = model.rollout(x)
+    chosen = greedy["actions"].numpy()
+    assert greedy["q_values"].shape == (64, plan.num_decisions, 5)
+    for t in skips:  # greedy skips occur, and not everywhere
+        assert 0 < (chosen[:, t] == 0).sum() < 64
+    for t, first in plan.skipped_by.items():
+        np.testing.assert_array_equal(chosen[chosen[:, first] == 0, t], 0)  # a skipped block's later decisions
+    rng = np.random.default_rng(1)
+    forced = rng.integers(1, 5, size=(64, plan.num_decisions)).astype("int32")
+    for t in skips:
+        forced[rng.random(64) < 0.4, t] = 0
+    forced[:4, skips] = 0  # the first rows skip every block
+    for t, first in plan.skipped_by.items():
+        forced[:, t] = np.where(forced[:, first] == 0, 0, forced[:, t])
+    masked = model.rollout(x, actions=forced)
+    sliced = model.sliced_rollout(x[:7], actions=forced[:7])
+    np.testing.assert_array_equal(sliced["actions"], forced[:7])
+    np.testing.assert_allclose(sliced["logits"], masked["logits"].numpy()[:7], atol=ATOL)
+    sliced = model.sliced_rollout(x[:7])
+    np.testing.assert_array_equal(sliced["actions"], chosen[:7])
+    np.testing.assert_allclose(sliced["logits"], greedy["logits"].numpy()[:7], atol=ATOL)
+    for control_flow in (True, False):
+        engine = InferenceEngine(model, control_flow=control_flow)
+        for batch in (1, 7, 64):
+            assert_same(engine(x[:batch], actions=forced[:batch]), model.rollout(x[:batch], actions=forced[:batch]))
+            assert_same(engine(x[:batch]), model.rollout(x[:batch]))
+        skipped = int(np.flatnonzero(chosen[:, skips[0]] == 0)[0])
+        assert_same(engine(x[skipped : skipped + 1]), model.rollout(x[skipped : skipped + 1]))
+
+
+def test_skipped_block_output_is_its_input():
+    """Skipping the only block: the logits are those of a network without it."""
+    spec = {"stages": [{"type": "conv", "filters": 8},
+                       {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2, "skippable": True},
+                       {"type": "conv", "filters": 8}],
+            "head": {"pooling": "gap"}}
+    model = rnp_tf.RNPModel(spec, image_shape=(8, 8, 1), num_classes=3)
+    randomise_batchnorm(model, np.random.default_rng(0))
+    x = images(3)
+    stem, *_, last = model.plan.convs
+    expected = model.plan.head.layers[-1](tf.reduce_mean(last(stem(x), out_actions=tf.fill([3], 2)), axis=[1, 2]))
+    for out in (model.rollout(x, actions=[[0, 0, 2]] * 3), InferenceEngine(model)(x, actions=[[0, 0, 2]] * 3)):
+        np.testing.assert_allclose(out["logits"].numpy(), expected.numpy(), atol=ATOL)
+    with pytest.raises(ValueError, match="may be 0 \\(skip\\) at decision 1 only where its block is skipped"):
+        model.rollout(x, actions=[[2, 0, 2]] * 3)
+    with pytest.raises(ValueError, match="must be in 1..4"):
+        model.rollout(x, actions=[[1, 1, 0]] * 3)
