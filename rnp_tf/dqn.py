@@ -109,6 +109,7 @@ def q_loss(q_values, actions, targets, loss="mse", live=None):
         mean = tf.reduce_mean
     else:
         live = tf.cast(live, error.dtype)
+        error = error * live  # an untaken decision's action 0 reads a -1e30 pad: its error must not be squared
 
         def mean(x):
             return tf.reduce_sum(x * live) / tf.maximum(tf.reduce_sum(live), 1.0)

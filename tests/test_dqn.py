@@ -56,3 +56,20 @@ def test_phase_schedule():
     assert phases == (
         ["robust"] * 2 + ["agent"] * 4 + ["backbone"] * 3 + ["agent"] * 2 + ["backbone"] * 3 + ["agent"] * 2
     )
+
+
+def test_skipped_decisions_are_transparent_in_targets_and_left_out_of_the_loss():
+    """Decision 0 skips its block (0, 0); decision 1 was not taken: the skip's target passes over it."""
+    actions = tf.constant([[0, 0, 2], [3, 1, 2]])
+    r = dqn.rewards(actions, tf.constant([1.0, 1.0]), penalty=-0.1, alpha=1.0)
+    np.testing.assert_allclose(r.numpy(), [[0.1, 0.1, -0.1 - 1.0], [-0.2, 0.0, -0.1 - 1.0]], atol=1e-6)
+    q = tf.constant([[[1.0, 2.0, 0.5], [9.0, 9.0, 9.0], [4.0, 3.0, -1e30]]] * 2)
+    live = tf.constant([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    y = dqn.td_targets(r, q, gamma=0.5, live=live).numpy()
+    # skipped: r_0 + r_1 (passed over, undiscounted) + gamma * max Q(s_2); taken: as without live
+    np.testing.assert_allclose(y[0, [0, 2]], [0.1 + 0.1 + 0.5 * 4.0, -0.1 - 1.0], atol=1e-6)
+    np.testing.assert_allclose(y[1], dqn.td_targets(r, q, gamma=0.5).numpy()[1], atol=1e-6)
+    # action 0 reads the last Q-value (the skip's); the untaken decision adds nothing
+    targets = tf.constant([[0.0, 100.0, 0.0]])
+    loss = dqn.q_loss(q[:1], actions[:1], targets, live=live[:1])
+    assert float(loss) == pytest.approx((0.5**2 + 3.0**2) / 2)

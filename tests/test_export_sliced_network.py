@@ -198,3 +198,15 @@ def test_mobilenet_stretches_split_at_each_expansion_and_its_tail(mobilenet_mode
     assert net.opens_block("stem") and net.closes_block(("tail", 0)) and not net.opens_block(("tail", 0))
     assert net.opens_block(("tail", 1)) and net.closes_block(("tail", 2))
     assert net.block_out[("tail", 2)] == (8, 8, 12)
+
+
+def test_skippable_blocks_are_refused():
+    import rnp_tf
+
+    spec = {"stages": [{"type": "conv", "filters": 8},
+                       {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2, "skippable": True},
+                       {"type": "conv", "filters": 8}],
+            "head": {"pooling": "gap"}}
+    model = rnp_tf.RNPModel(backbone=spec, image_shape=(8, 8, 1), num_classes=3)
+    with pytest.raises(exceptions.ExportError, match="do not run block skips yet"):
+        sliced_network.SlicedNetwork(model)

@@ -301,3 +301,37 @@ def test_empty_batch_gives_empty_outputs_everywhere():
     assert sliced["logits"].shape == (0, 10) and sliced["actions"].shape == (0, 3)
     with pytest.raises(ValueError, match="8x8"):
         model.predict(np.zeros((0, 9, 8, 1), "float32"))
+
+
+SKIPPABLE = {"stages": [{"type": "conv", "filters": 8},
+                        {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2, "skippable": True},
+                        {"type": "conv", "filters": 8}],
+             "head": {"pooling": "gap"}}
+
+
+def test_skippable_model_trains_and_round_trips(tmp_path):
+    """Every phase trains with skips explored (epsilon 1); the .keras file keeps the k + 1 Q-head."""
+    model = rnp_tf.RNPModel(
+        SKIPPABLE, image_shape=(8, 8, 1), num_classes=3,
+        schedule=rnp_tf.Schedule(robust_steps=1, agent_steps=2, backbone_steps=2, epsilon_decay_steps=100),
+    )
+    assert [d.units for d in model.agent.decoders] == [5, 4, 4]
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, size=64)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat()
+    before = [v.numpy() for v in model.agent.trainable_variables]
+    history = model.fit(data, epochs=1, steps_per_epoch=7, verbose=0)
+    assert np.isfinite(history.history["agent_loss"][0]) and np.isfinite(history.history["loss"][0])
+    assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, model.agent.trainable_variables))
+    explored = model.rollout(x, policy="epsilon", epsilon=1.0)["actions"].numpy()
+    assert (explored[:, 0] == 0).any() and (explored[:, 2] > 0).all()
+    np.testing.assert_array_equal(explored[explored[:, 0] == 0, 1], 0)
+    path = tmp_path / "skip.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_config() == model.get_config() and loaded.plan.skippable == {0}
+    a, b = model.rollout(x), loaded.rollout(x)
+    np.testing.assert_array_equal(a["actions"], b["actions"])
+    np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-6)
