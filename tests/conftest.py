@@ -263,3 +263,16 @@ def _tiny_mobilenet():
         ],
         "head": {"pooling": "gap"},
     }
+
+
+@pytest.fixture
+def skippable_bottleneck():
+    """A stem, one skippable identity bottleneck (decisions 0, 1) and a prunable conv (decision 2), for 8x8x1."""
+    return {
+        "stages": [
+            {"type": "conv", "filters": 8},
+            {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2, "skippable": True},
+            {"type": "conv", "filters": 8},
+        ],
+        "head": {"pooling": "gap"},
+    }

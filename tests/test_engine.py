@@ -553,12 +553,9 @@ def test_block_skips_equal_the_masked_path(kind, tiny_mobilenet):
         assert_same(engine(x[skipped : skipped + 1]), model.rollout(x[skipped : skipped + 1]))
 
 
-def test_skipped_block_output_is_its_input():
+def test_skipped_block_output_is_its_input(skippable_bottleneck):
     """Skipping the only block: the logits are those of a network without it."""
-    spec = {"stages": [{"type": "conv", "filters": 8},
-                       {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2, "skippable": True},
-                       {"type": "conv", "filters": 8}],
-            "head": {"pooling": "gap"}}
+    spec = skippable_bottleneck
     model = rnp_tf.RNPModel(spec, image_shape=(8, 8, 1), num_classes=3)
     randomise_batchnorm(model, np.random.default_rng(0))
     x = images(3)

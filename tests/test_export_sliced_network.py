@@ -200,13 +200,10 @@ def test_mobilenet_stretches_split_at_each_expansion_and_its_tail(mobilenet_mode
     assert net.block_out[("tail", 2)] == (8, 8, 12)
 
 
-def test_skippable_blocks_are_refused():
+def test_skippable_blocks_are_refused(skippable_bottleneck):
     import rnp_tf
 
-    spec = {"stages": [{"type": "conv", "filters": 8},
-                       {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2, "skippable": True},
-                       {"type": "conv", "filters": 8}],
-            "head": {"pooling": "gap"}}
+    spec = skippable_bottleneck
     model = rnp_tf.RNPModel(backbone=spec, image_shape=(8, 8, 1), num_classes=3)
     with pytest.raises(exceptions.ExportError, match="do not run block skips yet"):
         sliced_network.SlicedNetwork(model)

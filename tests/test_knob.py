@@ -61,13 +61,10 @@ def test_penalty_must_be_finite(bad):
             model.rollout(np.zeros((1, 8, 8, 1), "float32"), penalty=bad)
 
 
-def test_reprice_and_cap_price_the_skip_as_action_0():
+def test_reprice_and_cap_price_the_skip_as_action_0(skippable_bottleneck):
     q = tf.zeros([1, 5])  # a skippable decision: actions 1..4, then the skip
     np.testing.assert_allclose(knob.reprice(q, -0.5, groups=4), [[0.0, -0.5, -1.0, -1.5, 0.5]])
-    spec = {"stages": [{"type": "conv", "filters": 8},
-                       {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2, "skippable": True},
-                       {"type": "conv", "filters": 8}],
-            "head": {"pooling": "gap"}}
+    spec = skippable_bottleneck
     plan = rnp_tf.RNPModel(spec, image_shape=(8, 8, 1), num_classes=3).plan
     cap = float(plan.macs([[0, 0, 1]])[0])  # below the narrowest unskipped network: only the skip fits
     assert cap < plan.min_macs

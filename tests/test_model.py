@@ -303,16 +303,10 @@ def test_empty_batch_gives_empty_outputs_everywhere():
         model.predict(np.zeros((0, 9, 8, 1), "float32"))
 
 
-SKIPPABLE = {"stages": [{"type": "conv", "filters": 8},
-                        {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2, "skippable": True},
-                        {"type": "conv", "filters": 8}],
-             "head": {"pooling": "gap"}}
-
-
-def test_skippable_model_trains_and_round_trips(tmp_path):
+def test_skippable_model_trains_and_round_trips(tmp_path, skippable_bottleneck):
     """Every phase trains with skips explored (epsilon 1); the .keras file keeps the k + 1 Q-head."""
     model = rnp_tf.RNPModel(
-        SKIPPABLE, image_shape=(8, 8, 1), num_classes=3,
+        skippable_bottleneck, image_shape=(8, 8, 1), num_classes=3,
         schedule=rnp_tf.Schedule(robust_steps=1, agent_steps=2, backbone_steps=2, epsilon_decay_steps=100),
     )
     assert [d.units for d in model.agent.decoders] == [5, 4, 4]
