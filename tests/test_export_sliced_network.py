@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from export import exceptions
 from export import sliced_network
 from export import verification
 
