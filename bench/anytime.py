@@ -332,6 +332,8 @@ def plot(runs, path):
     dense = [r for r in runs if r["variant"] == "dense"]
     runs = [r for r in runs if r["variant"] != "dense"]
     keys = sorted({(r["dataset"], r["variant"]) for r in runs})
+    if not keys:  # dense controls alone: their curves are drawn beside the escalation runs they pair with
+        return
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
     for ax, (dataset, variant) in zip(axes[0], keys):
         group = [r for r in runs if (r["dataset"], r["variant"]) == (dataset, variant)]
@@ -352,7 +354,8 @@ def plot(runs, path):
         refs = [r["reference"] for r in group if r["reference"]]
         if refs:
             grid = np.linspace(0.1, 0.7, 25)
-            for key, label in (("static_curve", "dense static"), ("paper", "dense + paper's agent")):
+            for key, label in (("static_curve", "dense static (bench.accuracy recipe)"),
+                               ("paper", "dense + paper's agent (bench.accuracy recipe)")):
                 ys = [np.mean([v for v in (splits.interp_inside(ref[key], g) for ref in refs if ref[key])
                                if v is not None] or [np.nan]) for g in grid]
                 ax.plot(grid, ys, "--", label=label)

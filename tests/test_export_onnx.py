@@ -171,44 +171,19 @@ def test_kernels_are_bound_where_they_are_used(exported):
                 assert node.input[1] in inits and len(inits[node.input[1]].dims) == 4
 
 
-@pytest.fixture(scope="module")
-def residual_exported(tmp_path_factory, write_residual_checkpoint):
-    ckpt = tmp_path_factory.mktemp("residual")
-    model = write_residual_checkpoint(ckpt)
+@pytest.fixture(scope="module", params=["residual", pytest.param("mobilenet", marks=pytest.mark.slow)])
+def block_exported(request, tmp_path_factory):
+    """The small residual model and the small MobileNetV2, exported (their own parity checks passed)."""
+    ckpt = tmp_path_factory.mktemp(request.param)
+    model = request.getfixturevalue(f"write_{request.param}_checkpoint")(ckpt)
     report = onnx_export.export_onnx(ckpt, num_parity_images=8, max_forced_tuples=16, timing_runs=0, log=lambda m: None)
     return model, ckpt / "export", report
 
 
-@pytest.mark.parametrize("batch", [1, 7, 64])
-def test_residual_models_match_rollout(residual_exported, check_residual_batches, batch):
-    """Bottlenecks in rnp.onnx (gather/scatter, any batch), rnp_b1.onnx (nested If) and full.onnx."""
-    model, out, report = residual_exported
-    assert report["parity"]["rnp.onnx"]["dynamic_batch"]["64"]["action_agreement"] == 1.0
-    assert "If" not in report["operators"]["rnp.onnx"] and "If" in report["operators"]["rnp_b1.onnx"]
-    images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
-    check_residual_batches(model, onnx_export.runner(onnx_export.session(str(out / "rnp.onnx"))), images, batch)
-    if batch == 1:
-        single = onnx_export.runner(onnx_export.session(str(out / "rnp_b1.onnx")), batch1=True)
-        check_residual_batches(model, single, images, 7)  # one image per call
-        full = onnx_export.session(str(out / "full.onnx"))
-        x = images[:7]
-        np.testing.assert_allclose(full.run(["logits"], {"images": x})[0],
-                                   model.rollout(x, actions=np.full((7, 4), 4))["logits"], atol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def mobilenet_exported(tmp_path_factory, write_mobilenet_checkpoint):
-    ckpt = tmp_path_factory.mktemp("mobilenet")
-    model = write_mobilenet_checkpoint(ckpt)
-    report = onnx_export.export_onnx(ckpt, num_parity_images=8, max_forced_tuples=16, timing_runs=0, log=lambda m: None)
-    return model, ckpt / "export", report
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("batch", [1, 7, 64])
-def test_mobilenet_models_match_rollout(mobilenet_exported, check_residual_batches, batch):
-    """Inverted residuals in rnp.onnx (a group per action runs a whole block), rnp_b1.onnx (an If per block), full.onnx."""
-    model, out, report = mobilenet_exported
+@pytest.mark.parametrize("batch", [1, 7, pytest.param(64, marks=pytest.mark.slow)])
+def test_block_models_match_rollout(block_exported, check_residual_batches, batch):
+    """Bottlenecks and inverted residuals in rnp.onnx (gather/scatter, any batch), rnp_b1.onnx (If) and full.onnx."""
+    model, out, report = block_exported
     assert report["parity"]["rnp.onnx"]["dynamic_batch"]["64"]["action_agreement"] == 1.0
     assert "If" not in report["operators"]["rnp.onnx"] and "If" in report["operators"]["rnp_b1.onnx"]
     images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)

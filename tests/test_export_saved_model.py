@@ -129,11 +129,11 @@ def test_corrupt_checkpoint_cli_exits_2(tmp_path):
     assert os.listdir(tmp_path) == ["model.keras"]
 
 
-@pytest.fixture(scope="module")
-def residual_export(tmp_path_factory, write_residual_checkpoint):
-    """The small residual model exported with the sliced graph (its own parity checks passed)."""
-    ckpt = tmp_path_factory.mktemp("residual")
-    model = write_residual_checkpoint(ckpt)
+@pytest.fixture(scope="module", params=["residual", "mobilenet"])
+def block_export(request, tmp_path_factory):
+    """The small residual model and the small MobileNetV2, exported with the sliced graph (parity checks passed)."""
+    ckpt = tmp_path_factory.mktemp(request.param)
+    model = request.getfixturevalue(f"write_{request.param}_checkpoint")(ckpt)
     report = saved_model.export_saved_model(ckpt, graph="sliced", num_parity_images=8, max_forced_tuples=16,
                                             log=lambda m: None)
     return model, ckpt / "export", report
@@ -141,31 +141,9 @@ def residual_export(tmp_path_factory, write_residual_checkpoint):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 7, 64])
-def test_residual_sliced_export_matches_rollout(residual_export, check_residual_batches, batch):
-    """Bottlenecks through the reloaded SavedModel: the If tree at batch 1, gather/scatter above."""
-    model, out, report = residual_export
-    parity = report["parity"]["saved_model"]
-    assert parity["greedy"]["action_agreement"] == 1.0 and parity["batch1"]["forced"]["distinct_action_tuples"] == 16
-    run = saved_model.runner(str(out / "saved_model"))
-    images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
-    check_residual_batches(model, run, images, batch)
-
-
-@pytest.fixture(scope="module")
-def mobilenet_export(tmp_path_factory, write_mobilenet_checkpoint):
-    """The small MobileNetV2 exported with the sliced graph (its own parity checks passed)."""
-    ckpt = tmp_path_factory.mktemp("mobilenet")
-    model = write_mobilenet_checkpoint(ckpt)
-    report = saved_model.export_saved_model(ckpt, graph="sliced", num_parity_images=8, max_forced_tuples=16,
-                                            log=lambda m: None)
-    return model, ckpt / "export", report
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("batch", [1, 7, 64])
-def test_mobilenet_sliced_export_matches_rollout(mobilenet_export, check_residual_batches, batch):
-    """Inverted residuals through the reloaded SavedModel: the If tree at batch 1, gather/scatter above."""
-    model, out, report = mobilenet_export
+def test_block_sliced_export_matches_rollout(block_export, check_residual_batches, batch):
+    """Bottlenecks and inverted residuals through the reloaded SavedModel: the If tree at batch 1, gather/scatter above."""
+    model, out, report = block_export
     parity = report["parity"]["saved_model"]
     assert parity["greedy"]["action_agreement"] == 1.0 and parity["batch1"]["forced"]["distinct_action_tuples"] == 16
     run = saved_model.runner(str(out / "saved_model"))

@@ -209,39 +209,15 @@ def test_probe_says_what_is_missing(monkeypatch):
 
 
 @pytest.mark.slow
-def test_residual_tensorrt_onnx_is_ready_and_matches_rollout(tmp_path, write_residual_checkpoint, check_residual_batches):
-    """A residual model's rnp_trt.onnx: supported operators only, no If, the agent's actions at batch 1, 7 and 64."""
+@pytest.mark.parametrize("kind", ["residual", "mobilenet"])
+def test_block_tensorrt_onnx_is_ready_and_matches_rollout(tmp_path, request, kind, check_residual_batches):
+    """Bottlenecks and inverted residuals in rnp_trt.onnx: supported operators only, no If, the agent's actions."""
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is importable here: the no-TensorRT path does not apply")
     from export import sliced_network
     from export import verification
 
-    model = write_residual_checkpoint(tmp_path / "ckpt")
-    with pytest.raises(trt.TensorRTUnavailable, match="rnp_trt.onnx"):
-        trt.export_trt(tmp_path / "ckpt", tmp_path / "out", num_parity_images=8, log=lambda m: None)
-    proto = onnx.load(str(tmp_path / "out" / "rnp_trt.onnx"))
-    assert trt.check_tensorrt_compatible(proto) == [] and "If" not in onnx_export.operators(proto)
-    run = onnx_export.runner(onnx_export.session(str(tmp_path / "out" / "rnp_trt.onnx")), has_forced=False)
-    images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
-    for batch in (1, 7, 64):
-        check_residual_batches(model, run, images, batch, forced=False)
-    # no forced input: a very negative penalty makes the agent take the smallest groups everywhere
-    x = images[np.arange(7) % len(images)]
-    with verification.penalty_scope(model, -100.0):
-        ref = verification.reference(model, x)
-    assert (ref["actions"] == 1).all()
-    verification.compare("all ones", ref, run(x, penalty=-100.0))
-
-
-@pytest.mark.slow
-def test_mobilenet_tensorrt_onnx_is_ready_and_matches_rollout(tmp_path, write_mobilenet_checkpoint, check_residual_batches):
-    """A MobileNetV2's rnp_trt.onnx: supported operators only, no If, the agent's actions at batch 1, 7 and 64."""
-    if importlib.util.find_spec("tensorrt") is not None:
-        pytest.skip("tensorrt is importable here: the no-TensorRT path does not apply")
-    from export import sliced_network
-    from export import verification
-
-    model = write_mobilenet_checkpoint(tmp_path / "ckpt")
+    model = request.getfixturevalue(f"write_{kind}_checkpoint")(tmp_path / "ckpt")
     with pytest.raises(trt.TensorRTUnavailable, match="rnp_trt.onnx"):
         trt.export_trt(tmp_path / "ckpt", tmp_path / "out", num_parity_images=8, log=lambda m: None)
     proto = onnx.load(str(tmp_path / "out" / "rnp_trt.onnx"))
