@@ -517,7 +517,8 @@ def skip_model(kind, tiny_mobilenet):
     return model, x
 
 
-@pytest.mark.parametrize("kind", ["bottleneck", pytest.param("inverted", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bottleneck", "inverted"])
 def test_block_skips_equal_the_masked_path(kind, tiny_mobilenet):
     """Masked == sliced == engine (batch 1, 7, 64, both control-flow modes) with skips, forced and greedy."""
     model, x = skip_model(kind, tiny_mobilenet)

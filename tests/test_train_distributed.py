@@ -210,6 +210,7 @@ trainer.run(train.config_from_flags(fv))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_then_resume(killed_and_resumed, tmp_path):
     run_dir = tmp_path / "run"
     args = [*SMALL, "--reseed_every_epoch=true", f"--model_dir={run_dir}"]
