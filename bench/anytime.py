@@ -155,8 +155,7 @@ def run_one(dataset, seed, variant):
         return run_dense(dataset, seed, data, xv, yv, xt, yt)
     net = nested.AnytimeNetwork(rnp_tf.cifar_cnn(_widths(variant, groups)), data.input_shape, data.num_classes,
                                 groups=groups, distill_weight=FLAGS.distill_weight)
-    dense = nested.AnytimeNetwork(rnp_tf.cifar_cnn(_widths("nested", groups)), data.input_shape, data.num_classes,
-                                  groups=groups).dense_macs()
+    dense = nested.dense_macs(rnp_tf.cifar_cnn(_widths("nested", groups)), data.input_shape, data.num_classes, groups)
     net.compile(optimizer=_optimizer(data))
     start = time.time()
     history = net.fit(data.train, epochs=FLAGS.epochs, shuffle=False, verbose=0)  # tf.data shuffles
@@ -216,7 +215,7 @@ def run_one(dataset, seed, variant):
             "width_fractions": fractions.tolist(), "static": static,
             "train_accuracy": {k: float(v[-1]) for k, v in history.history.items()},
             "threshold": threshold_rows, "dqn": dqn_rows,
-            "reference": {k: v for k, v in reference.items()}, "seconds": timings}
+            "reference": reference, "seconds": timings}
 
 
 def _mean_se(values):

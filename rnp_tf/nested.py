@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from rnp_tf import backbones
+from rnp_tf import plan as plan_lib
 from rnp_tf import validation
 
 
@@ -149,26 +150,18 @@ class NestedConv2D(keras.layers.Layer):
                 "nested_input": self.nested_input, "activation": keras.activations.serialize(self.activation)}
 
 
-def _dense_macs(spec, image_shape, num_classes):
-    """MACs of the ordinary (dense) network of the same description, for the compute fractions."""
-    h, w, channels = image_shape
-    total = 0.0
-    for stage in spec["stages"]:
-        if stage["type"] == "conv":
-            s, k = stage["strides"], stage["kernel_size"]
-            if stage["padding"] == "same":
-                h, w = -(-h // s), -(-w // s)
-            else:
-                h, w = (h - k) // s + 1, (w - k) // s + 1
-            total += h * w * k * k * channels * stage["filters"]
-            channels = stage["filters"]
-        else:
-            size, s = stage["size"], stage["strides"] or stage["size"]
-            if stage["padding"] == "same":
-                h, w = -(-h // s), -(-w // s)
-            else:
-                h, w = (h - size) // s + 1, (w - size) // s + 1
-    return float(total + channels * num_classes)
+def dense_macs(backbone, image_shape, num_classes, groups=4):
+    """MACs of the ordinary network of a description: the denominator of the compute fractions.
+
+    Read from the plan's one MAC table (`rnp_tf.plan.NetworkPlan.full_macs`).
+
+    Example:
+
+    >>> dense_macs(backbones.cifar_cnn(), (32, 32, 3), 10)
+    33916160.0
+    """
+    spec = backbones.validate_backbone(backbone, groups)
+    return plan_lib.build_plan(spec, image_shape, num_classes, groups).full_macs
 
 
 @keras.saving.register_keras_serializable(package="rnp_tf")
@@ -218,10 +211,9 @@ class AnytimeNetwork(keras.Model):
         shape = (None, *self.image_shape)
         for i, stage in enumerate(self.backbone["stages"]):
             if stage["type"] == "conv":
+                stem = not any(isinstance(l, NestedConv2D) for l in self.stage_layers)  # reads the image
                 layer = NestedConv2D(stage["filters"], stage["kernel_size"], groups, stage["strides"],
-                                     stage["padding"], nested_input=bool(self.stage_layers and any(
-                                         isinstance(l, NestedConv2D) for l in self.stage_layers)),
-                                     name=f"nested_conv_{i}")
+                                     stage["padding"], nested_input=not stem, name=f"nested_conv_{i}")
             else:
                 pool = keras.layers.MaxPooling2D if stage["mode"] == "max" else keras.layers.AveragePooling2D
                 layer = pool(stage["size"], strides=stage["strides"], padding=stage["padding"], name=f"pool_{i}")
@@ -297,7 +289,7 @@ class AnytimeNetwork(keras.Model):
 
     def dense_macs(self):
         """MACs of the ordinary network of the same description (the denominator of compute fractions)."""
-        return _dense_macs(self.backbone, self.image_shape, self.num_classes)
+        return dense_macs(self.backbone, self.image_shape, self.num_classes, self.groups)
 
     def get_config(self):
         return {**super().get_config(), "backbone": self.backbone, "image_shape": list(self.image_shape),
