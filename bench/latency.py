@@ -21,6 +21,13 @@ actions) and `mixed` (per-sample actions, each layer's action of each sample
 perturbed by -1/0/+1 from the uniform tuple, then adjusted until the batch's
 mean MACs match the uniform tuple's within 0.5%).
 
+With `--skips`, ResNet-50 and MobileNetV2 are timed a second time with
+their identity blocks skippable (rows `resnet50+skip`, `mobilenet_v2+skip`):
+each operating point skips as many blocks (action 0, in `skip_order`) as
+its target allows, and the mixed batch flips a quarter of the samples'
+skips. The agent still takes every decision (a skipped block's on zero
+features), as in the engine.
+
 Peak memory: CPU TensorFlow has no allocator statistics
 (`tf.config.experimental.get_memory_info` is GPU-only) and `tracemalloc`
 does not see TensorFlow's allocations, so each configuration runs in a fresh
@@ -42,7 +49,7 @@ Usage:
     python -m bench.latency --quick               # CIFAR CNN smoke run (~1 min)
     python -m bench.latency --models=vgg16 --batch_sizes=1 --repeats=9
     python -m bench.latency --stages --models=vgg16  # batch-1 time of every stage
-    python -m bench.latency --models=mobilenet_v2,resnet50  # residual networks (224x224)
+    python -m bench.latency --models=mobilenet_v2,resnet50 --skips  # residual networks (224x224), with block skips
 """
 
 import datetime
@@ -81,6 +88,8 @@ def define_flags(flag_values=FLAGS):
     flags.DEFINE_bool("memory", True, "Measure peak RSS in subprocesses.", **fv)
     flags.DEFINE_bool("no_agent_variant", True, "Also time the engine without the agent.", **fv)
     flags.DEFINE_integer("seed", 0, "Seed of weights, inputs and mixed actions.", **fv)
+    flags.DEFINE_bool("skips", False, "Also time resnet50 / mobilenet_v2 with their identity blocks skippable "
+                      "(rows `resnet50+skip`): operating points that skip as many blocks as the target allows.", **fv)
     flags.DEFINE_bool("stages", False, "Instead of the benchmark: time every stage of batch-1 inference (stem, each conv, each pool, the head) alone, full and at every operating point; writes latency_stages.json.", **fv)
 
 
@@ -91,6 +100,8 @@ PAPER_GPU = {
 }
 SCHEMA_VERSION = 1
 NUM_CLASSES = {"vgg16": 1000, "cifar_cnn": 10, "resnet50": 1000, "mobilenet_v2": 1000}
+SKIP = "+skip"  # suffix of a model name: its identity blocks are skippable
+SKIPPABLE = ("resnet50", "mobilenet_v2")
 ROW_KEYS = (
     "model", "image_size", "batch_size", "mode", "target_speedup", "theoretical_speedup",
     "actions", "distinct_action_tuples", "full_ms", "rnp_ms", "rnp_no_agent_ms", "agent_ms",
@@ -130,6 +141,7 @@ def default_config(**overrides):
         "memory": True,
         "no_agent_variant": True,
         "seed": 0,
+        "skips": False,
     }
     quick = {"models": ["cifar_cnn"], "batch_sizes": [1, 16], "targets": [1.0, 2.0, 4.0], "repeats": 3}
     config = timing.settings(config, overrides, quick, "batch_sizes")
@@ -145,8 +157,10 @@ def build_model(name, config):
     """The model to time, with random weights (and random BatchNorm statistics)."""
     import rnp_tf
 
+    skips = name.endswith(SKIP)
+    name = name.removesuffix(SKIP)
     if name != "cifar_cnn":  # the ImageNet backbones, by their `rnp_tf.get_backbone` names
-        spec, size = rnp_tf.get_backbone(name), int(config["vgg_size"])
+        spec, size = rnp_tf.get_backbone(name, **({"skippable": True} if skips else {})), int(config["vgg_size"])
         shape = (size, size, 3)
     else:
         spec, shape = rnp_tf.cifar_cnn(), (32, 32, 3)
@@ -175,12 +189,27 @@ def _candidates(num_layers, groups, rng, limit=20000):
     return np.unique(np.array(rows), axis=0)
 
 
+def skip_order(model):
+    """The skippable decisions in the order the operating points skip them: every other block first, spread out."""
+    skippable = sorted(model.plan.skippable)
+    return skippable[0::2] + skippable[1::2]
+
+
+def _untaken(model, actions):
+    """Sets the later decisions of every skipped block to 0 (not taken), in place."""
+    for t, first in model.plan.skipped_by.items():
+        actions[:, t] = actions[:, t] * (actions[:, first] != 0)
+
+
 def operating_points(model, targets, seed=0):
     """Uniform action tuples whose theoretical speed-up is closest to each target.
 
     Candidates: every tuple when `k^L` is small, else tuples whose layers
     take one of two adjacent actions (`u` or `u + 1`). The closest in log
-    ratio wins; ties go to the tuple with the smaller spread.
+    ratio wins; ties go to the tuple with the smaller spread. A model with
+    skippable blocks also gets each candidate with its first `s` blocks of
+    `skip_order` skipped (action 0), and among the candidates within 1% of
+    the target the one that skips most wins.
 
     Args:
         model: an `RNPModel`.
@@ -189,7 +218,7 @@ def operating_points(model, targets, seed=0):
 
     Returns:
         A list of dicts: `target`, `actions` (list of ints),
-        `theoretical_speedup`.
+        `theoretical_speedup`, `skipped_blocks`.
 
     Example:
 
@@ -200,17 +229,30 @@ def operating_points(model, targets, seed=0):
 
     rng = np.random.default_rng(seed)
     cands = _candidates(model.num_prunable, model.groups, rng)
+    order = skip_order(model)
+    skipped = np.zeros(len(cands), np.int64)
+    if order:
+        rows, counts = [cands], [skipped]
+        for count in range(1, len(order) + 1):
+            rows.append(cands.copy())
+            rows[-1][:, order[:count]] = 0
+            counts.append(np.full(len(cands), count))
+        cands, skipped = np.concatenate(rows), np.concatenate(counts)
+        _untaken(model, cands)
     ratios = model.full_macs / model.macs(cands).numpy().astype(np.float64)
-    spread = cands.max(axis=1) - cands.min(axis=1)
+    taken = np.where(cands > 0, cands, cands.max(axis=1, keepdims=True))
+    spread = taken.max(axis=1) - taken.min(axis=1)
     points = []
     for target in targets:
         error = np.abs(np.log(ratios) - math.log(target))
-        best = np.lexsort((spread, np.round(error, 6)))[0]
+        best = np.lexsort((spread, -skipped, np.round(error, 2))) if order else np.lexsort((spread, np.round(error, 6)))
+        best = best[0]
         points.append(
             {
                 "target": float(target),
                 "actions": [int(a) for a in cands[best]],
                 "theoretical_speedup": float(ratios[best]),
+                "skipped_blocks": int(skipped[best]),
             }
         )
     return points
@@ -220,9 +262,11 @@ def mixed_actions(model, actions, batch_size, seed=0, tolerance=0.005, max_steps
     """Per-sample actions whose mean MACs equal one uniform tuple's.
 
     Each sample's action at each layer is the tuple's, moved by -1, 0 or +1
-    at random (clipped to `1..k`); then single actions are moved by one
-    group, at random samples and layers, until the batch's mean MACs are
-    within `tolerance` of the uniform tuple's (or no move is left).
+    at random (clipped to `1..k`); each skippable block is skipped (action
+    0) or taken with the tuple's choice flipped for a quarter of the
+    samples. Then single actions of taken decisions are moved by one group,
+    at random samples and layers, until the batch's mean MACs are within
+    `tolerance` of the uniform tuple's (or no move is left).
 
     Args:
         model: an `RNPModel`.
@@ -247,14 +291,21 @@ def mixed_actions(model, actions, batch_size, seed=0, tolerance=0.005, max_steps
     rng = np.random.default_rng(seed)
     base = np.asarray(actions, np.int64)[None]
     target = float(model.macs(base).numpy()[0])
-    chosen = np.clip(base + rng.integers(-1, 2, size=(batch_size, base.shape[1])), 1, k)
+    taken = np.where(base > 0, base, max(1, int(base.max())))
+    chosen = np.clip(taken + rng.integers(-1, 2, size=(batch_size, base.shape[1])), 1, k)
+    for t in sorted(model.plan.skippable):
+        flip = rng.random(batch_size) < 0.25
+        chosen[:, t] = np.where((base[0, t] == 0) != flip, 0, chosen[:, t])
+    _untaken(model, chosen)
+    live = model.plan.live(chosen)
+    movable_mask = chosen > 0 if live is None else (chosen > 0) & (live.numpy() > 0)
     per_sample = model.macs(chosen).numpy().astype(np.float64)
     for _ in range(max_steps):
         mean = per_sample.mean()
         if abs(mean / target - 1.0) <= tolerance:
             break
         step = -1 if mean > target else 1
-        movable = np.argwhere((chosen + step >= 1) & (chosen + step <= k))
+        movable = np.argwhere(movable_mask & (chosen + step >= 1) & (chosen + step <= k))
         if not len(movable):
             break
         i, layer = movable[rng.integers(len(movable))]
@@ -340,7 +391,8 @@ def agent_alone_function(engine, actions, agent_step=None):
         grand = in_refs[ref]
         before = actions[:, grand] if grand is not None else np.full(batch, k)
         previous = actions[:, ref]
-        pieces = []
+        skipped = np.flatnonzero(previous == 0).astype(np.int32)  # a skipped block's samples: no features
+        pieces = [(None, tf.constant(skipped))] if len(skipped) else []
         for p2 in range(1, k + 1) if grand is not None else (k,):
             for p in range(1, k + 1):
                 ids = np.flatnonzero((before == p2) & (previous == p)).astype(np.int32)
@@ -606,6 +658,12 @@ def stage_times(model, engine, points, config):
     return {"stages_ms": ms, "points": out}
 
 
+def model_names(config):
+    """The models to time: `config["models"]`, then with `config["skips"]` each residual one again with skips."""
+    skippable = [name + SKIP for name in config["models"] if config.get("skips") and name in SKIPPABLE]
+    return list(config["models"]) + skippable
+
+
 def run_benchmark(config, log=print, progress=None):
     """Runs every configured model, batch size, operating point and mode.
 
@@ -625,7 +683,7 @@ def run_benchmark(config, log=print, progress=None):
 
     started = time.time()
     rows, points_out = [], {}
-    for model_name in config["models"]:
+    for model_name in model_names(config):
         model = build_model(model_name, config)
         points = operating_points(model, config["targets"], seed=config["seed"])
         points_out[model_name] = points
@@ -723,17 +781,17 @@ def machine_info():
 
 # ------------------------------------------------------------------ targets
 def evaluate_targets(rows):
-    """The issue's targets, checked on the VGG-16 224x224 rows present.
+    """The issues' targets, checked on the VGG-16, ResNet-50 and MobileNetV2 224x224 rows present.
 
     Returns:
         A list of dicts: `name`, `threshold`, `value` (the worst measured
         value, None when no row applies), `met` (None when not evaluated).
     """
 
-    def pick(batch, mode, lo=2.5, hi=5.5):
+    def pick(batch, mode, lo=2.5, hi=5.5, model="vgg16"):
         return [
             r for r in rows
-            if r["model"] == "vgg16" and r["image_size"] == 224 and r["batch_size"] == batch
+            if r["model"] == model and r["image_size"] == 224 and r["batch_size"] == batch
             and r["mode"] == mode and lo <= r["theoretical_speedup"] <= hi
         ]
 
@@ -761,6 +819,12 @@ def evaluate_targets(rows):
               worst=max, higher_is_better=False),
         check("VGG-16: engine peak memory / full model's", vgg, "memory_ratio", 1.2,
               worst=max, higher_is_better=False),
+        check("ResNet-50 batch 1: efficiency at 2-3x", pick(1, "uniform", 1.7, 3.5, "resnet50"), "efficiency", 0.8),
+        check("ResNet-50 batch 64: efficiency at 2-3x", pick(64, "uniform", 1.7, 3.5, "resnet50"), "efficiency", 0.8),
+        check("ResNet-50: agent overhead (of the full model's time)", pick(1, "uniform", 0, 99, "resnet50")
+              + pick(64, "uniform", 0, 99, "resnet50"), "agent_overhead", 0.03, worst=max, higher_is_better=False),
+        check("MobileNetV2 batch 1: agent overhead (of the full model's time)", pick(1, "uniform", 0, 99, "mobilenet_v2"),
+              "agent_overhead", 0.05, worst=max, higher_is_better=False),
     ]
 
 
@@ -833,7 +897,7 @@ def format_markdown(result):
         "negative); *peak MB* = peak RSS of a fresh process holding the Keras model and the "
         "runner (see the module docstring of `bench/latency.py`).",
         "",
-        "## Targets (VGG-16, 224x224)",
+        "## Targets (224x224 rows)",
         "",
     ]
     for target in result["targets"]:
@@ -907,7 +971,7 @@ def main(argv):
                 name: getattr(FLAGS, name)
                 for name in (
                     "models", "batch_sizes", "targets", "repeats", "warmup", "min_sample_seconds",
-                    "vgg_size", "weight_cache", "memory", "no_agent_variant", "seed",
+                    "vgg_size", "weight_cache", "memory", "no_agent_variant", "seed", "skips",
                 )
                 if not FLAGS.quick or FLAGS[name].present
             },

@@ -136,7 +136,7 @@ def get_backbone(name, **kwargs):
     return BACKBONES[name](**kwargs)
 
 
-def resnet50(expansion=4, bn_epsilon=1.001e-5):
+def resnet50(expansion=4, bn_epsilon=1.001e-5, skippable=False):
     """ResNet-50 (v1, as `keras.applications.ResNet50`) as a description.
 
     The stem (7x7/2 conv, 3x3/2 max-pool) and the last 1x1 conv of every
@@ -149,6 +149,10 @@ def resnet50(expansion=4, bn_epsilon=1.001e-5):
     Args:
         expansion: output channels of a bottleneck over its inner width.
         bn_epsilon: BatchNormalization epsilon of every conv.
+        skippable: when True, the 12 bottlenecks with an identity shortcut
+            (all but the first of each group) are skippable: the agent may
+            skip their residual branch (`rnp_tf.plan.NetworkPlan`).
+            Defaults to False.
 
     Returns:
         A backbone description dict.
@@ -157,6 +161,8 @@ def resnet50(expansion=4, bn_epsilon=1.001e-5):
 
     >>> sum(s["type"] == "bottleneck" for s in resnet50()["stages"])
     16
+    >>> sum(s.get("skippable", False) for s in resnet50(skippable=True)["stages"])
+    12
     """
     stages = [
         {"type": "zeropad", "padding": 3},
@@ -175,6 +181,7 @@ def resnet50(expansion=4, bn_epsilon=1.001e-5):
                     "projection": i == 0,
                     "expansion": expansion,
                     "bn_epsilon": bn_epsilon,
+                    **({"skippable": True} if skippable and i > 0 else {}),
                 }
             )
     return {"stages": stages, "head": {"pooling": "gap", "hidden": [], "dropout": 0.0}}
@@ -193,7 +200,7 @@ def _make_divisible(value, divisor=8):
     return rounded + divisor if rounded < 0.9 * value else rounded
 
 
-def mobilenet_v2(alpha=1.0):
+def mobilenet_v2(alpha=1.0, skippable=False):
     """MobileNetV2 (as `keras.applications.MobileNetV2`) as a description.
 
     The stem (3x3/2 conv `Conv1` + ReLU6) keeps its full output; each of the
@@ -207,6 +214,8 @@ def mobilenet_v2(alpha=1.0):
 
     Args:
         alpha: width multiplier of every layer. Defaults to 1.0.
+        skippable: when True, the 10 blocks with an identity shortcut (all
+            but the first of each group) are skippable. Defaults to False.
 
     Returns:
         A backbone description dict.
@@ -215,6 +224,8 @@ def mobilenet_v2(alpha=1.0):
 
     >>> sum(s["type"] == "inverted_residual" for s in mobilenet_v2()["stages"])
     17
+    >>> sum(s.get("skippable", False) for s in mobilenet_v2(skippable=True)["stages"])
+    10
     """
     if not alpha > 0:
         raise ValueError(f"`alpha` must be positive. Received: alpha={alpha}")
@@ -224,7 +235,8 @@ def mobilenet_v2(alpha=1.0):
     for filters, blocks, strides, expansion in _MOBILENET_V2:
         for i in range(blocks):
             stages.append({"type": "inverted_residual", "filters": _make_divisible(int(filters * alpha)),
-                           "expansion": expansion, "strides": strides if i == 0 else 1, **relu6})
+                           "expansion": expansion, "strides": strides if i == 0 else 1, **relu6,
+                           **({"skippable": True} if skippable and i > 0 else {})})
     last = _make_divisible(1280 * alpha) if alpha > 1.0 else 1280
     stages.append({"type": "conv", "filters": last, "kernel_size": 1, "padding": "valid", **relu6})
     return {"stages": stages, "head": {"pooling": "gap", "hidden": [], "dropout": 0.0}}

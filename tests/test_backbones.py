@@ -150,6 +150,18 @@ def test_mobilenet_v2_description():
         backbones.mobilenet_v2(alpha=0)
 
 
+@pytest.mark.parametrize("name, skips", [("resnet50", 12), ("mobilenet_v2", 10)])
+def test_skippable_marks_every_identity_block_and_the_plan_accepts_them(name, skips):
+    """`skippable=True` marks exactly the blocks with an identity shortcut; the plan would refuse any other."""
+    from rnp_tf import plan as plan_lib
+
+    spec = backbones.validate_backbone(backbones.get_backbone(name, skippable=True), groups=4)
+    built = plan_lib.build_plan(spec, (32, 32, 3), num_classes=10, groups=4)
+    assert len(built.skippable) == skips
+    assert not plan_lib.build_plan(backbones.validate_backbone(backbones.get_backbone(name), groups=4),
+                                   (32, 32, 3), num_classes=10, groups=4).skippable
+
+
 def test_inverted_residual_model_masked_equals_sliced_and_reloads(tiny_mobilenet, tmp_path):
     model = rnp_tf.RNPModel(tiny_mobilenet, image_shape=(32, 32, 3), num_classes=5)
     randomise_batchnorm(model, 0)

@@ -43,7 +43,7 @@ def test_quick_run_writes_the_table_json_and_plot(tmp_path, run_module):
         assert r["efficiency"] == pytest.approx(r["measured_speedup"] / r["theoretical_speedup"])
         assert r["max_abs_logit_diff"] <= 1e-4
         assert 1.5 < r["theoretical_speedup"] < 5.0
-    assert [t["met"] for t in result["targets"]] == [None, None]  # no VGG-16 rows in a quick run
+    assert [t["met"] for t in result["targets"]] == [None] * 4  # no 224x224 rows in a quick run
     table = (tmp_path / "export.md").read_text()
     assert "| cifar_cnn 32px | tflite" in table and "ORT rnp_b1.onnx" in table
     assert "## Where onnxruntime's batch-1 time goes" in table and "| cifar_cnn 32px | 4x " in table
@@ -58,12 +58,27 @@ def test_targets_take_the_worst_vgg16_batch1_point():
     rows = [row("tflite", 1, 0.9), row("tflite", 1, 0.79), row("onnxruntime", 1, 0.85),
             row("onnxruntime", 64, 0.1), row("tflite", 1, 0.1, model="cifar_cnn"),
             dict(row("tflite", 1, 0.1), image_size=112)]
-    tflite, ort = bench_export.evaluate_targets(rows)
+    tflite, ort, resnet, mobilenet = bench_export.evaluate_targets(rows)
     assert (tflite["value"], tflite["met"], tflite["points"]) == (0.79, False, 2)
+    assert resnet["met"] is None and mobilenet["met"] is None
     assert (ort["value"], ort["met"], ort["points"]) == (0.85, True, 1)
     # without 224x224 rows, the largest size measured, named
     ort = bench_export.evaluate_targets([dict(row("onnxruntime", 1, 0.7), image_size=112)])[1]
     assert (ort["value"], ort["met"], ort["name"]) == (0.7, False, "VGG-16 112px batch 1 onnxruntime: efficiency at every point")
+
+
+def test_residual_targets_take_their_own_rows():
+    """ResNet-50: TFLite efficiency at 2-3x >= 0.8; MobileNetV2: TFLite speed-up at 2x >= 1.5."""
+    def row(model, theoretical, measured, runtime="tflite"):
+        return {"model": model, "image_size": 224, "runtime": runtime, "batch_size": 1, "theoretical_speedup": theoretical,
+                "measured_speedup": measured, "efficiency": measured / theoretical,
+                "paired_efficiency": measured / theoretical}
+
+    rows = [row("resnet50", 2.0, 1.8), row("resnet50", 3.0, 2.1), row("resnet50", 5.0, 0.5),
+            row("mobilenet_v2", 2.0, 1.6), row("mobilenet_v2", 2.0, 0.1, runtime="onnxruntime")]
+    _, _, resnet, mobilenet = bench_export.evaluate_targets(rows)
+    assert (resnet["value"], resnet["points"], resnet["met"]) == (pytest.approx(0.7), 2, False)
+    assert (mobilenet["value"], mobilenet["points"], mobilenet["met"]) == (1.6, 1, True)
 
 
 def test_runtimes_select_the_jobs():

@@ -1,4 +1,4 @@
-"""bench.latency: the agent-alone timing function on chain and residual plans."""
+"""bench.latency: operating points, mixed actions, the agent-alone timing function and the stage profile."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import rnp_tf
 from bench import latency
-from test_engine import RESIDUAL
+from test_engine import RESIDUAL, make_model
 
 
 @pytest.mark.parametrize("spec", [rnp_tf.cifar_cnn((8, 8, 16, 16)), RESIDUAL], ids=["chain", "residual"])
@@ -20,3 +20,109 @@ def test_agent_alone_runs_on_maps_shaped_as_the_engine_holds_them(spec, batch):
     chosen = np.asarray(agent())
     assert chosen.shape == (batch, model.num_prunable) and chosen.min() >= 1 and chosen.max() <= 4
     call()
+
+
+def skippable_residual():
+    """`RESIDUAL` with its identity bottleneck skippable (decisions 2 and 3), random BatchNorm statistics."""
+    from bench.models import randomise_batchnorm
+
+    spec = {"stages": [dict(s) for s in RESIDUAL["stages"]], "head": RESIDUAL["head"]}
+    spec["stages"][2]["skippable"] = True
+    tf.random.set_seed(0)
+    return randomise_batchnorm(rnp_tf.RNPModel(spec, image_shape=(8, 8, 1), num_classes=3), 0)
+
+
+def test_operating_points_skip_where_the_target_allows():
+    model = skippable_residual()
+    assert latency.skip_order(model) == [2]
+    full, small, large = latency.operating_points(model, [1.0, 1.2, 3.0])
+    assert full["actions"] == [4] * 5 and full["skipped_blocks"] == 0
+    for point in (small, large):
+        macs = float(model.macs(np.array([point["actions"]]))[0])
+        assert point["theoretical_speedup"] == pytest.approx(model.full_macs / macs)
+    assert large["skipped_blocks"] == 1 and large["actions"][2:4] == [0, 0]  # the skip and its untaken decision
+    mixed = latency.mixed_actions(model, large["actions"], 64, seed=0)
+    skipped = mixed[:, 2] == 0
+    assert 0 < skipped.sum() < 64  # a quarter of the samples take the block
+    np.testing.assert_array_equal(mixed[skipped, 3], 0)
+    assert mixed[~skipped].min() >= 1 and mixed[skipped][:, [0, 1, 4]].min() >= 1
+    mean = model.macs(mixed).numpy().mean()
+    assert mean == pytest.approx(float(model.macs(np.array([large["actions"]]))[0]), rel=0.006)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_time_point_runs_skip_points(batch):
+    """The engine, the agent alone and the row at a point that skips the block, uniform and mixed."""
+    model = skippable_residual()
+    engine = rnp_tf.InferenceEngine(model)
+    full = rnp_tf.engine.DenseRunner(model)
+    config = latency.default_config(quick=True, repeats=1, warmup=1, min_sample_seconds=0.0)
+    point = latency.operating_points(model, [3.0])[0]
+    x = tf.random.normal([batch, 8, 8, 1], seed=0)
+    uniform = np.tile(np.asarray(point["actions"], np.int32), (batch, 1))
+    for actions in (uniform, latency.mixed_actions(model, point["actions"], batch, seed=1)):
+        row = latency.time_point("residual", model, engine, full, x, actions, 3.0, config)
+        assert row["rnp_ms"] > 0 and row["agent_ms"] >= 0
+        assert row["theoretical_speedup"] == pytest.approx(
+            model.full_macs / float(model.macs(actions).numpy().mean()))
+
+
+def test_model_names_add_the_skippable_residual_networks():
+    config = latency.default_config(models=["vgg16", "resnet50", "mobilenet_v2"], skips=True)
+    assert latency.model_names(config) == ["vgg16", "resnet50", "mobilenet_v2", "resnet50+skip", "mobilenet_v2+skip"]
+    assert latency.model_names(dict(config, skips=False)) == ["vgg16", "resnet50", "mobilenet_v2"]
+
+
+def test_operating_points_and_mixed_actions():
+    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn(), image_shape=(32, 32, 3), num_classes=10)
+    points = latency.operating_points(model, [1.0, 2.0, 4.0])
+    assert points[0]["actions"] == [4, 4, 4] and points[0]["theoretical_speedup"] == pytest.approx(1.0)
+    for point in points[1:]:
+        assert abs(np.log(point["theoretical_speedup"] / point["target"])) < 0.15
+    mixed = latency.mixed_actions(model, points[2]["actions"], 64, seed=0)
+    assert mixed.shape == (64, 3) and len({tuple(a) for a in mixed}) > 5
+    mean = model.macs(mixed).numpy().mean()
+    assert mean == pytest.approx(float(model.macs([points[2]["actions"]])[0]), rel=0.006)
+
+
+def test_stage_times_scale_convs_by_their_macs():
+    model = make_model()
+    engine = rnp_tf.InferenceEngine(model)
+    config = latency.default_config(quick=True, repeats=1, warmup=1, min_sample_seconds=0.0)
+    points = latency.operating_points(model, [1.0, 2.0, 4.0])
+    out = latency.stage_times(model, engine, points, config)
+    stages = out["stages_ms"]
+    full, *others = out["points"]
+    assert full["conv_ideal_ms"] == full["conv_ms"]
+    for point in others:
+        acts = point["actions"]
+        # the first prunable conv reads the unpruned stem: only its output shrinks
+        fractions = [acts[0] / 4] + [acts[t - 1] * acts[t] / 16 for t in range(1, 3)]
+        expected = sum(stages[f"conv_{t}_4_4"] * f for t, f in enumerate(fractions))
+        assert point["conv_ideal_ms"] == pytest.approx(expected)
+        assert point["conv_ideal_ms"] < full["conv_ms"]
+        assert point["stem_ms"] == full["stem_ms"]  # the stem is never pruned
+        parts = point["stem_ms"] + point["conv_ms"] + point["pool_ms"] + point["head_ms"]
+        assert point["total_ms"] == pytest.approx(parts)
+    assert {"stem", "head_4", f"head_{others[-1]['actions'][-1]}"} <= set(stages)
+    with pytest.raises(ValueError, match="full width"):
+        latency.stage_times(model, engine, points[1:], config)
+
+
+
+
+def test_residual_targets_take_their_own_rows():
+    """ResNet-50: efficiency >= 0.8 at 2-3x and the agent <= 3%; MobileNetV2: the agent <= 5% at batch 1."""
+    def row(model, batch, theoretical, efficiency, agent):
+        return {"model": model, "image_size": 224, "batch_size": batch, "mode": "uniform",
+                "theoretical_speedup": theoretical, "efficiency": efficiency, "paired_efficiency": efficiency,
+                "agent_overhead": agent}
+
+    rows = [row("resnet50", 1, 2.0, 0.9, 0.02), row("resnet50", 1, 3.0, 0.85, 0.025), row("resnet50", 1, 5.0, 0.1, 0.01),
+            row("resnet50", 64, 2.0, 0.7, 0.04), row("mobilenet_v2", 1, 2.0, 0.5, 0.06)]
+    targets = {t["name"]: t for t in latency.evaluate_targets(rows)}
+    assert targets["ResNet-50 batch 1: efficiency at 2-3x"]["value"] == 0.85
+    assert targets["ResNet-50 batch 64: efficiency at 2-3x"]["met"] is False
+    assert (targets["ResNet-50: agent overhead (of the full model's time)"]["value"], ) == (0.04,)
+    assert targets["MobileNetV2 batch 1: agent overhead (of the full model's time)"]["met"] is False
+    assert targets["VGG-16 batch 1: efficiency at 3-5x"]["met"] is None

@@ -450,46 +450,6 @@ def test_latency_benchmark_quick_schema(tmp_path):
         timing.measure({"a": lambda: None}, repeats=0)
 
 
-def test_operating_points_and_mixed_actions():
-    from bench import latency
-
-    model = rnp_tf.RNPModel(rnp_tf.cifar_cnn(), image_shape=(32, 32, 3), num_classes=10)
-    points = latency.operating_points(model, [1.0, 2.0, 4.0])
-    assert points[0]["actions"] == [4, 4, 4] and points[0]["theoretical_speedup"] == pytest.approx(1.0)
-    for point in points[1:]:
-        assert abs(np.log(point["theoretical_speedup"] / point["target"])) < 0.15
-    mixed = latency.mixed_actions(model, points[2]["actions"], 64, seed=0)
-    assert mixed.shape == (64, 3) and len({tuple(a) for a in mixed}) > 5
-    mean = model.macs(mixed).numpy().mean()
-    assert mean == pytest.approx(float(model.macs([points[2]["actions"]])[0]), rel=0.006)
-
-
-def test_stage_times_scale_convs_by_their_macs():
-    from bench import latency
-
-    model = make_model()
-    engine = InferenceEngine(model)
-    config = latency.default_config(quick=True, repeats=1, warmup=1, min_sample_seconds=0.0)
-    points = latency.operating_points(model, [1.0, 2.0, 4.0])
-    out = latency.stage_times(model, engine, points, config)
-    stages = out["stages_ms"]
-    full, *others = out["points"]
-    assert full["conv_ideal_ms"] == full["conv_ms"]
-    for point in others:
-        acts = point["actions"]
-        # the first prunable conv reads the unpruned stem: only its output shrinks
-        fractions = [acts[0] / 4] + [acts[t - 1] * acts[t] / 16 for t in range(1, 3)]
-        expected = sum(stages[f"conv_{t}_4_4"] * f for t, f in enumerate(fractions))
-        assert point["conv_ideal_ms"] == pytest.approx(expected)
-        assert point["conv_ideal_ms"] < full["conv_ms"]
-        assert point["stem_ms"] == full["stem_ms"]  # the stem is never pruned
-        parts = point["stem_ms"] + point["conv_ms"] + point["pool_ms"] + point["head_ms"]
-        assert point["total_ms"] == pytest.approx(parts)
-    assert {"stem", "head_4", f"head_{others[-1]['actions'][-1]}"} <= set(stages)
-    with pytest.raises(ValueError, match="full width"):
-        latency.stage_times(model, engine, points[1:], config)
-
-
 def skip_model(kind, tiny_mobilenet):
     """A residual model with skippable blocks, spread agent weights, greedy skips for about half the images.
 
