@@ -105,7 +105,7 @@ flags.DEFINE_string("backbone_cache", None,
 flags.DEFINE_list("skip", [], "Stages not run (e.g. for issue 7's comparison alone): " + ", ".join(STAGES) + ".")
 flags.DEFINE_integer("max_mixes", 256, "Static mixes evaluated at most (a seeded sample beyond).")
 flags.DEFINE_float("soft_margin", 0.1, "Soft oracle: loss within this of the full network's.")
-flags.DEFINE_boolean("quick", False, "Smoke run: digits, one seed, few epochs.")
+flags.DEFINE_boolean("quick", False, "Smoke run: digits, one seed, one epoch per phase, at most 16 static mixes.")
 flags.DEFINE_string("output", "bench/results", "Output directory.")
 flags.DEFINE_string("stem", None, "Output file stem (default: accuracy, or accuracy_quick with --quick).")
 flags.DEFINE_list("merge", [], "Instead of running: merge these JSON outputs (runs split over processes) into one report.")
@@ -242,10 +242,12 @@ def _train_forced(model, data, actions, steps, lr):
 
 def _thin_spec(backbone, target_fraction, full_macs, data):
     """A uniformly thinner backbone of about the target MACs, and its compute fraction."""
+    import rnp_tf
+
     best = None
     for scale in np.linspace(0.1, 1.0, 91):
         spec = _spec(backbone, scale)
-        macs = _new_model(spec, data).full_macs
+        macs = rnp_tf.plan.full_macs(spec, data.input_shape, data.num_classes)
         gap = abs(macs / full_macs - target_fraction)
         if best is None or gap < best[0]:
             best = (gap, spec, macs / full_macs)
@@ -922,6 +924,7 @@ def main(argv):
         FLAGS.widths = ["8", "16", "16", "16"]
         FLAGS.pretrain_epochs, FLAGS.robust_epochs, FLAGS.rnp_epochs = 1, 1, 1
         FLAGS.budgets = ["0.6", "0.3"]
+        FLAGS.max_mixes = min(FLAGS.max_mixes, 16)
     for name, values, allowed in (("backbones", FLAGS.backbones, BACKBONES), ("policies", FLAGS.policies, POLICIES),
                                   ("datasets", FLAGS.datasets, (*DATASETS, "digits")), ("skip", FLAGS.skip, STAGES)):
         unknown = sorted(set(values) - set(allowed))

@@ -155,7 +155,7 @@ def run_one(dataset, seed, variant):
         return run_dense(dataset, seed, data, xv, yv, xt, yt)
     net = nested.AnytimeNetwork(rnp_tf.cifar_cnn(_widths(variant, groups)), data.input_shape, data.num_classes,
                                 groups=groups, distill_weight=FLAGS.distill_weight)
-    dense = nested.dense_macs(rnp_tf.cifar_cnn(_widths("nested", groups)), data.input_shape, data.num_classes, groups)
+    dense = rnp_tf.plan.full_macs(rnp_tf.cifar_cnn(_widths("nested", groups)), data.input_shape, data.num_classes, groups)
     net.compile(optimizer=_optimizer(data))
     start = time.time()
     history = net.fit(data.train, epochs=FLAGS.epochs, shuffle=False, verbose=0)  # tf.data shuffles

@@ -150,20 +150,6 @@ class NestedConv2D(keras.layers.Layer):
                 "nested_input": self.nested_input, "activation": keras.activations.serialize(self.activation)}
 
 
-def dense_macs(backbone, image_shape, num_classes, groups=4):
-    """MACs of the ordinary network of a description: the denominator of the compute fractions.
-
-    Read from the plan's one MAC table (`rnp_tf.plan.NetworkPlan.full_macs`).
-
-    Example:
-
-    >>> dense_macs(backbones.cifar_cnn(), (32, 32, 3), 10)
-    33916160.0
-    """
-    spec = backbones.validate_backbone(backbone, groups)
-    return plan_lib.build_plan(spec, image_shape, num_classes, groups).full_macs
-
-
 @keras.saving.register_keras_serializable(package="rnp_tf")
 class AnytimeNetwork(keras.Model):
     """A CNN of nested channel groups with one classifier head per width, trained in one pass.
@@ -289,7 +275,7 @@ class AnytimeNetwork(keras.Model):
 
     def dense_macs(self):
         """MACs of the ordinary network of the same description (the denominator of compute fractions)."""
-        return dense_macs(self.backbone, self.image_shape, self.num_classes, self.groups)
+        return plan_lib.full_macs(self.backbone, self.image_shape, self.num_classes, self.groups)
 
     def get_config(self):
         return {**super().get_config(), "backbone": self.backbone, "image_shape": list(self.image_shape),

@@ -410,6 +410,30 @@ def check_skippable(i, stage, allowed):
     return skippable
 
 
+def full_macs(backbone, image_shape, num_classes, groups=4):
+    """MACs per image of a backbone description at full width, without building a model.
+
+    Read from the plan's one MAC table (`NetworkPlan.full_macs`); no agent
+    and no weights are created, so it is cheap enough to search over widths.
+
+    Args:
+        backbone: a backbone description dict (validated here).
+        image_shape: `(height, width, channels)`.
+        num_classes: classes of the classifier.
+        groups: `k`. Defaults to 4.
+
+    Returns:
+        A float.
+
+    Example:
+
+    >>> full_macs(backbones.cifar_cnn(), (32, 32, 3), 10)
+    33916160.0
+    """
+    spec = backbones.validate_backbone(backbone, groups)
+    return build_plan(spec, image_shape, num_classes, groups).full_macs
+
+
 def build_plan(backbone, image_shape, num_classes, groups):
     """Builds the layers of a validated backbone description and returns its plan.
 

@@ -219,3 +219,11 @@ def test_skippable_is_refused_where_there_is_no_branch_to_skip(index, stage, mat
     spec["stages"][index] = stage
     with pytest.raises(ValueError, match=match):
         plan_of(spec)
+
+
+@pytest.mark.parametrize("name", ["cifar_cnn", "mobilenet_v2"])
+def test_full_macs_of_a_description_equal_the_models(name):
+    """`plan.full_macs` counts a description without building a model; it equals the model's count."""
+    spec = rnp_tf.get_backbone(name, **({"alpha": 0.35} if name == "mobilenet_v2" else {}))
+    model = rnp_tf.RNPModel(spec, image_shape=(32, 32, 3), num_classes=7)
+    assert rnp_tf.plan.full_macs(spec, (32, 32, 3), 7) == model.full_macs
