@@ -162,7 +162,7 @@ def test_large_export_is_converted_in_pieces_and_merged(exported, tmp_path):
         for fn in tflite.signature_functions(net).values():
             fn.get_concrete_function()
     total = sum(a.nbytes for a in kernels.values()) / 2**20
-    path.write_bytes(tflite.convert(net, chunk_mb=total / 3))  # three pieces, three child processes
+    path.write_bytes(tflite.convert(net, chunk_mb=total * 0.6))  # two pieces, two child processes
     merged, whole = TFLiteRNPRunner(path), TFLiteRNPRunner(out / "rnp.tflite")
     assert merged.signature_keys == whole.signature_keys
     # the weights sit after the flatbuffer, each at a 64-byte boundary
@@ -172,7 +172,8 @@ def test_large_export_is_converted_in_pieces_and_merged(exported, tmp_path):
     buffers = [b for b in schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0)).buffers if b.size]
     assert len(buffers) > 20 and all(b.offset % 64 == 0 and b.offset + b.size <= len(data) for b in buffers)
     images = verification.parity_images(net, 8)
-    result = verification.check_artifact("merged", model, tflite.runner_function(merged), images, verification.action_tuples(3, 4))
+    tuples = verification.action_tuples(3, 4, limit=16)  # the alternating tuples: every signature runs
+    result = verification.check_artifact("merged", model, tflite.runner_function(merged), images, tuples)
     assert result["greedy"]["action_agreement"] == 1.0
     np.testing.assert_allclose(merged.run_full(images), whole.run_full(images), atol=1e-6)
     for name in ("stem", "conv1_in2_out3", "head_in2"):
