@@ -126,7 +126,7 @@ def spender():
     return greedy_spender()
 
 
-@pytest.mark.parametrize("share", [0.0, 0.1, 0.3, 0.6, 1.0])
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])  # the floor, a binding cap, no binding cap
 def test_hard_cap_is_never_exceeded(spender, share):
     model = spender
     model.set_compute_cap(None)  # as built, whatever an earlier cap level left
