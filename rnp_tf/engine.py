@@ -624,7 +624,26 @@ class BucketedExecutor(rollout_lib.Executor):
             features, idx, _ = self._merge(group, keys=None)
             outputs.append(fn(features, idx, w))
             ids.append(idx)
-        return tf.dynamic_stitch(ids, outputs)
+        return self._stitch(ids, outputs)
+
+    def _stitch(self, ids, outputs):
+        """`tf.dynamic_stitch(ids, outputs)`, without the copy when one output already holds every sample in order.
+
+        With control flow, a batch whose samples all took the same width
+        (the common case of a uniform batch) returns that width's output as
+        it is: the stitch would copy the whole feature map.
+        """
+        if not self.control_flow:
+            return tf.dynamic_stitch(ids, outputs)
+        in_order = [
+            tf.logical_and(tf.equal(tf.shape(i)[0], self.batch),
+                           tf.reduce_all(tf.equal(i, tf.range(tf.shape(i)[0], dtype=i.dtype))))
+            for i in ids
+        ]
+        flags = tf.cast(tf.stack(in_order), tf.int32)
+        branch = tf.where(tf.reduce_sum(flags) > 0, tf.argmax(flags, output_type=tf.int32), len(outputs))
+        branches = [lambda j=j: tf.identity(outputs[j]) for j in range(len(outputs))]
+        return tf.switch_case(branch, branches + [lambda: tf.dynamic_stitch(ids, outputs)])
 
     def _nonempty(self, n, fn, rows, out_shape):
         """`fn(rows)` on `n` rows, never a conv on an empty batch.

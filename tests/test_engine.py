@@ -232,6 +232,10 @@ def test_residual_blocks_run_sliced_and_equal_the_masked_path(control_flow):
     forced[:, 1] = np.where(forced[:, 0] == 4, 1, forced[:, 1])  # some (previous, action) pairs stay empty
     for batch in (1, 7, 64):
         assert_same(engine(x[:batch], actions=forced[:batch]), model.rollout(x[:batch], actions=forced[:batch]))
+    # a uniform batch: each block's output is one width's, passed on without the stitch (control flow)
+    for row in ([4, 4, 4, 4, 4], [2, 3, 1, 2, 2]):
+        uniform = np.tile(np.array(row, np.int32), (7, 1))
+        assert_same(engine(x[:7], actions=uniform), model.rollout(x[:7], actions=uniform))
     np.testing.assert_allclose(rnp_tf.DenseRunner(model)(x[:7]), model.rollout(x[:7], actions=np.full((7, 5), 4))["logits"],
                                atol=ATOL)
 
