@@ -50,6 +50,7 @@ def test_operating_points_skip_where_the_target_allows():
     assert mean == pytest.approx(float(model.macs(np.array([large["actions"]]))[0]), rel=0.006)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 5])
 def test_time_point_runs_skip_points(batch):
     """The engine, the agent alone and the row at a point that skips the block, uniform and mixed."""
