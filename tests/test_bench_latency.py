@@ -1,5 +1,7 @@
 """bench.latency: operating points, mixed actions, the agent-alone timing function and the stage profile."""
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -127,3 +129,40 @@ def test_residual_targets_take_their_own_rows():
     assert (targets["ResNet-50: agent overhead (of the full model's time)"]["value"], ) == (0.04,)
     assert targets["MobileNetV2 batch 1: agent overhead (of the full model's time)"]["met"] is False
     assert targets["VGG-16 batch 1: efficiency at 3-5x"]["met"] is None
+
+
+@pytest.mark.slow
+def test_latency_benchmark_quick_schema(tmp_path):
+    from bench import timing
+
+    config = latency.default_config(
+        quick=True, batch_sizes=[1, 4], targets=[3.0], repeats=1, warmup=1,
+        min_sample_seconds=0.0, memory=False, no_agent_variant=False,
+    )
+    assert config["models"] == ["cifar_cnn"]
+    result = latency.run_benchmark(config, log=lambda line: None)
+    paths = latency.write_outputs(result, tmp_path)
+    data = json.loads(open(paths["json"], encoding="utf-8").read())
+    assert data["complete"] is True
+    for key in ("schema_version", "date", "machine", "config", "rows", "targets", "paper_gpu"):
+        assert key in data
+    assert len(data["rows"]) == 1 + 2  # batch 1: uniform; batch 4: uniform + mixed
+    for row in data["rows"]:
+        assert set(latency.ROW_KEYS) <= set(row)
+        assert row["full_ms"] > 0 and row["rnp_ms"] > 0 and row["agent_ms"] >= 0
+        assert row["efficiency"] == pytest.approx(row["measured_speedup"] / row["theoretical_speedup"])
+    modes = {(r["batch_size"], r["mode"]) for r in data["rows"]}
+    assert modes == {(1, "uniform"), (4, "uniform"), (4, "mixed")}
+    mixed = [r for r in data["rows"] if r["mode"] == "mixed" and r["target_speedup"] == 3.0][0]
+    uniform = [r for r in data["rows"] if r["mode"] == "uniform" and r["batch_size"] == 4
+               and r["target_speedup"] == 3.0][0]
+    assert mixed["theoretical_speedup"] == pytest.approx(uniform["theoretical_speedup"], rel=0.01)
+    assert all(t["met"] is None for t in data["targets"])  # no VGG rows
+    text = open(paths["markdown"], encoding="utf-8").read()
+    assert "| cifar_cnn" in text and "Targets" in text
+    assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the shared timing helper
+    times = timing.measure({"a": lambda: tf.zeros(3), "b": lambda: None}, repeats=3, warmup=0)
+    assert set(times) == {"a", "b"} and len(times["a"]["samples_s"]) == 3
+    with pytest.raises(ValueError, match="repeats"):
+        timing.measure({"a": lambda: None}, repeats=0)

@@ -1,7 +1,6 @@
 """InferenceEngine: same numbers as the masked path, batch 1 / N, empty groups, errors."""
 
 import itertools
-import json
 import pathlib
 import sys
 
@@ -393,7 +392,7 @@ def test_predict_runs_through_the_engine():
     np.testing.assert_allclose(model.predict(x, batch_size=9, verbose=0), capped["logits"].numpy(), atol=ATOL)
 
 
-def test_predict_falls_back_to_the_masked_path():
+def test_predict_engine_options_and_the_masked_fallback():
     model = residual_model()
     x = images(5, seed=31)
     np.testing.assert_allclose(model.predict(x, verbose=0), model(x).numpy(), atol=ATOL)
@@ -413,45 +412,6 @@ def test_predict_falls_back_to_the_masked_path():
     assert "_engine" not in model.__dict__  # never built
     with pytest.raises(ValueError, match="inference_engine"):
         rnp_tf.RNPModel.from_config({**config, "inference_engine": 1})
-
-
-# ---------------------------------------------------------------- benchmark
-@pytest.mark.slow
-def test_latency_benchmark_quick_schema(tmp_path):
-    from bench import latency
-    from bench import timing
-
-    config = latency.default_config(
-        quick=True, batch_sizes=[1, 4], targets=[3.0], repeats=1, warmup=1,
-        min_sample_seconds=0.0, memory=False, no_agent_variant=False,
-    )
-    assert config["models"] == ["cifar_cnn"]
-    result = latency.run_benchmark(config, log=lambda line: None)
-    paths = latency.write_outputs(result, tmp_path)
-    data = json.loads(open(paths["json"], encoding="utf-8").read())
-    assert data["complete"] is True
-    for key in ("schema_version", "date", "machine", "config", "rows", "targets", "paper_gpu"):
-        assert key in data
-    assert len(data["rows"]) == 1 + 2  # batch 1: uniform; batch 4: uniform + mixed
-    for row in data["rows"]:
-        assert set(latency.ROW_KEYS) <= set(row)
-        assert row["full_ms"] > 0 and row["rnp_ms"] > 0 and row["agent_ms"] >= 0
-        assert row["efficiency"] == pytest.approx(row["measured_speedup"] / row["theoretical_speedup"])
-    modes = {(r["batch_size"], r["mode"]) for r in data["rows"]}
-    assert modes == {(1, "uniform"), (4, "uniform"), (4, "mixed")}
-    mixed = [r for r in data["rows"] if r["mode"] == "mixed" and r["target_speedup"] == 3.0][0]
-    uniform = [r for r in data["rows"] if r["mode"] == "uniform" and r["batch_size"] == 4
-               and r["target_speedup"] == 3.0][0]
-    assert mixed["theoretical_speedup"] == pytest.approx(uniform["theoretical_speedup"], rel=0.01)
-    assert all(t["met"] is None for t in data["targets"])  # no VGG rows
-    text = open(paths["markdown"], encoding="utf-8").read()
-    assert "| cifar_cnn" in text and "Targets" in text
-    assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    # the shared timing helper
-    times = timing.measure({"a": lambda: tf.zeros(3), "b": lambda: None}, repeats=3, warmup=0)
-    assert set(times) == {"a", "b"} and len(times["a"]["samples_s"]) == 3
-    with pytest.raises(ValueError, match="repeats"):
-        timing.measure({"a": lambda: None}, repeats=0)
 
 
 def skip_model(kind, tiny_mobilenet):
