@@ -1243,7 +1243,10 @@ class IfTreeExecutor(SegmentExecutor):
         def branch(p):
             return net.kept_conv(layer, tf.reshape(h, [1, hw[0], hw[1], p * layer.in_group_size]), p)
 
-        y = self._tree(in_action[0] - 1, [lambda p=p: branch(p) for p in range(1, net.groups + 1)])
+        if h.shape[-1] is not None:  # one input width only (a network restricted to some action tuples)
+            y = branch(h.shape[-1] // layer.in_group_size)
+        else:
+            y = self._tree(in_action[0] - 1, [lambda p=p: branch(p) for p in range(1, net.groups + 1)])
         return tf.reshape(y, [1, *layer.output_hw, layer.filters])
 
     def _tree(self, index, fns, lo=0, hi=None):

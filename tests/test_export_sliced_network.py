@@ -131,6 +131,19 @@ def test_residual_graphs_match_rollout_for_every_action_tuple(residual_model):
     np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
 
 
+def test_residual_graphs_restricted_to_one_tuple(residual_model):
+    """A network restricted to one action tuple (`bench.export`'s files): each conv has one input width."""
+    model = residual_model()
+    forced = np.array([[2, 3, 1, 2]], np.int32)
+    net = sliced_network.SlicedNetwork(model, action_tuples=forced.tolist())
+    images = verification.parity_images(net, 2)
+    ref = model.rollout(images, actions=np.repeat(forced, 2, axis=0))["logits"].numpy()
+    for name in ("single", "batched"):
+        run = run_tf(net, name)
+        got = np.concatenate([run(images[i : i + 1], forced)["logits"] for i in range(2)])
+        np.testing.assert_allclose(got, ref, atol=verification.ATOL)
+
+
 @pytest.mark.parametrize("batch", [1, 7, pytest.param(64, marks=pytest.mark.slow)])
 def test_residual_batched_graph_at_any_batch(residual_model, check_residual_batches, batch):
     """Per-sample actions in one batch: most (previous action, action) groups and input widths are empty."""
