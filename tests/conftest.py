@@ -280,3 +280,20 @@ def skippable_bottleneck():
         ],
         "head": {"pooling": "gap"},
     }
+
+
+# The heaviest test files (their summed durations, --durations=0, 2026-12-07),
+# collected first: pytest-xdist's `--dist loadfile` hands files out in
+# collection order, so the long ones start early on both workers and the
+# light ones fill in at the end instead of one worker finishing a long file
+# alone. Every other file keeps its place after them.
+_HEAVY_FIRST = (
+    "test_train_distributed.py", "test_engine.py", "test_train.py", "test_export_tflite.py",
+    "test_export_saved_model.py", "test_model_knob.py", "test_model_training.py", "test_export_onnx.py",
+    "test_bench_accuracy.py", "test_export_trt.py", "test_cli_input.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
