@@ -230,12 +230,24 @@ def test_cli_train_one_class_labels_name_the_file(tmp_path, run_module, labels, 
 
 @pytest.mark.slow
 def test_cli_evaluate_budget_names_the_flag(model_dir, run_module):
-    """Issue 25, case 8: --budget / --compute_cap errors named compute_fraction."""
+    """Issue 25, case 8: --budget / --compute_cap errors named compute_fraction (the command once; the rest below)."""
     before = snapshot(model_dir)
-    for flag in ("--budget=1.5", "--compute_cap=nan", "--output_dir=" + UNWRITABLE):
-        result = run_module("rnp_tf.evaluate", f"--model_dir={model_dir}", "--dataset=digits", flag)
-        line = one_error_line(result, "rnp_tf.evaluate")
-        assert flag.split("=")[0] in line and "compute_fraction" not in line, line
+    result = run_module("rnp_tf.evaluate", f"--model_dir={model_dir}", "--dataset=digits", "--budget=1.5")
+    line = one_error_line(result, "rnp_tf.evaluate")
+    assert "--budget" in line and "compute_fraction" not in line, line
+    assert snapshot(model_dir) == before
+
+
+@pytest.mark.parametrize("flag, kwargs", [("--compute_cap", {"compute_cap": float("nan")}),
+                                          ("--output_dir", {"output_dir": UNWRITABLE})])
+def test_evaluate_dir_names_the_flag(model_dir, flag, kwargs):
+    """The errors `rnp_tf.evaluate` prints as one line: each names its flag, before any work."""
+    from rnp_tf import evaluation
+
+    before = snapshot(model_dir)
+    with pytest.raises(ValueError) as info:
+        evaluation.evaluate_dir(model_dir, "digits", **kwargs)
+    assert flag in str(info.value) and "compute_fraction" not in str(info.value), str(info.value)
     assert snapshot(model_dir) == before
 
 
