@@ -35,9 +35,9 @@ def test_best_knob_weights_restores_the_best_epoch_and_leaves_the_knob_alone(tmp
     budgets = (0.3, 0.7)
     path = tmp_path / "select.npz"
     best = rnp_tf.BestKnobWeights(x, y, budgets=budgets, path=path)
-    model.fit(data.train, epochs=4, shuffle=False, verbose=0, callbacks=[best])
+    model.fit(data.train, epochs=3, shuffle=False, verbose=0, callbacks=[best])
     scores = [h["accuracy"] for h in best.history]
-    assert [h["epoch"] for h in best.history] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in best.history] == [0, 1, 2]
     assert best.best_epoch == int(np.argmax(scores)) and len(set(scores)) > 1
     for h in best.history:
         assert set(h["by_budget"]) == set(budgets)
@@ -53,9 +53,9 @@ def test_best_knob_weights_restores_the_best_epoch_and_leaves_the_knob_alone(tmp
     for a, b in zip(kept["weights"], best.best_weights):
         np.testing.assert_array_equal(a, b)
     resumed = rnp_tf.BestKnobWeights(x, y, budgets=budgets, path=path, restore=False)
-    model.fit(data.train, epochs=5, initial_epoch=3, shuffle=False, verbose=0, callbacks=[resumed])
-    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3, 4]
-    assert resumed.history[:3] == best.history[:3]
+    model.fit(data.train, epochs=4, initial_epoch=2, shuffle=False, verbose=0, callbacks=[resumed])
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history[:2] == best.history[:2]
     scores = [h["accuracy"] for h in resumed.history]
     assert resumed.best_epoch == int(np.argmax(scores)) and resumed._best == pytest.approx(max(scores))
     assert rnp_tf.BestKnobWeights.read(path)["history"] == resumed.history
