@@ -196,9 +196,10 @@ def skip_order(model):
 
 
 def _untaken(model, actions):
-    """Sets the later decisions of every skipped block to 0 (not taken), in place."""
-    for t, first in model.plan.skipped_by.items():
-        actions[:, t] = actions[:, t] * (actions[:, first] != 0)
+    """Sets the later decisions of every skipped block to 0 (not taken, `NetworkPlan.live`), in place."""
+    live = model.plan.live(actions)
+    if live is not None:
+        actions *= live.numpy().astype(actions.dtype)
 
 
 def operating_points(model, targets, seed=0):
@@ -297,8 +298,7 @@ def mixed_actions(model, actions, batch_size, seed=0, tolerance=0.005, max_steps
         flip = rng.random(batch_size) < 0.25
         chosen[:, t] = np.where((base[0, t] == 0) != flip, 0, chosen[:, t])
     _untaken(model, chosen)
-    live = model.plan.live(chosen)
-    movable_mask = chosen > 0 if live is None else (chosen > 0) & (live.numpy() > 0)
+    movable_mask = chosen > 0  # the decisions taken (a skip and its untaken decisions are 0)
     per_sample = model.macs(chosen).numpy().astype(np.float64)
     for _ in range(max_steps):
         mean = per_sample.mean()

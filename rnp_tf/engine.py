@@ -295,7 +295,7 @@ class InferenceEngine:
                 "logits": tf.zeros([0, self.model.num_classes], tf.float32),
                 "actions": tf.zeros([0, self.num_prunable], tf.int32),
                 "macs": tf.zeros([0], tf.float32),
-                "q_values": tf.zeros([0, self.num_prunable, self.groups + bool(self.plan.skippable)], tf.float32) if actions is None else None,
+                "q_values": tf.zeros([0, self.num_prunable, self.plan.q_width], tf.float32) if actions is None else None,
             }
         if run_agent is None:
             run_agent = actions is None

@@ -316,7 +316,7 @@ class RNPModel(keras.Model):
         return {
             "logits": tf.zeros([0, self.num_classes], tf.float32),
             "actions": tf.zeros([0, self.num_prunable], tf.int32),
-            "q_values": tf.zeros([0, self.num_prunable, self.groups + bool(self.plan.skippable)], tf.float32) if q_values else None,
+            "q_values": tf.zeros([0, self.num_prunable, self.plan.q_width], tf.float32) if q_values else None,
             "macs": tf.zeros([0], tf.float32),
         }
 

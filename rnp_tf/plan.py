@@ -362,6 +362,11 @@ class NetworkPlan:
         return np.arange(1, k + 1) * self._head_macs_per_group
 
     @property
+    def q_width(self):
+        """Q-values per decision in a stacked `[batch, T, n]` tensor: `k`, or `k + 1` when a block is skippable."""
+        return self.groups + bool(self.skippable)
+
+    @property
     def skip_columns(self):
         """Per decision of a skippable block, the decision whose 0 skips it (the first maps to itself)."""
         return {**{t: t for t in self.skippable}, **self.skipped_by}

@@ -157,9 +157,10 @@ def test_skippable_marks_every_identity_block_and_the_plan_accepts_them(name, sk
 
     spec = backbones.validate_backbone(backbones.get_backbone(name, skippable=True), groups=4)
     built = plan_lib.build_plan(spec, (32, 32, 3), num_classes=10, groups=4)
-    assert len(built.skippable) == skips
-    assert not plan_lib.build_plan(backbones.validate_backbone(backbones.get_backbone(name), groups=4),
-                                   (32, 32, 3), num_classes=10, groups=4).skippable
+    assert len(built.skippable) == skips and built.q_width == 5  # k Q-values and the skip's
+    plain = plan_lib.build_plan(backbones.validate_backbone(backbones.get_backbone(name), groups=4),
+                                (32, 32, 3), num_classes=10, groups=4)
+    assert not plain.skippable and plain.q_width == 4
 
 
 def test_inverted_residual_model_masked_equals_sliced_and_reloads(tiny_mobilenet, tmp_path):
