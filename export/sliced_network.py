@@ -18,8 +18,10 @@
   * `batched(images, forced_actions, penalty)`: any batch size, per-sample
     actions by gather/scatter (`GatherScatterExecutor`: samples grouped by
     their (previous action, action) pair, one convolution per group on its
-    weight slice, results scattered back). No control flow at all, so it converts to ONNX for onnxruntime
-    and TensorRT and runs in a SavedModel.
+    weight slice; the groups stay narrow until a conv of full output or
+    the head, whose results are stitched back in batch order). No control
+    flow at all, so it converts to ONNX for onnxruntime and TensorRT and
+    runs in a SavedModel.
   * `single(image, forced_actions, penalty)`: batch 1, the branch picked by
     a nested binary tree of `tf.cond` on the scalar action
     (`IfTreeExecutor`; ONNX `If` after freezing with lowered control flow).
@@ -1108,14 +1110,37 @@ class SegmentExecutor(ChainExecutor):
         return h.built
 
 
+class Piece:
+    """Samples of one width in a `GatherScatterExecutor`'s batch: a map and where each sample is.
+
+    Attributes:
+        x: a map holding exactly `width` groups (or full width), at least
+            one row (an empty group keeps one row that belongs to no sample).
+        idx: int32 `[m]`, the batch rows of the piece's samples (None: every
+            row of the batch, in order).
+        sel: int32 `[m]`, the rows of `x` that hold them (None: the first `m`).
+        width: the action that set the width (the groups `x` holds).
+    """
+
+    def __init__(self, x, idx, width, sel=None):
+        self.x, self.idx, self.width, self.sel = x, idx, width, sel
+
+
 class GatherScatterExecutor(SegmentExecutor):
-    """Any batch size: per-sample actions by gather/scatter, no control flow.
+    """Any batch size: per-sample actions by gather and one stitch per block, no control flow.
 
     At each prunable conv the samples are grouped by their (previous
-    action, action) pair; each group is gathered, narrowed to its input
-    prefix, run through its segment on its weight slice (pooled while
-    narrow), zero-padded back to full width and scattered to its rows.
-    The head is chosen the same way by the last action.
+    action, action) pair: each group is gathered from the `Piece` of its
+    previous action and runs its segment on its weight slice. The samples
+    stay in narrow pieces, one per action (as the inference engine's
+    batch-N executor keeps them), until a map must be in batch order: a
+    conv of full output (a bottleneck's last conv, an inverted residual's
+    projection) runs on each piece at its width and one stitch (a concat
+    and a gather) puts the full maps back in their rows. The agent's pooled
+    features and the logits are stitched the same way. No map is padded
+    to full width and scattered after every conv, as before (ResNet-50,
+    batch 64 at 224x224 in onnxruntime at 2x: 0.44x -> 0.59x the full
+    network's speed; `docs/results/speed.md`).
 
     Args:
         net: the `SlicedNetwork`.
@@ -1124,66 +1149,109 @@ class GatherScatterExecutor(SegmentExecutor):
 
     def build(self, segment, pooled=True):
         tf, net, t = self.tf, self.net, segment.t
-        outs, index = [], []
-        for p, b in net.branches(t):
-            chosen = tf.equal(segment.action, b)
-            if net.varies(t):
-                chosen = tf.logical_and(tf.equal(segment.previous, p), chosen)
-            idx = self._indices(chosen)
-            ci = net.in_channels(t, p)
-            x = tf.gather(segment.h, idx)
-            if ci != net.full_in[t]:
-                x = x[..., :ci]
-            y = self._run_group(
-                x, lambda z, p=p, b=b: net.segment(t, z, p, b, segment.pools, segment.tail), net.in_hw[t], ci
-            )
-            pad = net.segment_channels(t, segment.tail) - int(y.shape[-1])
-            outs.append(tf.pad(y, [[0, 0], [0, 0], [0, 0], [0, pad]]) if pad else y)
-            index.append(idx)
-        return self._scatter(index, outs, [*outs[0].shape[1:3], net.segment_channels(t, segment.tail)]), None
+        sources = segment.h if isinstance(segment.h, list) else [Piece(segment.h, None, net.groups)]
+        by_width = {}
+        for pc in sources:
+            action = self._of_piece(segment.action, pc)
+            for p, b in net.branches(t):
+                if net.varies(t) and p != pc.width:
+                    continue
+                fn = lambda z, p=p, b=b: net.segment(t, z, p, b, segment.pools, segment.tail)  # noqa: E731
+                local = self._indices(tf.equal(action, b))
+                by_width.setdefault(b, []).append(self._group(pc, local, net.in_channels(t, p), net.in_hw[t], fn, b))
+        pieces = [self._merged(group) for group in by_width.values()]
+        if segment.tail:  # an inverted residual's projection: full output, back in batch order
+            return self._stitch(pieces, [pc.x for pc in pieces]), None
+        if not pooled:
+            return pieces, None
+        channels = net.segment_channels(t)
+        return pieces, self._stitch(pieces, [net.pooled(pc.x, channels) for pc in pieces])
 
     def kept(self, layer, h, in_action):
-        """A conv of full output on `h` (full width, zero beyond each sample's prefix), grouped by input width."""
-        tf, net = self.tf, self.net
-        outs, index = [], []
-        for p in range(1, net.groups + 1):
-            idx = self._indices(tf.equal(in_action, p))
-            ci = p * layer.in_group_size
-            x = tf.gather(h, idx)[..., :ci]
-            outs.append(self._run_group(x, lambda z, p=p: net.kept_conv(layer, z, p), net.conv_in_hw[layer.name], ci))
-            index.append(idx)
-        return self._scatter(index, outs, [*layer.output_hw, layer.filters])
-
-    def _scatter(self, index, outs, shape):
-        """The groups' outputs `outs` back to their rows `index`: `[batch, *shape]`."""
-        tf = self.tf
-        shape = tf.stack([self.batch, *shape])
-        return tf.scatter_nd(tf.concat(index, 0)[:, None], tf.concat(outs, 0), shape)
+        """A conv of full output on each piece at its input width, stitched back to batch order."""
+        hw = self.net.conv_in_hw[layer.name]
+        pieces = self._split(h, in_action, layer.in_group_size, hw)
+        return self._stitch(pieces, [self.net.kept_conv(layer, pc.x, pc.width) for pc in pieces])
 
     def classify(self, h, last_action):
+        net = self.net
+        pieces = self._split(h, last_action, net.head_group, net.head_hw)
+        return self._stitch(pieces, [net.head(pc.x, pc.width) for pc in pieces])
+
+    def _split(self, h, action, group_size, hw):
+        """Pieces as they are, or a full map (zero beyond each sample's prefix) split by `action`."""
+        if isinstance(h, list):
+            return h
         tf, net = self.tf, self.net
-        logits, index = [], []
-        g = net.head_group
-        for b in net.heads():
-            idx = self._indices(tf.equal(last_action, b))
-            x = tf.gather(h, idx)[..., : b * g]
-            logits.append(self._run_group(x, lambda z, b=b: net.head(z, b), net.head_hw, b * g))
-            index.append(idx)
-        return self._scatter(index, logits, [net.num_classes])
+        full = Piece(h, None, net.groups)
+        return [self._group(full, self._indices(tf.equal(action, p)), p * group_size, hw, lambda z: z, p)
+                for p in range(1, net.groups + 1)]
 
-    def _run_group(self, x, fn, hw, channels):
-        """`fn` on a group of samples; an empty group runs on one zero sample that is dropped.
+    def _of_piece(self, values, pc):
+        """Per-sample `values` `[batch]` of the piece's samples."""
+        return values if pc.idx is None else self.tf.gather(values, pc.idx)
 
-        Works around oneDNN's empty-batch convolution bug (FINDINGS.md) and
-        keeps every runtime away from zero-sized convolutions; the reshape
-        restores the static inner dims.
+    def _group(self, pc, local, channels, hw, fn, width):
+        """`fn` on the samples `local` (int32 `[m]`, positions among its samples) of piece `pc`.
+
+        The group's rows are gathered and cut (or zero-padded) to
+        `channels`. An empty group runs on one row that belongs to no
+        sample: the padding is in the gather's indices, so no map is copied
+        twice. It keeps oneDNN (FINDINGS.md) and every runtime away from
+        zero-sized convolutions; the reshape restores the static inner dims.
+
+        Returns:
+            The new `Piece` of `width`.
         """
         tf = self.tf
-        m = tf.shape(x)[0]
-        pad = tf.maximum(1 - m, 0)
-        x = tf.concat([x, tf.zeros(tf.stack([pad, hw[0], hw[1], channels]), x.dtype)], axis=0)
-        x = tf.reshape(x, [-1, hw[0], hw[1], channels])
-        return fn(x)[:m]
+        positions = local if pc.sel is None else tf.gather(pc.sel, local)
+        missing = tf.maximum(1 - tf.shape(positions)[0], 0)
+        x = tf.gather(pc.x, tf.concat([positions, tf.zeros(tf.reshape(missing, [1]), tf.int32)], 0))
+        have = x.shape[-1]
+        if channels < have:
+            x = x[..., :channels]
+        elif channels > have:  # a full-width input after a prefix: the rest is zero
+            x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, channels - have]])
+        rows = local if pc.idx is None else tf.gather(pc.idx, local)
+        return Piece(fn(tf.reshape(x, [-1, hw[0], hw[1], channels])), rows, width)
+
+    def _merged(self, group):
+        """One piece from pieces of one width: their maps concatenated, their samples' rows tracked."""
+        if len(group) == 1:
+            return group[0]
+        tf = self.tf
+        offsets = self._offsets([pc.x for pc in group])
+        sel = [offsets[i] + self._rows_in(pc) for i, pc in enumerate(group)]
+        idx = [self._batch_rows(pc) for pc in group]
+        return Piece(tf.concat([pc.x for pc in group], 0), tf.concat(idx, 0), group[0].width, tf.concat(sel, 0))
+
+    def _offsets(self, maps):
+        """Where each of `maps` starts in their concat along the batch (scalar adds: TensorRT has no int32 CumSum)."""
+        offsets, at = [], 0
+        for y in maps:
+            offsets.append(at)
+            at = at + self.tf.shape(y)[0]
+        return offsets
+
+    def _rows_in(self, pc):
+        """int32 rows of `pc.x` that hold the piece's samples."""
+        if pc.sel is not None:
+            return pc.sel
+        return self.tf.range(self.batch if pc.idx is None else self.tf.shape(pc.idx)[0])
+
+    def _batch_rows(self, pc):
+        return self.tf.range(self.batch) if pc.idx is None else pc.idx
+
+    def _stitch(self, pieces, outs):
+        """`outs` (one per piece, rows as the piece's map) back in batch order: a concat and a gather."""
+        tf = self.tf
+        offsets = self._offsets(outs)
+        positions = tf.concat([offsets[i] + self._rows_in(pc) for i, pc in enumerate(pieces)], 0)
+        rows = tf.concat([self._batch_rows(pc) for pc in pieces], 0)
+        order = tf.scatter_nd(rows[:, None], positions, tf.reshape(self.batch, [1]))
+        out = tf.gather(tf.concat(outs, 0), order)
+        out.set_shape([None, *outs[0].shape[1:]])
+        return out
 
     def _indices(self, mask):
         """int32 indices of the True entries of a `[n]` mask (NonZero on float32, as TensorRT wants)."""
