@@ -34,6 +34,12 @@ measures:
 7. a confidence cascade: the narrowest mix, re-run at full width when its
    top softmax probability is below a threshold.
 
+Backbones: `cifar_cnn` and `vgg_cifar` (chains) and `resnet_cifar`, a
+small bottleneck ResNet (`rnp_tf.resnet_cifar`, widths `--resnet_widths`);
+`resnet_cifar_skip` is the same network whose agent may also skip the
+identity blocks (block skipping): its static mixes skip blocks too, and
+each RNP point reports its `skip_rate`.
+
 It also tests the paper's second claim: Spearman correlation between
 per-image compute and the full network's loss, compute per class, and the
 16 test images with the least and the most compute (a picture per policy).
@@ -50,6 +56,7 @@ Example:
 
     python -m bench.accuracy --quick                      # smoke run, ~2 min
     python -m bench.accuracy --datasets=cifar10_subset --backbones=cifar_cnn --seeds=0,1,2
+    python -m bench.accuracy --datasets=cifar10_subset --backbones=resnet_cifar,resnet_cifar_skip --seeds=0,1,2
 """
 
 import hashlib
@@ -67,7 +74,7 @@ from bench import static
 from bench import timing
 
 DATASETS = splits.DATASETS
-BACKBONES = ("cifar_cnn", "vgg_cifar")
+BACKBONES = ("cifar_cnn", "vgg_cifar", "resnet_cifar", "resnet_cifar_skip")
 POLICIES = ("paper", "knob")
 STAGES = ("static_finetuned", "thin")
 
@@ -77,6 +84,7 @@ flags.DEFINE_list("backbones", ["cifar_cnn", "vgg_cifar"], "Backbones: " + ", ".
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one full pipeline per seed).")
 flags.DEFINE_list("widths", ["32", "64", "128", "128"], "cifar_cnn widths.")
 flags.DEFINE_integer("vgg_width", 48, "vgg_cifar: channels of its first convs.")
+flags.DEFINE_list("resnet_widths", ["16", "32", "64"], "resnet_cifar(_skip): inner widths of its stages' bottlenecks.")
 flags.DEFINE_list("policies", ["paper"], "Agents trained from each backbone: " + ", ".join(POLICIES) + ".")
 flags.DEFINE_integer("pretrain_epochs", 10, "Full-width epochs of the backbone.")
 flags.DEFINE_integer("robust_epochs", 8, "Prefix-robust epochs.")
@@ -123,6 +131,9 @@ def _spec(backbone, scale=1.0):
 
     if backbone == "vgg_cifar":
         return rnp_tf.vgg_cifar(max(4, int(round(FLAGS.vgg_width * scale / 4)) * 4))
+    if backbone.startswith("resnet_cifar"):  # bottlenecks; "_skip": the agent may skip identity blocks
+        widths = tuple(max(4, int(round(int(w) * scale / 4)) * 4) for w in FLAGS.resnet_widths)
+        return rnp_tf.resnet_cifar(widths, skippable=backbone.endswith("_skip"))
     return rnp_tf.cifar_cnn(tuple(max(4, int(round(int(w) * scale / 4)) * 4) for w in FLAGS.widths))
 
 
@@ -272,6 +283,14 @@ def _sweep(model, xv, xt, yt):
     return points
 
 
+def _skip_rate(model, actions):
+    """`{"skip_rate": share of the skippable blocks skipped}` for a model with skippable blocks, else `{}`."""
+    skippable = sorted(model.plan.skippable)
+    if not skippable:
+        return {}
+    return {"skip_rate": float((np.asarray(actions)[:, skippable] == 0).mean())}
+
+
 def _evaluate_policy(model, data, xv, xt, yt, full_loss, seed):
     """RNP points of one trained agent: knob at every budget, controls, difficulty correlation."""
     model.calibrate_budget(xv, num_points=13)
@@ -292,6 +311,7 @@ def _evaluate_policy(model, data, xv, xt, yt, full_loss, seed):
                 "compute_p90": float(np.percentile(frac, 90)),
                 "shuffled_accuracy": float(_per_image(model, xt, yt, shuffled)[0].mean()),
                 "distinct_action_tuples": int(len({tuple(a) for a in actions})),
+                **_skip_rate(model, actions),
                 "spearman_compute_vs_full_loss": _spearman(frac, full_loss),
                 "compute_per_class": {
                     data.class_names[c]: float(frac[yt == c].mean()) for c in range(data.num_classes) if (yt == c).any()
@@ -397,7 +417,8 @@ def run_one(name, backbone, seed):
 
     # 1-2: full network and the static curve (front chosen on validation, read on test)
     start = time.time()
-    mixes = candidate_mixes(backbone_model.num_prunable, backbone_model.groups, FLAGS.max_mixes, seed)
+    mixes = candidate_mixes(backbone_model.num_prunable, backbone_model.groups, FLAGS.max_mixes, seed,
+                            skips=backbone_model.plan.skip_columns)
     fractions = backbone_model.compute_fraction(mixes).numpy()
     front, static_curve, (test_correct, test_loss, test_conf) = _static_curve(
         backbone_model, mixes, fractions, xv, yv, xt, yt)
@@ -479,7 +500,7 @@ def run_one(name, backbone, seed):
         net = _new_model(spec, data)
         _fit(net, data, "full", FLAGS.pretrain_epochs + FLAGS.robust_epochs, 2e-3)
         correct, _, _ = _per_image(net, xt, yt, np.full((1, net.num_prunable), net.groups))
-        thin.append({"budget": budget, "widths": [s["filters"] for s in spec["stages"] if s["type"] == "conv"],
+        thin.append({"budget": budget, "widths": [s["filters"] for s in spec["stages"] if s["type"] in ("conv", "bottleneck")],
                      "compute_fraction": fraction, "accuracy": float(correct.mean())})
     timing["thin"] = time.time() - start
 

@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 
 
-def candidate_mixes(num_prunable, groups, max_mixes, seed=0):
+def candidate_mixes(num_prunable, groups, max_mixes, seed=0, skips=None):
     """Every per-layer width mix, or the uniform mixes plus a seeded sample of the others.
 
     Args:
@@ -19,6 +19,10 @@ def candidate_mixes(num_prunable, groups, max_mixes, seed=0):
         groups: `k`.
         max_mixes: most mixes returned (at least `groups`).
         seed: sampling seed.
+        skips: optional `NetworkPlan.skip_columns` (each decision of a
+            skippable block -> the block's first decision): mixes may then
+            skip blocks (0 at all of a block's decisions); the uniform mixes
+            come with every skippable block skipped too.
 
     Returns:
         int array `[mixes, num_prunable]`, the full network last.
@@ -27,20 +31,46 @@ def candidate_mixes(num_prunable, groups, max_mixes, seed=0):
 
     >>> candidate_mixes(2, 2, max_mixes=16).tolist()
     [[1, 1], [1, 2], [2, 1], [2, 2]]
+    >>> candidate_mixes(2, 2, max_mixes=16, skips={1: 1}).tolist()
+    [[1, 0], [1, 1], [1, 2], [2, 0], [2, 1], [2, 2]]
     """
     if max_mixes < groups:
         raise ValueError(f"`max_mixes` must be >= groups ({groups}). Received: max_mixes={max_mixes}")
-    total = groups**num_prunable
+    skips = dict(skips or {})
+    blocks = {}
+    for t, first in sorted(skips.items()):
+        blocks.setdefault(first, []).append(t)
+    total = groups ** (num_prunable - len(skips))
+    for members in blocks.values():
+        total *= groups ** len(members) + 1
+    full = (groups,) * num_prunable
     if total <= max_mixes:
-        return np.array(list(itertools.product(range(1, groups + 1), repeat=num_prunable)))
+        rows = itertools.product(range(1, groups + 1), repeat=num_prunable)
+        chosen = {_skipped(row, blocks, mask) for row in rows for mask in itertools.product((0, 1), repeat=len(blocks))}
+        chosen.discard(full)
+        return np.array(sorted(chosen) + [full])
     uniform = [np.full(num_prunable, a) for a in range(1, groups + 1)]
     rng = np.random.default_rng(seed)
     chosen = {tuple(m) for m in uniform}
+    if blocks:
+        chosen |= {_skipped(m, blocks, (1,) * len(blocks)) for m in uniform}
     while len(chosen) < max_mixes:
-        chosen.add(tuple(rng.integers(1, groups + 1, num_prunable)))
-    full = (groups,) * num_prunable
+        row = tuple(rng.integers(1, groups + 1, num_prunable))
+        if blocks:
+            row = _skipped(row, blocks, rng.random(len(blocks)) < 1 / (groups + 1))
+        chosen.add(row)
     chosen.discard(full)
     return np.array(sorted(chosen) + [full])
+
+
+def _skipped(row, blocks, mask):
+    """`row` with the decisions of each block of `blocks` (first decision -> its decisions) set to 0 where `mask`."""
+    row = list(int(a) for a in row)
+    for skip, members in zip(mask, blocks.values()):
+        if skip:
+            for t in members:
+                row[t] = 0
+    return tuple(row)
 
 
 def per_image(model, x, y, actions, batch_size=512):

@@ -20,6 +20,7 @@ from rnp_tf.backbones import vgg_cifar
 from rnp_tf.backbones import get_backbone
 from rnp_tf.backbones import mobilenet_v2
 from rnp_tf.backbones import resnet50
+from rnp_tf.backbones import resnet_cifar
 from rnp_tf.backbones import vgg16
 from rnp_tf.callbacks import AtomicCheckpoint
 from rnp_tf.callbacks import BestKnobWeights

@@ -120,7 +120,7 @@ def get_backbone(name, **kwargs):
 
     Args:
         name: one of `BACKBONES` (`"cifar_cnn"`, `"vgg_cifar"`, `"vgg16"`,
-            `"resnet50"`, `"mobilenet_v2"`).
+            `"resnet50"`, `"resnet_cifar"`, `"mobilenet_v2"`).
         **kwargs: passed to the builder.
 
     Returns:
@@ -188,6 +188,57 @@ def resnet50(expansion=4, bn_epsilon=1.001e-5, skippable=False):
 
 
 BACKBONES["resnet50"] = resnet50
+
+
+def resnet_cifar(widths=(16, 32, 64), blocks=2, expansion=4, skippable=False):
+    """A small bottleneck ResNet for 32x32 inputs, ResNet-50's blocks at CIFAR scale.
+
+    A 3x3 stem of `widths[0] * expansion` channels (full width), then one
+    stage per entry of `widths`: `blocks` bottlenecks of that inner width
+    (the first of a later stage has stride 2 and a projection shortcut),
+    each pruned as in `resnet50`: its first two convs are prunable, its
+    last conv and the shortcut keep their full width. About 32M MACs at
+    32x32 with the defaults (`cifar_cnn`: 34M); 12 decisions.
+
+    Args:
+        widths: inner width of each stage's bottlenecks (divisible by the
+            model's `groups`). Defaults to (16, 32, 64).
+        blocks: bottlenecks per stage. Defaults to 2.
+        expansion: output channels of a bottleneck over its inner width.
+        skippable: when True, every bottleneck with an identity shortcut
+            (all but the first of each stage) is skippable. Defaults to False.
+
+    Returns:
+        A backbone description dict.
+
+    Example:
+
+    >>> [s["filters"] for s in resnet_cifar()["stages"] if s["type"] == "bottleneck"]
+    [16, 16, 32, 32, 64, 64]
+    >>> sum(s.get("skippable", False) for s in resnet_cifar(skippable=True)["stages"])
+    4
+    """
+    blocks = validation.check_positive_int("blocks", blocks)
+    expansion = validation.check_positive_int("expansion", expansion)
+    widths = [validation.check_positive_int("widths", w) for w in widths]
+    stages = [{"type": "conv", "filters": widths[0] * expansion, "kernel_size": 3, "strides": 1, "prunable": False}]
+    for j, filters in enumerate(widths):
+        for i in range(blocks):
+            first = i == 0
+            stages.append(
+                {
+                    "type": "bottleneck",
+                    "filters": filters,
+                    "strides": 2 if first and j > 0 else 1,
+                    "projection": first and j > 0,
+                    "expansion": expansion,
+                    **({"skippable": True} if skippable and not (first and j > 0) else {}),
+                }
+            )
+    return {"stages": stages, "head": {"pooling": "gap", "hidden": [], "dropout": 0.0}}
+
+
+BACKBONES["resnet_cifar"] = resnet_cifar
 
 # MobileNetV2's inverted residual blocks: (output channels, blocks, first stride, expansion).
 _MOBILENET_V2 = ((16, 1, 1, 1), (24, 2, 2, 6), (32, 3, 2, 6), (64, 4, 2, 6), (96, 3, 1, 6), (160, 3, 2, 6),

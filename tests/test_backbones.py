@@ -150,7 +150,24 @@ def test_mobilenet_v2_description():
         backbones.mobilenet_v2(alpha=0)
 
 
-@pytest.mark.parametrize("name, skips", [("resnet50", 12), ("mobilenet_v2", 10)])
+def test_resnet_cifar_is_a_small_bottleneck_resnet():
+    """Three stages of two bottlenecks at CIFAR scale: 12 decisions, MACs near `cifar_cnn`'s, widths checked."""
+    spec = backbones.validate_backbone(rnp_tf.resnet_cifar(), groups=4)
+    stem, *blocks = spec["stages"]
+    assert (stem["filters"], stem["prunable"]) == (64, False)
+    assert [b["strides"] for b in blocks] == [1, 1, 2, 1, 2, 1]
+    assert [b["projection"] for b in blocks] == [False, False, True, False, True, False]
+    model = rnp_tf.RNPModel(spec, image_shape=(32, 32, 3), num_classes=10)
+    small = rnp_tf.RNPModel(rnp_tf.cifar_cnn(), image_shape=(32, 32, 3), num_classes=10)
+    assert model.num_prunable == 12 and 0.8 < model.full_macs / small.full_macs < 1.0
+    assert backbones.get_backbone("resnet_cifar", widths=(8, 8), blocks=1)["stages"][-1]["filters"] == 8
+    with pytest.raises(ValueError, match="blocks"):
+        rnp_tf.resnet_cifar(blocks=0)
+    with pytest.raises(ValueError, match="divide"):
+        backbones.validate_backbone(rnp_tf.resnet_cifar(widths=(6, 8, 8)), groups=4)
+
+
+@pytest.mark.parametrize("name, skips", [("resnet50", 12), ("mobilenet_v2", 10), ("resnet_cifar", 4)])
 def test_skippable_marks_every_identity_block_and_the_plan_accepts_them(name, skips):
     """`skippable=True` marks exactly the blocks with an identity shortcut; the plan would refuse any other."""
     from rnp_tf import plan as plan_lib

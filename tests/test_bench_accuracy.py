@@ -163,6 +163,31 @@ def test_candidate_mixes_all_or_a_sample_with_the_uniform_ones():
         accuracy.candidate_mixes(5, 4, max_mixes=3)
 
 
+def test_candidate_mixes_skip_whole_blocks():
+    """With skippable blocks a mix skips all of a block's decisions or none; uniform mixes also come skipped."""
+    skips = {1: 1, 2: 1, 4: 4}  # decisions 1-2 form one skippable block, 4 another
+    every = accuracy.candidate_mixes(5, 2, max_mixes=1000, skips=skips)
+    assert len(every) == 2 * 5 * 2 * 3 and len({tuple(m) for m in every}) == len(every)
+    sample = accuracy.candidate_mixes(5, 4, max_mixes=60, seed=2, skips=skips)
+    assert len(sample) == 60 and len({tuple(m) for m in sample}) == 60
+    for m in sample:
+        assert (m[1] == 0) == (m[2] == 0) and m[0] > 0 and m[3] > 0
+    assert (sample[:, [1, 4]] == 0).any(axis=1).sum() > 5
+    for a in range(1, 5):
+        assert any((m == [a, 0, 0, a, 0]).all() for m in sample)
+    np.testing.assert_array_equal(sample[-1], [4] * 5)
+
+
+def test_skip_rate_counts_the_skippable_decisions_only():
+    spec = rnp_tf.resnet_cifar(widths=(4, 4), blocks=2, skippable=True)
+    model = rnp_tf.RNPModel(spec, image_shape=(8, 8, 1), num_classes=3)
+    assert sorted(model.plan.skippable) == [0, 2, 6]
+    actions = np.array([[0, 0, 2, 1, 3, 3, 0, 0], [1, 2, 0, 0, 3, 3, 4, 4]])
+    assert accuracy._skip_rate(model, actions) == {"skip_rate": pytest.approx(3 / 6)}
+    plain = rnp_tf.RNPModel(rnp_tf.resnet_cifar(widths=(4, 4), blocks=2), image_shape=(8, 8, 1), num_classes=3)
+    assert accuracy._skip_rate(plain, actions) == {}
+
+
 def test_compact_table_shows_the_late_agent_of_older_reports_only(monkeypatch):
     monkeypatch.setattr(_parsed_flags(), "budgets", ["0.5"])
     rows = [{"dataset": "d", "backbone": "b", "method": m, "accuracy": a, "std": 0.0, "compute": c}
