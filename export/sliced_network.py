@@ -217,6 +217,7 @@ class SlicedNetwork:
         self.head_macs = {a: float(m) for a, m in enumerate(self.head_macs_table(), start=1)}
         self._consts = None
         self._kernel_mode = None  # see `kernels_as_inputs`
+        self.channels_first = False  # the maps' layout while a graph is traced (see `batched`)
 
     def _walk(self, plan):
         """Splits the plan into *stretches*: what runs between two convs whose weights follow an action.
@@ -564,17 +565,40 @@ class SlicedNetwork:
         tf = self._tf
         for mode, size, strides, padding in pools:
             if mode == "pad":
-                h = tf.pad(h, [[0, 0], list(size[0]), list(size[1]), [0, 0]])
+                sides = [list(size[0]), list(size[1])]
+                h = tf.pad(h, [[0, 0], [0, 0], *sides] if self.channels_first else [[0, 0], *sides, [0, 0]])
                 continue
             pool = tf.nn.max_pool2d if mode == "max" else tf.nn.avg_pool2d
-            h = pool(h, ksize=size, strides=strides, padding=padding)
+            h = pool(h, ksize=size, strides=strides, padding=padding, data_format=self._format)
+        return h
+
+    @property
+    def _format(self):
+        return "NCHW" if self.channels_first else "NHWC"
+
+    def channels(self, h):
+        """The channel count of a map in the current layout."""
+        return h.shape[1] if self.channels_first else h.shape[-1]
+
+    def map_shape(self, hw, channels):
+        """`[-1, ...]`: the shape of a batch of maps of `hw` and `channels` in the current layout."""
+        return [-1, channels, hw[0], hw[1]] if self.channels_first else [-1, hw[0], hw[1], channels]
+
+    def first_channels(self, h, channels):
+        """`h` cut to its first `channels` channels, or zero-padded to them."""
+        have = self.channels(h)
+        if channels < have:
+            return h[:, :channels] if self.channels_first else h[..., :channels]
+        if channels > have:
+            pad = [[0, 0], [0, channels - have], [0, 0], [0, 0]]
+            return self._tf.pad(h, pad if self.channels_first else [pad[0], pad[2], pad[3], pad[1]])
         return h
 
     def _conv(self, h, kernel, bias, conv):
         tf = self._tf
         strides, padding, activation = conv
-        y = tf.nn.conv2d(h, kernel, strides=strides, padding=padding)
-        return activation(tf.nn.bias_add(y, bias))
+        y = tf.nn.conv2d(h, kernel, strides=strides, padding=padding, data_format=self._format)
+        return activation(tf.nn.bias_add(y, bias, data_format=self._format))
 
     def _dense(self, x, key, rows=None):
         tf = self._tf
@@ -692,7 +716,8 @@ class SlicedNetwork:
         tf = self._tf
         from rnp_tf import rollout as rollout_lib
 
-        return rollout_lib.pad_channels(tf.reduce_mean(h, axis=[1, 2]), channels or h.shape[-1])
+        axes = [2, 3] if self.channels_first else [1, 2]
+        return rollout_lib.pad_channels(tf.reduce_mean(h, axis=axes), channels or self.channels(h))
 
     # ------------------------------------------------------------ segments
     def sliced_conv(self, t, h, previous=None, action=None):
@@ -750,9 +775,10 @@ class SlicedNetwork:
         if key not in self._graph_consts():
             self._consts[key] = self._tf.constant(bias)
         if is_depthwise(layer):  # a depthwise kernel (k, k, prefix, 1): the output keeps the prefix
-            from rnp_tf import engine
-
-            return engine.conv_op(layer, h, kernel, self._consts[key])
+            s = int(layer.strides)
+            y = self._tf.nn.depthwise_conv2d(h, kernel, strides=[1, s, s, 1] if not self.channels_first else
+                                             [1, 1, s, s], padding=layer.padding.upper(), data_format=self._format)
+            return layer.activation(self._tf.nn.bias_add(y, self._consts[key], data_format=self._format))
         return self._conv(h, kernel, self._consts[key], self.conv_ops[layer.name])
 
     def tail(self, t, h, previous):
@@ -834,12 +860,12 @@ class SlicedNetwork:
         """Logits from the last feature map, holding `action` groups (None: its full width)."""
         tf = self._tf
         ch = self.head_channels(action)
-        if self.flatten:
+        if self.flatten:  # channel-major rows
             hf, wf = self.head_hw
-            h = tf.reshape(tf.transpose(h, [0, 3, 1, 2]), [-1, ch * hf * wf])
+            h = tf.reshape(h if self.channels_first else tf.transpose(h, [0, 3, 1, 2]), [-1, ch * hf * wf])
             rows = ch * hf * wf
         else:
-            h = tf.reduce_mean(h, axis=[1, 2])
+            h = tf.reduce_mean(h, axis=[2, 3] if self.channels_first else [1, 2])
             rows = ch
         h = self._dense(h, "head0", rows)
         for i in range(1, len(self.model.head_layers)):
@@ -865,7 +891,7 @@ class SlicedNetwork:
         actions = self._tf.stack(out.actions, axis=1)
         return {"logits": out.logits, "actions": actions, "macs": self.spent(out.actions, executor.batch)}
 
-    def batched(self, images, forced_actions=None, penalty=None):
+    def batched(self, images, forced_actions=None, penalty=None, channels_first=False):
         """Any batch size; per-sample actions by gather/scatter, no control flow (`GatherScatterExecutor`).
 
         Args:
@@ -873,13 +899,24 @@ class SlicedNetwork:
             forced_actions: optional int32 `[n or 1, T]`; 0 = the agent's greedy choice.
             penalty: optional float32 run-time penalty, `[]`, `[1]` or `[n]`
                 (default: `penalty_setting`).
+            channels_first: compute on `[n, C, H, W]` maps (the images are
+                transposed once). What ONNX runtimes and TensorRT run: their
+                convolutions are NCHW, so an NHWC graph converts with a
+                transpose on each side of every conv, and onnxruntime cannot
+                cancel those next to the gathers (`export.onnx`).
 
         Returns:
             dict: `logits` `[n, classes]`, `actions` int32 `[n, T]`, `macs` float32 `[n]`.
         """
-        with self.constants():
-            n = self._tf.shape(images)[0]
-            return self.run(images, GatherScatterExecutor(self, n), self.penalties(penalty, n), forced_actions)
+        self.channels_first = bool(channels_first)
+        try:
+            with self.constants():
+                n = self._tf.shape(images)[0]
+                if self.channels_first:
+                    images = self._tf.transpose(images, [0, 3, 1, 2])
+                return self.run(images, GatherScatterExecutor(self, n), self.penalties(penalty, n), forced_actions)
+        finally:
+            self.channels_first = False
 
     def single(self, images, forced_actions=None, penalty=None):
         """Batch 1: the (previous action, action) branch chosen by nested `tf.cond` (`IfTreeExecutor`).
@@ -1207,13 +1244,9 @@ class GatherScatterExecutor(SegmentExecutor):
         positions = local if pc.sel is None else tf.gather(pc.sel, local)
         missing = tf.maximum(1 - tf.shape(positions)[0], 0)
         x = tf.gather(pc.x, tf.concat([positions, tf.zeros(tf.reshape(missing, [1]), tf.int32)], 0))
-        have = x.shape[-1]
-        if channels < have:
-            x = x[..., :channels]
-        elif channels > have:  # a full-width input after a prefix: the rest is zero
-            x = tf.pad(x, [[0, 0], [0, 0], [0, 0], [0, channels - have]])
+        x = self.net.first_channels(x, channels)  # zero-padded: a full-width input after a prefix
         rows = local if pc.idx is None else tf.gather(pc.idx, local)
-        return Piece(fn(tf.reshape(x, [-1, hw[0], hw[1], channels])), rows, width)
+        return Piece(fn(tf.reshape(x, self.net.map_shape(hw, channels))), rows, width)
 
     def _merged(self, group):
         """One piece from pieces of one width: their maps concatenated, their samples' rows tracked."""

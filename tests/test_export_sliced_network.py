@@ -19,9 +19,15 @@ def run_tf(net, fn_name):
     """`run(images, forced, penalty=None)` over a traced SlicedNetwork function (penalty an input)."""
     t = net.num_prunable
     h, w, c = net.image_shape
-    batch = None if fn_name == "batched" else 1
+    batch = None if fn_name.startswith("batched") else 1
+    method = getattr(net, fn_name.removesuffix("_nchw"))
+    if fn_name == "batched_nchw":  # the layout the ONNX exports compute in
+
+        def method(images, forced, penalty):
+            return net.batched(images, forced, penalty, channels_first=True)
+
     fn = tf.function(
-        getattr(net, fn_name),
+        method,
         input_signature=[
             tf.TensorSpec([batch, h, w, c], tf.float32),
             tf.TensorSpec([batch, t], tf.int32),
@@ -48,7 +54,7 @@ def test_batched_and_single_graphs_match_rollout_for_every_action_tuple(export_m
     images = verification.parity_images(net, 12)
     tuples = verification.action_tuples(net.num_prunable, net.groups)
     assert len(tuples) == 4**3
-    for name in ("batched", "single"):
+    for name in ("batched", "batched_nchw", "single"):
         result = verification.check_artifact(name, model, run_tf(net, name), images, tuples)
         assert result["greedy"]["action_agreement"] == 1.0
         assert result["greedy"]["distinct_action_tuples"] > 1
@@ -149,8 +155,8 @@ def test_residual_batched_graph_at_any_batch(residual_model, check_residual_batc
     """Per-sample actions in one batch: most (previous action, action) groups and input widths are empty."""
     model = residual_model()
     net = sliced_network.SlicedNetwork(model)
-    run = run_tf(net, "batched")
-    check_residual_batches(model, run, verification.parity_images(net, 8), batch)
+    for name in ("batched", "batched_nchw"):
+        check_residual_batches(model, run_tf(net, name), verification.parity_images(net, 8), batch)
 
 
 def test_residual_stretches_split_at_convs_that_follow_an_action(residual_model):
@@ -196,7 +202,8 @@ def test_mobilenet_batched_graph_at_any_batch(mobilenet_model, check_residual_ba
     """Per-sample actions in one batch: one gather/scatter group per action runs a whole inverted residual."""
     model = mobilenet_model()
     net = sliced_network.SlicedNetwork(model)
-    check_residual_batches(model, run_tf(net, "batched"), verification.parity_images(net, 8), batch)
+    for name in ("batched", "batched_nchw"):
+        check_residual_batches(model, run_tf(net, name), verification.parity_images(net, 8), batch)
 
 
 def test_mobilenet_stretches_split_at_each_expansion_and_its_tail(mobilenet_model):
