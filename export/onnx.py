@@ -280,12 +280,16 @@ def convert_batched(net):
 
 
 def convert_single(net):
-    """`rnp_b1.onnx`: nested `tf.cond` frozen with lowered control flow, then `from_graph_def`."""
+    """`rnp_b1.onnx`: nested `tf.cond` frozen with lowered control flow, then `from_graph_def`; channels-first."""
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     _quiet_tf2onnx()
-    fn, sig, kernels = net.kernels_as_inputs(net.single, _signature(net, 1))
+
+    def single(images, forced_actions, penalty):
+        return net.single(images, forced_actions, penalty, channels_first=True)
+
+    fn, sig, kernels = net.kernels_as_inputs(single, _signature(net, 1))
     concrete = fn.get_concrete_function()
     frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=True)
     inputs = [t.name for t in frozen.inputs]

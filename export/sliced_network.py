@@ -908,17 +908,12 @@ class SlicedNetwork:
         Returns:
             dict: `logits` `[n, classes]`, `actions` int32 `[n, T]`, `macs` float32 `[n]`.
         """
-        self.channels_first = bool(channels_first)
-        try:
-            with self.constants():
-                n = self._tf.shape(images)[0]
-                if self.channels_first:
-                    images = self._tf.transpose(images, [0, 3, 1, 2])
-                return self.run(images, GatherScatterExecutor(self, n), self.penalties(penalty, n), forced_actions)
-        finally:
-            self.channels_first = False
+        with self.constants(), self.layout(channels_first):
+            n = self._tf.shape(images)[0]
+            return self.run(self.laid_out(images), GatherScatterExecutor(self, n), self.penalties(penalty, n),
+                            forced_actions)
 
-    def single(self, images, forced_actions=None, penalty=None):
+    def single(self, images, forced_actions=None, penalty=None, channels_first=False):
         """Batch 1: the (previous action, action) branch chosen by nested `tf.cond` (`IfTreeExecutor`).
 
         Args:
@@ -926,13 +921,27 @@ class SlicedNetwork:
             forced_actions: optional int32 `[1, T]`; 0 = the agent's greedy choice.
             penalty: optional float32 run-time penalty, `[]` or `[1]`
                 (default: `penalty_setting`).
+            channels_first: compute on NCHW maps (as `batched`).
 
         Returns:
             dict like `batched`, batch 1.
         """
-        with self.constants():
+        with self.constants(), self.layout(channels_first):
             self._all_constants()
-            return self.run(images, IfTreeExecutor(self), self.penalties(penalty, 1), forced_actions)
+            return self.run(self.laid_out(images), IfTreeExecutor(self), self.penalties(penalty, 1), forced_actions)
+
+    @contextlib.contextmanager
+    def layout(self, channels_first):
+        """Scope of a graph whose maps are NCHW (`channels_first`) or NHWC."""
+        self.channels_first = bool(channels_first)
+        try:
+            yield
+        finally:
+            self.channels_first = False
+
+    def laid_out(self, images):
+        """NHWC images in the current layout (one transpose when channels-first)."""
+        return self._tf.transpose(images, [0, 3, 1, 2]) if self.channels_first else images
 
     def full(self, images):
         """The unpruned network (every action k, no agent) with plain convolutions: the baseline."""
@@ -1311,7 +1320,7 @@ class IfTreeExecutor(SegmentExecutor):
         hw, nxt = net.in_hw[t], net.segment_channels(t, segment.tail)
 
         def branch(p, b):
-            x = tf.reshape(segment.h, [1, hw[0], hw[1], net.in_channels(t, p)])
+            x = tf.reshape(segment.h, net.map_shape(hw, net.in_channels(t, p)))
             y = net.segment(t, x, p, b, segment.pools, segment.tail)
             return (y, net.pooled(y, nxt)) if pooled else y
 
@@ -1328,7 +1337,7 @@ class IfTreeExecutor(SegmentExecutor):
         k, g = net.groups, net.head_group
         hf, wf = net.head_hw
         built = net.heads()
-        heads = [(lambda b=b: net.head(tf.reshape(h, [1, hf, wf, b * g]), b)) for b in built]
+        heads = [(lambda b=b: net.head(tf.reshape(h, net.map_shape((hf, wf), b * g)), b)) for b in built]
         index = last_action[0] - 1
         if built != list(range(1, k + 1)):
             lookup = np.zeros(k, np.int32)
@@ -1342,13 +1351,13 @@ class IfTreeExecutor(SegmentExecutor):
         hw = net.conv_in_hw[layer.name]
 
         def branch(p):
-            return net.kept_conv(layer, tf.reshape(h, [1, hw[0], hw[1], p * layer.in_group_size]), p)
+            return net.kept_conv(layer, tf.reshape(h, net.map_shape(hw, p * layer.in_group_size)), p)
 
-        if h.shape[-1] is not None:  # one input width only (a network restricted to some action tuples)
-            y = branch(h.shape[-1] // layer.in_group_size)
+        if net.channels(h) is not None:  # one input width only (a network restricted to some action tuples)
+            y = branch(net.channels(h) // layer.in_group_size)
         else:
             y = self._tree(in_action[0] - 1, [lambda p=p: branch(p) for p in range(1, net.groups + 1)])
-        return tf.reshape(y, [1, *layer.output_hw, layer.filters])
+        return tf.reshape(y, net.map_shape(layer.output_hw, layer.filters))
 
     def _tree(self, index, fns, lo=0, hi=None):
         """Nested binary `tf.cond` over `fns[index]` (nested ONNX If once frozen and lowered)."""
