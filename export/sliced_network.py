@@ -1186,7 +1186,7 @@ class GatherScatterExecutor(SegmentExecutor):
     features and the logits are stitched the same way. No map is padded
     to full width and scattered after every conv, as before (ResNet-50,
     batch 64 at 224x224 in onnxruntime at 2x: 0.44x -> 0.59x the full
-    network's speed; `docs/results/speed.md`).
+    network's speed, 0.84x once channels-first; `docs/results/speed.md`).
 
     Args:
         net: the `SlicedNetwork`.
