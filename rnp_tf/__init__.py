@@ -33,7 +33,6 @@ from rnp_tf.data import Dataset
 from rnp_tf.data import load_dataset
 from rnp_tf.engine import DenseRunner
 from rnp_tf.engine import InferenceEngine
-from rnp_tf import escalation
 from rnp_tf.evaluation import evaluate_model
 from rnp_tf import knob
 from rnp_tf.layers import GatedConv2D
@@ -41,9 +40,6 @@ from rnp_tf.layers import GatedDepthwiseConv2D
 from rnp_tf.metrics import ActionShares
 from rnp_tf.metrics import StdDev
 from rnp_tf.model import RNPModel
-from rnp_tf import nested
-from rnp_tf.nested import AnytimeNetwork
-from rnp_tf.nested import NestedConv2D
 from rnp_tf import plan
 from rnp_tf.plan import NetworkPlan
 from rnp_tf.plan import build_plan
