@@ -26,8 +26,10 @@ gather/scatter graph of `export.sliced_network.SlicedNetwork.batched` instead:
 samples are grouped by their (previous action, action) pair at each
 prunable conv and only the chosen weight prefixes are convolved (empty
 groups run on one padding sample; see FINDINGS.md's oneDNN empty-batch
-bug); a batch of one takes a nested `tf.cond` instead, so only the chosen
-branch runs. Both follow the model's run-time knob: the penalty is an input
+bug), at every batch size: a batch of one runs every branch on one row
+(the If tree of `rnp_b1.onnx` is not in the SavedModel: beside the
+gather/scatter graph in one `tf.cond`, TensorFlow's grappler constant
+folding made that graph compute wrong actions). Both follow the model's run-time knob: the penalty is an input
 (`serving_knob`; `serving_default` uses the saved setting or `--penalty`),
 the hard per-image compute cap (saved with the model, or `--compute_cap`) is
 frozen in.
@@ -137,12 +139,12 @@ def build_module(model, graph="masked"):
 
         @tf.function(input_signature=spec, autograph=False)
         def sliced(images, actions, penalty):
-            # Batch 1 takes the nested tf.cond path (only the chosen branch
-            # runs); larger batches gather/scatter.
-            one = tf.equal(tf.shape(images)[0], 1)
-            return tf.cond(
-                one, lambda: net.single(images, actions, penalty), lambda: net.batched(images, actions, penalty)
-            )
+            # The gather/scatter graph at every batch size. The batch-1 If
+            # tree (`net.single`) is not put beside it in a `tf.cond` on the
+            # batch size: in that graph TensorFlow 2.21's grappler constant
+            # folding made the gather/scatter side compute wrong actions
+            # (reproduced; right with constant folding off; docs/export.md).
+            return net.batched(images, actions, penalty)
 
         module.sliced = sliced  # one traced graph for the three signatures
         greedy = tf.zeros([1, model.num_prunable], tf.int32)  # forced = 0: the agent decides
@@ -267,7 +269,8 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
             result = verification.check_artifact("saved_model", model, runner(loaded), images, tuples, knob=knob)
             # one image per call (the batch-1 path of the sliced graph): every
             # (previous action, action) pair at every layer
-            pairs = verification.action_tuples(model.num_prunable, model.groups, limit=model.groups**2)
+            pairs = verification.action_tuples(model.num_prunable, model.groups, limit=model.groups**2,
+                                               skips=model.plan.skip_columns)
             result["batch1"] = verification.check_artifact(
                 "saved_model (batch 1)", model, runner(loaded, batch1=True), images[:4], pairs, per_tuple=1,
                 knob=verification.knob_subset(knob, 4),

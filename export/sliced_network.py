@@ -78,8 +78,6 @@ def check_exportable(model):
     """
     from rnp_tf import plan as plan_lib
 
-    if model.plan.skippable:
-        raise ExportError("the exported graphs do not run block skips yet; this model has skippable blocks")
     for step in model.plan.steps:
         if isinstance(step, plan_lib.MapStep) and pool_spec(step.layer) is None:
             raise ExportError(
@@ -186,6 +184,8 @@ class SlicedNetwork:
             (int(c.strides), getattr(c, "padding", "same").upper(), c.activation) for c in model.prunable
         ]
         self.gated = [bool(c.gated_input) for c in model.prunable]
+        self.skippable = set(model.plan.skippable)  # decisions whose action 0 skips their block
+        self.skipped_by = dict(model.plan.skipped_by)
         self.full_in = [int(c.in_channels) for c in model.prunable]
         self.in_group = [int(c.in_group_size) if c.gated_input else None for c in model.prunable]
         self.out_group = [int(c.group_size) for c in model.prunable]
@@ -525,17 +525,33 @@ class SlicedNetwork:
         return p * self.in_group[t] if self.varies(t) else self.full_in[t]
 
     def macs_of(self, actions):
-        """MACs per sample for an int array `[n, T]` (numpy float64; `spent` in numpy)."""
+        """MACs per sample for an int array `[n, T]` (numpy float64; `spent` in numpy; 0: a skipped block)."""
         actions = np.asarray(actions).reshape(-1, self.num_prunable)
-        k = self.groups
+        k1 = self.groups + 1
         total = np.full(len(actions), self.fixed_macs)
-        prev = np.full(len(actions), k)
+        prev = np.full(len(actions), self.groups)
         for t in range(self.num_prunable):
-            total += self.macs_table(t)[(prev - 1) * k + actions[:, t] - 1]
+            total += self.skip_macs_table(t)[prev * k1 + actions[:, t]]
             prev = actions[:, t]
         for t, table in self.tail_macs.items():
-            total += table[actions[:, t] - 1]
-        return total + self.head_macs_table()[prev - 1]
+            total += np.concatenate([[0.0], table])[actions[:, t]]
+        return total + np.concatenate([[0.0], self.head_macs_table()])[prev]
+
+    def skip_macs_table(self, t):
+        """`[(k + 1) * (k + 1)]` MACs of conv `t`, indexed `previous * (k + 1) + action`, 0 for a skipped block.
+
+        Action 0 (a skipped block's) costs nothing; a conv whose input has
+        full width costs the same after a previous action 0 as after any.
+        """
+        k = self.groups
+        base = self.macs_table(t)
+        table = np.zeros((k + 1) * (k + 1))
+        for p in range(k + 1):
+            if p == 0 and self.varies(t):
+                continue
+            for a in range(1, k + 1):
+                table[p * (k + 1) + a] = base[((p or k) - 1) * k + a - 1]
+        return table
 
     def macs_constant(self, values):
         """MAC counts as an int64 constant.
@@ -583,6 +599,10 @@ class SlicedNetwork:
     def map_shape(self, hw, channels):
         """`[-1, ...]`: the shape of a batch of maps of `hw` and `channels` in the current layout."""
         return [-1, channels, hw[0], hw[1]] if self.channels_first else [-1, hw[0], hw[1], channels]
+
+    def zeros_map(self, hw, channels):
+        """Zeros of one map of `hw` and `channels` in the current layout (batch 1)."""
+        return self._tf.zeros([1, *self.map_shape(hw, channels)[1:]])
 
     def first_channels(self, h, channels):
         """`h` cut to its first `channels` channels, or zero-padded to them."""
@@ -683,13 +703,14 @@ class SlicedNetwork:
         tf = self._tf
         k = self.groups
         spent, prev = self.start_spent(n), None
-        for t, action in enumerate(actions):
+        for t, action in enumerate(actions):  # action 0: a skipped block, nothing spent
             prev = tf.fill(tf.shape(action), k) if prev is None else prev
-            spent = spent + tf.gather(self.macs_constant(self.macs_table(t)), (prev - 1) * k + action - 1)
+            spent = spent + tf.gather(self.macs_constant(self.skip_macs_table(t)), prev * (k + 1) + action)
             prev = action
         for t, table in self.tail_macs.items():  # full-output convs on decision t's prefix
-            spent = spent + tf.gather(self.macs_constant(table), actions[t] - 1)
-        return tf.cast(spent + tf.gather(self.macs_constant(self.head_macs_table()), prev - 1), tf.float32)
+            spent = spent + tf.gather(self.macs_constant(np.concatenate([[0.0], table])), actions[t])
+        head = self.macs_constant(np.concatenate([[0.0], self.head_macs_table()]))
+        return tf.cast(spent + tf.gather(head, prev), tf.float32)
 
     def greedy_q_numpy(self, q, actions, penalty=None):
         """`RNPModel.greedy_q` of every decision, numpy `[n, T, k]` (for choosing parity images).
@@ -957,8 +978,9 @@ class KnobPolicy:
 
     Greedy on `RNPModel.greedy_q` (Q-values re-priced to the run-time
     penalties, actions the frozen compute cap forbids masked), through
-    `rnp_tf.rollout.Greedy`; `forced[:, t] > 0` overrides (clipped to 1..k).
-    A policy of `rnp_tf.rollout.rollout`.
+    `rnp_tf.rollout.Greedy`; `forced[:, t] > 0` overrides (clipped to 1..k;
+    at a skippable decision `k + 1` skips the block, as the agent's last
+    Q-value does). A policy of `rnp_tf.rollout.rollout`.
 
     Args:
         model: the `RNPModel`.
@@ -972,6 +994,7 @@ class KnobPolicy:
         from rnp_tf import rollout as rollout_lib
 
         self.groups = int(model.groups)
+        self.skippable = set(model.plan.skippable)
         self.forced = forced
         self.greedy = rollout_lib.Greedy(lambda t, q, decided: model.greedy_q(t, q, decided, penalties))
 
@@ -982,7 +1005,8 @@ class KnobPolicy:
         action = self.greedy.choose(t, q, decided)
         if self.forced is None:
             return action
-        f = tf.clip_by_value(tf.cast(self.forced[:, t], tf.int32), 0, self.groups)
+        top = self.groups + 1 if t in self.skippable else self.groups
+        f = tf.clip_by_value(tf.cast(self.forced[:, t], tf.int32), 0, top)
         return tf.where(f > 0, f, action)
 
 
@@ -1198,6 +1222,9 @@ class GatherScatterExecutor(SegmentExecutor):
         sources = segment.h if isinstance(segment.h, list) else [Piece(segment.h, None, net.groups)]
         by_width = {}
         for pc in sources:
+            if pc.width == 0:  # a skipped block's samples: nothing is computed, they stay skipped
+                by_width.setdefault(0, []).append(pc)
+                continue
             action = self._of_piece(segment.action, pc)
             for p, b in net.branches(t):
                 if net.varies(t) and p != pc.width:
@@ -1205,19 +1232,35 @@ class GatherScatterExecutor(SegmentExecutor):
                 fn = lambda z, p=p, b=b: net.segment(t, z, p, b, segment.pools, segment.tail)  # noqa: E731
                 local = self._indices(tf.equal(action, b))
                 by_width.setdefault(b, []).append(self._group(pc, local, net.in_channels(t, p), net.in_hw[t], fn, b))
+            if t in net.skippable:  # action 0 skips the block: a piece of rows only
+                local = self._indices(tf.equal(action, 0))
+                by_width.setdefault(0, []).append(Piece(None, local if pc.idx is None else tf.gather(pc.idx, local), 0))
         pieces = [self._merged(group) for group in by_width.values()]
         if segment.tail:  # an inverted residual's projection: full output, back in batch order
-            return self._stitch(pieces, [pc.x for pc in pieces]), None
+            layer = segment.tail[-1]
+            return self._stitch(pieces, [self._or_zeros(pc, pc.x, layer.output_hw, layer.filters) for pc in pieces]), None
         if not pooled:
             return pieces, None
         channels = net.segment_channels(t)
-        return pieces, self._stitch(pieces, [net.pooled(pc.x, channels) for pc in pieces])
+        return pieces, self._stitch(pieces, [self._or_zeros(pc, pc.width and net.pooled(pc.x, channels), None, channels)
+                                             for pc in pieces])
 
     def kept(self, layer, h, in_action):
         """A conv of full output on each piece at its input width, stitched back to batch order."""
         hw = self.net.conv_in_hw[layer.name]
         pieces = self._split(h, in_action, layer.in_group_size, hw)
-        return self._stitch(pieces, [self.net.kept_conv(layer, pc.x, pc.width) for pc in pieces])
+        outs = [self._or_zeros(pc, pc.width and self.net.kept_conv(layer, pc.x, pc.width), layer.output_hw,
+                               layer.filters) for pc in pieces]
+        return self._stitch(pieces, outs)
+
+    def _or_zeros(self, pc, y, hw, channels):
+        """`y`, or for a skipped block's piece (width 0) zeros of its rows: maps of `hw` or (`hw` None) vectors."""
+        if pc.width:
+            return y
+        tf = self.tf
+        m = tf.reshape(tf.shape(pc.idx)[0], [1])
+        shape = [channels] if hw is None else self.net.map_shape(hw, channels)[1:]
+        return tf.zeros(tf.concat([m, shape], 0), tf.float32)
 
     def classify(self, h, last_action):
         net = self.net
@@ -1262,6 +1305,8 @@ class GatherScatterExecutor(SegmentExecutor):
         if len(group) == 1:
             return group[0]
         tf = self.tf
+        if group[0].width == 0:
+            return Piece(None, tf.concat([self._batch_rows(pc) for pc in group], 0), 0)
         offsets = self._offsets([pc.x for pc in group])
         sel = [offsets[i] + self._rows_in(pc) for i, pc in enumerate(group)]
         idx = [self._batch_rows(pc) for pc in group]
@@ -1326,7 +1371,19 @@ class IfTreeExecutor(SegmentExecutor):
 
         fns = [lambda p=p, b=b: branch(p, b) for p, b in net.branches(t)]
         previous = None if segment.previous is None else segment.previous[0]
-        out = self._tree(self._branch_index(t, previous, segment.action[0]), fns)
+
+        def chosen():
+            return self._tree(self._branch_index(t, previous, segment.action[0]), fns)
+
+        def skipped():  # a skipped block: nothing computed (a tail's full output is zero, as the sum needs)
+            last = segment.tail[-1] if segment.tail else None
+            y = net.zeros_map((1, 1), 0) if last is None else net.zeros_map(last.output_hw, last.filters)
+            return (y, tf.zeros([1, nxt])) if pooled else y
+
+        if t in net.skippable or t in net.skipped_by:
+            out = tf.cond(tf.equal(segment.action[0], 0), skipped, chosen)
+        else:
+            out = chosen()
         if not pooled:  # a conv of full output follows (a bottleneck's last): no decision reads this map
             return out, None
         h, features = out
@@ -1353,10 +1410,15 @@ class IfTreeExecutor(SegmentExecutor):
         def branch(p):
             return net.kept_conv(layer, tf.reshape(h, net.map_shape(hw, p * layer.in_group_size)), p)
 
-        if net.channels(h) is not None:  # one input width only (a network restricted to some action tuples)
-            y = branch(net.channels(h) // layer.in_group_size)
+        def chosen():
+            if net.channels(h) is not None:  # one input width only (a network restricted to some action tuples)
+                return branch(net.channels(h) // layer.in_group_size)
+            return self._tree(in_action[0] - 1, [lambda p=p: branch(p) for p in range(1, net.groups + 1)])
+
+        if layer.name in net.model.plan.skip_of_conv:  # a skipped block's branch outputs zeros
+            y = tf.cond(tf.equal(in_action[0], 0), lambda: net.zeros_map(layer.output_hw, layer.filters), chosen)
         else:
-            y = self._tree(in_action[0] - 1, [lambda p=p: branch(p) for p in range(1, net.groups + 1)])
+            y = chosen()
         return tf.reshape(y, net.map_shape(layer.output_hw, layer.filters))
 
     def _tree(self, index, fns, lo=0, hi=None):

@@ -98,7 +98,7 @@ def parity_images(net, count=16, seed=0, pool=None, penalty=None):
     return candidates[np.asarray(chosen[:count])]
 
 
-def action_tuples(num_prunable, groups, limit=256):
+def action_tuples(num_prunable, groups, limit=256, skips=None):
     """Forced action tuples that run every action at every layer.
 
     All `groups ** num_prunable` tuples when there are at most `limit`;
@@ -106,13 +106,46 @@ def action_tuples(num_prunable, groups, limit=256):
     still run every (previous action, action) pair at every layer (and so
     every branch of every exported graph), plus every constant tuple.
 
+    Args:
+        num_prunable, groups: the model's decisions and `k`.
+        limit: most tuples before the alternating ones are used instead.
+        skips: optional `NetworkPlan.skip_columns` (each decision of a
+            skippable block -> the block's first decision): the tuples are
+            then given again with every skippable block skipped (0 at all
+            its decisions, as `RNPModel.rollout(actions=...)` takes it;
+            `exported_forced` turns them into the exported graphs' inputs).
+
     Returns:
         int32 array `[n, num_prunable]`.
     """
     if groups**num_prunable <= limit:
-        return np.asarray(list(itertools.product(range(1, groups + 1), repeat=num_prunable)), np.int32)
-    rows = [[(i if t % 2 == 0 else j) for t in range(num_prunable)] for i in range(1, groups + 1) for j in range(1, groups + 1)]
-    return np.asarray(rows, np.int32)
+        rows = np.asarray(list(itertools.product(range(1, groups + 1), repeat=num_prunable)), np.int32)
+    else:
+        rows = np.asarray([[(i if t % 2 == 0 else j) for t in range(num_prunable)]
+                           for i in range(1, groups + 1) for j in range(1, groups + 1)], np.int32)
+    if not skips:
+        return rows
+    skipped = rows.copy()
+    skipped[:, sorted(skips)] = 0
+    return np.concatenate([rows, np.unique(skipped, axis=0)])
+
+
+def exported_forced(actions, plan):
+    """Forced actions as the exported graphs take them: a skip (0 at a skippable decision) becomes `k + 1`.
+
+    In the exported graphs 0 means "the agent's greedy choice"; at a
+    skippable decision `k + 1` skips the block (the agent's last Q-value),
+    and its later decisions follow the skip whatever they are given.
+
+    Example:
+
+    >>> exported_forced(np.array([[0, 0, 2]]), model.plan)  # decision 0 skippable, 1 skipped by it
+    array([[5, 0, 2]], dtype=int32)
+    """
+    actions = np.array(actions, np.int32, copy=True)
+    for t in plan.skippable:
+        actions[:, t] = np.where(actions[:, t] == 0, plan.groups + 1, actions[:, t])
+    return actions
 
 
 def forced_inputs(images, tuples, per_tuple=2):
@@ -216,7 +249,8 @@ def check_artifact(label, model, run, images, tuples, per_tuple=2, quantize=None
     forced_tol = {k: v for k, v in tol.items() if k != "min_agreement"}
     greedy = compare(f"{label} (greedy actions)", reference(model, images), run(images, None), **tol)
     x, a = forced_inputs(images, tuples, per_tuple)
-    forced = compare(f"{label} (forced actions, {len(tuples)} tuples)", reference(model, x, a), run(x, a), **forced_tol)
+    forced = compare(f"{label} (forced actions, {len(tuples)} tuples)", reference(model, x, a),
+                     run(x, exported_forced(a, model.plan)), **forced_tol)
     result = {"greedy": greedy, "forced": forced}
     if knob:
         result["knob"] = check_knob(label, model, lambda x, p: run(x, None, penalty=p), knob, quantize)
@@ -362,4 +396,4 @@ def parity_inputs(net, num_images=16, max_tuples=256):
     """
     images = parity_images(net, num_images)
     knob = knob_inputs(net, num_images)
-    return images, knob, action_tuples(net.num_prunable, net.groups, max_tuples)
+    return images, knob, action_tuples(net.num_prunable, net.groups, max_tuples, skips=net.model.plan.skip_columns)

@@ -160,7 +160,8 @@ def rollout(plan, agent, images, policy, executor):
         t = step.decision
         if t is not None:
             q = None
-            live = None if t not in plan.skipped_by else actions[plan.skipped_by[t]] > 0
+            skipper = actions[plan.skipped_by[t]] if t in plan.skipped_by else None
+            live = None if skipper is None else skipper > 0  # None also under a policy of full widths
             if policy.uses_agent:
                 q, new_state = agent.decide(t, executor.pooled(h, t), state)
                 if live is not None:  # a skipped sample's state does not advance
@@ -206,8 +207,10 @@ def skip_actions(plan, t, action, live=None):
         live: bool `[batch]` or None.
 
     Returns:
-        int32 `[batch]`.
+        int32 `[batch]` (None when `action` is None: the full width, no agent).
     """
+    if action is None:
+        return None
     if t in plan.skippable:
         return tf.where(action > plan.groups, 0, action)
     if live is not None:

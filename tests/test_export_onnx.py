@@ -195,3 +195,31 @@ def test_block_models_match_rollout(block_exported, check_residual_batches, batc
         x = images[:7]
         np.testing.assert_allclose(full.run(["logits"], {"images": x})[0],
                                    model.rollout(x, actions=np.full((7, 4), 4))["logits"], atol=1e-4)
+
+
+def test_skipped_blocks_in_both_models(tmp_path, residual_model, skippable_bottleneck):
+    """A model with a skippable bottleneck: the exporter's own parity (skip tuples included), then greedy batches.
+
+    The agent skips about half of the images (`_half_skipping`), so one
+    batch mixes skipped and computed samples in `rnp.onnx`, and `rnp_b1.onnx`
+    takes both sides of the skip's `If`.
+    """
+    from test_export_sliced_network import _half_skipping
+
+    model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
+    _half_skipping(model, 0)
+    model.save(str(tmp_path / "model.keras"))
+    report = onnx_export.export_onnx(tmp_path, num_parity_images=8, max_forced_tuples=16, timing_runs=0,
+                                     log=lambda m: None)
+    forced = report["parity"]["rnp.onnx"]["forced"]
+    assert forced["action_agreement"] == 1.0 and forced["distinct_action_tuples"] > 16  # with the skipped ones
+    x = np.random.default_rng(4).normal(size=(16, 8, 8, 1)).astype("float32")
+    ref = verification.reference(model, x)
+    assert 0 < (ref["actions"][:, 0] == 0).mean() < 1
+    for name, batch1 in (("rnp.onnx", False), ("rnp_b1.onnx", True)):
+        run = onnx_export.runner(onnx_export.session(str(tmp_path / "export" / name)), batch1=batch1)
+        verification.compare(name, ref, run(x))
+    from export import trt
+
+    # the batch-N graph is what TensorRT takes: still no If and only supported operators
+    assert trt.check_tensorrt_compatible(onnx.load(str(tmp_path / "export" / "rnp.onnx"))) == []

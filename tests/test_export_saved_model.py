@@ -142,3 +142,22 @@ def test_block_sliced_export_matches_rollout(block_export, check_residual_batche
     run = saved_model.runner(str(out / "saved_model"))
     images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
     check_residual_batches(model, run, images, batch)
+
+
+def test_skipped_blocks_in_the_saved_model(tmp_path, residual_model, skippable_bottleneck):
+    """A skippable bottleneck: the exporter's parity (skip tuples, batch 1 and N) passes; greedy batches mix skips."""
+    from test_export_sliced_network import _half_skipping
+
+    model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
+    _half_skipping(model, 0)
+    model.save(str(tmp_path / "model.keras"))
+    report = saved_model.export_saved_model(tmp_path, graph="sliced", num_parity_images=8, max_forced_tuples=16,
+                                            log=lambda m: None)
+    parity = report["parity"]["saved_model"]
+    assert parity["forced"]["action_agreement"] == 1.0 and parity["batch1"]["forced"]["action_agreement"] == 1.0
+    loaded = tf.saved_model.load(str(tmp_path / "export" / "saved_model"))
+    x = np.random.default_rng(4).normal(size=(16, 8, 8, 1)).astype("float32")
+    ref = verification.reference(model, x)
+    assert 0 < (ref["actions"][:, 0] == 0).mean() < 1
+    got = {k: v.numpy() for k, v in loaded.signatures["serving_default"](images=tf.constant(x)).items()}
+    verification.compare("saved_model", ref, got)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from export import exceptions
 from export import sliced_network
 from export import verification
 
@@ -21,10 +20,11 @@ def run_tf(net, fn_name):
     h, w, c = net.image_shape
     batch = None if fn_name.startswith("batched") else 1
     method = getattr(net, fn_name.removesuffix("_nchw"))
-    if fn_name == "batched_nchw":  # the layout the ONNX exports compute in
+    if fn_name.endswith("_nchw"):  # the layout the ONNX exports compute in
+        graph = method
 
         def method(images, forced, penalty):
-            return net.batched(images, forced, penalty, channels_first=True)
+            return graph(images, forced, penalty, channels_first=True)
 
     fn = tf.function(
         method,
@@ -221,10 +221,38 @@ def test_mobilenet_stretches_split_at_each_expansion_and_its_tail(mobilenet_mode
     assert net.block_out[("tail", 2)] == (8, 8, 12)
 
 
-def test_skippable_blocks_are_refused(skippable_bottleneck):
-    import rnp_tf
+def _half_skipping(model, t, seed=0):
+    """Sets the skip's Q-value bias of decision `t` so that about half of random images skip its block."""
+    k = model.groups
+    x = np.random.default_rng(seed).normal(size=(64, *model.image_shape)).astype("float32")
+    q = model.rollout(x)["q_values"][:, t]
+    g = model.greedy_q(t, q, [tf.zeros([64], tf.int32)] * t).numpy()
+    decoder = model.agent.decoders[t]
+    bias = decoder.bias.numpy()
+    bias[k] += float(np.median(g[:, :k].max(1) - g[:, k]))
+    decoder.bias.assign(bias)
 
-    spec = skippable_bottleneck
-    model = rnp_tf.RNPModel(backbone=spec, image_shape=(8, 8, 1), num_classes=3)
-    with pytest.raises(exceptions.ExportError, match="do not run block skips yet"):
-        sliced_network.SlicedNetwork(model)
+
+@pytest.mark.parametrize("kind", ["bottleneck", "mobilenet"])
+def test_skipped_blocks_in_every_graph(kind, skippable_bottleneck, residual_model, tiny_mobilenet):
+    """Block skips (greedy and forced, mixed in one batch) in the batch-N and batch-1 graphs, both layouts."""
+    if kind == "bottleneck":  # a skippable identity bottleneck (decisions 0, 1), then a prunable conv
+        model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
+    else:  # the two expanded inverted residuals with an identity shortcut skippable (decisions 0 and 2)
+        for i in (2, 4):
+            tiny_mobilenet["stages"][i]["skippable"] = True
+        model = residual_model(backbone=tiny_mobilenet, image_shape=(32, 32, 3))
+    first = min(model.plan.skippable)
+    _half_skipping(model, first)
+    net = sliced_network.SlicedNetwork(model)
+    images = verification.parity_images(net, 8)
+    greedy = verification.reference(model, images)["actions"][:, first]
+    assert 0 < (greedy == 0).mean() < 1  # the agent skips some images and not others
+    tuples = verification.action_tuples(net.num_prunable, net.groups, limit=16, skips=model.plan.skip_columns)
+    assert (tuples[:, first] == 0).any() and (tuples[:, first] > 0).any()
+    for name in ("batched", "batched_nchw", "single", "single_nchw"):
+        result = verification.check_artifact(name, model, run_tf(net, name), images, tuples)
+        assert result["greedy"]["action_agreement"] == 1.0 and result["forced"]["action_agreement"] == 1.0
+    np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
+
+

@@ -243,3 +243,14 @@ def test_mobilenet_runner_matches_rollout(mobilenet_exported, check_residual_bat
     check_residual_batches(model, tflite.runner_function(runner), images, batch)
     np.testing.assert_allclose(runner.run_full(images[:3]), model.rollout(images[:3], actions=np.full((3, 4), 4))["logits"],
                                atol=1e-4)
+
+
+def test_skippable_blocks_are_refused_before_any_work(tmp_path, residual_model, skippable_bottleneck):
+    """The per-branch runner has no signature for a skipped block yet: a clear error, nothing written."""
+    model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
+    model.save(str(tmp_path / "model.keras"))
+    with pytest.raises(exceptions.ExportError, match="does not run block skips yet"):
+        tflite.export_tflite(tmp_path, log=lambda m: None)
+    assert sorted(os.listdir(tmp_path)) == ["model.keras"]
+    with pytest.raises(exceptions.ExportError, match="skippable blocks"):
+        tflite.signature_functions(sliced_network.SlicedNetwork(model))
