@@ -78,7 +78,8 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_bool("help", False, "Show this help.", flag_values=FLAGS)
 flags.DEFINE_bool("quick", False, "Smoke run: CIFAR CNN, 2x/4x, ORT batch 1 and 8, 3 repeats.", flag_values=FLAGS)
 flags.DEFINE_string("output", "bench/results", "Directory of export.json / .md / .png.", flag_values=FLAGS)
-flags.DEFINE_list("models", ["vgg16", "cifar_cnn"], "Models: vgg16, cifar_cnn, resnet50, mobilenet_v2.", flag_values=FLAGS)
+flags.DEFINE_list("models", ["vgg16", "cifar_cnn"], "Models: vgg16, cifar_cnn, resnet50, mobilenet_v2 (+skip: "
+                  "identity blocks skippable; onnxruntime only).", flag_values=FLAGS)
 flags.DEFINE_list("targets", ["2", "3", "4", "5"], "Theoretical speed-ups to aim at.", flag_values=FLAGS)
 flags.DEFINE_list("ort_batch_sizes", ["1", "64"], "onnxruntime batch sizes (TFLite: batch 1).", flag_values=FLAGS)
 flags.DEFINE_integer("repeats", 7, "Timed rounds (the median is reported).", flag_values=FLAGS)
@@ -149,10 +150,11 @@ def default_config(**overrides):
              "warmup": 1, "min_sample_seconds": 0.02, "isolate": False, "all_branches_models": [],
              "breakdown": False}
     config = timing.settings(config, overrides, quick, "ort_batch_sizes")
+    skipping = [n + latency.SKIP for n in latency.SKIPPABLE]
     for name in list(config["models"]) + list(config["all_branches_models"]):
-        if name not in latency.NUM_CLASSES:
+        if name not in latency.NUM_CLASSES and name not in skipping:
             raise ValueError(
-                f"Unknown model. Expected some of {sorted(latency.NUM_CLASSES)}. Received: models={name!r}"
+                f"Unknown model. Expected some of {sorted(latency.NUM_CLASSES) + skipping}. Received: models={name!r}"
             )
     unknown = sorted(set(config["runtimes"]) - set(RUNTIMES))
     if unknown or not config["runtimes"]:
@@ -492,7 +494,7 @@ def time_onnxruntime(model_name, image_size, paths, points, references, x, batch
     full = onnx_export.session(paths["full.onnx"], num_threads=config["threads"])
     images = np.ascontiguousarray(x[:batch])
     feeds = [
-        {"images": images, "forced_actions": np.tile(np.asarray(p["actions"], np.int32), (batch, 1))} for p in points
+        {"images": images, "forced_actions": np.tile(np.asarray(_forced(p), np.int32), (batch, 1))} for p in points
     ]
     check_logits("full.onnx", full.run(["logits"], {"images": images})[0][:8], references["full"][:batch])
     diffs = []
@@ -637,7 +639,7 @@ def breakdown(paths, points, x, directory, config):
         return out
     out["onnxruntime_b1"] = {"full.onnx": ort_breakdown(paths["full.onnx"], {"images": image}, config, directory)}
     for point in points:
-        feed = {"images": image, "forced_actions": np.asarray([point["actions"]], np.int32)}
+        feed = {"images": image, "forced_actions": np.asarray([_forced(point)], np.int32)}
         out["onnxruntime_b1"][f"rnp_b1.onnx {point['target']:g}x"] = ort_breakdown(
             paths["rnp_b1.onnx"], feed, config, directory
         )
@@ -645,11 +647,24 @@ def breakdown(paths, points, x, directory, config):
     return out
 
 
+def _forced(point):
+    """A point's actions as the exported graphs take them (`verification.exported_forced`: a skip is `k + 1`)."""
+    return point.get("forced_actions", point["actions"])
+
+
 def jobs(config):
-    """(model name, its settings, runtimes) to run: VGG-16 twice when `ort_vgg_size` differs from `vgg_size`."""
+    """(model name, its settings, runtimes) to run: VGG-16 twice when `ort_vgg_size` differs from `vgg_size`.
+
+    A `+skip` model runs in onnxruntime only: the TFLite runner has no
+    signature for a skipped block yet.
+    """
     out = []
     wanted = tuple(r for r in RUNTIMES if r in config["runtimes"])
     for name in config["models"]:
+        if name.endswith(latency.SKIP):
+            if "onnxruntime" in wanted:
+                out.append((name, config, ("onnxruntime",)))
+            continue
         if name == "vgg16" and config["ort_vgg_size"] != config["vgg_size"] and len(wanted) > 1:
             out.append((name, config, ("tflite",)))
             out.append((name, dict(config, vgg_size=config["ort_vgg_size"]), ("onnxruntime",)))
@@ -682,6 +697,10 @@ def run_benchmark(config, log=print, progress=None):
             load_before = list(os.getloadavg())
             model = latency.build_model(model_name, job_config)
             points = latency.operating_points(model, config["targets"], seed=config["seed"])
+            from export import verification
+
+            for p in points:
+                p["forced_actions"] = verification.exported_forced([p["actions"]], model.plan)[0].tolist()
             size = int(model.image_shape[0])
             directory = os.path.join(workdir, f"{model_name}_{size}")
             os.makedirs(directory, exist_ok=True)

@@ -315,13 +315,17 @@ class SlicedNetwork:
             return None, None
         k, T = self.groups, self.num_prunable
         tuples = np.asarray(action_tuples)
-        if tuples.ndim != 2 or tuples.shape[1] != T or len(tuples) == 0 or tuples.min() < 1 or tuples.max() > k:
+        skip = sorted(set(self.skippable) | set(self.skipped_by))  # where 0 (a skipped block) may appear
+        low = np.ones(T, int)
+        low[skip] = 0
+        if tuples.ndim != 2 or tuples.shape[1] != T or len(tuples) == 0 or (tuples < low).any() or tuples.max() > k:
             raise ValueError(
-                f"`action_tuples` must be ints in 1..{k} of shape [n, {T}]. Received: action_tuples={action_tuples!r}"
+                f"`action_tuples` must be ints in 1..{k} (0 at a skippable block's decisions) of shape [n, {T}]. "
+                f"Received: action_tuples={action_tuples!r}"
             )
         previous = np.concatenate([np.full((len(tuples), 1), k), tuples[:, :-1]], axis=1)
-        pairs = [
-            sorted({(int(p) if self.varies(t) else k, int(a)) for p, a in zip(previous[:, t], tuples[:, t])})
+        pairs = [  # a skipped block's decisions need no branch
+            sorted({(int(p) if self.varies(t) else k, int(a)) for p, a in zip(previous[:, t], tuples[:, t]) if a})
             for t in range(T)
         ]
         return pairs, sorted({int(a) for a in tuples[:, -1]})
@@ -1372,15 +1376,17 @@ class IfTreeExecutor(SegmentExecutor):
         fns = [lambda p=p, b=b: branch(p, b) for p, b in net.branches(t)]
         previous = None if segment.previous is None else segment.previous[0]
 
-        def chosen():
-            return self._tree(self._branch_index(t, previous, segment.action[0]), fns)
-
         def skipped():  # a skipped block: nothing computed (a tail's full output is zero, as the sum needs)
             last = segment.tail[-1] if segment.tail else None
             y = net.zeros_map((1, 1), 0) if last is None else net.zeros_map(last.output_hw, last.filters)
             return (y, tf.zeros([1, nxt])) if pooled else y
 
-        if t in net.skippable or t in net.skipped_by:
+        def chosen():
+            return self._tree(self._branch_index(t, previous, segment.action[0]), fns)
+
+        if not fns:  # a network restricted to tuples that all skip this block
+            out = skipped()
+        elif t in net.skippable or t in net.skipped_by:
             out = tf.cond(tf.equal(segment.action[0], 0), skipped, chosen)
         else:
             out = chosen()
@@ -1411,11 +1417,15 @@ class IfTreeExecutor(SegmentExecutor):
             return net.kept_conv(layer, tf.reshape(h, net.map_shape(hw, p * layer.in_group_size)), p)
 
         def chosen():
+            if net.channels(h) == 0:  # a network restricted to tuples that all skip this block
+                return net.zeros_map(layer.output_hw, layer.filters)
             if net.channels(h) is not None:  # one input width only (a network restricted to some action tuples)
                 return branch(net.channels(h) // layer.in_group_size)
             return self._tree(in_action[0] - 1, [lambda p=p: branch(p) for p in range(1, net.groups + 1)])
 
-        if layer.name in net.model.plan.skip_of_conv:  # a skipped block's branch outputs zeros
+        if net.channels(h) == 0:
+            y = chosen()
+        elif layer.name in net.model.plan.skip_of_conv:  # a skipped block's branch outputs zeros
             y = tf.cond(tf.equal(in_action[0], 0), lambda: net.zeros_map(layer.output_hw, layer.filters), chosen)
         else:
             y = chosen()

@@ -120,3 +120,12 @@ def test_time_split_separates_kernels_reorders_and_the_rest():
     lines = bench_export.time_split_markdown({"models": {"vgg16 224px": {"breakdown": {"onnxruntime_b1_split": split}}}})
     assert "| vgg16 224px | 4x " in "\n".join(lines) and "0.909" in "\n".join(lines)
     assert bench_export.time_split_markdown({"models": {"m": {}}}) == []
+
+
+def test_skip_models_run_in_onnxruntime_only():
+    """`+skip` models are timed in onnxruntime only (the TFLite runner refuses block skips); others are checked."""
+    config = bench_export.default_config(models=["resnet50+skip", "mobilenet_v2"])
+    assert [(name, runtimes) for name, _, runtimes in bench_export.jobs(config)] == [
+        ("resnet50+skip", ("onnxruntime",)), ("mobilenet_v2", ("tflite", "onnxruntime"))]
+    with pytest.raises(ValueError, match="Unknown model"):
+        bench_export.default_config(models=["vgg16+skip"])

@@ -256,3 +256,18 @@ def test_skipped_blocks_in_every_graph(kind, skippable_bottleneck, residual_mode
     np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
 
 
+
+
+def test_network_restricted_to_tuples_with_skips(skippable_bottleneck, residual_model):
+    """A network built for a few tuples, some skipping the block (what `bench.export` writes); 0 elsewhere is refused."""
+    model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
+    tuples = np.array([[0, 0, 2], [3, 1, 2], [0, 0, 4]], np.int32)
+    net = sliced_network.SlicedNetwork(model, action_tuples=tuples)
+    assert net.branches(1) == [(3, 1)] and net.branches(0) == [(4, 3)]
+    images = verification.parity_images(net, 4)
+    x, a = verification.forced_inputs(images, tuples)
+    for name in ("batched_nchw", "single"):  # forced only: the greedy choice may take a branch not built
+        got = run_tf(net, name)(x, verification.exported_forced(a, model.plan))
+        assert verification.compare(name, verification.reference(model, x, a), got)["action_agreement"] == 1.0
+    with pytest.raises(ValueError, match="0 at a skippable block"):
+        sliced_network.SlicedNetwork(model, action_tuples=[[1, 1, 0]])
