@@ -129,12 +129,14 @@ _arrays = splits.arrays
 def _spec(backbone, scale=1.0):
     import rnp_tf
 
+    def scaled(widths):  # each width times `scale`, a multiple of 4 (the groups), at least 4
+        return tuple(max(4, int(round(int(w) * scale / 4)) * 4) for w in widths)
+
     if backbone == "vgg_cifar":
-        return rnp_tf.vgg_cifar(max(4, int(round(FLAGS.vgg_width * scale / 4)) * 4))
+        return rnp_tf.vgg_cifar(scaled([FLAGS.vgg_width])[0])
     if backbone.startswith("resnet_cifar"):  # bottlenecks; "_skip": the agent may skip identity blocks
-        widths = tuple(max(4, int(round(int(w) * scale / 4)) * 4) for w in FLAGS.resnet_widths)
-        return rnp_tf.resnet_cifar(widths, skippable=backbone.endswith("_skip"))
-    return rnp_tf.cifar_cnn(tuple(max(4, int(round(int(w) * scale / 4)) * 4) for w in FLAGS.widths))
+        return rnp_tf.resnet_cifar(scaled(FLAGS.resnet_widths), skippable=backbone.endswith("_skip"))
+    return rnp_tf.cifar_cnn(scaled(FLAGS.widths))
 
 
 def _new_model(spec, data, **kwargs):

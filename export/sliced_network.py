@@ -315,9 +315,8 @@ class SlicedNetwork:
             return None, None
         k, T = self.groups, self.num_prunable
         tuples = np.asarray(action_tuples)
-        skip = sorted(set(self.skippable) | set(self.skipped_by))  # where 0 (a skipped block) may appear
         low = np.ones(T, int)
-        low[skip] = 0
+        low[sorted(self.model.plan.skip_columns)] = 0  # where 0 (a skipped block) may appear
         if tuples.ndim != 2 or tuples.shape[1] != T or len(tuples) == 0 or (tuples < low).any() or tuples.max() > k:
             raise ValueError(
                 f"`action_tuples` must be ints in 1..{k} (0 at a skippable block's decisions) of shape [n, {T}]. "
@@ -1417,14 +1416,12 @@ class IfTreeExecutor(SegmentExecutor):
             return net.kept_conv(layer, tf.reshape(h, net.map_shape(hw, p * layer.in_group_size)), p)
 
         def chosen():
-            if net.channels(h) == 0:  # a network restricted to tuples that all skip this block
-                return net.zeros_map(layer.output_hw, layer.filters)
             if net.channels(h) is not None:  # one input width only (a network restricted to some action tuples)
                 return branch(net.channels(h) // layer.in_group_size)
             return self._tree(in_action[0] - 1, [lambda p=p: branch(p) for p in range(1, net.groups + 1)])
 
-        if net.channels(h) == 0:
-            y = chosen()
+        if net.channels(h) == 0:  # a network restricted to tuples that all skip this block
+            y = net.zeros_map(layer.output_hw, layer.filters)
         elif layer.name in net.model.plan.skip_of_conv:  # a skipped block's branch outputs zeros
             y = tf.cond(tf.equal(in_action[0], 0), lambda: net.zeros_map(layer.output_hw, layer.filters), chosen)
         else:

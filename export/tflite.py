@@ -114,9 +114,9 @@ def define_flags(flag_values=flags.FLAGS):
         flags.declare_key_flag(name, flag_values=flag_values)
 
 
-def check_runnable(net):
+def check_runnable(model):
     """Raises ExportError for what the per-branch TFLite runner cannot run: block skips."""
-    if net.skippable:
+    if model.plan.skippable:
         raise exceptions.ExportError(
             "the TFLite runner does not run block skips yet; this model has skippable blocks "
             "(export.saved_model and export.onnx run them)"
@@ -134,7 +134,7 @@ def signature_functions(net, parts=("rnp", "full")):
     import tensorflow as tf
 
     if "rnp" in parts:
-        check_runnable(net)
+        check_runnable(net.model)
     k, units = net.groups, net.units
     h, w, c = net.image_shape
 
@@ -508,8 +508,7 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
     if quantize not in QUANTIZE:
         raise exceptions.ExportError(f"--quantize must be one of {QUANTIZE}, got {quantize!r}")
     model, target, log = cli.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
-    if model.plan.skippable:  # before any work (see `check_runnable`)
-        check_runnable(sliced_network.SlicedNetwork(model))
+    check_runnable(model)  # before any work
     from rnp_tf.tflite_runner import TFLiteRNPRunner
 
     with writing.output_directory(target.directory) as out:

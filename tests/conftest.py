@@ -269,6 +269,26 @@ def _tiny_mobilenet():
     }
 
 
+def _half_skipping(model, t, seed=0):
+    """Sets the skip's Q-value bias of decision `t` so that about half of random images skip its block."""
+    import tensorflow as tf
+
+    k = model.groups
+    x = np.random.default_rng(seed).normal(size=(64, *model.image_shape)).astype("float32")
+    q = model.rollout(x)["q_values"][:, t]
+    g = model.greedy_q(t, q, [tf.zeros([64], tf.int32)] * t).numpy()
+    decoder = model.agent.decoders[t]
+    bias = decoder.bias.numpy()
+    bias[k] += float(np.median(g[:, :k].max(1) - g[:, k]))
+    decoder.bias.assign(bias)
+
+
+@pytest.fixture(scope="session")
+def half_skipping():
+    """Returns `set(model, t, seed=0)` (`_half_skipping`): the agent then skips about half of the images at `t`."""
+    return _half_skipping
+
+
 @pytest.fixture
 def skippable_bottleneck():
     """A stem, one skippable identity bottleneck (decisions 0, 1) and a prunable conv (decision 2), for 8x8x1."""

@@ -197,17 +197,15 @@ def test_block_models_match_rollout(block_exported, check_residual_batches, batc
                                    model.rollout(x, actions=np.full((7, 4), 4))["logits"], atol=1e-4)
 
 
-def test_skipped_blocks_in_both_models(tmp_path, residual_model, skippable_bottleneck):
+def test_skipped_blocks_in_both_models(tmp_path, residual_model, skippable_bottleneck, half_skipping):
     """A model with a skippable bottleneck: the exporter's own parity (skip tuples included), then greedy batches.
 
-    The agent skips about half of the images (`_half_skipping`), so one
+    The agent skips about half of the images (`half_skipping`), so one
     batch mixes skipped and computed samples in `rnp.onnx`, and `rnp_b1.onnx`
     takes both sides of the skip's `If`.
     """
-    from test_export_sliced_network import _half_skipping
-
     model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
-    _half_skipping(model, 0)
+    half_skipping(model, 0)
     model.save(str(tmp_path / "model.keras"))
     report = onnx_export.export_onnx(tmp_path, num_parity_images=8, max_forced_tuples=16, timing_runs=0,
                                      log=lambda m: None)

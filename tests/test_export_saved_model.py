@@ -144,12 +144,10 @@ def test_block_sliced_export_matches_rollout(block_export, check_residual_batche
     check_residual_batches(model, run, images, batch)
 
 
-def test_skipped_blocks_in_the_saved_model(tmp_path, residual_model, skippable_bottleneck):
+def test_skipped_blocks_in_the_saved_model(tmp_path, residual_model, skippable_bottleneck, half_skipping):
     """A skippable bottleneck: the exporter's parity (skip tuples, batch 1 and N) passes; greedy batches mix skips."""
-    from test_export_sliced_network import _half_skipping
-
     model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
-    _half_skipping(model, 0)
+    half_skipping(model, 0)
     model.save(str(tmp_path / "model.keras"))
     report = saved_model.export_saved_model(tmp_path, graph="sliced", num_parity_images=8, max_forced_tuples=16,
                                             log=lambda m: None)

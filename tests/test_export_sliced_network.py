@@ -221,20 +221,8 @@ def test_mobilenet_stretches_split_at_each_expansion_and_its_tail(mobilenet_mode
     assert net.block_out[("tail", 2)] == (8, 8, 12)
 
 
-def _half_skipping(model, t, seed=0):
-    """Sets the skip's Q-value bias of decision `t` so that about half of random images skip its block."""
-    k = model.groups
-    x = np.random.default_rng(seed).normal(size=(64, *model.image_shape)).astype("float32")
-    q = model.rollout(x)["q_values"][:, t]
-    g = model.greedy_q(t, q, [tf.zeros([64], tf.int32)] * t).numpy()
-    decoder = model.agent.decoders[t]
-    bias = decoder.bias.numpy()
-    bias[k] += float(np.median(g[:, :k].max(1) - g[:, k]))
-    decoder.bias.assign(bias)
-
-
 @pytest.mark.parametrize("kind", ["bottleneck", "mobilenet"])
-def test_skipped_blocks_in_every_graph(kind, skippable_bottleneck, residual_model, tiny_mobilenet):
+def test_skipped_blocks_in_every_graph(kind, skippable_bottleneck, residual_model, tiny_mobilenet, half_skipping):
     """Block skips (greedy and forced, mixed in one batch) in the batch-N and batch-1 graphs, both layouts."""
     if kind == "bottleneck":  # a skippable identity bottleneck (decisions 0, 1), then a prunable conv
         model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
@@ -243,7 +231,7 @@ def test_skipped_blocks_in_every_graph(kind, skippable_bottleneck, residual_mode
             tiny_mobilenet["stages"][i]["skippable"] = True
         model = residual_model(backbone=tiny_mobilenet, image_shape=(32, 32, 3))
     first = min(model.plan.skippable)
-    _half_skipping(model, first)
+    half_skipping(model, first)
     net = sliced_network.SlicedNetwork(model)
     images = verification.parity_images(net, 8)
     greedy = verification.reference(model, images)["actions"][:, first]
