@@ -79,7 +79,7 @@ flags.DEFINE_bool("help", False, "Show this help.", flag_values=FLAGS)
 flags.DEFINE_bool("quick", False, "Smoke run: CIFAR CNN, 2x/4x, ORT batch 1 and 8, 3 repeats.", flag_values=FLAGS)
 flags.DEFINE_string("output", "bench/results", "Directory of export.json / .md / .png.", flag_values=FLAGS)
 flags.DEFINE_list("models", ["vgg16", "cifar_cnn"], "Models: vgg16, cifar_cnn, resnet50, mobilenet_v2 (+skip: "
-                  "identity blocks skippable; onnxruntime only).", flag_values=FLAGS)
+                  "identity blocks skippable).", flag_values=FLAGS)
 flags.DEFINE_list("targets", ["2", "3", "4", "5"], "Theoretical speed-ups to aim at.", flag_values=FLAGS)
 flags.DEFINE_list("ort_batch_sizes", ["1", "64"], "onnxruntime batch sizes (TFLite: batch 1).", flag_values=FLAGS)
 flags.DEFINE_integer("repeats", 7, "Timed rounds (the median is reported).", flag_values=FLAGS)
@@ -452,7 +452,7 @@ def time_tflite(model_name, image_size, paths, points, references, x, config, co
         if not runners or name != "rnp.tflite":
             runners.append(tflite_runner.TFLiteRNPRunner(paths[name], num_threads=config["threads"]))
         runner = runners[-1]
-        logits, actions, _ = runner.run_one(image, point["actions"])
+        logits, actions, _ = runner.run_one(image, _forced(point))
         if list(actions) != list(point["actions"]):
             raise RuntimeError(f"{name} ran actions {actions.tolist()} instead of {point['actions']}")
         diffs.append(check_logits(f"{name} at {point['actions']}", logits, ref[0]))
@@ -467,9 +467,9 @@ def time_tflite(model_name, image_size, paths, points, references, x, config, co
     fns = {"full": lambda: full(images=image)}
     for i, point in enumerate(points):
         runner = runners[min(i, len(runners) - 1)]
-        fns[f"rnp{i}"] = lambda a=point["actions"], runner=runner: runner.run_one(image, a)
+        fns[f"rnp{i}"] = lambda a=_forced(point), runner=runner: runner.run_one(image, a)
         if copies is not None:
-            fns[f"copying{i}"] = lambda a=point["actions"], runner=runner: copying(runner, a)
+            fns[f"copying{i}"] = lambda a=_forced(point), runner=runner: copying(runner, a)
     times = _measure(fns, config)
     for i, point in enumerate(points if copies is not None else []):
         one, two = times[f"rnp{i}"], times[f"copying{i}"]
@@ -540,7 +540,7 @@ def tflite_breakdown(paths, points, image, config, runs=7):
         del runner
     for i, point in enumerate(points):
         path = paths.get("rnp.tflite", paths.get(f"rnp_point{i}.tflite"))
-        out[f"{point['target']:g}x"] = pieces(path, point["actions"])
+        out[f"{point['target']:g}x"] = pieces(path, _forced(point))
     return out
 
 
@@ -653,18 +653,10 @@ def _forced(point):
 
 
 def jobs(config):
-    """(model name, its settings, runtimes) to run: VGG-16 twice when `ort_vgg_size` differs from `vgg_size`.
-
-    A `+skip` model runs in onnxruntime only: the TFLite runner has no
-    signature for a skipped block yet.
-    """
+    """(model name, its settings, runtimes) to run: VGG-16 twice when `ort_vgg_size` differs from `vgg_size`."""
     out = []
     wanted = tuple(r for r in RUNTIMES if r in config["runtimes"])
     for name in config["models"]:
-        if name.endswith(latency.SKIP):
-            if "onnxruntime" in wanted:
-                out.append((name, config, ("onnxruntime",)))
-            continue
         if name == "vgg16" and config["ort_vgg_size"] != config["vgg_size"] and len(wanted) > 1:
             out.append((name, config, ("tflite",)))
             out.append((name, dict(config, vgg_size=config["ort_vgg_size"]), ("onnxruntime",)))

@@ -827,6 +827,11 @@ class SlicedNetwork:
     def stretch(self, key, h, shortcut=None):
         """Runs `stretches[key]` on `h` (a stretch starting inside a block takes the block's `shortcut`).
 
+        `h` None stands for a skipped block's branch: the stretch after the
+        block's last conv then starts from the block's sum with nothing
+        (`relu(shortcut)` after a bottleneck, `shortcut` after an inverted
+        residual), with no map of zeros to add.
+
         Returns:
             `(map, shortcut)`: the last map and the shortcut of a block
             still open at the stretch's end (None if none is).
@@ -839,10 +844,30 @@ class SlicedNetwork:
             elif op[0] == "open":
                 shortcut = h if op[1] is None else self.kept_conv(op[1].layer, h)
             elif op[0] == "add":
-                h, shortcut = self.add(h, shortcut), None
+                h, shortcut = shortcut if h is None else self.add(h, shortcut), None
             else:
-                h, shortcut = self.residual(h, shortcut), None
+                h, shortcut = self._tf.nn.relu(shortcut) if h is None else self.residual(h, shortcut), None
         return h, shortcut
+
+    def skip_end(self, t):
+        """For skippable decision `t`: `(last, key)`, the block's last decision and the stretch after the block.
+
+        Skipping the block at `t` sets decisions `t..last` to 0 and
+        continues with `stretches[key]` on the block's shortcut
+        (`stretch(key, None, shortcut)`).
+
+        Example:
+
+        >>> net.skip_end(0)  # a bottleneck deciding 0 and 1, its last conv a tail of 1
+        (1, ('tail', 1))
+        """
+        if t not in self.skippable:
+            raise ValueError(f"Decision {t} does not skip a block. Received: t={t}")
+        last = max([t] + [u for u, first in self.skipped_by.items() if first == t])
+        key = ("tail", last) if last in self.tails else ("conv", last)
+        if not self.closes_block(key):
+            raise ValueError(f"The stretch after decision {last} does not end the block of decision {t}.")
+        return last, key
 
     def opens_block(self, key):
         """Whether a block is still open at the end of stretch `key` (its shortcut must be carried on)."""

@@ -18,6 +18,9 @@ Writes into `--output` (default `ckpt/export/`):
       that decision `t` chose, the sum with the block's `shortcut` (an
       output of the signature that opened the block), what follows and the
       agent's next decision;
+    * `skip{t}_to{u}` (skippable blocks): the block whose decisions `t..u`
+      the agent skipped (action `k + 1` at `t`): what follows the block,
+      on its shortcut alone, and the agent's next decision;
     * `head_in{a}`: the classifier on `a` groups (`head` when its input
       keeps its full width, as in a residual network);
     * `full`: the unpruned network, the latency baseline;
@@ -114,15 +117,6 @@ def define_flags(flag_values=flags.FLAGS):
         flags.declare_key_flag(name, flag_values=flag_values)
 
 
-def check_runnable(model):
-    """Raises ExportError for what the per-branch TFLite runner cannot run: block skips."""
-    if model.plan.skippable:
-        raise exceptions.ExportError(
-            "the TFLite runner does not run block skips yet; this model has skippable blocks "
-            "(export.saved_model and export.onnx run them)"
-        )
-
-
 def signature_functions(net, parts=("rnp", "full")):
     """The `tf.function`s of every signature, by name (static batch 1).
 
@@ -133,8 +127,6 @@ def signature_functions(net, parts=("rnp", "full")):
     """
     import tensorflow as tf
 
-    if "rnp" in parts:
-        check_runnable(net.model)
     k, units = net.groups, net.units
     h, w, c = net.image_shape
 
@@ -199,13 +191,15 @@ def signature_functions(net, parts=("rnp", "full")):
         agent's next decision when the stretch ends at a prunable conv.
         Inputs: `features`, `spent`, then `state_h`, `state_c`, `penalty`
         when it decides, `actions` when a compute cap needs the earlier
-        ones, `shortcut` when it ends a block opened before it.
+        ones, `shortcut` when it ends a block opened before it. `conv` None
+        (a skipped block: the stretch after it on the shortcut alone) takes
+        no `features`.
         """
         t = key[1]
         decides = net.decides.get(key)
         fed = net.cap is not None and decides is not None and decides > 1
-        names = ["features", "spent"]
-        specs = [in_spec, spent_spec]
+        names = ["features", "spent"] if conv is not None else ["spent"]
+        specs = [in_spec, spent_spec] if conv is not None else [spent_spec]
         if decides is not None:
             names += ["state_h", "state_c", "penalty"]
             specs += state_specs() + [penalty_spec]
@@ -219,7 +213,8 @@ def signature_functions(net, parts=("rnp", "full")):
         def body(*args):
             inputs = dict(zip(names, args))
             with net.constants():
-                y, shortcut = net.stretch(key, conv(inputs["features"]), inputs.get("shortcut"))
+                h = None if conv is None else conv(inputs["features"])
+                y, shortcut = net.stretch(key, h, inputs.get("shortcut"))
                 out = {"features": y, "spent": inputs["spent"] + net.macs_constant(cost)}
                 if decides is not None:  # the agent's next decision, fed by this map
                     # earlier actions: fed under a cap, else unread placeholders
@@ -250,6 +245,9 @@ def signature_functions(net, parts=("rnp", "full")):
                 functions[f"tail{t}_in{p}"] = piece(
                     ("tail", t), lambda x, t=t, p=p: net.tail(t, x, p), p, net.tail_macs[t][p - 1], features
                 )
+    for t in sorted(net.skippable):  # a skipped block: its decisions are 0, the shortcut goes on
+        last, key = net.skip_end(t)
+        functions[f"skip{t}_to{last}"] = piece(key, None, 0, 0.0, None)
     g = net.head_group
     for a in net.heads() if g is not None else [None]:
 
@@ -508,7 +506,6 @@ def export_tflite(model_dir, output=None, quantize="none", num_parity_images=16,
     if quantize not in QUANTIZE:
         raise exceptions.ExportError(f"--quantize must be one of {QUANTIZE}, got {quantize!r}")
     model, target, log = cli.open_checkpoint(PROGRAM, model_dir, output, penalty, compute_cap, log, overwrite)
-    check_runnable(model)  # before any work
     from rnp_tf.tflite_runner import TFLiteRNPRunner
 
     with writing.output_directory(target.directory) as out:

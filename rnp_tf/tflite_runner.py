@@ -13,6 +13,9 @@ The exported `.tflite` file holds one signature per piece of the network:
   depthwise conv and projection), the last keeping its full output,
   the block's sum with its shortcut, what follows up to the next prunable
   conv and the agent's decision there;
+- `skip{t}_to{u}` (skippable blocks): what follows a block whose
+  decisions `t..u` the agent skipped (action `k + 1` at `t`), on the
+  block's shortcut alone, and the agent's decision there;
 - `head_in{a}`: the classifier on a feature map of `a` groups (`head` when
   the map feeding it keeps its full width, as in a residual network);
 - `full`: the unpruned network, for latency comparisons;
@@ -49,6 +52,7 @@ import numpy as np
 _CONV = re.compile(r"^conv(\d+)_in(\d+)_out(\d+)$")
 _HEAD = re.compile(r"^head_in(\d+)$")
 _TAIL = re.compile(r"^tail(\d+)_in(\d+)$")
+_SKIP = re.compile(r"^skip(\d+)_to(\d+)$")
 
 
 def _interpreter_class():
@@ -99,6 +103,7 @@ class TFLiteRNPRunner:
         num_prunable: number of decisions `T`.
         image_shape: `(H, W, C)` of one input image.
         num_classes: number of logits.
+        skippable: the decisions whose action `k + 1` skips a block (sorted).
         penalty: the current run-time penalty (None for a file exported
             before the penalty was an input: its penalty is frozen).
         penalty_setting: the file's default penalty (or None).
@@ -116,7 +121,7 @@ class TFLiteRNPRunner:
             warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
             self.interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
         signatures = self.interpreter.get_signature_list()
-        convs, tails = {}, {}
+        convs, tails, skips = {}, {}, {}
         heads = []
         for name in signatures:
             match = _CONV.match(name)
@@ -124,6 +129,9 @@ class TFLiteRNPRunner:
                 convs[tuple(int(v) for v in match.groups())] = name
             elif _TAIL.match(name):
                 tails[tuple(int(v) for v in _TAIL.match(name).groups())] = name
+            elif _SKIP.match(name):
+                t, last = (int(v) for v in _SKIP.match(name).groups())
+                skips[t] = (last, name)
             elif _HEAD.match(name):
                 heads.append(int(_HEAD.match(name).group(1)))
         if "stem" not in signatures or not convs or not (heads or "head" in signatures):
@@ -137,6 +145,7 @@ class TFLiteRNPRunner:
         self.num_prunable = 1 + max(t for t, _, _ in convs)
         self._convs = convs
         self._tails = tails
+        self._skips = skips  # skippable decision -> (the block's last decision, signature)
         self._head_full = "head" in signatures  # the head's input keeps its full width
         self._runners = {}
         self._input_names = {}
@@ -148,6 +157,7 @@ class TFLiteRNPRunner:
         head = self._runner("head" if self._head_full else f"head_in{max(heads)}").get_output_details()["logits"]
         self.num_classes = int(head["shape"][-1])
         self.signature_keys = sorted(signatures)
+        self.skippable = sorted(skips)
         self.penalty_setting = None
         if "penalty_setting" in signatures:
             self.penalty_setting = float(self._runner("penalty_setting")()["penalty_setting"][0])
@@ -236,13 +246,16 @@ class TFLiteRNPRunner:
 
         Args:
             image: float32 image.
-            actions: optional `T` ints; 0 lets the agent choose, 1..k forces.
+            actions: optional `T` ints; 0 lets the agent choose, 1..k forces,
+                `k + 1` at a skippable decision skips its block.
             timings: optional dict: receives the seconds of each signature
-                call under the keys "stem", "conv<t>", "tail<t>" and "head".
+                call under the keys "stem", "conv<t>", "tail<t>", "skip<t>"
+                and "head".
             penalty: the run-time penalty of this call (default: `penalty`).
 
         Returns:
-            `(logits [num_classes], actions int32 [T], macs float32)`.
+            `(logits [num_classes], actions int32 [T], macs float32)`; a
+            skipped block's decisions are 0, as in `RNPModel.rollout`.
         """
         x = np.ascontiguousarray(np.asarray(image, np.float32).reshape(1, *self.image_shape))
         penalty = self.penalty if penalty is None else self._checked_penalty(penalty)
@@ -256,21 +269,27 @@ class TFLiteRNPRunner:
             timings["stem"], start = clock() - start, clock()
         chosen = []
         previous = self.groups
-        for t in range(self.num_prunable):
+        while len(chosen) < self.num_prunable:
+            t = len(chosen)
             action = int(out["action"][0])
             if actions is not None and int(actions[t]) > 0:
                 action = int(actions[t])
-            chosen.append(action)
+            if t in self._skips and action == self.groups + 1:  # the block is skipped: its decisions are 0
+                last, key = self._skips[t]
+                chosen += [0] * (last + 1 - t)
+                steps = [(f"skip{t}", key)]
+            else:
+                chosen.append(action)
+                steps = [(f"conv{t}", self._conv_key(t, previous, action))]
+                if (t, action) in self._tails:  # a residual network: its block's last conv on this prefix
+                    steps.append((f"tail{t}", self._tails[(t, action)]))
             # `actions` (the decisions so far) is an input only under a compute cap
             decided = np.asarray([chosen + [0] * (self.num_prunable - len(chosen))], np.int32)
-            steps = [(f"conv{t}", self._conv_key(t, previous, action))]
-            if (t, action) in self._tails:  # a residual network: its block's last conv on this prefix
-                steps.append((f"tail{t}", self._tails[(t, action)]))
             for label, key in steps:
                 out = dict(out, **self._call(key, dict(out, actions=decided, **knob)))
                 if clock:
                     timings[label], start = clock() - start, clock()
-            previous = action
+            previous = chosen[-1]
         head = self._call("head" if self._head_full else f"head_in{previous}", out)
         if clock:
             timings["head"] = clock() - start
@@ -282,7 +301,7 @@ class TFLiteRNPRunner:
         Args:
             images: float32 `[n, H, W, C]` (or one `[H, W, C]` image).
             actions: optional int `[n, T]`: 0 lets the agent choose, 1..k forces
-                that many groups.
+                that many groups, `k + 1` at a skippable decision skips its block.
             penalty: the run-time penalty of this call (default: `penalty`,
                 see `set_penalty`).
 
@@ -299,10 +318,13 @@ class TFLiteRNPRunner:
             )
         if actions is not None:
             actions = np.asarray(actions)
-            if actions.shape != (len(images), self.num_prunable) or actions.min() < 0 or actions.max() > self.groups:
+            top = np.full(self.num_prunable, self.groups)
+            top[self.skippable] = self.groups + 1
+            if actions.shape != (len(images), self.num_prunable) or (actions < 0).any() or (actions > top).any():
                 raise ValueError(
-                    f"`actions` must be ints in 0..{self.groups} of shape [{len(images)}, {self.num_prunable}]. "
-                    f"Received: shape={actions.shape}"
+                    f"`actions` must be ints in 0..{self.groups} ({self.groups + 1}: skip, at the skippable "
+                    f"decisions {self.skippable}) of shape [{len(images)}, {self.num_prunable}]. "
+                    f"Received: shape={actions.shape}, max={actions.max() if actions.size else None}"
                 )
         penalty = None if penalty is None else self._checked_penalty(penalty)
         logits = np.zeros((len(images), self.num_classes), np.float32)

@@ -122,10 +122,10 @@ def test_time_split_separates_kernels_reorders_and_the_rest():
     assert bench_export.time_split_markdown({"models": {"m": {}}}) == []
 
 
-def test_skip_models_run_in_onnxruntime_only():
-    """`+skip` models are timed in onnxruntime only (the TFLite runner refuses block skips); others are checked."""
+def test_skip_models_run_in_every_runtime():
+    """`+skip` models are timed in TFLite and onnxruntime like the others; unknown names are refused."""
     config = bench_export.default_config(models=["resnet50+skip", "mobilenet_v2"])
     assert [(name, runtimes) for name, _, runtimes in bench_export.jobs(config)] == [
-        ("resnet50+skip", ("onnxruntime",)), ("mobilenet_v2", ("tflite", "onnxruntime"))]
+        ("resnet50+skip", ("tflite", "onnxruntime")), ("mobilenet_v2", ("tflite", "onnxruntime"))]
     with pytest.raises(ValueError, match="Unknown model"):
         bench_export.default_config(models=["vgg16+skip"])

@@ -245,12 +245,42 @@ def test_mobilenet_runner_matches_rollout(mobilenet_exported, check_residual_bat
                                atol=1e-4)
 
 
-def test_skippable_blocks_are_refused_before_any_work(tmp_path, residual_model, skippable_bottleneck):
-    """The per-branch runner has no signature for a skipped block yet: a clear error, nothing written."""
-    model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
+@pytest.mark.parametrize("kind", ["bottleneck", "mobilenet"])
+def test_skipped_blocks_run_in_the_interpreter(tmp_path, kind, residual_model, skippable_bottleneck, tiny_mobilenet,
+                                               half_skipping):
+    """A skipped block runs `skip{t}_to{u}` (what follows it, on its shortcut) instead of its convs.
+
+    The exporter's own parity check forces every tuple again with each
+    skippable block skipped; the agent skips about half of the images
+    (`half_skipping`), so the greedy check takes both ways.
+    """
+    if kind == "bottleneck":  # a skippable identity bottleneck (decisions 0, 1), then a prunable conv
+        model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
+        skips = {"skip0_to1"}
+    else:  # the two expanded inverted residuals with an identity shortcut (decisions 0 and 2)
+        for i in (2, 4):
+            tiny_mobilenet["stages"][i]["skippable"] = True
+        model = residual_model(backbone=tiny_mobilenet, image_shape=(32, 32, 3))
+        skips = {"skip0_to0", "skip2_to2"}
+    first = min(model.plan.skippable)
+    half_skipping(model, first)
     model.save(str(tmp_path / "model.keras"))
-    with pytest.raises(exceptions.ExportError, match="does not run block skips yet"):
-        tflite.export_tflite(tmp_path, log=lambda m: None)
-    assert sorted(os.listdir(tmp_path)) == ["model.keras"]
-    with pytest.raises(exceptions.ExportError, match="skippable blocks"):
-        tflite.signature_functions(sliced_network.SlicedNetwork(model))
+    report = tflite.export_tflite(tmp_path, num_parity_images=8, max_forced_tuples=16, timing_runs=0,
+                                  log=lambda m: None)
+    forced = report["parity"]["rnp.tflite"]["forced"]
+    assert forced["action_agreement"] == 1.0 and forced["distinct_action_tuples"] > 16  # with the skipped ones
+    runner = TFLiteRNPRunner(tmp_path / "export" / "rnp.tflite")
+    assert {key for key in runner.signature_keys if key.startswith("skip")} == skips
+    assert runner.skippable == sorted(model.plan.skippable)
+    assert "features" not in runner._inputs(sorted(skips)[0]) and "shortcut" in runner._inputs(sorted(skips)[0])
+    x = np.random.default_rng(4).normal(size=(16, *model.image_shape)).astype("float32")
+    ref = verification.reference(model, x)
+    assert 0 < (ref["actions"][:, first] == 0).mean() < 1
+    verification.compare("rnp.tflite", ref, tflite.runner_function(runner)(x))
+    # a skipped image runs the skip's signature, not the block's convs
+    skipped = int(np.argmax(ref["actions"][:, first] == 0))
+    timings = {}
+    runner.run_one(x[skipped], timings=timings)
+    assert f"skip{first}" in timings and f"conv{first}" not in timings
+    with pytest.raises(ValueError, match="skip, at the skippable decisions"):
+        runner.run(x[:1], actions=[[0] * (runner.num_prunable - 1) + [runner.groups + 1]])
