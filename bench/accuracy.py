@@ -330,8 +330,8 @@ def _evaluate_policy(model, data, xv, xt, yt, full_loss, seed):
 
 def _backbone_path(name, backbone, seed):
     """Where `--backbone_cache` keeps one seed's backbone: named by everything that shapes it."""
-    key = {k: FLAGS[k].value for k in ("widths", "vgg_width", "pretrain_epochs", "robust_epochs", "validation",
-                                       "max_train_examples", "penalty")}
+    key = {k: FLAGS[k].value for k in ("widths", "vgg_width", "resnet_widths", "pretrain_epochs", "robust_epochs",
+                                       "validation", "max_train_examples", "penalty")}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(FLAGS.backbone_cache, f"{name}_{backbone}_seed{seed}_{digest}.keras")
 

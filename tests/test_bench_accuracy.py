@@ -235,8 +235,9 @@ def test_backbone_cache_saves_then_loads_the_same_backbone(tmp_path):
         trained = accuracy._backbone("digits", "cifar_cnn", 0, data, trained_timing)
         (path,) = tmp_path.glob("digits_cifar_cnn_seed0_*.keras")
         loaded = accuracy._backbone("digits", "cifar_cnn", 0, data, loaded_timing)
-        with flagsaver.flagsaver(robust_epochs=2):  # another backbone: another file name
-            assert accuracy._backbone_path("digits", "cifar_cnn", 0) != str(path)
+        for other in ({"robust_epochs": 2}, {"resnet_widths": ["8", "16", "32"]}):  # another backbone: another name
+            with flagsaver.flagsaver(**other):
+                assert accuracy._backbone_path("digits", "cifar_cnn", 0) != str(path)
         assert accuracy._backbone_path("digits", "cifar_cnn", 1) != str(path)
     assert {"pretrain", "robust"} <= set(trained_timing) and set(loaded_timing) == {"backbone_loaded"}
     assert len(trained.weights) == len(loaded.weights)
