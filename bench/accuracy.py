@@ -18,7 +18,10 @@ measures:
    agent on pooled features) and `knob` (optional: the paper's agent whose
    backbone phases act under penalties drawn from
    `--knob_backbone_penalties`, i.e. `Schedule(backbone_penalty_range=...)`,
-   so its backbone is fine-tuned for every setting of the run-time knob).
+   so its backbone is fine-tuned for every setting of the run-time knob)
+   and `stage` (a residual backbone only: the paper's agent deciding once
+   per stage, `rnp_tf.decide_per_stage`, trained from the same backbone
+   weights; the cheaper agent of issue 26).
    The agents measured and removed after commit 7fe7dd6 (`late`, `aux`,
    `imitate`, `--knob_distill_weight`) are written up in
    `docs/experiments/`; their reports still merge (`--merge`). Optionally
@@ -75,7 +78,7 @@ from bench import timing
 
 DATASETS = splits.DATASETS
 BACKBONES = ("cifar_cnn", "vgg_cifar", "resnet_cifar", "resnet_cifar_skip")
-POLICIES = ("paper", "knob")
+POLICIES = ("paper", "knob", "stage")
 STAGES = ("static_finetuned", "thin")
 
 FLAGS = flags.FLAGS
@@ -443,6 +446,8 @@ def run_one(name, backbone, seed):
 
     for policy in FLAGS.policies:
         options, epochs = {}, FLAGS.rnp_epochs
+        if policy == "stage":  # the paper's agent deciding once per stage: the same backbone weights
+            options["backbone"] = rnp_tf.decide_per_stage(backbone_model.backbone)
         if policy == "knob":
             penalties = [float(p) for p in FLAGS.knob_backbone_penalties]
             options["schedule"] = {**backbone_model.schedule.get_config(), "backbone_penalty_range": penalties}
@@ -693,7 +698,7 @@ def compact(rows):
     Reports of runs at commit 7fe7dd6 or before (`--merge`) that trained the removed `late` agent get its
     columns too.
     """
-    agents = ["paper"] + (["late"] if any(r["method"].startswith("RNP late ") for r in rows) else [])
+    agents = ["paper"] + [p for p in ("late", "stage") if any(r["method"].startswith(f"RNP {p} ") for r in rows)]
     columns = [(f"{kind} {p}", f"{kind} {p}") for p in agents for kind in ("RNP", "shuffled")]
     columns += [("static curve", "static curve at RNP paper"), ("static fine-tuned", "static fine-tuned"),
                 ("thin", "thin from scratch"), ("cascade", "cascade")]
@@ -964,6 +969,9 @@ def main(argv):
     if not select_budgets or not all(0 < b <= 1 for b in select_budgets):
         raise app.UsageError(f"--knob_select_budgets: expected compute fractions in (0, 1]. "
                              f"Received: {','.join(FLAGS.knob_select_budgets)}")
+    if "stage" in FLAGS.policies and set(FLAGS.backbones) != {"resnet_cifar"}:
+        raise app.UsageError(f"--policies=stage decides once per stage of a residual backbone without skips: "
+                             f"--backbones=resnet_cifar only. Received: {','.join(FLAGS.backbones)}")
     if "knob" in FLAGS.policies and len(FLAGS.knob_backbone_penalties) != 2:
         raise app.UsageError(f"--knob_backbone_penalties: expected p_min,p_max. Received: {FLAGS.knob_backbone_penalties}")
     stem = FLAGS.stem or ("accuracy_quick" if FLAGS.quick else "accuracy")

@@ -79,7 +79,7 @@ flags.DEFINE_bool("help", False, "Show this help.", flag_values=FLAGS)
 flags.DEFINE_bool("quick", False, "Smoke run: CIFAR CNN, 2x/4x, ORT batch 1 and 8, 3 repeats.", flag_values=FLAGS)
 flags.DEFINE_string("output", "bench/results", "Directory of export.json / .md / .png.", flag_values=FLAGS)
 flags.DEFINE_list("models", ["vgg16", "cifar_cnn"], "Models: vgg16, cifar_cnn, resnet50, mobilenet_v2 (+skip: "
-                  "identity blocks skippable).", flag_values=FLAGS)
+                  "identity blocks skippable; +stage: one decision per stage).", flag_values=FLAGS)
 flags.DEFINE_list("targets", ["2", "3", "4", "5"], "Theoretical speed-ups to aim at.", flag_values=FLAGS)
 flags.DEFINE_list("ort_batch_sizes", ["1", "64"], "onnxruntime batch sizes (TFLite: batch 1).", flag_values=FLAGS)
 flags.DEFINE_integer("repeats", 7, "Timed rounds (the median is reported).", flag_values=FLAGS)
@@ -150,11 +150,11 @@ def default_config(**overrides):
              "warmup": 1, "min_sample_seconds": 0.02, "isolate": False, "all_branches_models": [],
              "breakdown": False}
     config = timing.settings(config, overrides, quick, "ort_batch_sizes")
-    skipping = [n + latency.SKIP for n in latency.SKIPPABLE]
+    variants = [n + suffix for suffix in (latency.SKIP, latency.STAGE) for n in latency.SKIPPABLE]
     for name in list(config["models"]) + list(config["all_branches_models"]):
-        if name not in latency.NUM_CLASSES and name not in skipping:
+        if name not in latency.NUM_CLASSES and name not in variants:
             raise ValueError(
-                f"Unknown model. Expected some of {sorted(latency.NUM_CLASSES) + skipping}. Received: models={name!r}"
+                f"Unknown model. Expected some of {sorted(latency.NUM_CLASSES) + variants}. Received: models={name!r}"
             )
     unknown = sorted(set(config["runtimes"]) - set(RUNTIMES))
     if unknown or not config["runtimes"]:

@@ -26,7 +26,10 @@ their identity blocks skippable (rows `resnet50+skip`, `mobilenet_v2+skip`):
 each operating point skips as many blocks (action 0, in `skip_order`) as
 its target allows, and the mixed batch flips a quarter of the samples'
 skips. The agent still takes every decision (a skipped block's on zero
-features), as in the engine.
+features), as in the engine. With `--per_stage`, they are timed again
+deciding once per stage (`rnp_tf.decide_per_stage`, rows
+`resnet50+stage`, `mobilenet_v2+stage`): the later blocks of a stage take
+its first block's actions and the agent does not run there.
 
 Peak memory: CPU TensorFlow has no allocator statistics
 (`tf.config.experimental.get_memory_info` is GPU-only) and `tracemalloc`
@@ -90,6 +93,8 @@ def define_flags(flag_values=FLAGS):
     flags.DEFINE_integer("seed", 0, "Seed of weights, inputs and mixed actions.", **fv)
     flags.DEFINE_bool("skips", False, "Also time resnet50 / mobilenet_v2 with their identity blocks skippable "
                       "(rows `resnet50+skip`): operating points that skip as many blocks as the target allows.", **fv)
+    flags.DEFINE_bool("per_stage", False, "Also time resnet50 / mobilenet_v2 deciding once per stage (rows "
+                      "`resnet50+stage`, `rnp_tf.decide_per_stage`).", **fv)
     flags.DEFINE_bool("stages", False, "Instead of the benchmark: time every stage of batch-1 inference (stem, each conv, each pool, the head) alone, full and at every operating point; writes latency_stages.json.", **fv)
 
 
@@ -101,7 +106,8 @@ PAPER_GPU = {
 SCHEMA_VERSION = 1
 NUM_CLASSES = {"vgg16": 1000, "cifar_cnn": 10, "resnet50": 1000, "mobilenet_v2": 1000}
 SKIP = "+skip"  # suffix of a model name: its identity blocks are skippable
-SKIPPABLE = ("resnet50", "mobilenet_v2")
+STAGE = "+stage"  # suffix of a model name: it decides once per stage
+SKIPPABLE = ("resnet50", "mobilenet_v2")  # the models that take either suffix
 ROW_KEYS = (
     "model", "image_size", "batch_size", "mode", "target_speedup", "theoretical_speedup",
     "actions", "distinct_action_tuples", "full_ms", "rnp_ms", "rnp_no_agent_ms", "agent_ms",
@@ -142,6 +148,7 @@ def default_config(**overrides):
         "no_agent_variant": True,
         "seed": 0,
         "skips": False,
+        "per_stage": False,
     }
     quick = {"models": ["cifar_cnn"], "batch_sizes": [1, 16], "targets": [1.0, 2.0, 4.0], "repeats": 3}
     config = timing.settings(config, overrides, quick, "batch_sizes")
@@ -157,10 +164,11 @@ def build_model(name, config):
     """The model to time, with random weights (and random BatchNorm statistics)."""
     import rnp_tf
 
-    skips = name.endswith(SKIP)
-    name = name.removesuffix(SKIP)
+    skips, per_stage = name.endswith(SKIP), name.endswith(STAGE)
+    name = name.removesuffix(SKIP).removesuffix(STAGE)
     if name != "cifar_cnn":  # the ImageNet backbones, by their `rnp_tf.get_backbone` names
         spec, size = rnp_tf.get_backbone(name, **({"skippable": True} if skips else {})), int(config["vgg_size"])
+        spec = rnp_tf.decide_per_stage(spec) if per_stage else spec
         shape = (size, size, 3)
     else:
         spec, shape = rnp_tf.cifar_cnn(), (32, 32, 3)
@@ -195,11 +203,13 @@ def skip_order(model):
     return skippable[0::2] + skippable[1::2]
 
 
-def _untaken(model, actions):
-    """Sets the later decisions of every skipped block to 0 (not taken, `NetworkPlan.live`), in place."""
-    live = model.plan.live(actions)
-    if live is not None:
-        actions *= live.numpy().astype(actions.dtype)
+def canonical_actions(model, actions):
+    """Actions as `RNPModel.rollout` records them, in place: 0 after a skip, a tied decision's leader's action."""
+    for t, first in model.plan.skipped_by.items():
+        actions[:, t] *= (actions[:, first] > 0).astype(actions.dtype)
+    for t, leader in model.plan.tied_to.items():
+        actions[:, t] = actions[:, leader]
+    return actions
 
 
 def operating_points(model, targets, seed=0):
@@ -229,7 +239,11 @@ def operating_points(model, targets, seed=0):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    cands = _candidates(model.num_prunable, model.groups, rng)
+    leaders = model.plan.leaders  # a tied decision takes its leader's action: candidates vary at the leaders
+    chosen = _candidates(len(leaders), model.groups, rng)
+    cands = np.zeros((len(chosen), model.num_prunable), chosen.dtype)
+    cands[:, leaders] = chosen
+    canonical_actions(model, cands)
     order = skip_order(model)
     skipped = np.zeros(len(cands), np.int64)
     if order:
@@ -239,7 +253,7 @@ def operating_points(model, targets, seed=0):
             rows[-1][:, order[:count]] = 0
             counts.append(np.full(len(cands), count))
         cands, skipped = np.concatenate(rows), np.concatenate(counts)
-        _untaken(model, cands)
+        canonical_actions(model, cands)
     ratios = model.full_macs / model.macs(cands).numpy().astype(np.float64)
     taken = np.where(cands > 0, cands, cands.max(axis=1, keepdims=True))
     spread = taken.max(axis=1) - taken.min(axis=1)
@@ -297,8 +311,9 @@ def mixed_actions(model, actions, batch_size, seed=0, tolerance=0.005, max_steps
     for t in sorted(model.plan.skippable):
         flip = rng.random(batch_size) < 0.25
         chosen[:, t] = np.where((base[0, t] == 0) != flip, 0, chosen[:, t])
-    _untaken(model, chosen)
+    canonical_actions(model, chosen)
     movable_mask = chosen > 0  # the decisions taken (a skip and its untaken decisions are 0)
+    movable_mask[:, sorted(model.plan.tied_to)] = False  # they follow their leader
     per_sample = model.macs(chosen).numpy().astype(np.float64)
     for _ in range(max_steps):
         mean = per_sample.mean()
@@ -310,6 +325,7 @@ def mixed_actions(model, actions, batch_size, seed=0, tolerance=0.005, max_steps
             break
         i, layer = movable[rng.integers(len(movable))]
         chosen[i, layer] += step
+        canonical_actions(model, chosen[i : i + 1])
         per_sample[i] = float(model.macs(chosen[i : i + 1]).numpy()[0])
     return chosen.astype(np.int32)
 
@@ -379,6 +395,9 @@ def agent_alone_function(engine, actions, agent_step=None):
     for t, ((height, width, channels), ref) in enumerate(shapes):
         in_group = channels // k
         whole.append(ref is None)
+        if t in model.plan.tied_to:  # the agent does not run there
+            inputs.append([])
+            continue
         if single:
             previous = int(actions[0, ref]) if ref is not None else k
             inputs.append([(tf.random.normal([1, height, width, previous * in_group]), None)])
@@ -407,6 +426,9 @@ def agent_alone_function(engine, actions, agent_step=None):
         state = engine.start_agent(batch)
         chosen = []
         for t, pieces in enumerate(inputs):
+            if t in model.plan.tied_to:
+                chosen.append(chosen[model.plan.tied_to[t]])
+                continue
             q, state = (agent_step or engine.agent_step)(t, pieces, state, single or whole[t])
             chosen.append(rnp_tf.greedy_actions(q))
         return tf.stack(chosen, axis=1)
@@ -659,9 +681,11 @@ def stage_times(model, engine, points, config):
 
 
 def model_names(config):
-    """The models to time: `config["models"]`, then with `config["skips"]` each residual one again with skips."""
-    skippable = [name + SKIP for name in config["models"] if config.get("skips") and name in SKIPPABLE]
-    return list(config["models"]) + skippable
+    """The models to time: `config["models"]`, then each residual one again with skips (`skips`), per stage (`per_stage`)."""
+    residual = [name for name in config["models"] if name in SKIPPABLE]
+    skipping = [name + SKIP for name in residual if config.get("skips")]
+    staged = [name + STAGE for name in residual if config.get("per_stage")]
+    return list(config["models"]) + skipping + staged
 
 
 def run_benchmark(config, log=print, progress=None):
@@ -971,7 +995,7 @@ def main(argv):
                 name: getattr(FLAGS, name)
                 for name in (
                     "models", "batch_sizes", "targets", "repeats", "warmup", "min_sample_seconds",
-                    "vgg_size", "weight_cache", "memory", "no_agent_variant", "seed", "skips",
+                    "vgg_size", "weight_cache", "memory", "no_agent_variant", "seed", "skips", "per_stage",
                 )
                 if not FLAGS.quick or FLAGS[name].present
             },

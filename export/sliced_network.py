@@ -251,7 +251,8 @@ class SlicedNetwork:
             nonlocal key, hw
             self.conv_in_hw[step.layer.name] = hw
             if step.decision is not None:
-                self.decides[key] = step.decision
+                if step.decision not in plan.tied_to:  # a tied decision takes its leader's action: no agent
+                    self.decides[key] = step.decision
                 self.in_hw[step.decision] = hw
                 key = ("conv", step.decision)
             elif step.in_ref is not None:
@@ -364,7 +365,7 @@ class SlicedNetwork:
         agent = model.agent
         self.units = int(agent.units)
         self.agent_channels = [int(c) for c in agent.feature_channels]
-        for t in range(self.num_prunable):
+        for t in model.plan.leaders:  # a tied decision has no weights: the agent does not run there
             weights = agent.weights_of(t)  # what `rnp_tf.agent.equations` reads
             for name in ("encoder", "decoder"):
                 arrays[(name, t)] = tuple(np.asarray(w, np.float32) for w in weights[name])

@@ -25,7 +25,9 @@ Writes into `--output` (default `ckpt/export/`):
       keeps its full width, as in a residual network);
     * `full`: the unpruned network, the latency baseline;
     * `penalty_setting`: no inputs; the default penalty (`--penalty`, else
-      the model's saved setting).
+      the model's saved setting);
+    * `ties` (networks deciding once per stage): no inputs; per decision,
+      the earlier decision whose action it takes (-1: the agent's own).
 
   Every signature that decides (`stem` and every `conv` but the last)
   takes the run-time penalty as an input (`penalty`, float32 `[1]`, the
@@ -164,6 +166,15 @@ def signature_functions(net, parts=("rnp", "full")):
         return {"penalty_setting": tf.constant([net.penalty_setting], tf.float32)}
 
     functions["penalty_setting"] = penalty_setting
+    tied_to = net.model.plan.tied_to
+    if tied_to:
+        leaders = np.asarray([tied_to.get(t, -1) for t in range(net.num_prunable)], np.int32)
+
+        @tf.function(input_signature=[], autograph=False)
+        def ties():
+            return {"tied_to": tf.constant(leaders)}
+
+        functions["ties"] = ties
 
     def shortcut_spec(key):
         return tf.TensorSpec([1, *net.block_out[key]], tf.float32, name="shortcut")

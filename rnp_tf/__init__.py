@@ -16,6 +16,7 @@ from rnp_tf.agent import DecisionAgent
 from rnp_tf.agent import epsilon_greedy_actions
 from rnp_tf.agent import greedy_actions
 from rnp_tf.backbones import cifar_cnn
+from rnp_tf.backbones import decide_per_stage
 from rnp_tf.backbones import vgg_cifar
 from rnp_tf.backbones import get_backbone
 from rnp_tf.backbones import mobilenet_v2

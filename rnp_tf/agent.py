@@ -33,6 +33,9 @@ class DecisionAgent(keras.layers.Layer):
         skippable: indices of the decisions that may skip their block
             (`NetworkPlan.skippable`): their decoder outputs `k + 1`
             Q-values, the last one for "skip" (action 0). Defaults to none.
+        tied: indices of the decisions that take an earlier decision's
+            action (`NetworkPlan.tied_to`): the agent does not run there and
+            has no encoder or decoder for them. Defaults to none.
         **kwargs: base `keras.layers.Layer` arguments.
 
     Input shape (of `call`):
@@ -52,7 +55,7 @@ class DecisionAgent(keras.layers.Layer):
     TensorShape([2, 4])
     """
 
-    def __init__(self, feature_channels, groups=4, embed_dim=64, units=64, skippable=(), **kwargs):
+    def __init__(self, feature_channels, groups=4, embed_dim=64, units=64, skippable=(), tied=(), **kwargs):
         super().__init__(**kwargs)
         if not feature_channels:
             raise ValueError(
@@ -71,12 +74,20 @@ class DecisionAgent(keras.layers.Layer):
             raise ValueError(
                 f"`skippable` must hold decision indices in [0, {self.num_layers}). Received: skippable={skippable!r}"
             )
+        self.tied = sorted(int(t) for t in tied)
+        if any(not 0 < t < self.num_layers for t in self.tied) or set(self.tied) & set(self.skippable):
+            raise ValueError(
+                f"`tied` must hold decision indices in [1, {self.num_layers}), none of them skippable. "
+                f"Received: tied={tied!r}"
+            )
         self.encoders = [
+            None if t in self.tied else
             keras.layers.Dense(self.embed_dim, activation="relu", name=f"encoder_{t}", dtype=self.dtype_policy)
             for t in range(self.num_layers)
         ]
         self.cell = keras.layers.LSTMCell(self.units, name="lstm", dtype=self.dtype_policy)
         self.decoders = [
+            None if t in self.tied else
             keras.layers.Dense(
                 self.groups + (t in self.skippable), name=f"decoder_{t}", dtype=self.dtype_policy
             )
@@ -85,11 +96,17 @@ class DecisionAgent(keras.layers.Layer):
 
     def build(self, input_shape=None):
         for encoder, channels in zip(self.encoders, self.feature_channels):
-            encoder.build((None, channels))
+            if encoder is not None:
+                encoder.build((None, channels))
         self.cell.build((None, self.embed_dim))
         for decoder in self.decoders:
-            decoder.build((None, self.units))
+            if decoder is not None:
+                decoder.build((None, self.units))
         self.built = True
+
+    def _check_decides(self, t):
+        if t in self.tied:
+            raise ValueError(f"Decision {t} is tied to an earlier one: the agent does not decide it. Received: t={t}")
 
     def _pooled(self, t, features):
         """Spatial mean of a feature map, zero-padded to `feature_channels[t]`."""
@@ -152,6 +169,7 @@ class DecisionAgent(keras.layers.Layer):
         """
         if not self.built:
             self.build()
+        self._check_decides(t)
         encoder, decoder, cell = self.encoders[t], self.decoders[t], self.cell
         return equations(
             pooled,
@@ -170,6 +188,7 @@ class DecisionAgent(keras.layers.Layer):
             A dict with `encoder`, `lstm`, `decoder` (tuples of arrays),
             `activation` and `recurrent_activation`.
         """
+        self._check_decides(t)
         encoder, decoder, cell = self.encoders[t], self.decoders[t], self.cell
         return {
             "encoder": (np.asarray(encoder.kernel), np.asarray(encoder.bias)),
@@ -189,15 +208,19 @@ class DecisionAgent(keras.layers.Layer):
         state = self.initial_state(tf.shape(inputs[0])[0])
         q_values = []
         for t, features in enumerate(inputs):
+            if t in self.tied:  # no Q-value of its own
+                q_values.append(tf.zeros_like(q_values[-1]))
+                continue
             q, state = self.step(t, features, state)
             q_values.append(q)
         return stack_q_values(q_values)
 
     def macs(self):
-        """Multiply-accumulates of one sample's decisions (Dense and LSTM)."""
-        encoders = sum(c * self.embed_dim for c in self.feature_channels)
-        lstm = self.num_layers * 4 * self.units * (self.embed_dim + self.units)
-        decoders = (self.num_layers * self.groups + len(self.skippable)) * self.units
+        """Multiply-accumulates of one sample's decisions (Dense and LSTM; tied decisions cost nothing)."""
+        decided = [t for t in range(self.num_layers) if t not in self.tied]
+        encoders = sum(self.feature_channels[t] * self.embed_dim for t in decided)
+        lstm = len(decided) * 4 * self.units * (self.embed_dim + self.units)
+        decoders = (len(decided) * self.groups + len(self.skippable)) * self.units
         return float(encoders + lstm + decoders)
 
     def get_config(self):
@@ -212,6 +235,8 @@ class DecisionAgent(keras.layers.Layer):
         )
         if self.skippable:
             config["skippable"] = list(self.skippable)
+        if self.tied:
+            config["tied"] = list(self.tied)
         return config
 
     @classmethod

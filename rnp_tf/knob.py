@@ -62,7 +62,9 @@ def cap_q_values(plan, t, q, decided, cap_macs):
     Action `a` at decision `t` is feasible when the MACs of the actions
     decided so far, `a`, and the narrowest action at every later decision
     fit the cap. The narrowest action is always feasible once the first
-    decision was, so the cap holds for every image.
+    decision was, so the cap holds for every image. A later decision tied
+    to `t` or to an earlier one (`NetworkPlan.tied_to`) is completed with
+    its leader's action.
 
     Args:
         plan: the `rnp_tf.plan.NetworkPlan` (its MAC table).
@@ -79,7 +81,9 @@ def cap_q_values(plan, t, q, decided, cap_macs):
     choices = tf.math.floormod(tf.range(1, n + 1), k + 1)  # the skip column is action 0
     columns = [tf.repeat(a[:, None], n, axis=1) for a in decided]
     columns.append(tf.tile(choices[None, :], [batch, 1]))
-    columns += [tf.ones([batch, n], tf.int32)] * (count - t - 1)
+    for u in range(t + 1, count):  # the narrowest later, but a tied decision takes its leader's action
+        leader = plan.tied_to.get(u)
+        columns.append(tf.ones([batch, n], tf.int32) if leader is None else columns[leader])
     completions = tf.reshape(tf.stack(columns, axis=-1), [-1, count])
     cost = tf.reshape(plan.macs(completions), [batch, n])
     feasible = cost <= cap_macs * (1 + 1e-6)

@@ -197,6 +197,7 @@ class RNPModel(keras.Model):
             embed_dim=self.agent_embed_dim,
             units=self.agent_units,
             skippable=sorted(self.plan.skippable),
+            tied=sorted(self.plan.tied_to),
             # Q-values, rewards and TD targets stay float32 under mixed precision.
             dtype="float32",
             name="agent",
@@ -363,18 +364,22 @@ class RNPModel(keras.Model):
             raise ValueError(
                 f"`decided` must hold the {t} earlier actions of decision {t}. Received: {len(decided)} actions"
             )
-        q = self._repriced(q, penalties)
+        q = self._repriced(t, q, penalties)
         if self._cap_macs is not None:
             q = knob_lib.cap_q_values(self.plan, t, q, decided, self._cap_macs)
         return q
 
-    def _repriced(self, q, penalties=None):
-        """Q-values re-priced to the inference penalty (`rnp_tf.knob.reprice`)."""
+    def _repriced(self, t, q, penalties=None):
+        """Q-values of decision `t` re-priced to the inference penalty (`rnp_tf.knob.reprice`).
+
+        An action taken by tied decisions too is priced once per decision
+        that takes it (`NetworkPlan.decision_weight`).
+        """
         if penalties is None:
             delta = self._penalty_setting.value - self.penalty
         else:
             delta = tf.cast(penalties, tf.float32) - self.penalty
-        return knob_lib.reprice(q, delta, self.groups)
+        return knob_lib.reprice(q, delta * self.plan.decision_weight(t), self.groups)
 
     def rollout(self, x, actions=None, policy="greedy", epsilon=0.0, training=False, penalty=None):
         """Runs the model and returns logits, actions, Q-values and MACs.
@@ -865,7 +870,7 @@ class RNPModel(keras.Model):
 
                 def choose(t, q):
                     if repriced is not None:
-                        q = self._repriced(q, repriced)
+                        q = self._repriced(t, q, repriced)
                     action = agent_lib.epsilon_greedy_actions(q, epsilon)
                     return tf.where(full, self.groups, action)
 

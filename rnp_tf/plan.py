@@ -72,11 +72,14 @@ class BlockStep:
         shortcut: the projection conv, or None for an identity shortcut.
         skippable: True when the agent may skip the residual branch (action
             0 at the body's first decision; see `NetworkPlan.skippable`).
+        tied: True when its decisions take the actions of the block before
+            it (see `NetworkPlan.tied_to`).
     """
 
     body: tuple
     shortcut: ConvStep | None = None
     skippable: bool = False
+    tied: bool = False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -96,11 +99,14 @@ class InvertedResidualStep:
             identity shortcut, no activation after the sum).
         skippable: True when the agent may skip the residual branch (action
             0 at the expansion's decision; see `NetworkPlan.skippable`).
+        tied: True when its decision takes the action of the block before it
+            (see `NetworkPlan.tied_to`).
     """
 
     body: tuple
     residual: bool = False
     skippable: bool = False
+    tied: bool = False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -229,12 +235,23 @@ class NetworkPlan:
             recorded as 0 and cost nothing.
         skip_of_conv: per conv name of a skippable block's branch, the
             decision whose 0 skips it.
+        tied_to: per decision of a tied block (stage key `"tied"`), the
+            decision whose action it takes: the same position in the first
+            untied block of the run of blocks it belongs to.
 
     Block skipping (Runtime Network Routing): when a skippable block's first
     decision is 0, its residual branch is not computed and its output is
     its input (`relu(0 + x) = x` after a bottleneck: its input is a ReLU's
     output). Its later decisions are 0 too (the rollout does not let the
     agent's state advance on them); its convs cost 0 MACs.
+
+    Tied decisions (one decision per stage): a block marked `"tied"` takes,
+    at each of its decisions, the action of the same decision of the block
+    before it. The agent neither reads its maps nor advances its state
+    there, so a stage of blocks costs one decision; the DQN passes tied
+    decisions over (`live` is 0 there), so their rewards go to the decision
+    they follow, and the run-time knob prices an action by every decision
+    that takes it (`decision_weight`).
     """
 
     def __init__(self, steps, head, convs, groups):
@@ -248,12 +265,29 @@ class NetworkPlan:
         self.skippable = set()
         self.skipped_by = {}
         self.skip_of_conv = {}
-        for step in self.steps:
-            if getattr(step, "skippable", False):
-                decided = [inner.decision for inner in step.body if inner.decision is not None]
+        self.tied_to = {}
+        previous = None  # the decisions of the block just before
+        for i, step in enumerate(self.steps):
+            if not isinstance(step, (BlockStep, InvertedResidualStep)):
+                previous = None
+                continue
+            decided = [inner.decision for inner in step.body if inner.decision is not None]
+            if step.skippable:
                 self.skippable.add(decided[0])
                 self.skipped_by.update({t: decided[0] for t in decided[1:]})
                 self.skip_of_conv.update({inner.layer.name: decided[0] for inner in step.body})
+            if step.tied:
+                if previous is None or len(previous) != len(decided) or not decided:
+                    raise ValueError(
+                        f"A tied block takes the decisions of the block just before it: that block must decide "
+                        f"as many widths. Received: step {i} deciding {len(decided)}, the step before deciding "
+                        f"{'none (not a block)' if previous is None else len(previous)}"
+                    )
+                self.tied_to.update({t: self.tied_to.get(u, u) for t, u in zip(decided, previous)})
+            previous = decided
+        if self.tied_to and (set(self.tied_to) | set(self.tied_to.values())) & set(self.skip_columns):
+            raise ValueError("A block cannot be both tied and skippable, nor be followed by a tied block if it is "
+                             "skippable (not supported yet).")
         for step in self.conv_steps():
             self.conv_refs[step.layer.name] = (step.decision, step.in_ref)
             if step.decision is not None:
@@ -367,20 +401,31 @@ class NetworkPlan:
         return self.groups + bool(self.skippable)
 
     @property
+    def leaders(self):
+        """The decisions the agent takes itself (every decision that is not tied), in order."""
+        return [t for t in range(self.num_decisions) if t not in self.tied_to]
+
+    def decision_weight(self, t):
+        """How many decisions take the action of decision `t` (itself and those tied to it)."""
+        return 1 + sum(1 for u in self.tied_to.values() if u == t)
+
+    @property
     def skip_columns(self):
         """Per decision of a skippable block, the decision whose 0 skips it (the first maps to itself)."""
         return {**{t: t for t in self.skippable}, **self.skipped_by}
 
     def live(self, actions):
-        """Which decisions were taken, float32 `[batch, T]`: 0 for the later decisions of a skipped block.
+        """Which decisions the agent took, float32 `[batch, T]`.
 
-        Returns None when the plan has no skippable block (every decision is taken).
+        0 for the later decisions of a skipped block and for tied decisions.
+        Returns None when every decision is always taken.
         """
-        if not self.skipped_by:
+        if not self.skipped_by and not self.tied_to:
             return None
         actions = tf.cast(actions, tf.int32)
         columns = [
-            tf.cast(actions[:, self.skipped_by[t]] > 0, tf.float32) if t in self.skipped_by
+            tf.zeros_like(actions[:, t], tf.float32) if t in self.tied_to
+            else tf.cast(actions[:, self.skipped_by[t]] > 0, tf.float32) if t in self.skipped_by
             else tf.ones_like(actions[:, t], tf.float32)
             for t in range(self.num_decisions)
         ]
@@ -526,7 +571,7 @@ def build_plan(backbone, image_shape, num_classes, groups):
                 f"Received: input_shape={block_in}, strides={stage['strides']}"
             )
         skippable = check_skippable(i, stage, residual and stage["prunable"] and stage["expansion"] != 1)
-        return InvertedResidualStep(tuple(body), residual, skippable)
+        return InvertedResidualStep(tuple(body), residual, skippable, stage.get("tied", False))
 
     for i, stage in enumerate(backbone["stages"]):
         kind = stage["type"]
@@ -573,7 +618,7 @@ def build_plan(backbone, image_shape, num_classes, groups):
                     f"Received: input_shape={block_in}, strides={s}; set projection=True"
                 )
             skippable = check_skippable(i, stage, shortcut is None and prune_a)
-            steps.append(BlockStep(body, shortcut, skippable))
+            steps.append(BlockStep(body, shortcut, skippable, stage.get("tied", False)))
     if not decisions:
         raise ValueError("The backbone has no prunable conv: nothing for the agent to decide.")
     head_spec = backbone["head"]

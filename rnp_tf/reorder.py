@@ -75,7 +75,7 @@ def reorder_channels(model):
             consumer.kernel.assign(np.asarray(consumer.kernel)[:, :, perm, :])
             if isinstance(consumer, GatedDepthwiseConv2D):  # its output is the permuted prefix too
                 _permute_outputs(consumer, perm)
-            if decision is not None:
+            if decision is not None and decision not in model.plan.tied_to:  # a tied decision reads no map
                 encoder = model.agent.encoders[decision]
                 kernel = np.asarray(encoder.kernel)
                 kernel[: len(perm)] = kernel[: len(perm)][perm]

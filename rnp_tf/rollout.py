@@ -14,6 +14,7 @@ RNP's per-layer loop is written here once::
         inverted residual: the body's convs as above, then executor.add (identity shortcut)
         a skippable block's first decision may be 0 ("skip"): its later decisions are 0
             too and each executor computes nothing for the branch (`skip_actions`)
+        a tied decision (`plan.tied_to`) takes its leader's action: no pooling, no agent
     logits = executor.head(h, last action)
 
 A *policy* says how actions are chosen (`Greedy`, `EpsilonGreedy`,
@@ -158,7 +159,12 @@ def rollout(plan, agent, images, policy, executor):
     def conv(step, h):
         nonlocal state
         t = step.decision
-        if t is not None:
+        if t in plan.tied_to:  # one decision per stage: the leader's action, the agent not run
+            leader = plan.tied_to[t]
+            if q_values:
+                q_values.append(tf.zeros_like(q_values[leader]))  # no Q-value: `plan.live` is 0 here
+            actions.append(actions[leader])
+        elif t is not None:
             q = None
             skipper = actions[plan.skipped_by[t]] if t in plan.skipped_by else None
             live = None if skipper is None else skipper > 0  # None also under a policy of full widths

@@ -19,7 +19,9 @@ The exported `.tflite` file holds one signature per piece of the network:
 - `head_in{a}`: the classifier on a feature map of `a` groups (`head` when
   the map feeding it keeps its full width, as in a residual network);
 - `full`: the unpruned network, for latency comparisons;
-- `penalty_setting`: the default run-time penalty (no inputs).
+- `penalty_setting`: the default run-time penalty (no inputs);
+- `ties` (networks deciding once per stage): per decision, the earlier
+  decision whose action it takes (-1 where the agent decides).
 
 `TFLiteRNPRunner` is the small driver that chains them: it runs `stem`,
 reads the action the agent chose (already re-priced and capped like
@@ -104,6 +106,7 @@ class TFLiteRNPRunner:
         image_shape: `(H, W, C)` of one input image.
         num_classes: number of logits.
         skippable: the decisions whose action `k + 1` skips a block (sorted).
+        tied_to: per tied decision, the decision whose action it takes.
         penalty: the current run-time penalty (None for a file exported
             before the penalty was an input: its penalty is frozen).
         penalty_setting: the file's default penalty (or None).
@@ -162,6 +165,10 @@ class TFLiteRNPRunner:
         if "penalty_setting" in signatures:
             self.penalty_setting = float(self._runner("penalty_setting")()["penalty_setting"][0])
         self.penalty = self.penalty_setting
+        self.tied_to = {}  # decision -> the decision whose action it takes
+        if "ties" in signatures:
+            leaders = self._runner("ties")()["tied_to"]
+            self.tied_to = {t: int(u) for t, u in enumerate(leaders) if u >= 0}
         if penalty is not None:
             self.set_penalty(penalty)
 
@@ -247,7 +254,8 @@ class TFLiteRNPRunner:
         Args:
             image: float32 image.
             actions: optional `T` ints; 0 lets the agent choose, 1..k forces,
-                `k + 1` at a skippable decision skips its block.
+                `k + 1` at a skippable decision skips its block; a tied
+                decision takes its leader's action whatever it is given.
             timings: optional dict: receives the seconds of each signature
                 call under the keys "stem", "conv<t>", "tail<t>", "skip<t>"
                 and "head".
@@ -272,7 +280,9 @@ class TFLiteRNPRunner:
         while len(chosen) < self.num_prunable:
             t = len(chosen)
             action = int(out["action"][0])
-            if actions is not None and int(actions[t]) > 0:
+            if t in self.tied_to:  # the agent did not decide here: the leader's action, forced or not
+                action = chosen[self.tied_to[t]]
+            elif actions is not None and int(actions[t]) > 0:
                 action = int(actions[t])
             if t in self._skips and action == self.groups + 1:  # the block is skipped: its decisions are 0
                 last, key = self._skips[t]

@@ -76,7 +76,7 @@ def _small_model(backbone=None, seed=0, penalty=0.3, **kwargs):
     keras.utils.set_random_seed(seed)
     model = rnp_tf.RNPModel(backbone or rnp_tf.cifar_cnn((8, 8, 16, 16)), image_shape=(8, 8, 1), num_classes=10, **kwargs)
     randomise_batchnorm(model, seed)
-    for decoder in model.agent.decoders:
+    for decoder in filter(None, model.agent.decoders):
         decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
     if penalty is not None:
         model.set_penalty(penalty)  # a saved run-time knob the exports must follow
@@ -115,11 +115,19 @@ def _residual_model(seed=0, groups=4, penalty=0.3, backbone=None, image_shape=(1
     keras.utils.set_random_seed(seed)
     model = rnp_tf.RNPModel(backbone=backbone or RESIDUAL, image_shape=image_shape, num_classes=10, groups=groups)
     randomise_batchnorm(model, seed)
-    for decoder in model.agent.decoders:
+    for decoder in filter(None, model.agent.decoders):
         decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
     if penalty is not None:
         model.set_penalty(penalty)
     return model
+
+
+@pytest.fixture
+def tied_residual():
+    """`RESIDUAL` deciding once per stage (`rnp_tf.decide_per_stage`): the identity block takes decisions 0 and 1."""
+    import rnp_tf
+
+    return rnp_tf.decide_per_stage(RESIDUAL)
 
 
 @pytest.fixture(scope="session")

@@ -195,3 +195,21 @@ def test_inverted_residual_model_masked_equals_sliced_and_reloads(tiny_mobilenet
     loaded = keras.models.load_model(path)
     np.testing.assert_allclose(loaded.rollout(x, actions=forced)["logits"], masked["logits"], atol=1e-6)
     np.testing.assert_array_equal(loaded.rollout(x)["actions"], model.rollout(x)["actions"])
+
+
+@pytest.mark.parametrize("name, decisions, leaders", [("resnet50", 32, 8), ("mobilenet_v2", 17, 7),
+                                                     ("resnet_cifar", 12, 6)])
+def test_decide_per_stage_ties_the_later_blocks_of_every_stage(name, decisions, leaders):
+    """Every identity block after a block of its kind is tied: one decision per stage (per block position)."""
+    from rnp_tf import plan as plan_lib
+
+    original = backbones.get_backbone(name)
+    spec = rnp_tf.decide_per_stage(original)
+    assert not any("tied" in s for s in original["stages"])  # a copy
+    built = plan_lib.build_plan(backbones.validate_backbone(spec, groups=4), (32, 32, 3), num_classes=10, groups=4)
+    assert built.num_decisions == decisions and len(built.leaders) == leaders
+    assert all(leader in built.leaders and leader < t for t, leader in built.tied_to.items())
+    with pytest.raises(ValueError, match="skippable; tied blocks cannot be skipped"):
+        rnp_tf.decide_per_stage(backbones.get_backbone(name, skippable=True))
+    with pytest.raises(ValueError, match=r"`tied` \(a bool\) is a key of a bottleneck"):
+        backbones.validate_backbone({"stages": [{"type": "conv", "filters": 8, "tied": True}]}, groups=4)

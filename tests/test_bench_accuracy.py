@@ -275,3 +275,18 @@ def test_bad_selection_budgets_are_a_usage_error(tmp_path, run_module):
                         "--knob_select_budgets=0.5,1.5")
     assert result.returncode != 0 and "--knob_select_budgets" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_stage_policy_copies_the_backbone_into_a_per_stage_model(tmp_path, run_module):
+    """Policy `stage`: the same layers' weights, decisions tied per stage; other backbones are refused first."""
+    spec = rnp_tf.resnet_cifar(widths=(4, 4), blocks=2)
+    model = rnp_tf.RNPModel(spec, image_shape=(8, 8, 1), num_classes=3)
+    staged = accuracy._clone(model, backbone=rnp_tf.decide_per_stage(model.backbone))
+    assert staged.plan.tied_to and not model.plan.tied_to
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
+    actions = np.full((4, model.num_prunable), 2)
+    np.testing.assert_allclose(staged.rollout(x, actions=actions)["logits"], model.rollout(x, actions=actions)["logits"],
+                               atol=1e-5)
+    result = run_module("bench.accuracy", f"--output={tmp_path}", "--policies=stage", "--backbones=cifar_cnn")
+    assert result.returncode != 0 and "--policies=stage" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())

@@ -166,3 +166,25 @@ def test_latency_benchmark_quick_schema(tmp_path):
     assert set(times) == {"a", "b"} and len(times["a"]["samples_s"]) == 3
     with pytest.raises(ValueError, match="repeats"):
         timing.measure({"a": lambda: None}, repeats=0)
+
+
+def test_per_stage_models_points_mixes_and_agent_alone():
+    """`+stage` rows: the points and mixed batches repeat each leader's action at its tied decisions."""
+    config = latency.default_config(models=["resnet50", "mobilenet_v2"], per_stage=True, skips=True)
+    assert latency.model_names(config)[2:] == ["resnet50+skip", "mobilenet_v2+skip", "resnet50+stage",
+                                               "mobilenet_v2+stage"]
+    tf.random.set_seed(0)
+    model = rnp_tf.RNPModel(rnp_tf.decide_per_stage(RESIDUAL), image_shape=(8, 8, 1), num_classes=3)
+    assert model.plan.tied_to == {2: 0, 3: 1}
+    points = latency.operating_points(model, [1.0, 2.0, 3.0])
+    assert points[0]["actions"] == [4] * 5
+    for point in points:
+        assert point["actions"][2:4] == point["actions"][0:2]
+        macs = float(model.macs(np.array([point["actions"]]))[0])
+        assert point["theoretical_speedup"] == pytest.approx(model.full_macs / macs)
+    mixed = latency.mixed_actions(model, points[2]["actions"], 64, seed=0)
+    np.testing.assert_array_equal(mixed[:, 2:4], mixed[:, 0:2])
+    assert model.macs(mixed).numpy().mean() == pytest.approx(float(model.macs([points[2]["actions"]])[0]), rel=0.006)
+    agent, call = latency.agent_alone_function(rnp_tf.InferenceEngine(model), mixed[:5])
+    chosen = np.asarray(agent())
+    np.testing.assert_array_equal(chosen[:, 2:4], chosen[:, 0:2])

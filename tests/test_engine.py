@@ -200,20 +200,38 @@ RESIDUAL = {
 }
 
 
-def residual_model(groups=4, seed=0):
+def residual_model(groups=4, seed=0, backbone=RESIDUAL):
     """Two bottlenecks (a projection, an identity), a pool and a conv; random BN statistics."""
     tf.random.set_seed(seed)
     model = rnp_tf.RNPModel(
-        RESIDUAL,
+        backbone,
         image_shape=(8, 8, 1),
         num_classes=3,
         groups=groups,
     )
     rng = np.random.default_rng(seed)
     randomise_batchnorm(model, rng)
-    for layer in (*model.agent.encoders, *model.agent.decoders):  # spread Q-values: diverse greedy actions
+    for layer in filter(None, (*model.agent.encoders, *model.agent.decoders)):  # spread Q-values: diverse actions
         layer.kernel.assign(rng.normal(0, 10.0, layer.kernel.shape))
     return model
+
+
+@pytest.mark.parametrize("control_flow", [True, False])
+def test_tied_decisions_equal_the_masked_path(control_flow):
+    """Deciding once per stage: the identity block takes the projection block's actions in every executor."""
+    model = residual_model(backbone=rnp_tf.decide_per_stage(RESIDUAL))
+    assert model.plan.tied_to == {2: 0, 3: 1}
+    engine = InferenceEngine(model, control_flow=control_flow)
+    x = images(64, seed=5)
+    greedy = model.rollout(x)["actions"].numpy()
+    assert len(np.unique(greedy, axis=0)) > 3
+    forced = np.random.default_rng(0).integers(1, 5, size=(64, 5)).astype("int32")  # tied columns: ignored
+    for batch in (1, 7, 64):
+        assert_same(engine(x[:batch]), model.rollout(x[:batch]))
+        assert_same(engine(x[:batch], actions=forced[:batch]), model.rollout(x[:batch], actions=forced[:batch]))
+    sliced = model.sliced_rollout(x[:3], actions=forced[:3])
+    np.testing.assert_array_equal(sliced["actions"][:, 2:4], forced[:3, 0:2])
+    np.testing.assert_allclose(sliced["logits"], model.rollout(x[:3], actions=forced[:3])["logits"], atol=ATOL)
 
 
 @pytest.mark.parametrize("control_flow", [True, False])

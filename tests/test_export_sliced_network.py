@@ -259,3 +259,17 @@ def test_network_restricted_to_tuples_with_skips(skippable_bottleneck, residual_
         assert verification.compare(name, verification.reference(model, x, a), got)["action_agreement"] == 1.0
     with pytest.raises(ValueError, match="0 at a skippable block"):
         sliced_network.SlicedNetwork(model, action_tuples=[[1, 1, 0]])
+
+
+def test_tied_decisions_in_every_graph(residual_model, tied_residual):
+    """Deciding once per stage: no agent weights for the tied decisions; every graph gives the leaders' actions."""
+    model = residual_model(backbone=tied_residual)
+    net = sliced_network.SlicedNetwork(model)
+    assert ("encoder", 2) not in net._arrays and ("encoder", 1) in net._arrays
+    assert net.decides == {"stem": 0, ("conv", 0): 1}  # no decision where the identity block opens
+    images = verification.parity_images(net, 8)
+    tuples = verification.action_tuples(net.num_prunable, net.groups, limit=16)
+    for name in ("batched", "batched_nchw", "single", "single_nchw"):
+        result = verification.check_artifact(name, model, run_tf(net, name), images, tuples)
+        assert result["greedy"]["action_agreement"] == 1.0 and result["forced"]["action_agreement"] == 1.0
+        assert result["greedy"]["distinct_action_tuples"] > 1

@@ -284,3 +284,19 @@ def test_skipped_blocks_run_in_the_interpreter(tmp_path, kind, residual_model, s
     assert f"skip{first}" in timings and f"conv{first}" not in timings
     with pytest.raises(ValueError, match="skip, at the skippable decisions"):
         runner.run(x[:1], actions=[[0] * (runner.num_prunable - 1) + [runner.groups + 1]])
+
+
+def test_tied_decisions_in_the_interpreter(tmp_path, residual_model, tied_residual):
+    """A `ties` signature tells the runner which decisions take an earlier action; no agent runs there."""
+    model = residual_model(backbone=tied_residual)
+    model.save(str(tmp_path / "model.keras"))
+    report = tflite.export_tflite(tmp_path, num_parity_images=8, max_forced_tuples=16, timing_runs=0,
+                                  log=lambda m: None)
+    assert report["parity"]["rnp.tflite"]["forced"]["action_agreement"] == 1.0
+    runner = TFLiteRNPRunner(tmp_path / "export" / "rnp.tflite")
+    assert runner.tied_to == {2: 0, 3: 1} and "ties" in runner.signature_keys
+    assert "state_h" not in runner._inputs("tail1_in2")  # the stretch to the tied block decides nothing
+    x = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
+    ref = verification.reference(model, x)
+    assert len({tuple(a) for a in ref["actions"]}) > 1
+    verification.compare("rnp.tflite", ref, tflite.runner_function(runner)(x))

@@ -303,13 +303,11 @@ def test_empty_batch_gives_empty_outputs_everywhere():
         model.predict(np.zeros((0, 9, 8, 1), "float32"))
 
 
-def test_skippable_model_trains_and_round_trips(tmp_path, skippable_bottleneck):
-    """Every phase trains with skips explored (epsilon 1); the .keras file keeps the k + 1 Q-head."""
-    model = rnp_tf.RNPModel(
-        skippable_bottleneck, image_shape=(8, 8, 1), num_classes=3,
-        schedule=rnp_tf.Schedule(robust_steps=1, agent_steps=2, backbone_steps=2, epsilon_decay_steps=100),
-    )
-    assert [d.units for d in model.agent.decoders] == [5, 4, 4]
+def _fit_every_phase(model):
+    """Seven `fit` steps on 64 random 8x8x1 images of 3 classes (every phase of a short schedule).
+
+    Asserts finite losses and a moved agent; returns the images.
+    """
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8, 8, 1)).astype("float32")
@@ -319,6 +317,17 @@ def test_skippable_model_trains_and_round_trips(tmp_path, skippable_bottleneck):
     history = model.fit(data, epochs=1, steps_per_epoch=7, verbose=0)
     assert np.isfinite(history.history["agent_loss"][0]) and np.isfinite(history.history["loss"][0])
     assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, model.agent.trainable_variables))
+    return x
+
+
+def test_skippable_model_trains_and_round_trips(tmp_path, skippable_bottleneck):
+    """Every phase trains with skips explored (epsilon 1); the .keras file keeps the k + 1 Q-head."""
+    model = rnp_tf.RNPModel(
+        skippable_bottleneck, image_shape=(8, 8, 1), num_classes=3,
+        schedule=rnp_tf.Schedule(robust_steps=1, agent_steps=2, backbone_steps=2, epsilon_decay_steps=100),
+    )
+    assert [d.units for d in model.agent.decoders] == [5, 4, 4]
+    x = _fit_every_phase(model)
     explored = model.rollout(x, policy="epsilon", epsilon=1.0)["actions"].numpy()
     assert (explored[:, 0] == 0).any() and (explored[:, 2] > 0).all()
     np.testing.assert_array_equal(explored[explored[:, 0] == 0, 1], 0)
@@ -326,6 +335,85 @@ def test_skippable_model_trains_and_round_trips(tmp_path, skippable_bottleneck):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert loaded.get_config() == model.get_config() and loaded.plan.skippable == {0}
+    a, b = model.rollout(x), loaded.rollout(x)
+    np.testing.assert_array_equal(a["actions"], b["actions"])
+    np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-6)
+
+
+def _tied_model(**kwargs):
+    """`RESIDUAL`-like blocks on 8x8x1, deciding once per stage: block 2 takes block 1's two decisions."""
+    stages = [{"type": "conv", "filters": 8}] + [
+        {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2} for _ in range(2)
+    ] + [{"type": "conv", "filters": 8}]
+    spec = rnp_tf.decide_per_stage({"stages": stages, "head": {"pooling": "gap"}})
+    model = rnp_tf.RNPModel(spec, image_shape=(8, 8, 1), num_classes=3, **kwargs)
+    for decoder in filter(None, model.agent.decoders):  # spread Q-values: varied actions
+        decoder.kernel.assign(np.random.default_rng(3).normal(0, 2.0, decoder.kernel.shape))
+    return model
+
+
+class _CountingAgent:
+    """The model's agent, counting the decisions it is asked for."""
+
+    def __init__(self, agent):
+        self.agent, self.decided = agent, []
+
+    def initial_state(self, n):
+        return self.agent.initial_state(n)
+
+    def decide(self, t, pooled, state):
+        self.decided.append(t)
+        return self.agent.decide(t, pooled, state)
+
+
+def test_tied_decisions_take_their_leaders_action_and_skip_the_agent():
+    """Greedy, forced and exploring: a tied decision repeats its leader's action; the agent runs at leaders only."""
+    from rnp_tf import rollout as rollout_lib
+
+    model = _tied_model()
+    assert model.plan.tied_to == {2: 0, 3: 1} and model.agent.encoders[2] is None and model.agent.decoders[3] is None
+    plain = rnp_tf.RNPModel({**model.backbone, "stages": [{k: v for k, v in s.items() if k != "tied"}
+                                                          for s in model.backbone["stages"]]},
+                            image_shape=(8, 8, 1), num_classes=3)
+    assert model.agent.macs() < plain.agent.macs()
+    x = images(32)
+    for out in (model.rollout(x), model.rollout(x, policy="epsilon", epsilon=1.0),
+                model.rollout(x, actions=np.random.default_rng(0).integers(1, 5, size=(32, 5)))):
+        actions = out["actions"].numpy()
+        np.testing.assert_array_equal(actions[:, 2:4], actions[:, 0:2])
+    greedy = model.rollout(x)
+    assert len({tuple(a) for a in greedy["actions"].numpy()}) > 1  # the agent's choice varies
+    np.testing.assert_array_equal(greedy["q_values"].numpy()[:, 2:4], 0)
+    counting = _CountingAgent(model.agent)
+    out = rollout_lib.rollout(model.plan, counting, x, model.greedy_policy(), rollout_lib.MaskedExecutor(model.plan))
+    assert counting.decided == [0, 1, 4]
+    np.testing.assert_array_equal(tf.stack(out.actions, axis=1), greedy["actions"])
+    with pytest.raises(ValueError, match="Decision 2 is tied"):
+        model.agent.weights_of(2)
+
+
+def test_tied_model_trains_prices_caps_and_round_trips(tmp_path):
+    """Every phase trains; the knob prices a leader's action once per decision taking it; the cap holds."""
+    model = _tied_model(schedule=rnp_tf.Schedule(robust_steps=1, agent_steps=2, backbone_steps=2,
+                                                 epsilon_decay_steps=100))
+    x = _fit_every_phase(model)
+    q = tf.zeros([1, 4])
+    model.set_penalty(model.penalty - 0.1)
+    np.testing.assert_allclose(model.greedy_q(0, q, []).numpy(), [[0.0, -0.2, -0.4, -0.6]], atol=1e-6)  # 2 decisions
+    np.testing.assert_allclose(model.greedy_q(4, q, [tf.ones([1], tf.int32)] * 4).numpy(),
+                               [[0.0, -0.1, -0.2, -0.3]], atol=1e-6)
+    model.set_penalty(model.penalty)
+    wide = model.penalty + 1.0
+    assert (model.rollout(x, penalty=wide)["macs"].numpy() > 0.5 * model.full_macs).any()  # the cap will bind
+    model.set_compute_cap(0.5)
+    out = model.rollout(x, penalty=wide)
+    assert (out["macs"].numpy() <= 0.5 * model.full_macs * (1 + 1e-6)).all()
+    np.testing.assert_array_equal(out["actions"].numpy()[:, 2:4], out["actions"].numpy()[:, 0:2])
+    model.set_compute_cap(None)
+    path = tmp_path / "tied.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_config() == model.get_config() and loaded.plan.tied_to == {2: 0, 3: 1}
     a, b = model.rollout(x), loaded.rollout(x)
     np.testing.assert_array_equal(a["actions"], b["actions"])
     np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-6)

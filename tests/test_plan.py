@@ -227,3 +227,23 @@ def test_full_macs_of_a_description_equal_the_models(name):
     spec = rnp_tf.get_backbone(name, **({"alpha": 0.35} if name == "mobilenet_v2" else {}))
     model = rnp_tf.RNPModel(spec, image_shape=(32, 32, 3), num_classes=7)
     assert rnp_tf.plan.full_macs(spec, (32, 32, 3), 7) == model.full_macs
+
+
+def test_tied_blocks_take_their_leaders_decisions_and_prices():
+    """`tied_to` maps each tied decision to the first block of its run; `live` is 0 there; weights count them."""
+    stages = [{"type": "conv", "filters": 8}] + [
+        {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2, **({"tied": True} if i else {})}
+        for i in range(3)
+    ]
+    plan = plan_of({"stages": stages, "head": {"pooling": "gap"}})
+    assert plan.tied_to == {2: 0, 3: 1, 4: 0, 5: 1} and plan.leaders == [0, 1]
+    assert [plan.decision_weight(t) for t in range(6)] == [3, 3, 1, 1, 1, 1]
+    np.testing.assert_array_equal(plan.live([[2, 3, 2, 3, 2, 3]]).numpy(), [[1, 1, 0, 0, 0, 0]])
+    assert plan_of(backbones.cifar_cnn((8, 8, 16, 16))).leaders == [0, 1, 2]
+    stages[1] = {"type": "conv", "filters": 8, "prunable": False}  # a tied block after a conv
+    with pytest.raises(ValueError, match="A tied block takes the decisions of the block just before it"):
+        plan_of({"stages": stages, "head": {"pooling": "gap"}})
+    stages[1:3] = [{"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2, "skippable": True},
+                   {"type": "bottleneck", "filters": 4, "projection": False, "expansion": 2, "tied": True}]
+    with pytest.raises(ValueError, match="cannot be both tied and skippable"):
+        plan_of({"stages": stages, "head": {"pooling": "gap"}})
