@@ -150,7 +150,7 @@ def default_config(**overrides):
              "warmup": 1, "min_sample_seconds": 0.02, "isolate": False, "all_branches_models": [],
              "breakdown": False}
     config = timing.settings(config, overrides, quick, "ort_batch_sizes")
-    variants = [n + suffix for suffix in (latency.SKIP, latency.STAGE) for n in latency.SKIPPABLE]
+    variants = latency.variant_names()
     for name in list(config["models"]) + list(config["all_branches_models"]):
         if name not in latency.NUM_CLASSES and name not in variants:
             raise ValueError(

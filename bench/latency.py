@@ -153,8 +153,9 @@ def default_config(**overrides):
     quick = {"models": ["cifar_cnn"], "batch_sizes": [1, 16], "targets": [1.0, 2.0, 4.0], "repeats": 3}
     config = timing.settings(config, overrides, quick, "batch_sizes")
     for name in config["models"]:
-        if name not in NUM_CLASSES:
-            raise ValueError(f"Unknown model. Expected some of {sorted(NUM_CLASSES)}. Received: models={config['models']}")
+        if name not in NUM_CLASSES and name not in variant_names():
+            raise ValueError(f"Unknown model. Expected some of {sorted(NUM_CLASSES) + variant_names()}. "
+                             f"Received: models={config['models']}")
     if int(config["repeats"]) < 1:
         raise ValueError(f"`repeats` must be >= 1. Received: {config['repeats']}")
     return config
@@ -680,12 +681,17 @@ def stage_times(model, engine, points, config):
     return {"stages_ms": ms, "points": out}
 
 
+def variant_names():
+    """`resnet50+skip`, `mobilenet_v2+skip`, `resnet50+stage`, `mobilenet_v2+stage`: names `--models` also takes."""
+    return [name + suffix for suffix in (SKIP, STAGE) for name in SKIPPABLE]
+
+
 def model_names(config):
     """The models to time: `config["models"]`, then each residual one again with skips (`skips`), per stage (`per_stage`)."""
     residual = [name for name in config["models"] if name in SKIPPABLE]
     skipping = [name + SKIP for name in residual if config.get("skips")]
     staged = [name + STAGE for name in residual if config.get("per_stage")]
-    return list(config["models"]) + skipping + staged
+    return list(dict.fromkeys(list(config["models"]) + skipping + staged))
 
 
 def run_benchmark(config, log=print, progress=None):

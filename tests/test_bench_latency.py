@@ -188,3 +188,11 @@ def test_per_stage_models_points_mixes_and_agent_alone():
     agent, call = latency.agent_alone_function(rnp_tf.InferenceEngine(model), mixed[:5])
     chosen = np.asarray(agent())
     np.testing.assert_array_equal(chosen[:, 2:4], chosen[:, 0:2])
+
+
+def test_models_take_the_variant_names_directly():
+    """`--models=resnet50+stage` times the variant alone; unknown names are refused with the list."""
+    config = latency.default_config(models=["resnet50+stage"], per_stage=True)
+    assert latency.model_names(config) == ["resnet50+stage"]
+    with pytest.raises(ValueError, match=r"Unknown model.*mobilenet_v2\+stage"):
+        latency.default_config(models=["vgg16+stage"])
