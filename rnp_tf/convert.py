@@ -462,7 +462,7 @@ def _copy_conv(target, unit, groups):
     target.moving_variance.assign(np.tile(np.asarray(bn.moving_variance), (sets, 1)))
 
 
-def from_keras(model, k=4, prunable=None, **kwargs):
+def from_keras(model, k=4, prunable=None, per_stage=False, **kwargs):
     """Converts a Keras CNN into an `RNPModel` with the same weights.
 
     Supported: `Sequential` and functional CNNs built from Conv2D (square
@@ -488,6 +488,10 @@ def from_keras(model, k=4, prunable=None, **kwargs):
             divides is prunable: not the first conv and not a conv feeding
             a residual block; an inverted residual is named by its
             expansion conv.
+        per_stage: decide once per stage (`rnp_tf.decide_per_stage`): the
+            later blocks of a ResNet or MobileNetV2 stage take the first
+            block's actions, and the agent runs there no more. Defaults to
+            False (one decision per prunable conv, the paper's agent).
         **kwargs: other `RNPModel` arguments (penalty, agent_steps, ...).
 
     Returns:
@@ -511,7 +515,7 @@ def from_keras(model, k=4, prunable=None, **kwargs):
             f"Received: input_shape={getattr(model, 'input_shape', None)}"
         )
     spec, units, dense, softmax = _spec_and_weights(model, k, prunable)
-    spec = backbones.validate_backbone(spec, k)
+    spec = backbones.validate_backbone(backbones.decide_per_stage(spec) if per_stage else spec, k)
     rnp = RNPModel(spec, image_shape=tuple(model.input_shape[1:]), num_classes=dense[-1].units, groups=k, **kwargs)
     if len(rnp.convs) != len(units):
         raise ConversionError("Internal mismatch between the parsed convs and the built model.")

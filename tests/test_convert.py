@@ -219,6 +219,15 @@ def test_mobilenet_v2_logits_equal_and_structure(mobilenet):
     assert rnp.source_names[rnp.convs[1].name] == "expanded_conv_depthwise"  # expansion 1: kept full
 
 
+def test_mobilenet_v2_per_stage_ties_the_later_blocks_of_each_stage(mobilenet):
+    """`per_stage=True`: 7 decisions taken by the agent instead of 17, the same weights and full-width logits."""
+    source, rnp = mobilenet
+    staged = rnp_tf.from_keras(source, per_stage=True)
+    assert staged.num_prunable == 17 and len(staged.plan.leaders) == 7 and not rnp.plan.tied_to
+    x = images(2, (96, 96, 3))
+    np.testing.assert_allclose(full_logits(staged, x), full_logits(rnp, x), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_mobilenet_v2_narrow_widths_run_in_the_engine(mobilenet):
     _, rnp = mobilenet
