@@ -529,8 +529,13 @@ class SlicedNetwork:
         return p * self.in_group[t] if self.varies(t) else self.full_in[t]
 
     def macs_of(self, actions):
-        """MACs per sample for an int array `[n, T]` (numpy float64; `spent` in numpy; 0: a skipped block)."""
+        """MACs per sample for an int array `[n, T]` (numpy float64; `spent` in numpy; 0: a skipped block).
+
+        A tied decision counts at its leader's action, as `NetworkPlan.macs`.
+        """
         actions = np.asarray(actions).reshape(-1, self.num_prunable)
+        tied_to = self.model.plan.tied_to
+        actions = actions[:, [tied_to.get(t, t) for t in range(self.num_prunable)]]
         k1 = self.groups + 1
         total = np.full(len(actions), self.fixed_macs)
         prev = np.full(len(actions), self.groups)

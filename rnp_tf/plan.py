@@ -348,7 +348,9 @@ class NetworkPlan:
         Dense layers, whose first input shrinks with the width feeding it.
 
         A skipped block (action 0 at a decision of `skippable`) costs 0:
-        its branch's convs are not counted, whatever its later actions.
+        its branch's convs are not counted, whatever its later actions. A
+        tied decision is counted at its leader's action, whatever it is
+        given (the rollout runs it so).
 
         Args:
             actions: int array or tensor `[batch, num_decisions]` in `1..k`
@@ -358,6 +360,9 @@ class NetworkPlan:
             A float32 tensor `[batch]`.
         """
         actions = tf.cast(actions, tf.int32)
+        if self.tied_to:
+            leader = [self.tied_to.get(t, t) for t in range(self.num_decisions)]
+            actions = tf.gather(actions, leader, axis=1)
         batch = tf.shape(actions)[0]
         full = tf.fill([batch], self.groups)
         total = tf.fill([batch], tf.constant(self._fixed_macs, tf.float32))

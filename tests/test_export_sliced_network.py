@@ -273,3 +273,4 @@ def test_tied_decisions_in_every_graph(residual_model, tied_residual):
         result = verification.check_artifact(name, model, run_tf(net, name), images, tuples)
         assert result["greedy"]["action_agreement"] == 1.0 and result["forced"]["action_agreement"] == 1.0
         assert result["greedy"]["distinct_action_tuples"] > 1
+    np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)

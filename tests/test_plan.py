@@ -239,6 +239,8 @@ def test_tied_blocks_take_their_leaders_decisions_and_prices():
     assert plan.tied_to == {2: 0, 3: 1, 4: 0, 5: 1} and plan.leaders == [0, 1]
     assert [plan.decision_weight(t) for t in range(6)] == [3, 3, 1, 1, 1, 1]
     np.testing.assert_array_equal(plan.live([[2, 3, 2, 3, 2, 3]]).numpy(), [[1, 1, 0, 0, 0, 0]])
+    # MACs count what runs: a tied decision at its leader's action, whatever it is given
+    np.testing.assert_array_equal(plan.macs([[2, 3, 1, 1, 4, 4]]).numpy(), plan.macs([[2, 3, 2, 3, 2, 3]]).numpy())
     assert plan_of(backbones.cifar_cnn((8, 8, 16, 16))).leaders == [0, 1, 2]
     stages[1] = {"type": "conv", "filters": 8, "prunable": False}  # a tied block after a conv
     with pytest.raises(ValueError, match="A tied block takes the decisions of the block just before it"):
