@@ -602,15 +602,19 @@ def stage_times(model, engine, points, config):
     """Batch-1 time of every stage alone, at full width and at each operating point.
 
     Each stage (the stem, every prunable conv on its BatchNorm-folded weight
-    slice, every pooling layer, the classifier head) runs as its own
-    `tf.function` on a random input shaped as in the engine, and all are
+    slice, every conv of full output on the groups it reads (a bottleneck's
+    last conv, a projection shortcut, an inverted residual's depthwise conv
+    and projection), every pooling layer, every residual sum (timed as the
+    sum of the block's output with itself), the classifier head) runs as its
+    own `tf.function` on a random input shaped as in the engine, and all are
     timed interleaved (`bench.timing.measure`). A conv's *ideal* time is its
     full-width time scaled by its MAC fraction: comparing the two shows
     which layers fall short of MAC scaling, and the stages that do not
-    shrink (stem, pools, head) bound the speed-up.
+    shrink (stem, pools, sums, head) bound the speed-up. A skipped block
+    has no stage.
 
     Args:
-        model: an `RNPModel` (chain backbone).
+        model: an `RNPModel` (a chain or a residual backbone).
         engine: its `InferenceEngine`.
         points: operating points (`operating_points`); the first must be
             the full width (all actions k).
@@ -620,7 +624,8 @@ def stage_times(model, engine, points, config):
     Returns:
         A dict: `stages_ms` (stage name -> median ms) and `points`, one dict
         per point: `target`, `theoretical_speedup`, `actions`, `stem_ms`,
-        `conv_ms`, `conv_ideal_ms`, `pool_ms`, `head_ms`, `total_ms`.
+        `conv_ms`, `conv_ideal_ms`, `pool_ms`, `add_ms`, `head_ms`,
+        `total_ms`.
     """
     import numpy as np
     import tensorflow as tf
@@ -631,7 +636,7 @@ def stage_times(model, engine, points, config):
     k = model.groups
     if list(points[0]["actions"]) != [k] * model.num_prunable:
         raise ValueError(f"The first point must be the full width. Received: actions={points[0]['actions']}")
-    fns, macs = {}, {}
+    fns = {}
 
     def add(name, fn, shape):
         if name not in fns:
@@ -640,43 +645,80 @@ def stage_times(model, engine, points, config):
             fns[name] = lambda: compiled(x)
         return name
 
+    plan = model.plan
     per_point = []
     for point in points:
         acts = list(point["actions"])
-        names, hw, width, t = [], model.image_shape[:2], model.image_shape[2], 0
-        for step in model.plan.steps:
-            layer = step.layer
-            if isinstance(step, rnp_tf.plan.MapStep):
-                names.append(add(f"pool_{len(names)}_{width}", lambda x, l=layer: engine_lib.map_op(l, x), [1, *hw, width]))
-                hw = tuple(engine_lib.map_op(layer, tf.zeros([1, *hw, 1])).shape[1:3])
-            elif step.decision is None:
-                names.append(add("stem", engine.stem, [1, *hw, width]))
-                hw, width = layer.output_hw, layer.filters
-            else:
-                p, a = (acts[t - 1] if t else k), acts[t]
-                if not layer.gated_input:
-                    p = k
+        names, ideal_of = [], {}  # stage names in order; conv stage -> (its id, its MAC fraction)
+        where = {"hw": tuple(model.image_shape[:2]), "width": model.image_shape[2]}
+
+        def conv(step, acts=acts, names=names, ideal_of=ideal_of, where=where):
+            layer, t, ref = step.layer, step.decision, step.in_ref
+            hw, p = where["hw"], (k if step.in_ref is None else acts[ref])
+            if layer is plan.stem:
+                names.append(add("stem", engine.stem, [1, *hw, where["width"]]))
+                where.update(hw=tuple(layer.output_hw), width=layer.filters)
+                return
+            if t is not None:
+                p, a = (p if layer.gated_input else k), acts[t]
                 name = add(f"conv_{t}_{p}_{a}", lambda x, t=t, p=p, a=a: engine.branch(t, x, p, a),
                            [1, *hw, engine.in_width(t, p)])
-                macs[name] = float(layer.macs(p, a)) / float(layer.macs(k, k))
-                names.append(name)
-                hw, width, t = layer.output_hw, a * layer.group_size, t + 1
-        names.append(add(f"head_{acts[-1]}", lambda x, a=acts[-1]: engine.head(x, a), [1, *hw, width]))
-        per_point.append((point, names))
+                ideal_of[name] = (f"conv_{t}", float(layer.macs(p, a)) / float(layer.macs(k, k)))
+                width = a * layer.group_size
+            else:  # a conv of full output on `p` groups (a bottleneck's last conv, a projection, a depthwise conv)
+                in_width = layer.in_channels if ref is None else p * layer.in_group_size
+                name = add(f"kept_{layer.name}_{p}", lambda x, layer=layer, p=p: engine.kept(layer, x, p),
+                           [1, *hw, in_width])
+                ideal_of[name] = (f"kept_{layer.name}", float(layer.macs(p, k)) / float(layer.macs(k, k)))
+                width = in_width if isinstance(layer, rnp_tf.GatedDepthwiseConv2D) else layer.filters  # depthwise: kept
+            names.append(name)
+            where.update(hw=tuple(layer.output_hw), width=width)
+
+        for step in plan.steps:
+            if isinstance(step, rnp_tf.plan.MapStep):
+                hw, width = where["hw"], where["width"]
+                names.append(add(f"pool_{len(names)}_{width}", lambda x, l=step.layer: engine_lib.map_op(l, x),
+                                 [1, *hw, width]))
+                where["hw"] = tuple(engine_lib.map_op(step.layer, tf.zeros([1, *hw, 1])).shape[1:3])
+            elif isinstance(step, rnp_tf.plan.ConvStep):
+                conv(step)
+            else:  # a residual block: its branch (unless skipped), its shortcut conv, the sum
+                decided = [inner.decision for inner in step.body if inner.decision is not None]
+                block_in = dict(where)
+                if step.skippable and acts[decided[0]] == 0:
+                    continue
+                for inner in step.body:
+                    conv(inner)
+                out = dict(where)
+                if getattr(step, "shortcut", None) is not None:
+                    where.update(block_in)
+                    conv(step.shortcut)
+                    where.update(out)
+                if isinstance(step, rnp_tf.plan.BlockStep) or step.residual:
+                    relu = isinstance(step, rnp_tf.plan.BlockStep)
+                    names.append(add(f"add_{'_'.join(map(str, out['hw']))}_{out['width']}_{int(relu)}",
+                                     lambda x, relu=relu: tf.nn.relu(x + x) if relu else x + x,
+                                     [1, *out["hw"], out["width"]]))
+        last = acts[plan.head.in_ref] if plan.head.in_ref is not None else None
+        names.append(add(f"head_{last if last is not None else k}", lambda x, a=last: engine.head(x, a),
+                         [1, *where["hw"], where["width"]]))
+        per_point.append((point, names, ideal_of))
     times = timing.measure(fns, repeats=config["repeats"], warmup=config["warmup"],
                            min_sample_seconds=config["min_sample_seconds"], seed=config["seed"])
     ms = {name: 1e3 * times[name]["median_s"] for name in fns}
-    full_names = per_point[0][1]
-    full_conv = {n.split("_")[1]: ms[n] for n in full_names if n.startswith("conv")}
+    first = per_point[0][2]  # the full width's convs: each one's full time, by id
+    full = {first[n][0]: ms[n] for n in per_point[0][1] if n in first}
     out = []
-    for point, names in per_point:
-        kinds = {kind: sum(ms[n] for n in names if n.startswith(kind)) for kind in ("stem", "conv", "pool", "head")}
-        ideal = sum(full_conv[n.split("_")[1]] * macs[n] for n in names if n.startswith("conv"))
+    for point, names, ideal_of in per_point:
+        kinds = {kind: sum(ms[n] for n in names if n.startswith(prefixes))
+                 for kind, prefixes in (("stem", "stem"), ("conv", ("conv", "kept")), ("pool", "pool"), ("add", "add"),
+                                        ("head", "head"))}
+        ideal = sum(full[ideal_of[n][0]] * ideal_of[n][1] for n in names if n in ideal_of)
         out.append({
             "target": point["target"], "theoretical_speedup": point["theoretical_speedup"],
             "actions": [int(a) for a in point["actions"]],
             "stem_ms": kinds["stem"], "conv_ms": kinds["conv"], "conv_ideal_ms": float(np.float64(ideal)),
-            "pool_ms": kinds["pool"], "head_ms": kinds["head"], "total_ms": sum(kinds.values()),
+            "pool_ms": kinds["pool"], "add_ms": kinds["add"], "head_ms": kinds["head"], "total_ms": sum(kinds.values()),
         })
     return {"stages_ms": ms, "points": out}
 
@@ -986,7 +1028,7 @@ def run_stages(config, output):
         for p in stages["points"]:
             print(f"{name} b1 {p['theoretical_speedup']:.2f}x: stages {p['total_ms']:.1f} ms ({full / p['total_ms']:.2f}x): "
                   f"stem {p['stem_ms']:.1f}, convs {p['conv_ms']:.1f} (ideal {p['conv_ideal_ms']:.1f}), "
-                  f"pools {p['pool_ms']:.1f}, head {p['head_ms']:.1f}", flush=True)
+                  f"pools {p['pool_ms']:.1f}, sums {p['add_ms']:.1f}, head {p['head_ms']:.1f}", flush=True)
     result["machine"] = machine_info()
     io_utils.write_json(output / "latency_stages.json", result)
 

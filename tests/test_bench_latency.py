@@ -105,7 +105,7 @@ def test_stage_times_scale_convs_by_their_macs():
         assert point["conv_ideal_ms"] == pytest.approx(expected)
         assert point["conv_ideal_ms"] < full["conv_ms"]
         assert point["stem_ms"] == full["stem_ms"]  # the stem is never pruned
-        parts = point["stem_ms"] + point["conv_ms"] + point["pool_ms"] + point["head_ms"]
+        parts = point["stem_ms"] + point["conv_ms"] + point["pool_ms"] + point["add_ms"] + point["head_ms"]
         assert point["total_ms"] == pytest.approx(parts)
     assert {"stem", "head_4", f"head_{others[-1]['actions'][-1]}"} <= set(stages)
     with pytest.raises(ValueError, match="full width"):
@@ -196,3 +196,31 @@ def test_models_take_the_variant_names_directly():
     assert latency.model_names(config) == ["resnet50+stage"]
     with pytest.raises(ValueError, match=r"Unknown model.*mobilenet_v2\+stage"):
         latency.default_config(models=["vgg16+stage"])
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "mobilenet"])
+def test_stage_times_cover_residual_blocks(kind, tiny_mobilenet):
+    """Blocks: their convs of full output on narrow inputs are stages with an ideal, the sums are stages; a skip has none."""
+    if kind == "bottleneck":
+        spec = {"stages": [dict(s) for s in RESIDUAL["stages"]], "head": RESIDUAL["head"]}
+        spec["stages"][2]["skippable"] = True
+        shape = (8, 8, 1)
+    else:
+        spec, shape = tiny_mobilenet, (32, 32, 3)
+    tf.random.set_seed(0)
+    model = rnp_tf.RNPModel(spec, image_shape=shape, num_classes=3)
+    engine = rnp_tf.InferenceEngine(model)
+    config = latency.default_config(quick=True, repeats=1, warmup=1, min_sample_seconds=0.0)
+    points = latency.operating_points(model, [1.0, 2.0])
+    out = latency.stage_times(model, engine, points, config)
+    stages = out["stages_ms"]
+    full, half = out["points"]
+    assert any(n.startswith("kept_") for n in stages) and any(n.startswith("add_") for n in stages)
+    assert full["conv_ideal_ms"] == pytest.approx(full["conv_ms"]) and full["add_ms"] > 0
+    assert half["conv_ideal_ms"] < full["conv_ms"]
+    parts = half["stem_ms"] + half["conv_ms"] + half["pool_ms"] + half["add_ms"] + half["head_ms"]
+    assert half["total_ms"] == pytest.approx(parts)
+    if kind == "bottleneck":  # skipping the identity block removes its three convs and its sum
+        skipped = dict(points[1], actions=[4, 4, 0, 0, 4])
+        with_skip = latency.stage_times(model, engine, [points[0], skipped], config)["points"][1]
+        assert with_skip["add_ms"] < full["add_ms"]
