@@ -277,6 +277,7 @@ def test_bad_selection_budgets_are_a_usage_error(tmp_path, run_module):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_stage_policy_copies_the_backbone_into_a_per_stage_model(tmp_path, run_module):
     """Policy `stage`: the same layers' weights, decisions tied per stage; other backbones are refused first."""
     spec = rnp_tf.resnet_cifar(widths=(4, 4), blocks=2)

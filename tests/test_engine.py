@@ -216,6 +216,7 @@ def residual_model(groups=4, seed=0, backbone=RESIDUAL):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("control_flow", [True, False])
 def test_tied_decisions_equal_the_masked_path(control_flow):
     """Deciding once per stage: the identity block takes the projection block's actions in every executor."""

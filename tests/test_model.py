@@ -392,6 +392,7 @@ def test_tied_decisions_take_their_leaders_action_and_skip_the_agent():
         model.agent.weights_of(2)
 
 
+@pytest.mark.slow
 def test_tied_model_trains_prices_caps_and_round_trips(tmp_path):
     """Every phase trains; the knob prices a leader's action once per decision taking it; the cap holds."""
     model = _tied_model(schedule=rnp_tf.Schedule(robust_steps=1, agent_steps=2, backbone_steps=2,
