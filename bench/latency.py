@@ -208,8 +208,7 @@ def canonical_actions(model, actions):
     """Actions as `RNPModel.rollout` records them, in place: 0 after a skip, a tied decision's leader's action."""
     for t, first in model.plan.skipped_by.items():
         actions[:, t] *= (actions[:, first] > 0).astype(actions.dtype)
-    for t, leader in model.plan.tied_to.items():
-        actions[:, t] = actions[:, leader]
+    actions[:] = actions[:, model.plan.action_sources]
     return actions
 
 

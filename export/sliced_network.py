@@ -534,8 +534,7 @@ class SlicedNetwork:
         A tied decision counts at its leader's action, as `NetworkPlan.macs`.
         """
         actions = np.asarray(actions).reshape(-1, self.num_prunable)
-        tied_to = self.model.plan.tied_to
-        actions = actions[:, [tied_to.get(t, t) for t in range(self.num_prunable)]]
+        actions = actions[:, self.model.plan.action_sources]
         k1 = self.groups + 1
         total = np.full(len(actions), self.fixed_macs)
         prev = np.full(len(actions), self.groups)

@@ -361,8 +361,7 @@ class NetworkPlan:
         """
         actions = tf.cast(actions, tf.int32)
         if self.tied_to:
-            leader = [self.tied_to.get(t, t) for t in range(self.num_decisions)]
-            actions = tf.gather(actions, leader, axis=1)
+            actions = tf.gather(actions, self.action_sources, axis=1)
         batch = tf.shape(actions)[0]
         full = tf.fill([batch], self.groups)
         total = tf.fill([batch], tf.constant(self._fixed_macs, tf.float32))
@@ -409,6 +408,11 @@ class NetworkPlan:
     def leaders(self):
         """The decisions the agent takes itself (every decision that is not tied), in order."""
         return [t for t in range(self.num_decisions) if t not in self.tied_to]
+
+    @property
+    def action_sources(self):
+        """Per decision, the decision whose action it runs: itself, or its leader when tied."""
+        return [self.tied_to.get(t, t) for t in range(self.num_decisions)]
 
     def decision_weight(self, t):
         """How many decisions take the action of decision `t` (itself and those tied to it)."""
