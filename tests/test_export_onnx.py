@@ -25,9 +25,6 @@ def exported(tmp_path_factory, write_checkpoint):
     return model, ckpt / "export", report
 
 
-ALL_TUPLES = np.asarray(list(itertools.product(range(1, 5), repeat=3)), np.int32)
-
-
 def test_files_pass_the_full_checker(exported):
     _, out, report = exported
     assert sorted(os.listdir(out)) == ["export_manifest.json", "full.onnx", "onnx.json", "rnp.onnx", "rnp_b1.onnx"]
@@ -77,13 +74,14 @@ def test_penalty_input_in_both_models(exported, check_penalty_input):
 
 def test_every_action_tuple_in_both_models(exported):
     model, out, _ = exported
-    x = np.random.default_rng(2).normal(size=(len(ALL_TUPLES), 8, 8, 1)).astype("float32")
-    ref = verification.reference(model, x, ALL_TUPLES)
+    all_tuples = np.asarray(list(itertools.product(range(1, model.groups + 1), repeat=3)), np.int32)
+    x = np.random.default_rng(2).normal(size=(len(all_tuples), 8, 8, 1)).astype("float32")
+    ref = verification.reference(model, x, all_tuples)
     batched = onnx_export.runner(onnx_export.session(str(out / "rnp.onnx")))
     single = onnx_export.runner(onnx_export.session(str(out / "rnp_b1.onnx")), batch1=True)
     for run in (batched, single):
-        got = run(x, ALL_TUPLES)
-        np.testing.assert_array_equal(got["actions"], ALL_TUPLES)
+        got = run(x, all_tuples)
+        np.testing.assert_array_equal(got["actions"], all_tuples)
         np.testing.assert_allclose(got["logits"], ref["logits"], atol=1e-4)
         np.testing.assert_allclose(got["macs"], ref["macs"], rtol=1e-5)
 
@@ -111,7 +109,7 @@ def test_full_model_is_the_unpruned_network(exported):
     model, out, _ = exported
     x = np.random.default_rng(3).normal(size=(7, 8, 8, 1)).astype("float32")
     sess = onnx_export.session(str(out / "full.onnx"))
-    ref = model.rollout(x, actions=np.full((7, 3), 4))
+    ref = model.rollout(x, actions=np.full((7, 3), model.groups))
     np.testing.assert_allclose(sess.run(["logits"], {"images": x})[0], ref["logits"], atol=1e-4)
 
 
@@ -143,7 +141,8 @@ def test_kernels_are_bound_where_they_are_used(exported):
     fn, sig, kernels = net.kernels_as_inputs(net.full, [tf.TensorSpec([None, 8, 8, 1], tf.float32)])
     # every prunable conv and every dense kernel is an input, nothing large is a constant
     assert sorted(kernels) == sorted(
-        ["kernel_stem"] + [f"kernel_conv{t}_p4_in{net.in_channels(t, 4)}_out{net.out_channels[t]}" for t in range(3)]
+        ["kernel_stem"]
+        + [f"kernel_conv{t}_p{net.groups}_in{net.in_channels(t, net.groups)}_out{net.out_channels[t]}" for t in range(3)]
         + [f"kernel_head0_rows{net._arrays['head0'][0].shape[0]}"]
         + [f"kernel_head_{i}_rows{net._arrays[('head', i)][0].shape[0]}" for i in range(1, len(model.head_layers))]
     )
@@ -194,7 +193,7 @@ def test_block_models_match_rollout(block_exported, check_residual_batches, batc
         full = onnx_export.session(str(out / "full.onnx"))
         x = images[:7]
         np.testing.assert_allclose(full.run(["logits"], {"images": x})[0],
-                                   model.rollout(x, actions=np.full((7, 4), 4))["logits"], atol=1e-4)
+                                   model.rollout(x, actions=np.full((7, 4), model.groups))["logits"], atol=1e-4)
 
 
 def test_skipped_blocks_in_both_models(tmp_path, residual_model, skippable_bottleneck, half_skipping):
@@ -204,7 +203,7 @@ def test_skipped_blocks_in_both_models(tmp_path, residual_model, skippable_bottl
     batch mixes skipped and computed samples in `rnp.onnx`, and `rnp_b1.onnx`
     takes both sides of the skip's `If`.
     """
-    model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
+    model = residual_model(groups=4, backbone=skippable_bottleneck, image_shape=(8, 8, 1))  # > 16 tuples with skips
     half_skipping(model, 0)
     model.save(str(tmp_path / "model.keras"))
     report = onnx_export.export_onnx(tmp_path, num_parity_images=8, max_forced_tuples=16, timing_runs=0,

@@ -53,12 +53,12 @@ def test_batched_and_single_graphs_match_rollout_for_every_action_tuple(export_m
     net = sliced_network.SlicedNetwork(model)
     images = verification.parity_images(net, 12)
     tuples = verification.action_tuples(net.num_prunable, net.groups)
-    assert len(tuples) == 4**3
+    assert len(tuples) == net.groups**3
     for name in ("batched", "batched_nchw", "single"):
         result = verification.check_artifact(name, model, run_tf(net, name), images, tuples)
         assert result["greedy"]["action_agreement"] == 1.0
         assert result["greedy"]["distinct_action_tuples"] > 1
-        assert result["forced"]["distinct_action_tuples"] == 64
+        assert result["forced"]["distinct_action_tuples"] == len(tuples)
         assert result["forced"]["max_abs_logit_diff"] <= verification.ATOL
 
 
@@ -109,7 +109,7 @@ def test_flatten_head_and_compute_cap_follow_rollout(export_model, layout):
 def test_mac_tables_equal_model_macs(export_model):
     model = export_model()
     net = sliced_network.SlicedNetwork(model)
-    tuples = np.asarray(list(itertools.product(range(1, 5), repeat=3)))
+    tuples = np.asarray(list(itertools.product(range(1, net.groups + 1), repeat=3)))
     np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
 
 
@@ -121,7 +121,7 @@ def test_residual_graphs_match_rollout_for_every_action_tuple(residual_model):
     assert sorted(net.tails) == [1, 3] and net.head_group is None  # each block's last conv; a full-width head
     images = verification.parity_images(net, 12)
     tuples = verification.action_tuples(net.num_prunable, net.groups)
-    assert len(tuples) == 4**4 and [1, 1, 1, 1] in tuples.tolist()
+    assert len(tuples) == net.groups**4 and [1, 1, 1, 1] in tuples.tolist()
     # batch 1: the k * k alternating tuples still run every branch of every tree (all-ones too)
     pairs = verification.action_tuples(net.num_prunable, net.groups, limit=16)
     assert [1, 1, 1, 1] in pairs.tolist()
@@ -132,14 +132,14 @@ def test_residual_graphs_match_rollout_for_every_action_tuple(residual_model):
         assert result["forced"]["distinct_action_tuples"] == len(forced)
         assert result["forced"]["max_abs_logit_diff"] <= verification.ATOL
     full = tf.function(net.full)(images)["logits"]
-    ref = model.rollout(images, actions=np.full((len(images), 4), 4))["logits"]
+    ref = model.rollout(images, actions=np.full((len(images), 4), net.groups))["logits"]
     np.testing.assert_allclose(full, ref, atol=verification.ATOL)
     np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
 
 
 def test_residual_graphs_restricted_to_one_tuple(residual_model):
     """A network restricted to one action tuple (`bench.export`'s files): each conv has one input width."""
-    model = residual_model()
+    model = residual_model(groups=4)
     forced = np.array([[2, 3, 1, 2]], np.int32)
     net = sliced_network.SlicedNetwork(model, action_tuples=forced.tolist())
     images = verification.parity_images(net, 2)
@@ -183,7 +183,7 @@ def test_mobilenet_graphs_match_rollout_for_every_action_pair(mobilenet_model):
     }
     images = verification.parity_images(net, 12)
     pairs = verification.action_tuples(net.num_prunable, net.groups, limit=16)
-    assert [1, 1, 1, 1] in pairs.tolist() and [4, 4, 4, 4] in pairs.tolist()
+    assert [1, 1, 1, 1] in pairs.tolist() and [net.groups] * 4 in pairs.tolist()
     for name in ("batched", "single"):
         result = verification.check_artifact(name, model, run_tf(net, name), images[:6], pairs, per_tuple=1)
         assert result["greedy"]["action_agreement"] == 1.0
@@ -191,7 +191,7 @@ def test_mobilenet_graphs_match_rollout_for_every_action_pair(mobilenet_model):
         assert result["forced"]["distinct_action_tuples"] == len(pairs)
         assert result["forced"]["max_abs_logit_diff"] <= verification.ATOL
     full = tf.function(net.full)(images)["logits"]
-    ref = model.rollout(images, actions=np.full((len(images), 4), 4))["logits"]
+    ref = model.rollout(images, actions=np.full((len(images), 4), net.groups))["logits"]
     np.testing.assert_allclose(full, ref, atol=verification.ATOL)
     tuples = verification.action_tuples(net.num_prunable, net.groups)
     np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
@@ -248,7 +248,7 @@ def test_skipped_blocks_in_every_graph(kind, skippable_bottleneck, residual_mode
 
 def test_network_restricted_to_tuples_with_skips(skippable_bottleneck, residual_model):
     """A network built for a few tuples, some skipping the block (what `bench.export` writes); 0 elsewhere is refused."""
-    model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
+    model = residual_model(groups=4, backbone=skippable_bottleneck, image_shape=(8, 8, 1))
     tuples = np.array([[0, 0, 2], [3, 1, 2], [0, 0, 4]], np.int32)
     net = sliced_network.SlicedNetwork(model, action_tuples=tuples)
     assert net.branches(1) == [(3, 1)] and net.branches(0) == [(4, 3)]

@@ -31,9 +31,10 @@ def test_files_report_and_signatures(exported):
     assert sorted(os.listdir(out)) == ["export_manifest.json", "rnp.tflite", "rnp_float16.tflite", "tflite.json"]
     assert json.loads((out / "tflite.json").read_text())["parity"]["rnp.tflite"]["greedy"]["action_agreement"] == 1.0
     runner = TFLiteRNPRunner(out / "rnp.tflite")
-    # stem + conv0 (input always full: 4) + 2 x 16 (previous, action) pairs + 4 heads + full + penalty_setting
-    assert len(runner.signature_keys) == 1 + 4 + 32 + 4 + 1 + 1
-    assert (runner.groups, runner.num_prunable, runner.image_shape, runner.num_classes) == (4, 3, (8, 8, 1), 10)
+    k = runner.groups
+    # stem + conv0 (input always full: k) + 2 x k^2 (previous, action) pairs + k heads + full + penalty_setting
+    assert len(runner.signature_keys) == 1 + k + 2 * k**2 + k + 1 + 1
+    assert (k, runner.num_prunable, runner.image_shape, runner.num_classes) == (2, 3, (8, 8, 1), 10)
     float16 = report["parity"]["rnp_float16.tflite"]
     assert float16["greedy"]["tolerance"] > verification.ATOL and 0.75 <= float16["greedy"]["action_agreement"] <= 1.0
     assert report["latency_ms"]["rnp.tflite"]["rnp_per_image"] > 0
@@ -43,7 +44,7 @@ def test_files_report_and_signatures(exported):
 def test_runner_matches_rollout_for_every_action_tuple(exported):
     model, out, _ = exported
     runner = TFLiteRNPRunner(out / "rnp.tflite")
-    tuples = np.asarray(list(itertools.product(range(1, 5), repeat=3)), np.int32)
+    tuples = np.asarray(list(itertools.product(range(1, runner.groups + 1), repeat=3)), np.int32)
     x = np.random.default_rng(5).normal(size=(len(tuples), 8, 8, 1)).astype("float32")
     logits, actions, macs = runner.run(x, tuples)
     ref = model.rollout(x, actions=tuples)
@@ -71,13 +72,14 @@ def test_zero_copy_chaining_equals_the_signature_runners(exported):
     copying = TFLiteRNPRunner(out / "rnp.tflite", zero_copy=False)
     rng = np.random.default_rng(11)
     x = rng.normal(size=(6, 8, 8, 1)).astype("float32")
-    forced = rng.integers(0, 5, size=(6, 3))  # 0: the agent chooses
+    k = runner.groups
+    forced = rng.integers(0, k + 1, size=(6, 3))  # 0: the agent chooses
     for a, b in zip(runner.run(x, forced), copying.run(x, forced)):
         np.testing.assert_array_equal(a, b)
     # what run_one returns is the caller's: later calls (same signatures) do not overwrite it
-    first = runner.run_one(x[0], [4, 4, 4])
+    first = runner.run_one(x[0], [k, k, k])
     kept = [np.copy(v) for v in first]
-    runner.run_one(x[1], [4, 4, 4])
+    runner.run_one(x[1], [k, k, k])
     for a, b in zip(first, kept):
         np.testing.assert_array_equal(a, b)
 
@@ -91,7 +93,7 @@ def test_runner_penalty_switches_operating_points(exported, check_penalty_input)
         assert checks[0]["penalty"] == pytest.approx(0.3) and checks[1]["penalty"] < 0.3 and checks[1]["actions_differ"]
     runner = TFLiteRNPRunner(out / "rnp.tflite")
     assert runner.penalty == runner.penalty_setting == pytest.approx(0.3)
-    assert "penalty" in runner._inputs("stem") and "penalty" in runner._inputs("conv0_in4_out2")
+    assert "penalty" in runner._inputs("stem") and "penalty" in runner._inputs(f"conv0_in{runner.groups}_out2")
     assert "penalty" not in runner._inputs("conv2_in2_out2")  # the last conv decides nothing
     check_penalty_input(model, lambda x, p: runner.run(x, penalty=p))
     x = np.random.default_rng(11).normal(size=(4, 8, 8, 1)).astype("float32") * 2
@@ -121,7 +123,8 @@ def test_dynamic_range_variant_within_its_tolerance(exported, tmp_path):
     path.write_bytes(tflite.convert(net, "dynamic"))
     run = tflite.runner_function(TFLiteRNPRunner(path))
     images = verification.parity_images(net, 8)
-    result = verification.check_artifact("dynamic", model, run, images, verification.action_tuples(3, 4), quantize="dynamic")
+    result = verification.check_artifact("dynamic", model, run, images, verification.action_tuples(3, model.groups),
+                                         quantize="dynamic")
     assert result["greedy"]["action_agreement"] >= verification.QUANTIZED_TOLERANCES["dynamic"]["min_agreement"]
     assert 0 < result["forced"]["max_abs_logit_diff"] <= result["forced"]["tolerance"]
 
@@ -141,10 +144,10 @@ def test_compute_cap_holds_in_the_interpreter(exported, tmp_path, quantize):
         path = tmp_path / "capped.tflite"
         path.write_bytes(tflite.convert(net, quantize))
         runner = TFLiteRNPRunner(path)
-        assert "actions" in runner._inputs("conv1_in2_out3")
+        assert "actions" in runner._inputs("conv1_in1_out2")
         quant = None if quantize == "none" else quantize
         result = verification.check_artifact("capped", model, tflite.runner_function(runner), images,
-                                       verification.action_tuples(3, 4), quantize=quant)
+                                       verification.action_tuples(3, model.groups), quantize=quant)
         assert result["greedy"]["action_agreement"] == 1.0
         _, _, macs = runner.run(images)
         assert macs.max() <= cap * model.full_macs * (1 + 1e-5)
@@ -172,11 +175,11 @@ def test_large_export_is_converted_in_pieces_and_merged(exported, tmp_path):
     buffers = [b for b in schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0)).buffers if b.size]
     assert len(buffers) > 20 and all(b.offset % 64 == 0 and b.offset + b.size <= len(data) for b in buffers)
     images = verification.parity_images(net, 8)
-    tuples = verification.action_tuples(3, 4, limit=16)  # the alternating tuples: every signature runs
+    tuples = verification.action_tuples(3, model.groups, limit=16)  # the alternating tuples: every signature runs
     result = verification.check_artifact("merged", model, tflite.runner_function(merged), images, tuples)
     assert result["greedy"]["action_agreement"] == 1.0
     np.testing.assert_allclose(merged.run_full(images), whole.run_full(images), atol=1e-6)
-    for name in ("stem", "conv1_in2_out3", "head_in2"):
+    for name in ("stem", "conv1_in1_out2", "head_in2"):
         assert merged._inputs(name) == whole._inputs(name)
 
 
@@ -196,7 +199,7 @@ def test_merge_refuses_control_flow(tmp_path):
 @pytest.fixture(scope="module")
 def residual_exported(tmp_path_factory, write_residual_checkpoint):
     ckpt = tmp_path_factory.mktemp("residual")
-    model = write_residual_checkpoint(ckpt)
+    model = write_residual_checkpoint(ckpt, groups=4)  # k = 4: the signature names below
     report = tflite.export_tflite(ckpt, num_parity_images=8, max_forced_tuples=16, timing_runs=0, log=lambda m: None)
     return model, ckpt / "export", report
 
@@ -222,7 +225,7 @@ def test_residual_runner_matches_rollout(residual_exported, check_residual_batch
 @pytest.fixture(scope="module")
 def mobilenet_exported(tmp_path_factory, write_mobilenet_checkpoint):
     ckpt = tmp_path_factory.mktemp("mobilenet")
-    model = write_mobilenet_checkpoint(ckpt)
+    model = write_mobilenet_checkpoint(ckpt, groups=4)  # k = 4: the signature names below
     report = tflite.export_tflite(ckpt, num_parity_images=8, max_forced_tuples=16, timing_runs=0, log=lambda m: None)
     return model, ckpt / "export", report
 
@@ -255,7 +258,7 @@ def test_skipped_blocks_run_in_the_interpreter(tmp_path, kind, residual_model, s
     (`half_skipping`), so the greedy check takes both ways.
     """
     if kind == "bottleneck":  # a skippable identity bottleneck (decisions 0, 1), then a prunable conv
-        model = residual_model(backbone=skippable_bottleneck, image_shape=(8, 8, 1))
+        model = residual_model(groups=4, backbone=skippable_bottleneck, image_shape=(8, 8, 1))  # > 16 tuples with skips
         skips = {"skip0_to1"}
     else:  # the two expanded inverted residuals with an identity shortcut (decisions 0 and 2)
         for i in (2, 4):
