@@ -1,6 +1,5 @@
 """Shared pytest fixtures: two logical CPUs for tf.distribute, shared data."""
 
-import functools
 import os
 import pathlib
 
@@ -94,9 +93,9 @@ def _small_model(backbone=None, seed=0, penalty=0.3, groups=EXPORT_GROUPS, **kwa
     return model
 
 
-def _write_checkpoint(directory, seed=0, make=None):
-    """`make(seed=seed)` (default `_small_model`) saved as directory/model.keras."""
-    model = (make or _small_model)(seed=seed)
+def _write_checkpoint(directory, seed=0, make=None, groups=EXPORT_GROUPS):
+    """`make(seed=seed, groups=groups)` (default `_small_model`) saved as directory/model.keras."""
+    model = (make or _small_model)(seed=seed, groups=groups)
     os.makedirs(directory, exist_ok=True)
     model.save(os.path.join(directory, "model.keras"))
     return model
@@ -150,8 +149,7 @@ def residual_model():
 @pytest.fixture(scope="session")
 def write_residual_checkpoint():
     """Returns `write(directory, seed=0, groups=EXPORT_GROUPS)`: saves the small residual RNPModel as directory/model.keras."""
-    return lambda directory, seed=0, groups=EXPORT_GROUPS: _write_checkpoint(
-        directory, seed, functools.partial(_residual_model, groups=groups))
+    return lambda directory, seed=0, groups=EXPORT_GROUPS: _write_checkpoint(directory, seed, _residual_model, groups)
 
 
 def _mobilenet_model(seed=0, groups=EXPORT_GROUPS, penalty=0.3):
@@ -168,8 +166,7 @@ def mobilenet_model():
 @pytest.fixture(scope="session")
 def write_mobilenet_checkpoint():
     """Returns `write(directory, seed=0, groups=EXPORT_GROUPS)`: saves the small MobileNetV2 RNPModel as directory/model.keras."""
-    return lambda directory, seed=0, groups=EXPORT_GROUPS: _write_checkpoint(
-        directory, seed, functools.partial(_mobilenet_model, groups=groups))
+    return lambda directory, seed=0, groups=EXPORT_GROUPS: _write_checkpoint(directory, seed, _mobilenet_model, groups)
 
 
 def _check_residual_batches(model, run, images, batch, forced=True):

@@ -1,6 +1,5 @@
 """python -m export.onnx: gather/scatter model (dynamic batch, no If), batch-1 If model, full model."""
 
-import itertools
 import os
 
 import numpy as np
@@ -74,7 +73,7 @@ def test_penalty_input_in_both_models(exported, check_penalty_input):
 
 def test_every_action_tuple_in_both_models(exported):
     model, out, _ = exported
-    all_tuples = np.asarray(list(itertools.product(range(1, model.groups + 1), repeat=3)), np.int32)
+    all_tuples = verification.action_tuples(3, model.groups)
     x = np.random.default_rng(2).normal(size=(len(all_tuples), 8, 8, 1)).astype("float32")
     ref = verification.reference(model, x, all_tuples)
     batched = onnx_export.runner(onnx_export.session(str(out / "rnp.onnx")))

@@ -1,6 +1,5 @@
 """export.sliced_network: the sliced graphs (batched, single, full) against model.rollout, on the one rollout."""
 
-import itertools
 import os
 
 import numpy as np
@@ -109,7 +108,7 @@ def test_flatten_head_and_compute_cap_follow_rollout(export_model, layout):
 def test_mac_tables_equal_model_macs(export_model):
     model = export_model()
     net = sliced_network.SlicedNetwork(model)
-    tuples = np.asarray(list(itertools.product(range(1, net.groups + 1), repeat=3)))
+    tuples = verification.action_tuples(3, net.groups)
     np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
 
 

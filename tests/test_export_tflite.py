@@ -1,6 +1,5 @@
 """python -m export.tflite: one signature per branch, driven by rnp_tf.tflite_runner, checked in the interpreter."""
 
-import itertools
 import json
 import os
 
@@ -44,7 +43,7 @@ def test_files_report_and_signatures(exported):
 def test_runner_matches_rollout_for_every_action_tuple(exported):
     model, out, _ = exported
     runner = TFLiteRNPRunner(out / "rnp.tflite")
-    tuples = np.asarray(list(itertools.product(range(1, runner.groups + 1), repeat=3)), np.int32)
+    tuples = verification.action_tuples(3, runner.groups)
     x = np.random.default_rng(5).normal(size=(len(tuples), 8, 8, 1)).astype("float32")
     logits, actions, macs = runner.run(x, tuples)
     ref = model.rollout(x, actions=tuples)
