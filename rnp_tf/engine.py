@@ -78,6 +78,15 @@ def conv_op(layer, h, kernel, bias):
     return layer.activation(tf.nn.bias_add(y, bias))
 
 
+def _read(weights, constant):
+    """`weights` (a tuple of variables) as they are, or as graph constants of their current values."""
+    if not constant:
+        return weights
+    with tf.init_scope():  # read eagerly, also while a graph is traced
+        values = [w.numpy() for w in weights]
+    return tuple(tf.constant(value) for value in values)
+
+
 class _Piece:
     """Samples that share their current width: features, sample ids, width."""
 
@@ -166,6 +175,13 @@ class InferenceEngine:
             one zero sample because of oneDNN's empty-batch bug, then sliced
             back), batch 1 included: slower, for exporters that reject
             convolutions inside conditionals.
+        constant_weights: if True (default) the batch-1 graphs hold the
+            folded weights as graph constants, which lets oneDNN keep its
+            reordered filters between calls instead of reordering them at
+            every call (ResNet-50 at 112x112, batch 1, one thread: 35-40%
+            less time, `docs/results/speed.md`). Each batch-1 graph then
+            holds its own copy of the weight cache, and `refresh()` retraces
+            it. The batch-N graphs always read variables.
 
     Call arguments:
         x: float images `(batch, height, width, channels)`.
@@ -197,7 +213,7 @@ class InferenceEngine:
     >>> engine.refresh()
     """
 
-    def __init__(self, model, weight_cache="pairs", control_flow=True):
+    def __init__(self, model, weight_cache="pairs", control_flow=True, constant_weights=True):
         _check_model(model)
         if weight_cache not in WEIGHT_CACHES:
             raise ValueError(
@@ -208,9 +224,14 @@ class InferenceEngine:
             raise ValueError(
                 f"`control_flow` must be a bool. Received: control_flow={control_flow!r}"
             )
+        if not isinstance(constant_weights, bool):
+            raise ValueError(
+                f"`constant_weights` must be a bool. Received: constant_weights={constant_weights!r}"
+            )
         self.model = model
         self.plan = model.plan
         self.groups = model.groups
+        self.constant_weights = constant_weights
         self.num_prunable = model.num_prunable
         self.weight_cache = weight_cache
         self.control_flow = control_flow
@@ -228,11 +249,14 @@ class InferenceEngine:
     def refresh(self):
         """Folds the model's current weights again (after they changed).
 
-        The compiled graphs read the cached weights from variables, so no
-        retracing happens.
+        The batch-N graphs read the cached weights from variables; the
+        batch-1 graphs of `constant_weights=True` hold them as constants and
+        are traced again at their next call.
         """
         self._weights.assign()
         self._folded_fingerprint = self._fingerprint().numpy()
+        if self.constant_weights:
+            self._functions = {key: fn for key, fn in self._functions.items() if not key[0]}
 
     def sync(self):
         """Refreshes the folded weights only if the model's weights changed.
@@ -325,7 +349,7 @@ class InferenceEngine:
                 signature.append(tf.TensorSpec([batch, self.num_prunable], tf.int32))
 
             def run(x, actions=None):
-                executor = SwitchExecutor(self) if single else BucketedExecutor(self)
+                executor = SwitchExecutor(self, self.constant_weights) if single else BucketedExecutor(self)
                 return self.run(executor, x, actions, run_agent)
 
             self._functions[key] = tf.function(run, input_signature=signature, autograph=False)
@@ -406,12 +430,11 @@ class InferenceEngine:
             return range(1, self.groups + 1)
         return (self.groups,)
 
-    def folded(self, t, p, a):
-        """(kernel, bias) of prunable layer t for previous action p, action a."""
+    def folded(self, t, p, a, constant=False):
+        """(kernel, bias) of prunable layer t for previous action p, action a (graph constants if `constant`)."""
         if self.weight_cache == "pairs":
-            kernel, bias = self._weights.pairs[(t, p, a)]
-            return kernel, bias
-        kernel, bias = self._weights.pairs[(t, p, self.groups)]
+            return _read(self._weights.pairs[(t, p, a)], constant)
+        kernel, bias = _read(self._weights.pairs[(t, p, self.groups)], constant)
         out_prefix = a * self.model.prunable[t].group_size
         return kernel[..., :out_prefix], bias[:out_prefix]
 
@@ -424,13 +447,13 @@ class InferenceEngine:
         """The stem conv (full width) on the folded weights."""
         return conv_op(self.plan.stem, x, *self._weights.stem)
 
-    def kept(self, layer, h, p=None):
+    def kept(self, layer, h, p=None, constant=False):
         """A conv with no decision (full output; a depthwise conv: `p` groups) on `h` holding `p` groups (None: all)."""
         k = self.groups
         if p is None or p == k:
-            return conv_op(layer, h, *self._weights.kept[(layer.name, k)])
+            return conv_op(layer, h, *_read(self._weights.kept[(layer.name, k)], constant))
         narrow = tf.reshape(h, [-1, *h.shape[1:3], p * layer.in_group_size])
-        return conv_op(layer, narrow, *self._weights.kept[(layer.name, p)])
+        return conv_op(layer, narrow, *_read(self._weights.kept[(layer.name, p)], constant))
 
     def branch(self, t, h, p, a):
         """Prunable conv `t` on the folded slice for previous action `p`, action `a` (`h` holds its input prefix)."""
@@ -474,11 +497,14 @@ class SwitchExecutor(rollout_lib.Executor):
 
     Args:
         engine: the `InferenceEngine` whose weights it reads.
+        constant: whether the graph holds the folded weights as constants
+            (read from the engine's variables when traced).
     """
 
-    def __init__(self, engine):
+    def __init__(self, engine, constant=False):
         self.engine = engine
         self.k = engine.groups
+        self.constant = constant
 
     def batch_size(self, images):
         return 1
@@ -508,9 +534,9 @@ class SwitchExecutor(rollout_lib.Executor):
     def _conv(self, step, h, in_action, out_action):
         if step.decision is None:
             if in_action is None:
-                return self.engine.kept(step.layer, h)
+                return self.engine.kept(step.layer, h, constant=self.constant)
             # the full output of a conv whose input holds the previous action's groups
-            branches = [lambda p=p: self.engine.kept(step.layer, h, p) for p in range(1, self.k + 1)]
+            branches = [lambda p=p: self.engine.kept(step.layer, h, p, self.constant) for p in range(1, self.k + 1)]
             return tf.switch_case(in_action[0] - 1, branches)
         t, k = step.decision, self.k
         previous = tf.constant(k) if in_action is None else in_action[0]
@@ -520,7 +546,7 @@ class SwitchExecutor(rollout_lib.Executor):
 
         def branch(p, a):
             narrow = tf.reshape(h, [-1, height, width, self.engine.in_width(t, p)])
-            return conv_op(step.layer, narrow, *self.engine.folded(t, p, a))
+            return conv_op(step.layer, narrow, *self.engine.folded(t, p, a, self.constant))
 
         index = action - 1 if len(pairs) == k else (previous - 1) * k + action - 1
         return tf.switch_case(index, [lambda p=p, a=a: branch(p, a) for p, a in pairs])
@@ -739,14 +765,15 @@ class BucketedExecutor(rollout_lib.Executor):
 class DenseExecutor(rollout_lib.Executor):
     """The unpruned network on BatchNorm-folded weights: every conv in full, no branches."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, constant=False):
         self.runner = runner
+        self.constant = constant
 
     def pooled(self, h, t):
         raise ValueError("DenseExecutor runs no agent.")
 
     def conv(self, step, h, in_action, out_action):
-        return conv_op(step.layer, h, *self.runner.weights[step.layer.name])
+        return conv_op(step.layer, h, *_read(self.runner.weights[step.layer.name], self.constant))
 
     def map(self, step, h):
         return map_op(step.layer, h)
@@ -764,6 +791,9 @@ class DenseRunner:
 
     Args:
         model: a built `rnp_tf.RNPModel`.
+        constant_weights: as for `InferenceEngine`: if True (default) the
+            batch-1 graph holds the folded weights as graph constants, so
+            the baseline treats its weights as the engine does.
 
     Call arguments:
         x: float images `(batch, height, width, channels)`.
@@ -777,32 +807,41 @@ class DenseRunner:
     >>> logits = full(x_test[:64])
     """
 
-    def __init__(self, model):
+    def __init__(self, model, constant_weights=True):
         _check_model(model)
+        if not isinstance(constant_weights, bool):
+            raise ValueError(
+                f"`constant_weights` must be a bool. Received: constant_weights={constant_weights!r}"
+            )
         self.model = model
+        self.constant_weights = constant_weights
         k = model.groups
         self.weights = {
             conv.name: _FoldedWeights._variables(*conv.folded_weights(k, k), conv.name)
             for conv in model.plan.convs
         }
-        self._function = tf.function(self._run, autograph=False)
+        self._functions = {}
 
     def refresh(self):
-        """Folds the model's current weights again."""
+        """Folds the model's current weights again (a constant batch-1 graph is traced again)."""
         k = self.model.groups
         for conv in self.model.plan.convs:
             for var, value in zip(self.weights[conv.name], conv.folded_weights(k, k)):
                 var.assign(tf.cast(value, tf.float32))
+        self._functions.pop(True, None)
 
     def __call__(self, x):
         x = validation.check_images(x, self.model.image_shape)
-        return self._function(tf.cast(x, tf.float32))
+        constant = self.constant_weights and x.shape[0] == 1
+        if constant not in self._functions:
+            self._functions[constant] = tf.function(lambda images: self._run(images, constant), autograph=False)
+        return self._functions[constant](tf.cast(x, tf.float32))
 
-    def _run(self, x):
+    def _run(self, x, constant=False):
         plan = self.model.plan
         full = tf.fill(tf.stack([tf.shape(x)[0], plan.num_decisions]), plan.groups)
         policy = rollout_lib.Forced(full)
-        return rollout_lib.rollout(plan, self.model.agent, x, policy, DenseExecutor(self)).logits
+        return rollout_lib.rollout(plan, self.model.agent, x, policy, DenseExecutor(self, constant)).logits
 
 
 def uniform_actions(batch_size, actions):

@@ -340,6 +340,42 @@ def test_run_agent_with_forced_actions_and_refresh():
     assert_same(engine(x, actions=actions, run_agent=True), model.rollout(x, actions=actions))
 
 
+@pytest.mark.parametrize("constant_weights", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_batch_one_graphs_hold_constant_weights_until_refresh(constant_weights):
+    """`constant_weights=True`: the batch-1 graphs bake the folded weights in (the batch-N graph reads the
+    variables); `refresh()` traces them again on the new weights. Spoiling the engine's own folded variables
+    shows which graph reads what."""
+    model = make_model(seed=6)
+    engine = InferenceEngine(model, constant_weights=constant_weights)
+    dense = DenseRunner(model, constant_weights=constant_weights)
+    x = images(3, seed=12)
+    actions = random_actions(3, seed=4)
+    one = engine(x[:1], actions=actions[:1])["logits"].numpy()
+    full_one = dense(x[:1]).numpy()
+    assert_same(engine(x[:1], actions=actions[:1]), model.rollout(x[:1], actions=actions[:1]))
+    for variables in (*engine._weights.pairs.values(), *engine._weights.kept.values(), *dense.weights.values()):
+        for var in variables:
+            var.assign(tf.zeros_like(var))
+    spoiled_one = engine(x[:1], actions=actions[:1])["logits"].numpy()
+    spoiled_full_one = dense(x[:1]).numpy()
+    if constant_weights:
+        np.testing.assert_array_equal(spoiled_one, one)
+        np.testing.assert_array_equal(spoiled_full_one, full_one)
+    else:
+        assert np.abs(spoiled_one - one).max() > 1e-3
+        assert np.abs(spoiled_full_one - full_one).max() > 1e-3
+    # the batch-N graphs read the (spoiled) variables either way
+    assert np.abs(engine(x, actions=actions)["logits"].numpy()[:1] - one).max() > 1e-3
+    conv = model.prunable[0]
+    conv.kernel.assign(conv.kernel * 2.0)
+    engine.refresh()
+    dense.refresh()
+    assert_same(engine(x[:1], actions=actions[:1]), model.rollout(x[:1], actions=actions[:1]))
+    assert_same(engine(x, actions=actions), model.rollout(x, actions=actions))
+    np.testing.assert_allclose(dense(x[:1]).numpy(), model.rollout(x[:1], actions=np.full((1, 3), 4))["logits"].numpy(),
+                               atol=ATOL)
+
+
 def test_uniform_actions_helper():
     np.testing.assert_array_equal(uniform_actions(2, [4, 1]).numpy(), [[4, 1], [4, 1]])
     with pytest.raises(ValueError, match="batch_size"):
@@ -351,6 +387,7 @@ def test_uniform_actions_helper():
     [
         ({"weight_cache": "all"}, "weight_cache"),
         ({"control_flow": "yes"}, "control_flow"),
+        ({"constant_weights": 1}, "constant_weights"),
     ],
 )
 def test_bad_engine_arguments_raise(model, kwargs, match):
