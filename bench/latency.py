@@ -88,6 +88,8 @@ def define_flags(flag_values=FLAGS):
     flags.DEFINE_float("min_sample_seconds", 0.05, "Fast calls are repeated until a sample lasts this long.", **fv)
     flags.DEFINE_integer("vgg_size", 224, "Input resolution of the ImageNet models (vgg16, resnet50, mobilenet_v2).", **fv)
     flags.DEFINE_enum("weight_cache", "pairs", ["pairs", "sets"], "InferenceEngine weight cache.", **fv)
+    flags.DEFINE_bool("constant_weights", True, "Batch-1 graphs of the engine and of the full model hold their "
+                      "folded weights as graph constants (`InferenceEngine(constant_weights=...)`).", **fv)
     flags.DEFINE_bool("memory", True, "Measure peak RSS in subprocesses.", **fv)
     flags.DEFINE_bool("no_agent_variant", True, "Also time the engine without the agent.", **fv)
     flags.DEFINE_integer("seed", 0, "Seed of weights, inputs and mixed actions.", **fv)
@@ -144,6 +146,7 @@ def default_config(**overrides):
         "min_sample_seconds": 0.05,
         "vgg_size": 224,
         "weight_cache": "pairs",
+        "constant_weights": True,
         "memory": True,
         "no_agent_variant": True,
         "seed": 0,
@@ -483,12 +486,13 @@ def memory_probe(spec):
     reset = _reset_peak()
     peaks = []
     if spec["runner"] == "full":
-        runner = engine_lib.DenseRunner(model)
+        runner = engine_lib.DenseRunner(model, constant_weights=spec["config"]["constant_weights"])
         for _ in range(2):
             runner(x).numpy()
         peaks.append(_status_kb("VmHWM") / 1024.0)
     else:
-        engine = engine_lib.InferenceEngine(model, weight_cache=spec["config"]["weight_cache"])
+        engine = engine_lib.InferenceEngine(model, weight_cache=spec["config"]["weight_cache"],
+                                            constant_weights=spec["config"]["constant_weights"])
         for i, actions in enumerate(spec["actions"]):
             if i:
                 _reset_peak()
@@ -758,8 +762,9 @@ def run_benchmark(config, log=print, progress=None):
         model = build_model(model_name, config)
         points = operating_points(model, config["targets"], seed=config["seed"])
         points_out[model_name] = points
-        engine = engine_lib.InferenceEngine(model, weight_cache=config["weight_cache"])
-        full = engine_lib.DenseRunner(model)
+        engine = engine_lib.InferenceEngine(model, weight_cache=config["weight_cache"],
+                                            constant_weights=config["constant_weights"])
+        full = engine_lib.DenseRunner(model, constant_weights=config["constant_weights"])
         for batch in config["batch_sizes"]:
             x = tf.random.normal([batch, *model.image_shape], seed=config["seed"])
             batch_rows = []
@@ -955,7 +960,8 @@ def format_markdown(result):
         f"{m['platform']}, Python {m['python']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}, "
         f"{m['gpus']} GPU(s); load average at the end {m['load_average']}  ",
         f"Settings: median of {c['repeats']} interleaved rounds after {c['warmup']} warm-up calls; "
-        f"weight cache `{c['weight_cache']}`; float32; random weights.",
+        f"weight cache `{c['weight_cache']}`; batch-1 weights as "
+        f"{'graph constants' if c.get('constant_weights', True) else 'variables'}; float32; random weights.",
         "",
         report.format_table(table_rows(result["rows"]), TABLE_COLUMNS),
         "",
@@ -1042,7 +1048,8 @@ def main(argv):
                 name: getattr(FLAGS, name)
                 for name in (
                     "models", "batch_sizes", "targets", "repeats", "warmup", "min_sample_seconds",
-                    "vgg_size", "weight_cache", "memory", "no_agent_variant", "seed", "skips", "per_stage",
+                    "vgg_size", "weight_cache", "constant_weights", "memory", "no_agent_variant", "seed", "skips",
+                    "per_stage",
                 )
                 if not FLAGS.quick or FLAGS[name].present
             },

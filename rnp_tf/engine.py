@@ -33,7 +33,9 @@ the same actions and logits within 1e-4.
 
 The folded weights are computed once when the engine is built; call
 `refresh()` after the model's weights change (e.g. after training), or
-`sync()`, which folds them again only if they changed.
+`sync()`, which folds them again only if they changed. The batch-1 graphs
+hold them as graph constants (oneDNN then keeps its reordered filters
+between calls) and are traced again after a refresh.
 
 `RNPModel.predict` and `RNPModel.predict_details` run through an engine by
 default (see `RNPModel(inference_engine=...)`).
@@ -376,7 +378,11 @@ class InferenceEngine:
 
     @property
     def cache_bytes(self):
-        """Bytes of the folded weights this engine holds."""
+        """Bytes of the folded weights this engine holds in variables.
+
+        With `constant_weights=True`, every traced batch-1 graph holds one
+        more copy of them as constants.
+        """
         total = 0
         cached = [*self._weights.kept.values(), *self._weights.pairs.values()]
         for var in (v for vs in cached for v in vs):
