@@ -50,7 +50,14 @@ per-image compute and the full network's loss, compute per class, and the
 `--backbone_cache DIR` keeps every seed's prefix-robust backbone (about 26
 of a seed's 50 minutes on one core) and reloads it in later runs; the random
 seed and the data pipeline are reset after the backbone, so a run from the
-cache gives the same numbers as one that trained it.
+cache gives the same numbers as one that trained it. It also keeps each
+finished stage that follows: the static curve (`..._static_curve_*.npz`)
+and every trained agent with its evaluation (`..._rnp_<policy>_*.keras` and
+`.json`), named by the backbone and the flags that shape the stage. A run
+stopped part-way (a seed of two agents on the residual backbone takes
+longer than a working session) resumes after its last finished stage: the
+seed and the data pipeline are reset before every agent, so the numbers are
+those of an uninterrupted run.
 
 Output in `--output`: `accuracy.json`, `accuracy.md` (table, targets met or
 missed) and `accuracy_<dataset>_<backbone>.png` (all curves).
@@ -339,6 +346,58 @@ def _backbone_path(name, backbone, seed):
     return os.path.join(FLAGS.backbone_cache, f"{name}_{backbone}_seed{seed}_{digest}.keras")
 
 
+# Flags that shape a seed's stages beyond its backbone: with `_backbone_path`'s, they name a cached stage.
+STAGE_FLAGS = ("max_mixes", "rnp_epochs", "budgets", "knob_budgets", "knob_backbone_penalties", "knob_epochs",
+               "knob_select", "knob_select_budgets", "quick")
+
+
+def _stage_path(name, backbone, seed, stage):
+    """Where `--backbone_cache` keeps one finished stage of a seed (no suffix), or None without a cache."""
+    if not FLAGS.backbone_cache:
+        return None
+    key = {k: FLAGS[k].value for k in STAGE_FLAGS}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{_backbone_path(name, backbone, seed)[:-len('.keras')]}_{stage}_{digest}"
+
+
+def _cached_static_curve(path, compute):
+    """`compute()`'s static curve `(front, curve, (correct, loss, confidence))`, kept in `path.npz` if given."""
+    from rnp_tf import io_utils
+
+    if path and os.path.isfile(path + ".npz"):
+        with np.load(path + ".npz") as saved:
+            curve = [tuple(point) for point in saved["curve"].tolist()]
+            return saved["front"].tolist(), curve, (saved["correct"], saved["loss"], saved["confidence"])
+    front, curve, (correct, loss, confidence) = compute()
+    if path:
+        io_utils.atomic_write(path + ".npz", lambda tmp: np.savez(tmp, front=np.asarray(front, np.int64),
+                                                                 curve=np.asarray(curve, np.float64), correct=correct,
+                                                                 loss=loss, confidence=confidence), keep_suffix=True)
+    return front, curve, (correct, loss, confidence)
+
+
+def _load_agent_stage(path):
+    """A finished agent stage from `path.keras` / `path.json` (written in that order), or None."""
+    import keras
+
+    from rnp_tf import io_utils
+
+    if not path or not os.path.isfile(path + ".json"):
+        return None
+    saved = io_utils.read_json(path + ".json")
+    for point in saved["points"]:
+        point["_frac"], point["_pred"] = np.asarray(point["_frac"]), np.asarray(point["_pred"])
+    return keras.saving.load_model(path + ".keras", compile=False), saved
+
+
+def _save_agent_stage(path, model, saved):
+    from rnp_tf import io_utils
+
+    if path:
+        io_utils.save_model_atomic(model, path + ".keras")
+        io_utils.write_json(path + ".json", saved)
+
+
 def _backbone(name, backbone, seed, data, timing):
     """One seed's prefix-robust backbone (full-width training, reordering, robust phase), or its cached copy."""
     import keras
@@ -425,8 +484,9 @@ def run_one(name, backbone, seed):
     mixes = candidate_mixes(backbone_model.num_prunable, backbone_model.groups, FLAGS.max_mixes, seed,
                             skips=backbone_model.plan.skip_columns)
     fractions = backbone_model.compute_fraction(mixes).numpy()
-    front, static_curve, (test_correct, test_loss, test_conf) = _static_curve(
-        backbone_model, mixes, fractions, xv, yv, xt, yt)
+    front, static_curve, (test_correct, test_loss, test_conf) = _cached_static_curve(
+        _stage_path(name, backbone, seed, "static_curve"),
+        lambda: _static_curve(backbone_model, mixes, fractions, xv, yv, xt, yt))
     timing["static_curve"] = time.time() - start
     full_index = len(mixes) - 1
     full_accuracy = float(test_correct[full_index].mean())
@@ -445,6 +505,18 @@ def run_one(name, backbone, seed):
         return points
 
     for policy in FLAGS.policies:
+        # Each agent starts from the seed and a fresh data pipeline, so an agent loaded from the cache leaves
+        # the next one as it would be after training: a stopped run resumes with the same numbers.
+        keras.utils.set_random_seed(seed)
+        data = _load(name, seed)
+        path = _stage_path(name, backbone, seed, f"rnp_{policy}")
+        stored = _load_agent_stage(path)
+        if stored is not None:
+            agent_model, saved = stored
+            timing[f"rnp_{policy}"] = saved["seconds"]
+            policies[policy], agent_models[policy] = saved["points"], agent_model
+            select_log, last_sweep = saved["select_log"] or select_log, saved["last_sweep"] or last_sweep
+            continue
         options, epochs = {}, FLAGS.rnp_epochs
         if policy == "stage":  # the paper's agent deciding once per stage: the same backbone weights
             options["backbone"] = rnp_tf.decide_per_stage(backbone_model.backbone)
@@ -467,6 +539,13 @@ def run_one(name, backbone, seed):
         points = evaluate(agent_model, own_curve)
         timing[f"rnp_{policy}"] = time.time() - start
         policies[policy], agent_models[policy] = points, agent_model
+        _save_agent_stage(path, agent_model, {
+            "points": points, "seconds": timing[f"rnp_{policy}"],
+            "select_log": select_log if select is not None else None,
+            "last_sweep": last_sweep if select is not None else None})
+
+    keras.utils.set_random_seed(seed)  # the stages below start alike whether the agents were trained or loaded
+    data = _load(name, seed)
 
     # 6: oracle bounds (hard and soft) on test
     oracle_rows = []

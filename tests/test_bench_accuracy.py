@@ -252,6 +252,36 @@ def test_backbone_cache_saves_then_loads_the_same_backbone(tmp_path):
             accuracy._backbone("digits", "cifar_cnn", 0, data, {})
 
 
+@pytest.mark.slow
+def test_a_stopped_run_resumes_from_its_cached_stages_with_the_same_numbers(tmp_path, run_module):
+    """--backbone_cache keeps the static curve and every finished agent; a second run that finds the first
+    agent but not the second (a run stopped between them) loads the one, trains the other, and reports
+    what the uninterrupted run reported."""
+    cache = tmp_path / "cache"
+    args = ("bench.accuracy", "--quick", "--policies=paper,knob", "--skip=static_finetuned,thin",
+            f"--backbone_cache={cache}")
+    first = run_module(*args, f"--output={tmp_path / 'first'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    names = sorted(path.name for path in cache.iterdir())
+    assert any("_static_curve_" in n and n.endswith(".npz") for n in names)
+    for policy in ("paper", "knob"):
+        assert {n.rsplit(".", 1)[-1] for n in names if f"_rnp_{policy}_" in n} == {"keras", "json"}
+    for path in cache.glob("*_rnp_knob_*"):  # stopped after the first agent
+        path.unlink()
+    second = run_module(*args, f"--output={tmp_path / 'second'}")
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    def numbers(directory):
+        (run,) = json.loads((directory / "accuracy_quick.json").read_text())["runs"]
+        return {k: v for k, v in run.items() if k != "seconds"}, run["seconds"]
+
+    (a, a_seconds), (b, b_seconds) = numbers(tmp_path / "first"), numbers(tmp_path / "second")
+    assert b == a
+    assert "pretrain" in a_seconds and "backbone_loaded" in b_seconds and "pretrain" not in b_seconds
+    assert b_seconds["rnp_paper"] == a_seconds["rnp_paper"]  # loaded with its stage: the time it took
+    assert b_seconds["rnp_knob"] != a_seconds["rnp_knob"]  # trained again
+
+
 def test_reference_agents_come_from_the_same_backbone(tmp_path):
     agents = [{"penalty": -0.1, "accuracy": 0.6, "compute_fraction": 0.3, "seconds": 1.0}]
     runs = [{"dataset": "d", "backbone": "b", "seed": 3, "full_accuracy": 0.625, "separate_agents": agents},
