@@ -88,7 +88,7 @@ def define_flags(flag_values=FLAGS):
     flags.DEFINE_float("min_sample_seconds", 0.05, "Fast calls are repeated until a sample lasts this long.", **fv)
     flags.DEFINE_integer("vgg_size", 224, "Input resolution of the ImageNet models (vgg16, resnet50, mobilenet_v2).", **fv)
     flags.DEFINE_enum("weight_cache", "pairs", ["pairs", "sets"], "InferenceEngine weight cache.", **fv)
-    flags.DEFINE_bool("constant_weights", True, "Batch-1 graphs of the engine and of the full model hold their "
+    flags.DEFINE_bool("constant_weights", False, "Batch-1 graphs of the engine and of the full model hold their "
                       "folded weights as graph constants (`InferenceEngine(constant_weights=...)`).", **fv)
     flags.DEFINE_bool("memory", True, "Measure peak RSS in subprocesses.", **fv)
     flags.DEFINE_bool("no_agent_variant", True, "Also time the engine without the agent.", **fv)
@@ -146,7 +146,7 @@ def default_config(**overrides):
         "min_sample_seconds": 0.05,
         "vgg_size": 224,
         "weight_cache": "pairs",
-        "constant_weights": True,
+        "constant_weights": False,
         "memory": True,
         "no_agent_variant": True,
         "seed": 0,
@@ -961,7 +961,7 @@ def format_markdown(result):
         f"{m['gpus']} GPU(s); load average at the end {m['load_average']}  ",
         f"Settings: median of {c['repeats']} interleaved rounds after {c['warmup']} warm-up calls; "
         f"weight cache `{c['weight_cache']}`; batch-1 weights as "
-        f"{'graph constants' if c.get('constant_weights', True) else 'variables'}; float32; random weights.",
+        f"{'graph constants' if c.get('constant_weights') else 'variables'}; float32; random weights.",
         "",
         report.format_table(table_rows(result["rows"]), TABLE_COLUMNS),
         "",

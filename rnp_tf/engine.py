@@ -33,9 +33,9 @@ the same actions and logits within 1e-4.
 
 The folded weights are computed once when the engine is built; call
 `refresh()` after the model's weights change (e.g. after training), or
-`sync()`, which folds them again only if they changed. The batch-1 graphs
-hold them as graph constants (oneDNN then keeps its reordered filters
-between calls) and are traced again after a refresh.
+`sync()`, which folds them again only if they changed. With
+`constant_weights=True` the batch-1 graphs hold them as graph constants
+instead (faster, far more memory) and are traced again after a refresh.
 
 `RNPModel.predict` and `RNPModel.predict_details` run through an engine by
 default (see `RNPModel(inference_engine=...)`).
@@ -177,13 +177,15 @@ class InferenceEngine:
             one zero sample because of oneDNN's empty-batch bug, then sliced
             back), batch 1 included: slower, for exporters that reject
             convolutions inside conditionals.
-        constant_weights: if True (default) the batch-1 graphs hold the
-            folded weights as graph constants, which lets oneDNN keep its
+        constant_weights: if True the batch-1 graphs hold the folded
+            weights as graph constants, which lets oneDNN keep its
             reordered filters between calls instead of reordering them at
-            every call (ResNet-50 at 112x112, batch 1, one thread: 35-40%
-            less time, `docs/results/speed.md`). Each batch-1 graph then
-            holds its own copy of the weight cache, and `refresh()` retraces
-            it. The batch-N graphs always read variables.
+            every call: 14-23% less time per image on ResNet-50,
+            MobileNetV2 and VGG-16 at batch 1, but 3-4.5x the peak memory
+            (ResNet-50: 6.9 GB against 1.5 GB) while the graph is built
+            and optimised, and `refresh()` retraces it
+            (`docs/results/speed.md`). Default False: the weights stay in
+            variables. The batch-N graphs always read variables.
 
     Call arguments:
         x: float images `(batch, height, width, channels)`.
@@ -215,7 +217,7 @@ class InferenceEngine:
     >>> engine.refresh()
     """
 
-    def __init__(self, model, weight_cache="pairs", control_flow=True, constant_weights=True):
+    def __init__(self, model, weight_cache="pairs", control_flow=True, constant_weights=False):
         _check_model(model)
         if weight_cache not in WEIGHT_CACHES:
             raise ValueError(
@@ -797,9 +799,10 @@ class DenseRunner:
 
     Args:
         model: a built `rnp_tf.RNPModel`.
-        constant_weights: as for `InferenceEngine`: if True (default) the
-            batch-1 graph holds the folded weights as graph constants, so
-            the baseline treats its weights as the engine does.
+        constant_weights: as for `InferenceEngine`: if True the batch-1
+            graph holds the folded weights as graph constants; give both
+            the same value so that the baseline treats its weights as the
+            engine does.
 
     Call arguments:
         x: float images `(batch, height, width, channels)`.
@@ -813,7 +816,7 @@ class DenseRunner:
     >>> logits = full(x_test[:64])
     """
 
-    def __init__(self, model, constant_weights=True):
+    def __init__(self, model, constant_weights=False):
         _check_model(model)
         if not isinstance(constant_weights, bool):
             raise ValueError(
