@@ -47,11 +47,14 @@ def test_reported_macs_equal_the_engines_counted_macs():
     assert len({tuple(a) for a in details["actions"]}) > 1
 
 
+QUICK_RUN = ("bench.accuracy", "--quick", "--policies=paper,knob", "--separate_penalties=-0.1", "--knob_budgets=0.5",
+             "--knob_select", "--knob_select_budgets=0.5,0.3")
+
+
 @pytest.mark.slow
 def test_quick_run_writes_the_documented_json(tmp_path, run_module):
-    result = run_module("bench.accuracy", "--quick", f"--output={tmp_path}", "--policies=paper,knob",
-                        "--separate_penalties=-0.1", "--knob_budgets=0.5", "--knob_select",
-                        "--knob_select_budgets=0.5,0.3")
+    cache = tmp_path / "cache"
+    result = run_module(*QUICK_RUN, f"--output={tmp_path}", f"--backbone_cache={cache}")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "accuracy_quick.json").read_text())
     run = data["runs"][0]
@@ -111,6 +114,28 @@ def test_quick_run_writes_the_documented_json(tmp_path, run_module):
         assert row["seeds"] == expected, row
         assert row["accuracy"] == one["accuracy"] and row["compute"] == one["compute"]  # two identical copies
     assert "knob (1 of 2 seeds)" in (tmp_path / "merged.md").read_text()
+    # --backbone_cache kept the backbone, the static curve and each agent with its evaluation. A run stopped
+    # after the first agent (its second agent's files gone) loads the rest, trains that agent (and the
+    # stages after it) again and reports what the uninterrupted run reported.
+    names = sorted(path.name for path in cache.iterdir())
+    assert any("_static_curve_" in n and n.endswith(".npz") for n in names)
+    for policy in ("paper", "knob"):
+        assert {n.rsplit(".", 1)[-1] for n in names if f"_rnp_{policy}_" in n} == {"keras", "json"}
+    for path in cache.glob("*_rnp_knob_*"):
+        path.unlink()
+    resumed = run_module(*QUICK_RUN, f"--output={tmp_path / 'resumed'}", f"--backbone_cache={cache}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (first,) = data["runs"]
+    (again,) = json.loads((tmp_path / "resumed" / "accuracy_quick.json").read_text())["runs"]
+    def numbers(run):  # everything but wall times
+        if isinstance(run, dict):
+            return {k: numbers(v) for k, v in run.items() if k != "seconds"}
+        return [numbers(v) for v in run] if isinstance(run, list) else run
+
+    assert numbers(again) == numbers(first)
+    assert "backbone_loaded" in again["seconds"] and "pretrain" not in again["seconds"]
+    assert again["seconds"]["rnp_paper"] == first["seconds"]["rnp_paper"]  # loaded: the time it took then
+    assert again["seconds"]["rnp_knob"] != first["seconds"]["rnp_knob"]  # trained again
 
 
 def test_one_model_gap_is_paired_per_seed_with_its_spread():
@@ -250,36 +275,6 @@ def test_backbone_cache_saves_then_loads_the_same_backbone(tmp_path):
                              robust_epochs=1):
         with pytest.raises(ValueError, match="cannot load .*delete it"):
             accuracy._backbone("digits", "cifar_cnn", 0, data, {})
-
-
-@pytest.mark.slow
-def test_a_stopped_run_resumes_from_its_cached_stages_with_the_same_numbers(tmp_path, run_module):
-    """--backbone_cache keeps the static curve and every finished agent; a second run that finds the first
-    agent but not the second (a run stopped between them) loads the one, trains the other, and reports
-    what the uninterrupted run reported."""
-    cache = tmp_path / "cache"
-    args = ("bench.accuracy", "--quick", "--policies=paper,knob", "--skip=static_finetuned,thin",
-            f"--backbone_cache={cache}")
-    first = run_module(*args, f"--output={tmp_path / 'first'}")
-    assert first.returncode == 0, first.stderr[-3000:]
-    names = sorted(path.name for path in cache.iterdir())
-    assert any("_static_curve_" in n and n.endswith(".npz") for n in names)
-    for policy in ("paper", "knob"):
-        assert {n.rsplit(".", 1)[-1] for n in names if f"_rnp_{policy}_" in n} == {"keras", "json"}
-    for path in cache.glob("*_rnp_knob_*"):  # stopped after the first agent
-        path.unlink()
-    second = run_module(*args, f"--output={tmp_path / 'second'}")
-    assert second.returncode == 0, second.stderr[-3000:]
-
-    def numbers(directory):
-        (run,) = json.loads((directory / "accuracy_quick.json").read_text())["runs"]
-        return {k: v for k, v in run.items() if k != "seconds"}, run["seconds"]
-
-    (a, a_seconds), (b, b_seconds) = numbers(tmp_path / "first"), numbers(tmp_path / "second")
-    assert b == a
-    assert "pretrain" in a_seconds and "backbone_loaded" in b_seconds and "pretrain" not in b_seconds
-    assert b_seconds["rnp_paper"] == a_seconds["rnp_paper"]  # loaded with its stage: the time it took
-    assert b_seconds["rnp_knob"] != a_seconds["rnp_knob"]  # trained again
 
 
 def test_reference_agents_come_from_the_same_backbone(tmp_path):
