@@ -338,11 +338,16 @@ def _evaluate_policy(model, data, xv, xt, yt, full_loss, seed):
     return points
 
 
+def _flags_digest(names):
+    """12 hex digits naming the values of these flags (what a cached file was made with)."""
+    key = {k: FLAGS[k].value for k in names}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _backbone_path(name, backbone, seed):
     """Where `--backbone_cache` keeps one seed's backbone: named by everything that shapes it."""
-    key = {k: FLAGS[k].value for k in ("widths", "vgg_width", "resnet_widths", "pretrain_epochs", "robust_epochs",
-                                       "validation", "max_train_examples", "penalty")}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    digest = _flags_digest(("widths", "vgg_width", "resnet_widths", "pretrain_epochs", "robust_epochs",
+                            "validation", "max_train_examples", "penalty"))
     return os.path.join(FLAGS.backbone_cache, f"{name}_{backbone}_seed{seed}_{digest}.keras")
 
 
@@ -355,9 +360,7 @@ def _stage_path(name, backbone, seed, stage):
     """Where `--backbone_cache` keeps one finished stage of a seed (no suffix), or None without a cache."""
     if not FLAGS.backbone_cache:
         return None
-    key = {k: FLAGS[k].value for k in STAGE_FLAGS}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{_backbone_path(name, backbone, seed)[:-len('.keras')]}_{stage}_{digest}"
+    return f"{_backbone_path(name, backbone, seed)[:-len('.keras')]}_{stage}_{_flags_digest(STAGE_FLAGS)}"
 
 
 def _cached_static_curve(path, compute):

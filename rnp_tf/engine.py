@@ -224,14 +224,8 @@ class InferenceEngine:
                 f"`weight_cache` must be one of {WEIGHT_CACHES}. "
                 f"Received: weight_cache={weight_cache!r}"
             )
-        if not isinstance(control_flow, bool):
-            raise ValueError(
-                f"`control_flow` must be a bool. Received: control_flow={control_flow!r}"
-            )
-        if not isinstance(constant_weights, bool):
-            raise ValueError(
-                f"`constant_weights` must be a bool. Received: constant_weights={constant_weights!r}"
-            )
+        validation.check_bool("control_flow", control_flow)
+        validation.check_bool("constant_weights", constant_weights)
         self.model = model
         self.plan = model.plan
         self.groups = model.groups
@@ -818,12 +812,8 @@ class DenseRunner:
 
     def __init__(self, model, constant_weights=False):
         _check_model(model)
-        if not isinstance(constant_weights, bool):
-            raise ValueError(
-                f"`constant_weights` must be a bool. Received: constant_weights={constant_weights!r}"
-            )
         self.model = model
-        self.constant_weights = constant_weights
+        self.constant_weights = validation.check_bool("constant_weights", constant_weights)
         k = model.groups
         self.weights = {
             conv.name: _FoldedWeights._variables(*conv.folded_weights(k, k), conv.name)

@@ -31,6 +31,26 @@ def check_positive_int(name, value):
     return int(value)
 
 
+def check_bool(name, value):
+    """Raises a ValueError unless `value` is a Python bool.
+
+    Args:
+        name: the argument's name, used in the message.
+        value: the value to check.
+
+    Returns:
+        `value`.
+
+    Example:
+
+    >>> check_bool("control_flow", True)
+    True
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{_label(name)} must be a bool. Received: {name}={value!r}")
+    return value
+
+
 def check_non_negative_int(name, value):
     """Raises a ValueError unless `value` is an integer >= 0.
 
