@@ -8,11 +8,11 @@ The exported `.tflite` file holds one signature per piece of the network:
   previous action `p` and action `a`, its pooling, and the agent's next
   decision (each signature is its own subgraph, so XNNPACK runs it; a
   single graph with `IF` branches would not be delegated);
-- `tail{t}_in{p}` (residual networks): the convs on the `p` groups
-  decision `t` chose (a bottleneck's last conv; an inverted residual's
-  depthwise conv and projection), the last keeping its full output,
-  the block's sum with its shortcut, what follows up to the next prunable
-  conv and the agent's decision there;
+- `tail{t}_in{p}` (bottlenecks): the block's last conv on the `p` groups
+  decision `t` chose, keeping its full output, the block's sum with its
+  shortcut, what follows up to the next prunable conv and the agent's
+  decision there (an inverted residual's depthwise conv and projection
+  run inside its expansion's `conv` signature: no `tail`);
 - `skip{t}_to{u}` (skippable blocks): what follows a block whose
   decisions `t..u` the agent skipped (action `k + 1` at `t`), on the
   block's shortcut alone, and the agent's decision there;
@@ -291,7 +291,7 @@ class TFLiteRNPRunner:
             else:
                 chosen.append(action)
                 steps = [(f"conv{t}", self._conv_key(t, previous, action))]
-                if (t, action) in self._tails:  # a residual network: its block's last conv on this prefix
+                if (t, action) in self._tails:  # a bottleneck: its block's last conv on this prefix
                     steps.append((f"tail{t}", self._tails[(t, action)]))
             # `actions` (the decisions so far) is an input only under a compute cap
             decided = np.asarray([chosen + [0] * (self.num_prunable - len(chosen))], np.int32)

@@ -206,7 +206,7 @@ def test_mobilenet_batched_graph_at_any_batch(mobilenet_model, check_residual_ba
 
 
 def test_mobilenet_stretches_split_at_each_expansion_and_its_tail(mobilenet_model):
-    """What the TFLite signatures run: `conv{t}` the expansion, `tail{t}` the depthwise conv, projection and sum."""
+    """The stretches: `conv{t}` the expansion, `tail{t}` the depthwise conv, projection and sum."""
     net = sliced_network.SlicedNetwork(mobilenet_model())
     kinds = {key: [op[0] for op in ops] for key, ops in net.stretches.items()}
     # the stem, the unpruned first block (its depthwise conv and projection in full) and its sum, then block 2 opens

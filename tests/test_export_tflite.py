@@ -221,6 +221,16 @@ def test_residual_runner_matches_rollout(residual_exported, check_residual_batch
                                atol=1e-4)
 
 
+def test_tails_fuse_into_the_conv_signatures_that_read_a_full_input(mobilenet_model, residual_model):
+    """An inverted residual's tail joins its expansion's signatures; a bottleneck's, whose conv follows a decision, does not."""
+    net = sliced_network.SlicedNetwork(mobilenet_model())
+    assert [tflite.fuses_tail(net, t) for t in range(net.num_prunable)] == [True, True, True, False]  # 3: no tail
+    names = set(tflite.signature_functions(net, parts=("rnp",)))
+    assert "conv0_in2_out1" in names and not [n for n in names if n.startswith("tail")]
+    bottlenecks = sliced_network.SlicedNetwork(residual_model())
+    assert sorted(bottlenecks.tails) == [1, 3] and not any(tflite.fuses_tail(bottlenecks, t) for t in (1, 3))
+
+
 @pytest.fixture(scope="module")
 def mobilenet_exported(tmp_path_factory, write_mobilenet_checkpoint):
     ckpt = tmp_path_factory.mktemp("mobilenet")
@@ -232,14 +242,15 @@ def mobilenet_exported(tmp_path_factory, write_mobilenet_checkpoint):
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_mobilenet_runner_matches_rollout(mobilenet_exported, check_residual_batches, batch):
-    """Inverted residuals: `conv{t}_in4_out{a}` the expansion, `tail{t}_in{a}` its depthwise conv, projection and sum."""
+    """Inverted residuals: `conv{t}_in4_out{a}` the expansion with its depthwise conv, projection and sum."""
     model, out, report = mobilenet_exported
     runner = TFLiteRNPRunner(out / "rnp.tflite")
-    # stem, four decided convs on full inputs (4 each), three tails (4 each), four heads, full, penalty_setting
-    assert report["parity"]["rnp.tflite"]["signatures"] == len(runner.signature_keys) == 1 + 16 + 12 + 4 + 2
-    assert "shortcut" in runner._inputs("tail0_in2") and "shortcut" in runner._inputs("tail2_in1")
-    assert "shortcut" not in runner._inputs("tail1_in3")  # a stride-2 block: no sum
-    assert "shortcut" not in runner._inputs("conv0_in4_out3")  # carried past the expansion
+    # stem, four decided convs on full inputs (4 each, three with their tails inside), four heads, full,
+    # penalty_setting: no `tail` signature, the expanded map stays inside one signature
+    assert report["parity"]["rnp.tflite"]["signatures"] == len(runner.signature_keys) == 1 + 16 + 4 + 2
+    assert not [key for key in runner.signature_keys if key.startswith("tail")]
+    assert "shortcut" in runner._inputs("conv0_in4_out2") and "shortcut" in runner._inputs("conv2_in4_out1")
+    assert "shortcut" not in runner._inputs("conv1_in4_out3")  # a stride-2 block: no sum
     assert (runner.groups, runner.num_prunable, runner.image_shape) == (4, 4, (32, 32, 3))
     images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
     check_residual_batches(model, tflite.runner_function(runner), images, batch)
