@@ -16,7 +16,12 @@ Writes into `--output` (default `ckpt/export/`):
     * `forced(images, actions)`: the same with the actions given
       (int32 `[batch, T]`, values 1..k; the sliced graph also takes 0 for
       "the agent decides"): every action at every layer can be run
-      through the artifact itself.
+      through the artifact itself;
+    * `serving_single`, `serving_knob_single`, `forced_single`: the same
+      three for one image (`images` `[1, H, W, C]`). In the sliced graph
+      they run the batch-1 `If` tree, which computes one branch per conv,
+      where the batch-N signatures run every (previous action, action)
+      group on a padded row.
 - `saved_model.json`: the parity results.
 
 `--graph=masked` (default) exports `model.rollout` itself, the exact
@@ -115,6 +120,8 @@ def build_module(model, graph="masked"):
     h, w, c = model.image_shape
     images_spec = tf.TensorSpec([None, h, w, c], tf.float32, name="images")
     actions_spec = tf.TensorSpec([None, model.num_prunable], tf.int32, name="actions")
+    image_spec = tf.TensorSpec([1, h, w, c], tf.float32, name="images")
+    action_spec = tf.TensorSpec([1, model.num_prunable], tf.int32, name="actions")
     penalty_spec = tf.TensorSpec(None, tf.float32, name="penalty")  # scalar, [1] or [batch]
     module = tf.Module()
     keys = ("logits", "actions", "macs")
@@ -133,6 +140,8 @@ def build_module(model, graph="masked"):
             out = model.rollout(images, actions=actions)
             return {k: out[k] for k in keys}
 
+        serve_single, knob_single, forced_single = serve, knob, forced
+
     elif graph == "sliced":
         net = sliced_network.SlicedNetwork(model)  # constants only
         spec = [images_spec, actions_spec, penalty_spec]
@@ -146,7 +155,13 @@ def build_module(model, graph="masked"):
             # (reproduced; right with constant folding off; docs/export.md).
             return net.batched(images, actions, penalty)
 
-        module.sliced = sliced  # one traced graph for the three signatures
+        @tf.function(input_signature=[image_spec, action_spec, penalty_spec], autograph=False)
+        def sliced_single(images, actions, penalty):
+            # Batch 1: the If tree, in a graph of its own (see above).
+            return net.single(images, actions, penalty)
+
+        module.sliced = sliced  # one traced graph for the three batch-N signatures
+        module.sliced_single = sliced_single  # and one for the three batch-1 signatures
         greedy = tf.zeros([1, model.num_prunable], tf.int32)  # forced = 0: the agent decides
         default = tf.constant(net.penalty_setting, tf.float32)
 
@@ -159,22 +174,37 @@ def build_module(model, graph="masked"):
         def forced(images, actions):
             return module.sliced(images, actions, default)
 
+        def serve_single(images):
+            return module.sliced_single(images, greedy, default)
+
+        def knob_single(images, penalty):
+            return module.sliced_single(images, greedy, penalty)
+
+        def forced_single(images, actions):
+            return module.sliced_single(images, actions, default)
+
     else:
         raise exceptions.ExportError(f"--graph must be one of {GRAPHS}, got {graph!r}")
     module.forced = tf.function(forced, input_signature=[images_spec, actions_spec], autograph=False)
     module.knob = tf.function(knob, input_signature=[images_spec, penalty_spec], autograph=False)
     module.serve = tf.function(serve, input_signature=[images_spec], autograph=False)
+    module.forced_single = tf.function(forced_single, input_signature=[image_spec, action_spec], autograph=False)
+    module.knob_single = tf.function(knob_single, input_signature=[image_spec, penalty_spec], autograph=False)
+    module.serve_single = tf.function(serve_single, input_signature=[image_spec], autograph=False)
     return module
 
 
 def save(module, path):
-    """`tf.saved_model.save` with the `serving_default`, `serving_knob` and `forced` signatures."""
+    """`tf.saved_model.save` with the batch-N and batch-1 signatures (`serving_default`, ..., `forced_single`)."""
     import tensorflow as tf
 
     signatures = {
         "serving_default": module.serve.get_concrete_function(),
         "serving_knob": module.knob.get_concrete_function(),
         "forced": module.forced.get_concrete_function(),
+        "serving_single": module.serve_single.get_concrete_function(),
+        "serving_knob_single": module.knob_single.get_concrete_function(),
+        "forced_single": module.forced_single.get_concrete_function(),
     }
     tf.saved_model.save(module, path, signatures=signatures)
 
@@ -184,7 +214,8 @@ def runner(path_or_loaded, batch1=False):
 
     Args:
         path_or_loaded: the SavedModel directory or `tf.saved_model.load`'s result.
-        batch1: one image per call.
+        batch1: one image per call, through the `*_single` signatures
+            (the batch-N ones in an export that has none).
 
     Returns:
         `run`: `forced` goes through the `forced` signature, `penalty` (a
@@ -194,15 +225,19 @@ def runner(path_or_loaded, batch1=False):
 
     loaded = tf.saved_model.load(path_or_loaded) if isinstance(path_or_loaded, (str, os.PathLike)) else path_or_loaded
     signatures = loaded.signatures
+    names = ("serving_default", "serving_knob", "forced")
+    if batch1 and "serving_single" in signatures:
+        names = ("serving_single", "serving_knob_single", "forced_single")
+    serve, knob, forced_actions = (signatures[name] for name in names)
 
     def run_batch(images, forced=None, penalty=None):
         x = tf.constant(images, tf.float32)
         if forced is not None:
-            out = signatures["forced"](images=x, actions=tf.constant(forced, tf.int32))
+            out = forced_actions(images=x, actions=tf.constant(forced, tf.int32))
         elif penalty is not None:
-            out = signatures["serving_knob"](images=x, penalty=tf.constant(penalty, tf.float32))
+            out = knob(images=x, penalty=tf.constant(penalty, tf.float32))
         else:
-            out = signatures["serving_default"](images=x)
+            out = serve(images=x)
         return {k: v.numpy() for k, v in out.items()}
 
     def run(images, forced=None, penalty=None):
@@ -254,6 +289,7 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
                 "serving_default": "images float32 [batch, H, W, C] -> logits, actions int32 [batch, T], macs [batch]",
                 "serving_knob": "images, penalty float32 [] or [1] or [batch] -> logits, actions, macs",
                 "forced": "images, actions int32 [batch, T] (1..k) -> logits, actions, macs",
+                "serving_single, serving_knob_single, forced_single": "the same three for images [1, H, W, C]",
             },
             "knob": cli.knob_report(net),
             "full_macs": float(model.full_macs),
@@ -267,8 +303,8 @@ def export_saved_model(model_dir, output=None, graph="masked", num_parity_images
 
             loaded = tf.saved_model.load(tmp)
             result = verification.check_artifact("saved_model", model, runner(loaded), images, tuples, knob=knob)
-            # one image per call (the batch-1 path of the sliced graph): every
-            # (previous action, action) pair at every layer
+            # one image per call through the `*_single` signatures (the sliced
+            # graph's If tree): every (previous action, action) pair at every layer
             pairs = verification.action_tuples(model.num_prunable, model.groups, limit=model.groups**2,
                                                skips=model.plan.skip_columns)
             result["batch1"] = verification.check_artifact(

@@ -1,4 +1,4 @@
-"""python -m export.saved_model: serving_default, serving_knob and forced signatures, verified after reload."""
+"""python -m export.saved_model: the batch-N and batch-1 signatures, verified after reload."""
 
 import json
 import os
@@ -68,6 +68,20 @@ def test_export_verifies_every_action_tuple(checkpoint, exported, graph):
     ref = model.rollout(x, actions=np.full((5, 3), 2))
     np.testing.assert_allclose(forced["logits"], ref["logits"], atol=1e-4)
     np.testing.assert_array_equal(forced["actions"], ref["actions"])
+    # one image: the `*_single` signatures (verified by the export at every pair, `parity["batch1"]`)
+    assert parity["batch1"]["forced"]["max_abs_logit_diff"] <= verification.ATOL
+    one = loaded.signatures["serving_single"](images=tf.constant(x[:1]))
+    np.testing.assert_array_equal(one["actions"], got["actions"][:1])
+    np.testing.assert_allclose(one["logits"], got["logits"][:1], atol=1e-4)
+    actions = np.array([[1, 2, 1]], np.int32)
+    one = loaded.signatures["forced_single"](images=tf.constant(x[:1]), actions=tf.constant(actions))
+    np.testing.assert_allclose(one["logits"], model.rollout(x[:1], actions=actions)["logits"], atol=1e-4)
+    knob = loaded.signatures["serving_knob_single"](images=tf.constant(x[:1]), penalty=tf.constant(-5.0))
+    assert np.all(knob["actions"].numpy() == 1)  # a penalty that steep makes every layer take one group
+    if graph == "sliced":  # the batch-1 If tree: a branch per conv, not the gather/scatter groups
+        ops = {node.op for fn in loaded.signatures["serving_single"].graph.as_graph_def().library.function
+               for node in fn.node_def}
+        assert ops & {"If", "StatelessIf"} and not ops & {"ScatterNd", "Where"}  # Where, ScatterNd: the groups
 
 
 @pytest.mark.slow
