@@ -21,7 +21,9 @@ Writes into `--output` (default `ckpt/export/`):
       three for one image (`images` `[1, H, W, C]`). In the sliced graph
       they run the batch-1 `If` tree, which computes one branch per conv,
       where the batch-N signatures run every (previous action, action)
-      group on a padded row.
+      group on a padded row (ResNet-50: 53 ms against 560 ms at half
+      width; the full network 87 ms). Both sliced graphs read their
+      kernels from the SavedModel's variables.
 - `saved_model.json`: the parity results.
 
 `--graph=masked` (default) exports `model.rollout` itself, the exact
@@ -31,10 +33,11 @@ gather/scatter graph of `export.sliced_network.SlicedNetwork.batched` instead:
 samples are grouped by their (previous action, action) pair at each
 prunable conv and only the chosen weight prefixes are convolved (empty
 groups run on one padding sample; see FINDINGS.md's oneDNN empty-batch
-bug), at every batch size: a batch of one runs every branch on one row
-(the If tree of `rnp_b1.onnx` is not in the SavedModel: beside the
-gather/scatter graph in one `tf.cond`, TensorFlow's grappler constant
-folding made that graph compute wrong actions). Both follow the model's run-time knob: the penalty is an input
+bug), at every batch size: a batch of one runs every branch on one row,
+so its `*_single` signatures run the If tree of `rnp_b1.onnx` instead, in
+a graph of its own (beside the gather/scatter graph in one `tf.cond`,
+TensorFlow's grappler constant folding made that graph compute wrong
+actions). Both follow the model's run-time knob: the penalty is an input
 (`serving_knob`; `serving_default` uses the saved setting or `--penalty`),
 the hard per-image compute cap (saved with the model, or `--compute_cap`) is
 frozen in.
@@ -143,22 +146,33 @@ def build_module(model, graph="masked"):
         serve_single, knob_single, forced_single = serve, knob, forced
 
     elif graph == "sliced":
-        net = sliced_network.SlicedNetwork(model)  # constants only
+        net = sliced_network.SlicedNetwork(model)
+        # Every conv and dense kernel of both graphs is a variable of the
+        # module, saved once in `variables/` and read by both: as graph
+        # constants, ResNet-50's 2,000-odd weight slices were held in each
+        # graph's proto (its batch-N save alone took 5 minutes, and adding
+        # the batch-1 graph grew the save past 14 GB).
         spec = [images_spec, actions_spec, penalty_spec]
+        single_spec = [image_spec, action_spec, penalty_spec]
+        # The gather/scatter graph at every batch size, and the batch-1 If
+        # tree (`net.single`) in a graph of its own: beside the first in a
+        # `tf.cond` on the batch size, TensorFlow 2.21's grappler constant
+        # folding made the gather/scatter side compute wrong actions
+        # (reproduced; right with constant folding off; docs/export.md).
+        batched, _, batched_kernels = net.kernels_as_inputs(net.batched, spec)
+        single, _, single_kernels = net.kernels_as_inputs(net.single, single_spec)
+        module.kernels = {
+            name: tf.Variable(array, trainable=False, name=name)
+            for name, array in {**batched_kernels, **single_kernels}.items()
+        }
 
         @tf.function(input_signature=spec, autograph=False)
         def sliced(images, actions, penalty):
-            # The gather/scatter graph at every batch size. The batch-1 If
-            # tree (`net.single`) is not put beside it in a `tf.cond` on the
-            # batch size: in that graph TensorFlow 2.21's grappler constant
-            # folding made the gather/scatter side compute wrong actions
-            # (reproduced; right with constant folding off; docs/export.md).
-            return net.batched(images, actions, penalty)
+            return batched(images, actions, penalty, *(module.kernels[name] for name in batched_kernels))
 
-        @tf.function(input_signature=[image_spec, action_spec, penalty_spec], autograph=False)
+        @tf.function(input_signature=single_spec, autograph=False)
         def sliced_single(images, actions, penalty):
-            # Batch 1: the If tree, in a graph of its own (see above).
-            return net.single(images, actions, penalty)
+            return single(images, actions, penalty, *(module.kernels[name] for name in single_kernels))
 
         module.sliced = sliced  # one traced graph for the three batch-N signatures
         module.sliced_single = sliced_single  # and one for the three batch-1 signatures

@@ -82,6 +82,13 @@ def test_export_verifies_every_action_tuple(checkpoint, exported, graph):
         ops = {node.op for fn in loaded.signatures["serving_single"].graph.as_graph_def().library.function
                for node in fn.node_def}
         assert ops & {"If", "StatelessIf"} and not ops & {"ScatterNd", "Where"}  # Where, ScatterNd: the groups
+        # the kernels are variables, saved once and read by both graphs, not constants of each graph
+        assert any(name.startswith("kernel_conv") for name in loaded.kernels)
+        for key in ("serving_default", "serving_single"):
+            graph_def = loaded.signatures[key].graph.as_graph_def()
+            constants = [node for fn in graph_def.library.function for node in fn.node_def if node.op == "Const"]
+            constants += [node for node in graph_def.node if node.op == "Const"]
+            assert constants and not [node for node in constants if len(node.attr["value"].tensor.tensor_shape.dim) == 4]
 
 
 @pytest.mark.slow
