@@ -14,7 +14,12 @@ the MAC ratio of the backbone):
   `full.tflite` (the unpruned network, one signature);
 - onnxruntime, batch 1: `rnp_b1.onnx` (nested `If`) against `full.onnx`;
 - onnxruntime, batch 64: `rnp.onnx` (gather/scatter, every sample the same
-  actions) against `full.onnx`.
+  actions) against `full.onnx`;
+- with `--runtimes=saved_model` (not in the default run), TensorFlow:
+  `export.saved_model`'s sliced SavedModel, its `forced_single` signature
+  (the batch-1 `If` tree) at batch 1 and `forced` (gather/scatter) at the
+  larger `--ort_batch_sizes`, against a SavedModel of the unpruned network
+  (`export.saved_model.full_module`), both reloaded, kernels in variables.
 
 The agent runs in every RNP call (forced actions override its choice after
 it made it), so its cost is included. For each runtime and batch size the
@@ -81,7 +86,8 @@ flags.DEFINE_string("output", "bench/results", "Directory of export.json / .md /
 flags.DEFINE_list("models", ["vgg16", "cifar_cnn"], "Models: vgg16, cifar_cnn, resnet50, mobilenet_v2 (+skip: "
                   "identity blocks skippable; +stage: one decision per stage).", flag_values=FLAGS)
 flags.DEFINE_list("targets", ["2", "3", "4", "5"], "Theoretical speed-ups to aim at.", flag_values=FLAGS)
-flags.DEFINE_list("ort_batch_sizes", ["1", "64"], "onnxruntime batch sizes (TFLite: batch 1).", flag_values=FLAGS)
+flags.DEFINE_list("ort_batch_sizes", ["1", "64"], "onnxruntime and SavedModel batch sizes (TFLite: batch 1).",
+                  flag_values=FLAGS)
 flags.DEFINE_integer("repeats", 7, "Timed rounds (the median is reported).", flag_values=FLAGS)
 flags.DEFINE_integer("warmup", 2, "Untimed calls of each function first.", flag_values=FLAGS)
 flags.DEFINE_float("min_sample_seconds", 0.05, "Fast calls are repeated until a sample lasts this long.",
@@ -101,11 +107,12 @@ flags.DEFINE_bool("isolate", True, "Convert each file in its own process (frees 
 flags.DEFINE_bool("breakdown", True, "Also time the pieces: TFLite per signature, onnxruntime per operator "
                   "type (profiling).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Seed of weights and inputs.", flag_values=FLAGS)
-flags.DEFINE_list("runtimes", ["tflite", "onnxruntime"], "Runtimes to export for and time: tflite, onnxruntime.",
-                  flag_values=FLAGS)
+flags.DEFINE_list("runtimes", ["tflite", "onnxruntime"], "Runtimes to export for and time: tflite, onnxruntime, "
+                  "saved_model (TensorFlow, at the --ort_batch_sizes).", flag_values=FLAGS)
 
 SCHEMA_VERSION = 1
-RUNTIMES = ("tflite", "onnxruntime")
+RUNTIMES = ("tflite", "onnxruntime", "saved_model")
+DEFAULT_RUNTIMES = ("tflite", "onnxruntime")
 ROW_KEYS = (
     "model", "image_size", "runtime", "artifact", "batch_size", "target_speedup", "theoretical_speedup",
     "actions", "full_ms", "rnp_ms", "measured_speedup", "paired_speedup", "efficiency", "paired_efficiency",
@@ -144,7 +151,7 @@ def default_config(**overrides):
         "isolate": True,
         "breakdown": True,
         "seed": 0,
-        "runtimes": list(RUNTIMES),
+        "runtimes": list(DEFAULT_RUNTIMES),
     }
     quick = {"models": ["cifar_cnn"], "targets": [2.0, 4.0], "ort_batch_sizes": [1, 8], "repeats": 3,
              "warmup": 1, "min_sample_seconds": 0.02, "isolate": False, "all_branches_models": [],
@@ -175,6 +182,8 @@ def artifact_plan(points, all_branches):
     and converting one point at a time keeps the converter's memory low),
     and `full.tflite`. ONNX: `rnp.onnx` (gather/scatter), `rnp_b1.onnx`
     (nested `If`) over the branches of all points, and `full.onnx`.
+    SavedModel (directories): `rnp.savedmodel` (`export.saved_model`'s
+    sliced graphs over the same branches) and `full.savedmodel`.
     """
     tuples = [p["actions"] for p in points]
     plan = {}
@@ -187,6 +196,8 @@ def artifact_plan(points, all_branches):
     plan["rnp.onnx"] = ("onnx_batched", None if all_branches else tuples)
     plan["rnp_b1.onnx"] = ("onnx_single", None if all_branches else tuples)
     plan["full.onnx"] = ("onnx_full", "full")
+    plan["rnp.savedmodel"] = ("saved_model_rnp", None if all_branches else tuples)
+    plan["full.savedmodel"] = ("saved_model_full", "full")
     return plan
 
 
@@ -199,6 +210,7 @@ def convert_artifact(model, kind, tuples, path, saved_only=False):
     """
     from export import sliced_network
     from export import onnx as onnx_export
+    from export import saved_model
     from export import tflite
 
     if kind == "tflite_saved":  # the second half of an isolated TFLite conversion
@@ -206,6 +218,12 @@ def convert_artifact(model, kind, tuples, path, saved_only=False):
         shutil.rmtree(path + ".savedmodel")
         with open(path, "wb") as f:
             f.write(data)
+        return None
+    if kind == "saved_model_rnp":
+        saved_model.save(saved_model.build_module(model, "sliced", action_tuples=tuples), path)
+        return None
+    if kind == "saved_model_full":
+        saved_model.save_full(saved_model.full_module(model), path)
         return None
     if tuples == "full":  # the full network needs the full-width weights only
         tuples = [[model.groups] * model.num_prunable]
@@ -320,12 +338,19 @@ def export_artifacts(model_name, model, plan, directory, config, log=print):
             out["all_branches_estimate_mb"] = estimate_megabytes(model)
             gc.collect()
         out["paths"][name] = path
-        out["size_mb"][name] = os.path.getsize(path) / 2**20
+        out["size_mb"][name] = _size_mb(path)
         out["seconds"][name] = time.time() - start
         peak = out["converter_peak_rss_mb"].get(name)
         log(f"  {name}: {out['size_mb'][name]:.1f} MB in {out['seconds'][name]:.0f} s"
             + ("" if peak is None else f" (converter peak RSS {peak:.0f} MB)"))
     return out
+
+
+def _size_mb(path):
+    """Size of a file, or of every file under a directory (a SavedModel), in MB."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path) / 2**20
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files) / 2**20
 
 
 def estimate_megabytes(model):
@@ -512,6 +537,37 @@ def time_onnxruntime(model_name, image_size, paths, points, references, x, batch
     return _rows(model_name, image_size, "onnxruntime", name, batch, points, times, diffs)
 
 
+def time_saved_model(model_name, image_size, paths, points, references, x, batch, config):
+    """The SavedModel at one batch size: `forced_single` at batch 1, `forced` above, vs `full.savedmodel`.
+
+    TensorFlow's threads are set by the process (`TF_NUM_INTRAOP_THREADS`),
+    not by `--threads`.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    rnp = tf.saved_model.load(paths["rnp.savedmodel"])
+    full = tf.saved_model.load(paths["full.savedmodel"]).signatures["serving_default"]
+    signature = rnp.signatures["forced_single" if batch == 1 else "forced"]
+    images = tf.constant(x[:batch])
+    check_logits("full.savedmodel", full(images=images)["logits"].numpy()[:8], references["full"][:batch])
+    actions = [tf.constant(np.tile(np.asarray(_forced(p), np.int32), (batch, 1))) for p in points]
+    diffs = []
+    for forced, ref, point in zip(actions, references["points"], points):
+        out = signature(images=images, actions=forced)
+        if not (out["actions"].numpy() == np.asarray(point["actions"])[None]).all():
+            raise RuntimeError(f"rnp.savedmodel ran other actions than {point['actions']}")
+        diffs.append(check_logits(f"rnp.savedmodel at {point['actions']}", out["logits"].numpy()[:8], ref[:batch]))
+    fns = {"full": lambda: full(images=images)["logits"].numpy()}
+    for i, forced in enumerate(actions):
+        fns[f"rnp{i}"] = lambda forced=forced: signature(images=images, actions=forced)["logits"].numpy()
+    times = _measure(fns, config)
+    name = "rnp.savedmodel (forced_single)" if batch == 1 else "rnp.savedmodel (forced)"
+    rnp = full = signature = fns = None
+    gc.collect()
+    return _rows(model_name, image_size, "saved_model", name, batch, points, times, diffs)
+
+
 # ----------------------------------------------------------------- breakdown
 def tflite_breakdown(paths, points, image, config, runs=7):
     """Median ms of each signature call (`stem`, `conv<t>` with the agent's next decision, `head`), batch 1.
@@ -658,7 +714,7 @@ def jobs(config):
     wanted = tuple(r for r in RUNTIMES if r in config["runtimes"])
     for name in config["models"]:
         if name == "vgg16" and config["ort_vgg_size"] != config["vgg_size"] and len(wanted) > 1:
-            out.append((name, config, ("tflite",)))
+            out.append((name, config, tuple(r for r in wanted if r != "onnxruntime")))
             out.append((name, dict(config, vgg_size=config["ort_vgg_size"]), ("onnxruntime",)))
         elif wanted == ("onnxruntime",):
             out.append((name, dict(config, vgg_size=config["ort_vgg_size"]) if name == "vgg16" else config, wanted))
@@ -734,6 +790,11 @@ def run_benchmark(config, log=print, progress=None):
                 stages.append((["full.onnx", "rnp.onnx"], lambda paths: [
                     row for b in larger
                     for row in time_onnxruntime(model_name, size, paths, points, references, x, b, config)
+                ]))
+            if "saved_model" in runtimes:
+                stages.append((["full.savedmodel", "rnp.savedmodel"], lambda paths: [
+                    row for b in sorted({1, *config["ort_batch_sizes"]})
+                    for row in time_saved_model(model_name, size, paths, points, references, x, b, config)
                 ]))
             artifacts = {}
             for names, timer in stages:
@@ -854,7 +915,8 @@ def table_rows(rows):
     return [
         {
             "model": f"{r['model']} {r['image_size']}px",
-            "runtime": r["runtime"] if r["runtime"] == "tflite" else f"ORT {r['artifact']}",
+            "runtime": {"tflite": "tflite", "saved_model": f"TF {r['artifact']}"}.get(
+                r["runtime"], f"ORT {r['artifact']}"),
             "batch": r["batch_size"],
             "target": f"{r['target_speedup']:g}x",
             "theoretical": f"{r['theoretical_speedup']:.2f}x",

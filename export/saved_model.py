@@ -105,13 +105,16 @@ def define_flags(flag_values=flags.FLAGS):
         flags.declare_key_flag(name, flag_values=flag_values)
 
 
-def build_module(model, graph="masked"):
+def build_module(model, graph="masked", action_tuples=None):
     """A `tf.Module` holding the model and the three signature functions.
 
     Args:
         model: the RNPModel, its knob set (its `penalty_setting` is the
             default of `serve` and `forced`).
         graph: "masked" or "sliced".
+        action_tuples: with "sliced", optionally only the branches these
+            action tuples take (as `SlicedNetwork`; `bench.export` times
+            a few operating points without every branch's weights).
 
     Returns:
         A `tf.Module` with the `tf.function`s `serve(images)`,
@@ -146,7 +149,7 @@ def build_module(model, graph="masked"):
         serve_single, knob_single, forced_single = serve, knob, forced
 
     elif graph == "sliced":
-        net = sliced_network.SlicedNetwork(model)
+        net = sliced_network.SlicedNetwork(model, action_tuples=action_tuples)
         # Every conv and dense kernel of both graphs is a variable of the
         # module, saved once in `variables/` and read by both: as graph
         # constants, ResNet-50's 2,000-odd weight slices were held in each
@@ -161,10 +164,7 @@ def build_module(model, graph="masked"):
         # (reproduced; right with constant folding off; docs/export.md).
         batched, _, batched_kernels = net.kernels_as_inputs(net.batched, spec)
         single, _, single_kernels = net.kernels_as_inputs(net.single, single_spec)
-        module.kernels = {
-            name: tf.Variable(array, trainable=False, name=name)
-            for name, array in {**batched_kernels, **single_kernels}.items()
-        }
+        module.kernels = _variables({**batched_kernels, **single_kernels})
 
         @tf.function(input_signature=spec, autograph=False)
         def sliced(images, actions, penalty):
@@ -206,6 +206,52 @@ def build_module(model, graph="masked"):
     module.knob_single = tf.function(knob_single, input_signature=[image_spec, penalty_spec], autograph=False)
     module.serve_single = tf.function(serve_single, input_signature=[image_spec], autograph=False)
     return module
+
+
+def _variables(kernels):
+    """`{name: tf.Variable}` of `{name: array}` (not trainable)."""
+    import tensorflow as tf
+
+    return {name: tf.Variable(array, trainable=False, name=name) for name, array in kernels.items()}
+
+
+def full_module(model):
+    """A `tf.Module` whose `serve(images)` runs the unpruned network: the SavedModel latency baseline.
+
+    Every conv on its BatchNorm-folded full weights (`SlicedNetwork.full`),
+    the kernels held as variables as in the sliced graphs of
+    `build_module`; any batch size. Save it with `save_full`.
+
+    Args:
+        model: the RNPModel.
+
+    Returns:
+        A `tf.Module` with the `tf.function` `serve(images) -> {"logits"}`.
+
+    Example:
+
+    >>> save_full(full_module(model), "/tmp/full_savedmodel")
+    """
+    import tensorflow as tf
+
+    net = sliced_network.SlicedNetwork(model, action_tuples=[[model.groups] * model.num_prunable])
+    spec = [tf.TensorSpec([None, *model.image_shape], tf.float32, name="images")]
+    full, _, kernels = net.kernels_as_inputs(net.full, spec)
+    module = tf.Module()
+    module.kernels = _variables(kernels)
+
+    def serve(images):
+        return full(images, *(module.kernels[name] for name in kernels))
+
+    module.serve = tf.function(serve, input_signature=spec, autograph=False)
+    return module
+
+
+def save_full(module, path):
+    """`tf.saved_model.save` of a `full_module` with its `serving_default` signature."""
+    import tensorflow as tf
+
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve.get_concrete_function()})
 
 
 def save(module, path):

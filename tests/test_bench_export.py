@@ -81,6 +81,23 @@ def test_residual_targets_take_their_own_rows():
     assert (mobilenet["value"], mobilenet["points"], mobilenet["met"]) == (1.6, 1, True)
 
 
+@pytest.mark.slow
+def test_quick_run_times_the_saved_model(tmp_path, run_module):
+    """`--runtimes=saved_model`: the sliced SavedModel's batch-1 and batch-N signatures against the full one."""
+    done = run_module("bench.export", "--quick", "--runtimes=saved_model", f"--output={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "export.json").read_text())
+    sizes = result["models"]["cifar_cnn 32px"]["artifacts"]["size_mb"]
+    assert set(sizes) == {"rnp.savedmodel", "full.savedmodel"} and all(v > 0.1 for v in sizes.values())
+    rows = result["rows"]
+    assert sorted((r["runtime"], r["batch_size"], r["artifact"]) for r in rows) == sorted(
+        [("saved_model", 1, "rnp.savedmodel (forced_single)")] * 2 + [("saved_model", 8, "rnp.savedmodel (forced)")] * 2
+    )
+    for r in rows:
+        assert r["full_ms"] > 0 and r["rnp_ms"] > 0 and r["max_abs_logit_diff"] <= 1e-4
+    assert "| cifar_cnn 32px | TF rnp.savedmodel (forced_single) |" in (tmp_path / "export.md").read_text()
+
+
 def test_runtimes_select_the_jobs():
     def runtimes(**overrides):
         config = bench_export.default_config(**overrides)
@@ -91,6 +108,8 @@ def test_runtimes_select_the_jobs():
     assert runtimes(runtimes=["tflite"], ort_vgg_size=112) == [("vgg16", 224, ("tflite",)),
                                                                ("cifar_cnn", 224, ("tflite",))]
     assert runtimes(runtimes=["onnxruntime"], ort_vgg_size=112)[0] == ("vgg16", 112, ("onnxruntime",))
+    assert runtimes(runtimes=["saved_model", "onnxruntime"], ort_vgg_size=112)[:2] == [
+        ("vgg16", 224, ("saved_model",)), ("vgg16", 112, ("onnxruntime",))]
 
 
 def test_config_errors():
