@@ -47,6 +47,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from rnp_tf import agent as agent_lib
 from rnp_tf import rollout as rollout_lib
 from rnp_tf import validation
 from rnp_tf.layers import GatedDepthwiseConv2D
@@ -178,7 +179,8 @@ class InferenceEngine:
             back), batch 1 included: slower, for exporters that reject
             convolutions inside conditionals.
         constant_weights: if True the batch-1 graphs hold the folded
-            weights as graph constants, which lets oneDNN keep its
+            weights and the agent's weights as graph constants (the agent:
+            `rnp_tf.agent.ConstantDecisions`), which lets oneDNN keep its
             reordered filters between calls instead of reordering them at
             every call: 14-23% less time per image on ResNet-50,
             MobileNetV2 and VGG-16 at batch 1, but 3-4.5x the peak memory
@@ -248,8 +250,9 @@ class InferenceEngine:
         """Folds the model's current weights again (after they changed).
 
         The batch-N graphs read the cached weights from variables; the
-        batch-1 graphs of `constant_weights=True` hold them as constants and
-        are traced again at their next call.
+        batch-1 graphs of `constant_weights=True` hold them (and the
+        agent's weights) as constants and are traced again at their next
+        call.
         """
         self._weights.assign()
         self._folded_fingerprint = self._fingerprint().numpy()
@@ -261,8 +264,9 @@ class InferenceEngine:
 
         Compares a fingerprint of every weight that the folding reads (per
         conv: the kernel's sums per output and per input channel, the
-        BatchNorm parameters and statistics or the bias) with the one taken
-        when the weights were last folded. Much cheaper than `refresh()`:
+        BatchNorm parameters and statistics or the bias; with
+        `constant_weights=True` also the agent's weights, which the batch-1
+        graphs hold) with the one taken when the weights were last folded. Much cheaper than `refresh()`:
         two reductions over the conv kernels, nothing written (VGG-16 on 2
         shared cores: 17 ms against 534 ms). `RNPModel.predict` calls it
         once per call.
@@ -283,6 +287,10 @@ class InferenceEngine:
             parts += [tf.reduce_sum(kernel, [0, 1, 2]), tf.reduce_sum(kernel, [0, 1, 3])]
             names = ("gamma", "beta", "moving_mean", "moving_variance") if conv.normalization else ("bias",)
             parts += [tf.reshape(tf.convert_to_tensor(getattr(conv, name)), [-1]) for name in names]
+        if self.constant_weights:  # the batch-1 graphs hold the agent's weights too
+            for weight in self.model.agent.weights:
+                value = tf.convert_to_tensor(weight)
+                parts += [value] if len(value.shape) == 1 else [tf.reduce_sum(value, 0), tf.reduce_sum(value, 1)]
         return tf.concat([tf.cast(part, tf.float32) for part in parts], 0)
 
     def logits(self, x):
@@ -347,13 +355,15 @@ class InferenceEngine:
                 signature.append(tf.TensorSpec([batch, self.num_prunable], tf.int32))
 
             def run(x, actions=None):
-                executor = SwitchExecutor(self, self.constant_weights) if single else BucketedExecutor(self)
-                return self.run(executor, x, actions, run_agent)
+                if single:
+                    return self.run(SwitchExecutor(self, self.constant_weights), x, actions, run_agent,
+                                    constant_agent=self.constant_weights)
+                return self.run(BucketedExecutor(self), x, actions, run_agent)
 
             self._functions[key] = tf.function(run, input_signature=signature, autograph=False)
         return self._functions[key]
 
-    def run(self, executor, x, actions=None, run_agent=True):
+    def run(self, executor, x, actions=None, run_agent=True, constant_agent=False):
         """The rollout on one of this engine's executors (traceable).
 
         Args:
@@ -361,6 +371,8 @@ class InferenceEngine:
             x: float32 images.
             actions: optional forced int32 actions `[batch, T]`.
             run_agent: whether the agent runs (always with greedy actions).
+            constant_agent: whether the agent's weights are graph
+                constants (`rnp_tf.agent.ConstantDecisions`).
 
         Returns:
             The dict of `__call__`.
@@ -369,7 +381,8 @@ class InferenceEngine:
             policy = rollout_lib.Greedy(self.model.greedy_q)
         else:
             policy = rollout_lib.Forced(actions, run_agent=run_agent)
-        out = rollout_lib.rollout(self.plan, self.model.agent, x, policy, executor)
+        agent = agent_lib.ConstantDecisions(self.model.agent) if constant_agent else self.model.agent
+        out = rollout_lib.rollout(self.plan, agent, x, policy, executor)
         return out.stacked(self.plan.macs)
 
     @property
