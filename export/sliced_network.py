@@ -233,7 +233,8 @@ class SlicedNetwork:
         begins: its shortcut is taken from the current map),
         `("residual",)` (`relu(h + shortcut)`) and `("add",)` (an inverted
         residual's `h + shortcut`). `decides[key]` is the decision
-        taken on a stretch's last map, if any. The TFLite signatures are
+        taken on a stretch's last map, if any; `before[t]` the stretch
+        that ends at decision `t`'s conv. The TFLite signatures are
         built from these; the graphs of `batched`, `single` and `full` walk
         the plan with `rnp_tf.rollout.rollout`.
         """
@@ -241,6 +242,7 @@ class SlicedNetwork:
 
         key, hw = "stem", tuple(self.image_shape[:2])
         self.stretches, self.decides = {"stem": []}, {}
+        self.before = {}  # decision -> the stretch that ends at its conv
         self.in_hw, self.out_hw = [None] * self.num_prunable, [None] * self.num_prunable
         self.conv_in_hw = {}
         # The tail after decision t: its conv layers (`tails[t]`); per stretch,
@@ -253,6 +255,7 @@ class SlicedNetwork:
             if step.decision is not None:
                 if step.decision not in plan.tied_to:  # a tied decision takes its leader's action: no agent
                     self.decides[key] = step.decision
+                self.before[step.decision] = key
                 self.in_hw[step.decision] = hw
                 key = ("conv", step.decision)
             elif step.in_ref is not None:

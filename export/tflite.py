@@ -181,6 +181,10 @@ def signature_functions(net, parts=("rnp", "full")):
     def shortcut_spec(key):
         return tf.TensorSpec([1, *net.block_out[key]], tf.float32, name="shortcut")
 
+    def carried_in_features(key):
+        """Whether the block opened at the end of stretch `key` takes its shortcut from the next `features`."""
+        return any(before == key and shortcut_is_features(net, u) for u, before in net.before.items())
+
     @tf.function(
         input_signature=[tf.TensorSpec([1, h, w, c], tf.float32, name="images"), penalty_spec], autograph=False
     )
@@ -190,7 +194,7 @@ def signature_functions(net, parts=("rnp", "full")):
             spent = net.start_spent(1)
             out = decision(0, y, net.initial_state(1), [], penalty)
             out.update(features=y, spent=spent)
-            if net.opens_block("stem"):
+            if net.opens_block("stem") and not carried_in_features("stem"):
                 out["shortcut"] = shortcut
             return out
 
@@ -204,22 +208,28 @@ def signature_functions(net, parts=("rnp", "full")):
         agent's next decision when the stretch ends at a prunable conv.
         Inputs: `features`, `spent`, then `state_h`, `state_c`, `penalty`
         when it decides, `actions` when a compute cap needs the earlier
-        ones, `shortcut` when it ends a block opened before it. `conv` None
-        (a skipped block: the stretch after it on the shortcut alone) takes
-        no `features`.
+        ones, `shortcut` when it ends a block opened before it (unless
+        `shortcut_is_features`: then `features` is the shortcut). `conv`
+        None (a skipped block: the stretch after it on the shortcut alone)
+        takes no `features`, or only as that shortcut.
         """
         t = key[1]
         decides = net.decides.get(key)
         fed = net.cap is not None and decides is not None and decides > 1
-        names = ["features", "spent"] if conv is not None else ["spent"]
-        specs = [in_spec, spent_spec] if conv is not None else [spent_spec]
+        # a whole block whose shortcut is its input map: that map is its only
+        # copy in (a skipped one's too: its shortcut is then all it reads)
+        own_input = key == ("tail", t) and shortcut_is_features(net, t)
+        if conv is None and own_input:
+            in_spec = tf.TensorSpec([1, *net.block_out[key]], tf.float32, name="features")
+        names = ["features", "spent"] if conv is not None or own_input else ["spent"]
+        specs = [in_spec, spent_spec] if conv is not None or own_input else [spent_spec]
         if decides is not None:
             names += ["state_h", "state_c", "penalty"]
             specs += state_specs() + [penalty_spec]
         if fed:
             names.append("actions")
             specs.append(actions_spec)
-        if net.closes_block(key):
+        if net.closes_block(key) and not own_input:
             names.append("shortcut")
             specs.append(shortcut_spec(key))
 
@@ -227,14 +237,14 @@ def signature_functions(net, parts=("rnp", "full")):
             inputs = dict(zip(names, args))
             with net.constants():
                 h = None if conv is None else conv(inputs["features"])
-                y, shortcut = net.stretch(key, h, inputs.get("shortcut"))
+                y, shortcut = net.stretch(key, h, inputs["features"] if own_input else inputs.get("shortcut"))
                 out = {"features": y, "spent": inputs["spent"] + net.macs_constant(cost)}
                 if decides is not None:  # the agent's next decision, fed by this map
                     # earlier actions: fed under a cap, else unread placeholders
                     decided = [inputs["actions"][:, u] if fed else tf.zeros([1], tf.int32) for u in range(t)]
                     decided.append(tf.constant([own], tf.int32))
                     out.update(decision(decides, y, [inputs["state_h"], inputs["state_c"]], decided, inputs["penalty"]))
-                if net.opens_block(key):
+                if net.opens_block(key) and not carried_in_features(key):
                     out["shortcut"] = shortcut
                 return out
 
@@ -289,6 +299,27 @@ def signature_functions(net, parts=("rnp", "full")):
         # a head whose input keeps its full width is one signature, `head`
         functions["head" if a is None else f"head_in{a}"] = make_head()
     return functions
+
+
+def shortcut_is_features(net, t):
+    """Whether decision `t`'s signatures take the block's shortcut from their own `features` input.
+
+    So it is when they hold the whole block (`fuses_tail`) and the block
+    opened, with an identity shortcut, right where the stretch before them
+    ended: the shortcut is then the map they start from, and it is neither
+    an output of the signatures before nor a second input (an inverted
+    residual with a sum: one copy of its input map less per block).
+
+    Example:
+
+    >>> shortcut_is_features(net, 0)  # an inverted residual with a sum
+    True
+    """
+    before = net.before.get(t)
+    return (
+        fuses_tail(net, t) and net.closes_block(("tail", t)) and before is not None
+        and bool(net.stretches[before]) and net.stretches[before][-1] == ("open", None)
+    )
 
 
 def fuses_tail(net, t):

@@ -249,8 +249,11 @@ def test_mobilenet_runner_matches_rollout(mobilenet_exported, check_residual_bat
     # penalty_setting: no `tail` signature, the expanded map stays inside one signature
     assert report["parity"]["rnp.tflite"]["signatures"] == len(runner.signature_keys) == 1 + 16 + 4 + 2
     assert not [key for key in runner.signature_keys if key.startswith("tail")]
-    assert "shortcut" in runner._inputs("conv0_in4_out2") and "shortcut" in runner._inputs("conv2_in4_out1")
-    assert "shortcut" not in runner._inputs("conv1_in4_out3")  # a stride-2 block: no sum
+    # a block with a sum takes its shortcut from its own input map: no second copy of it in
+    assert tflite.shortcut_is_features(sliced_network.SlicedNetwork(model), 0)
+    assert not [key for key in runner.signature_keys if "shortcut" in runner._inputs(key)]
+    assert "shortcut" not in runner._call("stem", {"images": np.zeros((1, 32, 32, 3), np.float32),
+                                                   "penalty": np.zeros([1], np.float32)})
     assert (runner.groups, runner.num_prunable, runner.image_shape) == (4, 4, (32, 32, 3))
     images = verification.parity_images(sliced_network.SlicedNetwork(model), 8)
     check_residual_batches(model, tflite.runner_function(runner), images, batch)
@@ -285,7 +288,10 @@ def test_skipped_blocks_run_in_the_interpreter(tmp_path, kind, residual_model, s
     runner = TFLiteRNPRunner(tmp_path / "export" / "rnp.tflite")
     assert {key for key in runner.signature_keys if key.startswith("skip")} == skips
     assert runner.skippable == sorted(model.plan.skippable)
-    assert "features" not in runner._inputs(sorted(skips)[0]) and "shortcut" in runner._inputs(sorted(skips)[0])
+    # a skip reads the block's shortcut alone: its own `features` input when the block's convs would too
+    # (an inverted residual, `shortcut_is_features`), else the `shortcut` the block's opening signature gave
+    first_skip = runner._inputs(sorted(skips)[0])
+    assert ("features" in first_skip) == (kind == "mobilenet") and ("shortcut" in first_skip) == (kind == "bottleneck")
     x = np.random.default_rng(4).normal(size=(16, *model.image_shape)).astype("float32")
     ref = verification.reference(model, x)
     assert 0 < (ref["actions"][:, first] == 0).mean() < 1
