@@ -253,10 +253,9 @@ class DecisionAgent(keras.layers.Layer):
 class ConstantDecisions:
     """`DecisionAgent.decide` on graph constants: the agent's weights as they are when a graph is traced.
 
-    What the inference engine's batch-1 graphs use under
-    `constant_weights=True` (with the folded conv weights): a decision's
-    few small matmuls then read no variable, about 9% of MobileNetV2's time
-    at batch 1. A graph traced with it keeps the weights it was traced
+    What the inference engine's batch-1 graphs use: a decision's few small
+    matmuls then read no variable, about 9% of MobileNetV2's time at batch
+    1. A graph traced with it keeps the weights it was traced
     with; trace it again after the agent's weights change.
 
     Args:

@@ -33,9 +33,11 @@ the same actions and logits within 1e-4.
 
 The folded weights are computed once when the engine is built; call
 `refresh()` after the model's weights change (e.g. after training), or
-`sync()`, which folds them again only if they changed. With
-`constant_weights=True` the batch-1 graphs hold them as graph constants
-instead (faster, far more memory) and are traced again after a refresh.
+`sync()`, which folds them again only if they changed. The batch-1
+graphs hold the agent's weights as graph constants (a decision's small
+matmuls then read no variable) and are traced again after a refresh; with
+`constant_weights=True` they hold the folded conv weights that way too
+(faster, far more memory).
 
 `RNPModel.predict` and `RNPModel.predict_details` run through an engine by
 default (see `RNPModel(inference_engine=...)`).
@@ -179,7 +181,7 @@ class InferenceEngine:
             back), batch 1 included: slower, for exporters that reject
             convolutions inside conditionals.
         constant_weights: if True the batch-1 graphs hold the folded
-            weights and the agent's weights as graph constants (the agent:
+            conv weights as graph constants (they always hold the agent's:
             `rnp_tf.agent.ConstantDecisions`), which lets oneDNN keep its
             reordered filters between calls instead of reordering them at
             every call: 14-23% less time per image on ResNet-50,
@@ -250,24 +252,23 @@ class InferenceEngine:
         """Folds the model's current weights again (after they changed).
 
         The batch-N graphs read the cached weights from variables; the
-        batch-1 graphs of `constant_weights=True` hold them (and the
-        agent's weights) as constants and are traced again at their next
-        call.
+        batch-1 graphs hold the agent's weights (and, with
+        `constant_weights=True`, the folded ones) as constants and are
+        traced again at their next call.
         """
         self._weights.assign()
         self._folded_fingerprint = self._fingerprint().numpy()
-        if self.constant_weights:
-            self._functions = {key: fn for key, fn in self._functions.items() if not key[0]}
+        self._functions = {key: fn for key, fn in self._functions.items() if not key[0]}
 
     def sync(self):
         """Refreshes the folded weights only if the model's weights changed.
 
         Compares a fingerprint of every weight that the folding reads (per
         conv: the kernel's sums per output and per input channel, the
-        BatchNorm parameters and statistics or the bias; with
-        `constant_weights=True` also the agent's weights, which the batch-1
-        graphs hold) with the one taken when the weights were last folded. Much cheaper than `refresh()`:
-        two reductions over the conv kernels, nothing written (VGG-16 on 2
+        BatchNorm parameters and statistics or the bias; and the agent's
+        weights, which the batch-1 graphs hold) with the one taken when the
+        weights were last folded. Much cheaper than `refresh()`: two
+        reductions over the conv kernels, nothing written (VGG-16 on 2
         shared cores: 17 ms against 534 ms). `RNPModel.predict` calls it
         once per call.
 
@@ -287,10 +288,9 @@ class InferenceEngine:
             parts += [tf.reduce_sum(kernel, [0, 1, 2]), tf.reduce_sum(kernel, [0, 1, 3])]
             names = ("gamma", "beta", "moving_mean", "moving_variance") if conv.normalization else ("bias",)
             parts += [tf.reshape(tf.convert_to_tensor(getattr(conv, name)), [-1]) for name in names]
-        if self.constant_weights:  # the batch-1 graphs hold the agent's weights too
-            for weight in self.model.agent.weights:
-                value = tf.convert_to_tensor(weight)
-                parts += [value] if len(value.shape) == 1 else [tf.reduce_sum(value, 0), tf.reduce_sum(value, 1)]
+        for weight in self.model.agent.weights:  # the batch-1 graphs hold them as constants
+            value = tf.convert_to_tensor(weight)
+            parts += [value] if len(value.shape) == 1 else [tf.reduce_sum(value, 0), tf.reduce_sum(value, 1)]
         return tf.concat([tf.cast(part, tf.float32) for part in parts], 0)
 
     def logits(self, x):
@@ -357,7 +357,7 @@ class InferenceEngine:
             def run(x, actions=None):
                 if single:
                     return self.run(SwitchExecutor(self, self.constant_weights), x, actions, run_agent,
-                                    constant_agent=self.constant_weights)
+                                    constant_agent=True)
                 return self.run(BucketedExecutor(self), x, actions, run_agent)
 
             self._functions[key] = tf.function(run, input_signature=signature, autograph=False)

@@ -378,7 +378,7 @@ def test_batch_one_graphs_hold_constant_weights_until_refresh(constant_weights):
 
 @pytest.mark.parametrize("constant_weights", [True, False])
 def test_batch_one_graphs_hold_the_agent_until_sync(constant_weights):
-    """`constant_weights=True` also bakes the agent's weights into the batch-1 graphs; `sync()` sees them change."""
+    """The batch-1 graphs bake the agent's weights in, with either setting; `sync()` sees them change."""
     model = make_model(seed=7)
     engine = InferenceEngine(model, constant_weights=constant_weights)
     x = images(1, seed=13)
@@ -387,11 +387,11 @@ def test_batch_one_graphs_hold_the_agent_until_sync(constant_weights):
     decoder = model.agent.decoders[0]
     decoder.bias.assign(decoder.bias + tf.range(1.0, 5.0))  # decision 0's Q-values move, each action by its own
     after = engine(x)["q_values"].numpy()
-    if constant_weights:
-        np.testing.assert_array_equal(after, before)  # the traced constants
-        assert engine.sync()  # the agent changed: folded again, the batch-1 graphs traced again
-    else:
-        assert not engine.sync()  # only the conv weights are folded; the agent is read live
+    np.testing.assert_array_equal(after, before)  # the traced constants
+    assert engine.sync()  # the agent changed: folded again, the batch-1 graphs traced again
+    # the batch-N graph reads the agent's variables
+    np.testing.assert_allclose(engine(np.repeat(x, 2, 0))["q_values"].numpy()[:1], model.rollout(x)["q_values"].numpy(),
+                               atol=ATOL)
     np.testing.assert_allclose(engine(x)["q_values"].numpy(), model.rollout(x)["q_values"].numpy(), atol=ATOL)
     assert np.abs(engine(x)["q_values"].numpy()[:, 0] - before[:, 0]).max() > 0.5
 
