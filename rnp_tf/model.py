@@ -999,8 +999,8 @@ class RNPModel(keras.Model):
         runner = self.__dict__.get("_engine")
         if runner is None:
             runner = self.__dict__["_engine"] = engine_lib.InferenceEngine(self)
-        else:
-            runner.sync()
+        elif runner.sync():  # folded again: a predict function traced on its batch-1 graph holds the old agent
+            self.predict_function = None
         return runner
 
     # ------------------------------------------------------ serialization

@@ -578,3 +578,18 @@ def test_skipped_block_output_is_its_input(skippable_bottleneck):
         model.rollout(x, actions=[[2, 0, 2]] * 3)
     with pytest.raises(ValueError, match="must be in 1..4"):
         model.rollout(x, actions=[[1, 1, 0]] * 3)
+
+
+def test_predict_on_one_image_follows_a_changed_agent():
+    """A predict function traced on one image (the engine's batch-1 graph, the agent's weights as constants)
+    is traced again once the agent's weights change."""
+    model = make_model(seed=8)
+    x = images(1, seed=31)
+    np.testing.assert_allclose(model.predict_on_batch(x), model.rollout(x)["logits"].numpy(), atol=ATOL)
+    before = model.rollout(x)["actions"].numpy()
+    for decoder in model.agent.decoders:  # the decisions now prefer other groups
+        decoder.bias.assign(decoder.bias + tf.constant([40.0, -20.0, 20.0, -40.0]))
+    after = model.rollout(x)
+    assert not np.array_equal(before, after["actions"].numpy())
+    np.testing.assert_allclose(model.predict_on_batch(x), after["logits"].numpy(), atol=ATOL)
+    np.testing.assert_allclose(model.predict(x, verbose=0), after["logits"].numpy(), atol=ATOL)
