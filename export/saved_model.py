@@ -179,23 +179,8 @@ def build_module(model, graph="masked", action_tuples=None):
         greedy = tf.zeros([1, model.num_prunable], tf.int32)  # forced = 0: the agent decides
         default = tf.constant(net.penalty_setting, tf.float32)
 
-        def serve(images):
-            return module.sliced(images, greedy, default)
-
-        def knob(images, penalty):
-            return module.sliced(images, greedy, penalty)
-
-        def forced(images, actions):
-            return module.sliced(images, actions, default)
-
-        def serve_single(images):
-            return module.sliced_single(images, greedy, default)
-
-        def knob_single(images, penalty):
-            return module.sliced_single(images, greedy, penalty)
-
-        def forced_single(images, actions):
-            return module.sliced_single(images, actions, default)
+        serve, knob, forced = _knob_signatures(sliced, greedy, default)
+        serve_single, knob_single, forced_single = _knob_signatures(sliced_single, greedy, default)
 
     else:
         raise exceptions.ExportError(f"--graph must be one of {GRAPHS}, got {graph!r}")
@@ -206,6 +191,19 @@ def build_module(model, graph="masked", action_tuples=None):
     module.knob_single = tf.function(knob_single, input_signature=[image_spec, penalty_spec], autograph=False)
     module.serve_single = tf.function(serve_single, input_signature=[image_spec], autograph=False)
     return module
+
+
+def _knob_signatures(graph, greedy, default):
+    """`(serve, knob, forced)` over one `graph(images, actions, penalty)`.
+
+    Greedy at the `default` penalty, greedy at a given penalty, and forced
+    actions at the default penalty (`greedy`: forced actions of 0).
+    """
+    return (
+        lambda images: graph(images, greedy, default),
+        lambda images, penalty: graph(images, greedy, penalty),
+        lambda images, actions: graph(images, actions, default),
+    )
 
 
 def _variables(kernels):

@@ -181,9 +181,8 @@ def signature_functions(net, parts=("rnp", "full")):
     def shortcut_spec(key):
         return tf.TensorSpec([1, *net.block_out[key]], tf.float32, name="shortcut")
 
-    def carried_in_features(key):
-        """Whether the block opened at the end of stretch `key` takes its shortcut from the next `features`."""
-        return any(before == key and shortcut_is_features(net, u) for u, before in net.before.items())
+    # the stretches at whose end a block opens whose shortcut the next signature takes from its `features`
+    carried_in_features = {before for u, before in net.before.items() if shortcut_is_features(net, u)}
 
     @tf.function(
         input_signature=[tf.TensorSpec([1, h, w, c], tf.float32, name="images"), penalty_spec], autograph=False
@@ -194,7 +193,7 @@ def signature_functions(net, parts=("rnp", "full")):
             spent = net.start_spent(1)
             out = decision(0, y, net.initial_state(1), [], penalty)
             out.update(features=y, spent=spent)
-            if net.opens_block("stem") and not carried_in_features("stem"):
+            if net.opens_block("stem") and "stem" not in carried_in_features:
                 out["shortcut"] = shortcut
             return out
 
@@ -244,7 +243,7 @@ def signature_functions(net, parts=("rnp", "full")):
                     decided = [inputs["actions"][:, u] if fed else tf.zeros([1], tf.int32) for u in range(t)]
                     decided.append(tf.constant([own], tf.int32))
                     out.update(decision(decides, y, [inputs["state_h"], inputs["state_c"]], decided, inputs["penalty"]))
-                if net.opens_block(key) and not carried_in_features(key):
+                if net.opens_block(key) and key not in carried_in_features:
                     out["shortcut"] = shortcut
                 return out
 
