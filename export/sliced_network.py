@@ -241,7 +241,7 @@ class SlicedNetwork:
         from rnp_tf import plan as plan_lib
 
         key, hw = "stem", tuple(self.image_shape[:2])
-        self.stretches, self.decides = {"stem": []}, {}
+        self.stretches = {"stem": []}
         self.before = {}  # decision -> the stretch that ends at its conv
         self.in_hw, self.out_hw = [None] * self.num_prunable, [None] * self.num_prunable
         self.conv_in_hw = {}
@@ -253,8 +253,6 @@ class SlicedNetwork:
             nonlocal key, hw
             self.conv_in_hw[step.layer.name] = hw
             if step.decision is not None:
-                if step.decision not in plan.tied_to:  # a tied decision takes its leader's action: no agent
-                    self.decides[key] = step.decision
                 self.before[step.decision] = key
                 self.in_hw[step.decision] = hw
                 key = ("conv", step.decision)
@@ -299,6 +297,8 @@ class SlicedNetwork:
             else:
                 conv(step)
         self.head_hw = hw
+        # the agent decides at the end of these stretches (a tied decision takes its leader's action: no agent)
+        self.decides = {key: t for t, key in self.before.items() if t not in plan.tied_to}
 
         def leading_maps(ops):
             maps = []
