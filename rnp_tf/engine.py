@@ -462,20 +462,23 @@ class InferenceEngine:
         """The stem conv (full width) on the folded weights."""
         return conv_op(self.plan.stem, x, *self._weights.stem)
 
-    def kept(self, layer, h, p=None, constant=False):
-        """A conv with no decision (full output; a depthwise conv: `p` groups) on `h` holding `p` groups (None: all)."""
+    def kept(self, layer, h, p=None, constant=False, batch=-1):
+        """A conv with no decision (full output; a depthwise conv: `p` groups) on `h` holding `p` groups (None: all).
+
+        `batch`: the static batch size of `h`'s narrow view (-1: dynamic).
+        """
         k = self.groups
         if p is None or p == k:
             return conv_op(layer, h, *_read(self._weights.kept[(layer.name, k)], constant))
-        narrow = tf.reshape(h, [-1, *h.shape[1:3], p * layer.in_group_size])
+        narrow = tf.reshape(h, [batch, *h.shape[1:3], p * layer.in_group_size])
         return conv_op(layer, narrow, *_read(self._weights.kept[(layer.name, p)], constant))
 
     def branch(self, t, h, p, a):
         """Prunable conv `t` on the folded slice for previous action `p`, action `a` (`h` holds its input prefix)."""
         return conv_op(self.model.prunable[t], h, *self.folded(t, p, a))
 
-    def head(self, h, width_action):
-        """The classifier head on features holding `width_action` groups."""
+    def head(self, h, width_action, batch=-1):
+        """The classifier head on features holding `width_action` groups (`batch`: static batch size, -1: dynamic)."""
         head = self.plan.head
         first = head.layers[0]
         if head.in_ref is None:  # the map feeding the head keeps its full width (a residual network)
@@ -484,7 +487,7 @@ class InferenceEngine:
             channels = width_action * self.model.prunable[-1].group_size
         kernel = tf.convert_to_tensor(first.kernel)
         hf, wf, full = head.in_shape
-        h = tf.reshape(h, [-1, hf, wf, channels])
+        h = tf.reshape(h, [batch, hf, wf, channels])
         if head.contiguous or channels == full:
             # one matmul on a row prefix of the kernel: a zero-copy slice
             y = tf.matmul(head.flatten(h), head.rows(kernel, channels))
@@ -493,7 +496,7 @@ class InferenceEngine:
             # prefix is one contiguous row block per position, a zero-copy
             # slice; a strided slice of the whole kernel would copy it at
             # every call.
-            per_position = tf.unstack(tf.transpose(tf.reshape(h, [-1, hf * wf, channels]), [1, 0, 2]))
+            per_position = tf.unstack(tf.transpose(tf.reshape(h, [batch, hf * wf, channels]), [1, 0, 2]))
             y = tf.add_n(
                 [tf.matmul(part, kernel[s * full : s * full + channels]) for s, part in enumerate(per_position)]
             )
@@ -551,7 +554,7 @@ class SwitchExecutor(rollout_lib.Executor):
             if in_action is None:
                 return self.engine.kept(step.layer, h, constant=self.constant)
             # the full output of a conv whose input holds the previous action's groups
-            branches = [lambda p=p: self.engine.kept(step.layer, h, p, self.constant) for p in range(1, self.k + 1)]
+            branches = [lambda p=p: self.engine.kept(step.layer, h, p, self.constant, batch=1) for p in range(1, self.k + 1)]
             return tf.switch_case(in_action[0] - 1, branches)
         t, k = step.decision, self.k
         previous = tf.constant(k) if in_action is None else in_action[0]
@@ -560,7 +563,7 @@ class SwitchExecutor(rollout_lib.Executor):
         pairs = [(p, a) for p in self.engine.previous_actions(t) for a in range(1, k + 1)]
 
         def branch(p, a):
-            narrow = tf.reshape(h, [-1, height, width, self.engine.in_width(t, p)])
+            narrow = tf.reshape(h, [1, height, width, self.engine.in_width(t, p)])
             return conv_op(step.layer, narrow, *self.engine.folded(t, p, a, self.constant))
 
         index = action - 1 if len(pairs) == k else (previous - 1) * k + action - 1
@@ -571,10 +574,10 @@ class SwitchExecutor(rollout_lib.Executor):
 
     def head(self, h, last_action):
         if last_action is None:
-            return self.engine.head(h, self.k)
+            return self.engine.head(h, self.k, batch=1)
         return tf.switch_case(
             last_action[0] - 1,
-            [lambda w=w: self.engine.head(h, w) for w in range(1, self.k + 1)],
+            [lambda w=w: self.engine.head(h, w, batch=1) for w in range(1, self.k + 1)],
         )
 
 

@@ -225,25 +225,35 @@ def skip_actions(plan, t, action, live=None):
 
 
 # ---------------------------------------------------------------- executors
+SMALL_MAP = 1 << 17
+"""Maps of at most this many elements (the whole batch) are pooled by `reduce_mean` (see `spatial_mean`)."""
+
+
 def spatial_mean(h):
     """Per-sample, per-channel mean over height and width, `[batch, c]`.
 
     An average pooling whose window is the whole map (oneDNN's pooling
-    kernel): the same numbers as `reduce_mean(h, [1, 2])` up to summation
-    order. Timed single-threaded per map shape of ResNet-50's and VGG-16's
-    decisions (224x224, 2026-12-07, a loaded machine), it took 0.5-0.8x the
-    time of the batched matrix-vector product used before on most shapes
-    (1.5x on the small 56x56x64 and 7x7x2048 maps), `reduce_mean` 1.7-2.6x
-    and two-pass sums 0.4-2.5x depending on the shape; over all of a
-    network's decisions, 0.5-0.8x (`python -m bench.agent_cost`). Works on
-    an empty batch and on a channel count known only at run time (a
-    `tf.switch_case` of widths).
+    kernel), or `reduce_mean` when the map's shape is static and it holds
+    at most `SMALL_MAP` elements: the same numbers up to summation order.
+    Timed in a graph, single-threaded, 20 pools of one map per call
+    (2026-12-07): on wide maps the pooling kernel is 1.5-6x faster (56 x
+    56 x 256: 139 against 784 us; 224 x 224 x 64: 0.53 against 3.3 ms),
+    on maps up to 2^17 elements (MobileNetV2's decisions from 56 x 56 x
+    24 down, ResNet-50's on 7 x 7 maps) it costs 4-7 us more per call than
+    `reduce_mean`; at batch 1 MobileNetV2's engine took 5% less time with
+    those pooled by `reduce_mean`, while ResNet-50's took 2% more with
+    every map pooled that way (`docs/results/speed.md`). Works on an empty
+    batch and on a channel count known only at run time (a `tf.switch_case`
+    of widths).
 
     Example:
 
     >>> spatial_mean(tf.ones([2, 3, 3, 4])).shape
     TensorShape([2, 4])
     """
+    size = h.shape.num_elements()
+    if size is not None and 0 < size <= SMALL_MAP:
+        return tf.reduce_mean(h, axis=[1, 2])
     pooled = tf.nn.avg_pool2d(h, ksize=h.shape[1:3], strides=1, padding="VALID")
     return tf.squeeze(pooled, axis=[1, 2])
 

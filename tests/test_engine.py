@@ -94,19 +94,29 @@ def test_forced_actions_match_masked_path(model, engine):
         assert_same(engine(x, actions=actions), model.rollout(x, actions=actions))
 
 
+def decisive_images(q_values, margin=1e-3):
+    """Which images' best two Q-values are more than `margin` (relative) apart at every decision."""
+    q = np.sort(q_values, axis=-1)
+    return np.min(q[..., -1] - q[..., -2], axis=-1) > margin * np.abs(q).max()
+
+
 def test_greedy_actions_match_masked_path(model, engine):
+    # The agent's 10x-scaled test weights make Q-values of magnitude 10-60
+    # that amplify float32 rounding (a different summation order per thread
+    # split): 1e-5 relative flaked at 3e-5 under load. An image whose best
+    # two Q-values are that close at some layer may legitimately flip its
+    # argmax, so identical actions are required of the others (the check
+    # below keeps them the vast majority). The batches of 1 and 7 are taken
+    # from images decisive by twice the margin, so that one close image
+    # cannot leave the batch-1 graph unchecked.
+    pool = images(64, seed=164)
+    clear = np.flatnonzero(decisive_images(model.rollout(pool)["q_values"].numpy(), 2e-3))
+    assert len(clear) >= 7, clear
     for batch in (1, 7, 64):
-        x = images(batch, seed=100 + batch)
+        x = pool if batch == 64 else pool[clear[:batch]]
         ref = model.rollout(x)
         out = engine(x)
-        # The agent's 10x-scaled test weights make Q-values of magnitude
-        # 10-60 that amplify float32 rounding (a different summation order
-        # per thread split): 1e-5 relative flaked at 3e-5 under load. An
-        # image whose best two Q-values are that close at some layer may
-        # legitimately flip its argmax, so identical actions are required of
-        # the others (the check below keeps them the vast majority).
-        q = np.sort(ref["q_values"].numpy(), axis=-1)
-        decisive = np.min(q[..., -1] - q[..., -2], axis=-1) > 1e-3 * np.abs(q).max()
+        decisive = decisive_images(ref["q_values"].numpy())
         assert decisive.mean() > 0.8, decisive
         for name in ("actions", "logits", "macs", "q_values"):
             got, want = out[name].numpy()[decisive], ref[name].numpy()[decisive]
@@ -358,9 +368,9 @@ def test_batch_one_graphs_hold_constant_weights_until_refresh(constant_weights):
             var.assign(tf.zeros_like(var))
     spoiled_one = engine(x[:1], actions=actions[:1])["logits"].numpy()
     spoiled_full_one = dense(x[:1]).numpy()
-    if constant_weights:
-        np.testing.assert_array_equal(spoiled_one, one)
-        np.testing.assert_array_equal(spoiled_full_one, full_one)
+    if constant_weights:  # (not bit-equal: oneDNN may switch to its cached filter layout after the first call)
+        np.testing.assert_allclose(spoiled_one, one, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(spoiled_full_one, full_one, rtol=1e-5, atol=1e-6)
     else:
         assert np.abs(spoiled_one - one).max() > 1e-3
         assert np.abs(spoiled_full_one - full_one).max() > 1e-3
@@ -387,7 +397,7 @@ def test_batch_one_graphs_hold_the_agent_until_sync(constant_weights):
     decoder = model.agent.decoders[0]
     decoder.bias.assign(decoder.bias + tf.range(1.0, 5.0))  # decision 0's Q-values move, each action by its own
     after = engine(x)["q_values"].numpy()
-    np.testing.assert_array_equal(after, before)  # the traced constants
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)  # the traced constants (the bias moved by 1-4)
     assert engine.sync()  # the agent changed: folded again, the batch-1 graphs traced again
     # the batch-N graph reads the agent's variables
     np.testing.assert_allclose(engine(np.repeat(x, 2, 0))["q_values"].numpy()[:1], model.rollout(x)["q_values"].numpy(),
