@@ -111,5 +111,11 @@ def test_pad_channels_and_spatial_mean():
     h = tf.random.stateless_normal([3, 4, 6, 5], seed=[1, 2])
     np.testing.assert_allclose(unknown(h), tf.reduce_mean(h, [1, 2]), rtol=1e-5, atol=1e-6)
     assert unknown(tf.zeros([0, 4, 6, 5])).shape == (0, 5)
+    # a static map over `SMALL_MAP` elements takes the pooling kernel, a smaller one `reduce_mean`
+    for shape, op in (([1, 64, 64, 33], "AvgPool"), ([1, 8, 8, 33], "Mean")):
+        traced = tf.function(rollout_lib.spatial_mean).get_concrete_function(tf.TensorSpec(shape))
+        assert op in {node.type for node in traced.graph.get_operations()}, shape
+        h = tf.random.stateless_normal(shape, seed=[3, 4])
+        np.testing.assert_allclose(rollout_lib.spatial_mean(h), tf.reduce_mean(h, [1, 2]), rtol=1e-5, atol=1e-6)
     padded = rollout_lib.pad_channels(tf.ones([2, 3]), 5)
     np.testing.assert_array_equal(padded, [[1, 1, 1, 0, 0]] * 2)
