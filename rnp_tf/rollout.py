@@ -240,9 +240,9 @@ def spatial_mean(h):
     56 x 256: 139 against 784 us; 224 x 224 x 64: 0.53 against 3.3 ms),
     on maps up to 2^17 elements (MobileNetV2's decisions from 56 x 56 x
     24 down, ResNet-50's on 7 x 7 maps) it costs 4-7 us more per call than
-    `reduce_mean`; at batch 1 MobileNetV2's engine took 5% less time with
-    those pooled by `reduce_mean`, while ResNet-50's took 2% more with
-    every map pooled that way (`docs/results/speed.md`). Works on an empty
+    `reduce_mean`; at batch 1 MobileNetV2's engine took 2-5% less time
+    with those pooled by `reduce_mean` (paired runs), while ResNet-50's
+    took 2% more with every map pooled that way (`docs/results/speed.md`). Works on an empty
     batch and on a channel count known only at run time (a `tf.switch_case`
     of widths).
 
