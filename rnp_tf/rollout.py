@@ -242,9 +242,9 @@ def spatial_mean(h):
     24 down, ResNet-50's on 7 x 7 maps) it costs 4-7 us more per call than
     `reduce_mean`; at batch 1 MobileNetV2's engine took 2-5% less time
     with those pooled by `reduce_mean` (paired runs), while ResNet-50's
-    took 2% more with every map pooled that way (`docs/results/speed.md`). Works on an empty
-    batch and on a channel count known only at run time (a `tf.switch_case`
-    of widths).
+    took 2% more with every map pooled that way (`docs/results/speed.md`).
+    Works on an empty batch and on a channel count known only at run time
+    (a `tf.switch_case` of widths).
 
     Example:
 
