@@ -88,8 +88,10 @@ def define_flags(flag_values=FLAGS):
     flags.DEFINE_float("min_sample_seconds", 0.05, "Fast calls are repeated until a sample lasts this long.", **fv)
     flags.DEFINE_integer("vgg_size", 224, "Input resolution of the ImageNet models (vgg16, resnet50, mobilenet_v2).", **fv)
     flags.DEFINE_enum("weight_cache", "pairs", ["pairs", "sets"], "InferenceEngine weight cache.", **fv)
-    flags.DEFINE_bool("constant_weights", False, "Batch-1 graphs of the engine and of the full model hold their "
-                      "folded weights as graph constants (`InferenceEngine(constant_weights=...)`).", **fv)
+    flags.DEFINE_enum("constant_weights", "auto", ["auto", "true", "false"], "Whether the batch-1 graphs of the "
+                      "engine and of the full model hold their folded weights as graph constants "
+                      "(`InferenceEngine(constant_weights=...)`; auto: the engine's default, constants for backbones "
+                      "with at most 32 MB of conv kernels).", **fv)
     flags.DEFINE_bool("memory", True, "Measure peak RSS in subprocesses.", **fv)
     flags.DEFINE_bool("no_agent_variant", True, "Also time the engine without the agent.", **fv)
     flags.DEFINE_integer("seed", 0, "Seed of weights, inputs and mixed actions.", **fv)
@@ -146,7 +148,7 @@ def default_config(**overrides):
         "min_sample_seconds": 0.05,
         "vgg_size": 224,
         "weight_cache": "pairs",
-        "constant_weights": False,
+        "constant_weights": "auto",
         "memory": True,
         "no_agent_variant": True,
         "seed": 0,
@@ -155,6 +157,8 @@ def default_config(**overrides):
     }
     quick = {"models": ["cifar_cnn"], "batch_sizes": [1, 16], "targets": [1.0, 2.0, 4.0], "repeats": 3}
     config = timing.settings(config, overrides, quick, "batch_sizes")
+    setting = config["constant_weights"]  # the flag's strings; the engine takes True, False or "auto"
+    config["constant_weights"] = {"true": True, "false": False}.get(setting, setting)
     for name in config["models"]:
         if name not in NUM_CLASSES and name not in variant_names():
             raise ValueError(f"Unknown model. Expected some of {sorted(NUM_CLASSES) + variant_names()}. "
@@ -944,6 +948,13 @@ def table_rows(rows):
     return out
 
 
+def _weights_setting(constant_weights):
+    """How the report names the batch-1 weights setting."""
+    if constant_weights == "auto":
+        return "graph constants for backbones with at most 32 MB of conv kernels, else variables (`auto`)"
+    return "graph constants" if constant_weights else "variables"
+
+
 def format_markdown(result):
     """The Markdown report: command, machine, table, targets, method."""
     from rnp_tf import report
@@ -961,7 +972,7 @@ def format_markdown(result):
         f"{m['gpus']} GPU(s); load average at the end {m['load_average']}  ",
         f"Settings: median of {c['repeats']} interleaved rounds after {c['warmup']} warm-up calls; "
         f"weight cache `{c['weight_cache']}`; batch-1 weights as "
-        f"{'graph constants' if c.get('constant_weights') else 'variables'}; float32; random weights.",
+        f"{_weights_setting(c.get('constant_weights', False))}; float32; random weights.",
         "",
         report.format_table(table_rows(result["rows"]), TABLE_COLUMNS),
         "",

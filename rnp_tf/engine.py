@@ -36,8 +36,9 @@ The folded weights are computed once when the engine is built; call
 `sync()`, which folds them again only if they changed. The batch-1
 graphs hold the agent's weights as graph constants (a decision's small
 matmuls then read no variable) and are traced again after a refresh; with
-`constant_weights=True` they hold the folded conv weights that way too
-(faster, far more memory).
+`constant_weights=True` (by default for backbones with at most 32 MB of
+conv kernels, such as MobileNetV2) they hold the folded conv weights that
+way too (faster, more memory while the graph is optimised).
 
 `RNPModel.predict` and `RNPModel.predict_details` run through an engine by
 default (see `RNPModel(inference_engine=...)`).
@@ -55,6 +56,37 @@ from rnp_tf import validation
 from rnp_tf.layers import GatedDepthwiseConv2D
 
 WEIGHT_CACHES = ("pairs", "sets")
+CONSTANT_WEIGHTS_LIMIT = 32 * 2**20
+"""Bytes of conv kernels up to which `constant_weights="auto"` makes the batch-1 weights graph constants."""
+
+
+def constant_weights_for(model, constant_weights="auto"):
+    """Whether the batch-1 graphs of `model`'s runners hold the folded conv weights as graph constants.
+
+    Args:
+        model: the `RNPModel`.
+        constant_weights: True, False, or `"auto"`: True when the
+            backbone's conv kernels take at most `CONSTANT_WEIGHTS_LIMIT`
+            bytes (MobileNetV2: 8.9 MB, the CIFAR CNN; not ResNet-50's 94
+            MB or VGG-16's 59 MB, whose constant graphs peak at several GB
+            while they are optimised).
+
+    Returns:
+        A bool.
+
+    Example:
+
+    >>> constant_weights_for(model)  # a MobileNetV2: True
+    True
+    """
+    if isinstance(constant_weights, str) and constant_weights == "auto":
+        folded_bytes = sum(4 * int(np.prod(conv.kernel.shape)) for conv in model.plan.convs)  # float32
+        return folded_bytes <= CONSTANT_WEIGHTS_LIMIT
+    if not isinstance(constant_weights, bool):
+        raise ValueError(
+            f"`constant_weights` must be True, False or 'auto'. Received: constant_weights={constant_weights!r}"
+        )
+    return constant_weights
 
 
 def _check_model(model):
@@ -188,8 +220,12 @@ class InferenceEngine:
             MobileNetV2 and VGG-16 at batch 1, but 3-4.5x the peak memory
             (ResNet-50: 6.9 GB against 1.5 GB) while the graph is built
             and optimised, and `refresh()` retraces it
-            (`docs/results/speed.md`). Default False: the weights stay in
-            variables. The batch-N graphs always read variables.
+            (`docs/results/speed.md`). False: the weights stay in
+            variables. `"auto"` (default): True for a backbone whose conv
+            kernels take at most 32 MB (`constant_weights_for`: MobileNetV2,
+            where the engine at 2x then runs 1.30x its full network's speed
+            instead of 1.02x), False for larger ones (ResNet-50, VGG-16).
+            The batch-N graphs always read variables.
 
     Call arguments:
         x: float images `(batch, height, width, channels)`.
@@ -221,7 +257,7 @@ class InferenceEngine:
     >>> engine.refresh()
     """
 
-    def __init__(self, model, weight_cache="pairs", control_flow=True, constant_weights=False):
+    def __init__(self, model, weight_cache="pairs", control_flow=True, constant_weights="auto"):
         _check_model(model)
         if weight_cache not in WEIGHT_CACHES:
             raise ValueError(
@@ -229,11 +265,10 @@ class InferenceEngine:
                 f"Received: weight_cache={weight_cache!r}"
             )
         validation.check_bool("control_flow", control_flow)
-        validation.check_bool("constant_weights", constant_weights)
         self.model = model
         self.plan = model.plan
         self.groups = model.groups
-        self.constant_weights = constant_weights
+        self.constant_weights = constant_weights_for(model, constant_weights)
         self.num_prunable = model.num_prunable
         self.weight_cache = weight_cache
         self.control_flow = control_flow
@@ -811,10 +846,10 @@ class DenseRunner:
 
     Args:
         model: a built `rnp_tf.RNPModel`.
-        constant_weights: as for `InferenceEngine`: if True the batch-1
-            graph holds the folded weights as graph constants; give both
-            the same value so that the baseline treats its weights as the
-            engine does.
+        constant_weights: as for `InferenceEngine` (default `"auto"`, decided
+            by the same rule): if True the batch-1 graph holds the folded
+            weights as graph constants; give both the same value so that
+            the baseline treats its weights as the engine does.
 
     Call arguments:
         x: float images `(batch, height, width, channels)`.
@@ -828,10 +863,10 @@ class DenseRunner:
     >>> logits = full(x_test[:64])
     """
 
-    def __init__(self, model, constant_weights=False):
+    def __init__(self, model, constant_weights="auto"):
         _check_model(model)
         self.model = model
-        self.constant_weights = validation.check_bool("constant_weights", constant_weights)
+        self.constant_weights = constant_weights_for(model, constant_weights)
         k = model.groups
         self.weights = {
             conv.name: _FoldedWeights._variables(*conv.folded_weights(k, k), conv.name)

@@ -412,6 +412,19 @@ def test_uniform_actions_helper():
         uniform_actions(0, [1])
 
 
+def test_constant_weights_auto_follows_the_size_of_the_conv_kernels(model, monkeypatch):
+    """`"auto"` (the default): graph constants for a small backbone, variables above the limit."""
+    kernel_bytes = sum(4 * int(np.prod(conv.kernel.shape)) for conv in model.plan.convs)
+    assert rnp_tf.engine.constant_weights_for(model) is True
+    assert InferenceEngine(model).constant_weights is True and DenseRunner(model).constant_weights is True
+    monkeypatch.setattr(rnp_tf.engine, "CONSTANT_WEIGHTS_LIMIT", kernel_bytes - 1)
+    assert rnp_tf.engine.constant_weights_for(model) is False
+    assert InferenceEngine(model).constant_weights is False and DenseRunner(model).constant_weights is False
+    assert InferenceEngine(model, constant_weights=True).constant_weights is True
+    with pytest.raises(ValueError, match="True, False or 'auto'. Received: constant_weights='yes'"):
+        DenseRunner(model, constant_weights="yes")
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
