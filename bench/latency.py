@@ -951,7 +951,10 @@ def table_rows(rows):
 def _weights_setting(constant_weights):
     """How the report names the batch-1 weights setting."""
     if constant_weights == "auto":
-        return "graph constants for backbones with at most 32 MB of conv kernels, else variables (`auto`)"
+        from rnp_tf import engine as engine_lib
+
+        limit = engine_lib.CONSTANT_WEIGHTS_LIMIT / 2**20
+        return f"graph constants for backbones with at most {limit:g} MB of conv kernels, else variables (`auto`)"
     return "graph constants" if constant_weights else "variables"
 
 
