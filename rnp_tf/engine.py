@@ -223,8 +223,9 @@ class InferenceEngine:
             (`docs/results/speed.md`). False: the weights stay in
             variables. `"auto"` (default): True for a backbone whose conv
             kernels take at most 32 MB (`constant_weights_for`: MobileNetV2,
-            where the engine at 2x then runs 1.30x its full network's speed
-            instead of 1.02x), False for larger ones (ResNet-50, VGG-16).
+            where the engine at 2x then runs 1.21x-1.30x its full network's
+            speed instead of 1.02x), False for larger ones (ResNet-50,
+            VGG-16).
             The batch-N graphs always read variables.
 
     Call arguments:
