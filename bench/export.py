@@ -13,8 +13,13 @@ the MAC ratio of the backbone):
   one signature per (layer, previous action, action), head) against
   `full.tflite` (the unpruned network, one signature);
 - onnxruntime, batch 1: `rnp_b1.onnx` (nested `If`) against `full.onnx`;
-- onnxruntime, batch 64: `rnp.onnx` (gather/scatter, every sample the same
-  actions) against `full.onnx`;
+- onnxruntime, batch 64: `rnp.onnx` (gather/scatter) against `full.onnx`,
+  twice per point: `uniform` (every sample the same actions) and `mixed`
+  (per-sample actions, `bench.latency.mixed_actions`: each sample's action
+  at each layer moved by -1/0/+1 from the point's tuple, a quarter of the
+  skips flipped, the batch's mean MACs within 0.5% of the tuple's, the
+  same batch `bench.latency` times in TensorFlow); `rnp.onnx` then holds
+  the branches of the mixed batches too;
 - with `--runtimes=saved_model` (not in the default run), TensorFlow:
   `export.saved_model`'s sliced SavedModel, its `forced_single` signature
   (the batch-1 `If` tree) at batch 1 and `forced` (gather/scatter) at the
@@ -106,7 +111,9 @@ flags.DEFINE_bool("isolate", True, "Convert each file in its own process (frees 
                   "measures its peak).", flag_values=FLAGS)
 flags.DEFINE_bool("breakdown", True, "Also time the pieces: TFLite per signature, onnxruntime per operator "
                   "type (profiling).", flag_values=FLAGS)
-flags.DEFINE_integer("seed", 0, "Seed of weights and inputs.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of weights, inputs and mixed actions.", flag_values=FLAGS)
+flags.DEFINE_bool("mixed", True, "onnxruntime above batch 1: also time a batch of per-sample actions per point "
+                  "(`rnp.onnx` then holds their branches too).", flag_values=FLAGS)
 flags.DEFINE_list("runtimes", ["tflite", "onnxruntime"], "Runtimes to export for and time: tflite, onnxruntime, "
                   "saved_model (TensorFlow, at the --ort_batch_sizes).", flag_values=FLAGS)
 
@@ -114,7 +121,7 @@ SCHEMA_VERSION = 1
 RUNTIMES = ("tflite", "onnxruntime", "saved_model")
 DEFAULT_RUNTIMES = ("tflite", "onnxruntime")
 ROW_KEYS = (
-    "model", "image_size", "runtime", "artifact", "batch_size", "target_speedup", "theoretical_speedup",
+    "model", "image_size", "runtime", "artifact", "batch_size", "mode", "target_speedup", "theoretical_speedup",
     "actions", "full_ms", "rnp_ms", "measured_speedup", "paired_speedup", "efficiency", "paired_efficiency",
     "full_ms_p25", "full_ms_p75", "rnp_ms_p25", "rnp_ms_p75", "max_abs_logit_diff",
 )
@@ -151,6 +158,7 @@ def default_config(**overrides):
         "isolate": True,
         "breakdown": True,
         "seed": 0,
+        "mixed": True,
         "runtimes": list(DEFAULT_RUNTIMES),
     }
     quick = {"models": ["cifar_cnn"], "targets": [2.0, 4.0], "ort_batch_sizes": [1, 8], "repeats": 3,
@@ -173,7 +181,7 @@ def default_config(**overrides):
 
 
 # -------------------------------------------------------------------- export
-def artifact_plan(points, all_branches):
+def artifact_plan(points, all_branches, batched_tuples=()):
     """The files to write: name -> (kind, action tuples the network is restricted to, or None).
 
     TFLite: `rnp.tflite` with every branch, or one `rnp_point<i>.tflite` per
@@ -184,6 +192,13 @@ def artifact_plan(points, all_branches):
     (nested `If`) over the branches of all points, and `full.onnx`.
     SavedModel (directories): `rnp.savedmodel` (`export.saved_model`'s
     sliced graphs over the same branches) and `full.savedmodel`.
+    `batched_tuples` (the mixed batches' rows) join the points' tuples in
+    `rnp.onnx` only.
+
+    Example:
+
+    >>> artifact_plan([{"actions": [2, 2]}], False, [[1, 2]])["rnp.onnx"]
+    ('onnx_batched', [[2, 2], [1, 2]])
     """
     tuples = [p["actions"] for p in points]
     plan = {}
@@ -193,7 +208,9 @@ def artifact_plan(points, all_branches):
         for i, point in enumerate(points):
             plan[f"rnp_point{i}.tflite"] = ("tflite_rnp", [point["actions"]])
     plan["full.tflite"] = ("tflite_full", "full")
-    plan["rnp.onnx"] = ("onnx_batched", None if all_branches else tuples)
+    extra = [list(r) for r in batched_tuples if list(r) not in tuples]
+    plan["rnp.onnx"] = ("onnx_batched", None if all_branches else tuples + [r for i, r in enumerate(extra)
+                                                                            if r not in extra[:i]])
     plan["rnp_b1.onnx"] = ("onnx_single", None if all_branches else tuples)
     plan["full.onnx"] = ("onnx_full", "full")
     plan["rnp.savedmodel"] = ("saved_model_rnp", None if all_branches else tuples)
@@ -404,13 +421,14 @@ def check_logits(label, got, ref, atol=1e-4):
     return diff
 
 
-def _rows(model_name, image_size, runtime, artifact, batch, points, times, diffs):
+def _rows(model_name, image_size, runtime, artifact, batch, points, times, diffs, mode="uniform"):
+    """One row per point from `times` (`full`, and `rnp<i>` or, for `mode` "mixed", `mixed<i>`)."""
     import numpy as np
 
     rows = []
     full = times["full"]
     for i, point in enumerate(points):
-        rnp = times[f"rnp{i}"]
+        rnp = times[f"{'mixed' if mode == 'mixed' else 'rnp'}{i}"]
         theoretical = point["theoretical_speedup"]
         full_ms, rnp_ms = 1e3 * full["median_s"], 1e3 * rnp["median_s"]
         paired = float(np.median(np.asarray(full["samples_s"]) / np.asarray(rnp["samples_s"])))
@@ -422,6 +440,7 @@ def _rows(model_name, image_size, runtime, artifact, batch, points, times, diffs
                 "runtime": runtime,
                 "artifact": artifact,
                 "batch_size": batch,
+                "mode": mode,
                 "target_speedup": point["target"],
                 "theoretical_speedup": theoretical,
                 "actions": point["actions"],
@@ -508,8 +527,13 @@ def time_tflite(model_name, image_size, paths, points, references, x, config, co
     return _rows(model_name, image_size, "tflite", f"{artifact} (TFLiteRNPRunner)", 1, points, times, diffs)
 
 
-def time_onnxruntime(model_name, image_size, paths, points, references, x, batch, config):
-    """onnxruntime at one batch size: `rnp_b1.onnx` at batch 1, `rnp.onnx` above, vs `full.onnx`."""
+def time_onnxruntime(model_name, image_size, paths, points, references, x, batch, config, mixed=None):
+    """onnxruntime at one batch size: `rnp_b1.onnx` at batch 1, `rnp.onnx` above, vs `full.onnx`.
+
+    `mixed` (above batch 1): per point, `(actions, forced)` of a batch of
+    per-sample actions (`bench.latency.mixed_actions`), checked against
+    `references["mixed"][batch]` and timed as rows of mode "mixed".
+    """
     import numpy as np
 
     from export import onnx as onnx_export
@@ -531,10 +555,22 @@ def time_onnxruntime(model_name, image_size, paths, points, references, x, batch
     fns = {"full": lambda: full.run(["logits"], {"images": images})}
     for i, feed in enumerate(feeds):
         fns[f"rnp{i}"] = lambda feed=feed: rnp.run(["logits"], feed)
+    mixed_diffs = []
+    for i, (actions, forced) in enumerate(mixed or []):
+        feed = {"images": images, "forced_actions": np.asarray(forced, np.int32)}
+        logits, got = rnp.run(["logits", "actions"], feed)
+        if not (got == np.asarray(actions)).all():
+            raise RuntimeError(f"{name} ran other actions than the mixed batch of point {i}")
+        mixed_diffs.append(check_logits(f"{name} on the mixed batch of point {i}", logits[:8],
+                                        references["mixed"][batch][i]))
+        fns[f"mixed{i}"] = lambda feed=feed: rnp.run(["logits"], feed)
     times = _measure(fns, config)
     rnp = full = fns = None  # free the sessions before the next stage
     gc.collect()
-    return _rows(model_name, image_size, "onnxruntime", name, batch, points, times, diffs)
+    rows = _rows(model_name, image_size, "onnxruntime", name, batch, points, times, diffs)
+    if mixed:
+        rows += _rows(model_name, image_size, "onnxruntime", name, batch, points, times, mixed_diffs, "mixed")
+    return rows
 
 
 def time_saved_model(model_name, image_size, paths, points, references, x, batch, config):
@@ -760,13 +796,23 @@ def run_benchmark(config, log=print, progress=None):
                 "points": [model.rollout(x[:8], actions=np.tile(p["actions"], (len(x[:8]), 1)))["logits"].numpy()
                            for p in points],
                 "full": model.rollout(x[:8], actions=full_tuple)["logits"].numpy(),
+                "mixed": {},
             }
+            larger = [b for b in config["ort_batch_sizes"] if b > 1]
+            mixed = {}  # batch -> per point (actions, forced): the per-sample batches of onnxruntime
+            if "onnxruntime" in runtimes:
+                for b in larger if config["mixed"] else []:
+                    batches = [latency.mixed_actions(model, p["actions"], b, seed=config["seed"] + i)
+                               for i, p in enumerate(points)]
+                    mixed[b] = [(a.tolist(), verification.exported_forced(a, model.plan).tolist()) for a in batches]
+                    references["mixed"][b] = [model.rollout(x[:8], actions=a[:8])["logits"].numpy() for a in batches]
             info = {
                 "image_shape": list(model.image_shape),
                 "full_macs": float(model.full_macs),
                 "operating_points": points,
                 "artifacts": {},
                 "load_average_before": load_before,
+                "mixed_actions": {str(b): [a for a, _ in rows] for b, rows in mixed.items()},
             }
             models_out[f"{model_name} {size}px"] = info
             if config["isolate"]:  # the converting processes rebuild it: free the memory meanwhile
@@ -775,8 +821,8 @@ def run_benchmark(config, log=print, progress=None):
                 model = None
             scope = "every branch" if model_name in config["all_branches_models"] else "the points only"
             log(f"{model_name}: exporting ({scope})")
-            plan = artifact_plan(points, model_name in config["all_branches_models"])
-            larger = [b for b in config["ort_batch_sizes"] if b > 1]
+            plan = artifact_plan(points, model_name in config["all_branches_models"],
+                                 [r for rows in mixed.values() for a, _ in rows for r in a])
             # each runtime is timed as soon as its files exist
             stages = []
             if "tflite" in runtimes:
@@ -789,7 +835,8 @@ def run_benchmark(config, log=print, progress=None):
             if "onnxruntime" in runtimes and larger:
                 stages.append((["full.onnx", "rnp.onnx"], lambda paths: [
                     row for b in larger
-                    for row in time_onnxruntime(model_name, size, paths, points, references, x, b, config)
+                    for row in time_onnxruntime(model_name, size, paths, points, references, x, b, config,
+                                                mixed.get(b))
                 ]))
             if "saved_model" in runtimes:
                 stages.append((["full.savedmodel", "rnp.savedmodel"], lambda paths: [
@@ -906,7 +953,7 @@ def evaluate_targets(rows, threshold=0.8):
 
 
 # ------------------------------------------------------------------ outputs
-TABLE_COLUMNS = ["model", "runtime", "batch", "target", "theoretical", "full ms", "rnp ms", "measured",
+TABLE_COLUMNS = ["model", "runtime", "batch", "actions", "target", "theoretical", "full ms", "rnp ms", "measured",
                  "efficiency", "paired eff.", "max abs dlogits"]
 
 
@@ -918,6 +965,7 @@ def table_rows(rows):
             "runtime": {"tflite": "tflite", "saved_model": f"TF {r['artifact']}"}.get(
                 r["runtime"], f"ORT {r['artifact']}"),
             "batch": r["batch_size"],
+            "actions": r.get("mode") or "uniform",
             "target": f"{r['target_speedup']:g}x",
             "theoretical": f"{r['theoretical_speedup']:.2f}x",
             "full ms": round(r["full_ms"], 2),
@@ -1025,7 +1073,8 @@ def plot_speedups(result, path):
         ax.plot([1, top], [0.8, 0.8 * top], color="grey", linestyle=":", label="efficiency 0.8")
         series = {}
         for r in chosen:
-            key = f"{r['runtime']} b{r['batch_size']} ({r['image_size']}px)"
+            mode = "" if r.get("mode", "uniform") == "uniform" else f" {r['mode']}"
+            key = f"{r['runtime']} b{r['batch_size']}{mode} ({r['image_size']}px)"
             series.setdefault(key, []).append((r["theoretical_speedup"], r["measured_speedup"]))
         timing.draw_speedups(ax, series, f"{model_name}: exported RNP vs exported full")
     fig.tight_layout()
@@ -1045,7 +1094,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     names = ("models", "targets", "ort_batch_sizes", "repeats", "warmup", "min_sample_seconds", "threads",
-             "vgg_size", "ort_vgg_size", "all_branches_models", "workdir", "isolate", "breakdown", "seed", "runtimes")
+             "vgg_size", "ort_vgg_size", "all_branches_models", "workdir", "isolate", "breakdown", "seed", "mixed",
+             "runtimes")
     try:
         config = default_config(
             quick=FLAGS.quick,

@@ -32,10 +32,13 @@ def test_quick_run_writes_the_table_json_and_plot(tmp_path, run_module):
     for key in ("2x", "4x"):
         assert split[key]["conv_ms"] > 0 and split[key]["bound_efficiency"] >= split[key]["efficiency"] > 0
     rows = result["rows"]
-    # TFLite at batch 1, onnxruntime at batch 1 and 8; two points each
-    assert sorted((r["runtime"], r["batch_size"]) for r in rows) == sorted(
-        [("tflite", 1)] * 2 + [("onnxruntime", 1)] * 2 + [("onnxruntime", 8)] * 2
+    # TFLite at batch 1, onnxruntime at batch 1 and 8 (uniform and per-sample mixed actions); two points each
+    assert sorted((r["runtime"], r["batch_size"], r["mode"]) for r in rows) == sorted(
+        [("tflite", 1, "uniform")] * 2 + [("onnxruntime", 1, "uniform")] * 2
+        + [("onnxruntime", 8, "uniform")] * 2 + [("onnxruntime", 8, "mixed")] * 2
     )
+    mixed = info["mixed_actions"]["8"]
+    assert len(mixed) == 2 and all(len(a) == 8 and len(set(map(tuple, a))) > 1 for a in mixed)
     for r in rows:
         assert set(r) == set(bench_export.ROW_KEYS)
         assert r["full_ms"] > 0 and r["rnp_ms"] > 0
@@ -45,7 +48,7 @@ def test_quick_run_writes_the_table_json_and_plot(tmp_path, run_module):
         assert 1.5 < r["theoretical_speedup"] < 5.0
     assert [t["met"] for t in result["targets"]] == [None] * 4  # no 224x224 rows in a quick run
     table = (tmp_path / "export.md").read_text()
-    assert "| cifar_cnn 32px | tflite" in table and "ORT rnp_b1.onnx" in table
+    assert "| cifar_cnn 32px | tflite" in table and "ORT rnp_b1.onnx" in table and "| mixed " in table
     assert "## Where onnxruntime's batch-1 time goes" in table and "| cifar_cnn 32px | 4x " in table
     assert (tmp_path / "export.png").stat().st_size > 1000
 
@@ -148,3 +151,13 @@ def test_skip_models_run_in_every_runtime():
         ("resnet50+skip", ("tflite", "onnxruntime")), ("mobilenet_v2", ("tflite", "onnxruntime"))]
     with pytest.raises(ValueError, match="Unknown model"):
         bench_export.default_config(models=["vgg16+skip"])
+
+
+def test_artifact_plan_puts_the_mixed_rows_in_the_batched_onnx_only():
+    """The mixed batches' rows widen `rnp.onnx`'s restriction, once each; the other files keep the points'."""
+    points = [{"actions": [2, 2]}, {"actions": [1, 1]}]
+    plan = bench_export.artifact_plan(points, False, [[1, 2], [2, 2], [1, 2], [2, 1]])
+    assert plan["rnp.onnx"] == ("onnx_batched", [[2, 2], [1, 1], [1, 2], [2, 1]])
+    assert plan["rnp_b1.onnx"] == ("onnx_single", [[2, 2], [1, 1]])
+    assert plan["rnp_point0.tflite"] == ("tflite_rnp", [[2, 2]])
+    assert bench_export.artifact_plan(points, True, [[1, 2]])["rnp.onnx"] == ("onnx_batched", None)
