@@ -20,8 +20,9 @@
     their (previous action, action) pair, one convolution per group on its
     weight slice; the groups stay narrow until a conv of full output or
     the head, whose results are stitched back in batch order). No control
-    flow at all, so it converts to ONNX for onnxruntime and TensorRT and
-    runs in a SavedModel.
+    flow by default, so it converts to ONNX for TensorRT and runs in a
+    SavedModel; with `skip_empty=True` (`rnp.onnx`, for onnxruntime) each
+    group's convs sit in a `tf.cond` that skips an empty group.
   * `single(image, forced_actions, penalty)`: batch 1, the branch picked by
     a nested binary tree of `tf.cond` on the scalar action
     (`IfTreeExecutor`; ONNX `If` after freezing with lowered control flow).
@@ -498,7 +499,7 @@ class SlicedNetwork:
         return self._consts[(key, index)]
 
     def _all_constants(self):
-        """Makes up front the constants that several of `single`'s branches share (see `constants`)."""
+        """Makes up front the constants that several `tf.cond` branches share (`single`, `batched(skip_empty=True)`)."""
         for key, value in self._arrays.items():
             kind = key[0] if isinstance(key, tuple) else key
             for index, item in enumerate(value):
@@ -948,8 +949,8 @@ class SlicedNetwork:
         actions = self._tf.stack(out.actions, axis=1)
         return {"logits": out.logits, "actions": actions, "macs": self.spent(out.actions, executor.batch)}
 
-    def batched(self, images, forced_actions=None, penalty=None, channels_first=False):
-        """Any batch size; per-sample actions by gather/scatter, no control flow (`GatherScatterExecutor`).
+    def batched(self, images, forced_actions=None, penalty=None, channels_first=False, skip_empty=False):
+        """Any batch size; per-sample actions by gather/scatter (`GatherScatterExecutor`).
 
         Args:
             images: float32 `[n, H, W, C]`.
@@ -961,14 +962,19 @@ class SlicedNetwork:
                 convolutions are NCHW, so an NHWC graph converts with a
                 transpose on each side of every conv, and onnxruntime cannot
                 cancel those next to the gathers (`export.onnx`).
+            skip_empty: run a group's convs only when it holds samples (a
+                `tf.cond`, ONNX `If`), instead of on one row that belongs to
+                no sample (`GatherScatterExecutor`).
 
         Returns:
             dict: `logits` `[n, classes]`, `actions` int32 `[n, T]`, `macs` float32 `[n]`.
         """
         with self.constants(), self.layout(channels_first):
             n = self._tf.shape(images)[0]
-            return self.run(self.laid_out(images), GatherScatterExecutor(self, n), self.penalties(penalty, n),
-                            forced_actions)
+            if skip_empty:  # constants that several groups' `tf.cond` branches share
+                self._all_constants()
+            return self.run(self.laid_out(images), GatherScatterExecutor(self, n, skip_empty),
+                            self.penalties(penalty, n), forced_actions)
 
     def single(self, images, forced_actions=None, penalty=None, channels_first=False):
         """Batch 1: the (previous action, action) branch chosen by nested `tf.cond` (`IfTreeExecutor`).
@@ -1221,7 +1227,8 @@ class Piece:
 
     Attributes:
         x: a map holding exactly `width` groups (or full width), at least
-            one row (an empty group keeps one row that belongs to no sample).
+            one row (an empty group keeps one row that belongs to no sample)
+            unless the executor skips empty groups.
         idx: int32 `[m]`, the batch rows of the piece's samples (None: every
             row of the batch, in order).
         sel: int32 `[m]`, the rows of `x` that hold them (None: the first `m`).
@@ -1233,7 +1240,7 @@ class Piece:
 
 
 class GatherScatterExecutor(SegmentExecutor):
-    """Any batch size: per-sample actions by gather and one stitch per block, no control flow.
+    """Any batch size: per-sample actions by gather and one stitch per block.
 
     At each prunable conv the samples are grouped by their (previous
     action, action) pair: each group is gathered from the `Piece` of its
@@ -1248,10 +1255,22 @@ class GatherScatterExecutor(SegmentExecutor):
     batch 64 at 224x224 in onnxruntime at 2x: 0.44x -> 0.59x the full
     network's speed, 0.84x once channels-first; `docs/results/speed.md`).
 
+    An empty group runs on one row that belongs to no sample (no control
+    flow: what TensorRT's graph keeps) or, with `skip_empty`, not at all:
+    its convs sit in a `tf.cond` (ONNX `If`) and it yields a piece of no
+    rows. In onnxruntime that saves a whole one-row conv per empty group:
+    every (previous action, action) branch of a file with every branch.
+
     Args:
         net: the `SlicedNetwork`.
         batch: the batch size, a scalar int32 tensor.
+        skip_empty: guard each group's convs by `tf.cond` instead of
+            running them on a row of padding.
     """
+
+    def __init__(self, net, batch, skip_empty=False):
+        super().__init__(net, batch)
+        self.skip_empty = bool(skip_empty)
 
     def build(self, segment, pooled=True):
         tf, net, t = self.tf, self.net, segment.t
@@ -1285,9 +1304,24 @@ class GatherScatterExecutor(SegmentExecutor):
         """A conv of full output on each piece at its input width, stitched back to batch order."""
         hw = self.net.conv_in_hw[layer.name]
         pieces = self._split(h, in_action, layer.in_group_size, hw)
-        outs = [self._or_zeros(pc, pc.width and self.net.kept_conv(layer, pc.x, pc.width), layer.output_hw,
-                               layer.filters) for pc in pieces]
+        outs = [self._or_zeros(pc, pc.width and self._guarded(
+            pc.x, lambda x, w=pc.width: self.net.kept_conv(layer, x, w)), layer.output_hw, layer.filters)
+            for pc in pieces]
         return self._stitch(pieces, outs)
+
+    def _guarded(self, x, fn):
+        """`fn(x)`, or with `skip_empty` `fn` in a `tf.cond` that returns no rows when `x` has none."""
+        if not self.skip_empty:
+            return fn(x)
+        tf = self.tf
+        shape = {}
+
+        def run():  # traced first (cond_v2): the empty branch takes its output's shape
+            y = fn(x)
+            shape["y"] = y.shape[1:]
+            return y
+
+        return tf.cond(tf.shape(x)[0] > 0, run, lambda: tf.zeros([0, *shape["y"]], tf.float32))
 
     def _or_zeros(self, pc, y, hw, channels):
         """`y`, or for a skipped block's piece (width 0) zeros of its rows: maps of `hw` or (`hw` None) vectors."""
@@ -1301,7 +1335,7 @@ class GatherScatterExecutor(SegmentExecutor):
     def classify(self, h, last_action):
         net = self.net
         pieces = self._split(h, last_action, net.head_group, net.head_hw)
-        return self._stitch(pieces, [net.head(pc.x, pc.width) for pc in pieces])
+        return self._stitch(pieces, [self._guarded(pc.x, lambda x, w=pc.width: net.head(x, w)) for pc in pieces])
 
     def _split(self, h, action, group_size, hw):
         """Pieces as they are, or a full map (zero beyond each sample's prefix) split by `action`."""
@@ -1330,11 +1364,13 @@ class GatherScatterExecutor(SegmentExecutor):
         """
         tf = self.tf
         positions = local if pc.sel is None else tf.gather(pc.sel, local)
-        missing = tf.maximum(1 - tf.shape(positions)[0], 0)
-        x = tf.gather(pc.x, tf.concat([positions, tf.zeros(tf.reshape(missing, [1]), tf.int32)], 0))
+        if not self.skip_empty:
+            missing = tf.maximum(1 - tf.shape(positions)[0], 0)
+            positions = tf.concat([positions, tf.zeros(tf.reshape(missing, [1]), tf.int32)], 0)
+        x = tf.gather(pc.x, positions)
         x = self.net.first_channels(x, channels)  # zero-padded: a full-width input after a prefix
         rows = local if pc.idx is None else tf.gather(pc.idx, local)
-        return Piece(fn(tf.reshape(x, self.net.map_shape(hw, channels))), rows, width)
+        return Piece(self._guarded(tf.reshape(x, self.net.map_shape(hw, channels)), fn), rows, width)
 
     def _merged(self, group):
         """One piece from pieces of one width: their maps concatenated, their samples' rows tracked."""

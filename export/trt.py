@@ -5,7 +5,8 @@ Writes into `--output` (default `ckpt/export/`):
 - `rnp_trt.onnx`: the TensorRT-ready ONNX: the gather/scatter graph of
   `export.onnx` (per-sample actions by NonZero/Gather/ScatterND, no `If`
   or `Loop`: TensorRT's `If` needs a scalar condition, so per-sample
-  choices at batch > 1 cannot be branches), with two inputs: `images`
+  choices at batch > 1 cannot be branches, and an empty group runs on a
+  row of padding, where `rnp.onnx` skips it by an `If`), with two inputs: `images`
   and `penalty` (float32 `[1]`, required: the run-time knob of
   `RNPModel.set_penalty`; TensorRT would freeze an input that has a
   default, so its default, `--penalty` or the model's saved setting, is in
@@ -351,7 +352,7 @@ def export_trt(model_dir, output=None, fp16=False, benchmark=False, max_batch=64
         knob = verification.knob_inputs(net, num_parity_images)
         log(f"converting the gather/scatter model for TensorRT (opset {onnx_export.OPSET})")
         protos = {
-            "rnp_trt.onnx": onnx_export.bake_greedy(onnx_export.convert_batched(net)),
+            "rnp_trt.onnx": onnx_export.bake_greedy(onnx_export.convert_batched(net, skip_empty=False)),
             "full.onnx": onnx_export.convert_full(net),
         }
         report = {

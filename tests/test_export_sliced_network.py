@@ -18,12 +18,16 @@ def run_tf(net, fn_name):
     t = net.num_prunable
     h, w, c = net.image_shape
     batch = None if fn_name.startswith("batched") else 1
-    method = getattr(net, fn_name.removesuffix("_nchw"))
+    method = getattr(net, fn_name.removesuffix("_nchw").removesuffix("_onnx"))
     if fn_name.endswith("_nchw"):  # the layout the ONNX exports compute in
         graph = method
 
         def method(images, forced, penalty):
             return graph(images, forced, penalty, channels_first=True)
+
+    if fn_name == "batched_onnx":  # what `rnp.onnx` is traced from: empty groups skipped by `tf.cond`
+        def method(images, forced, penalty):
+            return net.batched(images, forced, penalty, channels_first=True, skip_empty=True)
 
     fn = tf.function(
         method,
@@ -154,7 +158,7 @@ def test_residual_batched_graph_at_any_batch(residual_model, check_residual_batc
     """Per-sample actions in one batch: most (previous action, action) groups and input widths are empty."""
     model = residual_model()
     net = sliced_network.SlicedNetwork(model)
-    for name in ("batched", "batched_nchw"):
+    for name in ("batched", "batched_nchw", "batched_onnx"):
         check_residual_batches(model, run_tf(net, name), verification.parity_images(net, 8), batch)
 
 
@@ -201,7 +205,7 @@ def test_mobilenet_batched_graph_at_any_batch(mobilenet_model, check_residual_ba
     """Per-sample actions in one batch: one gather/scatter group per action runs a whole inverted residual."""
     model = mobilenet_model()
     net = sliced_network.SlicedNetwork(model)
-    for name in ("batched", "batched_nchw"):
+    for name in ("batched", "batched_nchw", "batched_onnx"):
         check_residual_batches(model, run_tf(net, name), verification.parity_images(net, 8), batch)
 
 
@@ -237,7 +241,7 @@ def test_skipped_blocks_in_every_graph(kind, skippable_bottleneck, residual_mode
     assert 0 < (greedy == 0).mean() < 1  # the agent skips some images and not others
     tuples = verification.action_tuples(net.num_prunable, net.groups, limit=16, skips=model.plan.skip_columns)
     assert (tuples[:, first] == 0).any() and (tuples[:, first] > 0).any()
-    for name in ("batched", "batched_nchw", "single", "single_nchw"):
+    for name in ("batched", "batched_nchw", "batched_onnx", "single", "single_nchw"):
         result = verification.check_artifact(name, model, run_tf(net, name), images, tuples)
         assert result["greedy"]["action_agreement"] == 1.0 and result["forced"]["action_agreement"] == 1.0
     np.testing.assert_allclose(net.macs_of(tuples), model.macs(tuples).numpy(), rtol=1e-6)
@@ -268,7 +272,7 @@ def test_tied_decisions_in_every_graph(residual_model, tied_residual):
     assert net.decides == {"stem": 0, ("conv", 0): 1}  # no decision where the identity block opens
     images = verification.parity_images(net, 8)
     tuples = verification.action_tuples(net.num_prunable, net.groups, limit=16)
-    for name in ("batched", "batched_nchw", "single", "single_nchw"):
+    for name in ("batched", "batched_nchw", "batched_onnx", "single", "single_nchw"):
         result = verification.check_artifact(name, model, run_tf(net, name), images, tuples)
         assert result["greedy"]["action_agreement"] == 1.0 and result["forced"]["action_agreement"] == 1.0
         assert result["greedy"]["distinct_action_tuples"] > 1
