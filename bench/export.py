@@ -19,7 +19,8 @@ the MAC ratio of the backbone):
   at each layer moved by -1/0/+1 from the point's tuple, a quarter of the
   skips flipped, the batch's mean MACs within 0.5% of the tuple's, the
   same batch `bench.latency` times in TensorFlow); `rnp.onnx` then holds
-  the branches of the mixed batches too;
+  the branches of the mixed batches too (`--nomixed`: the points' only;
+  with VGG-16 at 224x224 the mixed batches' branches are most of them);
 - with `--runtimes=saved_model` (not in the default run), TensorFlow:
   `export.saved_model`'s sliced SavedModel, its `forced_single` signature
   (the batch-1 `If` tree) at batch 1 and `forced` (gather/scatter) at the
@@ -113,7 +114,8 @@ flags.DEFINE_bool("breakdown", True, "Also time the pieces: TFLite per signature
                   "type (profiling).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Seed of weights, inputs and mixed actions.", flag_values=FLAGS)
 flags.DEFINE_bool("mixed", True, "onnxruntime above batch 1: also time a batch of per-sample actions per point "
-                  "(`rnp.onnx` then holds their branches too).", flag_values=FLAGS)
+                  "(`rnp.onnx` then holds their branches too: for VGG-16 at 224x224 an estimated 1.4 GB, "
+                  "--nomixed keeps it to the points' branches).", flag_values=FLAGS)
 flags.DEFINE_list("runtimes", ["tflite", "onnxruntime"], "Runtimes to export for and time: tflite, onnxruntime, "
                   "saved_model (TensorFlow, at the --ort_batch_sizes).", flag_values=FLAGS)
 
