@@ -266,7 +266,7 @@ def convert_batched(net, skip_empty=True):
     Args:
         net: the `SlicedNetwork`.
         skip_empty: each (previous action, action) group's convs in an `If`
-            that skips the group when no sample took it (onnxruntime: 1-12%
+            that skips the group when no sample took it (onnxruntime: 0-21%
             faster at batch 64). False for TensorRT (`export.trt`), whose
             `If` needs one condition for the whole batch: an empty group then
             runs on one row of padding.
