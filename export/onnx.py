@@ -5,13 +5,14 @@ Writes into `--output` (default `ckpt/export/`):
 - `rnp.onnx`: any batch size (dynamic `batch`), per-sample actions with
   gather/scatter: at each prunable conv the samples are grouped by their
   (previous action, action) pair (NonZero + Gather), each group convolved on
-  its weight slice and scattered back (ScatterND). No `If` or `Loop`: the
-  form TensorRT accepts (see `export.trt`).
+  its weight slice inside an `If` that skips the group when no sample took
+  it, and the groups are stitched back in batch order (Concat + Gather).
+  `export.trt` writes the same graph without any `If` (an empty group runs
+  on one padding sample), the form TensorRT accepts.
 - `rnp_b1.onnx`: batch 1 only; the branch of every prunable conv is picked
   by nested `If` nodes on the scalar action (from nested `tf.cond`, frozen
   with lowered control flow), so only the chosen slice runs: the fast path
-  at batch 1, where `rnp.onnx` would run every group (empty ones on one
-  padding sample).
+  at batch 1, where `rnp.onnx` would still gather and stitch.
 - `full.onnx`: the unpruned network (every group, no agent), the baseline
   for latency comparisons.
 - `onnx.json`: the parity results, the operators used and onnxruntime
