@@ -210,9 +210,11 @@ def artifact_plan(points, all_branches, batched_tuples=()):
         for i, point in enumerate(points):
             plan[f"rnp_point{i}.tflite"] = ("tflite_rnp", [point["actions"]])
     plan["full.tflite"] = ("tflite_full", "full")
-    extra = [list(r) for r in batched_tuples if list(r) not in tuples]
-    plan["rnp.onnx"] = ("onnx_batched", None if all_branches else tuples + [r for i, r in enumerate(extra)
-                                                                            if r not in extra[:i]])
+    batched = list(tuples)  # the points' tuples, then each other row once
+    for row in map(list, batched_tuples):
+        if row not in batched:
+            batched.append(row)
+    plan["rnp.onnx"] = ("onnx_batched", None if all_branches else batched)
     plan["rnp_b1.onnx"] = ("onnx_single", None if all_branches else tuples)
     plan["full.onnx"] = ("onnx_full", "full")
     plan["rnp.savedmodel"] = ("saved_model_rnp", None if all_branches else tuples)
@@ -548,23 +550,24 @@ def time_onnxruntime(model_name, image_size, paths, points, references, x, batch
         {"images": images, "forced_actions": np.tile(np.asarray(_forced(p), np.int32), (batch, 1))} for p in points
     ]
     check_logits("full.onnx", full.run(["logits"], {"images": images})[0][:8], references["full"][:batch])
-    diffs = []
-    for feed, ref, point in zip(feeds, references["points"], points):
+
+    def checked(label, feed, expected, ref):
+        """One run of `feed`: its actions must equal `expected`; returns its logits' difference from `ref`."""
         logits, actions = rnp.run(["logits", "actions"], feed)
-        if not (actions == np.asarray(point["actions"])[None]).all():
-            raise RuntimeError(f"{name} ran other actions than {point['actions']}")
-        diffs.append(check_logits(f"{name} at {point['actions']}", logits[:8], ref[:batch]))
+        if not (actions == expected).all():
+            raise RuntimeError(f"{name} ran other actions than {label}")
+        return check_logits(f"{name} at {label}", logits[:8], ref)
+
+    diffs = [checked(str(point["actions"]), feed, np.asarray(point["actions"])[None], ref[:batch])
+             for feed, ref, point in zip(feeds, references["points"], points)]
     fns = {"full": lambda: full.run(["logits"], {"images": images})}
     for i, feed in enumerate(feeds):
         fns[f"rnp{i}"] = lambda feed=feed: rnp.run(["logits"], feed)
     mixed_diffs = []
     for i, (actions, forced) in enumerate(mixed or []):
         feed = {"images": images, "forced_actions": np.asarray(forced, np.int32)}
-        logits, got = rnp.run(["logits", "actions"], feed)
-        if not (got == np.asarray(actions)).all():
-            raise RuntimeError(f"{name} ran other actions than the mixed batch of point {i}")
-        mixed_diffs.append(check_logits(f"{name} on the mixed batch of point {i}", logits[:8],
-                                        references["mixed"][batch][i]))
+        mixed_diffs.append(checked(f"the mixed batch of point {i}", feed, np.asarray(actions),
+                                   references["mixed"][batch][i]))
         fns[f"mixed{i}"] = lambda feed=feed: rnp.run(["logits"], feed)
     times = _measure(fns, config)
     rnp = full = fns = None  # free the sessions before the next stage
